@@ -1,0 +1,107 @@
+"""Checkpoints: HF-format weights (or LoRA adapters), tokenizer, resolved recipe and trainer state.
+
+Layout of a run directory (train.output_dir):
+    checkpoint-<step>/   model files (config.json, model.safetensors | adapter_*), tokenizer files,
+                         recipe.yaml, trainer_state.json, accelerator_state/ (optimizer, scheduler, RNG)
+    final/               model files + recipe.yaml only (what `dllm-rl generate` / `eval` and a later
+                         recipe's model.path load; small enough to ship)
+Every directory is written under a temporary name and renamed into place, so a killed run never leaves a
+half-written checkpoint behind; resume picks the newest complete checkpoint-<step>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .config import Recipe, save_recipe
+from .models.base import unwrap
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run.iterdir() if (m := _CKPT.match(p.name))
+             and (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_model_files(directory: Path, model, tokenizer, recipe: Recipe, accelerator, state=None) -> None:
+    """Model weights in HF format (adapters only for peft models), tokenizer, resolved recipe.
+
+    `state`: the full state dict when the caller already gathered it (ZeRO-3 gathers collectively).
+    """
+    target = accelerator.unwrap_model(model)
+    if hasattr(target, "peft_config"):  # LoRA: save the adapter, the base model stays where it was
+        target.save_pretrained(directory, state_dict=state)
+    else:
+        unwrap(target).save_pretrained(directory, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    save_recipe(recipe, directory / "recipe.yaml")
+
+
+def save_checkpoint(run_dir, step: int, accelerator, model, tokenizer, recipe: Recipe, state: dict,
+                    keep: int = 2) -> Path:
+    """Atomically write checkpoint-<step> (all processes must call this; rank 0 writes the model files)."""
+    run = Path(run_dir)
+    final = run / f"checkpoint-{step}"
+    tmp = run / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerator_state"))
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
+    if accelerator.is_main_process:
+        save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict)
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        _replace_dir(tmp, final)
+        for old in checkpoints(run)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, accelerator) -> dict:
+    """Restore model/optimizer/scheduler/RNG into the prepared objects; return the trainer state."""
+    accelerator.load_state(str(Path(path) / "accelerator_state"))
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def save_final(run_dir, accelerator, model, tokenizer, recipe: Recipe, extra: dict | None = None) -> Path:
+    """Atomically write run_dir/final: model files + recipe (no optimizer state)."""
+    run = Path(run_dir)
+    final, tmp = run / "final", run / "final.tmp"
+    state = accelerator.get_state_dict(model)  # collective under DeepSpeed ZeRO-3: every rank calls it
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model_files(tmp, model, tokenizer, recipe, accelerator, state)
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(content)
+        _replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,127 @@
+"""The `dllm-rl` command.
+
+    dllm-rl sft RECIPE [section.key=value ...]        masked-diffusion SFT
+    dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, or sft)
+    dllm-rl generate CHECKPOINT --prompt TEXT [--prompt TEXT ...] [rollout.key=value ...]
+    dllm-rl eval RECIPE --checkpoint CHECKPOINT [section.key=value ...]
+    dllm-rl plan RECIPE --gpus N                      per-GPU memory estimate
+
+Mistakes in the input (a recipe key, a path, a checkpoint that is not a model) print one line and exit
+with code 2; `--traceback` (or DLLM_RL_TRACEBACK=1) shows the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import DllmRlError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dllm-rl", description="RL post-training for diffusion LMs")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in [("sft", "masked-diffusion SFT"), ("train", "train with the recipe's algorithm")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+    g = sub.add_parser("generate", help="decode prompts with a checkpoint")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    g.add_argument("--raw", action="store_true", help="use the prompt text as is, without the chat template")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("overrides", nargs="*", help="rollout overrides, e.g. rollout.steps=16")
+    e = sub.add_parser("eval", help="held-out accuracy of a checkpoint")
+    e.add_argument("recipe")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("overrides", nargs="*")
+    pl = sub.add_parser("plan", help="per-GPU memory estimate for a recipe")
+    pl.add_argument("recipe")
+    pl.add_argument("--gpus", type=int, default=1)
+    pl.add_argument("overrides", nargs="*")
+    return p
+
+
+def cmd_train(args, force_sft: bool) -> None:
+    from .config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if force_sft or recipe.algorithm == "sft":
+        from .trainers.sft import SFTTrainer
+
+        SFTTrainer(recipe).train()
+    else:
+        from .trainers.grpo import GRPOTrainer
+
+        GRPOTrainer(recipe).train()
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .config import RolloutConfig, load_recipe, recipe_from_dict
+    from .models.load import load_model, resolve_model_dir
+    from .rollout import generate
+
+    model_dir = resolve_model_dir(args.checkpoint)
+    recipe_file = os.path.join(model_dir, "recipe.yaml")
+    recipe = load_recipe(recipe_file, args.overrides) if os.path.isfile(recipe_file) else \
+        recipe_from_dict({"rollout": {}})
+    model, tokenizer = load_model(recipe.model, path=model_dir)
+    prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
+    cfg: RolloutConfig = recipe.rollout
+    out = generate(model, tokenizer, prompts, cfg, generator=torch.Generator().manual_seed(args.seed))
+    for prompt, completion in zip(args.prompt, out.completions):
+        print(f"### prompt\n{prompt}\n### completion\n{completion}")
+
+
+def cmd_eval(args) -> None:
+    from .config import load_recipe
+    from .evaluate import evaluate
+    from .models.load import load_model
+    from .tasks import load_task
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    model, tokenizer = load_model(recipe.model, path=args.checkpoint)
+    task = load_task(recipe.data)
+    data = task.eval.select(range(min(recipe.eval.size or len(task.eval), len(task.eval))))
+    result = evaluate(model, tokenizer, data, task.reward, recipe.rollout, seed=recipe.train.seed,
+                      num_samples=recipe.eval.num_samples)
+    for prompt, completion, value in result["examples"]:
+        print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> "
+              f"{completion!r}")
+    print(f"accuracy {result['accuracy']:.4f} over {result['n']} held-out {task.name} examples")
+
+
+def cmd_plan(args) -> None:
+    from .config import load_recipe
+    from .plan import print_plan
+
+    print_plan(load_recipe(args.recipe, args.overrides), args.gpus)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    show_tb = args.traceback or os.environ.get("DLLM_RL_TRACEBACK") == "1"
+    try:
+        if args.command in ("sft", "train"):
+            cmd_train(args, force_sft=args.command == "sft")
+        elif args.command == "generate":
+            cmd_generate(args)
+        elif args.command == "eval":
+            cmd_eval(args)
+        elif args.command == "plan":
+            cmd_plan(args)
+    except DllmRlError as e:
+        if show_tb:
+            raise
+        print(f"dllm-rl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Scoring completions under an explicit corruption (`Noise`): the machinery every estimator shares.
+
+An estimator = a way to draw `Noise` (which positions each view masks, and the weight each completion
+token's log-probability gets in the estimate) + `score(model, batch, noise)`, which runs one forward per
+view and returns the weighted per-token estimate [N, Lc]. Because the noise is an explicit object drawn from
+a `torch.Generator`, the old policy, the reference and the current policy are scored under the same
+corruption (antithetic in VRPO's sense, arXiv 2505.19223), and a batch can be shuffled safely.
+
+Block-causal models (block diffusion) are scored in the two-stream layout of BD3-LM (arXiv 2503.09573) and
+TraceRL: [clean prompt + completion | noisy completion]; a noisy token of block b attends to clean blocks
+< b and to its own noisy block, which is exactly what it saw at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.base import ModelTraits
+from ..models.masks import block_ids, padding_positions
+
+
+@dataclass
+class Noise:
+    completion_masks: torch.Tensor  # [K, N, Lc] bool: completion positions replaced by [MASK] in view k
+    prompt_masks: torch.Tensor | None  # [K, N, P] bool: prompt positions masked (d1's p_mask_prompt), or None
+    weights: torch.Tensor  # [K, N, Lc] float: weight of token i's log-prob from view k (0 = not scored)
+
+    @property
+    def num_views(self) -> int:
+        return self.completion_masks.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "Noise":
+        pm = None if self.prompt_masks is None else self.prompt_masks[:, rows]
+        return Noise(self.completion_masks[:, rows], pm, self.weights[:, rows])
+
+    def to(self, device) -> "Noise":
+        pm = None if self.prompt_masks is None else self.prompt_masks.to(device)
+        return Noise(self.completion_masks.to(device), pm, self.weights.to(device))
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask_token_id: int | None) -> torch.Tensor:
+    """log p(target) per position, with [MASK] excluded from the support (as the sampler does).
+
+    logits: [..., V]; targets: [...] -> [...] float32.
+    """
+    logits = logits.float()
+    if mask_token_id is not None:
+        logits = logits.clone()
+        logits[..., mask_token_id] = float("-inf")
+    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: torch.Tensor | None,
+                  tr: ModelTraits, temperature: float = 1.0) -> torch.Tensor:
+    """log p(completion token | view) at every completion position for one view: [N, Lc].
+
+    batch: anything with prompt_ids [N, P], prompt_mask [N, P], completion_ids [N, Lc].
+    """
+    P, Lc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    mask_id = tr.mask_token_id
+    prompt = batch.prompt_ids
+    if prompt_mask_k is not None:
+        prompt = torch.where(prompt_mask_k & batch.prompt_mask.bool(), mask_id, prompt)
+    noisy = torch.where(completion_mask_k, mask_id, batch.completion_ids)  # [N, Lc]
+    attn = torch.cat([batch.prompt_mask, torch.ones_like(noisy)], 1)  # [N, P+Lc]
+    pos = padding_positions(attn)
+    shift = tr.logits_shift
+    if tr.attention == "block_causal":
+        bid = block_ids(attn, P, tr.block_size)  # [N, P+Lc]
+        ids = torch.cat([prompt, batch.completion_ids, noisy], 1)  # [N, P+2Lc]: clean stream | noisy stream
+        mask = two_stream_mask(bid, bid[:, P:])
+        pos = torch.cat([pos, pos[:, P:]], 1)
+        lo = P + Lc
+    else:
+        ids, mask, lo = torch.cat([prompt, noisy], 1), attn, P
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                   logits_range=(lo - shift, lo + Lc - shift)).logits  # [N, Lc, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logprobs(logits, batch.completion_ids, mask_id)  # [N, Lc]
+
+
+def two_stream_mask(clean_bid: torch.Tensor, noisy_bid: torch.Tensor) -> torch.Tensor:
+    """[N, 1, L+Lc, L+Lc] bool mask for [clean (L) | noisy completion (Lc)] under block-causal attention.
+
+    Clean queries of block b see clean keys of blocks <= b. Noisy queries of block b see clean keys of
+    blocks < b and noisy keys of block b. Padding (-1) is never seen.
+    """
+    cq = clean_bid[:, :, None]  # [N, L, 1]
+    nq = noisy_bid[:, :, None]  # [N, Lc, 1]
+    ck, nk = clean_bid[:, None, :], noisy_bid[:, None, :]
+    clean_to_clean = (ck >= 0) & (ck <= cq.clamp(min=0))
+    clean_to_noisy = torch.zeros(cq.shape[0], cq.shape[1], nk.shape[2], dtype=torch.bool, device=cq.device)
+    noisy_to_clean = (ck >= 0) & (ck < nq)
+    noisy_to_noisy = nk == nq
+    top = torch.cat([clean_to_clean, clean_to_noisy], 2)
+    bottom = torch.cat([noisy_to_clean, noisy_to_noisy], 2)
+    mask = torch.cat([top, bottom], 1)  # [N, L+Lc, L+Lc]
+    eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+    mask = mask | (~mask.any(-1, keepdim=True) & eye)  # padding queries see themselves (no NaN rows)
+    return mask[:, None]
+
+
+def score(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0) -> torch.Tensor:
+    """The weighted estimate sum_k w[k] * log p(x | view k): [N, Lc] (gradients flow into the model)."""
+    total = None
+    for k in range(noise.num_views):
+        if not noise.weights[k].any():
+            continue
+        pm = None if noise.prompt_masks is None else noise.prompt_masks[k]
+        lp = view_logprobs(model, batch, noise.completion_masks[k], pm, tr, temperature)
+        term = torch.where(noise.weights[k] != 0, lp * noise.weights[k], torch.zeros_like(lp))
+        total = term if total is None else total + term
+    if total is None:
+        total = torch.zeros(noise.weights.shape[1:], device=batch.completion_ids.device)
+    return total

@@ -1,0 +1,18 @@
+"""d1 / diffu-GRPO's one-step mean-field estimate (arXiv 2504.12216): mask the whole completion, mask each
+prompt token with probability p_mask_prompt (0.15), one forward; log p(y_k | prompt~, all masked) per token.
+A fresh prompt mask per inner iteration, shared by the old, reference and current policy (d1's mask seeds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Noise
+
+
+def draw_one_step(shape: tuple[int, int], prompt_shape: tuple[int, int], generator: torch.Generator,
+                  p_mask_prompt: float = 0.15, num_samples: int = 1) -> Noise:
+    N, Lc = shape
+    K = num_samples
+    prompt = torch.rand(K, *prompt_shape, generator=generator) < p_mask_prompt  # [K, N, P]
+    return Noise(torch.ones(K, N, Lc, dtype=torch.bool), prompt, torch.full((K, N, Lc), 1.0 / K))

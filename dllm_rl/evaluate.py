@@ -1,0 +1,30 @@
+"""Held-out accuracy: decode the task's held-out prompts with the rollout engine and score them with the
+task's verifier (a reward function; 1.0 = solved)."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RolloutConfig
+from .rewarding import Reward, compute_rewards, resolve_reward
+from .rollout import generate
+
+
+def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig, seed: int = 0,
+             num_samples: int = 1, batch_size: int | None = None) -> dict:
+    """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt."""
+    verifier = [Reward(reward_name, resolve_reward(reward_name))]
+    batch_size = batch_size or rollout.batch_size
+    g = torch.Generator().manual_seed(seed)
+    scores, examples = [], []
+    rows = dataset.to_list()
+    for start in range(0, len(rows), batch_size):
+        chunk = [r for r in rows[start:start + batch_size] for _ in range(num_samples)]
+        prompts = [r["prompt"] for r in chunk]
+        out = generate(model, tokenizer, prompts, rollout, generator=g)
+        columns = {k: [r[k] for r in chunk] for k in chunk[0]}
+        ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
+        values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
+        scores += values.tolist()
+        examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
+    return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples}

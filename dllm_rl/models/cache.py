@@ -1,0 +1,65 @@
+"""A KV cache for masked diffusion LMs.
+
+An autoregressive cache only ever appends. A diffusion canvas is rewritten in place: a step forwards a slice
+[start, start + Lq) of the canvas and its fresh keys/values replace that slice, while attention reads the
+cache over [0, kv_len). One mechanism therefore serves every caching schedule of the rollout engine:
+
+- exact block cache (block-causal models, BD3-LM / D2F): finished blocks are written once and never change;
+  a step forwards only the active block and reads keys up to its end.
+- prefix cache (Fast-dLLM): a full forward at each block start writes everything; later steps forward
+  [block_start, L) and reuse the prefix.
+- dual cache (Fast-dLLM): later steps forward only the active block; prefix *and* suffix keys are reused
+  (the suffix is stale until the next block start: approximate).
+
+Storage is preallocated [B, H_kv, L, D] per layer, so a step never concatenates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer key/value storage over a canvas of fixed length.
+
+    Args:
+        num_layers, batch_size, num_kv_heads, length, head_dim: storage shape.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, num_kv_heads, length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = length
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, kv_len: int,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [b, H, Lq, D] at canvas positions [start, start+Lq) and return keys/values over [0, kv_len).
+
+        `rows` (b,) selects which cache rows the b query rows belong to (a subset of the batch that is
+        still decoding); None means all rows in order.
+        """
+        end = start + k.shape[2]
+        if end > self.length or kv_len > self.length:
+            raise ValueError(f"cache write [{start}, {end}) / read {kv_len} beyond canvas length {self.length}")
+        K, V = self.keys[layer], self.values[layer]
+        if rows is None:
+            K[:, :, start:end] = k
+            V[:, :, start:end] = v
+            return K[:, :, :kv_len], V[:, :, :kv_len]
+        K[rows, :, start:end] = k
+        V[rows, :, start:end] = v
+        return K[rows, :, :kv_len], V[rows, :, :kv_len]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Drop finished rows for good (keep: indices of rows that go on decoding)."""
+        self.keys = [k.index_select(0, keep) for k in self.keys]
+        self.values = [v.index_select(0, keep) for v in self.values]
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k in self.keys)

@@ -1,0 +1,131 @@
+"""Loading the policy and its tokenizer: from a checkpoint directory, a run directory, a hub id, or from
+scratch (the built-in tiny MDM); dtype, gradient checkpointing, LoRA through peft.
+
+`model.path` may name a run directory (`outputs/run`): its `final/` model, else its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import latest_checkpoint
+from ..config import ModelConfig
+from ..errors import DllmRlError
+from .base import traits
+from .tiny import TinyMDM, TinyMDMConfig
+from .tokenizer import build_char_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _is_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~", "/"))
+
+
+def resolve_model_dir(path: str) -> str:
+    """A directory with config.json (itself, its final/, or its newest checkpoint), or a hub id as given."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in [p, p / "final"]:
+            if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
+                return str(candidate)
+        ckpt = latest_checkpoint(p)
+        if ckpt is not None:
+            return str(ckpt)
+        raise DllmRlError(f"{path!r} is not a model directory (no config.json, final/ or checkpoint-*/ "
+                          f"inside); pass a directory written by `dllm-rl sft/train` or a hub model id")
+    if not _is_hub_id(path) or p.exists():
+        raise DllmRlError(f"model path {path!r} does not exist; check model.path (or the CHECKPOINT argument)")
+    return path  # a hub id such as GSAI-ML/LLaDA-8B-Instruct
+
+
+def build_tiny(cfg: ModelConfig, tokenizer) -> TinyMDM:
+    t = cfg.tiny
+    config = TinyMDMConfig(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings, attention=t.attention, block_size=t.block_size,
+        mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return TinyMDM(config)
+
+
+def load_tokenizer(path: str | None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if path is None:
+        return build_char_tokenizer()
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_dir(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DllmRlError(f"could not load a tokenizer from {path!r} ({str(e).splitlines()[0][:160]}); set "
+                          f"model.tokenizer to a directory with tokenizer files") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, path: str | None = None):
+    """(model, tokenizer) for a recipe's model section; `path` overrides cfg.path (e.g. a checkpoint)."""
+    from transformers import AutoModel
+
+    path = path or cfg.path
+    if path is None:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        model = build_tiny(cfg, tokenizer)
+    else:
+        model_dir = resolve_model_dir(path)
+        if Path(model_dir, "adapter_config.json").is_file():
+            return _load_adapter(cfg, model_dir)
+        tokenizer = load_tokenizer(cfg.tokenizer or model_dir, cfg.trust_remote_code)
+        kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+        if cfg.load_in_4bit:
+            kwargs["quantization_config"] = _four_bit()
+        try:
+            model = AutoModel.from_pretrained(model_dir, **kwargs)
+        except (OSError, ValueError) as e:
+            raise DllmRlError(f"could not load a model from {model_dir!r} ({str(e).splitlines()[0][:200]}); "
+                              f"check model.path, or set model.trust_remote_code=true for remote-code "
+                              f"models") from None
+    model.to(DTYPES[cfg.dtype])
+    if getattr(model.config, "mask_token_id", None) is None and tokenizer.mask_token_id is not None:
+        model.config.mask_token_id = tokenizer.mask_token_id
+    traits(model, tokenizer)  # fails now, with the fix, if there is no mask token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg)
+    return model, tokenizer
+
+
+def apply_lora(model, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora.target_modules
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets[0] if targets == ["all-linear"] else targets)
+    return get_peft_model(model, lora)
+
+
+def _load_adapter(cfg: ModelConfig, adapter_dir: str):
+    """A LoRA checkpoint: the base model named in adapter_config.json plus the trained adapter."""
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_cfg = ModelConfig(**{**cfg.__dict__, "path": base_path, "lora": type(cfg.lora)()})
+    base, tokenizer = load_model(base_cfg)
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), tokenizer
+
+
+def _four_bit():
+    if not torch.cuda.is_available():
+        raise DllmRlError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set model.load_in_4bit=false")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)

@@ -1,0 +1,63 @@
+"""Which masked positions to commit (ordering rules) and which committed ones to take back (self-correction).
+
+Ordering rules score each masked position of the active block; the engine commits the k best (or samples
+k of them, Plackett-Luce, when `order_temperature` > 0 or a learned policy is used, recording the log-prob).
+- low_confidence: model probability of the proposed token (LLaDA's default "low_confidence remasking").
+- margin: top-1 minus top-2 probability. entropy: negative entropy. random: uniform keys (LLaDA "random").
+- left_to_right: earliest position first (autoregressive order inside the block).
+- policy: scores from a learned unmasking policy (dllm_rl.policy) passed to `generate(order_policy=...)`.
+
+Self-correction (ReMDM arXiv 2503.00307, in the any-process spirit of arXiv 2510.06190): after a step's
+commits, tokens committed at earlier steps of the active block whose probability under the current logits
+fell below `correction_threshold` are remasked (the lowest first, at most `correction_max_per_step`), while
+steps remain in the block; the trace records each remask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedules import StepStats
+
+
+def order_low_confidence(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return st.confidence
+
+
+def order_margin(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return st.margin
+
+
+def order_entropy(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return -st.entropy
+
+
+def order_random(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return u.float()
+
+
+def order_left_to_right(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return -offsets.float().expand_as(st.confidence)
+
+
+ORDERS = {
+    "low_confidence": order_low_confidence,
+    "margin": order_margin,
+    "entropy": order_entropy,
+    "random": order_random,
+    "left_to_right": order_left_to_right,
+    "policy": None,  # scores come from the order_policy passed to generate()
+}
+
+
+def self_correction(token_prob: torch.Tensor, committed_before: torch.Tensor, threshold: float,
+                    max_per_step: int) -> torch.Tensor:
+    """Positions to remask: [n, Lb] bool. token_prob: current model probability of each committed token."""
+    low = committed_before & (token_prob < threshold)
+    if max_per_step <= 0 or not low.any():
+        return torch.zeros_like(low)
+    keys = torch.where(low, -token_prob, torch.full_like(token_prob, float("-inf")))
+    k = min(max_per_step, low.shape[-1])
+    idx = keys.topk(k, dim=-1).indices  # lowest probabilities first
+    pick = torch.zeros_like(low).scatter_(-1, idx, True)
+    return pick & low

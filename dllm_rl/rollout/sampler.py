@@ -1,0 +1,278 @@
+"""The one denoising loop: prompts -> completions + commit trace.
+
+Semi-autoregressive blocks (LLaDA arXiv 2502.09992) decoded in lockstep across the batch: every row works
+on block b; a row that finished the block waits without being forwarded; a row whose finished blocks
+contain EOS stops and is never forwarded again (its later blocks are filled with EOS). Each step forwards
+the slice its cache plan asks for (schedules.CACHE_PLANS), draws a token for every masked position of the
+active block in one pass over those positions' logits (sampling.choose_tokens), asks the commit rule how
+many to commit and the ordering rule which, optionally takes back low-probability commits, and records
+everything in the trace.
+
+Randomness comes from the caller's generator through counter-based hashing (noise.py): batch-invariant.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from ..config import RolloutConfig
+from ..errors import ConfigError, DllmRlError, lookup
+from ..models.base import ModelTraits, traits, unwrap
+from ..models.masks import block_ids, mask_from_block_ids, padding_positions
+from ..policy.plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
+from ..types import RolloutBatch
+from . import noise
+from .remask import ORDERS, self_correction
+from .sampling import choose_tokens
+from .schedules import CACHE_PLANS, COMMIT_RULES, StepStats
+from .trace import COMMIT, FILL, REMASK, TraceRecorder
+
+OrderPolicy = Callable[..., torch.Tensor]  # (hidden [n, Lb, D], stats, offsets [1, Lb]) -> scores [n, Lb]
+
+
+def encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    """Prompts as chat messages (chat template applied), text, or token ids -> lists of ids."""
+    out = []
+    for p in prompts:
+        if torch.is_tensor(p):
+            out.append(p.tolist())
+        elif isinstance(p, (list, tuple)) and p and isinstance(p[0], int):
+            out.append(list(p))
+        elif isinstance(p, (list, tuple)):  # chat messages
+            text = tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
+            out.append(tokenizer(text, add_special_tokens=False).input_ids)
+        else:
+            out.append(tokenizer(str(p)).input_ids)
+    return out
+
+
+def check_config(cfg: RolloutConfig, tr: ModelTraits, model, prompt_len: int, has_policy: bool) -> None:
+    """Fail early, naming the recipe key and the fix."""
+    Lc = cfg.max_completion_length
+    Lb = cfg.block_length or Lc
+    if Lc <= 0 or Lc % Lb:
+        raise ConfigError(f"rollout.max_completion_length ({Lc}) is not divisible by rollout.block_length "
+                          f"({Lb}); choose a block length that divides it")
+    nb = Lc // Lb
+    if cfg.steps < nb or cfg.steps % nb:
+        raise ConfigError(f"rollout.steps ({cfg.steps}) must be a positive multiple of the number of blocks "
+                          f"({nb} = {Lc} / {Lb}); e.g. rollout.steps={nb * max(1, cfg.steps // nb)}")
+    lookup(COMMIT_RULES, cfg.commit, "rollout.commit")
+    lookup(ORDERS, cfg.order, "rollout.order")
+    if cfg.order == "policy" and not has_policy:
+        raise ConfigError("rollout.order=policy needs a learned policy: pass order_policy= to generate() "
+                          "(or use a trainer with policy enabled), or pick another rollout.order")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+        raise ConfigError("rollout.temperature must be >= 0, rollout.top_p in (0, 1], rollout.top_k >= 0")
+    if cfg.cache != "none" and not tr.supports_cache:
+        raise ConfigError(f"{type(unwrap(model)).__name__} runs through its own forward and cannot use a KV "
+                          f"cache; set rollout.cache=none (or load a native dllm_rl model)")
+    if cfg.cache == "block":
+        if tr.attention != "block_causal":
+            raise ConfigError("rollout.cache=block is exact only for block-causal models (block diffusion); "
+                              "this model attends bidirectionally: use rollout.cache=prefix or dual")
+        if Lb % tr.block_size:
+            raise ConfigError(f"rollout.block_length ({Lb}) must be a multiple of the model's attention block "
+                              f"size ({tr.block_size}) for the exact block cache")
+    max_pos = getattr(unwrap(model).config, "max_position_embeddings", None)
+    if max_pos and prompt_len + Lc > max_pos:
+        raise DllmRlError(f"prompt ({prompt_len} tokens) + rollout.max_completion_length ({Lc}) exceeds the "
+                          f"model's context of {max_pos} positions; shorten the prompt or lower "
+                          f"rollout.max_completion_length")
+
+
+class _Canvas:
+    """The batch state: canvas tokens, masks and positions, and the per-row counters."""
+
+    def __init__(self, prompt_ids: list[list[int]], Lc: int, tr: ModelTraits, pad_id: int, device):
+        self.N, self.P, self.Lc = len(prompt_ids), max(len(p) for p in prompt_ids), Lc
+        self.L = self.P + Lc
+        x = torch.full((self.N, self.L), pad_id, dtype=torch.long)
+        attn = torch.zeros(self.N, self.L, dtype=torch.long)
+        for i, ids in enumerate(prompt_ids):
+            x[i, self.P - len(ids):self.P] = torch.tensor(ids, dtype=torch.long)
+            attn[i, self.P - len(ids):] = 1
+        x[:, self.P:] = tr.mask_token_id
+        self.x, self.attn = x.to(device), attn.to(device)
+        self.pos = padding_positions(self.attn)  # [N, L]
+        self.causal = tr.attention == "block_causal"
+        self.bid = block_ids(self.attn, self.P, tr.block_size) if self.causal else None
+        self.step = torch.zeros(self.N, dtype=torch.long, device=device)  # per-row step counter
+        self.done = torch.zeros(self.N, dtype=torch.bool, device=device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Generator | None = None,
+             order_policy: OrderPolicy | None = None, record_states: bool = False) -> RolloutBatch:
+    """Decode a batch of prompts (chat messages, text, or ids) into completions with a full commit trace.
+
+    Args:
+        model: a diffusion LM following models.base's protocol (tiny, LLaDA, Dream, or the HF wrapper).
+        tokenizer: its tokenizer (chat template, pad/eos/mask tokens).
+        prompts: list of prompts of any lengths.
+        cfg: the `rollout:` section of a recipe.
+        generator: the only source of randomness (same prompt + same generator state = same completion).
+        order_policy: learned unmasking policy, used when cfg.order == "policy".
+        record_states: also return every intermediate completion canvas (stats["states"]; for tests).
+    """
+    tr = traits(model, tokenizer)
+    ids = encode_prompts(tokenizer, prompts)
+    check_config(cfg, tr, model, max(len(p) for p in ids), order_policy is not None)
+    device = next(unwrap(model).parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    c = _Canvas(ids, cfg.max_completion_length, tr, pad_id, device)
+    seeds = noise.row_seeds(ids, generator).to(device)
+    rec = TraceRecorder(c.N, c.Lc, tr.mask_token_id)
+    states: list[list[torch.Tensor]] = [[] for _ in range(c.N)]
+    Lb = cfg.block_length or c.Lc
+    steps_per_block = cfg.steps // (c.Lc // Lb)
+    cache = unwrap(model).new_cache(c.N, c.L) if cfg.cache != "none" else None
+    stats = {"forwards": 0, "query_tokens": 0}
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        prev_bs = 0
+        for bs in range(c.P, c.L, Lb):
+            _decode_block(model, c, cfg, tr, bs, bs + Lb, prev_bs, steps_per_block, seeds, cache, rec,
+                          states if record_states else None, order_policy, stats)
+            if cfg.stop_at_eos and tokenizer.eos_token_id is not None:
+                _stop_finished_rows(c, bs + Lb, tokenizer.eos_token_id, rec, states if record_states else None)
+            prev_bs = bs
+            if c.done.all():
+                break
+    finally:
+        model.train(was_training)
+    stats["seconds"] = time.perf_counter() - t0
+    return _finish(c, tokenizer, rec, stats, states if record_states else None)
+
+
+def _forward(model, c: _Canvas, rows, plan, cache, lo: int, hi: int, want_hidden: bool):
+    sub = (lambda t: t if rows is None else t[rows])
+    qs, qe, kv = plan.q_start, plan.q_end, plan.kv_len
+    if c.causal:
+        bid = sub(c.bid)
+        mask = mask_from_block_ids(bid[:, qs:qe], bid[:, :kv], causal_blocks=True)
+    else:
+        mask = sub(c.attn)[:, :kv]
+    out = model(input_ids=sub(c.x)[:, qs:qe], attention_mask=mask, position_ids=sub(c.pos)[:, qs:qe],
+                kv_cache=cache if plan.use_cache else None, cache_start=qs, kv_len=kv,
+                cache_rows=rows if plan.use_cache else None, logits_range=(lo - qs, hi - qs),
+                output_hidden_states=want_hidden)
+    hidden = out.hidden_states[-1][:, lo - qs:hi - qs] if want_hidden else None
+    return out.logits, hidden  # [n, Lb, V], [n, Lb, D]
+
+
+def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, seeds, cache, rec, states,
+                  order_policy, stats):
+    Lb, shift = be - bs, tr.logits_shift
+    offsets = torch.arange(bs - c.P, be - c.P, device=c.x.device)[None, :]  # [1, Lb] completion offsets
+    block_step = torch.zeros(c.N, dtype=torch.long, device=c.x.device)
+    first = True
+    while True:
+        masked_all = c.x[:, bs:be] == tr.mask_token_id  # [N, Lb]
+        active = ~c.done & masked_all.any(-1)
+        if not active.any():
+            return
+        rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
+        r_idx = torch.arange(c.N, device=c.x.device) if rows is None else rows
+        plan = CACHE_PLANS[cfg.cache](c.L, bs, be, prev_bs, first)
+        if plan.q_start > bs - shift:  # logits-shifted models read the position before the block
+            plan = type(plan)(bs - shift, plan.q_end, plan.kv_len, plan.use_cache)
+        logits, hidden = _forward(model, c, rows, plan, cache, bs - shift, be - shift,
+                                  order_policy is not None)
+        stats["forwards"] += 1
+        stats["query_tokens"] += len(r_idx) * (plan.q_end - plan.q_start)
+        first = False
+
+        m = masked_all[r_idx]  # [n, Lb]
+        step = c.step[r_idx]
+        u_tok = noise.uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), noise.TOKEN_STREAM)
+        choice = choose_tokens(logits[m], u_tok[m], cfg.temperature, cfg.top_k, cfg.top_p, tr.mask_token_id)
+        st = _dense_stats(choice, m, tr.mask_token_id)
+        st.steps_left = (steps_per_block - block_step[r_idx]).clamp(min=1)
+        st.progress = (c.x[r_idx, c.P:] != tr.mask_token_id).float().mean(-1)
+
+        k = COMMIT_RULES[cfg.commit](st, cfg).clamp(max=m.sum(-1))  # [n]
+        u_ord = noise.uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), noise.ORDER_STREAM)
+        if cfg.order == "policy":
+            scores, temp = order_policy(hidden, st, offsets), cfg.order_temperature or 1.0
+        else:
+            scores, temp = ORDERS[cfg.order](st, offsets, u_ord), cfg.order_temperature
+        if temp > 0:
+            u_g = noise.uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), noise.ORDER_STREAM + 1)
+            chosen, valid = gumbel_topk(scores / temp, m, k, u_g)
+            rec.add_order(r_idx, step, plackett_luce_logprob(scores / temp, m, chosen, valid))
+        else:
+            chosen, valid = topk_positions(scores, m, k)
+        sel = torch.zeros_like(m).scatter_(1, chosen, valid)  # [n, Lb] positions committed now
+
+        blk = c.x[r_idx, bs:be]
+        new_blk = torch.where(sel, st.token, blk)
+        rr, cc = sel.nonzero(as_tuple=True)
+        rec.add(r_idx[rr], step[rr], offsets[0, cc], st.token[rr, cc], COMMIT, st.logprob[rr, cc])
+        if cfg.self_correction:
+            committed_before = ~m & (blk != tr.mask_token_id)
+            prob = logits.float().log_softmax(-1).gather(-1, blk.clamp(min=0)[..., None]).squeeze(-1).exp()
+            back = self_correction(prob, committed_before, cfg.correction_threshold, cfg.correction_max_per_step)
+            back &= (st.steps_left > 1)[:, None]
+            new_blk = torch.where(back, torch.full_like(new_blk, tr.mask_token_id), new_blk)
+            rr, cc = back.nonzero(as_tuple=True)
+            rec.add(r_idx[rr], step[rr], offsets[0, cc], torch.full_like(rr, tr.mask_token_id), REMASK)
+        c.x[r_idx, bs:be] = new_blk
+        c.step[r_idx] += 1
+        block_step[r_idx] += 1
+        if states is not None:
+            for r in r_idx.tolist():
+                states[r].append(c.x[r, c.P:].cpu().clone())
+
+
+def _dense_stats(choice, m: torch.Tensor, mask_id: int) -> StepStats:
+    def dense(values, fill):
+        out = torch.full(m.shape, fill, dtype=values.dtype, device=m.device)
+        out[m] = values
+        return out
+
+    return StepStats(masked=m, token=dense(choice.token, mask_id), logprob=dense(choice.logprob, 0.0),
+                     confidence=dense(choice.confidence, 0.0), margin=dense(choice.margin, 0.0),
+                     gap=dense(choice.gap, 0.0), entropy=dense(choice.entropy, 0.0),
+                     steps_left=None, progress=None)
+
+
+def _stop_finished_rows(c: _Canvas, be: int, eos_id: int, rec: TraceRecorder, states) -> None:
+    """Rows with an EOS among their committed tokens stop: later blocks are filled with EOS, not decoded."""
+    stop = ~c.done & (c.x[:, c.P:be] == eos_id).any(-1)
+    c.done |= stop
+    if be == c.L or not stop.any():
+        return
+    rows = stop.nonzero().squeeze(-1)
+    c.x[rows, be:] = eos_id
+    rr = rows.repeat_interleave(c.L - be)
+    pos = torch.arange(be - c.P, c.Lc, device=c.x.device).repeat(len(rows))
+    rec.add(rr, c.step[rr] - 1, pos, torch.full_like(rr, eos_id), FILL)
+    if states is not None:
+        for r in rows.tolist():
+            states[r][-1] = c.x[r, c.P:].cpu().clone()
+
+
+def _finish(c: _Canvas, tokenizer, rec: TraceRecorder, stats: dict, states) -> RolloutBatch:
+    comp = c.x[:, c.P:]
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        is_eos = (comp == eos).long()
+        completion_mask = ((is_eos.cumsum(-1) - is_eos) == 0).long()  # up to and including the first EOS
+        text_mask = completion_mask.bool() & ~is_eos.bool()
+    else:
+        completion_mask = torch.ones_like(comp)
+        text_mask = completion_mask.bool()
+    texts = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True)
+             for row, keep in zip(comp.cpu(), text_mask.cpu())]
+    trace = rec.finish(c.step)
+    stats["committed_tokens"] = int((trace.commit_step >= 0).sum())
+    if states is not None:
+        stats["states"] = states
+    return RolloutBatch(prompt_ids=c.x[:, :c.P], prompt_mask=c.attn[:, :c.P], completion_ids=comp,
+                        completion_mask=completion_mask, completions=texts, trace=trace, stats=stats)

@@ -1,0 +1,87 @@
+"""Choosing a token for each masked position, and the statistics the commit and ordering rules read.
+
+One pass over the logits of the positions being decoded (never the whole canvas): the sampled token
+(temperature, top-k, top-p; greedy at temperature 0), its log-probability under the distribution actually
+sampled from (recorded in the trace), its probability under the model (LLaDA's "confidence"), the top-1 /
+top-2 probability margin and logit gap (Prophet, arXiv 2508.19982), and the entropy.
+
+The [MASK] token is never a valid output: its logit is removed before anything else (MDLM's "zero masking
+probabilities", arXiv 2406.07524); LLaDA's sampler relies on a trained model never predicting it, but a
+young or random model does, and committing [MASK] would stall decoding. The estimators use the same rule.
+
+Sampling is by inverse CDF with one uniform per position (rollout.noise), so no [N, V] noise tensor exists.
+This torch function is the reference of the fused kernel in `dllm_rl.kernels.sampling`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenChoice:
+    token: torch.Tensor  # [n] long
+    logprob: torch.Tensor  # [n] log-prob of token under the sampling distribution (T=0: the model's)
+    confidence: torch.Tensor  # [n] p(token) under the model
+    margin: torch.Tensor  # [n] p(top1) - p(top2)
+    gap: torch.Tensor  # [n] logit(top1) - logit(top2)
+    entropy: torch.Tensor  # [n] entropy of the model's distribution
+
+
+def without_mask_token(logits: torch.Tensor, mask_token_id: int | None) -> torch.Tensor:
+    """Logits with the [MASK] entry set to -inf (a copy when it changes anything)."""
+    if mask_token_id is None:
+        return logits
+    logits = logits.clone()
+    logits[..., mask_token_id] = float("-inf")
+    return logits
+
+
+def filter_logits(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then top-p (nucleus) filtering of [n, V] logits; filtered entries become -inf."""
+    if top_k and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]  # [n, 1]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = z.sort(dim=-1, descending=True)  # [n, V]
+        probs = sorted_z.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return z
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                      mask_token_id: int | None = None):
+    """Log-probabilities of the distribution a token is drawn from (the model's own at temperature 0)."""
+    z = without_mask_token(logits.float(), mask_token_id)
+    if temperature > 0:
+        z = filter_logits(z / temperature, top_k, top_p)
+    return z.log_softmax(-1)
+
+
+def choose_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0, mask_token_id: int | None = None) -> TokenChoice:
+    """logits: [n, V]; u: [n] uniforms in (0, 1). Greedy when temperature == 0."""
+    logits = without_mask_token(logits.float(), mask_token_id)
+    logp = logits.log_softmax(-1)  # [n, V]
+    top = logits.topk(2, dim=-1)
+    if temperature > 0:
+        slogp = sampling_logprobs(logits, temperature, top_k, top_p)  # [n, V] (mask already removed)
+        cdf = slogp.exp().cumsum(-1)  # [n, V]
+        target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)  # scaled by the total: rounding-safe
+        token = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+        logprob = slogp.gather(-1, token[:, None]).squeeze(-1)
+    else:
+        token = top.indices[:, 0]
+        logprob = logp.gather(-1, token[:, None]).squeeze(-1)
+    p_top = logp.gather(-1, top.indices).exp()  # [n, 2]
+    return TokenChoice(
+        token=token,
+        logprob=logprob,
+        confidence=logp.gather(-1, token[:, None]).squeeze(-1).exp(),
+        margin=p_top[:, 0] - p_top[:, 1],
+        gap=top.values[:, 0] - top.values[:, 1],
+        entropy=-(logp.exp() * logp).sum(-1),
+    )

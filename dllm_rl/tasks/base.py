@@ -1,0 +1,50 @@
+"""What a task is: prompt datasets (train and held-out) plus the reward that verifies a completion.
+
+Rows are TRL's conversational prompt format: `prompt` (a list of chat messages), `completion` (the target
+text for SFT), `answer` (the reference), and task columns that the reward reads (`puzzle`, `numbers`, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import datasets
+
+from ..config import DataConfig
+from ..errors import ConfigError
+
+
+@dataclass
+class Task:
+    name: str
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    reward: str  # name in dllm_rl.rewards.REWARDS: the verifier used for accuracy
+
+
+def user_prompt(content: str, system: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": content}]
+
+
+def held_out(key: str, fraction: float, salt: str) -> bool:
+    """Deterministic split by a content key (e.g. the solution grid): the same key always lands on the same
+    side, so train and held-out are disjoint by construction, not just by index."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def procedural_task(name: str, cfg: DataConfig, defaults: dict, rows_fn) -> Task:
+    """A generated task: validate data.options against `defaults`, then draw the train stream and the
+    held-out stream (a fixed seed offset, so held-out puzzles do not depend on the training seed's stream).
+
+    rows_fn(cfg, opts, want_eval, size, seed) -> list of rows; the task's reward is named like the task.
+    """
+    unknown = set(cfg.options) - set(defaults)
+    if unknown:
+        raise ConfigError(f"data.options: unknown {name} option(s) {sorted(unknown)}; valid: {sorted(defaults)}")
+    opts = {**defaults, **cfg.options}
+    train = rows_fn(cfg, opts, False, cfg.train_size, cfg.seed * 1000 + 1)
+    evals = rows_fn(cfg, opts, True, cfg.eval_size, 10**6 + cfg.seed)
+    return Task(name, datasets.Dataset.from_list(train), datasets.Dataset.from_list(evals), name)

@@ -1,0 +1,78 @@
+"""GSM8K and MATH adapters over `datasets.load_dataset`.
+
+`data.path` is a hub name (default `openai/gsm8k` / `HuggingFaceH4/MATH-500`) or a local `.json`, `.jsonl`,
+`.parquet` or `.csv` file (how the tests and offline machines use them). GSM8K rows need `question` and
+`answer` (`... #### 72`); MATH rows need `problem` and `solution` (the answer is the last \\boxed{} unless an
+`answer` column exists).
+"""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+
+from ..config import DataConfig
+from ..errors import ConfigError
+from .base import Task, user_prompt
+
+_LOCAL = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+GSM8K_SUFFIX = "\nGive the final answer as <answer>number</answer>."
+MATH_SUFFIX = "\nPut the final answer in \\boxed{}."
+
+
+def load_split(path: str, split: str, name: str | None = None) -> datasets.Dataset:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _LOCAL:
+        if not os.path.isfile(path):
+            raise ConfigError(f"data file {path!r} does not exist; fix data.path / data.eval_path")
+        return datasets.load_dataset(_LOCAL[ext], data_files=path, split="train")
+    try:
+        return datasets.load_dataset(path, name, split=split)
+    except Exception as e:  # hub unreachable, unknown dataset or split
+        raise ConfigError(f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); give a local .jsonl/.parquet in data.path") from None
+
+
+def _require(ds: datasets.Dataset, columns: list[str], path: str):
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ConfigError(f"dataset {path!r} lacks column(s) {missing} (has {ds.column_names}); "
+                          f"rename them or pick another data.task")
+
+
+def _gsm8k_row(row, system):
+    solution, _, final = row["answer"].rpartition("####")
+    final = final.strip().replace(",", "")
+    return {"prompt": user_prompt(row["question"] + GSM8K_SUFFIX, system),
+            "completion": f"{solution.strip()}\n<answer>{final}</answer>", "answer": final}
+
+
+def _math_row(row, system):
+    from ..rewards.math import last_boxed
+
+    answer = row.get("answer") or last_boxed(row["solution"]) or ""
+    return {"prompt": user_prompt(row["problem"] + MATH_SUFFIX, system), "completion": row["solution"],
+            "answer": str(answer)}
+
+
+def _load(cfg: DataConfig, default_path: str, name, columns, fn, task: str, eval_default: str | None) -> Task:
+    path = cfg.path or default_path
+    eval_path = cfg.eval_path or (eval_default if not cfg.path else path)
+    out = []
+    for p, split, size in [(path, cfg.split, cfg.train_size), (eval_path, cfg.eval_split, cfg.eval_size)]:
+        ds = load_split(p, split, name)
+        _require(ds, columns, p)
+        ds = ds.select(range(min(size, len(ds))))
+        out.append(ds.map(lambda r: fn(r, cfg.system_prompt), remove_columns=[c for c in ds.column_names
+                                                                              if c != "answer"]))
+    return Task(task, out[0], out[1], "math")
+
+
+def load_gsm8k(cfg: DataConfig) -> Task:
+    return _load(cfg, "openai/gsm8k", "main", ["question", "answer"], _gsm8k_row, "gsm8k", "openai/gsm8k")
+
+
+def load_math(cfg: DataConfig) -> Task:
+    return _load(cfg, "HuggingFaceH4/MATH-500", None, ["problem", "solution"], _math_row, "math",
+                 "HuggingFaceH4/MATH-500")

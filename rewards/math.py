@@ -1,0 +1,75 @@
+"""Math answer rewards: GSM8K final numbers and MATH boxed answers, compared by math-verify (symbolic
+equivalence: 1/2 == 0.5 == \\frac{1}{2}), not by string matching."""
+
+from __future__ import annotations
+
+import re
+
+from ._text import completion_text
+
+
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} (balanced braces), or None.
+
+    >>> last_boxed(r"so \boxed{\frac{1}{2}} and \boxed{3}")
+    '3'
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def final_answer(text: str) -> str:
+    r"""The answer a completion commits to: <answer> tags, \boxed{}, '#### x', or the last number.
+
+    >>> final_answer("<answer> 72 </answer>")
+    '72'
+    >>> final_answer("Natalia sold 48 + 24 = 72 clips.")
+    '72'
+    >>> final_answer("#### 1,000")
+    '1000'
+    """
+    m = re.search(r"<answer>(.*?)</answer>", text, re.S)
+    if m:
+        text = m.group(1)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    m = re.search(r"####\s*(.+)", text)
+    if m:
+        text = m.group(1)
+    numbers = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else text.strip()
+
+
+def answers_match(predicted: str, reference: str) -> bool:
+    r"""Symbolic equivalence via math-verify.
+
+    >>> answers_match("0.5", "\\frac{1}{2}"), answers_match("3", "4")
+    (True, False)
+    """
+    from math_verify import parse, verify  # imported lazily: antlr grammar load
+
+    def _parse(s):
+        s = s.strip()
+        return parse(s if s.startswith("$") else f"${s}$")
+
+    try:
+        return bool(verify(_parse(reference), _parse(predicted)))
+    except Exception:  # math-verify raises on unparsable input; that is simply a wrong answer
+        return predicted.strip() == reference.strip()
+
+
+def math_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    r"""1.0 when the completion's final answer equals the reference `answer` column (GSM8K, MATH).
+
+    >>> math_reward(["q", "q"], ["... so \boxed{72}", "<answer>71</answer>"], answer=["72", "72"])
+    [1.0, 0.0]
+    """
+    return [float(answers_match(final_answer(completion_text(c)), str(a))) for c, a in zip(completions, answer)]

@@ -1,0 +1,52 @@
+"""4x4 Sudoku reward: 1.0 when the completion is a valid solution that keeps every given digit."""
+
+from __future__ import annotations
+
+import re
+
+from ._text import completion_text
+
+
+def parse_grid(text: str) -> list[int] | None:
+    """The first 16 digits 1-4 of `text`, or None if there are fewer.
+
+    >>> parse_grid("1234\\n3412\\n2143\\n4321")[:5]
+    [1, 2, 3, 4, 3]
+    >>> parse_grid("12") is None
+    True
+    """
+    digits = [int(c) for c in re.findall(r"[0-9]", text)]
+    return digits[:16] if len(digits) >= 16 else None
+
+
+def is_valid_solution(grid: list[int], puzzle: str) -> bool:
+    """Rows, columns and 2x2 boxes hold 1-4 once each, and the puzzle's givens are kept.
+
+    >>> is_valid_solution([1,2,3,4, 3,4,1,2, 2,1,4,3, 4,3,2,1], "12__\\n____\\n____\\n___1")
+    True
+    >>> is_valid_solution([1,2,3,4, 3,4,1,2, 2,1,4,3, 4,3,1,2], "________________")
+    False
+    """
+    cells = [c for c in puzzle if c not in "\n "]
+    if len(grid) != 16 or len(cells) != 16:
+        return False
+    if any(c.isdigit() and int(c) != g for c, g in zip(cells, grid)):
+        return False
+    groups = [[4 * r + c for c in range(4)] for r in range(4)]
+    groups += [[4 * r + c for r in range(4)] for c in range(4)]
+    groups += [[4 * (br + r) + bc + c for r in range(2) for c in range(2)] for br in (0, 2) for bc in (0, 2)]
+    return all(sorted(grid[i] for i in g) == [1, 2, 3, 4] for g in groups)
+
+
+def sudoku_reward(prompts, completions, puzzle, **kwargs) -> list[float]:
+    """TRL-signature reward for the `sudoku` task (`puzzle` is a dataset column).
+
+    >>> sudoku_reward(["p", "p"], ["1234\\n3412\\n2143\\n4321", "1111\\n1111\\n1111\\n1111"],
+    ...               puzzle=["1___\\n____\\n____\\n____"] * 2)
+    [1.0, 0.0]
+    """
+    out = []
+    for completion, given in zip(completions, puzzle):
+        grid = parse_grid(completion_text(completion))
+        out.append(float(grid is not None and is_valid_solution(grid, given)))
+    return out
