@@ -168,7 +168,7 @@ def _forward(model, c: _Canvas, rows, plan, cache, lo: int, hi: int, want_hidden
 
 def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, seeds, cache, rec, states,
                   order_policy, stats):
-    Lb, shift = be - bs, tr.logits_shift
+    shift = tr.logits_shift
     offsets = torch.arange(bs - c.P, be - c.P, device=c.x.device)[None, :]  # [1, Lb] completion offsets
     block_step = torch.zeros(c.N, dtype=torch.long, device=c.x.device)
     first = True
