@@ -10,12 +10,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .base import ModelTraits, traits, unwrap
 from .cache import KVCache
+from .dream import DreamConfig, DreamModel
+from .hf import HFDiffusionLM
+from .llada import LLaDAConfig, LLaDAModelLM
 from .tiny import TinyMDM, TinyMDMConfig
 from .tokenizer import build_char_tokenizer
 
-for _config, _model in [(TinyMDMConfig, TinyMDM)]:
+for _config, _model in [(TinyMDMConfig, TinyMDM), (LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)]:
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForMaskedLM.register(_config, _model, exist_ok=True)
 
-__all__ = ["KVCache", "ModelTraits", "TinyMDM", "TinyMDMConfig", "build_char_tokenizer", "traits", "unwrap"]
+__all__ = ["DreamConfig", "DreamModel", "HFDiffusionLM", "KVCache", "LLaDAConfig", "LLaDAModelLM", "ModelTraits",
+           "TinyMDM", "TinyMDMConfig", "build_char_tokenizer", "traits", "unwrap"]

@@ -14,6 +14,7 @@ from ..checkpoint import latest_checkpoint
 from ..config import ModelConfig
 from ..errors import DllmRlError
 from .base import traits
+from .hf import HFDiffusionLM, wrap_if_needed
 from .tiny import TinyMDM, TinyMDMConfig
 from .tokenizer import build_char_tokenizer
 
@@ -98,7 +99,7 @@ def load_model(cfg: ModelConfig, path: str | None = None):
         model.gradient_checkpointing_enable()
     if cfg.lora.r > 0:
         model = apply_lora(model, cfg)
-    return model, tokenizer
+    return wrap_if_needed(model), tokenizer  # remote-code models get the protocol through HFDiffusionLM
 
 
 def apply_lora(model, cfg: ModelConfig):
@@ -119,6 +120,8 @@ def _load_adapter(cfg: ModelConfig, adapter_dir: str):
     base_path = json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
     base_cfg = ModelConfig(**{**cfg.__dict__, "path": base_path, "lora": type(cfg.lora)()})
     base, tokenizer = load_model(base_cfg)
+    if isinstance(base, HFDiffusionLM):  # peft wraps the transformers model, the protocol wraps peft
+        return HFDiffusionLM(PeftModel.from_pretrained(base.model, adapter_dir, is_trainable=True)), tokenizer
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), tokenizer
 
 

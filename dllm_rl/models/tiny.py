@@ -14,14 +14,12 @@ back to blocks of `block_size` positions, SDAR's convention). Both kinds accept 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MaskedLMOutput
 
-from .cache import KVCache
-from .layers import RotaryEmbedding, apply_rotary, attention, expand_mask
+from .layers import RotaryEmbedding
+from .native import NativeDiffusionLM, RMSNorm, attend, check_attention
 
 
 class TinyMDMConfig(PreTrainedConfig):
@@ -48,8 +46,7 @@ class TinyMDMConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.attention not in ("bidirectional", "block_causal"):
-            raise ValueError(f"attention must be 'bidirectional' or 'block_causal', got {self.attention!r}")
+        check_attention(self)
         super().__post_init__(**kwargs)
 
 
@@ -58,21 +55,16 @@ class TinyAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.h, self.h_kv = config.num_attention_heads, config.num_key_value_heads
-        self.d = config.hidden_size // config.num_attention_heads
-        self.q_proj = nn.Linear(config.hidden_size, self.h * self.d, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.h_kv * self.d, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.h_kv * self.d, bias=False)
-        self.o_proj = nn.Linear(self.h * self.d, config.hidden_size, bias=False)
+        d = config.hidden_size // config.num_attention_heads
+        self.q_proj = nn.Linear(config.hidden_size, self.h * d, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.h_kv * d, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.h_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.h * d, config.hidden_size, bias=False)
 
     def forward(self, x, rope, mask, cache, cache_start, kv_len, cache_rows):
-        B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.h, self.d).transpose(1, 2)  # [B, H, L, D]
-        k = self.k_proj(x).view(B, L, self.h_kv, self.d).transpose(1, 2)  # [B, H_kv, L, D]
-        v = self.v_proj(x).view(B, L, self.h_kv, self.d).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, mask, self.layer, cache, cache_start, kv_len, cache_rows)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.h * self.d))
+        h = attend(x, self.q_proj, self.k_proj, self.v_proj, self.h, self.h_kv, rope, mask, self.layer, cache,
+                   cache_start, kv_len, cache_rows)
+        return self.o_proj(h)
 
 
 class TinyMLP(nn.Module):
@@ -89,9 +81,9 @@ class TinyMLP(nn.Module):
 class TinyBlock(GradientCheckpointingLayer):
     def __init__(self, config: TinyMDMConfig, layer: int):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = TinyAttention(config, layer)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = TinyMLP(config)
 
     def forward(self, x, rope, mask, cache=None, cache_start=0, kv_len=None, cache_rows=None):
@@ -99,20 +91,20 @@ class TinyBlock(GradientCheckpointingLayer):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class TinyMDM(PreTrainedModel):
-    """Mask predictor: logits[b, i] is the distribution of token i given the (partially masked) input."""
+class TinyMDM(NativeDiffusionLM):
+    """Mask predictor: logits[b, i] is the distribution of token i given the (partially masked) input.
+
+    The forward is the protocol forward of `models.native.NativeDiffusionLM` (shared with LLaDA and Dream).
+    """
 
     config_class = TinyMDMConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["TinyBlock"]
-    _supports_sdpa = True
 
     def __init__(self, config: TinyMDMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([TinyBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -126,49 +118,18 @@ class TinyMDM(PreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def new_cache(self, batch_size: int, length: int) -> KVCache:
+    def _embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def _blocks(self):
+        return self.layers
+
+    def _final_norm(self, x):
+        return self.norm(x)
+
+    def _head(self, x):
+        return self.lm_head(x)
+
+    def _geometry(self):
         c = self.config
-        p = self.embed_tokens.weight
-        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, length,
-                       c.hidden_size // c.num_attention_heads, p.dtype, p.device)
-
-    def _default_mask(self, attention_mask, position_ids, q_len):
-        """Mask for a plain call (no explicit 4-D mask): padding, plus SDAR-style blocks if block-causal."""
-        mask = expand_mask(attention_mask, q_len)
-        if self.config.attention == "block_causal" and (mask is None or mask.dim() != 4):
-            blocks = position_ids // self.config.block_size  # [B, L]
-            causal = (blocks[:, None, :] <= blocks[:, :, None])[:, None]  # [B, 1, L, L]
-            mask = causal if mask is None else causal & mask
-        return mask
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                cache_start: int = 0, kv_len: int | None = None, cache_rows: torch.Tensor | None = None,
-                logits_range: tuple[int, int] | None = None, output_hidden_states: bool = False,
-                **kwargs) -> MaskedLMOutput:
-        """Args:
-            input_ids: [B, Lq] tokens (masked positions hold `config.mask_token_id`).
-            attention_mask: [B, Lk] 1 = attend, or bool [B, 1, Lq, Lk] (models.masks), or None.
-            position_ids: [B, Lq] RoPE positions; default 0..Lq-1 (+ cache_start).
-            kv_cache / cache_start / kv_len / cache_rows: see models.cache.KVCache.update.
-            logits_range: compute logits only for query positions [a, b) (saves the LM head elsewhere).
-        Returns MaskedLMOutput with logits [B, Lq or b-a, V] (float32 when the weights are float32).
-        """
-        B, L = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(cache_start, cache_start + L, device=input_ids.device).expand(B, L)
-        x = self.embed_tokens(input_ids)  # [B, L, D]
-        rope = self.rotary(position_ids, x.dtype)
-        mask = self._default_mask(attention_mask, position_ids, L)
-        hidden = [x] if output_hidden_states else None
-        for block in self.layers:
-            x = block(x, rope, mask, kv_cache, cache_start, kv_len, cache_rows)
-            if output_hidden_states:
-                hidden.append(x)
-        x = self.norm(x)
-        if output_hidden_states:
-            hidden[-1] = x
-        if logits_range is not None:
-            x = x[:, logits_range[0]:logits_range[1]]
-        logits = self.lm_head(x)  # [B, L, V]
-        return MaskedLMOutput(logits=logits, hidden_states=tuple(hidden) if hidden else None)
+        return c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
