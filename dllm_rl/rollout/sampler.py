@@ -20,13 +20,13 @@ import torch
 
 from ..config import RolloutConfig
 from ..errors import ConfigError, DllmRlError, lookup
+from ..kernels import choose_tokens  # fused Triton on CUDA, rollout.sampling.choose_tokens elsewhere
 from ..models.base import ModelTraits, traits, unwrap
 from ..models.masks import block_ids, mask_from_block_ids, padding_positions
 from ..policy.plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
 from ..types import RolloutBatch
 from . import noise
 from .remask import ORDERS, self_correction
-from .sampling import choose_tokens
 from .schedules import CACHE_PLANS, COMMIT_RULES, StepStats
 from .trace import COMMIT, FILL, REMASK, TraceRecorder
 

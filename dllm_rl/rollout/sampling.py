@@ -83,5 +83,5 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         confidence=logp.gather(-1, token[:, None]).squeeze(-1).exp(),
         margin=p_top[:, 0] - p_top[:, 1],
         gap=top.values[:, 0] - top.values[:, 1],
-        entropy=-(logp.exp() * logp).sum(-1),
+        entropy=torch.special.entr(logp.exp()).sum(-1),  # 0 * log 0 = 0 at the removed [MASK] entry
     )
