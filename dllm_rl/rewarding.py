@@ -15,6 +15,8 @@ import importlib.metadata
 import importlib.util
 import inspect
 import math
+import numbers
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,7 +48,12 @@ def resolve_reward(name: str) -> Callable:
             raise ConfigError(f"reward {name!r}: file {path!r} does not exist (form: path/to/file.py:function)")
         spec = importlib.util.spec_from_file_location(f"dllm_rl_reward_{Path(path).stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        sys.modules[spec.name] = module  # as `import` does: dataclasses and pickle look the module up there
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(spec.name, None)
+            raise
         if not callable(getattr(module, fn_name, None)):
             raise ConfigError(f"reward {name!r}: {path} has no function {fn_name!r}")
         return getattr(module, fn_name)
@@ -83,14 +90,16 @@ def _call(reward: Reward, prompts, completions, completion_ids, columns, extras)
                           f"{str(prompts[0])[:120]!r}); fix the reward function") from e
     if not isinstance(out, (list, tuple)) or len(out) != len(completions):
         got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (list, tuple)) else repr(out)[:80]
-        raise DllmRlError(f"reward {reward.name!r} returned {got}; it must return a list of "
-                          f"{len(completions)} floats (one per completion; None = not applicable)")
+        raise DllmRlError(f"reward {reward.name!r} returned {got} (first prompt: {str(prompts[0])[:120]!r}); "
+                          f"it must return a list of {len(completions)} floats (one per completion; None = "
+                          f"not applicable)")
     values = []
     for i, v in enumerate(out):
         if v is None:
             values.append(math.nan)
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)) or math.isinf(float(v)):
+        # numbers.Real admits numpy scalars (np.float32 is no float subclass), as TRL's torch.tensor does
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
             raise DllmRlError(f"reward {reward.name!r} returned {v!r} for completion {i} (prompt "
                               f"{str(prompts[i])[:120]!r}); return a finite float, or None if not applicable")
         values.append(float(v))

@@ -50,3 +50,22 @@ def sudoku_reward(prompts, completions, puzzle, **kwargs) -> list[float]:
         grid = parse_grid(completion_text(completion))
         out.append(float(grid is not None and is_valid_solution(grid, given)))
     return out
+
+
+def sudoku_cells_reward(prompts, completions, puzzle, answer, **kwargs) -> list[float]:
+    """Partial credit, as d1 / SPG score Sudoku: the fraction of the puzzle's blank cells filled with the
+    solution's digit (`answer` column: the unique solution grid).
+
+    >>> sudoku_cells_reward(["p", "p"], ["1234\\n3412\\n2143\\n4321", "1234\\n3412\\n2143\\n4312"],
+    ...                     puzzle=["1234\\n3412\\n2143\\n43__"] * 2, answer=["1234\\n3412\\n2143\\n4321"] * 2)
+    [1.0, 0.0]
+    """
+    out = []
+    for completion, given, solution in zip(completions, puzzle, answer):
+        grid = parse_grid(completion_text(completion)) or []
+        cells = [c for c in given if c not in "\n "]
+        truth = [int(c) for c in solution if c.isdigit()]
+        blanks = [i for i, c in enumerate(cells) if not c.isdigit()]
+        hits = sum(1 for i in blanks if i < len(grid) and grid[i] == truth[i])
+        out.append(hits / len(blanks) if blanks else float(grid == truth))
+    return out
