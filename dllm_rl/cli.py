@@ -80,16 +80,14 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from .config import load_recipe
-    from .evaluate import evaluate
+    from .evaluate import evaluate_recipe
     from .models.load import load_model
     from .tasks import load_task
 
     recipe = load_recipe(args.recipe, args.overrides)
     model, tokenizer = load_model(recipe.model, path=args.checkpoint)
     task = load_task(recipe.data)
-    data = task.eval.select(range(min(recipe.eval.size or len(task.eval), len(task.eval))))
-    result = evaluate(model, tokenizer, data, task.reward, recipe.rollout, seed=recipe.train.seed,
-                      num_samples=recipe.eval.num_samples)
+    result = evaluate_recipe(model, tokenizer, task, recipe)
     for prompt, completion, value in result["examples"]:
         print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> "
               f"{completion!r}")
@@ -104,7 +102,14 @@ def cmd_plan(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (`generate CKPT --prompt X rollout.steps=8`): argparse leaves them over
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + extra
     show_tb = args.traceback or os.environ.get("DLLM_RL_TRACEBACK") == "1"
     try:
         if args.command in ("sft", "train"):

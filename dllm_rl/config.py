@@ -116,24 +116,26 @@ class GRPOConfig:
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo | bnpo | wd1 | spg (algorithms.losses.LOSSES)
     importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    advantage: str = "group_mean"  # group_mean | zscore | leave_one_out (algorithms.advantages)
+    advantage: str = "group_mean"  # group_mean | leave_one_out; z-score = group_mean + scale_rewards=group
     filter_zero_std: bool = False  # drop groups whose rewards are all equal
     reference: Literal["auto", "adapter_disabled", "frozen_copy", "none"] = "auto"
-    spg_mix_weight: float = 0.5
-    spg_eubo_beta: float = 1.0
+    spg_bound: Literal["elbo", "eubo", "mix"] = "mix"  # spg: bound used for negative advantages
+    spg_mix_weight: float = 0.5  # spg: weight of the upper bound in "mix"
 
 
 @dataclass
 class EstimatorConfig:
     name: str = "one_step"  # one_step | elbo | block_elbo | trajectory (estimators.ESTIMATORS)
     p_mask_prompt: float = 0.15
-    num_samples: int = 1  # K Monte Carlo samples (elbo, block_elbo)
-    t_min: float = 0.0
+    num_samples: int = 1  # Monte Carlo timesteps n_t (elbo) / masked views (one_step, block_elbo)
+    masks_per_timestep: int = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1)
+    t_min: float = 0.0  # masking-ratio range (elbo; block_elbo: fraction of the chosen block)
     t_max: float = 1.0
-    antithetic: bool = False  # elbo: stratified timesteps t_k = (k + u) / K
-    coupled: bool = False  # elbo: DiffuCoder's complementary masks (+ the fully masked view)
-    bound: Literal["elbo", "eubo", "mix"] = "mix"  # block_elbo for negative advantages (SPG)
-    merge_steps: int = 1  # trajectory: commit steps scored by one forward
+    stratified: bool = False  # elbo: stratified timesteps t_k = t_min + (t_max - t_min)(k + u) / n_t
+    coupled: bool = False  # elbo: DiffuCoder's complementary mask pairs
+    full_view: bool = True  # elbo + coupled: also average in the fully masked view (DiffuCoder)
+    eubo_beta: float = 1.0  # block_elbo: beta of SPG's upper bound (1.5 math, 2.0 countdown, 1.0 sudoku)
+    merge_steps: int = 1  # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink)
 
 
 @dataclass
@@ -176,6 +178,7 @@ class TrainConfig:
 class EvalConfig:
     size: Optional[int] = None  # held-out examples to score; empty = data.eval_size
     num_samples: int = 1  # completions per prompt (pass@1 averaged over samples)
+    temperature: float = 0.0  # decoding temperature for evaluation (the rest of `rollout` applies)
 
 
 @dataclass

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import RolloutConfig
+from dataclasses import replace
+
+from .config import Recipe, RolloutConfig
 from .rewarding import Reward, compute_rewards, resolve_reward
 from .rollout import generate
 
@@ -28,3 +30,12 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
         scores += values.tolist()
         examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
     return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples}
+
+
+def evaluate_recipe(model, tokenizer, task, recipe: Recipe) -> dict:
+    """Held-out accuracy as a recipe defines it: eval.size prompts, eval.num_samples each, decoded with the
+    recipe's rollout section at eval.temperature."""
+    e = recipe.eval
+    data = task.eval.select(range(min(e.size or len(task.eval), len(task.eval))))
+    rollout = replace(recipe.rollout, temperature=e.temperature)
+    return evaluate(model, tokenizer, data, task.reward, rollout, seed=recipe.train.seed, num_samples=e.num_samples)

@@ -58,3 +58,19 @@ def make_accelerator(recipe: Recipe):
             ds_config = json.load(f)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+class EpochSampler:
+    """Example indices for step s: a fresh seeded permutation per epoch, so any step is reproducible."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def indices(self, step: int, batch: int) -> list[int]:
+        out = []
+        for pos in range(step * batch, (step + 1) * batch):
+            epoch = pos // self.n
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.n, generator=step_generator(self.seed, epoch, "data"))}
+            out.append(int(self._perms[epoch][pos % self.n]))
+        return out

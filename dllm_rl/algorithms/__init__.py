@@ -1,0 +1,6 @@
+"""Pure functions over tensors: advantages and policy losses (no models, devices or distributed state)."""
+
+from .advantages import ADVANTAGES, scale, zero_std_groups
+from .losses import LOSSES, LossInputs, kl_k3
+
+__all__ = ["ADVANTAGES", "LOSSES", "LossInputs", "kl_k3", "scale", "zero_std_groups"]

@@ -26,18 +26,28 @@ class Noise:
     completion_masks: torch.Tensor  # [K, N, Lc] bool: completion positions replaced by [MASK] in view k
     prompt_masks: torch.Tensor | None  # [K, N, P] bool: prompt positions masked (d1's p_mask_prompt), or None
     weights: torch.Tensor  # [K, N, Lc] float: weight of token i's log-prob from view k (0 = not scored)
+    tokens: torch.Tensor | None = None  # [K, N, Lc] canvas of view k where unmasked (default: the completion)
 
     @property
     def num_views(self) -> int:
         return self.completion_masks.shape[0]
 
     def select(self, rows: torch.Tensor) -> "Noise":
-        pm = None if self.prompt_masks is None else self.prompt_masks[:, rows]
-        return Noise(self.completion_masks[:, rows], pm, self.weights[:, rows])
+        pick = (lambda t: None if t is None else t[:, rows.to(t.device)])
+        return Noise(pick(self.completion_masks), pick(self.prompt_masks), pick(self.weights), pick(self.tokens))
 
     def to(self, device) -> "Noise":
-        pm = None if self.prompt_masks is None else self.prompt_masks.to(device)
-        return Noise(self.completion_masks.to(device), pm, self.weights.to(device))
+        move = (lambda t: None if t is None else t.to(device))
+        return Noise(move(self.completion_masks), move(self.prompt_masks), move(self.weights), move(self.tokens))
+
+
+@dataclass
+class Estimate:
+    """Per-token log-likelihood estimates [N, Lc]; `upper` is an upper bound where the estimator has one
+    (SPG). Summed over a sequence's completion tokens they give the sequence estimate."""
+
+    logps: torch.Tensor
+    upper: torch.Tensor | None = None
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask_token_id: int | None) -> torch.Tensor:
@@ -53,17 +63,19 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask_token_id: i
 
 
 def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: torch.Tensor | None,
-                  tr: ModelTraits, temperature: float = 1.0) -> torch.Tensor:
+                  tr: ModelTraits, temperature: float = 1.0, tokens_k: torch.Tensor | None = None) -> torch.Tensor:
     """log p(completion token | view) at every completion position for one view: [N, Lc].
 
-    batch: anything with prompt_ids [N, P], prompt_mask [N, P], completion_ids [N, Lc].
+    batch: anything with prompt_ids [N, P], prompt_mask [N, P], completion_ids [N, Lc]. tokens_k: the view's
+    canvas where unmasked, when it differs from the final completion (trajectories with self-correction).
     """
     P, Lc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     mask_id = tr.mask_token_id
     prompt = batch.prompt_ids
     if prompt_mask_k is not None:
         prompt = torch.where(prompt_mask_k & batch.prompt_mask.bool(), mask_id, prompt)
-    noisy = torch.where(completion_mask_k, mask_id, batch.completion_ids)  # [N, Lc]
+    canvas = batch.completion_ids if tokens_k is None else tokens_k
+    noisy = torch.where(completion_mask_k, mask_id, canvas)  # [N, Lc]
     attn = torch.cat([batch.prompt_mask, torch.ones_like(noisy)], 1)  # [N, P+Lc]
     pos = padding_positions(attn)
     shift = tr.logits_shift
@@ -103,6 +115,11 @@ def two_stream_mask(clean_bid: torch.Tensor, noisy_bid: torch.Tensor) -> torch.T
     return mask[:, None]
 
 
+def weighted(model, batch, noise: Noise, tr: ModelTraits, cfg=None, rollout=None) -> Estimate:
+    """`score` as an estimator's estimate(): one_step and elbo are nothing more."""
+    return Estimate(score(model, batch, noise, tr))
+
+
 def score(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0) -> torch.Tensor:
     """The weighted estimate sum_k w[k] * log p(x | view k): [N, Lc] (gradients flow into the model)."""
     total = None
@@ -110,7 +127,8 @@ def score(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0)
         if not noise.weights[k].any():
             continue
         pm = None if noise.prompt_masks is None else noise.prompt_masks[k]
-        lp = view_logprobs(model, batch, noise.completion_masks[k], pm, tr, temperature)
+        tk = None if noise.tokens is None else noise.tokens[k]
+        lp = view_logprobs(model, batch, noise.completion_masks[k], pm, tr, temperature, tk)
         term = torch.where(noise.weights[k] != 0, lp * noise.weights[k], torch.zeros_like(lp))
         total = term if total is None else total + term
     if total is None:

@@ -46,9 +46,18 @@ def draw_elbo(shape: tuple[int, int], generator: torch.Generator, num_samples: i
     comp = ~mask
     w_a = mask.float() / t[..., None]
     w_b = comp.float() / (1 - t).clamp(min=1e-6)[..., None]
-    scale = 0.5 if full_view else 1.0
-    masks, weights = [mask, comp], [scale * w_a / K, scale * w_b / K]
+    # each half (mask / t, complement / (1 - t)) is unbiased for the ELBO, so the pair is averaged: with the
+    # full view this is DiffuCoder's per-token (one_step + pair) / 2, and dropping the full view leaves the
+    # unbiased pair / 2 (scaling the pair by 1 there estimated 2 x ELBO)
+    masks, weights = [mask, comp], [0.5 * w_a / K, 0.5 * w_b / K]
     if full_view:
         masks.append(torch.ones(N, Lc, dtype=torch.bool)[None].expand(1, N, Lc))
         weights.append(torch.full((1, N, Lc), 0.5))
     return Noise(torch.cat(masks), None, torch.cat(weights))
+
+
+def draw(batch, cfg, rollout, tr, generator: torch.Generator) -> Noise:
+    """The `elbo` estimator's noise for a batch (recipe estimator section)."""
+    return draw_elbo(tuple(batch.completion_ids.shape), generator, num_samples=cfg.num_samples, t_min=cfg.t_min,
+                     t_max=cfg.t_max, stratified=cfg.stratified, masks_per_timestep=cfg.masks_per_timestep,
+                     coupled=cfg.coupled, full_view=cfg.full_view)

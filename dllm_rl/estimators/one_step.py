@@ -16,3 +16,9 @@ def draw_one_step(shape: tuple[int, int], prompt_shape: tuple[int, int], generat
     K = num_samples
     prompt = torch.rand(K, *prompt_shape, generator=generator) < p_mask_prompt  # [K, N, P]
     return Noise(torch.ones(K, N, Lc, dtype=torch.bool), prompt, torch.full((K, N, Lc), 1.0 / K))
+
+
+def draw(batch, cfg, rollout, tr, generator: torch.Generator) -> Noise:
+    """The `one_step` estimator's noise for a batch (recipe estimator section)."""
+    return draw_one_step(tuple(batch.completion_ids.shape), tuple(batch.prompt_ids.shape), generator,
+                         cfg.p_mask_prompt, cfg.num_samples)

@@ -43,7 +43,8 @@ def resolve_model_dir(path: str) -> str:
     return path  # a hub id such as GSAI-ML/LLaDA-8B-Instruct
 
 
-def build_tiny(cfg: ModelConfig, tokenizer) -> TinyMDM:
+def build_tiny(cfg: ModelConfig, tokenizer, seed: int = 0) -> TinyMDM:
+    """A freshly initialised tiny MDM; the initialisation is drawn from `seed` (global RNG left untouched)."""
     t = cfg.tiny
     config = TinyMDMConfig(
         vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -51,7 +52,9 @@ def build_tiny(cfg: ModelConfig, tokenizer) -> TinyMDM:
         max_position_embeddings=t.max_position_embeddings, attention=t.attention, block_size=t.block_size,
         mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    return TinyMDM(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyMDM(config)
 
 
 def load_tokenizer(path: str | None, trust_remote_code: bool = False):
@@ -69,14 +72,15 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(cfg: ModelConfig, path: str | None = None):
-    """(model, tokenizer) for a recipe's model section; `path` overrides cfg.path (e.g. a checkpoint)."""
+def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
+    """(model, tokenizer) for a recipe's model section; `path` overrides cfg.path (e.g. a checkpoint).
+    `seed` draws the initialisation of a model built from scratch."""
     from transformers import AutoModel
 
     path = path or cfg.path
     if path is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
-        model = build_tiny(cfg, tokenizer)
+        model = build_tiny(cfg, tokenizer, seed)
     else:
         model_dir = resolve_model_dir(path)
         if Path(model_dir, "adapter_config.json").is_file():

@@ -20,12 +20,12 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sa
 from ..config import Recipe, recipe_to_dict
 from ..errors import ConfigError
 from ..estimators import draw_elbo, score
-from ..evaluate import evaluate
+from ..evaluate import evaluate_recipe
 from ..metrics import MetricsLogger
 from ..models.base import traits
 from ..models.load import load_model
 from ..rollout import encode_prompts
-from ..runtime import make_accelerator, set_threads, step_generator
+from ..runtime import EpochSampler, make_accelerator, set_threads, step_generator
 from ..tasks import load_task
 from ..types import SequenceBatch
 
@@ -54,22 +54,6 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBa
     return SequenceBatch(prompt, pmask, comp, torch.ones_like(comp))
 
 
-class EpochSampler:
-    """Example indices for step s: a fresh seeded permutation per epoch, so any step is reproducible."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def indices(self, step: int, batch: int) -> list[int]:
-        out = []
-        for pos in range(step * batch, (step + 1) * batch):
-            epoch = pos // self.n
-            if epoch not in self._perms:
-                self._perms = {epoch: torch.randperm(self.n, generator=step_generator(self.seed, epoch, "data"))}
-            out.append(int(self._perms[epoch][pos % self.n]))
-        return out
-
-
 class SFTTrainer:
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
         self.recipe = r = recipe
@@ -77,7 +61,7 @@ class SFTTrainer:
         self.acc = make_accelerator(r)
         self.task = task or load_task(r.data)
         if model is None:
-            model, tokenizer = load_model(r.model)
+            model, tokenizer = load_model(r.model, seed=r.train.seed)
         self.tokenizer, self.traits = tokenizer, traits(model, tokenizer)
         self.pairs = tokenize_pairs(self.task.train, tokenizer, r.rollout.max_completion_length)
         self.sampler = EpochSampler(len(self.pairs), r.train.seed)
@@ -99,23 +83,24 @@ class SFTTrainer:
             self.acc.print(f"resumed from {ckpt} at step {self.start_step}")
         self.log = MetricsLogger(self.acc, r.train.output_dir, history, config=recipe_to_dict(r))
 
-    def loss(self, batch: SequenceBatch, g: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: SequenceBatch, noise) -> torch.Tensor:
         """The masked-diffusion ELBO loss of one micro-batch (mean over sequences)."""
-        noise = draw_elbo(tuple(batch.completion_ids.shape), g, t_min=self.recipe.sft.t_min).to(self.acc.device)
-        est = score(self.model, batch, noise, self.traits)  # [n, Lc]
+        est = score(self.model, batch, noise.to(self.acc.device), self.traits)  # [n, Lc]
         return -(est.sum(-1) / batch.completion_ids.shape[1]).mean()
 
     def training_step(self, step: int) -> float:
         r = self.recipe.train
         idx = self.sampler.indices(step, r.batch_size)
-        g = step_generator(r.seed, step, "noise")
+        # the step's noise is drawn for the whole batch, so micro-batching does not change it
+        noise = draw_elbo((r.batch_size, self.recipe.rollout.max_completion_length),
+                          step_generator(r.seed, step, "noise"), t_min=self.recipe.sft.t_min)
         micro = r.batch_size // r.gradient_accumulation_steps
         total = 0.0
         for start in range(0, r.batch_size, micro):
             batch = collate([self.pairs[i] for i in idx[start:start + micro]], self.tokenizer.pad_token_id)
             batch = SequenceBatch(*(t.to(self.acc.device) for t in batch.__dict__.values()))
             with self.acc.accumulate(self.model):
-                loss = self.loss(batch, g)
+                loss = self.loss(batch, noise.select(torch.arange(start, start + micro)))
                 self.acc.backward(loss)
                 if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
                     self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm)
@@ -126,10 +111,7 @@ class SFTTrainer:
         return total
 
     def evaluate(self, step: int) -> dict:
-        e = self.recipe.eval
-        data = self.task.eval.select(range(min(e.size or len(self.task.eval), len(self.task.eval))))
-        return evaluate(self.model, self.tokenizer, data, self.task.reward, self.recipe.rollout,
-                        seed=self.recipe.train.seed, num_samples=e.num_samples)
+        return evaluate_recipe(self.model, self.tokenizer, self.task, self.recipe)
 
     def _save(self, step: int) -> None:
         save_checkpoint(self.recipe.train.output_dir, step, self.acc, self.model, self.tokenizer, self.recipe,

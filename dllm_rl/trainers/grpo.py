@@ -1,0 +1,308 @@
+"""GRPO for diffusion LMs: one loop of named phases, every variant chosen by name from its dict.
+
+    rollout -> reward -> advantage -> old/ref estimates -> inner updates -> log -> checkpoint
+
+The likelihood estimator (estimators.ESTIMATORS: one_step = d1 arXiv 2504.12216, elbo with VRPO / coupled
+options, block_elbo = SPG arXiv 2510.09541, trajectory = TraceRL arXiv 2509.06949), the advantage
+(algorithms.ADVANTAGES) and the loss (algorithms.LOSSES: clipped GRPO family, wd1, spg) are recipe names.
+Old, reference and current log-likelihoods of inner iteration i are all computed under the same explicit
+noise i, drawn from the step's generator. Config names follow TRL's GRPOConfig where the meaning is the same.
+
+    dllm-rl train recipes/tiny/sudoku-diffu-grpo.yaml [grpo.beta=0.04 estimator.name=elbo ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerState, get_scheduler
+
+from ..algorithms import ADVANTAGES, LOSSES, LossInputs, scale, zero_std_groups
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from ..config import Recipe, RewardSpec, recipe_to_dict
+from ..errors import ConfigError, lookup
+from ..estimators import ESTIMATORS
+from ..evaluate import evaluate_recipe
+from ..metrics import MetricsLogger
+from ..models.base import traits, unwrap
+from ..models.load import load_model
+from ..rewarding import build_rewards, compute_rewards
+from ..rollout import generate
+from ..rollout.sampler import check_config
+from ..runtime import EpochSampler, make_accelerator, set_threads, step_generator
+from ..tasks import load_task
+from .plots import plot_curves
+
+
+class GRPOTrainer:
+    """`GRPOTrainer(recipe, reward_funcs=[fn, ...]).train()`; reward_funcs join the recipe's rewards."""
+
+    def __init__(self, recipe: Recipe, reward_funcs=None, model=None, tokenizer=None, task=None):
+        self.recipe = r = recipe
+        set_threads(r.train.num_threads)
+        self.acc = make_accelerator(r)
+        self.task = task or load_task(r.data)
+        if model is None:
+            model, tokenizer = load_model(r.model, seed=r.train.seed)
+        self.tokenizer, self.traits = tokenizer, traits(model, tokenizer)
+        self._check(model)
+        self.rewards = build_rewards(r.rewards or ([] if reward_funcs else [RewardSpec(self.task.reward)]),
+                                     reward_funcs)
+        self.estimator = lookup(ESTIMATORS, r.estimator.name, "estimator.name")
+        self.loss_fn = lookup(LOSSES, r.grpo.loss_type, "grpo.loss_type")
+        self.advantage_fn = lookup(ADVANTAGES, r.grpo.advantage, "grpo.advantage")
+        self.ref, self.ref_mode = self._reference(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=r.optim.lr, betas=tuple(r.optim.betas), eps=r.optim.eps,
+                                      weight_decay=r.optim.weight_decay)
+        updates = r.train.max_steps * r.grpo.num_iterations
+        self.scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
+                                       num_training_steps=updates)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if self.ref is not None:
+            self.ref = self.ref.to(self.acc.device)
+        self.acc.register_for_checkpointing(self.scheduler)
+        self.sampler = EpochSampler(len(self.task.train), r.train.seed)
+        self.start_step, history = 0, []
+        ckpt = latest_checkpoint(r.train.output_dir) if r.train.resume else None
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.acc)
+            self.start_step, history = state["step"], state.get("history", [])
+            self.acc.print(f"resumed from {ckpt} at step {self.start_step}")
+        self.log = MetricsLogger(self.acc, r.train.output_dir, history, config=recipe_to_dict(r))
+        self._step_metrics: dict = {}
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _check(self, model) -> None:
+        r = self.recipe
+        if r.grpo.num_generations < 2:
+            raise ConfigError("grpo.num_generations must be >= 2: advantages are relative to the group")
+        if r.train.batch_size % r.train.gradient_accumulation_steps:
+            raise ConfigError(f"train.batch_size ({r.train.batch_size} prompts) must be divisible by "
+                              f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps}): "
+                              f"micro-batches hold whole groups")
+        if r.grpo.loss_type == "spg" and r.grpo.beta != 0:
+            raise ConfigError("grpo.loss_type=spg has no KL term (as SPG); set grpo.beta=0")
+        check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=False)
+
+    def _reference(self, model):
+        """(reference module or None, mode): none when beta == 0; LoRA models reuse their base."""
+        r = self.recipe.grpo
+        mode = r.reference
+        if r.beta == 0 or mode == "none":
+            return None, "none"
+        is_peft = hasattr(model, "disable_adapter")
+        if mode == "auto":
+            mode = "adapter_disabled" if is_peft else "frozen_copy"
+        if mode == "adapter_disabled":
+            if not is_peft:
+                raise ConfigError("grpo.reference=adapter_disabled needs LoRA (model.lora.r > 0); use frozen_copy")
+            return None, mode
+        ref = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        return ref, mode
+
+    # ------------------------------------------------------------------------------------------ phases
+
+    def _generation_context(self):
+        """ZeRO-3 shards parameters: gather them once for the whole rollout phase, not per forward."""
+        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+
+    def rollout(self, examples: list[dict], step: int):
+        G = self.recipe.grpo.num_generations
+        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+        with torch.no_grad(), self._generation_context():
+            batch = generate(self.model, self.tokenizer, prompts, self.recipe.rollout,
+                             generator=step_generator(self.recipe.train.seed, step, "rollout",
+                                                      rank=self.acc.process_index))
+        return batch, prompts
+
+    def reward(self, batch, prompts, examples, step: int):
+        G = self.recipe.grpo.num_generations
+        columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
+        ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+        state = TrainerState(global_step=step, max_steps=self.recipe.train.max_steps)
+        rewards, per_fn = compute_rewards(self.rewards, prompts, batch.completions, ids, columns, state,
+                                          log_metric=lambda name, value: self._step_metrics.__setitem__(name, value))
+        names = [rw.name for rw in self.rewards]
+        if self.task.reward in names:
+            correct = per_fn[names.index(self.task.reward)]
+        else:
+            from ..rewarding import Reward, resolve_reward
+
+            verifier = [Reward(self.task.reward, resolve_reward(self.task.reward))]
+            correct = compute_rewards(verifier, prompts, batch.completions, ids, columns)[0]
+        return rewards, per_fn, correct
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        g = self.recipe.grpo
+        adv = self.advantage_fn(rewards, g.num_generations)
+        return scale(adv, rewards, g.num_generations, g.scale_rewards)
+
+    def _estimate(self, model, batch, noise, grad: bool):
+        with torch.set_grad_enabled(grad):
+            return self.estimator.estimate(model, batch, noise.to(self.acc.device), self.traits,
+                                           self.recipe.estimator, self.recipe.rollout)
+
+    def _ref_estimate(self, batch, noise):
+        if self.ref_mode == "none":
+            return None
+        if self.ref_mode == "adapter_disabled":
+            with self.acc.unwrap_model(self.model).disable_adapter():
+                return self._estimate(self.model, batch, noise, grad=False).logps
+        return self._estimate(self.ref, batch, noise, grad=False).logps
+
+    def _micro_batches(self, n: int):
+        G = self.recipe.grpo.num_generations
+        per = n // G // self.recipe.train.gradient_accumulation_steps * G  # whole groups per micro-batch
+        for start in range(0, n, max(per, G)):
+            yield torch.arange(start, min(start + max(per, G), n))
+
+    def update(self, batch, noises, olds, refs) -> dict:
+        """num_iterations passes over the batch, one optimizer step each (TRL's num_iterations)."""
+        stats = defaultdict(list)
+        for noise, old, ref in zip(noises, olds, refs):
+            for rows in self._micro_batches(len(batch.completions)):
+                mb = batch.select(rows).to(self.acc.device)
+                with self.acc.accumulate(self.model):
+                    est = self._estimate(self.model, mb, noise.select(rows), grad=True)
+                    old_mb = est.logps.detach() if old is None else old[rows.to(old.device)]
+                    inputs = LossInputs(est.logps, old_mb, None if ref is None else ref[rows.to(ref.device)],
+                                        mb.advantages, mb.completion_mask.float(),
+                                        self.recipe.grpo.num_generations, est.upper)
+                    loss, s = self.loss_fn(inputs, self.recipe.grpo)
+                    self.acc.backward(loss)
+                    if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
+                        stats["grad_norm"].append(float(self.acc.clip_grad_norm_(
+                            self.model.parameters(), self.recipe.optim.max_grad_norm)))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                stats["loss"].append(loss.item())
+                for k, v in s.items():
+                    stats[k].append(v)
+            self.scheduler.step()
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def estimator_std(self, batch, g: torch.Generator, draws: int = 4) -> float:
+        """Std of the sequence log-likelihood estimate across fresh noise draws (mean over sequences)."""
+        rows = next(self._micro_batches(len(batch.completions)))
+        mb = batch.select(rows).to(self.acc.device)
+        seq = []
+        for _ in range(draws):
+            noise = self.estimator.draw(mb, self.recipe.estimator, self.recipe.rollout, self.traits, g)
+            est = self._estimate(self.model, mb, noise, grad=False)
+            seq.append((est.logps * mb.completion_mask).sum(-1))
+        return torch.stack(seq).std(0).mean().item()
+
+    # -------------------------------------------------------------------------------------------- loop
+
+    def step(self, step: int) -> dict:
+        r, t = self.recipe, {}
+        self._step_metrics = {}
+        examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size)]
+        g = step_generator(r.train.seed, step, "noise", rank=self.acc.process_index)
+
+        t0 = time.perf_counter()
+        batch, prompts = self.rollout(examples, step)  # RolloutBatch of B*G completions
+        t["rollout"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rewards, per_fn, correct = self.reward(batch, prompts, examples, step)
+        batch.rewards = rewards
+        batch.advantages = self.advantages(rewards)
+        t["reward"] = time.perf_counter() - t0
+        if r.grpo.filter_zero_std:
+            keep = (~zero_std_groups(rewards, r.grpo.num_generations)).nonzero().squeeze(-1)
+            batch = batch.select(keep) if len(keep) else None
+
+        t0 = time.perf_counter()
+        noises, olds, refs = [], [], []
+        if batch is not None:
+            for _ in range(r.grpo.num_iterations):
+                noise = self.estimator.draw(batch, r.estimator, r.rollout, self.traits, g)
+                noises.append(noise)
+                need_old = r.grpo.num_iterations > 1
+                olds.append(self._batched(self.model, batch, noise) if need_old else None)
+                refs.append(self._batched_ref(batch, noise))
+        t["estimate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stats = self.update(batch, noises, olds, refs) if batch is not None else {"skipped": 1.0}
+        t["update"] = time.perf_counter() - t0
+
+        tokens = float(batch.completion_mask.sum()) if batch is not None else 0.0
+        out = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "accuracy": correct.nanmean().item(), **stats, **self._step_metrics,
+               "completion_length": tokens / max(len(batch.completions), 1) if batch is not None else 0.0}
+        for rw, values in zip(self.rewards, per_fn):
+            out[f"rewards/{rw.name}/mean"] = values.nanmean().item()
+            out[f"rewards/{rw.name}/std"] = values[~values.isnan()].std().item() if (~values.isnan()).sum() > 1 \
+                else 0.0
+        committed = float(batch.stats.get("committed_tokens", 0)) if batch is not None else 0.0
+        out["tokens_per_s/rollout"] = committed / max(t["rollout"], 1e-9)
+        passes = max(1, r.grpo.num_iterations)
+        out["tokens_per_s/estimate"] = tokens * passes / max(t["estimate"], 1e-9) if t["estimate"] > 1e-3 else 0.0
+        out["tokens_per_s/update"] = tokens * passes / max(t["update"], 1e-9)
+        out.update({f"seconds/{k}": v for k, v in t.items()})
+        if batch is not None and (step + 1) % r.train.logging_steps == 0:
+            out["estimator_std"] = self.estimator_std(batch, g)
+        return out
+
+    def _batched(self, model, batch, noise):
+        """No-grad estimate over the batch in micro-batches: [N, Lc] on the device."""
+        parts = [self._estimate(model, batch.select(rows).to(self.acc.device), noise.select(rows), grad=False).logps
+                 for rows in self._micro_batches(len(batch.completions))]
+        return torch.cat(parts)
+
+    def _batched_ref(self, batch, noise):
+        if self.ref_mode == "none":
+            return None
+        return torch.cat([self._ref_estimate(batch.select(rows).to(self.acc.device), noise.select(rows))
+                          for rows in self._micro_batches(len(batch.completions))])
+
+    def evaluate(self) -> float:
+        return evaluate_recipe(self.model, self.tokenizer, self.task, self.recipe)["accuracy"]
+
+    def train(self) -> dict:
+        r = self.recipe.train
+        history = self.log.history
+        before = next((h["eval_accuracy"] for h in history if h["step"] == 0 and "eval_accuracy" in h), None)
+        if before is None:
+            before = self.evaluate()
+            self.log.log(0, {"eval_accuracy": before})
+        bar = tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process, desc="grpo")
+        window = defaultdict(list)
+        for step in range(self.start_step, r.max_steps):
+            for k, v in self.step(step).items():
+                window[k].append(v)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(reward=f"{window['reward'][-1]:.3f}")
+            if done % r.logging_steps == 0 or done == r.max_steps:
+                self.log.log(done, {k: sum(v) / len(v) for k, v in window.items()})
+                window = defaultdict(list)
+            if (r.eval_steps and done % r.eval_steps == 0) and done != r.max_steps:
+                self.log.log(done, {"eval_accuracy": self.evaluate()})
+            if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
+                save_checkpoint(r.output_dir, done, self.acc, self.model, self.tokenizer, self.recipe,
+                                {"history": self.log.history}, keep=r.save_total_limit)
+        bar.close()
+        after = self.evaluate()
+        self.log.log(r.max_steps, {"eval_accuracy": after})
+        final = save_final(r.output_dir, self.acc, self.model, self.tokenizer, self.recipe)
+        if self.acc.is_main_process:
+            plot_curves(self.log.history, [final / "reward_curve.png", f"{r.output_dir}/reward_curve.png"])
+        self.log.close()
+        self.acc.print(f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
+                       f"({100 * (after - before):+.1f} points); model and reward curve in {final}")
+        return {"before": before, "after": after, "final": str(final)}
