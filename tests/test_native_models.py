@@ -494,9 +494,9 @@ def test_engine_refuses_cache_for_wrapped_models(remote_dir, tokenizer):
     assert out.completion_ids.shape == (2, 4)
 
 
-def test_diffusion_gemma_is_refused_clearly():
-    """transformers' DiffusionGemma (prompt encoder + uniform-noise canvas decoder) does not fit the masked
-    protocol: wrapping it fails with an explanation instead of returning canvas-length logits."""
+def test_diffusion_gemma_goes_to_its_adapter():
+    """transformers' DiffusionGemma (prompt encoder + uniform-noise canvas decoder) does not fit the generic
+    wrapper, which refuses it with an explanation; wrap_if_needed picks its adapter instead."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
         pytest.skip("this transformers has no DiffusionGemma")
@@ -510,4 +510,7 @@ def test_diffusion_gemma_is_refused_clearly():
     model = transformers.DiffusionGemmaForBlockDiffusion(cfg)
     assert not follows_protocol(model)
     with pytest.raises(DllmRlError, match="encoder-decoder block-diffusion"):
-        wrap_if_needed(model)
+        HFDiffusionLM(model)
+    from dllm_rl.models.diffusion_gemma import DiffusionGemmaLM
+
+    assert isinstance(wrap_if_needed(model), DiffusionGemmaLM)

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .base import ModelTraits, traits, unwrap
 from .cache import KVCache
+from .diffusion_gemma import DiffusionGemmaLM
 from .dream import DreamConfig, DreamModel
 from .hf import HFDiffusionLM
 from .llada import LLaDAConfig, LLaDAModelLM
@@ -21,5 +22,5 @@ for _config, _model in [(TinyMDMConfig, TinyMDM), (LLaDAConfig, LLaDAModelLM), (
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForMaskedLM.register(_config, _model, exist_ok=True)
 
-__all__ = ["DreamConfig", "DreamModel", "HFDiffusionLM", "KVCache", "LLaDAConfig", "LLaDAModelLM", "ModelTraits",
-           "TinyMDM", "TinyMDMConfig", "build_char_tokenizer", "traits", "unwrap"]
+__all__ = ["DiffusionGemmaLM", "DreamConfig", "DreamModel", "HFDiffusionLM", "KVCache", "LLaDAConfig",
+           "LLaDAModelLM", "ModelTraits", "TinyMDM", "TinyMDMConfig", "build_char_tokenizer", "traits", "unwrap"]

@@ -68,7 +68,31 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 MASK_FORMATS = {"padding": _padding, "bool": _bool, "additive": _additive}
 
 
-class HFDiffusionLM(nn.Module):
+class ProtocolWrapper(nn.Module):
+    """What a wrapper around a transformers model (`self.model`) forwards to it: config, saving (a state dict
+    gathered from the wrapper loses its `model.` prefix, so the checkpoint reloads into the bare model),
+    gradient checkpointing, embeddings."""
+
+    @property
+    def config(self):
+        return unwrap(self.model).config
+
+    def save_pretrained(self, directory, state_dict: dict | None = None, **kwargs):
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        return self.model.save_pretrained(directory, state_dict=state_dict, **kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        return self.model.gradient_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_disable(self):
+        return self.model.gradient_checkpointing_disable()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+
+class HFDiffusionLM(ProtocolWrapper):
     """A remote-code dLLM behind the protocol forward (see the module docstring for what is lost).
 
     Args:
@@ -81,17 +105,14 @@ class HFDiffusionLM(nn.Module):
         super().__init__()
         if getattr(unwrap(model).config, "canvas_length", None) is not None:
             raise DllmRlError(f"{type(unwrap(model)).__name__} is an encoder-decoder block-diffusion model (prompt "
-                              "encoder + uniform-noise canvas decoder, e.g. DiffusionGemma); the masked-diffusion "
-                              "engine cannot drive it through its forward")
+                              "encoder + uniform-noise canvas decoder); its plain forward does not fit the engine. "
+                              "DiffusionGemma has an adapter: models.diffusion_gemma.DiffusionGemmaLM "
+                              "(wrap_if_needed / load_model choose it)")
         self.model = model
         self._convert = lookup(MASK_FORMATS, mask, "HFDiffusionLM mask format")
         params = inspect.signature(unwrap(model).forward).parameters
         self._takes_positions = "position_ids" in params or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-    @property
-    def config(self):
-        return unwrap(self.model).config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache=None, cache_start: int = 0,
@@ -117,23 +138,16 @@ class HFDiffusionLM(nn.Module):
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
         return MaskedLMOutput(logits=logits, hidden_states=hidden)
 
-    def save_pretrained(self, *args, **kwargs):
-        return self.model.save_pretrained(*args, **kwargs)
-
-    def gradient_checkpointing_enable(self, **kwargs):
-        return self.model.gradient_checkpointing_enable(**kwargs)
-
-    def gradient_checkpointing_disable(self):
-        return self.model.gradient_checkpointing_disable()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
 
 def wrap_if_needed(model: nn.Module) -> nn.Module:
-    """The model itself when it follows the protocol, else an HFDiffusionLM around it (with one warning)."""
-    if isinstance(model, HFDiffusionLM) or follows_protocol(model):
+    """The model itself when it follows the protocol, a DiffusionGemmaLM around a DiffusionGemma, else an
+    HFDiffusionLM around it (with one warning)."""
+    from .diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma  # lazy: that module imports this one
+
+    if isinstance(model, (HFDiffusionLM, DiffusionGemmaLM)) or follows_protocol(model):
         return model
+    if is_diffusion_gemma(model):
+        return DiffusionGemmaLM(model)
     log.warning("%s has no native dllm_rl implementation: running it through its own forward (no KV cache, no "
                 "block-causal packing, full logits computed then sliced)", type(unwrap(model)).__name__)
     return HFDiffusionLM(model)

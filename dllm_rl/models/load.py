@@ -14,6 +14,7 @@ from ..checkpoint import latest_checkpoint
 from ..config import ModelConfig
 from ..errors import DllmRlError
 from .base import traits
+from .diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma, model_class, sentinel_id
 from .hf import HFDiffusionLM, wrap_if_needed
 from .tiny import TinyMDM, TinyMDMConfig
 from .tokenizer import build_char_tokenizer
@@ -75,14 +76,14 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False):
 def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
     """(model, tokenizer) for a recipe's model section; `path` overrides cfg.path (e.g. a checkpoint).
     `seed` draws the initialisation of a model built from scratch."""
-    from transformers import AutoModel
-
     path = path or cfg.path
     if path is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
         model = build_tiny(cfg, tokenizer, seed)
     else:
         model_dir = resolve_model_dir(path)
+        if Path(model_dir).is_dir():  # absolute: a LoRA adapter records it as its base, to reload from any cwd
+            model_dir = str(Path(model_dir).resolve())
         if Path(model_dir, "adapter_config.json").is_file():
             return _load_adapter(cfg, model_dir)
         tokenizer = load_tokenizer(cfg.tokenizer or model_dir, cfg.trust_remote_code)
@@ -90,13 +91,15 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
         if cfg.load_in_4bit:
             kwargs["quantization_config"] = _four_bit()
         try:
-            model = AutoModel.from_pretrained(model_dir, **kwargs)
+            model = model_class(model_dir, cfg.trust_remote_code).from_pretrained(model_dir, **kwargs)
         except (OSError, ValueError) as e:
             raise DllmRlError(f"could not load a model from {model_dir!r} ({str(e).splitlines()[0][:200]}); "
                               f"check model.path, or set model.trust_remote_code=true for remote-code "
                               f"models") from None
     model.to(DTYPES[cfg.dtype])
-    if getattr(model.config, "mask_token_id", None) is None and tokenizer.mask_token_id is not None:
+    if is_diffusion_gemma(model):  # uniform noise, no [MASK]: the adapter's sentinel stands for undecided tokens
+        model.config.mask_token_id = sentinel_id(model.config)
+    elif getattr(model.config, "mask_token_id", None) is None and tokenizer.mask_token_id is not None:
         model.config.mask_token_id = tokenizer.mask_token_id
     traits(model, tokenizer)  # fails now, with the fix, if there is no mask token
     if cfg.gradient_checkpointing:
@@ -124,8 +127,8 @@ def _load_adapter(cfg: ModelConfig, adapter_dir: str):
     base_path = json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
     base_cfg = ModelConfig(**{**cfg.__dict__, "path": base_path, "lora": type(cfg.lora)()})
     base, tokenizer = load_model(base_cfg)
-    if isinstance(base, HFDiffusionLM):  # peft wraps the transformers model, the protocol wraps peft
-        return HFDiffusionLM(PeftModel.from_pretrained(base.model, adapter_dir, is_trainable=True)), tokenizer
+    if isinstance(base, (HFDiffusionLM, DiffusionGemmaLM)):  # peft wraps the transformers model, the protocol peft
+        return type(base)(PeftModel.from_pretrained(base.model, adapter_dir, is_trainable=True)), tokenizer
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), tokenizer
 
 
