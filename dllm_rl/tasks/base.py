@@ -36,8 +36,9 @@ def held_out(key: str, fraction: float, salt: str) -> bool:
 
 
 def procedural_task(name: str, cfg: DataConfig, defaults: dict, rows_fn) -> Task:
-    """A generated task: validate data.options against `defaults`, then draw the train stream and the
-    held-out stream (a fixed seed offset, so held-out puzzles do not depend on the training seed's stream).
+    """A generated task: validate data.options against `defaults`, then draw the train stream (data.seed)
+    and the held-out stream (a fixed seed: the held-out set depends only on the options, so runs with
+    different seeds, and SFT and RL recipes, are scored on the same puzzles).
 
     rows_fn(cfg, opts, want_eval, size, seed) -> list of rows; the task's reward is named like the task.
     """
@@ -46,5 +47,5 @@ def procedural_task(name: str, cfg: DataConfig, defaults: dict, rows_fn) -> Task
         raise ConfigError(f"data.options: unknown {name} option(s) {sorted(unknown)}; valid: {sorted(defaults)}")
     opts = {**defaults, **cfg.options}
     train = rows_fn(cfg, opts, False, cfg.train_size, cfg.seed * 1000 + 1)
-    evals = rows_fn(cfg, opts, True, cfg.eval_size, 10**6 + cfg.seed)
+    evals = rows_fn(cfg, opts, True, cfg.eval_size, 10**6)
     return Task(name, datasets.Dataset.from_list(train), datasets.Dataset.from_list(evals), name)
