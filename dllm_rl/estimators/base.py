@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from ..models.base import ModelTraits
 from ..models.masks import block_ids, padding_positions
@@ -120,15 +121,30 @@ def weighted(model, batch, noise: Noise, tr: ModelTraits, cfg=None, rollout=None
     return Estimate(score(model, batch, noise, tr))
 
 
-def score(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0) -> torch.Tensor:
-    """The weighted estimate sum_k w[k] * log p(x | view k): [N, Lc] (gradients flow into the model)."""
-    total = None
+def each_view(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0):
+    """Yield (k, log p(completion | view k) [N, Lc]) for every view that scores something.
+
+    With gradients enabled and several views, each view's forward runs under activation checkpointing:
+    its activations are recomputed during backward, so a K-view estimate (trajectory: one view per step)
+    holds one view's activations at a time instead of K, at the cost of one extra forward per view.
+    """
+    checkpointed = torch.is_grad_enabled() and noise.num_views > 1
     for k in range(noise.num_views):
         if not noise.weights[k].any():
             continue
         pm = None if noise.prompt_masks is None else noise.prompt_masks[k]
         tk = None if noise.tokens is None else noise.tokens[k]
-        lp = view_logprobs(model, batch, noise.completion_masks[k], pm, tr, temperature, tk)
+        args = (model, batch, noise.completion_masks[k], pm, tr, temperature, tk)
+        if checkpointed:
+            yield k, torch.utils.checkpoint.checkpoint(view_logprobs, *args, use_reentrant=False)
+        else:
+            yield k, view_logprobs(*args)
+
+
+def score(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0) -> torch.Tensor:
+    """The weighted estimate sum_k w[k] * log p(x | view k): [N, Lc] (gradients flow into the model)."""
+    total = None
+    for k, lp in each_view(model, batch, noise, tr, temperature):
         term = torch.where(noise.weights[k] != 0, lp * noise.weights[k], torch.zeros_like(lp))
         total = term if total is None else total + term
     if total is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Estimate, Noise, view_logprobs
+from .base import Estimate, Noise, each_view
 
 
 def draw(batch, cfg, rollout, tr, generator: torch.Generator) -> Noise:
@@ -54,9 +54,7 @@ def estimate(model, batch, noise: Noise, tr, cfg, rollout) -> Estimate:
     K = noise.num_views
     lower = torch.zeros(cmask.shape, device=cmask.device)
     avg_p = torch.zeros(cmask.shape, device=cmask.device)
-    for k in range(K):
-        pm = None if noise.prompt_masks is None else noise.prompt_masks[k]
-        lp = view_logprobs(model, batch, noise.completion_masks[k], pm, tr)  # [N, Lc]
+    for k, lp in each_view(model, batch, noise, tr):  # lp: [N, Lc]
         scored = noise.completion_masks[k] & cmask
         n_scored = scored.sum(-1, keepdim=True).clamp(min=1)
         lower = lower + torch.where(scored, lp, torch.zeros_like(lp)) / n_scored / K
