@@ -1,0 +1,568 @@
+"""Per-GPU memory planner: `dllm-rl plan RECIPE --gpus N [--prompt-length P] [--fused-logprobs]`.
+
+Every figure is an ESTIMATE from the formulas below, not a measurement. The formulas were checked against
+measured peaks on CPU for the tiny model (tests/test_plan.py: parameter, gradient and optimizer bytes exactly;
+activations and logits within a factor), never on a GPU: confirm a plan there with
+`torch.cuda.max_memory_allocated()` after a few steps before trusting a tight verdict.
+
+The model's shape comes from its config, instantiated on the meta device (no weights are read): the recipe's
+`model.tiny` for the built-in model, a local directory's config.json, or, for the known hub ids of LLaDA-8B /
+LLaDA-1.5 / Dream-7B / DiffuCoder-7B (which cannot be downloaded offline), dllm_rl's native config classes
+whose defaults are the released shapes (DiffuCoder-7B is assumed to have Dream-7B's Qwen2.5-7B shape).
+
+Notation: P params (P_t trainable), N GPUs (processes), n completions per micro-batch
+(= train.batch_size * num_generations / gradient_accumulation_steps, whole groups), L tokens per scored
+sequence (prompt + completion; prompt + 2 * completion for block-causal models, the two-stream layout),
+Lc completion length, V vocab, D hidden, Dq = heads * head_dim, Dkv = kv_heads * head_dim, F MLP width,
+H heads, l layers, a activation bytes (2 under bf16/fp16 weights, autocast or a DeepSpeed half engine, else
+4), w weight bytes, t bytes of a trainable parameter.
+
+Static (held for the whole run):
+    weights      = P_frozen w + P_t t, / N under ZeRO-3 (0 with param offload). With 4-bit: linear weights at
+                   0.5159 B (NF4 + double quantisation); the head, embeddings and norms stay at w.
+                   t = w for full fine-tuning; LoRA adapters are fp32 (peft's autocast_adapter_dtype) unless
+                   a DeepSpeed half engine casts the module to bf16/fp16.
+    LoRA P_t     = sum over targeted linears of r (fan_in + fan_out)
+                   ("all-linear" = every linear but the output head, peft's rule)
+    gradients    = P_t t; / N under ZeRO-2/3; 0 on the GPU with offload_optimizer
+    optimizer    = P_t 2t (AdamW m, v in the parameter dtype, plain torch), or P_t 12 (fp32 master + m + v,
+                   DeepSpeed bf16/fp16; Rajbhandari et al. arXiv 1910.02054); / N under ZeRO-1/2/3;
+                   0 on the GPU with offload_optimizer
+    reference    = 0 when grpo.beta = 0 or reference none; 0 for LoRA with the adapter disabled (the base is
+                   the reference); else a frozen copy of the base weights at w, placed like the policy
+                   (runtime.prepare_frozen): / N under ZeRO-3, 0 on the GPU with param offload
+    CUDA context = 1.0 GB allowance (context, cuBLAS workspaces)
+Update phase (one estimator view alive: estimators checkpoint each view when there are several, so the peak
+is one view's forward + backward whatever the view count):
+    activations per token and layer (tensors autograd saves; SDPA keeps no L x L matrix):
+        per_layer = 2 (4 + a) D   RMSNorms: fp32 input + normalised output
+                  + 3a (Dq + Dkv)  q, k before and after RoPE, v, attention output, o_proj input
+                  + 4H             log-sum-exp
+                  + 4aF            gate, up, silu, product
+    LoRA extra per token (lora), summed over targeted linears: r t (lora_A output), + 4 fan_in when fp32
+        adapters see a half input (peft casts a copy), + fan_in (t + 1) when lora dropout > 0 (output, mask)
+    tail = n L (4 + a) D (final norm) + n Lc D a (head input)
+    without gradient checkpointing: n L (l per_layer + lora) + tail
+    with model.gradient_checkpointing: n L (l a D + per_layer + lora / l) + tail (one layer recomputed)
+    block-causal: + l n L^2 a (the [n, 1, L, L] mask as an additive bias; one layer's with checkpointing)
+    logits       = n Lc V (a + 8): the model-dtype logits plus two fp32 [n, Lc, V] tensors alive at the
+                   peak (forward: upcast copy and log-softmax; backward: saved log-softmax and its gradient;
+                   estimators.base.token_logprobs). --fused-logprobs (kernels.linear_token_logprobs): ~3
+                   chunks of 256 MiB (+ fp32 [V, D] when the head trains) instead; a what-if, since the
+                   estimators do not call the kernel yet.
+    ZeRO-3       = min(P, stage3_max_live_parameters) w gathered at once (an upper bound; default 1e9)
+Rollout phase (no grad; the batch_size * G sequences of a process decode together, canvas C = prompt + Lc):
+    KV cache     = l 2 Dkv w_kv C B G   (rollout.cache != none; w_kv = the embedding dtype)
+    transient    = B G C a (3F + 2D + 2Dq + 2Dkv) + B G Lb V (a + 8)   (one forward + the block's logits)
+    ZeRO-3       = the full weights (the trainer gathers them for the whole rollout) minus the shard
+Optimizer step (plain torch AdamW, foreach): one state-sized temporary = P_t t
+
+    total per GPU = static + max(update, rollout, optimizer step)
+
+Not counted: allocator fragmentation (the verdict keeps 10% headroom), DeepSpeed communication buckets, the
+old and reference log-probs ([mu, n, Lc] fp32, small), logits / temperature copies, CPU memory of offloaded
+states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import LoraConfig, Recipe
+from .errors import ConfigError
+
+GB = 1e9
+H100_BYTES = int(79.1 * 2**30)  # what torch reports for an "80GB" H100 (84.9 GB)
+CUDA_CONTEXT_BYTES = int(1.0e9)
+HEADROOM = 0.9  # fraction of the card a plan may use and still "fit" (fragmentation, buckets)
+DEFAULT_PROMPT_LENGTH = 256  # a guess for one-shot GSM8K / MATH chat prompts (d1 truncates prompts at 200)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax per 64 + fp32 per 256 absmax (double quant)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CHUNK_BYTES = 256 * 2**20  # kernels.logprobs.CHUNK_BYTES
+KNOWN_MODELS = {  # hub id (lower case) -> native config class with the released shape as defaults
+    "gsai-ml/llada-8b-instruct": "llada",
+    "gsai-ml/llada-8b-base": "llada",
+    "gsai-ml/llada-1.5": "llada",
+    "dream-org/dream-v0-instruct-7b": "dream",
+    "dream-org/dream-v0-base-7b": "dream",
+    "apple/diffucoder-7b-instruct": "dream",
+    "apple/diffucoder-7b-base": "dream",
+    "apple/diffucoder-7b-cpgrpo": "dream",
+}
+
+# --------------------------------------------------------------------------------------------- model shape
+
+
+@dataclass
+class Linear:
+    name: str
+    fan_in: int
+    fan_out: int
+
+
+@dataclass
+class ModelShape:
+    source: str
+    params: int
+    layers: int
+    hidden: int
+    q_dim: int
+    kv_dim: int
+    heads: int
+    ffn: int
+    vocab: int
+    max_positions: int | None
+    block_causal: bool
+    linears: list[Linear]  # every nn.Linear except the output head
+    head: Linear | None
+    adapter: LoraConfig | None = None  # model.path is a LoRA checkpoint: its adapter trains
+
+
+def _hub_config(path: str):
+    from .models import DreamConfig, LLaDAConfig
+
+    config = LLaDAConfig() if KNOWN_MODELS[path.lower()] == "llada" else DreamConfig()
+    return config, f"{path} (shape from dllm_rl's native {type(config).__name__} defaults)"
+
+
+def _adapter_lora(model_dir: str) -> tuple[str, LoraConfig]:
+    cfg = json.loads(Path(model_dir, "adapter_config.json").read_text())
+    targets = cfg.get("target_modules") or ["all-linear"]
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return cfg["base_model_name_or_path"], LoraConfig(
+        r=cfg["r"],
+        alpha=cfg.get("lora_alpha", 16),
+        dropout=cfg.get("lora_dropout", 0.0),
+        target_modules=targets,
+    )
+
+
+def _build_meta(mcfg):
+    """(meta-device model, source text, adapter LoraConfig or None) for a recipe's model section."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from .models.load import build_tiny, load_tokenizer, resolve_model_dir
+
+    if mcfg.path is None:
+        with torch.device("meta"):
+            return build_tiny(mcfg, load_tokenizer(mcfg.tokenizer)), "built-in tiny MDM (model.tiny)", None
+    path, adapter = mcfg.path, None
+    if os.path.isdir(path) and Path(resolve_model_dir(path), "adapter_config.json").is_file():
+        path, adapter = _adapter_lora(resolve_model_dir(path))  # plan the base it adapts
+    if os.path.isdir(path):
+        config = AutoConfig.from_pretrained(resolve_model_dir(path), trust_remote_code=mcfg.trust_remote_code)
+        source = f"{path} (local config.json)"
+    elif path.lower() in KNOWN_MODELS:
+        config, source = _hub_config(path)
+    else:
+        raise ConfigError(
+            f"cannot plan model.path {path!r}: it is not a local directory and not a "
+            f"known hub id ({', '.join(sorted(KNOWN_MODELS))}); download it and pass its directory"
+        )
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=mcfg.trust_remote_code)
+    return model, source, adapter
+
+
+def model_shape(mcfg) -> ModelShape:
+    """The shape facts the formulas need, read from a meta-device instance of the recipe's model."""
+    from torch import nn
+
+    model, source, adapter = _build_meta(mcfg)
+    c = model.config
+    head_module = model.get_output_embeddings()
+    linears, head = [], None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            lin = Linear(name, mod.in_features, mod.out_features)
+            if mod is head_module:
+                head = lin
+            else:
+                linears.append(lin)
+    if hasattr(model, "_geometry"):
+        layers, kv_heads, head_dim = model._geometry()
+    else:
+        layers, heads = c.num_hidden_layers, c.num_attention_heads
+        kv_heads, head_dim = getattr(c, "num_key_value_heads", None) or heads, c.hidden_size // heads
+    heads = c.num_attention_heads
+    return ModelShape(
+        source=source, params=sum(p.numel() for p in model.parameters()), layers=layers, hidden=c.hidden_size,
+        q_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads,
+        ffn=max(lin.fan_out for lin in linears), vocab=head.fan_out if head is not None else c.vocab_size,
+        max_positions=getattr(c, "max_position_embeddings", None),
+        block_causal=getattr(c, "attention", "") == "block_causal", linears=linears, head=head, adapter=adapter,
+    )
+
+
+def lora_targets(shape: ModelShape, lora: LoraConfig) -> list[Linear]:
+    """The linears peft adapts: "all-linear" = all but the output head; else names equal to or ending in
+    "." + a target (peft's suffix match)."""
+    if lora.r <= 0:
+        return []
+    keys = lora.target_modules
+    if keys == ["all-linear"]:
+        return list(shape.linears)
+    candidates = shape.linears + ([shape.head] if shape.head else [])
+    return [lin for lin in candidates if any(lin.name == k or lin.name.endswith("." + k) for k in keys)]
+
+
+# ------------------------------------------------------------------------------------ precision and ZeRO
+
+
+@dataclass
+class Zero:
+    enabled: bool = False
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    half: bool = False  # DeepSpeed bf16/fp16 engine: module cast to half, fp32 master weights
+    live_params: float = 1e9  # ZeRO-3 stage3_max_live_parameters (DeepSpeed's default 1e9)
+    note: str = "no DeepSpeed (accelerate DDP)"
+
+
+def _enabled(section, mixed: str, name: str) -> bool:
+    value = (section or {}).get("enabled", "auto") if isinstance(section, dict) else section
+    return mixed == name if value in ("auto", None) else bool(value)
+
+
+def read_zero(recipe: Recipe) -> Zero:
+    """ZeRO stage, offload and half precision from the recipe's train.deepspeed JSON."""
+    path, mixed = recipe.train.deepspeed, recipe.train.mixed_precision
+    if not path:
+        return Zero()
+    if not os.path.isfile(path):
+        m = re.search(r"zero[_-]?(\d)", os.path.basename(path))
+        stage = int(m.group(1)) if m else 2
+        return Zero(
+            True,
+            stage,
+            half=mixed in ("bf16", "fp16"),
+            note=f"ZeRO-{stage} GUESSED from the name: {path} not found; half precision from "
+            f"train.mixed_precision={mixed}",
+        )
+    ds = json.loads(Path(path).read_text())
+    zo = ds.get("zero_optimization", {})
+    stage = zo.get("stage", 0)
+    stage = 0 if stage == "auto" else int(stage)
+
+    def dev(key: str) -> bool:  # an offload section naming a device
+        return str((zo.get(key) or {}).get("device", "none")).lower() not in ("none", "auto")
+
+    half = _enabled(ds.get("bf16", "auto"), mixed, "bf16") or _enabled(ds.get("fp16", "auto"), mixed, "fp16")
+    z = Zero(True, stage, dev("offload_optimizer"), dev("offload_param") and stage == 3, half)
+    live = zo.get("stage3_max_live_parameters", 1e9)
+    z.live_params = float(live) if isinstance(live, (int, float)) else 1e9
+    extras = [
+        s for s, on in [("optimizer offload", z.offload_optimizer), ("param offload", z.offload_param)] if on
+    ]
+    z.note = f"DeepSpeed ZeRO-{stage} ({path}), {'bf16/fp16 engine' if half else 'fp32'}" + (
+        f", {', '.join(extras)}" if extras else ""
+    )
+    return z
+
+
+@dataclass
+class Precision:
+    weight: int  # bytes per frozen parameter (non-quantized)
+    trainable: int  # bytes per trainable parameter as stored
+    optimizer: int  # bytes per trainable parameter of optimizer state (incl. fp32 master)
+    act: int  # activation bytes
+
+
+def precision(recipe: Recipe, zero: Zero, lora: bool) -> Precision:
+    dt = DTYPE_BYTES[recipe.model.dtype]
+    w = 2 if zero.half else dt
+    act = 2 if (zero.half or dt == 2 or recipe.train.mixed_precision != "no") else 4
+    trainable = (2 if zero.half else 4) if lora else w
+    return Precision(w, trainable, 12 if zero.half else 2 * trainable, act)
+
+
+# ------------------------------------------------------------------------------------------- components
+
+
+@dataclass
+class Component:
+    key: str
+    label: str
+    bytes: float
+    phase: str  # static | update | rollout | step
+
+
+@dataclass
+class Plan:
+    gpus: int
+    components: list[Component] = field(default_factory=list)
+    info: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    full_weights: float = 0.0  # the unsharded policy weights (what a ZeRO-3 gather materialises)
+
+    def add(self, key, label, nbytes, phase):
+        self.components.append(Component(key, label, float(nbytes), phase))
+
+    def get(self, key: str) -> float:
+        return sum(c.bytes for c in self.components if c.key == key)
+
+    def phase(self, name: str) -> float:
+        return sum(c.bytes for c in self.components if c.phase == name)
+
+    @property
+    def total(self) -> float:
+        return self.phase("static") + max(self.phase(p) for p in ("update", "rollout", "step"))
+
+
+def micro_batch(recipe: Recipe) -> int:
+    """Completions per micro-batch, as the GRPO trainer splits a step (whole groups)."""
+    G, B, gas = recipe.grpo.num_generations, recipe.train.batch_size, recipe.train.gradient_accumulation_steps
+    if recipe.algorithm == "sft":
+        return max(1, B // gas)
+    return max(B * G // G // gas * G, G)
+
+
+def activation_bytes(
+    s: ModelShape,
+    n: int,
+    L: int,
+    Lc: int,
+    a: int,
+    checkpointing: bool,
+    targets: list[Linear],
+    lora: LoraConfig,
+    t: int,
+) -> float:
+    """Saved activations of one estimator view's forward (see the module docstring)."""
+    D = s.hidden
+    per_layer = 2 * (4 + a) * D + 3 * a * (s.q_dim + s.kv_dim) + 4 * s.heads + 4 * a * s.ffn
+    extra = 0
+    for lin in targets:
+        extra += lora.r * t
+        if lora.dropout > 0:
+            extra += lin.fan_in * (t + 1)
+        elif t > a:
+            extra += 4 * lin.fan_in
+    tail = n * L * (4 + a) * D + n * Lc * D * a
+    mask = n * L * L * a if s.block_causal else 0
+    if checkpointing:
+        return n * L * (s.layers * a * D + per_layer + extra / s.layers) + tail + mask
+    return n * L * (s.layers * per_layer + extra) + tail + s.layers * mask
+
+
+def logits_bytes(n: int, Lc: int, V: int, a: int, fused: bool, head_trains: bool, D: int) -> float:
+    if fused:
+        rows = max(1, CHUNK_BYTES // (4 * V))
+        return 3 * min(n * Lc, rows) * V * 4 + (4 * V * D if head_trains else 0)
+    return n * Lc * V * (a + 8)
+
+
+def _weights(
+    plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, trainable: int, lora: bool
+) -> float:
+    linear_params = sum(lin.fan_in * lin.fan_out for lin in s.linears)
+    if recipe.model.load_in_4bit:
+        base = linear_params * NF4_BYTES + (s.params - linear_params) * p.weight
+    else:
+        base = s.params * p.weight
+    full = base + (trainable * p.trainable if lora else 0)
+    plan.full_weights = full
+    shard = 0 if z.offload_param else (full / plan.gpus if z.stage == 3 else full)
+    plan.add(
+        "weights",
+        "policy weights" + (" (4-bit linears)" if recipe.model.load_in_4bit else ""),
+        shard,
+        "static",
+    )
+    return base
+
+
+def _reference(plan: Plan, recipe: Recipe, lora: bool, base: float, z: Zero) -> None:
+    g = recipe.grpo
+    if recipe.algorithm != "grpo" or g.beta == 0 or g.reference == "none":
+        plan.add("reference", "reference model (none: beta = 0)", 0, "static")
+    elif lora and g.reference in ("auto", "adapter_disabled"):
+        plan.add("reference", "reference model (adapter disabled: no copy)", 0, "static")
+    else:
+        shard = 0 if z.offload_param else (base / plan.gpus if z.stage == 3 else base)
+        plan.add("reference", "reference model (frozen copy of the base)", shard, "static")
+
+
+def _optimizer(plan: Plan, p: Precision, z: Zero, trainable: int) -> None:
+    N = plan.gpus
+    grads = 0 if z.offload_optimizer else trainable * p.trainable / (N if z.stage >= 2 else 1)
+    plan.add(
+        "gradients",
+        "gradients" + (" (offloaded with the optimizer)" if z.offload_optimizer else ""),
+        grads,
+        "static",
+    )
+    opt = 0 if z.offload_optimizer else trainable * p.optimizer / (N if z.stage >= 1 else 1)
+    plan.add("optimizer", "AdamW states" + (" + fp32 master" if z.half else ""), opt, "static")
+    plan.add("cuda", "CUDA context + workspaces (allowance)", CUDA_CONTEXT_BYTES, "static")
+    plan.add("step", "AdamW foreach temporaries", 0 if z.enabled else trainable * p.trainable, "step")
+
+
+def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused) -> None:
+    n, Lc = micro_batch(recipe), recipe.rollout.max_completion_length
+    L = prompt_len + (2 * Lc if s.block_causal else Lc)
+    gc = recipe.model.gradient_checkpointing
+    args = (s, n, L, Lc, p.act)
+    act = activation_bytes(*args, gc, targets, lora_cfg, p.trainable)
+    other = activation_bytes(*args, not gc, targets, lora_cfg, p.trainable)
+    plan.add("activations", f"activations (one view; checkpointing {'on' if gc else 'off'})", act, "update")
+    plan.add(
+        "logits",
+        "logits + log-softmax" + (" (fused kernel)" if fused else " (fp32 [n, Lc, V])"),
+        logits_bytes(n, Lc, s.vocab, p.act, fused, not targets and s.head is not None, s.hidden),
+        "update",
+    )
+    if z.stage == 3:
+        plan.add(
+            "zero3_gather",
+            "ZeRO-3 gathered parameters (max live)",
+            min(s.params, z.live_params) * p.weight,
+            "update",
+        )
+    text = (
+        f"micro-batch {n} completions x {L} tokens (prompt {prompt_len} + completion {Lc}"
+        f"{' x 2 streams' if s.block_causal else ''}); activations with checkpointing "
+        f"{'off' if gc else 'on'} would be {other / GB:.2f} GB"
+    )
+    plan.info.append(("update", text))
+
+
+def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
+    r = recipe.rollout
+    rows = recipe.train.batch_size * (recipe.grpo.num_generations if recipe.algorithm == "grpo" else 1)
+    C, Lb = prompt_len + r.max_completion_length, r.block_length or r.max_completion_length
+    kv_bytes = 2 if (z.half or recipe.model.dtype != "float32") else 4
+    kv = 0 if r.cache == "none" else s.layers * 2 * s.kv_dim * kv_bytes * C * rows
+    plan.add("kv_cache", f"rollout KV cache (cache={r.cache})", kv, "rollout")
+    a, D = p.act, s.hidden
+    transient = rows * C * a * (3 * s.ffn + 2 * D + 2 * s.q_dim + 2 * s.kv_dim) + rows * Lb * s.vocab * (
+        a + 8
+    )
+    plan.add("rollout_forward", "rollout forward transient", transient, "rollout")
+    if z.stage == 3:
+        plan.add(
+            "zero3_rollout",
+            "ZeRO-3 weights gathered for the rollout",
+            plan.full_weights - plan.get("weights"),
+            "rollout",
+        )
+    plan.info.append(
+        ("rollout", f"{rows} sequences x canvas {C} (prompt {prompt_len} + {r.max_completion_length})")
+    )
+
+
+def _views(recipe: Recipe) -> str:
+    e, r = recipe.estimator, recipe.rollout
+    if e.name == "elbo":
+        k = e.num_samples * e.masks_per_timestep * (2 if e.coupled else 1) + (
+            1 if e.coupled and e.full_view else 0
+        )
+    elif e.name == "trajectory":
+        k = -(-r.steps // max(1, e.merge_steps))
+        return f"trajectory: up to {k} views (steps / merge_steps), one alive at a time"
+    else:
+        k = e.num_samples
+    return f"{e.name}: {k} view(s) per estimate" + (
+        ", one alive at a time (per-view checkpointing)" if k > 1 else ""
+    )
+
+
+def plan_memory(
+    recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool = False
+) -> Plan:
+    """Per-GPU memory estimate of a recipe on `gpus` processes (see the module docstring)."""
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    s = model_shape(recipe.model)
+    lora_cfg = s.adapter or recipe.model.lora
+    targets = lora_targets(s, lora_cfg)
+    lora = bool(targets)
+    z = read_zero(recipe)
+    p = precision(recipe, z, lora)
+    trainable = sum(lora_cfg.r * (t.fan_in + t.fan_out) for t in targets) if lora else s.params
+    Lc = recipe.rollout.max_completion_length
+    guessed = prompt_length is None
+    if guessed:
+        prompt_length = DEFAULT_PROMPT_LENGTH
+        if s.max_positions:
+            prompt_length = max(1, min(prompt_length, s.max_positions - Lc))
+    plan = Plan(gpus)
+    shape_text = (
+        f"{s.source}: {s.params / 1e9:.3f} B params, {s.layers} layers, hidden {s.hidden}, MLP {s.ffn}, "
+        f"heads {s.heads} (kv {s.kv_dim // max(1, s.q_dim // s.heads)}), vocab {s.vocab}"
+    )
+    plan.info += [
+        ("model", shape_text),
+        (
+            "training",
+            (f"LoRA r={lora_cfg.r} on {len(targets)} linears" if lora else "all weights")
+            + f": {trainable / 1e6:.1f} M trainable; dtype {recipe.model.dtype}"
+            + (", 4-bit NF4 linears" if recipe.model.load_in_4bit else ""),
+        ),
+        ("engine", f"{z.note}; {gpus} GPU(s)"),
+        ("estimator", _views(recipe)),
+    ]
+    if recipe.model.load_in_4bit and not lora:
+        plan.notes.append("model.load_in_4bit without LoRA: quantized weights cannot train; set model.lora.r")
+    base = _weights(plan, s, recipe, p, z, trainable, lora)
+    _reference(plan, recipe, lora, base, z)
+    _optimizer(plan, p, z, trainable)
+    _update(plan, s, recipe, p, z, targets, lora_cfg, prompt_length, fused_logprobs)
+    _rollout(plan, s, recipe, p, z, prompt_length)
+    if guessed:
+        plan.notes.append(
+            f"prompt length {prompt_length} tokens is a guess (default {DEFAULT_PROMPT_LENGTH}, capped "
+            f"by the model's positions); pass --prompt-length"
+        )
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def verdict(total: float, budget: float = H100_BYTES) -> str:
+    share = total / budget
+    if share <= HEADROOM:
+        return f"fits on one 80 GB H100 ({share:.0%} of {budget / GB:.1f} GB usable)"
+    if share <= 1.0:
+        return f"TIGHT on an 80 GB H100 ({share:.0%} of {budget / GB:.1f} GB; fragmentation may tip it over)"
+    return f"does NOT fit on an 80 GB H100 ({share:.0%} of {budget / GB:.1f} GB)"
+
+
+PHASES = {"static": "all", "update": "update", "rollout": "rollout", "step": "opt step"}
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [
+        (
+            "ESTIMATE from formulas (dllm_rl/plan.py), not a measurement: check it on a GPU with "
+            "torch.cuda.max_memory_allocated()."
+        ),
+        "",
+    ]
+    lines += [f"{k:<10} {v}" for k, v in plan.info]
+    lines += ["", f"{'component':<52}{'GB':>9}  phase", "-" * 70]
+    for c in plan.components:
+        lines.append(f"{c.label:<52}{c.bytes / GB:>9.2f}  {PHASES[c.phase]}")
+    lines.append("-" * 70)
+    peaks = ", ".join(f"{p} {plan.phase(p) / GB:.2f}" for p in ("update", "rollout", "step"))
+    lines.append(
+        f"{'total per GPU':<52}{plan.total / GB:>9.2f}  = static {plan.phase('static') / GB:.2f} + "
+        f"max({peaks})"
+    )
+    lines.append(f"verdict: {verdict(plan.total)}")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def print_plan(
+    recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool = False
+) -> None:
+    """Print the per-GPU memory plan of a recipe (the `dllm-rl plan` command)."""
+    print(format_plan(plan_memory(recipe, gpus, prompt_length, fused_logprobs)))

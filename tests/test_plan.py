@@ -1,0 +1,311 @@
+"""The memory planner (dllm_rl/plan.py) against exact byte counts and measured CPU peaks on the tiny model,
+hand-computed LLaDA-8B / Dream-7B figures, and the `dllm-rl plan` command on every shipped recipe.
+
+Only CPU measurements are possible here: a GPU run (torch.cuda.max_memory_allocated) is still needed to
+check the activation / logits formulas at 8B scale."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dllm_rl.models as M
+from dllm_rl.config import LoraConfig, RolloutConfig, load_recipe, recipe_from_dict
+from dllm_rl.errors import ConfigError
+from dllm_rl.estimators import ESTIMATORS
+from dllm_rl.models.base import traits
+from dllm_rl.models.load import load_model
+from dllm_rl.plan import (
+    NF4_BYTES,
+    ModelShape,
+    activation_bytes,
+    format_plan,
+    logits_bytes,
+    micro_batch,
+    plan_memory,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "hidden_size": 128,
+    "num_layers": 4,
+    "num_heads": 4,
+    "intermediate_size": 384,
+    "max_position_embeddings": 128,
+}
+LLADA_PARAMS = 32 * (4 * 4096**2 + 3 * 4096 * 12288 + 2 * 4096) + 2 * 126464 * 4096 + 4096  # + final norm
+LLADA_LINEARS = 32 * (4 * 4096**2 + 3 * 4096 * 12288)
+LLADA_LORA_128 = 32 * 128 * (4 * (4096 + 4096) + 3 * (4096 + 12288))  # q k v o + gate up down
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machines: keep the measurements light
+    yield
+    torch.set_num_threads(threads)
+
+
+def _recipe(**model):
+    return recipe_from_dict(
+        {
+            "algorithm": "grpo",
+            "model": {"tiny": TINY, **model},
+            "rollout": {"max_completion_length": 60},
+            "grpo": {"num_generations": 8},
+            "train": {"batch_size": 2},
+        }
+    )
+
+
+def _llada(deepspeed=None, **over):
+    data = {
+        "algorithm": "grpo",
+        "model": {"path": "GSAI-ML/LLaDA-8B-Instruct", "dtype": "bfloat16"},
+        "rollout": {"max_completion_length": 256, "block_length": 32, "steps": 128},
+        "grpo": {"num_generations": 6, "beta": 0.04},
+        "train": {
+            "batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "deepspeed": deepspeed,
+            "mixed_precision": "bf16",
+        },
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    return recipe_from_dict(data)
+
+
+def _zero_json(tmp_path, stage, **extra):
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": stage, **extra}}))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------- hand-computed 8B numbers
+
+
+def test_llada_8b_full_finetune_hand_computed():
+    plan = plan_memory(_llada(), gpus=1, prompt_length=200)
+    assert LLADA_PARAMS == 8_015_581_184
+    assert plan.get("weights") == LLADA_PARAMS * 2  # 16.03 GB in bf16
+    assert round(plan.get("weights") / 1e9, 2) == 16.03
+    assert plan.get("gradients") == LLADA_PARAMS * 2
+    assert plan.get("optimizer") == LLADA_PARAMS * 4  # AdamW m, v in bf16 (plain torch, no master copy)
+    assert plan.get("reference") == LLADA_PARAMS * 2  # beta > 0 without LoRA: a frozen copy
+    n, Lc, V = 6, 256, 126464  # 2 prompts x 6 generations / 2 accumulation steps
+    assert micro_batch(_llada()) == n
+    assert plan.get("logits") == n * Lc * V * (2 + 8)  # 1.94 GB
+    assert plan.get("kv_cache") == 0  # rollout.cache none
+    cached = plan_memory(_llada(rollout__cache="dual"), gpus=1, prompt_length=200)
+    assert cached.get("kv_cache") == 32 * 2 * 4096 * 2 * (200 + 256) * 12  # 0.5 MiB per token, 12 sequences
+    assert "does NOT fit" in format_plan(plan)
+
+
+def test_llada_8b_lora_4bit_zero2_hand_computed(tmp_path):
+    recipe = _llada(
+        _zero_json(tmp_path, 2),
+        model__load_in_4bit=True,
+        model__lora={"r": 128, "alpha": 64, "target_modules": ["all-linear"]},
+    )
+    one, eight = (plan_memory(recipe, gpus=g, prompt_length=200) for g in (1, 8))
+    assert LLADA_LORA_128 == 335_544_320
+    base = LLADA_LINEARS * NF4_BYTES + (LLADA_PARAMS - LLADA_LINEARS) * 2
+    assert one.get("weights") == pytest.approx(
+        base + LLADA_LORA_128 * 2
+    )  # the bf16 engine casts the adapters
+    assert one.get("reference") == 0  # the adapter-disabled base is the reference
+    assert one.get("optimizer") == LLADA_LORA_128 * 12  # fp32 master + m + v
+    assert (
+        eight.get("optimizer") == LLADA_LORA_128 * 12 / 8 and eight.get("gradients") == LLADA_LORA_128 * 2 / 8
+    )
+    assert eight.get("weights") == one.get("weights")  # ZeRO-2 does not shard parameters
+    assert eight.get("activations") == one.get("activations")  # per-process batch
+
+
+def test_zero3_shards_weights_and_gathers_for_rollout(tmp_path):
+    plan = plan_memory(_llada(_zero_json(tmp_path, 3)), gpus=8, prompt_length=200)
+    assert plan.get("weights") == pytest.approx(LLADA_PARAMS * 2 / 8)
+    assert plan.get("reference") == pytest.approx(LLADA_PARAMS * 2 / 8)
+    assert plan.get("zero3_rollout") == pytest.approx(LLADA_PARAMS * 2 * 7 / 8)
+    off = plan_memory(
+        _llada(_zero_json(tmp_path, 3, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})),
+        gpus=8,
+        prompt_length=200,
+    )
+    assert off.get("weights") == off.get("optimizer") == off.get("gradients") == 0
+
+
+def test_dream_7b_shape():
+    recipe = recipe_from_dict(
+        {"algorithm": "grpo", "model": {"path": "Dream-org/Dream-v0-Instruct-7B", "dtype": "bfloat16"}}
+    )
+    plan = plan_memory(recipe, gpus=1, prompt_length=100)
+    layer = 3584 * 3584 * 2 + 2 * 3584 * 512 + 3584 + 2 * 512 + 3 * 3584 * 18944 + 2 * 3584  # GQA, qkv biases
+    assert plan.get("weights") == 2 * (28 * layer + 2 * 152064 * 3584 + 3584)  # 7.616 B params
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ConfigError, match="known hub id"):
+        plan_memory(recipe_from_dict({"model": {"path": "someone/unknown-7b"}}))
+
+
+# --------------------------------------------------------------------------- tiny model: exact and measured
+
+
+@pytest.mark.parametrize("dtype,r", [("float32", 0), ("float32", 8), ("bfloat16", 8), ("bfloat16", 0)])
+def test_tiny_parameter_gradient_optimizer_bytes_exact(dtype, r):
+    recipe = _recipe(dtype=dtype, lora={"r": r})
+    plan = plan_memory(recipe, gpus=1)
+    model, _ = load_model(recipe.model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    assert plan.get("weights") == nbytes(model.parameters())
+    assert plan.get("gradients") == nbytes(p.grad for p in trainable)
+    states = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
+    assert plan.get("optimizer") == nbytes(states)
+    assert plan.get("step") == nbytes(trainable)  # foreach AdamW: one state-sized temporary
+
+
+def _cpu_peak(fn) -> int:
+    """Peak bytes allocated by torch on CPU while fn runs (profiler allocation events, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def _forward_backward(model, tok, n, P, Lc, estimator="one_step"):
+    model.train()
+    tr = traits(model, tok)
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    batch = SimpleNamespace(
+        prompt_ids=torch.randint(4, V, (n, P), generator=g),
+        prompt_mask=torch.ones(n, P, dtype=torch.long),
+        completion_ids=torch.randint(4, V, (n, Lc), generator=g),
+        completion_mask=torch.ones(n, Lc, dtype=torch.long),
+    )
+    est = ESTIMATORS[estimator]
+    cfg = recipe_from_dict({}).estimator
+    noise = est.draw(batch, cfg, RolloutConfig(), tr, g)
+
+    def run():
+        est.estimate(model, batch, noise, tr, cfg, RolloutConfig()).logps.sum().backward()
+
+    run()  # warm-up (lazy allocations), then measure a clean pass
+    model.zero_grad(set_to_none=True)
+    return _cpu_peak(run)
+
+
+@pytest.mark.parametrize(
+    "dtype,r,checkpointing", [("float32", 0, False), ("float32", 0, True), ("bfloat16", 8, False)]
+)
+def test_tiny_update_peak_matches_measurement(dtype, r, checkpointing, one_thread):
+    recipe = _recipe(dtype=dtype, lora={"r": r}, gradient_checkpointing=checkpointing)
+    plan = plan_memory(recipe, gpus=1, prompt_length=40)
+    model, tok = load_model(recipe.model)
+    measured = _forward_backward(model, tok, micro_batch(recipe), 40, 60)
+    predicted = plan.get("activations") + plan.get("logits") + plan.get("gradients")
+    assert 0.8 < predicted / measured < 1.5, (predicted, measured)
+
+
+def test_logits_term_matches_measurement(one_thread):
+    """A large vocabulary makes the [n, Lc, V] terms dominate the peak."""
+    V, D, n, P, Lc = 16384, 32, 8, 8, 64
+    cfg = M.TinyMDMConfig(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        mask_token_id=1,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    for dtype, a in [(torch.float32, 4), (torch.bfloat16, 2)]:
+        model = M.TinyMDM(cfg).to(dtype)
+        measured = _forward_backward(model, None, n, P, Lc)
+        shape = ModelShape(
+            "tiny", sum(p.numel() for p in model.parameters()), 1, D, D, D, 2, 64, V, 128, False, [], None
+        )
+        predicted = (
+            activation_bytes(shape, n, P + Lc, Lc, a, False, [], LoraConfig(), a)
+            + logits_bytes(n, Lc, V, a, False, True, D)
+            + shape.params * a
+        )
+        assert 0.8 < predicted / measured < 1.25, (dtype, predicted, measured)
+
+
+# ------------------------------------------------------------------------------------ recipes and the CLI
+
+
+BIG_RECIPES = sorted(
+    p for d in ("llada-8b", "dream-7b", "diffucoder-7b") for p in (ROOT / "recipes" / d).glob("*.yaml")
+)
+
+
+def test_big_recipes_exist():
+    names = {f"{p.parent.name}/{p.name}" for p in BIG_RECIPES}
+    assert {
+        "llada-8b/gsm8k-diffu-grpo.yaml",
+        "llada-8b/math-diffu-grpo.yaml",
+        "llada-8b/countdown-diffu-grpo.yaml",
+        "llada-8b/sudoku-diffu-grpo.yaml",
+        "llada-8b/gsm8k-coupled-grpo.yaml",
+        "llada-8b/gsm8k-spg.yaml",
+        "llada-8b/gsm8k-trajectory.yaml",
+        "dream-7b/gsm8k-diffu-grpo.yaml",
+        "diffucoder-7b/code-coupled-grpo.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", BIG_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_big_recipe_plans_and_fits_on_8_gpus(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # train.deepspeed paths are relative to the repository
+    recipe = load_recipe(path)
+    assert recipe.model.path and recipe.train.deepspeed == "recipes/deepspeed/zero2.json"
+    plan = plan_memory(recipe, gpus=8)
+    assert "fits on one 80 GB H100" in format_plan(plan), format_plan(plan)
+
+
+def test_cli_plan_runs():
+    command = [
+        sys.executable,
+        "-m",
+        "dllm_rl",
+        "plan",
+        "recipes/llada-8b/gsm8k-diffu-grpo.yaml",
+        "--gpus",
+        "8",
+        "--prompt-length",
+        "200",
+    ]
+    out = subprocess.run(
+        command,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ESTIMATE" in out.stdout and "total per GPU" in out.stdout and "verdict:" in out.stdout
+    assert "activations" in out.stdout and "AdamW states" in out.stdout
