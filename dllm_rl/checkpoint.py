@@ -73,7 +73,8 @@ def save_checkpoint(run_dir, step: int, accelerator, model, tokenizer, recipe: R
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerator_state"))
+    accelerator.save_state(str(tmp / "accelerator_state"))  # DeepSpeed: every rank writes its own shards
+    accelerator.wait_for_everyone()  # ... and its RNG state, before rank 0 renames the directory
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
     if accelerator.is_main_process:
         save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict)

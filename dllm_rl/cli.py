@@ -4,7 +4,7 @@
     dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, or sft)
     dllm-rl generate CHECKPOINT --prompt TEXT [--prompt TEXT ...] [rollout.key=value ...]
     dllm-rl eval RECIPE --checkpoint CHECKPOINT [section.key=value ...]
-    dllm-rl plan RECIPE --gpus N                      per-GPU memory estimate
+    dllm-rl plan RECIPE --gpus N [--prompt-length P]  per-GPU memory estimate (formulas, not a measurement)
 
 Mistakes in the input (a recipe key, a path, a checkpoint that is not a model) print one line and exit
 with code 2; `--traceback` (or DLLM_RL_TRACEBACK=1) shows the full traceback.
@@ -41,12 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="per-GPU memory estimate for a recipe")
     pl.add_argument("recipe")
     pl.add_argument("--gpus", type=int, default=1)
+    pl.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (default: a guess, 256)")
+    pl.add_argument("--fused-logprobs", action="store_true", help="what-if: log-probs by the fused kernel")
     pl.add_argument("overrides", nargs="*")
     return p
 
 
 def cmd_train(args, force_sft: bool) -> None:
     from .config import load_recipe
+    from .runtime import shutdown
 
     recipe = load_recipe(args.recipe, args.overrides)
     if force_sft or recipe.algorithm == "sft":
@@ -57,6 +60,7 @@ def cmd_train(args, force_sft: bool) -> None:
         from .trainers.grpo import GRPOTrainer
 
         GRPOTrainer(recipe).train()
+    shutdown()  # launched with several processes: close the process group cleanly
 
 
 def cmd_generate(args) -> None:
@@ -98,7 +102,7 @@ def cmd_plan(args) -> None:
     from .config import load_recipe
     from .plan import print_plan
 
-    print_plan(load_recipe(args.recipe, args.overrides), args.gpus)
+    print_plan(load_recipe(args.recipe, args.overrides), args.gpus, args.prompt_length, args.fused_logprobs)
 
 
 def main(argv: list[str] | None = None) -> int:

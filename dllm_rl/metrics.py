@@ -1,4 +1,8 @@
-"""Metrics: console lines, a metrics.jsonl in the run directory, and accelerate trackers when asked."""
+"""Metrics: console lines, a metrics.jsonl in the run directory, and accelerate trackers when asked.
+
+With several processes every row is reduced across ranks before it is written (reduce_across_ranks), so
+the file and the trackers show one value per metric for the whole run.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ class MetricsLogger:
             accelerator.init_trackers(project, config=config or {})
 
     def log(self, step: int, metrics: dict, echo: bool = True) -> None:
+        """Record `metrics` at `step`; every rank calls it at the same points (the reduction is collective)."""
+        metrics = reduce_across_ranks(self.acc, metrics)
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         self.history.append(row)
         if not self.acc.is_main_process:
@@ -36,3 +42,21 @@ class MetricsLogger:
     def close(self) -> None:
         if self.acc.log_with:
             self.acc.end_training()
+
+
+def reduce_across_ranks(accelerator, metrics: dict) -> dict:
+    """One value per metric over all ranks: the mean (ranks hold equal shares of the batch), or the sum for
+    throughputs (`tokens_per_s/...`). A key some ranks lack is averaged over the ranks that have it."""
+    if accelerator.num_processes == 1:
+        return metrics
+    from accelerate.utils import gather_object
+
+    ranks = gather_object([metrics])
+    out = {}
+    for key in dict.fromkeys(k for m in ranks for k in m):
+        values = [m[key] for m in ranks if key in m]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = values[0]
+        else:
+            out[key] = float(sum(values)) if key.startswith("tokens_per_s/") else sum(values) / len(values)
+    return out

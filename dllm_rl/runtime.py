@@ -1,11 +1,18 @@
-"""Process setup: the accelerate/DeepSpeed engine, threads, and the per-step torch.Generator.
+"""Process setup: the accelerate/DeepSpeed engine, threads, ranks, and the per-step torch.Generator.
 
 The step generator is the only source of randomness for a training step: it derives from the recipe seed
 and the step (and a stream id) in one place, so a resumed run draws exactly what the uninterrupted run drew.
+
+Several processes (torchrun, `deepspeed`, `accelerate launch`) split each step's global batch: rank r takes
+rows [r*b, (r+1)*b) of the world*b examples one process would take, and the trainers draw noise for the
+global batch and slice it, so N processes with batch b follow the run of one process with batch N*b.
+ZeRO-3 helpers (TRL's unwrap_model_for_generation and prepare_deepspeed patterns) live here too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -32,8 +39,12 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def make_accelerator(recipe: Recipe):
-    """An accelerate.Accelerator for the recipe: mixed precision, trackers, and DeepSpeed when configured."""
+def make_accelerator(recipe: Recipe, micro_batch_size: int | None = None):
+    """An accelerate.Accelerator for the recipe: mixed precision, trackers, and DeepSpeed when configured.
+
+    micro_batch_size: rows per forward/backward on one process (DeepSpeed's train_micro_batch_size_per_gpu):
+    train.batch_size / gradient_accumulation_steps sequences for SFT, times num_generations for GRPO.
+    """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -43,21 +54,127 @@ def make_accelerator(recipe: Recipe):
     if t.report_to:
         kwargs["log_with"] = t.report_to
     handlers = []
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not torch.cuda.is_available():
-        # without a GPU accelerate picks no backend and believes it runs one process (see
-        # shared/reference/ecosystem.md section 3): gloo must be named explicitly
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():  # started by a launcher, no GPU
+        # accelerate picks no backend on its own and would run each process alone (shared/reference/
+        # ecosystem.md section 3): DeepSpeed needs gloo named explicitly (cpu=True would drop DeepSpeed),
+        # plain data parallelism needs cpu=True (DDP over gloo)
+        if t.deepspeed:
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        else:
+            kwargs["cpu"] = True
     if t.deepspeed:
-        from accelerate.utils import DeepSpeedPlugin
-
-        if not os.path.isfile(t.deepspeed):
-            raise ConfigError(f"train.deepspeed: {t.deepspeed!r} does not exist; point it at a DeepSpeed JSON "
-                              f"such as recipes/deepspeed/zero2.json")
-        with open(t.deepspeed) as f:
-            ds_config = json.load(f)
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
+        if "LOCAL_RANK" not in os.environ:  # else DeepSpeed falls back to MPI discovery and fails obscurely
+            raise ConfigError("train.deepspeed needs processes started by a launcher: `deepspeed --num_gpus N "
+                              "--module dllm_rl train RECIPE`, `torchrun --nproc_per_node N -m dllm_rl train "
+                              "RECIPE` or `accelerate launch --use_deepspeed --num_processes N -m dllm_rl train "
+                              "RECIPE`; for one plain process set train.deepspeed=null")
+        micro = micro_batch_size or t.batch_size // t.gradient_accumulation_steps
+        kwargs["deepspeed_plugin"] = deepspeed_plugin(recipe, micro, world)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+def deepspeed_plugin(recipe: Recipe, micro_batch_size: int, world: int):
+    """accelerate's DeepSpeedPlugin for train.deepspeed, with the fields the recipe decides filled in.
+
+    Our loop has no DataLoader for accelerate to read batch sizes from, so "auto" batch fields are filled here
+    (train_batch_size = micro * accumulation * world) and a number that contradicts the recipe is an error.
+    gradient_clipping comes from optim.max_grad_norm (accelerate would put 1.0); bf16/fp16 "auto" and the
+    hidden-size buckets are left for accelerate. Under ZeRO-3, transformers loads model.path already sharded
+    (zero.Init) once the accelerator exists; a model built from scratch is sharded by deepspeed.initialize.
+    """
+    from accelerate.utils import DeepSpeedPlugin
+
+    t = recipe.train
+    if not os.path.isfile(t.deepspeed):
+        raise ConfigError(f"train.deepspeed: {t.deepspeed!r} does not exist; point it at a DeepSpeed JSON "
+                          f"such as recipes/deepspeed/zero2.json")
+    with open(t.deepspeed) as f:
+        config = json.load(f)
+    decided = {"train_micro_batch_size_per_gpu": micro_batch_size,
+               "gradient_accumulation_steps": t.gradient_accumulation_steps,
+               "train_batch_size": micro_batch_size * t.gradient_accumulation_steps * world,
+               "gradient_clipping": recipe.optim.max_grad_norm}
+    for key, value in decided.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise ConfigError(f"{t.deepspeed}: {key} is {config[key]} but the recipe gives {value} "
+                              f"(train.batch_size, train.gradient_accumulation_steps, optim.max_grad_norm, {world} "
+                              f"processes); set it to \"auto\" in the JSON")
+    return DeepSpeedPlugin(hf_ds_config=config)
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage the accelerator runs (None without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.zero_stage
+
+
+@contextlib.contextmanager
+def generation_model(accelerator, model):
+    """The bare model to decode with: no DDP / DeepSpeed wrapper, whose forward may talk to other ranks.
+
+    Under ZeRO-3 the sharded parameters are gathered once for the whole block, and ZeRO's per-module hooks are
+    lifted meanwhile: left in place they release a module's parameters after each forward, so every
+    denoising step would gather the whole model again (TRL's unwrap_model_for_generation does the same).
+    """
+    bare = accelerator.unwrap_model(model)
+    if zero_stage(accelerator) != 3:
+        yield bare
+        return
+    import deepspeed
+
+    offload = getattr(model.optimizer, "parameter_offload", model.optimizer)
+    # parameters the last backward left prefetched (in flight) would be skipped by the gather below and
+    # fetched later outside any hook: release everything first so that one gather covers every parameter
+    model.empty_partition_cache()
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for p in bare.parameters():
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield bare
+        finally:
+            offload._register_deepspeed_module(offload.module)  # hooks back; it also drops the stale trace
+
+
+def prepare_frozen(accelerator, module: torch.nn.Module):
+    """A frozen model (the GRPO reference) placed like the policy: sharded under ZeRO-3, whole on every rank
+    otherwise (cast by DeepSpeed's bf16/fp16 settings as the policy is). TRL's prepare_deepspeed, without
+    the optimizer sections a model with no optimizer must not carry."""
+    if zero_stage(accelerator) is None:
+        return module.to(accelerator.device)
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    if config["zero_optimization"]["stage"] != 3:
+        config["zero_optimization"]["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()  # (DeepSpeedEngine.eval returns None)
+    return engine
+
+
+def gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `tensor`, concatenated in rank order (the tensor itself with one process)."""
+    if accelerator.num_processes == 1:
+        return tensor
+    return accelerator.gather(tensor.to(accelerator.device)).to(tensor.device)
+
+
+def shutdown() -> None:
+    """End the process group, if any, once every rank is done. Left to interpreter exit, gloo can abort
+    with SIGABRT ("terminate called without an active exception", shared/reference/ecosystem.md section 3)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class EpochSampler:
@@ -66,9 +183,11 @@ class EpochSampler:
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self._perms = n, seed, {}
 
-    def indices(self, step: int, batch: int) -> list[int]:
+    def indices(self, step: int, batch: int, rank: int = 0, world: int = 1) -> list[int]:
+        """`batch` indices for `rank`: its slice of the world*batch indices one process would draw."""
         out = []
-        for pos in range(step * batch, (step + 1) * batch):
+        start = step * batch * world + rank * batch
+        for pos in range(start, start + batch):
             epoch = pos // self.n
             if epoch not in self._perms:
                 self._perms = {epoch: torch.randperm(self.n, generator=step_generator(self.seed, epoch, "data"))}

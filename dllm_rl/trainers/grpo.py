@@ -13,10 +13,10 @@ noise i, drawn from the step's generator. Config names follow TRL's GRPOConfig w
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -34,8 +34,19 @@ from ..models.load import load_model
 from ..rewarding import build_rewards, compute_rewards
 from ..rollout import generate
 from ..rollout.sampler import check_config
-from ..runtime import EpochSampler, make_accelerator, set_threads, step_generator
+from ..rollout.trace import Trace
+from ..runtime import (
+    EpochSampler,
+    gather_rows,
+    generation_model,
+    make_accelerator,
+    prepare_frozen,
+    set_threads,
+    step_generator,
+    zero_stage,
+)
 from ..tasks import load_task
+from ..types import RolloutBatch
 from .plots import plot_curves
 
 
@@ -45,7 +56,8 @@ class GRPOTrainer:
     def __init__(self, recipe: Recipe, reward_funcs=None, model=None, tokenizer=None, task=None):
         self.recipe = r = recipe
         set_threads(r.train.num_threads)
-        self.acc = make_accelerator(r)
+        micro = r.train.batch_size // r.train.gradient_accumulation_steps * r.grpo.num_generations  # completions
+        self.acc = make_accelerator(r, micro_batch_size=micro)
         self.task = task or load_task(r.data)
         if model is None:
             model, tokenizer = load_model(r.model, seed=r.train.seed)
@@ -65,7 +77,7 @@ class GRPOTrainer:
                                        num_training_steps=updates)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         if self.ref is not None:
-            self.ref = self.ref.to(self.acc.device)
+            self.ref = prepare_frozen(self.acc, self.ref)  # sharded like the policy under ZeRO-3
         self.acc.register_for_checkpointing(self.scheduler)
         self.sampler = EpochSampler(len(self.task.train), r.train.seed)
         self.start_step, history = 0, []
@@ -76,6 +88,7 @@ class GRPOTrainer:
             self.acc.print(f"resumed from {ckpt} at step {self.start_step}")
         self.log = MetricsLogger(self.acc, r.train.output_dir, history, config=recipe_to_dict(r))
         self._step_metrics: dict = {}
+        self._said_gather = False
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -87,6 +100,10 @@ class GRPOTrainer:
             raise ConfigError(f"train.batch_size ({r.train.batch_size} prompts) must be divisible by "
                               f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps}): "
                               f"micro-batches hold whole groups")
+        if r.grpo.filter_zero_std and self.acc.num_processes > 1:
+            raise ConfigError("grpo.filter_zero_std drops a different number of groups on each process, which "
+                              "then run different numbers of forwards (a hang under DeepSpeed); set it false or "
+                              "run one process")
         if r.grpo.loss_type == "spg" and r.grpo.beta != 0:
             raise ConfigError("grpo.loss_type=spg has no KL term (as SPG); set grpo.beta=0")
         check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=False)
@@ -104,27 +121,32 @@ class GRPOTrainer:
             if not is_peft:
                 raise ConfigError("grpo.reference=adapter_disabled needs LoRA (model.lora.r > 0); use frozen_copy")
             return None, mode
-        ref = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-        return ref, mode
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            # ZeRO-3 loaded the policy already sharded (transformers' zero.Init), which a copy cannot follow:
+            # load the recipe's model again (the same weights), sharded too; runtime.prepare_frozen finishes it
+            ref = unwrap(load_model(self.recipe.model, seed=self.recipe.train.seed)[0])
+        else:
+            ref = copy.deepcopy(unwrap(model))
+        return ref.eval().requires_grad_(False), mode
 
     # ------------------------------------------------------------------------------------------ phases
 
     def _generation_context(self):
-        """ZeRO-3 shards parameters: gather them once for the whole rollout phase, not per forward."""
-        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
-        if plugin is None or plugin.zero_stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        """The bare policy to decode with; ZeRO-3 shards parameters: they are gathered once for the whole
+        rollout phase, not per forward (runtime.generation_model)."""
+        if zero_stage(self.acc) == 3 and not self._said_gather:
+            self.acc.print("ZeRO-3: the policy's parameters are gathered once per rollout phase, not per forward")
+            self._said_gather = True
+        return generation_model(self.acc, self.model)
 
     def rollout(self, examples: list[dict], step: int):
         G = self.recipe.grpo.num_generations
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
-        with torch.no_grad(), self._generation_context():
-            batch = generate(self.model, self.tokenizer, prompts, self.recipe.rollout,
-                             generator=step_generator(self.recipe.train.seed, step, "rollout",
-                                                      rank=self.acc.process_index))
+        # one generator for every rank: rollouts are batch-invariant (a completion depends on its prompt and the
+        # generator only), so each rank decodes exactly the rows one process with the global batch would
+        with torch.no_grad(), self._generation_context() as model:
+            batch = generate(model, self.tokenizer, prompts, self.recipe.rollout,
+                             generator=step_generator(self.recipe.train.seed, step, "rollout"))
         return batch, prompts
 
     def reward(self, batch, prompts, examples, step: int):
@@ -148,6 +170,20 @@ class GRPOTrainer:
         g = self.recipe.grpo
         adv = self.advantage_fn(rewards, g.num_generations)
         return scale(adv, rewards, g.num_generations, g.scale_rewards)
+
+    def draw_noise(self, batch, full, g: torch.Generator):
+        """One inner iteration's noise, drawn for the global batch `full` (gather_batch) and sliced to this
+        rank's rows: what one process holding every rank's rows draws. Prompt masks keep their last columns
+        (prompts are left-padded)."""
+        r = self.recipe
+        noise = self.estimator.draw(full, r.estimator, r.rollout, self.traits, g)
+        if full is batch:
+            return noise
+        n, rank = len(batch.completions), self.acc.process_index
+        noise = noise.select(torch.arange(rank * n, (rank + 1) * n))
+        if noise.prompt_masks is not None:
+            noise = replace(noise, prompt_masks=noise.prompt_masks[..., -batch.prompt_ids.shape[1]:])
+        return noise
 
     def _estimate(self, model, batch, noise, grad: bool):
         with torch.set_grad_enabled(grad):
@@ -209,8 +245,9 @@ class GRPOTrainer:
     def step(self, step: int) -> dict:
         r, t = self.recipe, {}
         self._step_metrics = {}
-        examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size)]
-        g = step_generator(r.train.seed, step, "noise", rank=self.acc.process_index)
+        rank, world = self.acc.process_index, self.acc.num_processes
+        examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size, rank, world)]
+        g = step_generator(r.train.seed, step, "noise")  # the same on every rank: noise is drawn globally
 
         t0 = time.perf_counter()
         batch, prompts = self.rollout(examples, step)  # RolloutBatch of B*G completions
@@ -218,8 +255,9 @@ class GRPOTrainer:
 
         t0 = time.perf_counter()
         rewards, per_fn, correct = self.reward(batch, prompts, examples, step)
+        everyone = gather_rows(self.acc, rewards)  # [world*B*G] the global batch's rewards, in rank order
         batch.rewards = rewards
-        batch.advantages = self.advantages(rewards)
+        batch.advantages = self.advantages(everyone)[rank * len(rewards):(rank + 1) * len(rewards)]
         t["reward"] = time.perf_counter() - t0
         if r.grpo.filter_zero_std:
             keep = (~zero_std_groups(rewards, r.grpo.num_generations)).nonzero().squeeze(-1)
@@ -228,8 +266,9 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         noises, olds, refs = [], [], []
         if batch is not None:
+            full = gather_batch(self.acc, batch)
             for _ in range(r.grpo.num_iterations):
-                noise = self.estimator.draw(batch, r.estimator, r.rollout, self.traits, g)
+                noise = self.draw_noise(batch, full, g)
                 noises.append(noise)
                 need_old = r.grpo.num_iterations > 1
                 olds.append(self._batched(self.model, batch, noise) if need_old else None)
@@ -241,7 +280,8 @@ class GRPOTrainer:
         t["update"] = time.perf_counter() - t0
 
         tokens = float(batch.completion_mask.sum()) if batch is not None else 0.0
-        out = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+        correct, per_fn = gather_rows(self.acc, correct), [gather_rows(self.acc, v) for v in per_fn]
+        out = {"reward": everyone.mean().item(), "reward_std": everyone.std().item(),
                "accuracy": correct.nanmean().item(), **stats, **self._step_metrics,
                "completion_length": tokens / max(len(batch.completions), 1) if batch is not None else 0.0}
         for rw, values in zip(self.rewards, per_fn):
@@ -271,7 +311,8 @@ class GRPOTrainer:
                           for rows in self._micro_batches(len(batch.completions))])
 
     def evaluate(self) -> float:
-        return evaluate_recipe(self.model, self.tokenizer, self.task, self.recipe)["accuracy"]
+        with self._generation_context() as model:  # every rank decodes the held-out set on gathered weights
+            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe)["accuracy"]
 
     def train(self) -> dict:
         r = self.recipe.train
@@ -306,3 +347,34 @@ class GRPOTrainer:
         self.acc.print(f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
                        f"({100 * (after - before):+.1f} points); model and reward curve in {final}")
         return {"before": before, "after": after, "final": str(final)}
+
+
+def gather_batch(accelerator, batch: RolloutBatch) -> RolloutBatch:
+    """Every rank's rollouts as one batch in rank order (the rows one process decoding all prompts holds), to
+    draw noise for; prompts are re-padded on the left to the longest. The batch itself with one process."""
+    if accelerator.num_processes == 1:
+        return batch
+    from accelerate.utils import gather_object
+
+    parts = gather_object([batch.to("cpu")])
+    P = max(b.prompt_ids.shape[1] for b in parts)
+    S = max(b.trace.order_logprob.shape[1] for b in parts)
+    first = torch.tensor([0] + [len(b.completions) for b in parts[:-1]]).cumsum(0)  # row offset of each rank
+
+    def cat(get):
+        return torch.cat([get(b) for b in parts])
+
+    def left(t):  # pad [n, p] -> [n, P] on the left (values under prompt_mask 0 are never read)
+        return torch.nn.functional.pad(t, (P - t.shape[1], 0))
+
+    def right(t):  # pad [n, s] -> [n, S] on the right (steps a row never took)
+        return torch.nn.functional.pad(t, (0, S - t.shape[1]))
+
+    trace = Trace(cat(lambda b: b.trace.commit_step), cat(lambda b: b.trace.token_logprob),
+                  cat(lambda b: right(b.trace.order_logprob)),
+                  cat(lambda b: b.trace.num_steps),
+                  torch.cat([b.trace.events + torch.tensor([int(o), 0, 0, 0, 0]) for b, o in zip(parts, first)]),
+                  cat(lambda b: b.trace.event_logprob), batch.trace.mask_token_id)
+    return RolloutBatch(cat(lambda b: left(b.prompt_ids)), cat(lambda b: left(b.prompt_mask)),
+                        cat(lambda b: b.completion_ids), cat(lambda b: b.completion_mask),
+                        [c for b in parts for c in b.completions], trace)

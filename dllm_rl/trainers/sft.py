@@ -25,7 +25,7 @@ from ..metrics import MetricsLogger
 from ..models.base import traits
 from ..models.load import load_model
 from ..rollout import encode_prompts
-from ..runtime import EpochSampler, make_accelerator, set_threads, step_generator
+from ..runtime import EpochSampler, generation_model, make_accelerator, set_threads, step_generator
 from ..tasks import load_task
 from ..types import SequenceBatch
 
@@ -58,7 +58,7 @@ class SFTTrainer:
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
         self.recipe = r = recipe
         set_threads(r.train.num_threads)
-        self.acc = make_accelerator(r)
+        self.acc = make_accelerator(r, micro_batch_size=r.train.batch_size // r.train.gradient_accumulation_steps)
         self.task = task or load_task(r.data)
         if model is None:
             model, tokenizer = load_model(r.model, seed=r.train.seed)
@@ -90,10 +90,13 @@ class SFTTrainer:
 
     def training_step(self, step: int) -> float:
         r = self.recipe.train
-        idx = self.sampler.indices(step, r.batch_size)
-        # the step's noise is drawn for the whole batch, so micro-batching does not change it
-        noise = draw_elbo((r.batch_size, self.recipe.rollout.max_completion_length),
+        rank, world = self.acc.process_index, self.acc.num_processes
+        idx = self.sampler.indices(step, r.batch_size, rank, world)  # this rank's slice of the global batch
+        # the step's noise is drawn for the whole (global) batch, so neither micro-batching nor the number of
+        # processes changes it
+        noise = draw_elbo((world * r.batch_size, self.recipe.rollout.max_completion_length),
                           step_generator(r.seed, step, "noise"), t_min=self.recipe.sft.t_min)
+        noise = noise.select(torch.arange(rank * r.batch_size, (rank + 1) * r.batch_size))
         micro = r.batch_size // r.gradient_accumulation_steps
         total = 0.0
         for start in range(0, r.batch_size, micro):
@@ -111,7 +114,8 @@ class SFTTrainer:
         return total
 
     def evaluate(self, step: int) -> dict:
-        return evaluate_recipe(self.model, self.tokenizer, self.task, self.recipe)
+        with generation_model(self.acc, self.model) as model:  # ZeRO-3: parameters gathered once
+            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe)
 
     def _save(self, step: int) -> None:
         save_checkpoint(self.recipe.train.output_dir, step, self.acc, self.model, self.tokenizer, self.recipe,
