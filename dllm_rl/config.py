@@ -119,7 +119,7 @@ class GRPOConfig:
     advantage: str = "group_mean"  # group_mean | leave_one_out; z-score = group_mean + scale_rewards=group
     filter_zero_std: bool = False  # drop groups whose rewards are all equal
     reference: Literal["auto", "adapter_disabled", "frozen_copy", "none"] = "auto"
-    spg_bound: Literal["elbo", "eubo", "mix"] = "mix"  # spg: bound used for negative advantages
+    spg_bound: Literal["elbo", "eubo", "mix", "zero"] = "mix"  # spg: bound for negative advantages (zero: none)
     spg_mix_weight: float = 0.5  # spg: weight of the upper bound in "mix"
 
 

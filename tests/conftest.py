@@ -10,6 +10,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # the Triton kernels run in Triton's interpreter on a machine without a GPU; the variable is read when
+    # triton is first imported, so it is set here, before any test module imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dllm_rl.models as M  # noqa: E402
 

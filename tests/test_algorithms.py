@@ -182,7 +182,7 @@ def test_wd1_weights_by_hand():
     assert flat.item() == 0
 
 
-@pytest.mark.parametrize("bound", ["elbo", "eubo", "mix"])
+@pytest.mark.parametrize("bound", ["elbo", "eubo", "mix", "zero"])
 def test_spg_bound_choice_by_hand(bound):
     lower = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5], [-3.0, 0.0, 0.0]])
     upper = torch.tensor([[-0.5, -1.0, 0.0], [-0.2, -0.2, -0.2], [-1.0, 0.0, 0.0]])
@@ -191,7 +191,7 @@ def test_spg_bound_choice_by_hand(bound):
     x = LossInputs(lower, lower, None, A, mask, 3, upper=upper)
     loss, _ = LOSSES["spg"](x, cfg(loss_type="spg", spg_bound=bound, spg_mix_weight=0.25))
     lo, up = [-3.0, -1.5, -3.0], [-1.5, -0.6, -1.0]
-    neg = {"elbo": lo, "eubo": up, "mix": [0.25 * u + 0.75 * v for u, v in zip(up, lo)]}[bound]
+    neg = {"elbo": lo, "eubo": up, "mix": [0.25 * u + 0.75 * v for u, v in zip(up, lo)], "zero": [0.0] * 3}[bound]
     chosen = [lo[0], neg[1], neg[2]]  # the lower bound for A > 0, the chosen bound for A < 0
     length = [2, 3, 1]
     expected = sum(-a * b * n for a, b, n in zip(A.tolist(), chosen, length)) / sum(length)

@@ -78,7 +78,10 @@ def spg(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
     lower = (x.logps * x.mask).sum(-1)  # [N] sequence lower bound
     upper = (x.upper * x.mask).sum(-1) if x.upper is not None else lower
     w = cfg.spg_mix_weight
-    negative = {"elbo": lower, "eubo": upper, "mix": w * upper + (1 - w) * lower}[cfg.spg_bound]
+    if cfg.spg_bound == "zero":  # SPG's logp_estimation=zero: negative-advantage sequences give no gradient
+        negative = torch.zeros_like(lower)
+    else:
+        negative = {"elbo": lower, "eubo": upper, "mix": w * upper + (1 - w) * lower}[cfg.spg_bound]
     bound = torch.where(x.advantages > 0, lower, negative)
     length = x.mask.float().sum(-1)
     loss = (-x.advantages * bound * length).sum() / length.sum().clamp(min=1)
