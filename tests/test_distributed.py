@@ -61,7 +61,7 @@ GRPO = {
 }
 
 GRPO_KEYS = ["reward", "reward_std", "accuracy", "loss", "kl", "clip_fraction", "grad_norm"]
-START = ROOT / "checkpoints/tiny/sudoku-sft/model.safetensors"
+START = ROOT / "checkpoints/tiny/sudoku-sft/final/model.safetensors"
 
 # Runs the CLI in each process and counts ZeRO's all-gathers (calls and gathered elements) during every
 # rollout and every update of the GRPO trainer; writes them to OUT.rank<R>.json.
@@ -177,7 +177,12 @@ def assert_same_run(dist_dir: Path, ref_dir: Path, keys: list[str], atol: float,
     assert sorted(a) == sorted(b), (sorted(a), sorted(b))
     for step in a:
         for key in keys:
-            assert a[step][key] == pytest.approx(b[step][key], rel=1e-4, abs=1e-5), (step, key, a, b)
+            # kl is a small difference of nearly equal log-probs: the ~1e-6 weight differences that reduction
+            # order leaves after an update move it by up to ~1e-3 of itself; clip_fraction counts tokens, and a
+            # token sitting on the clip boundary may fall either side
+            rel = 2e-3 if key == "kl" else 1e-4
+            tol = 1e-3 if key == "clip_fraction" else 1e-5
+            assert a[step][key] == pytest.approx(b[step][key], rel=rel, abs=tol), (step, key, a, b)
     got, want = load_file(dist_dir / "final/model.safetensors"), load_file(ref_dir / "final/model.safetensors")
     assert sorted(got) == sorted(want)
     for name in want:
