@@ -35,7 +35,8 @@ VARIANTS = {  # name: overrides on top of the main-job recipe
 def run(name: str, overrides: list[str], steps: int, out: Path) -> dict:
     args = [sys.executable, "-m", "dllm_rl", "train", str(RECIPE), f"train.max_steps={steps}",
             f"train.output_dir={out}", "train.save_steps=0", f"train.eval_steps={steps}",
-            f"train.logging_steps={max(1, steps // 10)}", "train.resume=false", *overrides]
+            f"train.logging_steps={max(1, steps // 10)}", "train.resume=false",
+            f"model.path={ROOT / 'checkpoints/tiny/sudoku-sft'}", *overrides]  # run from a temp dir (see cwd)
     proc = subprocess.run(args, cwd=tempfile.gettempdir(), capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
