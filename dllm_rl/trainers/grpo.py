@@ -321,23 +321,24 @@ class GRPOTrainer:
         if before is None:
             before = self.evaluate()
             self.log.log(0, {"eval_accuracy": before})
-        bar = tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process, desc="grpo")
-        window = defaultdict(list)
-        for step in range(self.start_step, r.max_steps):
-            for k, v in self.step(step).items():
-                window[k].append(v)
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(reward=f"{window['reward'][-1]:.3f}")
-            if done % r.logging_steps == 0 or done == r.max_steps:
-                self.log.log(done, {k: sum(v) / len(v) for k, v in window.items()})
-                window = defaultdict(list)
-            if (r.eval_steps and done % r.eval_steps == 0) and done != r.max_steps:
-                self.log.log(done, {"eval_accuracy": self.evaluate()})
-            if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
-                save_checkpoint(r.output_dir, done, self.acc, self.model, self.tokenizer, self.recipe,
-                                {"history": self.log.history}, keep=r.save_total_limit)
-        bar.close()
+        # a context manager closes the bar on errors too, so the CLI's error line starts on a line of its own
+        with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process,
+                  desc="grpo") as bar:
+            window = defaultdict(list)
+            for step in range(self.start_step, r.max_steps):
+                for k, v in self.step(step).items():
+                    window[k].append(v)
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix(reward=f"{window['reward'][-1]:.3f}")
+                if done % r.logging_steps == 0 or done == r.max_steps:
+                    self.log.log(done, {k: sum(v) / len(v) for k, v in window.items()})
+                    window = defaultdict(list)
+                if (r.eval_steps and done % r.eval_steps == 0) and done != r.max_steps:
+                    self.log.log(done, {"eval_accuracy": self.evaluate()})
+                if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
+                    save_checkpoint(r.output_dir, done, self.acc, self.model, self.tokenizer, self.recipe,
+                                    {"history": self.log.history}, keep=r.save_total_limit)
         after = self.evaluate()
         self.log.log(r.max_steps, {"eval_accuracy": after})
         final = save_final(r.output_dir, self.acc, self.model, self.tokenizer, self.recipe)

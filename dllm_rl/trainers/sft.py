@@ -123,24 +123,25 @@ class SFTTrainer:
 
     def train(self) -> dict:
         r = self.recipe.train
-        bar = tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process, desc="sft")
-        window, t0, result = [], time.perf_counter(), {}
-        for step in range(self.start_step, r.max_steps):
-            window.append(self.training_step(step))
-            bar.update(1)
-            bar.set_postfix(loss=f"{window[-1]:.3f}")
-            done = step + 1
-            if done % r.logging_steps == 0 or done == r.max_steps:
-                dt = time.perf_counter() - t0
-                self.log.log(done, {"loss": sum(window) / len(window), "lr": self.scheduler.get_last_lr()[0],
-                                    "steps_per_s": len(window) / dt})
-                window, t0 = [], time.perf_counter()
-            if (r.eval_steps and done % r.eval_steps == 0) or done == r.max_steps:
-                result = self.evaluate(done)
-                self.log.log(done, {"eval_accuracy": result["accuracy"]})
-            if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
-                self._save(done)
-        bar.close()
+        # a context manager closes the bar on errors too, so the CLI's error line starts on a line of its own
+        with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process,
+                  desc="sft") as bar:
+            window, t0, result = [], time.perf_counter(), {}
+            for step in range(self.start_step, r.max_steps):
+                window.append(self.training_step(step))
+                bar.update(1)
+                bar.set_postfix(loss=f"{window[-1]:.3f}")
+                done = step + 1
+                if done % r.logging_steps == 0 or done == r.max_steps:
+                    dt = time.perf_counter() - t0
+                    self.log.log(done, {"loss": sum(window) / len(window), "lr": self.scheduler.get_last_lr()[0],
+                                        "steps_per_s": len(window) / dt})
+                    window, t0 = [], time.perf_counter()
+                if (r.eval_steps and done % r.eval_steps == 0) or done == r.max_steps:
+                    result = self.evaluate(done)
+                    self.log.log(done, {"eval_accuracy": result["accuracy"]})
+                if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
+                    self._save(done)
         result = result or self.evaluate(r.max_steps)  # resumed after the last step: score it again
         final = save_final(r.output_dir, self.acc, self.model, self.tokenizer, self.recipe)
         self.log.close()
