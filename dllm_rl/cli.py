@@ -95,7 +95,9 @@ def cmd_eval(args) -> None:
     for prompt, completion, value in result["examples"]:
         print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> "
               f"{completion!r}")
-    print(f"accuracy {result['accuracy']:.4f} over {result['n']} held-out {task.name} examples")
+    n = recipe.eval.num_samples
+    passk = f"; pass@{n} {result[f'pass@{n}']:.4f} over {result['n'] // n} prompts" if n > 1 else ""
+    print(f"accuracy {result['accuracy']:.4f} over {result['n']} held-out {task.name} examples{passk}")
 
 
 def cmd_plan(args) -> None:

@@ -3,9 +3,9 @@ task's verifier (a reward function; 1.0 = solved)."""
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import replace
+
+import torch
 
 from .config import Recipe, RolloutConfig
 from .rewarding import Reward, compute_rewards, resolve_reward
@@ -29,7 +29,14 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
         scores += values.tolist()
         examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
-    return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples}
+    result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples}
+    if num_samples > 1:
+        # pass@n: share of prompts with at least one solved sample (score 1.0 = solved). With sampling, pass@n
+        # minus the greedy accuracy bounds what sharpening the policy on its own samples (RL with groups of n)
+        # can add to greedy accuracy
+        per_prompt = torch.tensor(scores).view(-1, num_samples)
+        result[f"pass@{num_samples}"] = (per_prompt >= 1.0).any(-1).float().mean().item()
+    return result
 
 
 def evaluate_recipe(model, tokenizer, task, recipe: Recipe) -> dict:
