@@ -31,9 +31,9 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
         examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
     result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples}
     if num_samples > 1:
-        # pass@n: share of prompts with at least one solved sample (score 1.0 = solved). With sampling, pass@n
-        # minus the greedy accuracy bounds what sharpening the policy on its own samples (RL with groups of n)
-        # can add to greedy accuracy
+        # pass@n: share of prompts with at least one solved sample (score 1.0 = solved). A prompt no sample
+        # solves gives GRPO with groups of n no solve signal, so with sampling, pass@n minus the greedy accuracy
+        # roughly measures what sharpening the policy on its own samples can add (benchmarks/RESULTS.md)
         per_prompt = torch.tensor(scores).view(-1, num_samples)
         result[f"pass@{num_samples}"] = (per_prompt >= 1.0).any(-1).float().mean().item()
     return result

@@ -84,8 +84,8 @@ def test_the_policy_moves_toward_what_is_rewarded_and_away_from_what_is_not(tmp_
 
 
 def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outputs(tmp_path, capsys):
-    """A reward that crashes at step 3 (after the step-2 checkpoint) stops the run the way a kill would; the
-    relaunched trainer resumes from checkpoint-2 and ends with the uninterrupted run's metrics and weights."""
+    """A reward that crashes in the fourth step (after the step-2 checkpoint and one unsaved step) stops the run
+    the way a kill would; the relaunched trainer resumes from checkpoint-2 and ends with the uninterrupted run's metrics and weights."""
     crash = {"armed": True}
 
     def tripwire(prompts, completions, trainer_state, **kwargs):
@@ -94,7 +94,7 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
         return [0.0] * len(completions)
 
     over = {"train__max_steps": 4, "train__save_steps": 2, "train__eval_steps": 2, "grpo__beta": 0.04,
-                "grpo__num_iterations": 2}
+            "grpo__num_iterations": 2}
 
     def make(out):
         r = recipe(out, **over)
