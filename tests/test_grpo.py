@@ -132,7 +132,7 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
     # what a finished run leaves: the reward curve beside the model, and the per-step metrics the issue lists
     assert (Path(resumed["final"]) / "reward_curve.png").stat().st_size > 1000
     logged = set().union(*(r.keys() for r in b))
-    for key in ("reward", "reward_std", "accuracy", "kl", "clip_fraction", "estimator_std",
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "accuracy", "kl", "clip_fraction", "estimator_std",
                 "completion_length", "rewards/sudoku_cells/mean", "rewards/sudoku_cells/std",
                 "tokens_per_s/rollout", "tokens_per_s/estimate", "tokens_per_s/update", "grad_norm"):
         assert key in logged, (key, sorted(logged))

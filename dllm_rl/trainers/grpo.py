@@ -282,6 +282,8 @@ class GRPOTrainer:
         tokens = float(batch.completion_mask.sum()) if batch is not None else 0.0
         correct, per_fn = gather_rows(self.acc, correct), [gather_rows(self.acc, v) for v in per_fn]
         out = {"reward": everyone.mean().item(), "reward_std": everyone.std().item(),
+               # TRL's name: the share of groups whose rewards are all equal, i.e. that give no signal
+               "frac_reward_zero_std": zero_std_groups(everyone, r.grpo.num_generations).float().mean().item(),
                "accuracy": correct.nanmean().item(), **stats, **self._step_metrics,
                "completion_length": tokens / max(len(batch.completions), 1) if batch is not None else 0.0}
         for rw, values in zip(self.rewards, per_fn):
