@@ -61,7 +61,8 @@ def ones_rate(trainer: GRPOTrainer, steps: range) -> float:
     return hits / n
 
 
-@pytest.mark.parametrize("estimator,steps,options", [("one_step", 16, {}), ("trajectory", 8, {"merge_steps": 4})])
+@pytest.mark.parametrize("estimator,steps,options",
+                         [("one_step", 16, {}), ("trajectory", 8, {"estimator__merge_steps": 4})])
 def test_the_policy_moves_toward_what_is_rewarded_and_away_from_what_is_not(tmp_path, estimator, steps, options):
     """A reward on one decision the model makes (the first cell of the grid): GRPO raises its frequency,
     the negated reward lowers it. Both runs see the same prompts and rollout seeds, so the reward is the
@@ -69,9 +70,8 @@ def test_the_policy_moves_toward_what_is_rewarded_and_away_from_what_is_not(tmp_
     after (seed 0): one_step 80% / 0%, trajectory 100% / 0%."""
     rates = {}
     for fn in (first_cell_is_1, first_cell_is_not_1):
-        r = recipe(tmp_path / fn.__name__, estimator__name=estimator, train__batch_size=8, train__max_steps=steps)
-        for key, value in options.items():
-            setattr(r.estimator, key, value)
+        r = recipe(tmp_path / fn.__name__, estimator__name=estimator, train__batch_size=8, train__max_steps=steps,
+                   **options)
         tr = GRPOTrainer(r, reward_funcs=[fn])
         before = ones_rate(tr, range(100, 104))
         for step in range(steps):
