@@ -97,6 +97,9 @@ class RolloutConfig:
     correction_threshold: float = 0.1
     correction_max_per_step: int = 1
     cache: Literal["none", "prefix", "dual", "block"] = "none"
+    # torch.compile the sampler's model call (mode name; dynamic shapes, so the growing KV length does not
+    # recompile every block). reduce-overhead adds CUDA graphs (GPU only); the KV cache is marked static for it
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     stop_at_eos: bool = True
     batch_size: int = 64  # prompts decoded together in eval / generate
 

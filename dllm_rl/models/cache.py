@@ -56,6 +56,12 @@ class KVCache:
         V[rows, :, start:end] = v
         return K[rows, :, :kv_len], V[rows, :, :kv_len]
 
+    def mark_static(self) -> None:
+        """Tell torch.compile the storage never moves, so CUDA graphs can write it in place (as transformers'
+        StaticCache does) instead of skipping graphs over a mutated input."""
+        for t in self.keys + self.values:
+            torch._dynamo.mark_static_address(t)
+
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Drop finished rows for good (keep: indices of rows that go on decoding)."""
         self.keys = [k.index_select(0, keep) for k in self.keys]

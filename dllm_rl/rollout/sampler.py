@@ -14,6 +14,7 @@ Randomness comes from the caller's generator through counter-based hashing (nois
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -130,6 +131,9 @@ def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Gen
     Lb = cfg.block_length or c.Lc
     steps_per_block = cfg.steps // (c.Lc // Lb)
     cache = unwrap(model).new_cache(c.N, c.L) if cfg.cache != "none" else None
+    forward = _compiled(model, cfg.compile)
+    if cache is not None and cfg.compile != "none":
+        cache.mark_static()
     stats = {"forwards": 0, "query_tokens": 0}
     was_training = model.training
     model.eval()
@@ -137,7 +141,7 @@ def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Gen
     try:
         prev_bs = 0
         for bs in range(c.P, c.L, Lb):
-            _decode_block(model, c, cfg, tr, bs, bs + Lb, prev_bs, steps_per_block, seeds, cache, rec,
+            _decode_block(forward, c, cfg, tr, bs, bs + Lb, prev_bs, steps_per_block, seeds, cache, rec,
                           states if record_states else None, order_policy, stats)
             if cfg.stop_at_eos and tokenizer.eos_token_id is not None:
                 _stop_finished_rows(c, bs + Lb, tokenizer.eos_token_id, rec, states if record_states else None)
@@ -148,6 +152,22 @@ def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Gen
         model.train(was_training)
     stats["seconds"] = time.perf_counter() - t0
     return _finish(c, tokenizer, rec, stats, states if record_states else None)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, mode: str):
+    """The model call the sampler uses: the model itself, or (rollout.compile) a torch.compile wrapper of it,
+    built once per model and mode. The wrapper shares the parameters, so training updates are seen, while
+    training forwards stay eager. Dynamic shapes: the KV length grows every block and the active rows shrink
+    as rows finish, and a graph per value would hit dynamo's recompile limit."""
+    if mode == "none":
+        return model
+    per_model = _COMPILED.setdefault(model, {})
+    if mode not in per_model:
+        per_model[mode] = torch.compile(model, mode=None if mode == "default" else mode, dynamic=True)
+    return per_model[mode]
 
 
 def _forward(model, c: _Canvas, rows, plan, cache, lo: int, hi: int, want_hidden: bool):
