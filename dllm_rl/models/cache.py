@@ -62,10 +62,5 @@ class KVCache:
         for t in self.keys + self.values:
             torch._dynamo.mark_static_address(t)
 
-    def keep_rows(self, keep: torch.Tensor) -> None:
-        """Drop finished rows for good (keep: indices of rows that go on decoding)."""
-        self.keys = [k.index_select(0, keep) for k in self.keys]
-        self.values = [v.index_select(0, keep) for v in self.values]
-
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k in self.keys)
