@@ -91,7 +91,7 @@ class RolloutConfig:
     threshold: float = 0.9  # threshold rule: commit every token with confidence >= threshold
     factor: float = 1.0  # factor rule (Fast-dLLM): n largest with conf_n >= 1 - factor / (n + 1)
     prophet_gaps: list[float] = field(default_factory=lambda: [7.5, 5.0, 2.5])  # early-commit schedule
-    order: str = "low_confidence"  # low_confidence | margin | entropy | random | left_to_right | policy
+    order: str = "low_confidence"  # low_confidence | top_prob | margin | entropy | random | left_to_right | policy
     order_temperature: float = 0.0  # > 0: sample the unmasking order (Plackett-Luce over scores / temp)
     self_correction: bool = False  # remask committed tokens whose confidence fell below the threshold
     correction_threshold: float = 0.1

@@ -4,7 +4,7 @@ For n rows of logits [n, V] (the masked positions being decoded) it returns the 
 torch reference: the chosen token (greedy at temperature 0, else inverse-CDF sampling with one given uniform
 per row: the first token whose cumulative tempered probability reaches u * total), its log-prob under the
 sampling distribution (the model's own at T=0), its probability under the model (T=1, "confidence"), the
-top-1 minus top-2 probability (margin) and logit (gap), and the entropy; the [MASK] id is never chosen.
+top-1 probability, top-1 minus top-2 probability (margin) and logit (gap), and the entropy; the [MASK] id is never chosen.
 
 Why hand-written: no library fuses sampling with these statistics. The reference materialises several [n, V]
 fp32 tensors (upcast, log-softmax, tempered log-softmax, CDF), which at LLaDA scale (V = 126k) dominates the
@@ -101,7 +101,7 @@ def _partials_kernel(x_ptr, stride_row, V, split_len, mask_id, inv_t,
 @triton.jit
 def _finish_kernel(x_ptr, stride_row, V, split_len, mask_id, inv_t, u_ptr,
                    m_in, s_in, w_in, st_in, t1_in, t1i_in, t2_in,
-                   tok_out, lp_out, conf_out, margin_out, gap_out, ent_out,
+                   tok_out, lp_out, conf_out, top_out, margin_out, gap_out, ent_out,
                    NS: tl.constexpr, BLOCK: tl.constexpr, SAMPLE: tl.constexpr):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride_row
@@ -158,6 +158,7 @@ def _finish_kernel(x_ptr, stride_row, V, split_len, mask_id, inv_t, u_ptr,
     tl.store(tok_out + row, tok.to(tl.int64))
     tl.store(lp_out + row, logprob)
     tl.store(conf_out + row, tl.exp(z_tok - lse))
+    tl.store(top_out + row, tl.exp(T1 - lse))
     tl.store(margin_out + row, tl.exp(T1 - lse) - tl.exp(T2 - lse))
     tl.store(gap_out + row, T1 - T2)
     tl.store(ent_out + row, entropy)
@@ -188,7 +189,7 @@ def fused_choose_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperatur
     inv_t = 1.0 / temperature if sample else 1.0
     mask_id = -1 if mask_token_id is None else int(mask_token_id)
     token = torch.empty(n, device=dev, dtype=torch.long)
-    stats = [torch.empty(n, device=dev, dtype=torch.float32) for _ in range(5)]  # 5 x [n]
+    stats = [torch.empty(n, device=dev, dtype=torch.float32) for _ in range(6)]  # 6 x [n]
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         _partials_kernel[(n, splits)](logits, logits.stride(0), V, split_len, mask_id, inv_t,
                                       m_p, s_p, w_p, st_p, t1_p, t1i_p, t2_p,
@@ -196,8 +197,8 @@ def fused_choose_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperatur
         _finish_kernel[(n,)](logits, logits.stride(0), V, split_len, mask_id, inv_t, u32,
                              m_p, s_p, w_p, st_p, t1_p, t1i_p, t2_p, token, *stats,
                              NS=splits, BLOCK=block, SAMPLE=sample, num_warps=4)
-    logprob, confidence, margin, gap, entropy = stats
-    return TokenChoice(token=token, logprob=logprob, confidence=confidence, margin=margin, gap=gap,
+    logprob, confidence, top_prob, margin, gap, entropy = stats
+    return TokenChoice(token=token, logprob=logprob, confidence=confidence, top_prob=top_prob, margin=margin, gap=gap,
                        entropy=entropy)
 
 

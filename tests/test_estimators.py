@@ -566,6 +566,39 @@ def test_trajectory_replays_the_sampler_exactly(tokenizer, attention, self_corre
     assert torch.equal(merged.weights.sum(0) > 0, scored)
 
 
+@pytest.mark.parametrize("order,exact", [("top_prob", True), ("margin", True), ("low_confidence", False)])
+def test_trajectory_likelihood_is_the_rollout_probability(tokenizer, order, exact):
+    """The trajectory estimator's log-likelihood is the log-probability with which the sampler produced the
+    rollout when the unmasking order is a function of the state (top_prob, margin, ...): 4000 rollouts of a
+    2-token canvas, grouped by whole trajectory (which position first, both tokens), occur n * exp(loglik)
+    times (chi-square), and the probabilities sum to 1. With LLaDA's low_confidence order at temperature > 0
+    a position is committed *because* its sampled token came out probable, so these products are not the
+    rollout's probability (they sum to ~2 here) and the estimator's gradient is not the policy gradient."""
+    model = build(tokenizer, seed=0, std=1.0)
+    rollout = RolloutConfig(max_completion_length=2, steps=2, temperature=1.0, order=order, stop_at_eos=False)
+    n = 4000
+    batch = generate(model, tokenizer, [[5, 7, 4]] * n, rollout, torch.Generator().manual_seed(0))
+    assert (batch.completion_mask.sum(-1) == 2).all()  # no EOS: both tokens are scored
+    noise, cfg = trajectory_views(model, batch, rollout)
+    with torch.no_grad():
+        loglik = E.ESTIMATORS["trajectory"].estimate(model, batch, noise, traits(model), cfg, rollout).logps.sum(-1)
+    keys = [tuple(k) for k in torch.stack([batch.trace.commit_step[:, 0], *batch.completion_ids.T], 1).tolist()]
+    prob = dict(zip(keys, loglik.exp().tolist()))  # one value per trajectory
+    counts = {k: keys.count(k) for k in prob}
+    expected = {k: n * q for k, q in prob.items()}
+    keep = [k for k in prob if expected[k] >= 5]
+    chi2 = sum((counts[k] - expected[k]) ** 2 / expected[k] for k in keep)
+    dof = len(keep) - 1
+    assert dof >= 5
+    in_tail = chi2 > dof + 6 * math.sqrt(2 * dof) + 10
+    total = sum(prob.values())
+    if exact:
+        assert not in_tail, (chi2, dof)
+        assert 0.99 < total <= 1.0 + 1e-6  # the sampled trajectories carry (nearly) all the mass
+    else:
+        assert in_tail and total > 1.5, (chi2, total)
+
+
 # ------------------------------------------------------------------------------------------------ gradients
 
 

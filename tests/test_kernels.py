@@ -28,7 +28,7 @@ from dllm_rl.estimators.base import token_logprobs
 from dllm_rl.rollout.sampling import choose_tokens as reference
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-STATS = ("logprob", "confidence", "margin", "gap")
+STATS = ("logprob", "confidence", "top_prob", "margin", "gap")
 
 
 def interpreter_active() -> bool:
@@ -194,7 +194,7 @@ def test_sampling_kernels_compile_for_h100():
     names = ["m", "s", "w", "st", "t1", "t1i", "t2"]
     partials = {f"{k}_out": "*i32" if k == "t1i" else "*fp32" for k in names}
     finish = {f"{k}_in": "*i32" if k == "t1i" else "*fp32" for k in names}
-    finish.update(tok_out="*i64", **{f"{k}_out": "*fp32" for k in ("lp", "conf", "margin", "gap", "ent")})
+    finish.update(tok_out="*i64", **{f"{k}_out": "*fp32" for k in ("lp", "conf", "top", "margin", "gap", "ent")})
     const = {"NS": "constexpr", "BLOCK": "constexpr", "SAMPLE": "constexpr"}
     for sample in (False, True):
         for splits in (1, 32):
@@ -361,7 +361,7 @@ def test_gpu_fused_sampling_llada_vocab(temperature, n):
     assert (got.token != mask_id).all()
     for k in ("logprob", "confidence"):
         torch.testing.assert_close(getattr(got, k)[same], getattr(want, k)[same], atol=1e-4, rtol=1e-4)
-    for k in ("margin", "gap"):  # independent of the chosen token
+    for k in ("top_prob", "margin", "gap"):  # independent of the chosen token
         torch.testing.assert_close(getattr(got, k), getattr(want, k), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.entropy, true_entropy(logits, mask_id), atol=1e-3, rtol=1e-4)
     sub = K.choose_tokens(logits[: n // 2 + 1], u[: n // 2 + 1], temperature, mask_token_id=mask_id)

@@ -191,6 +191,20 @@ def test_left_to_right_order(model_factory, tokenizer):
     assert torch.equal(out.trace.commit_step, torch.arange(8).expand(len(PROMPTS), 8))
 
 
+def test_top_prob_order_is_low_confidence_when_greedy(model_factory, tokenizer):
+    """top_prob ranks positions by the most likely token's probability: greedy, the same decode as LLaDA's
+    low_confidence; sampling, a different order (the sampled token no longer picks its position)."""
+    m = model_factory(seed=2)
+    base = dict(max_completion_length=16, steps=16, block_length=8, stop_at_eos=False)
+    lc = run(m, tokenizer, RolloutConfig(**base))
+    top = run(m, tokenizer, RolloutConfig(**base, order="top_prob"))
+    assert torch.equal(top.completion_ids, lc.completion_ids) and torch.equal(top.trace.commit_step,
+                                                                             lc.trace.commit_step)
+    lc = run(m, tokenizer, RolloutConfig(**base, temperature=1.0))
+    top = run(m, tokenizer, RolloutConfig(**base, temperature=1.0, order="top_prob"))
+    assert not torch.equal(top.trace.commit_step, lc.trace.commit_step)
+
+
 def test_rows_stop_at_eos_and_cost_nothing_after(model_factory, tokenizer):
     m = model_factory()
     with torch.no_grad():  # make EOS the overwhelming prediction everywhere

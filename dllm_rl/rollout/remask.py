@@ -3,6 +3,13 @@
 Ordering rules score each masked position of the active block; the engine commits the k best (or samples
 k of them, Plackett-Luce, when `order_temperature` > 0 or a learned policy is used, recording the log-prob).
 - low_confidence: model probability of the proposed token (LLaDA's default "low_confidence remasking").
+- top_prob: model probability of the most likely token. Greedy, the same order as low_confidence; when
+  sampling it depends on the state only, not on the tokens just drawn. That matters for RL: with
+  low_confidence a position is committed *because* its sampled token came out probable, so the
+  probability of a step is not the product of the committed tokens' probabilities and the trajectory
+  estimator's gradient is not the policy gradient (benchmarks/RESULTS.md measures it pointing downhill).
+  With top_prob (or margin, entropy, random, left_to_right) the order is fixed by the state, and the
+  trajectory log-likelihood is the exact log-probability of the rollout (tests/test_estimators.py).
 - margin: top-1 minus top-2 probability. entropy: negative entropy. random: uniform keys (LLaDA "random").
 - left_to_right: earliest position first (autoregressive order inside the block).
 - policy: scores from a learned unmasking policy (dllm_rl.policy) passed to `generate(order_policy=...)`.
@@ -24,6 +31,10 @@ def order_low_confidence(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) 
     return st.confidence
 
 
+def order_top_prob(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return st.top_prob
+
+
 def order_margin(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return st.margin
 
@@ -42,6 +53,7 @@ def order_left_to_right(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -
 
 ORDERS = {
     "low_confidence": order_low_confidence,
+    "top_prob": order_top_prob,
     "margin": order_margin,
     "entropy": order_entropy,
     "random": order_random,

@@ -257,7 +257,8 @@ def _dense_stats(choice, m: torch.Tensor, mask_id: int) -> StepStats:
         return out
 
     return StepStats(masked=m, token=dense(choice.token, mask_id), logprob=dense(choice.logprob, 0.0),
-                     confidence=dense(choice.confidence, 0.0), margin=dense(choice.margin, 0.0),
+                     confidence=dense(choice.confidence, 0.0), top_prob=dense(choice.top_prob, 0.0),
+                     margin=dense(choice.margin, 0.0),
                      gap=dense(choice.gap, 0.0), entropy=dense(choice.entropy, 0.0),
                      steps_left=None, progress=None)
 

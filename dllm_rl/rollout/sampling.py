@@ -2,8 +2,8 @@
 
 One pass over the logits of the positions being decoded (never the whole canvas): the sampled token
 (temperature, top-k, top-p; greedy at temperature 0), its log-probability under the distribution actually
-sampled from (recorded in the trace), its probability under the model (LLaDA's "confidence"), the top-1 /
-top-2 probability margin and logit gap (Prophet, arXiv 2508.19982), and the entropy.
+sampled from (recorded in the trace), its probability under the model (LLaDA's "confidence"), the top-1
+probability, the top-1 / top-2 probability margin and logit gap (Prophet, arXiv 2508.19982), and the entropy.
 
 The [MASK] token is never a valid output: its logit is removed before anything else (MDLM's "zero masking
 probabilities", arXiv 2406.07524); LLaDA's sampler relies on a trained model never predicting it, but a
@@ -25,6 +25,7 @@ class TokenChoice:
     token: torch.Tensor  # [n] long
     logprob: torch.Tensor  # [n] log-prob of token under the sampling distribution (T=0: the model's)
     confidence: torch.Tensor  # [n] p(token) under the model
+    top_prob: torch.Tensor  # [n] p(top1): the confidence of the greedy token, whatever was sampled
     margin: torch.Tensor  # [n] p(top1) - p(top2)
     gap: torch.Tensor  # [n] logit(top1) - logit(top2)
     entropy: torch.Tensor  # [n] entropy of the model's distribution
@@ -81,6 +82,7 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         token=token,
         logprob=logprob,
         confidence=logp.gather(-1, token[:, None]).squeeze(-1).exp(),
+        top_prob=p_top[:, 0],
         margin=p_top[:, 0] - p_top[:, 1],
         gap=top.values[:, 0] - top.values[:, 1],
         entropy=torch.special.entr(logp.exp()).sum(-1),  # 0 * log 0 = 0 at the removed [MASK] entry

@@ -34,6 +34,7 @@ class StepStats:
     token: torch.Tensor  # proposed token (valid where masked)
     logprob: torch.Tensor  # sampler log-prob of the proposed token
     confidence: torch.Tensor  # model probability of the proposed token (0 where not masked)
+    top_prob: torch.Tensor  # model probability of the most likely token (equals confidence when greedy)
     margin: torch.Tensor
     gap: torch.Tensor
     entropy: torch.Tensor
