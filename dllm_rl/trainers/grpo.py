@@ -107,6 +107,12 @@ class GRPOTrainer:
         if r.grpo.loss_type == "spg" and r.grpo.beta != 0:
             raise ConfigError("grpo.loss_type=spg has no KL term (as SPG); set grpo.beta=0")
         check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=False)
+        if r.estimator.name == "trajectory" and r.rollout.order == "low_confidence" and r.rollout.temperature > 0:
+            self.acc.print("note: estimator.name=trajectory with rollout.order=low_confidence and temperature > 0: "
+                           "positions are picked by their sampled token, so the replayed likelihood is not the "
+                           "rollout's probability and its gradient is not the policy gradient "
+                           "(estimators/trajectory.py); rollout.order=top_prob decodes the same when greedy and "
+                           "keeps it exact")
 
     def _reference(self, model):
         """(reference module or None, mode): none when beta == 0; LoRA models reuse their base."""
