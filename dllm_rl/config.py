@@ -150,10 +150,12 @@ class RewardSpec:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"  # sgd: steps proportional to the gradient (runtime.make_optimizer)
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
     max_grad_norm: float = 1.0
     lr_scheduler: str = "constant_with_warmup"  # any transformers.get_scheduler name
     warmup_steps: int = 0

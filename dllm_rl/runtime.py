@@ -34,6 +34,15 @@ def step_generator(seed: int, step: int, stream: str = "noise", device: str | to
     return g
 
 
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """optim.name: AdamW (the default, as TRL) or plain SGD. SGD's step is proportional to the gradient, which
+    matters when the useful step is shorter than one Adam step (Adam moves every parameter by ~lr whatever
+    its gradient; benchmarks/ascent.py measures how long a step can be before the reward falls)."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)

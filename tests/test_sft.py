@@ -52,6 +52,27 @@ def test_loss_falls_and_checkpoint_loads(tmp_path):
     assert not list(Path(r.train.output_dir).glob("*.tmp"))
 
 
+def test_sgd_optimizer_steps_along_the_gradient(tmp_path):
+    """optim.name=sgd: the first update is exactly -lr * gradient (no Adam normalisation), and it learns."""
+    data = json.loads(json.dumps(TINY))
+    data["optim"] = {"name": "sgd", "lr": 0.5, "lr_scheduler": "constant", "max_grad_norm": 0}
+    data["train"].update({"output_dir": str(tmp_path / "one"), "save_steps": 0, "max_steps": 1})
+    trainer = SFTTrainer(recipe_from_dict(data))
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
+    params = list(trainer.model.parameters())
+    before = [p.detach().clone() for p in params]
+    grads = {}
+    for i, p in enumerate(params):
+        p.register_post_accumulate_grad_hook(lambda t, i=i: grads.__setitem__(i, t.grad.clone()))
+    trainer.train()
+    for p, p0, i in zip(params, before, range(len(params))):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * grads[i], atol=1e-6, rtol=1e-5)
+    data["train"].update({"output_dir": str(tmp_path / "run"), "max_steps": 30})
+    SFTTrainer(recipe_from_dict(data)).train()
+    curve = losses(data["train"]["output_dir"])
+    assert curve[30] < 0.8 * curve[5], curve
+
+
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     """Splitting a step's batch into micro-batches changes memory, not the update.
 

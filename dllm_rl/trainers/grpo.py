@@ -40,6 +40,7 @@ from ..runtime import (
     gather_rows,
     generation_model,
     make_accelerator,
+    make_optimizer,
     prepare_frozen,
     set_threads,
     step_generator,
@@ -70,8 +71,7 @@ class GRPOTrainer:
         self.advantage_fn = lookup(ADVANTAGES, r.grpo.advantage, "grpo.advantage")
         self.ref, self.ref_mode = self._reference(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=r.optim.lr, betas=tuple(r.optim.betas), eps=r.optim.eps,
-                                      weight_decay=r.optim.weight_decay)
+        optimizer = make_optimizer(params, r.optim)
         updates = r.train.max_steps * r.grpo.num_iterations
         self.scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
                                        num_training_steps=updates)

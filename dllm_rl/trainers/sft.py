@@ -25,7 +25,8 @@ from ..metrics import MetricsLogger
 from ..models.base import traits
 from ..models.load import load_model
 from ..rollout import encode_prompts
-from ..runtime import EpochSampler, generation_model, make_accelerator, set_threads, step_generator
+from ..runtime import (EpochSampler, generation_model, make_accelerator, make_optimizer, set_threads,
+                       step_generator)
 from ..tasks import load_task
 from ..types import SequenceBatch
 
@@ -69,8 +70,7 @@ class SFTTrainer:
             raise ConfigError(f"train.batch_size ({r.train.batch_size}) must be divisible by "
                               f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps})")
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=r.optim.lr, betas=tuple(r.optim.betas), eps=r.optim.eps,
-                                      weight_decay=r.optim.weight_decay)
+        optimizer = make_optimizer(params, r.optim)
         self.scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
                                        num_training_steps=r.train.max_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
