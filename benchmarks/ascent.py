@@ -73,7 +73,7 @@ def line_search(recipe_path: str, overrides: list[str], batches: int, alphas: li
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     theta = [p.detach().clone() for p in params]
     task = trainer.task
-    probe = task.train.select(range(len(task.train) - prompts, len(task.train)))  # fixed, never in the batches
+    probe = task.train.select(range(len(task.train) - prompts, len(task.train)))  # fixed (batches may share a few)
     rewards, heldout = [], []
     for alpha in [0.0, *alphas]:
         with torch.no_grad():

@@ -7,14 +7,15 @@ the tokens whose final commit happened at step s, with the sampler's temperature
 estimate equals the log-probs the sampler recorded. merge_steps = m scores m consecutive steps from the
 state before the first of them (TraceRL's `shrink`): m times fewer forwards, slightly less context.
 
-When the sum is the rollout's log-probability (and its gradient the policy gradient): when the unmasking
-order is a function of the state, such as rollout.order=top_prob, margin, entropy, left_to_right or random
-(a sampled order from a learned policy adds its Plackett-Luce log-probs, recorded in the trace). LLaDA's
+The sum is the rollout's log-probability (so its gradient is the policy gradient) when the unmasking order
+is a function of the state, such as rollout.order=top_prob, margin, entropy, left_to_right or random (a
+sampled order from a learned policy adds its Plackett-Luce log-probs, recorded in the trace). LLaDA's
 low_confidence order with temperature > 0 ranks positions by the probability of the token just sampled
 there, so which position is committed depends on the draws, and the product of committed-token probabilities
 is not the probability of the rollout (tests/test_estimators.py counts it summing to ~2 over trajectories;
-on the tiny Countdown model a step along its large-batch gradient does not raise the reward, while one along
-the gradient for a model-independent order does: benchmarks/ascent.py, RESULTS.md). top_prob decodes exactly
+on the tiny Countdown model at temperature 1 a step along its large-batch gradient does not raise the reward,
+while one along the gradient for a model-independent order does; on Sudoku at 0.5 both rise: benchmarks/
+ascent.py, RESULTS.md). top_prob decodes exactly
 like low_confidence when greedy.
 
 Block-causal models are packed as TraceRL does: in the two-stream layout (estimators.base) the noisy copy

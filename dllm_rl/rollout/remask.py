@@ -7,7 +7,8 @@ k of them, Plackett-Luce, when `order_temperature` > 0 or a learned policy is us
   sampling it depends on the state only, not on the tokens just drawn. That matters for RL: with
   low_confidence a position is committed *because* its sampled token came out probable, so the
   probability of a step is not the product of the committed tokens' probabilities and the trajectory
-  estimator's gradient is not the policy gradient (benchmarks/RESULTS.md measures it pointing downhill).
+  estimator's gradient is not the policy gradient (benchmarks/ascent.py: on the tiny Countdown model at
+  temperature 1 a step along it does not raise the reward; RESULTS.md).
   With top_prob (or margin, entropy, random, left_to_right) the order is fixed by the state, and the
   trajectory log-likelihood is the exact log-probability of the rollout (tests/test_estimators.py).
 - margin: top-1 minus top-2 probability. entropy: negative entropy. random: uniform keys (LLaDA "random").
