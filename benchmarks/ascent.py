@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from dataclasses import replace
 
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.dirname(__file__))
@@ -39,7 +38,6 @@ PAIRS = {  # name: overrides
 
 def gradient(trainer, batches: int) -> list[torch.Tensor]:
     """The loss gradient averaged over `batches` GRPO batches (the trainer's own phases, no optimizer step)."""
-    from dllm_rl.algorithms import LossInputs
     from dllm_rl.runtime import step_generator
 
     r, model = trainer.recipe, trainer.model
@@ -49,10 +47,7 @@ def gradient(trainer, batches: int) -> list[torch.Tensor]:
         rewards, _, _ = trainer.reward(batch, prompts, examples, s)
         batch.rewards, batch.advantages = rewards, trainer.advantages(rewards)
         noise = trainer.draw_noise(batch, batch, step_generator(r.train.seed, s, "noise"))
-        est = trainer._estimate(model, batch, noise, grad=True)
-        inputs = LossInputs(est.logps, est.logps.detach(), None, batch.advantages, batch.completion_mask.float(),
-                            r.grpo.num_generations, est.upper)
-        loss, _ = trainer.loss_fn(inputs, r.grpo)
+        loss, _ = trainer.loss(batch, noise)
         (loss / batches).backward()
     return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
 
@@ -66,9 +61,7 @@ def line_search(recipe_path: str, overrides: list[str], batches: int, alphas: li
     out_dir = tempfile.mkdtemp(prefix="ascent-")
     r = load_recipe(recipe_path, [*overrides, "grpo.beta=0", f"train.output_dir={out_dir}", "train.resume=false"])
     trainer = GRPOTrainer(r)
-    t0 = time.perf_counter()
     g = gradient(trainer, batches)
-    seconds = time.perf_counter() - t0
     norm = torch.sqrt(sum((x.float() ** 2).sum() for x in g))
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     theta = [p.detach().clone() for p in params]
@@ -85,7 +78,7 @@ def line_search(recipe_path: str, overrides: list[str], batches: int, alphas: li
                                 replace(r.rollout, temperature=0.0), seed=0)["accuracy"])
         print(f"  alpha {alpha}: on-policy reward {rewards[-1]:.4f}, held-out greedy {heldout[-1]:.3f}",
               file=sys.stderr, flush=True)
-    return {"rewards": rewards, "heldout": heldout, "grad_seconds": seconds}
+    return {"rewards": rewards, "heldout": heldout}
 
 
 def main():

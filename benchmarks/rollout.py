@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -167,7 +168,7 @@ def main():
     print("| mode | tokens/s | speedup vs reference | seconds | peak memory (MiB) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        peak = "-" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f}"
+        peak = "-" if math.isnan(r["peak_mib"]) else f"{r['peak_mib']:.0f}"
         print(f"| {r['mode']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['seconds']:.2f} | {peak} |")
 
 

@@ -240,7 +240,7 @@ def test_compiled_sampler_matches_eager(model_factory, tokenizer, attention, cac
         compiled_frames.append(counters["frames"]["ok"])
         with torch.no_grad():  # a training update: the compiled wrapper must decode with the new weights
             m.lm_head.weight.add_(0.5 * torch.randn_like(m.lm_head.weight))
-    assert list(_COMPILED[m]) == ["default"]
+    assert _COMPILED["default"][0] is m  # one wrapper, built for this model, reused by both decodes
     # dynamo compiled the model call (not a silent eager fallback), and a second decode with a fresh cache
     # and new weights reused the graphs instead of recompiling
     assert compiled_frames[0] >= 1 and compiled_frames[1] == compiled_frames[0]

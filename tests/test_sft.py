@@ -65,7 +65,7 @@ def test_sgd_optimizer_steps_along_the_gradient(tmp_path):
     for i, p in enumerate(params):
         p.register_post_accumulate_grad_hook(lambda t, i=i: grads.__setitem__(i, t.grad.clone()))
     trainer.train()
-    for p, p0, i in zip(params, before, range(len(params))):
+    for i, (p, p0) in enumerate(zip(params, before)):
         torch.testing.assert_close(p.detach(), p0 - 0.5 * grads[i], atol=1e-6, rtol=1e-5)
     data["train"].update({"output_dir": str(tmp_path / "run"), "max_steps": 30})
     SFTTrainer(recipe_from_dict(data)).train()

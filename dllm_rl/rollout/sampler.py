@@ -14,7 +14,6 @@ Randomness comes from the caller's generator through counter-based hashing (nois
 from __future__ import annotations
 
 import time
-import weakref
 from typing import Callable
 
 import torch
@@ -154,20 +153,21 @@ def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Gen
     return _finish(c, tokenizer, rec, stats, states if record_states else None)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}  # mode -> (model, its compiled wrapper)
 
 
 def _compiled(model, mode: str):
     """The model call the sampler uses: the model itself, or (rollout.compile) a torch.compile wrapper of it,
-    built once per model and mode. The wrapper shares the parameters, so training updates are seen, while
-    training forwards stay eager. Dynamic shapes: the KV length grows every block and the active rows shrink
-    as rows finish, and a graph per value would hit dynamo's recompile limit."""
+    reused while the same model decodes (one entry per mode: a wrapper holds its model, so a cache keyed by
+    every model would keep them all alive). The wrapper shares the parameters, so training updates are seen,
+    while training forwards stay eager. Dynamic shapes: the KV length grows every block and the active rows
+    shrink as rows finish, and a graph per value would hit dynamo's recompile limit."""
     if mode == "none":
         return model
-    per_model = _COMPILED.setdefault(model, {})
-    if mode not in per_model:
-        per_model[mode] = torch.compile(model, mode=None if mode == "default" else mode, dynamic=True)
-    return per_model[mode]
+    hit = _COMPILED.get(mode)
+    if hit is None or hit[0] is not model:
+        hit = _COMPILED[mode] = (model, torch.compile(model, mode=None if mode == "default" else mode, dynamic=True))
+    return hit[1]
 
 
 def _forward(model, c: _Canvas, rows, plan, cache, lo: int, hi: int, want_hidden: bool):

@@ -210,6 +210,14 @@ class GRPOTrainer:
         for start in range(0, n, max(per, G)):
             yield torch.arange(start, min(start + max(per, G), n))
 
+    def loss(self, mb, noise, old=None, ref=None):
+        """(loss, stats) of the GRPO objective on micro-batch `mb` (advantages set) under `noise`, with the
+        policy's estimate under grad; old = None: the policy's own detached estimate (ratio 1, mu = 1)."""
+        est = self._estimate(self.model, mb, noise, grad=True)
+        inputs = LossInputs(est.logps, est.logps.detach() if old is None else old, ref, mb.advantages,
+                            mb.completion_mask.float(), self.recipe.grpo.num_generations, est.upper)
+        return self.loss_fn(inputs, self.recipe.grpo)
+
     def update(self, batch, noises, olds, refs) -> dict:
         """num_iterations passes over the batch, one optimizer step each (TRL's num_iterations)."""
         stats = defaultdict(list)
@@ -217,12 +225,8 @@ class GRPOTrainer:
             for rows in self._micro_batches(len(batch.completions)):
                 mb = batch.select(rows).to(self.acc.device)
                 with self.acc.accumulate(self.model):
-                    est = self._estimate(self.model, mb, noise.select(rows), grad=True)
-                    old_mb = est.logps.detach() if old is None else old[rows.to(old.device)]
-                    inputs = LossInputs(est.logps, old_mb, None if ref is None else ref[rows.to(ref.device)],
-                                        mb.advantages, mb.completion_mask.float(),
-                                        self.recipe.grpo.num_generations, est.upper)
-                    loss, s = self.loss_fn(inputs, self.recipe.grpo)
+                    loss, s = self.loss(mb, noise.select(rows), None if old is None else old[rows.to(old.device)],
+                                        None if ref is None else ref[rows.to(ref.device)])
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
                         stats["grad_norm"].append(float(self.acc.clip_grad_norm_(
