@@ -3,14 +3,18 @@ plugins called as TRL calls them): learning follows the reward and only the rewa
 resumes onto the uninterrupted run's trajectory, and a finished run leaves what the README promises."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dllm_rl.config import recipe_from_dict
+from dllm_rl.config import load_recipe, recipe_from_dict
 from dllm_rl.errors import DllmRlError
+from dllm_rl.evaluate import evaluate_recipe
+from dllm_rl.models.load import load_model
+from dllm_rl.tasks import load_task
 from dllm_rl.trainers.grpo import GRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,18 +146,10 @@ def test_shipped_easy_checkpoint_has_the_parallel_decoding_headroom_its_recipe_t
     """recipes/tiny/sudoku-parallel-grpo.yaml rests on one measured fact about its start (README, "Shipped
     checkpoints"): checkpoints/tiny/sudoku-sft-easy solves most held-out puzzles one token per step (0.925) and
     far fewer four tokens per step (0.63), greedily. A changed checkpoint, recipe or sampler breaks it."""
-    from dataclasses import replace
-
-    from dllm_rl.config import load_recipe
-    from dllm_rl.evaluate import evaluate_recipe
-    from dllm_rl.models.load import load_model
-    from dllm_rl.tasks import load_task
-
     r = load_recipe(ROOT / "recipes" / "tiny" / "sudoku-parallel-grpo.yaml")
     assert r.rollout.steps == 5 and r.rollout.max_completion_length == 20 and r.rollout.order == "top_prob"
     model, tok = load_model(replace(r.model, path=str(ROOT / r.model.path)), seed=0)
     task = load_task(r.data)
-    torch.set_num_threads(2)
     fast = evaluate_recipe(model, tok, task, r)["accuracy"]
     slow = evaluate_recipe(model, tok, task, replace(r, rollout=replace(r.rollout, steps=20)))["accuracy"]
     assert slow >= 0.88 and fast <= 0.70 and slow - fast >= 0.2, (slow, fast)  # measured 0.925 and 0.63
