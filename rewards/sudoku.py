@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ._text import completion_text
@@ -38,6 +39,40 @@ def is_valid_solution(grid: list[int], puzzle: str) -> bool:
     return all(sorted(grid[i] for i in g) == [1, 2, 3, 4] for g in groups)
 
 
+@functools.lru_cache(maxsize=1)
+def all_grids() -> tuple[tuple[int, ...], ...]:
+    """The 288 valid 4x4 Sudoku grids, filled cell by cell (small enough to enumerate once)."""
+    grids, grid = [], []
+
+    def fill():
+        i = len(grid)
+        if i == 16:
+            grids.append(tuple(grid))
+            return
+        r, c = divmod(i, 4)
+        box = {4 * rr + cc for rr in range(r // 2 * 2, r // 2 * 2 + 2) for cc in range(c // 2 * 2, c // 2 * 2 + 2)}
+        seen = {grid[j] for j in range(i) if j // 4 == r or j % 4 == c or j in box}
+        for v in range(1, 5):
+            if v not in seen:
+                grid.append(v)
+                fill()
+                grid.pop()
+
+    fill()
+    return tuple(grids)
+
+
+@functools.lru_cache(maxsize=65536)
+def count_solutions(puzzle: str) -> int:
+    """How many valid grids keep the puzzle's givens.
+
+    >>> count_solutions("1234\\n3412\\n2143\\n43__"), count_solutions("_" * 16)
+    (1, 288)
+    """
+    cells = [c for c in puzzle if c not in "\n "]
+    return sum(all(not c.isdigit() or int(c) == g for c, g in zip(cells, grid)) for grid in all_grids())
+
+
 def sudoku_reward(prompts, completions, puzzle, **kwargs) -> list[float]:
     """TRL-signature reward for the `sudoku` task (`puzzle` is a dataset column).
 
@@ -62,6 +97,10 @@ def sudoku_cells_reward(prompts, completions, puzzle, answer, **kwargs) -> list[
     """
     out = []
     for completion, given, solution in zip(completions, puzzle, answer):
+        if (n := count_solutions(given)) > 1:
+            raise ValueError(f"sudoku_cells scores blanks against the puzzle's unique solution, but this puzzle has "
+                             f"{n} solutions (data.options unique: false?); use the `sudoku` reward, which accepts "
+                             f"any valid grid")
         grid = parse_grid(completion_text(completion)) or []
         cells = [c for c in given if c not in "\n "]
         truth = [int(c) for c in solution if c.isdigit()]

@@ -8,6 +8,7 @@ from dllm_rl.config import DataConfig
 from dllm_rl.errors import ConfigError
 from dllm_rl.rewarding import Reward, compute_rewards, resolve_reward
 from dllm_rl.tasks import load_task
+from rewards.sudoku import all_grids, count_solutions, is_valid_solution, sudoku_cells_reward
 
 DATA = Path(__file__).parent / "data"
 
@@ -34,6 +35,33 @@ def test_procedural_tasks_split_and_verify(name):
     other = load_task(DataConfig(task=name, train_size=300, eval_size=40, seed=4))
     assert other.eval.to_list() == task.eval.to_list()  # held-out set does not move with the training seed
     assert other.train.to_list() != task.train.to_list()
+
+
+def test_sudoku_with_several_solutions_per_puzzle():
+    """data.options unique: false blanks cells at random (up to 16): the target is one valid solution of its
+    puzzle, many puzzles have several, the `sudoku` reward accepts any of them and `sudoku_cells` (scored
+    against one solution) refuses such puzzles instead of marking a different valid grid wrong."""
+    opts = {"min_empty": 10, "max_empty": 13, "unique": False}
+    task = load_task(DataConfig(task="sudoku", train_size=200, eval_size=50, seed=3, options=opts))
+    rows = task.eval.to_list() + task.train.to_list()
+    blanks = [r["puzzle"].count("_") for r in rows]
+    assert min(blanks) >= 10 and max(blanks) <= 13 and len(set(blanks)) == 4
+    counts = [count_solutions(r["puzzle"]) for r in rows]
+    assert min(counts) >= 1 and sum(c > 1 for c in counts) > len(rows) // 2  # measured: ~80% have several
+    assert not {r["answer"] for r in task.train} & {r["answer"] for r in task.eval}
+    # a valid grid other than the target still scores 1 under the task's verifier
+    row = next(r for r in task.eval.to_list() if count_solutions(r["puzzle"]) > 1)
+    other = next(g for g in all_grids() if is_valid_solution(list(g), row["puzzle"])
+                 and "".join(map(str, g)) != row["answer"].replace("\n", ""))
+    other_text = "\n".join("".join(map(str, other[4 * i:4 * i + 4])) for i in range(4))
+    assert verify(task, [row, row], [row["completion"], other_text]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="use the `sudoku` reward"):
+        sudoku_cells_reward(["p"], [other_text], puzzle=[row["puzzle"]], answer=[row["answer"]])
+    # the default (unique puzzles, reasoning-gym's) is unchanged and every puzzle has one solution
+    unique = load_task(DataConfig(task="sudoku", train_size=50, eval_size=10, seed=3))
+    assert all(count_solutions(r["puzzle"]) == 1 for r in unique.train.to_list())
+    with pytest.raises(ConfigError, match="max_empty <= 12 with unique puzzles"):
+        load_task(DataConfig(task="sudoku", train_size=4, eval_size=4, options={"max_empty": 14}))
 
 
 def test_task_options_are_checked():
