@@ -3,6 +3,7 @@ estimator's standard deviation, for every likelihood estimator, all from the sam
 data order (one `dllm-rl train` subprocess each).
 
     python benchmarks/estimators.py --steps 100            # ~ minutes per estimator on 2 CPU cores
+    python benchmarks/estimators.py --recipe recipes/tiny/sudoku-d1-grpo.yaml --steps 20   # d1's setting
 
 Prints a markdown table for benchmarks/RESULTS.md.
 """
@@ -18,8 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dllm_rl.config import load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes/tiny/sudoku-diffu-grpo.yaml"
+MAIN = ROOT / "recipes/tiny/sudoku-diffu-grpo.yaml"
 
 VARIANTS = {  # name: overrides on top of the main-job recipe
     "one_step (d1)": ["estimator.name=one_step"],
@@ -32,11 +35,12 @@ VARIANTS = {  # name: overrides on top of the main-job recipe
 }
 
 
-def run(name: str, overrides: list[str], steps: int, out: Path) -> dict:
-    args = [sys.executable, "-m", "dllm_rl", "train", str(RECIPE), f"train.max_steps={steps}",
+def run(recipe: Path, name: str, overrides: list[str], steps: int, out: Path) -> dict:
+    model = ROOT / load_recipe(recipe).model.path  # the recipe's checkpoint, made absolute
+    args = [sys.executable, "-m", "dllm_rl", "train", str(recipe), f"train.max_steps={steps}",
             f"train.output_dir={out}", "train.save_steps=0", f"train.eval_steps={steps}",
             f"train.logging_steps={max(1, steps // 10)}", "train.resume=false",
-            f"model.path={ROOT / 'checkpoints/tiny/sudoku-sft'}", *overrides]  # run from a temp dir (see cwd)
+            f"model.path={model}", *overrides]  # run from a temp dir (see cwd)
     proc = subprocess.run(args, cwd=tempfile.gettempdir(), capture_output=True, text=True, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
@@ -53,18 +57,20 @@ def run(name: str, overrides: list[str], steps: int, out: Path) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", type=Path, default=MAIN, help="the GRPO recipe the variants override")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--only", default="", help="comma-separated substrings of variant names")
     p.add_argument("--workdir", default=None)
     a = p.parse_args()
+    recipe = a.recipe.resolve()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="dllm-rl-estimators-"))
     rows = []
     for i, (name, overrides) in enumerate(VARIANTS.items()):
         if a.only and not any(s in name for s in a.only.split(",")):
             continue
-        rows.append(run(name, overrides, a.steps, work / str(i)))
+        rows.append(run(recipe, name, overrides, a.steps, work / str(i)))
         print(f"{name}: {rows[-1]}", file=sys.stderr)
-    print(f"\n{a.steps} GRPO steps from checkpoints/tiny/sudoku-sft, recipe {RECIPE.relative_to(ROOT)}\n")
+    print(f"\n{a.steps} GRPO steps, recipe {recipe.relative_to(ROOT)} (its checkpoint, seed and data order)\n")
     print("| estimator | held-out before | held-out after | seconds / step | estimator std (nats) | "
           "train reward (last) |")
     print("|---|---|---|---|---|---|")
