@@ -8,7 +8,7 @@ from dllm_rl.config import DataConfig
 from dllm_rl.errors import ConfigError
 from dllm_rl.rewarding import Reward, compute_rewards, resolve_reward
 from dllm_rl.tasks import load_task
-from rewards.sudoku import all_grids, count_solutions, is_valid_solution, sudoku_cells_reward
+from dllm_rl.rewards.sudoku import all_grids, count_solutions, is_valid_solution, sudoku_cells_reward
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,6 +8,7 @@ Options (data.options): min_empty, max_empty (blanks per puzzle), eval_fraction,
   unique (so at most 12 blanks); `answer` is that solution.
 - unique: false: the same solution grids with min_empty..max_empty cells blanked at random (up to 16), so a
   puzzle may have several solutions; the SFT target and `answer` are the grid it was cut from, one of them.
+  The split is still by that grid, but another solution of a held-out puzzle can be a training grid.
   Score these with the `sudoku` reward (any valid grid that keeps the givens), not `sudoku_cells`. SFT on such
   data learns a mixture over solutions, which a sampler committing several cells per forward can mix into an
   invalid grid: the case where RL's mode-seeking adds what maximum likelihood cannot (benchmarks/RESULTS.md).
