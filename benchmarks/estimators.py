@@ -30,6 +30,7 @@ VARIANTS = {  # name: overrides on top of the main-job recipe
     "elbo, coupled (DiffuCoder)": ["estimator.name=elbo", "estimator.coupled=true"],
     "block_elbo + spg loss (SPG)": ["estimator.name=block_elbo", "estimator.num_samples=2", "grpo.loss_type=spg",
                                     "grpo.beta=0"],
+    "trajectory, merge 1 (the main job)": ["estimator.name=trajectory", "estimator.merge_steps=1"],
     "trajectory, merge 2 (TraceRL)": ["estimator.name=trajectory", "estimator.merge_steps=2"],
     "one_step + wd1 loss": ["estimator.name=one_step", "grpo.loss_type=wd1", "grpo.beta=0"],
 }
