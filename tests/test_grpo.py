@@ -142,6 +142,28 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
         assert key in logged, (key, sorted(logged))
 
 
+def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path):
+    """An inf loss (seen for real: the coupled ELBO's 1/(1-t) weights overflowed the k3 KL in
+    benchmarks/estimators.py) must not be applied: one such step made every later weight NaN while the run went on
+    writing checkpoints. The trainer stops with an error naming the fix; weights and the last checkpoint stay finite."""
+    poison = {"on": False}
+
+    def tripwire(prompts, completions, trainer_state, **kwargs):
+        poison["on"] = trainer_state.global_step >= 1  # the second step's loss becomes inf
+        return [float(i % 2) for i in range(len(completions))]
+
+    r = recipe(tmp_path, train__max_steps=3, train__save_steps=1, estimator__name="elbo")
+    trainer = GRPOTrainer(r, reward_funcs=[tripwire])
+    real = trainer.loss_fn
+    trainer.loss_fn = lambda inputs, cfg: (lambda out: (out[0] * float("inf") if poison["on"] else out[0], out[1]))(
+        real(inputs, cfg))
+    with pytest.raises(DllmRlError, match="loss is not finite.*no update was applied.*estimator.t_min=1e-3"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    saved = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values()) and not (tmp_path / "checkpoint-2").exists()
+
+
 def test_shipped_easy_checkpoint_has_the_parallel_decoding_headroom_its_recipe_trains_for():
     """recipes/tiny/sudoku-parallel-grpo.yaml rests on one measured fact about its start (README, "Shipped
     checkpoints"): checkpoints/tiny/sudoku-sft-easy solves most held-out puzzles one token per step (0.925) and

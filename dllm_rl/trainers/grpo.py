@@ -25,7 +25,7 @@ from transformers import TrainerState, get_scheduler
 from ..algorithms import ADVANTAGES, LOSSES, LossInputs, scale, zero_std_groups
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from ..config import Recipe, RewardSpec, recipe_to_dict
-from ..errors import ConfigError, lookup
+from ..errors import ConfigError, DllmRlError, lookup
 from ..estimators import ESTIMATORS
 from ..evaluate import evaluate_recipe
 from ..metrics import MetricsLogger
@@ -218,6 +218,20 @@ class GRPOTrainer:
                             mb.completion_mask.float(), self.recipe.grpo.num_generations, est.upper)
         return self.loss_fn(inputs, self.recipe.grpo)
 
+    def _check_finite(self, loss, stats: dict):
+        """Stop before a non-finite loss reaches the weights: one inf/NaN gradient step silently turns every later
+        rollout, checkpoint and evaluation into garbage, so fail loudly instead (the last checkpoint is intact)."""
+        if torch.isfinite(loss).all():
+            return
+        e = self.recipe.estimator
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
+        hint = (f" The {e.name} estimator weights masked tokens by 1/t (1/(1-t) too when coupled), which can overflow "
+                f"the KL term near t=0 or 1: set estimator.t_min=1e-3 (now {e.t_min}) and, if coupled, "
+                f"estimator.t_max=0.999 (now {e.t_max}), or lower grpo.beta / optim.lr."
+                if e.name in ("elbo", "block_elbo") else " Lower optim.lr or grpo.beta, or check the rewards.")
+        raise DllmRlError(f"GRPO: the loss is not finite ({loss.item()}; {shown}); no update was applied and the "
+                          f"last checkpoint is intact.{hint} Resume with the same command after changing the recipe.")
+
     def update(self, batch, noises, olds, refs) -> dict:
         """num_iterations passes over the batch, one optimizer step each (TRL's num_iterations)."""
         stats = defaultdict(list)
@@ -227,6 +241,7 @@ class GRPOTrainer:
                 with self.acc.accumulate(self.model):
                     loss, s = self.loss(mb, noise.select(rows), None if old is None else old[rows.to(old.device)],
                                         None if ref is None else ref[rows.to(ref.device)])
+                    self._check_finite(loss, s)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
                         stats["grad_norm"].append(float(self.acc.clip_grad_norm_(
