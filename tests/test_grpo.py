@@ -155,8 +155,12 @@ def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path)
     r = recipe(tmp_path, train__max_steps=3, train__save_steps=1, estimator__name="elbo")
     trainer = GRPOTrainer(r, reward_funcs=[tripwire])
     real = trainer.loss_fn
-    trainer.loss_fn = lambda inputs, cfg: (lambda out: (out[0] * float("inf") if poison["on"] else out[0], out[1]))(
-        real(inputs, cfg))
+
+    def overflowing(inputs, cfg):  # the real loss, made inf from the second step on
+        loss, stats = real(inputs, cfg)
+        return (loss * float("inf") if poison["on"] else loss), stats
+
+    trainer.loss_fn = overflowing
     with pytest.raises(DllmRlError, match="loss is not finite.*no update was applied.*estimator.t_min=1e-3"):
         trainer.train()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
