@@ -44,13 +44,18 @@ def run(recipe: Path, name: str, overrides: list[str], steps: int, out: Path) ->
             f"model.path={model}", *overrides]  # run from a temp dir (see cwd)
     proc = subprocess.run(args, cwd=tempfile.gettempdir(), capture_output=True, text=True, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode:
+    if proc.returncode and "loss is not finite" not in proc.stderr:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_accuracy" in r]
     logged = [r for r in rows if "seconds/update" in r]
     per_step = [sum(r[k] for k in r if k.startswith("seconds/")) for r in logged]
     std = [r["estimator_std"] for r in logged if "estimator_std" in r]
+    if proc.returncode:  # the trainer stopped on an overflow: a result for the table, not a crash of the script
+        last = logged[-1]["step"] if logged else 0
+        return {"name": f"{name} (stopped after step {last}: non-finite loss)", "before": evals[0]["eval_accuracy"],
+                "after": float("nan"), "s_per_step": statistics.median(per_step) if per_step else float("nan"),
+                "estimator_std": float("nan"), "train_reward": logged[-1]["reward"] if logged else float("nan")}
     return {"name": name, "before": evals[0]["eval_accuracy"], "after": evals[-1]["eval_accuracy"],
             "s_per_step": statistics.median(per_step), "estimator_std": statistics.mean(std) if std else 0.0,
             "train_reward": logged[-1]["reward"]}
