@@ -221,7 +221,10 @@ class GRPOTrainer:
     def _check_finite(self, loss, stats: dict):
         """Stop before a non-finite loss reaches the weights: one inf/NaN gradient step silently turns every later
         rollout, checkpoint and evaluation into garbage, so fail loudly instead (the last checkpoint is intact)."""
-        if torch.isfinite(loss).all():
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
+        if self.acc.num_processes > 1:  # decide together: one rank raising alone would hang the others' all-reduce
+            bad = self.acc.reduce(bad, reduction="sum")
+        if not bad.item():
             return
         e = self.recipe.estimator
         shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
@@ -229,8 +232,9 @@ class GRPOTrainer:
                 f"the KL term near t=0 or 1: set estimator.t_min=1e-3 (now {e.t_min}) and, if coupled, "
                 f"estimator.t_max=0.999 (now {e.t_max}), or lower grpo.beta / optim.lr."
                 if e.name in ("elbo", "block_elbo") else " Lower optim.lr or grpo.beta, or check the rewards.")
-        raise DllmRlError(f"GRPO: the loss is not finite ({loss.item()}; {shown}); no update was applied and the "
-                          f"last checkpoint is intact.{hint} Resume with the same command after changing the recipe.")
+        raise DllmRlError(f"GRPO: the loss is not finite on {int(bad.item())} process(es) (here {loss.item()}; "
+                          f"{shown}); no update was applied and the last checkpoint is intact.{hint} Resume with the "
+                          f"same command after changing the recipe.")
 
     def update(self, batch, noises, olds, refs) -> dict:
         """num_iterations passes over the batch, one optimizer step each (TRL's num_iterations)."""
