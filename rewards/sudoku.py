@@ -69,8 +69,7 @@ def count_solutions(puzzle: str) -> int:
     >>> count_solutions("1234\\n3412\\n2143\\n43__"), count_solutions("_" * 16)
     (1, 288)
     """
-    cells = [c for c in puzzle if c not in "\n "]
-    return sum(all(not c.isdigit() or int(c) == g for c, g in zip(cells, grid)) for grid in all_grids())
+    return sum(is_valid_solution(list(grid), puzzle) for grid in all_grids())
 
 
 def sudoku_reward(prompts, completions, puzzle, **kwargs) -> list[float]:
