@@ -176,6 +176,16 @@ def gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.gather(tensor.to(accelerator.device)).to(tensor.device)
 
 
+def processes_with_non_finite(accelerator, loss: torch.Tensor) -> int:
+    """How many processes hold a non-finite `loss`, decided together: one rank raising alone would leave the
+    others waiting in the gradient all-reduce. Trainers call it before backward so that an inf/NaN step never
+    reaches the weights (one such step silently turns every later checkpoint into garbage)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return int(bad.item())
+
+
 def shutdown() -> None:
     """End the process group, if any, once every rank is done. Left to interpreter exit, gloo can abort
     with SIGABRT ("terminate called without an active exception", shared/reference/ecosystem.md section 3)."""

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from dllm_rl.config import recipe_from_dict
+from dllm_rl.errors import DllmRlError
 from dllm_rl.trainers.sft import SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,27 @@ def test_loss_falls_and_checkpoint_loads(tmp_path):
     assert type(model).__name__ == "TinyMDM" and tok.mask_token_id == model.config.mask_token_id
     assert (Path(r.train.output_dir) / "checkpoint-30" / "accelerator_state").is_dir()
     assert not list(Path(r.train.output_dir).glob("*.tmp"))
+
+
+def test_a_non_finite_loss_stops_sft_before_it_reaches_the_weights(tmp_path):
+    """As in GRPO: an inf loss at step 12 raises an error naming the fix; the weights and checkpoint-10 stay finite
+    and no later checkpoint is written."""
+    from safetensors.torch import load_file
+
+    trainer = SFTTrainer(recipe(tmp_path, max_steps=20))
+    real, calls = trainer.loss, {"n": 0}
+
+    def overflowing(batch, noise):  # the real loss, made inf from step 12 on (one micro-batch per step)
+        calls["n"] += 1
+        loss = real(batch, noise)
+        return loss * float("inf") if calls["n"] >= 12 else loss
+
+    trainer.loss = overflowing
+    with pytest.raises(DllmRlError, match="SFT: the loss is not finite.*step 12.*no update was applied.*optim.lr"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    saved = load_file(tmp_path / "run" / "checkpoint-10" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values()) and not (tmp_path / "run" / "checkpoint-20").exists()
 
 
 def test_sgd_optimizer_steps_along_the_gradient(tmp_path):

@@ -42,6 +42,7 @@ from ..runtime import (
     make_accelerator,
     make_optimizer,
     prepare_frozen,
+    processes_with_non_finite,
     set_threads,
     step_generator,
     zero_stage,
@@ -219,12 +220,8 @@ class GRPOTrainer:
         return self.loss_fn(inputs, self.recipe.grpo)
 
     def _check_finite(self, loss, stats: dict):
-        """Stop before a non-finite loss reaches the weights: one inf/NaN gradient step silently turns every later
-        rollout, checkpoint and evaluation into garbage, so fail loudly instead (the last checkpoint is intact)."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
-        if self.acc.num_processes > 1:  # decide together: one rank raising alone would hang the others' all-reduce
-            bad = self.acc.reduce(bad, reduction="sum")
-        if not bad.item():
+        """Stop before a non-finite loss reaches the weights (the last checkpoint stays intact)."""
+        if not (bad := processes_with_non_finite(self.acc, loss)):
             return
         e = self.recipe.estimator
         shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
@@ -232,7 +229,7 @@ class GRPOTrainer:
                 f"the KL term near t=0 or 1: set estimator.t_min=1e-3 (now {e.t_min}) and, if coupled, "
                 f"estimator.t_max=0.999 (now {e.t_max}), or lower grpo.beta / optim.lr."
                 if e.name in ("elbo", "block_elbo") else " Lower optim.lr or grpo.beta, or check the rewards.")
-        raise DllmRlError(f"GRPO: the loss is not finite on {int(bad.item())} process(es) (here {loss.item()}; "
+        raise DllmRlError(f"GRPO: the loss is not finite on {bad} process(es) (here {loss.item()}; "
                           f"{shown}); no update was applied and the last checkpoint is intact.{hint} Resume with the "
                           f"same command after changing the recipe.")
 

@@ -18,15 +18,22 @@ from transformers import get_scheduler
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from ..config import Recipe, recipe_to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, DllmRlError
 from ..estimators import draw_elbo, score
 from ..evaluate import evaluate_recipe
 from ..metrics import MetricsLogger
 from ..models.base import traits
 from ..models.load import load_model
 from ..rollout import encode_prompts
-from ..runtime import (EpochSampler, generation_model, make_accelerator, make_optimizer, set_threads,
-                       step_generator)
+from ..runtime import (
+    EpochSampler,
+    generation_model,
+    make_accelerator,
+    make_optimizer,
+    processes_with_non_finite,
+    set_threads,
+    step_generator,
+)
 from ..tasks import load_task
 from ..types import SequenceBatch
 
@@ -104,6 +111,12 @@ class SFTTrainer:
             batch = SequenceBatch(*(t.to(self.acc.device) for t in batch.__dict__.values()))
             with self.acc.accumulate(self.model):
                 loss = self.loss(batch, noise.select(torch.arange(start, start + micro)))
+                if bad := processes_with_non_finite(self.acc, loss):
+                    raise DllmRlError(
+                        f"SFT: the loss is not finite on {bad} process(es) at step {step + 1} (here {loss.item()}); "
+                        f"no update was applied and the last checkpoint is intact. Lower optim.lr (now "
+                        f"{self.recipe.optim.lr}) or raise sft.t_min (now {self.recipe.sft.t_min}; the loss weights "
+                        f"masked tokens by 1/t), then resume with the same command.")
                 self.acc.backward(loss)
                 if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
                     self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm)
