@@ -29,7 +29,8 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
         scores += values.tolist()
         examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
-    result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples}
+    result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples,
+              "scores": scores}  # per sample, num_samples consecutive ones per prompt
     if num_samples > 1:
         # pass@n: share of prompts with at least one solved sample (score 1.0 = solved). A prompt no sample
         # solves gives GRPO with groups of n no solve signal, so with sampling, pass@n minus the greedy accuracy

@@ -195,3 +195,30 @@ def test_main_job_start_mixes_solutions_under_the_fast_sampler():
     slow = evaluate_recipe(model, tok, task, replace(r, rollout=replace(r.rollout, steps=20)))["accuracy"]
     sampled = evaluate_recipe(model, tok, task, replace(r, eval=replace(r.eval, num_samples=8, temperature=1.0)))
     assert slow >= 0.93 and fast <= 0.6 and sampled["pass@8"] - fast >= 0.2, (slow, fast, sampled["pass@8"])
+
+
+def test_headroom_benchmark_tracks_each_puzzle(tmp_path):
+    """benchmarks/headroom.py (RESULTS.md's won/lost figures) pairs each held-out puzzle's greedy result with its
+    sampled solve rate. A checkpoint against itself wins and loses nothing and stays on the diagonal; its greedy
+    rate is the recipe's own evaluation."""
+    import subprocess
+    import sys
+
+    ckpt = str(ROOT / "checkpoints/tiny/sudoku-sft-multi")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/headroom.py"), ckpt, ckpt, "--eval-size", "48",
+                          "--samples", "4", "--threads", "1"], capture_output=True, text=True, check=True).stdout
+    assert "Greedy: 0 puzzles won, 0 lost (net +0 of 48)" in out, out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2] in "0(1"]
+    matrix = [[int(c) for c in row.strip("|").split("|")[1:]] for row in rows[-6:]]
+    assert sum(map(sum, matrix)) == 48 and all(matrix[i][j] == 0 for i in range(6) for j in range(6) if i != j), out
+    r = load_recipe(ROOT / "recipes" / "tiny" / "sudoku-diffu-grpo.yaml")
+    r = replace(r, data=replace(r.data, eval_size=48))
+    model, tok = load_model(replace(r.model, path=ckpt), seed=0)
+    task = load_task(r.data)
+    greedy = evaluate_recipe(model, tok, task, r)
+    assert f"| {ckpt} | {greedy['accuracy']:.3f} |" in out, (greedy["accuracy"], out)
+    # the script groups `scores` as num_samples consecutive samples per prompt, in prompt order
+    triple = evaluate_recipe(model, tok, task, replace(r, eval=replace(r.eval, num_samples=3)))
+    per_prompt = torch.tensor(triple["scores"]).view(48, 3)
+    assert torch.equal(per_prompt, torch.tensor(greedy["scores"])[:, None].expand(48, 3))
+    assert 0 < greedy["accuracy"] < 1
