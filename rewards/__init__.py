@@ -7,7 +7,7 @@ recipe's `kwargs` (e.g. `{name: code, kwargs: {binary: true, timeout: 5}}`).
 | name            | scores                                                               | range      |
 |-----------------|----------------------------------------------------------------------|------------|
 | `sudoku`        | valid 4x4 solution keeping the givens (`puzzle` column)              | 0 / 1      |
-| `sudoku_cells`  | fraction of blank cells filled with the solution's digit (d1 / SPG)  | 0..1       |
+| `sudoku_cells`  | fraction of blanks filled as in the closest valid solution (d1, SPG) | 0..1       |
 | `countdown`     | expression over `numbers` reaching `target`                          | 0 / 1      |
 | `math`          | final answer equals `answer` (math-verify)                           | 0 / 1      |
 | `code`          | fraction of the row's tests passed in a sandbox (`code.py`)          | 0..1, None |

@@ -63,13 +63,22 @@ def all_grids() -> tuple[tuple[int, ...], ...]:
 
 
 @functools.lru_cache(maxsize=65536)
+def solutions(puzzle: str) -> tuple[tuple[int, ...], ...]:
+    """Every valid grid that keeps the puzzle's givens.
+
+    >>> len(solutions("1234\\n3412\\n2143\\n43__")), len(solutions("_" * 16))
+    (1, 288)
+    """
+    return tuple(grid for grid in all_grids() if is_valid_solution(list(grid), puzzle))
+
+
 def count_solutions(puzzle: str) -> int:
     """How many valid grids keep the puzzle's givens.
 
     >>> count_solutions("1234\\n3412\\n2143\\n43__"), count_solutions("_" * 16)
     (1, 288)
     """
-    return sum(is_valid_solution(list(grid), puzzle) for grid in all_grids())
+    return len(solutions(puzzle))
 
 
 def sudoku_reward(prompts, completions, puzzle, **kwargs) -> list[float]:
@@ -86,24 +95,26 @@ def sudoku_reward(prompts, completions, puzzle, **kwargs) -> list[float]:
     return out
 
 
-def sudoku_cells_reward(prompts, completions, puzzle, answer, **kwargs) -> list[float]:
-    """Partial credit, as d1 / SPG score Sudoku: the fraction of the puzzle's blank cells filled with the
-    solution's digit (`answer` column: the unique solution grid).
+def sudoku_cells_reward(prompts, completions, puzzle, **kwargs) -> list[float]:
+    """Partial credit: the fraction of the puzzle's blank cells filled with the digit of the closest valid
+    solution. With a unique solution (reasoning-gym's puzzles) that is how d1 and SPG score Sudoku; with several
+    (data.options unique: false) any valid grid scores 1 and the others are scored against the solution they are
+    nearest to, instead of against the one grid the puzzle was cut from.
 
     >>> sudoku_cells_reward(["p", "p"], ["1234\\n3412\\n2143\\n4321", "1234\\n3412\\n2143\\n4312"],
-    ...                     puzzle=["1234\\n3412\\n2143\\n43__"] * 2, answer=["1234\\n3412\\n2143\\n4321"] * 2)
+    ...                     puzzle=["1234\\n3412\\n2143\\n43__"] * 2)
     [1.0, 0.0]
+    >>> sudoku_cells_reward(["p", "p"], ["1234\\n3412\\n2143\\n4321", "1234\\n3412\\n2143\\n4312"],
+    ...                     puzzle=["1___\\n____\\n____\\n____"] * 2)   # 2 of 15 blanks off every solution
+    [1.0, 0.8666666666666667]
     """
     out = []
-    for completion, given, solution in zip(completions, puzzle, answer):
-        if (n := count_solutions(given)) > 1:
-            raise ValueError(f"sudoku_cells scores blanks against the puzzle's unique solution, but this puzzle has "
-                             f"{n} solutions (data.options unique: false?); use the `sudoku` reward, which accepts "
-                             f"any valid grid")
+    for completion, given in zip(completions, puzzle):
         grid = parse_grid(completion_text(completion)) or []
-        cells = [c for c in given if c not in "\n "]
-        truth = [int(c) for c in solution if c.isdigit()]
-        blanks = [i for i, c in enumerate(cells) if not c.isdigit()]
-        hits = sum(1 for i in blanks if i < len(grid) and grid[i] == truth[i])
-        out.append(hits / len(blanks) if blanks else float(grid == truth))
+        blanks = [i for i, c in enumerate(c for c in given if c not in "\n ") if not c.isdigit()]
+        if not blanks:
+            out.append(float(any(list(s) == grid for s in solutions(given))))
+            continue
+        hits = max((sum(1 for i in blanks if i < len(grid) and grid[i] == s[i]) for s in solutions(given)), default=0)
+        out.append(hits / len(blanks))
     return out

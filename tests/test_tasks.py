@@ -39,8 +39,8 @@ def test_procedural_tasks_split_and_verify(name):
 
 def test_sudoku_with_several_solutions_per_puzzle():
     """data.options unique: false blanks cells at random (up to 16): the target is one valid solution of its
-    puzzle, many puzzles have several, the `sudoku` reward accepts any of them and `sudoku_cells` (scored
-    against one solution) refuses such puzzles instead of marking a different valid grid wrong."""
+    puzzle, many puzzles have several, the `sudoku` reward accepts any of them and `sudoku_cells` scores each
+    grid against the closest one instead of marking a different valid grid wrong."""
     opts = {"min_empty": 10, "max_empty": 13, "unique": False}
     task = load_task(DataConfig(task="sudoku", train_size=200, eval_size=50, seed=3, options=opts))
     rows = task.eval.to_list() + task.train.to_list()
@@ -55,8 +55,15 @@ def test_sudoku_with_several_solutions_per_puzzle():
                  and "".join(map(str, g)) != row["answer"].replace("\n", ""))
     other_text = "\n".join("".join(map(str, other[4 * i:4 * i + 4])) for i in range(4))
     assert verify(task, [row, row], [row["completion"], other_text]) == [1.0, 1.0]
-    with pytest.raises(ValueError, match="use the `sudoku` reward"):
-        sudoku_cells_reward(["p"], [other_text], puzzle=[row["puzzle"]], answer=[row["answer"]])
+    # partial credit counts against the closest valid solution: another solution scores 1, and that solution with
+    # one blank changed (never valid: its row repeats a digit) scores 1 - 1/blanks, or more if a third is nearer
+    i = row["puzzle"].replace("\n", "").index("_")
+    changed = list(other)
+    changed[i] = changed[i] % 4 + 1
+    changed_text = "\n".join("".join(map(str, changed[4 * r:4 * r + 4])) for r in range(4))
+    scores = sudoku_cells_reward(["p"] * 3, [row["completion"], other_text, changed_text], puzzle=[row["puzzle"]] * 3)
+    n_blank = row["puzzle"].count("_")
+    assert scores[:2] == [1.0, 1.0] and 1 - 1 / n_blank <= scores[2] < 1.0, scores
     # the default (unique puzzles, reasoning-gym's) is unchanged and every puzzle has one solution
     unique = load_task(DataConfig(task="sudoku", train_size=50, eval_size=10, seed=3))
     assert all(count_solutions(r["puzzle"]) == 1 for r in unique.train.to_list())

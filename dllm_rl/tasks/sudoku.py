@@ -9,7 +9,8 @@ Options (data.options): min_empty, max_empty (blanks per puzzle), eval_fraction,
 - unique: false: the same solution grids with min_empty..max_empty cells blanked at random (up to 16), so a
   puzzle may have several solutions; the SFT target and `answer` are the grid it was cut from, one of them.
   The split is still by that grid, but another solution of a held-out puzzle can be a training grid.
-  Score these with the `sudoku` reward (any valid grid that keeps the givens), not `sudoku_cells`. SFT on such
+  The `sudoku` reward accepts any valid grid that keeps the givens; `sudoku_cells` scores the blanks against
+  the closest valid solution (on unique puzzles: d1's partial credit against the one solution). SFT on such
   data learns a mixture over solutions, which a sampler committing several cells per forward can mix into an
   invalid grid: the case where RL's mode-seeking adds what maximum likelihood cannot (benchmarks/RESULTS.md).
 """
