@@ -5,6 +5,7 @@ and lost.
 
     python benchmarks/headroom.py checkpoints/tiny/sudoku-sft-multi outputs/tiny-sudoku-grpo/final
     python benchmarks/headroom.py CKPT --recipe recipes/tiny/sudoku-diffu-grpo.yaml --eval-size 400 --samples 16
+    python benchmarks/headroom.py BEFORE AFTER --split train     # the first 400 training puzzles instead
 
 Greedy decoding solves a puzzle almost exactly when more than about half of the temperature-1 samples do, so
 the greedy rate is the share of puzzles above that line, and a puzzle's sampled rate says how far it is from it.
@@ -49,14 +50,18 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=400)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--split", choices=["eval", "train"], default="eval",
+                    help="held-out puzzles, or the first --eval-size training puzzles (did RL fit what it trained on?)")
     args = ap.parse_args()
     set_threads(args.threads)
     r = load_recipe(args.recipe)
     r = replace(r, data=replace(r.data, eval_size=args.eval_size), eval=replace(r.eval, size=args.eval_size))
     task = load_task(r.data)
+    if args.split == "train":
+        task = replace(task, eval=task.train.select(range(min(args.eval_size, len(task.train)))))
     edges = torch.tensor(EDGES)
     results = []
-    print(f"{args.eval_size} held-out puzzles, {r.rollout.max_completion_length} tokens in {r.rollout.steps} "
+    print(f"{len(task.eval)} {'held-out' if args.split == 'eval' else 'training'} puzzles, {r.rollout.max_completion_length} tokens in {r.rollout.steps} "
           f"steps, order {r.rollout.order}; solve rate over {args.samples} samples at T 1\n")
     print(f"| checkpoint | greedy | T 1: mean | T 1: pass@{args.samples} | "
           + " | ".join(f"puzzles with rate {n} (greedy solves)" for n in NAMES) + " |")

@@ -222,3 +222,9 @@ def test_headroom_benchmark_tracks_each_puzzle(tmp_path):
     per_prompt = torch.tensor(triple["scores"]).view(48, 3)
     assert torch.equal(per_prompt, torch.tensor(greedy["scores"])[:, None].expand(48, 3))
     assert 0 < greedy["accuracy"] < 1
+    # --split train scores the first training puzzles instead (did RL fit what it trained on?)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/headroom.py"), ckpt, "--eval-size", "48",
+                          "--samples", "2", "--threads", "1", "--split", "train"],
+                         capture_output=True, text=True, check=True).stdout
+    on_train = evaluate_recipe(model, tok, replace(task, eval=task.train.select(range(48))), r)["accuracy"]
+    assert "48 training puzzles" in out and f"| {ckpt} | {on_train:.3f} |" in out, (on_train, out)
