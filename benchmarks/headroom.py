@@ -61,8 +61,9 @@ def main() -> None:
         task = replace(task, eval=task.train.select(range(min(args.eval_size, len(task.train)))))
     edges = torch.tensor(EDGES)
     results = []
-    print(f"{len(task.eval)} {'held-out' if args.split == 'eval' else 'training'} puzzles, {r.rollout.max_completion_length} tokens in {r.rollout.steps} "
-          f"steps, order {r.rollout.order}; solve rate over {args.samples} samples at T 1\n")
+    which = "held-out" if args.split == "eval" else "training"
+    print(f"{len(task.eval)} {which} puzzles, {r.rollout.max_completion_length} tokens in {r.rollout.steps} steps, "
+          f"order {r.rollout.order}; solve rate over {args.samples} samples at T 1\n")
     print(f"| checkpoint | greedy | T 1: mean | T 1: pass@{args.samples} | "
           + " | ".join(f"puzzles with rate {n} (greedy solves)" for n in NAMES) + " |")
     print("|---" * (4 + len(NAMES)) + "|")

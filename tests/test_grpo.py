@@ -197,7 +197,7 @@ def test_main_job_start_mixes_solutions_under_the_fast_sampler():
     assert slow >= 0.93 and fast <= 0.6 and sampled["pass@8"] - fast >= 0.2, (slow, fast, sampled["pass@8"])
 
 
-def test_headroom_benchmark_tracks_each_puzzle(tmp_path):
+def test_headroom_benchmark_tracks_each_puzzle():
     """benchmarks/headroom.py (RESULTS.md's won/lost figures) pairs each held-out puzzle's greedy result with its
     sampled solve rate. A checkpoint against itself wins and loses nothing and stays on the diagonal; its greedy
     rate is the recipe's own evaluation."""
