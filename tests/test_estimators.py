@@ -566,16 +566,21 @@ def test_trajectory_replays_the_sampler_exactly(tokenizer, attention, self_corre
     assert torch.equal(merged.weights.sum(0) > 0, scored)
 
 
-@pytest.mark.parametrize("order,exact", [("top_prob", True), ("margin", True), ("low_confidence", False)])
-def test_trajectory_likelihood_is_the_rollout_probability(tokenizer, order, exact):
+@pytest.mark.parametrize("order,order_temperature,exact", [
+    ("top_prob", 0.0, True), ("margin", 0.0, True), ("low_confidence", 0.0, False),
+    ("top_prob", 0.3, True), ("entropy", 1.0, True), ("random", 1.0, True)])
+def test_trajectory_likelihood_is_the_rollout_probability(tokenizer, order, order_temperature, exact):
     """The trajectory estimator's log-likelihood is the log-probability with which the sampler produced the
     rollout when the unmasking order is a function of the state (top_prob, margin, ...): 4000 rollouts of a
     2-token canvas, grouped by whole trajectory (which position first, both tokens), occur n * exp(loglik)
-    times (chi-square), and the probabilities sum to 1. With LLaDA's low_confidence order at temperature > 0
-    a position is committed *because* its sampled token came out probable, so these products are not the
-    rollout's probability (they sum to ~2 here) and the estimator's gradient is not the policy gradient."""
+    times (chi-square), and the probabilities sum to 1. With a sampled order (order_temperature > 0) that
+    holds only because the estimator adds the order's Plackett-Luce log-prob (without it these sum to ~2).
+    With LLaDA's low_confidence order at temperature > 0 a position is committed *because* its sampled token
+    came out probable, so these products are not the rollout's probability (they sum to ~2 here) and the
+    estimator's gradient is not the policy gradient."""
     model = build(tokenizer, seed=0, std=1.0)
-    rollout = RolloutConfig(max_completion_length=2, steps=2, temperature=1.0, order=order, stop_at_eos=False)
+    rollout = RolloutConfig(max_completion_length=2, steps=2, temperature=1.0, order=order, stop_at_eos=False,
+                            order_temperature=order_temperature)
     n = 4000
     batch = generate(model, tokenizer, [[5, 7, 4]] * n, rollout, torch.Generator().manual_seed(0))
     assert (batch.completion_mask.sum(-1) == 2).all()  # no EOS: both tokens are scored
@@ -597,6 +602,33 @@ def test_trajectory_likelihood_is_the_rollout_probability(tokenizer, order, exac
         assert 0.99 < total <= 1.0 + 1e-6  # the sampled trajectories carry (nearly) all the mass
     else:
         assert in_tail and total > 1.5, (chi2, total)
+
+
+def test_trajectory_scores_a_sampled_order_with_gradient(tokenizer):
+    """With rollout.order_temperature > 0 and a model-scored order, the trajectory estimate is the token
+    log-probs plus each step's Plackett-Luce order log-prob recomputed from the model (equal to what the
+    sampler recorded), and the order part carries gradient into the model: RL trains the order too."""
+    from dataclasses import replace
+
+    from dllm_rl.errors import ConfigError
+
+    model = build(tokenizer).train()
+    rollout = RolloutConfig(max_completion_length=12, steps=6, block_length=6, temperature=0.8, order="top_prob",
+                            order_temperature=0.2, stop_at_eos=False)
+    batch = rollout_batch(model, tokenizer, rollout)
+    assert (batch.trace.order_logprob < -0.1).any()  # orders really were sampled
+    noise, cfg = trajectory_views(model, batch, rollout)
+    est = E.ESTIMATORS["trajectory"]
+    total = est.estimate(model, batch, noise, traits(model), cfg, rollout).logps
+    tokens = est.estimate(model, batch, noise, traits(model), cfg, replace(rollout, order_temperature=0.0)).logps
+    order = (total - tokens).sum(-1)
+    assert torch.allclose(order.detach(), batch.trace.order_logprob.sum(-1), atol=1e-4, rtol=0)
+    order.sum().backward()
+    assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="merge_steps=1"):
+        trajectory_views(model, batch, rollout, merge=2)
+    with pytest.raises(ConfigError, match="rollout.order=top_prob"):
+        trajectory_views(model, batch, replace(rollout, order="low_confidence"))
 
 
 # ------------------------------------------------------------------------------------------------ gradients

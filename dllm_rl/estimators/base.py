@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 
 from ..models.base import ModelTraits
 from ..models.masks import block_ids, padding_positions
+from ..rollout.remask import model_order_scores
 
 
 @dataclass
@@ -64,11 +65,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask_token_id: i
 
 
 def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: torch.Tensor | None,
-                  tr: ModelTraits, temperature: float = 1.0, tokens_k: torch.Tensor | None = None) -> torch.Tensor:
+                  tr: ModelTraits, temperature: float = 1.0, tokens_k: torch.Tensor | None = None,
+                  order: str | None = None):
     """log p(completion token | view) at every completion position for one view: [N, Lc].
 
     batch: anything with prompt_ids [N, P], prompt_mask [N, P], completion_ids [N, Lc]. tokens_k: the view's
     canvas where unmasked, when it differs from the final completion (trajectories with self-correction).
+    order: also return the sampler's ordering scores at every position (rollout.remask.model_order_scores,
+    from the untempered logits), as a second [N, Lc] tensor.
     """
     P, Lc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     mask_id = tr.mask_token_id
@@ -90,9 +94,11 @@ def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: 
         ids, mask, lo = torch.cat([prompt, noisy], 1), attn, P
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
                    logits_range=(lo - shift, lo + Lc - shift)).logits  # [N, Lc, V]
+    scores = None if order is None else model_order_scores(logits, mask_id, order)
     if temperature != 1.0:
         logits = logits / temperature
-    return token_logprobs(logits, batch.completion_ids, mask_id)  # [N, Lc]
+    lp = token_logprobs(logits, batch.completion_ids, mask_id)  # [N, Lc]
+    return lp if order is None else (lp, scores)
 
 
 def two_stream_mask(clean_bid: torch.Tensor, noisy_bid: torch.Tensor) -> torch.Tensor:

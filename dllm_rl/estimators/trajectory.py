@@ -8,15 +8,24 @@ estimate equals the log-probs the sampler recorded. merge_steps = m scores m con
 state before the first of them (TraceRL's `shrink`): m times fewer forwards, slightly less context.
 
 The sum is the rollout's log-probability (so its gradient is the policy gradient) when the unmasking order
-is a function of the state, such as rollout.order=top_prob, margin, entropy, left_to_right or random (a
-sampled order from a learned policy adds its Plackett-Luce log-probs, recorded in the trace). LLaDA's
-low_confidence order with temperature > 0 ranks positions by the probability of the token just sampled
-there, so which position is committed depends on the draws, and the product of committed-token probabilities
-is not the probability of the rollout (tests/test_estimators.py counts it summing to ~2 over trajectories;
-on the tiny Countdown model at temperature 1 a step along its large-batch gradient does not raise the reward,
-while one along the gradient for a model-independent order does; on Sudoku at 0.5 both rise: benchmarks/
-ascent.py, RESULTS.md). top_prob decodes exactly
-like low_confidence when greedy.
+is a function of the state, such as rollout.order=top_prob, margin, entropy, left_to_right or random.
+With a sampled order (rollout.order_temperature > 0: Plackett-Luce over the order's scores / temperature)
+the rollout's probability also holds each step's order log-prob. For top_prob, margin and entropy the
+scores are the model's own, so each view recomputes them and adds the Plackett-Luce log-prob of the
+positions the step drew, in draw order, with gradient: RL then also trains *which* cells the model is
+confident enough to commit first (DCoLT's unmasking policy, arXiv 2505.10446, with the model's confidence
+as the policy instead of a separate head). A step's order log-prob is shared equally among the tokens it
+committed (the per-token sum is exact; a step whose tokens are all unscored, after the first EOS, drops
+it). For random and left_to_right the order does not depend on the model and its log-prob is a constant
+(for random, uniform over draw orders). This needs merge_steps=1 and a bidirectional model (the packed
+block-causal views score several steps of different blocks at once).
+
+LLaDA's low_confidence order with temperature > 0 ranks positions by the probability of the token just
+sampled there, so which position is committed depends on the draws, and the product of committed-token
+probabilities is not the probability of the rollout (tests/test_estimators.py counts it summing to ~2 over
+trajectories; on the tiny Countdown model at temperature 1 a step along its large-batch gradient does not
+raise the reward, while one along the gradient for a model-independent order does; on Sudoku at 0.5 both
+rise: benchmarks/ascent.py, RESULTS.md). top_prob decodes exactly like low_confidence when greedy.
 
 Block-causal models are packed as TraceRL does: in the two-stream layout (estimators.base) the noisy copy
 of block b only sees clean blocks < b and itself, so one forward scores round r of *every* block; the
@@ -30,8 +39,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..policy.plackett_luce import plackett_luce_logprob
+from ..rollout.remask import MODEL_ORDERS
 from ..rollout.trace import COMMIT
-from .base import Estimate, Noise, score
+from .base import Estimate, Noise, score, view_logprobs
 
 
 def _local_steps(trace, Lc: int, block: int | None):
@@ -67,6 +78,15 @@ def draw(batch, cfg, rollout, tr, generator=None) -> Noise:
             raise ConfigError(f"estimator.name=trajectory on a block-causal model needs rollout.block_length "
                               f"({Lb}) equal to the model's attention block ({tr.block_size})")
         block = Lb
+    if rollout.order_temperature > 0:
+        if rollout.order not in MODEL_ORDERS + ("random", "left_to_right"):
+            raise ConfigError(f"estimator.name=trajectory cannot replay a sampled rollout.order={rollout.order}: "
+                              "its scores depend on tokens drawn at positions that were not committed; use "
+                              "rollout.order=top_prob (or margin, entropy), or rollout.order_temperature=0")
+        if cfg.merge_steps > 1 or block is not None:
+            raise ConfigError("estimator.name=trajectory with a sampled order (rollout.order_temperature > 0) "
+                              "scores each step's order from the state before it: set estimator.merge_steps=1, "
+                              "and use a bidirectional model (block-causal packing scores several steps at once)")
     ev_local, local = _local_steps(trace, Lc, block)
     m = max(1, cfg.merge_steps)
     K = int(local.max().item()) // m + 1 if local.numel() and local.max() >= 0 else 1
@@ -93,4 +113,61 @@ def draw(batch, cfg, rollout, tr, generator=None) -> Noise:
 
 def estimate(model, batch, noise: Noise, tr, cfg, rollout) -> Estimate:
     temperature = rollout.temperature if rollout.temperature > 0 else 1.0
-    return Estimate(score(model, batch, noise, tr, temperature))
+    if rollout.order_temperature <= 0:
+        return Estimate(score(model, batch, noise, tr, temperature))
+    return Estimate(_score_with_order(model, batch, noise, tr, temperature, rollout))
+
+
+def _step_draws(trace, step: int, N: int):
+    """Positions each row committed at `step`, in draw order: chosen [N, kmax] long, valid [N, kmax] bool."""
+    ev = trace.events.cpu()
+    ev = ev[(ev[:, 1] == step) & (ev[:, 4] == COMMIT)]  # recorded row by row, in draw order within a row
+    rows = ev[:, 0]
+    counts = torch.bincount(rows, minlength=N)
+    kmax = int(counts.max()) if len(ev) else 0
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(ev)) - start[rows]
+    chosen = torch.zeros(N, kmax, dtype=torch.long)
+    valid = torch.zeros(N, kmax, dtype=torch.bool)
+    chosen[rows, rank] = ev[:, 2]
+    valid[rows, rank] = True
+    return chosen, valid
+
+
+def _score_with_order(model, batch, noise: Noise, tr, temperature: float, rollout) -> torch.Tensor:
+    """score() plus each step's Plackett-Luce order log-prob, shared among the tokens the step committed."""
+    trace = batch.trace
+    N, Lc = batch.completion_ids.shape
+    device = batch.completion_ids.device
+    scored_order = rollout.order in MODEL_ORDERS
+    Lb = rollout.block_length or Lc
+    checkpointed = torch.is_grad_enabled() and noise.num_views > 1
+    total = torch.zeros(N, Lc, device=device)
+    for j in range(noise.num_views):
+        w = noise.weights[j].to(device)
+        if not w.any():
+            continue  # no scored token: nothing to carry this step's order term (tokens after the first EOS)
+        chosen, valid = _step_draws(trace, j, N)
+        tk = None if noise.tokens is None else noise.tokens[j]
+        args = (model, batch, noise.completion_masks[j], None, tr, temperature, tk,
+                rollout.order if scored_order else None)
+        out = torch.utils.checkpoint.checkpoint(view_logprobs, *args, use_reentrant=False) if checkpointed \
+            else view_logprobs(*args)
+        lp = out[0] if scored_order else out
+        total = total + torch.where(w != 0, lp * w, torch.zeros_like(lp))
+        # the sampler drew from the masked positions of the active block (the one the step committed in)
+        pos = torch.arange(Lc)
+        available = noise.completion_masks[j].cpu() & (pos[None, :] // Lb == chosen[:, :1].clamp(min=0) // Lb)
+        r = (valid.any(-1) & (w.sum(-1) > 0).cpu()).nonzero().squeeze(-1)
+        order_lp = torch.zeros(N, device=device)
+        if len(r) and rollout.order == "random":  # uniform keys: every draw order is equally likely, a constant
+            n, k = available[r].sum(-1).double(), valid[r].sum(-1).double()
+            order_lp[r.to(device)] = (torch.lgamma(n - k + 1) - torch.lgamma(n + 1)).float().to(device)
+        elif len(r):
+            scores = out[1][r.to(device)] if scored_order else -pos.float().expand(len(r), Lc).to(device)
+            order_lp = order_lp.index_put((r.to(device),), plackett_luce_logprob(
+                scores / rollout.order_temperature, available[r].to(device), chosen[r].to(device),
+                valid[r].to(device)))
+        share = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+        total = total + order_lp[:, None] * share
+    return total

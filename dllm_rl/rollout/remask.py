@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import without_mask_token
 from .schedules import StepStats
 
 
@@ -51,6 +52,23 @@ def order_random(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch
 def order_left_to_right(st: StepStats, offsets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return -offsets.float().expand_as(st.confidence)
 
+
+def model_order_scores(logits: torch.Tensor, mask_token_id: int | None, order: str) -> torch.Tensor:
+    """The scores of the orders that are a function of the model's distribution (top_prob, margin, entropy)
+    from raw logits [..., V], differentiable: what the sampler ranked, recomputed by the trajectory estimator
+    to score a sampled order's Plackett-Luce log-prob with gradient. Same numbers as choose_tokens' stats."""
+    logp = without_mask_token(logits.float(), mask_token_id).log_softmax(-1)
+    if order == "entropy":
+        return -torch.special.entr(logp.exp()).sum(-1)
+    top = logp.topk(2, dim=-1).values.exp()
+    if order == "top_prob":
+        return top[..., 0]
+    if order == "margin":
+        return top[..., 0] - top[..., 1]
+    raise ValueError(f"order {order!r} is not a function of the model's distribution")
+
+
+MODEL_ORDERS = ("top_prob", "margin", "entropy")  # scores that model_order_scores recomputes
 
 ORDERS = {
     "low_confidence": order_low_confidence,

@@ -232,7 +232,10 @@ def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, 
 
         blk = c.x[r_idx, bs:be]
         new_blk = torch.where(sel, st.token, blk)
-        rr, cc = sel.nonzero(as_tuple=True)
+        # commits are recorded in draw order (row by row): a sampled order's Plackett-Luce log-prob depends on
+        # it, and the trajectory estimator reads it back from the trace
+        rr = torch.arange(len(r_idx), device=chosen.device)[:, None].expand_as(chosen)[valid]
+        cc = chosen[valid]
         rec.add(r_idx[rr], step[rr], offsets[0, cc], st.token[rr, cc], COMMIT, st.logprob[rr, cc])
         if cfg.self_correction:
             committed_before = ~m & (blk != tr.mask_token_id)
