@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import torch
 import dllm_rl.models as M
 from dllm_rl import estimators as E
 from dllm_rl.config import EstimatorConfig, RolloutConfig
+from dllm_rl.errors import ConfigError
 from dllm_rl.models.base import traits
 from dllm_rl.rollout import generate
 from dllm_rl.rollout.trace import REMASK
@@ -608,10 +610,6 @@ def test_trajectory_scores_a_sampled_order_with_gradient(tokenizer):
     """With rollout.order_temperature > 0 and a model-scored order, the trajectory estimate is the token
     log-probs plus each step's Plackett-Luce order log-prob recomputed from the model (equal to what the
     sampler recorded), and the order part carries gradient into the model: RL trains the order too."""
-    from dataclasses import replace
-
-    from dllm_rl.errors import ConfigError
-
     model = build(tokenizer).train()
     rollout = RolloutConfig(max_completion_length=12, steps=6, block_length=6, temperature=0.8, order="top_prob",
                             order_temperature=0.2, stop_at_eos=False)
