@@ -127,8 +127,9 @@ def weighted(model, batch, noise: Noise, tr: ModelTraits, cfg=None, rollout=None
     return Estimate(score(model, batch, noise, tr))
 
 
-def each_view(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0):
-    """Yield (k, log p(completion | view k) [N, Lc]) for every view that scores something.
+def each_view(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0, order: str | None = None):
+    """Yield (k, log p(completion | view k) [N, Lc]) for every view that scores something; with `order`,
+    (k, (log-probs, ordering scores)) as view_logprobs returns them.
 
     With gradients enabled and several views, each view's forward runs under activation checkpointing:
     its activations are recomputed during backward, so a K-view estimate (trajectory: one view per step)
@@ -140,7 +141,7 @@ def each_view(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 
             continue
         pm = None if noise.prompt_masks is None else noise.prompt_masks[k]
         tk = None if noise.tokens is None else noise.tokens[k]
-        args = (model, batch, noise.completion_masks[k], pm, tr, temperature, tk)
+        args = (model, batch, noise.completion_masks[k], pm, tr, temperature, tk, order)
         if checkpointed:
             yield k, torch.utils.checkpoint.checkpoint(view_logprobs, *args, use_reentrant=False)
         else:

@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..policy.plackett_luce import plackett_luce_logprob
 from ..rollout.remask import MODEL_ORDERS
 from ..rollout.trace import COMMIT
-from .base import Estimate, Noise, score, view_logprobs
+from .base import Estimate, Noise, each_view, score
 
 
 def _local_steps(trace, Lc: int, block: int | None):
@@ -141,18 +141,11 @@ def _score_with_order(model, batch, noise: Noise, tr, temperature: float, rollou
     device = batch.completion_ids.device
     scored_order = rollout.order in MODEL_ORDERS
     Lb = rollout.block_length or Lc
-    checkpointed = torch.is_grad_enabled() and noise.num_views > 1
     total = torch.zeros(N, Lc, device=device)
-    for j in range(noise.num_views):
+    # views without a scored token are skipped: their step's order term has no token to carry it (after EOS)
+    for j, out in each_view(model, batch, noise, tr, temperature, rollout.order if scored_order else None):
         w = noise.weights[j].to(device)
-        if not w.any():
-            continue  # no scored token: nothing to carry this step's order term (tokens after the first EOS)
         chosen, valid = _step_draws(trace, j, N)
-        tk = None if noise.tokens is None else noise.tokens[j]
-        args = (model, batch, noise.completion_masks[j], None, tr, temperature, tk,
-                rollout.order if scored_order else None)
-        out = torch.utils.checkpoint.checkpoint(view_logprobs, *args, use_reentrant=False) if checkpointed \
-            else view_logprobs(*args)
         lp = out[0] if scored_order else out
         total = total + torch.where(w != 0, lp * w, torch.zeros_like(lp))
         # the sampler drew from the masked positions of the active block (the one the step committed in)
