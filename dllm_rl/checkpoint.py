@@ -2,9 +2,10 @@
 
 Layout of a run directory (train.output_dir):
     checkpoint-<step>/   model files (config.json, model.safetensors | adapter_*), tokenizer files,
-                         recipe.yaml, trainer_state.json, accelerator_state/ (optimizer, scheduler, RNG)
-    final/               model files + recipe.yaml only (what `dllm-rl generate` / `eval` and a later
-                         recipe's model.path load; small enough to ship)
+                         recipe.yaml, trainer_state.json, accelerator_state/ (optimizer, scheduler, RNG),
+                         order_policy.pt when a learned unmasking order is trained (rollout.order=policy)
+    final/               model files + recipe.yaml (+ order_policy.pt) only (what `dllm-rl generate` / `eval`
+                         and a later recipe's model.path load; small enough to ship)
 Every directory is written under a temporary name and renamed into place, so a killed run never leaves a
 half-written checkpoint behind; resume picks the newest complete checkpoint-<step>.
 """
@@ -49,8 +50,10 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def save_model_files(directory: Path, model, tokenizer, recipe: Recipe, accelerator, state=None) -> None:
-    """Model weights in HF format (adapters only for peft models), tokenizer, resolved recipe.
+def save_model_files(directory: Path, model, tokenizer, recipe: Recipe, accelerator, state=None,
+                     order_policy=None) -> None:
+    """Model weights in HF format (adapters only for peft models), tokenizer, resolved recipe, and the
+    learned order head when there is one.
 
     `state`: the full state dict when the caller already gathered it (ZeRO-3 gathers collectively).
     """
@@ -61,10 +64,12 @@ def save_model_files(directory: Path, model, tokenizer, recipe: Recipe, accelera
         unwrap(target).save_pretrained(directory, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     save_recipe(recipe, directory / "recipe.yaml")
+    if order_policy is not None:
+        order_policy.save(directory)
 
 
 def save_checkpoint(run_dir, step: int, accelerator, model, tokenizer, recipe: Recipe, state: dict,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, order_policy=None) -> Path:
     """Atomically write checkpoint-<step> (all processes must call this; rank 0 writes the model files)."""
     run = Path(run_dir)
     final = run / f"checkpoint-{step}"
@@ -77,7 +82,7 @@ def save_checkpoint(run_dir, step: int, accelerator, model, tokenizer, recipe: R
     accelerator.wait_for_everyone()  # ... and its RNG state, before rank 0 renames the directory
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
     if accelerator.is_main_process:
-        save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict)
+        save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict, order_policy)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         _replace_dir(tmp, final)
         for old in checkpoints(run)[:-keep] if keep > 0 else []:
@@ -92,7 +97,8 @@ def load_checkpoint(path: Path, accelerator) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
-def save_final(run_dir, accelerator, model, tokenizer, recipe: Recipe, extra: dict | None = None) -> Path:
+def save_final(run_dir, accelerator, model, tokenizer, recipe: Recipe, extra: dict | None = None,
+               order_policy=None) -> Path:
     """Atomically write run_dir/final: model files + recipe (no optimizer state)."""
     run = Path(run_dir)
     final, tmp = run / "final", run / "final.tmp"
@@ -100,7 +106,7 @@ def save_final(run_dir, accelerator, model, tokenizer, recipe: Recipe, extra: di
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model_files(tmp, model, tokenizer, recipe, accelerator, state)
+        save_model_files(tmp, model, tokenizer, recipe, accelerator, state, order_policy)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(content)
         _replace_dir(tmp, final)

@@ -142,6 +142,17 @@ class EstimatorConfig:
 
 
 @dataclass
+class OrderPolicyConfig:
+    """The learned unmasking-order head (policy.OrderHead), trained with the model when rollout.order=policy."""
+
+    width: int = 64
+    heads: int = 4
+    base: Literal["top_prob", "none"] = "top_prob"  # the order an untrained head reproduces
+    lr: float = 1e-3  # its own learning rate (same scheduler as the model)
+    train_model: bool = True  # false: GRPO trains the order head only; the model's weights stay as loaded
+
+
+@dataclass
 class RewardSpec:
     name: str = ""  # built-in name, path/to/file.py:function, or an installed entry point
     weight: float = 1.0
@@ -184,6 +195,7 @@ class EvalConfig:
     size: Optional[int] = None  # held-out examples to score; empty = data.eval_size
     num_samples: int = 1  # completions per prompt (pass@1 averaged over samples)
     temperature: float = 0.0  # decoding temperature for evaluation (the rest of `rollout` applies)
+    order_temperature: Optional[float] = None  # unmasking-order temperature; empty = rollout.order_temperature
 
 
 @dataclass
@@ -195,6 +207,7 @@ class Recipe:
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    order_policy: OrderPolicyConfig = field(default_factory=OrderPolicyConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -13,8 +13,9 @@ from .rollout import generate
 
 
 def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig, seed: int = 0,
-             num_samples: int = 1, batch_size: int | None = None) -> dict:
-    """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt."""
+             num_samples: int = 1, batch_size: int | None = None, order_policy=None) -> dict:
+    """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt.
+    order_policy: the learned order head, for rollout.order=policy."""
     verifier = [Reward(reward_name, resolve_reward(reward_name))]
     batch_size = batch_size or rollout.batch_size
     g = torch.Generator().manual_seed(seed)
@@ -23,7 +24,7 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
     for start in range(0, len(rows), batch_size):
         chunk = [r for r in rows[start:start + batch_size] for _ in range(num_samples)]
         prompts = [r["prompt"] for r in chunk]
-        out = generate(model, tokenizer, prompts, rollout, generator=g)
+        out = generate(model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy)
         columns = {k: [r[k] for r in chunk] for k in chunk[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
@@ -40,10 +41,13 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
     return result
 
 
-def evaluate_recipe(model, tokenizer, task, recipe: Recipe) -> dict:
+def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None) -> dict:
     """Held-out accuracy as a recipe defines it: eval.size prompts, eval.num_samples each, decoded with the
-    recipe's rollout section at eval.temperature."""
+    recipe's rollout section at eval.temperature (and eval.order_temperature when set)."""
     e = recipe.eval
     data = task.eval.select(range(min(e.size or len(task.eval), len(task.eval))))
     rollout = replace(recipe.rollout, temperature=e.temperature)
-    return evaluate(model, tokenizer, data, task.reward, rollout, seed=recipe.train.seed, num_samples=e.num_samples)
+    if e.order_temperature is not None:
+        rollout = replace(rollout, order_temperature=e.order_temperature)
+    return evaluate(model, tokenizer, data, task.reward, rollout, seed=recipe.train.seed, num_samples=e.num_samples,
+                    order_policy=order_policy)

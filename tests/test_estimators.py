@@ -629,6 +629,45 @@ def test_trajectory_scores_a_sampled_order_with_gradient(tokenizer):
         trajectory_views(model, batch, replace(rollout, order="low_confidence"))
 
 
+def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer):
+    """rollout.order=policy: the trajectory estimate adds each step's Plackett-Luce log-prob under the learned
+    order head, recomputed from the replayed states block by block (equal to what the sampler recorded), and
+    its gradient reaches the head but not the model through the order term (the head reads detached inputs)."""
+    from dllm_rl.policy import OrderHead, OrderHeadConfig
+
+    model = build(tokenizer).train()
+    head = OrderHead(OrderHeadConfig(hidden_size=model.config.hidden_size, width=16, heads=2))
+    torch.nn.init.normal_(head.out[1].weight, std=1.0)  # an untrained head reproduces top_prob: make it not
+    rollout = RolloutConfig(max_completion_length=12, steps=6, block_length=6, temperature=0.8, order="policy",
+                            order_temperature=0.5, stop_at_eos=False)
+    batch = generate(model, tokenizer, PROMPTS, rollout, torch.Generator().manual_seed(0), order_policy=head)
+    assert (batch.trace.order_logprob < -0.1).any()
+    noise, cfg = trajectory_views(model, batch, rollout)
+    est = E.ESTIMATORS["trajectory"]
+    total = est.estimate(model, batch, noise, traits(model), cfg, rollout, order_policy=head).logps
+    tokens = est.estimate(model, batch, noise, traits(model), cfg, replace(rollout, order_temperature=0.0)).logps
+    order = (total - tokens).sum(-1)
+    trace, scored = batch.trace, batch.completion_mask.bool()
+    # steps that commit only tokens after the first EOS (unscored) drop their order term, as their tokens
+    steps = torch.stack([((trace.commit_step == s) & scored).any(-1) for s in range(trace.order_logprob.shape[1])], -1)
+    assert torch.allclose(order.detach(), (trace.order_logprob * steps).sum(-1), atol=1e-4, rtol=0)
+    params = [p for p in model.parameters()]
+    g_total = torch.autograd.grad(total.sum(), params + list(head.parameters()), allow_unused=True)
+    g_tokens = torch.autograd.grad(tokens.sum(), params)
+    assert head.out[1].weight.grad is None and g_total[len(params) + 0] is not None
+    head_grads = dict(zip([n for n, _ in head.named_parameters()], g_total[len(params):]))
+    assert head_grads["out.1.weight"].abs().sum() > 0 and head_grads["hidden_in.1.weight"].abs().sum() > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_total[:len(params)], g_tokens))
+    # greedy order (order_temperature 0): the k best scores; an untrained head decodes exactly like top_prob
+    fresh = OrderHead(OrderHeadConfig(hidden_size=model.config.hidden_size, width=16, heads=2))
+    greedy = replace(rollout, temperature=0.0, order_temperature=0.0)
+    a = generate(model, tokenizer, PROMPTS, greedy, torch.Generator().manual_seed(0), order_policy=fresh)
+    b = generate(model, tokenizer, PROMPTS, replace(greedy, order="top_prob"), torch.Generator().manual_seed(0))
+    assert torch.equal(a.trace.commit_step, b.trace.commit_step) and torch.equal(a.completion_ids, b.completion_ids)
+    with pytest.raises(ConfigError, match="order_policy="):
+        est.estimate(model, batch, noise, traits(model), cfg, rollout)
+
+
 # ------------------------------------------------------------------------------------------------ gradients
 
 

@@ -30,6 +30,8 @@ def recipe(out, **over):
         "grpo": {"num_generations": 8, "beta": 0.0},
         "estimator": {"name": "one_step"},
         "rewards": [],
+        "order_policy": {},
+        "eval": {},
         "optim": {"lr": 1e-3, "lr_scheduler": "constant"},
         "train": {"max_steps": 8, "batch_size": 4, "output_dir": str(out), "logging_steps": 1,
                   "eval_steps": 0, "save_steps": 0, "num_threads": 2},
@@ -90,6 +92,56 @@ def test_the_policy_moves_toward_what_is_rewarded_and_away_from_what_is_not(tmp_
     assert a_down < b_down - 0.2, rates
 
 
+def first_cell_first_rate(trainer: GRPOTrainer, steps: range) -> float:
+    """Share of rollouts (the trainer's own, at the given steps) that commit the first cell at the first step."""
+    hits = n = 0
+    for s in steps:
+        examples = [trainer.task.train[i] for i in trainer.sampler.indices(s, trainer.recipe.train.batch_size)]
+        batch, _ = trainer.rollout(examples, s)
+        hits += int((batch.trace.commit_step[:, 0] == 0).sum())
+        n += len(batch.completions)
+    return hits / n
+
+
+def test_the_learned_order_policy_learns_the_rewarded_order_with_the_model_frozen(tmp_path):
+    """rollout.order=policy: a reward on the *order* only (1 when the first cell is committed at the first of
+    5 steps) with order_policy.train_model=false: only the order head can move, and GRPO (trajectory likelihood
+    with the head's Plackett-Luce log-probs) raises that order's frequency, while the negated reward lowers it.
+    Measured (seed 0, 128 rollouts each): 16% before -> 78% / 2% after 8 steps. The model's weights do not
+    change."""
+    rates, seen = {}, {}
+
+    def first_first(prompts, completions, **kwargs):
+        return (seen["trace"].commit_step[:, 0] == 0).float().tolist()
+
+    def first_not_first(prompts, completions, **kwargs):
+        return (seen["trace"].commit_step[:, 0] != 0).float().tolist()
+
+    for fn in (first_first, first_not_first):
+        r = recipe(tmp_path / fn.__name__, estimator__name="trajectory", train__batch_size=4, train__max_steps=8,
+                   rollout__steps=5, rollout__order="policy", rollout__order_temperature=0.3,
+                   order_policy__lr=1e-2, order_policy__train_model=False, eval__order_temperature=0.0)
+        tr = GRPOTrainer(r, reward_funcs=[fn])
+        rollout = tr.rollout
+
+        def spy(examples, step, rollout=rollout):  # the reward reads the order off the rollout just drawn
+            batch, prompts = rollout(examples, step)
+            seen["trace"] = batch.trace
+            return batch, prompts
+
+        tr.rollout = spy
+        weights = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        before = first_cell_first_rate(tr, range(100, 104))
+        for step in range(8):
+            tr.step(step)
+        rates[fn.__name__] = (before, first_cell_first_rate(tr, range(100, 104)))
+        assert all(torch.equal(weights[k], v) for k, v in tr.model.state_dict().items())
+    (b_up, a_up), (b_down, a_down) = rates["first_first"], rates["first_not_first"]
+    assert b_up == b_down and 0.1 < b_up < 0.6, rates
+    assert a_up > b_up + 0.3, rates
+    assert a_down < b_down / 2, rates
+
+
 def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outputs(tmp_path, capsys):
     """A reward that crashes in the fourth step (after the step-2 checkpoint and one unsaved step) stops the run
     the way a kill would; the relaunched trainer resumes from checkpoint-2 and ends with the uninterrupted run's metrics and weights."""
@@ -143,6 +195,39 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
                 "completion_length", "rewards/sudoku_cells/mean", "rewards/sudoku_cells/std",
                 "tokens_per_s/rollout", "tokens_per_s/estimate", "tokens_per_s/update", "grad_norm"):
         assert key in logged, (key, sorted(logged))
+
+
+def test_a_learned_order_policy_is_checkpointed_resumed_and_evaluated(tmp_path, capsys):
+    """The order head trains with the model, is written into every checkpoint and final/ (atomically, beside
+    the model files), comes back on resume (a 2-step run stopped after step 1 and relaunched ends with the
+    uninterrupted run's head), and `dllm-rl eval` decodes with it; a checkpoint without one is a clear error."""
+    from dllm_rl.cli import main
+    from dllm_rl.policy import OrderHead
+
+    def make(out, steps):
+        r = recipe(out, estimator__name="trajectory", train__batch_size=2, train__max_steps=steps,
+                   train__save_steps=1, rollout__steps=5, rollout__order="policy", rollout__order_temperature=0.3,
+                   grpo__num_generations=4, order_policy__lr=1e-2, eval__order_temperature=0.0)
+        r.rewards = recipe_from_dict({"rewards": [{"name": "sudoku_cells"}]}).rewards
+        return GRPOTrainer(r)
+
+    straight = make(tmp_path / "straight", 2).train()
+    make(tmp_path / "stopped", 1).train()
+    resumed = make(tmp_path / "stopped", 2).train()
+    assert "resumed from" in capsys.readouterr().out
+    a, b = OrderHead.load(straight["final"]), OrderHead.load(resumed["final"])
+    fresh = OrderHead(a.cfg)
+    assert not torch.equal(a.out[1].weight, fresh.out[1].weight)  # it trained (a fresh head's last layer is 0)
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(wa, wb, rtol=0, atol=1e-6, msg=name)
+    assert (tmp_path / "straight" / "checkpoint-2" / "order_policy.pt").is_file()
+
+    recipe_file = str(tmp_path / "straight" / "final" / "recipe.yaml")
+    assert main(["eval", recipe_file, "--checkpoint", straight["final"]]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    (Path(straight["final"]) / "order_policy.pt").unlink()
+    assert main(["eval", recipe_file, "--checkpoint", straight["final"]]) == 2
+    assert "order_policy.pt does not exist" in capsys.readouterr().err
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path):

@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 
 from ..models.base import ModelTraits
 from ..models.masks import block_ids, padding_positions
+from ..policy.order_head import stats_from_logits
 from ..rollout.remask import model_order_scores
 
 
@@ -72,7 +73,8 @@ def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: 
     batch: anything with prompt_ids [N, P], prompt_mask [N, P], completion_ids [N, Lc]. tokens_k: the view's
     canvas where unmasked, when it differs from the final completion (trajectories with self-correction).
     order: also return the sampler's ordering scores at every position (rollout.remask.model_order_scores,
-    from the untempered logits), as a second [N, Lc] tensor.
+    from the untempered logits), as a second [N, Lc] tensor; order="policy": instead, what a learned order
+    head reads, (stats, last hidden states [N, Lc, D]) (policy.order_head.stats_from_logits).
     """
     P, Lc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     mask_id = tr.mask_token_id
@@ -92,9 +94,14 @@ def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: 
         lo = P + Lc
     else:
         ids, mask, lo = torch.cat([prompt, noisy], 1), attn, P
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                   logits_range=(lo - shift, lo + Lc - shift)).logits  # [N, Lc, V]
-    scores = None if order is None else model_order_scores(logits, mask_id, order)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_range=(lo - shift, lo + Lc - shift),
+                output_hidden_states=order == "policy")
+    logits = out.logits  # [N, Lc, V]
+    if order == "policy":
+        scores = (stats_from_logits(logits, completion_mask_k, mask_id),
+                  out.hidden_states[-1][:, lo - shift:lo + Lc - shift])
+    else:
+        scores = None if order is None else model_order_scores(logits, mask_id, order)
     if temperature != 1.0:
         logits = logits / temperature
     lp = token_logprobs(logits, batch.completion_ids, mask_id)  # [N, Lc]

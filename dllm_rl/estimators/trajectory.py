@@ -14,9 +14,11 @@ the rollout's probability also holds each step's order log-prob. For top_prob, m
 scores are the model's own, so each view recomputes them and adds the Plackett-Luce log-prob of the
 positions the step drew, in draw order, with gradient: RL then also trains *which* cells the model is
 confident enough to commit first (DCoLT's unmasking policy, arXiv 2505.10446, with the model's confidence
-as the policy instead of a separate head). A step's order log-prob is shared equally among the tokens it
-committed (the per-token sum is exact; a step whose tokens are all unscored, after the first EOS, drops
-it). For random and left_to_right the order does not depend on the model and its log-prob is a constant
+as the policy instead of a separate head). With rollout.order=policy the scores are a learned order
+head's (policy.OrderHead, DCoLT's separate module), recomputed block by block from each view's hidden
+states and statistics, and the order term's gradient reaches the head only. A step's order log-prob is
+shared equally among the tokens it committed (the per-token sum is exact; a step whose tokens are all
+unscored, after the first EOS, drops it). For random and left_to_right the order does not depend on the model and its log-prob is a constant
 (for random, uniform over draw orders). This needs merge_steps=1 and a bidirectional model (the packed
 block-causal views score several steps of different blocks at once).
 
@@ -79,7 +81,7 @@ def draw(batch, cfg, rollout, tr, generator=None) -> Noise:
                               f"({Lb}) equal to the model's attention block ({tr.block_size})")
         block = Lb
     if rollout.order_temperature > 0:
-        if rollout.order not in MODEL_ORDERS + ("random", "left_to_right"):
+        if rollout.order not in MODEL_ORDERS + ("random", "left_to_right", "policy"):
             raise ConfigError(f"estimator.name=trajectory cannot replay a sampled rollout.order={rollout.order}: "
                               "its scores depend on tokens drawn at positions that were not committed; use "
                               "rollout.order=top_prob (or margin, entropy), or rollout.order_temperature=0")
@@ -111,11 +113,15 @@ def draw(batch, cfg, rollout, tr, generator=None) -> Noise:
     return Noise(torch.stack(masks), None, torch.stack(weights), torch.stack(tokens) if remasks else None)
 
 
-def estimate(model, batch, noise: Noise, tr, cfg, rollout) -> Estimate:
+def estimate(model, batch, noise: Noise, tr, cfg, rollout, order_policy=None) -> Estimate:
+    """order_policy: the learned order head the rollout was decoded with (rollout.order=policy)."""
     temperature = rollout.temperature if rollout.temperature > 0 else 1.0
     if rollout.order_temperature <= 0:
         return Estimate(score(model, batch, noise, tr, temperature))
-    return Estimate(_score_with_order(model, batch, noise, tr, temperature, rollout))
+    if rollout.order == "policy" and order_policy is None:
+        raise ConfigError("estimator.name=trajectory with rollout.order=policy scores the order with the learned "
+                          "policy: pass order_policy= (the GRPO trainer does)")
+    return Estimate(_score_with_order(model, batch, noise, tr, temperature, rollout, order_policy))
 
 
 def _step_draws(trace, step: int, N: int):
@@ -134,12 +140,25 @@ def _step_draws(trace, step: int, N: int):
     return chosen, valid
 
 
-def _score_with_order(model, batch, noise: Noise, tr, temperature: float, rollout) -> torch.Tensor:
+def _policy_scores(head, stats, hidden, Lb: int) -> torch.Tensor:
+    """The head's scores at every completion position [N, Lc], block by block as the sampler called it."""
+    N, Lc = stats.masked.shape
+    nb = Lc // Lb
+
+    def blocks(t):
+        return t.reshape(N * nb, Lb, *t.shape[2:])
+
+    offsets = torch.arange(Lc, device=hidden.device).view(nb, Lb).repeat(N, 1)  # [N*nb, Lb]
+    per_block = type(stats)(**{k: blocks(v) for k, v in vars(stats).items()})
+    return head(blocks(hidden), per_block, offsets).reshape(N, Lc)
+
+
+def _score_with_order(model, batch, noise: Noise, tr, temperature: float, rollout, head=None) -> torch.Tensor:
     """score() plus each step's Plackett-Luce order log-prob, shared among the tokens the step committed."""
     trace = batch.trace
     N, Lc = batch.completion_ids.shape
     device = batch.completion_ids.device
-    scored_order = rollout.order in MODEL_ORDERS
+    scored_order = rollout.order in MODEL_ORDERS + ("policy",)
     Lb = rollout.block_length or Lc
     total = torch.zeros(N, Lc, device=device)
     # views without a scored token are skipped: their step's order term has no token to carry it (after EOS)
@@ -147,6 +166,8 @@ def _score_with_order(model, batch, noise: Noise, tr, temperature: float, rollou
         w = noise.weights[j].to(device)
         chosen, valid = _step_draws(trace, j, N)
         lp = out[0] if scored_order else out
+        if rollout.order == "policy":  # the head runs outside the view's activation checkpoint: it is small
+            out = (lp, _policy_scores(head, *out[1], Lb))
         total = total + torch.where(w != 0, lp * w, torch.zeros_like(lp))
         # the sampler drew from the masked positions of the active block (the one the step committed in)
         pos = torch.arange(Lc)

@@ -1,7 +1,7 @@
 """Which masked positions to commit (ordering rules) and which committed ones to take back (self-correction).
 
 Ordering rules score each masked position of the active block; the engine commits the k best (or samples
-k of them, Plackett-Luce, when `order_temperature` > 0 or a learned policy is used, recording the log-prob).
+k of them, Plackett-Luce, when `order_temperature` > 0, recording the log-prob).
 - low_confidence: model probability of the proposed token (LLaDA's default "low_confidence remasking").
 - top_prob: model probability of the most likely token. Greedy, the same order as low_confidence; when
   sampling it depends on the state only, not on the tokens just drawn. That matters for RL: with
@@ -13,7 +13,8 @@ k of them, Plackett-Luce, when `order_temperature` > 0 or a learned policy is us
   trajectory log-likelihood is the exact log-probability of the rollout (tests/test_estimators.py).
 - margin: top-1 minus top-2 probability. entropy: negative entropy. random: uniform keys (LLaDA "random").
 - left_to_right: earliest position first (autoregressive order inside the block).
-- policy: scores from a learned unmasking policy (dllm_rl.policy) passed to `generate(order_policy=...)`.
+- policy: scores from a learned unmasking policy (dllm_rl.policy.OrderHead) passed to
+  `generate(order_policy=...)`; sampled when order_temperature > 0 (training), the k best when 0.
 
 Self-correction (ReMDM arXiv 2503.00307, in the any-process spirit of arXiv 2510.06190): after a step's
 commits, tokens committed at earlier steps of the active block whose probability under the current logits

@@ -219,9 +219,10 @@ def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, 
         k = COMMIT_RULES[cfg.commit](st, cfg).clamp(max=m.sum(-1))  # [n]
         u_ord = noise.uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), noise.ORDER_STREAM)
         if cfg.order == "policy":
-            scores, temp = order_policy(hidden, st, offsets), cfg.order_temperature or 1.0
+            scores = order_policy(hidden, st, offsets).float()
         else:
-            scores, temp = ORDERS[cfg.order](st, offsets, u_ord), cfg.order_temperature
+            scores = ORDERS[cfg.order](st, offsets, u_ord)
+        temp = cfg.order_temperature
         if temp > 0:
             u_g = noise.uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), noise.ORDER_STREAM + 1)
             chosen, valid = gumbel_topk(scores / temp, m, k, u_g)

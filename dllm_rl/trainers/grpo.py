@@ -30,7 +30,7 @@ from ..estimators import ESTIMATORS
 from ..evaluate import evaluate_recipe
 from ..metrics import MetricsLogger
 from ..models.base import traits, unwrap
-from ..models.load import load_model
+from ..models.load import load_model, resolve_model_dir
 from ..rewarding import build_rewards, compute_rewards
 from ..rollout import generate
 from ..rollout.sampler import check_config
@@ -71,7 +71,13 @@ class GRPOTrainer:
         self.loss_fn = lookup(LOSSES, r.grpo.loss_type, "grpo.loss_type")
         self.advantage_fn = lookup(ADVANTAGES, r.grpo.advantage, "grpo.advantage")
         self.ref, self.ref_mode = self._reference(model)
+        self.order_policy = self._order_policy(model)
+        if self.order_policy is not None and not r.order_policy.train_model:
+            model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
+            params = [{"params": params},
+                      {"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr}]
         optimizer = make_optimizer(params, r.optim)
         updates = r.train.max_steps * r.grpo.num_iterations
         self.scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
@@ -80,6 +86,8 @@ class GRPOTrainer:
         if self.ref is not None:
             self.ref = prepare_frozen(self.acc, self.ref)  # sharded like the policy under ZeRO-3
         self.acc.register_for_checkpointing(self.scheduler)
+        if self.order_policy is not None:
+            self.acc.register_for_checkpointing(self.order_policy)  # resumed with the optimizer and scheduler
         self.sampler = EpochSampler(len(self.task.train), r.train.seed)
         self.start_step, history = 0, []
         ckpt = latest_checkpoint(r.train.output_dir) if r.train.resume else None
@@ -107,7 +115,19 @@ class GRPOTrainer:
                               "run one process")
         if r.grpo.loss_type == "spg" and r.grpo.beta != 0:
             raise ConfigError("grpo.loss_type=spg has no KL term (as SPG); set grpo.beta=0")
-        check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=False)
+        check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=r.rollout.order == "policy")
+        if not r.order_policy.train_model and r.rollout.order != "policy":
+            raise ConfigError("order_policy.train_model=false trains only a learned unmasking order: set "
+                              "rollout.order=policy (or drop the key to train the model)")
+        if r.rollout.order == "policy":
+            if r.estimator.name != "trajectory" or r.rollout.order_temperature <= 0:
+                raise ConfigError("rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
+                                  "sampled orders: set estimator.name=trajectory and rollout.order_temperature > 0 "
+                                  "(e.g. 0.1; eval.order_temperature=0 evaluates the greedy order)")
+            if self.acc.num_processes > 1 or r.train.deepspeed:
+                raise ConfigError("rollout.order=policy runs on one process without DeepSpeed for now (the order "
+                                  "head is outside the prepared model); launch without deepspeed/accelerate "
+                                  "or pick another rollout.order")
         if r.estimator.name == "trajectory" and r.rollout.order == "low_confidence" and r.rollout.temperature > 0:
             self.acc.print("note: estimator.name=trajectory with rollout.order=low_confidence and temperature > 0: "
                            "positions are picked by their sampled token, so the replayed likelihood is not the "
@@ -115,12 +135,36 @@ class GRPOTrainer:
                            "(estimators/trajectory.py); rollout.order=top_prob decodes the same when greedy and "
                            "keeps it exact")
 
+    def _order_policy(self, model):
+        """The learned unmasking-order head (rollout.order=policy): the one saved beside model.path when there
+        is one (continuing a run's final/), else a fresh head that decodes like order_policy.base."""
+        if self.recipe.rollout.order != "policy":
+            return None
+        from pathlib import Path
+
+        from ..policy import OrderHead, OrderHeadConfig
+        from ..policy.order_head import FILE
+
+        path, c = self.recipe.model.path, self.recipe.order_policy
+        device = next(unwrap(model).parameters()).device
+        path = resolve_model_dir(path) if path and Path(path).is_dir() else path
+        if path and (Path(path) / FILE).is_file():
+            self.acc.print(f"order policy: loaded from {Path(path) / FILE}")
+            return OrderHead.load(path).to(device).train()
+        cfg = OrderHeadConfig(hidden_size=unwrap(model).config.hidden_size, width=c.width, heads=c.heads,
+                              base=c.base)
+        with torch.random.fork_rng(devices=[]):  # the same initial head for the same train.seed
+            torch.manual_seed(self.recipe.train.seed)
+            return OrderHead(cfg).to(device)
+
     def _reference(self, model):
         """(reference module or None, mode): none when beta == 0; LoRA models reuse their base."""
         r = self.recipe.grpo
         mode = r.reference
         if r.beta == 0 or mode == "none":
             return None, "none"
+        if self.recipe.rollout.order == "policy" and not self.recipe.order_policy.train_model:
+            return None, "none"  # the model cannot move from its reference: the KL (same head) is 0
         is_peft = hasattr(model, "disable_adapter")
         if mode == "auto":
             mode = "adapter_disabled" if is_peft else "frozen_copy"
@@ -153,7 +197,8 @@ class GRPOTrainer:
         # generator only), so each rank decodes exactly the rows one process with the global batch would
         with torch.no_grad(), self._generation_context() as model:
             batch = generate(model, self.tokenizer, prompts, self.recipe.rollout,
-                             generator=step_generator(self.recipe.train.seed, step, "rollout"))
+                             generator=step_generator(self.recipe.train.seed, step, "rollout"),
+                             order_policy=self.order_policy)
         return batch, prompts
 
     def reward(self, batch, prompts, examples, step: int):
@@ -193,9 +238,10 @@ class GRPOTrainer:
         return noise
 
     def _estimate(self, model, batch, noise, grad: bool):
+        extra = {} if self.order_policy is None else {"order_policy": self.order_policy}
         with torch.set_grad_enabled(grad):
             return self.estimator.estimate(model, batch, noise.to(self.acc.device), self.traits,
-                                           self.recipe.estimator, self.recipe.rollout)
+                                           self.recipe.estimator, self.recipe.rollout, **extra)
 
     def _ref_estimate(self, batch, noise):
         if self.ref_mode == "none":
@@ -245,8 +291,12 @@ class GRPOTrainer:
                     self._check_finite(loss, s)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
-                        stats["grad_norm"].append(float(self.acc.clip_grad_norm_(
-                            self.model.parameters(), self.recipe.optim.max_grad_norm)))
+                        if any(p.requires_grad for p in self.model.parameters()):
+                            stats["grad_norm"].append(float(self.acc.clip_grad_norm_(
+                                self.model.parameters(), self.recipe.optim.max_grad_norm)))
+                        if self.order_policy is not None:
+                            stats["order_policy/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(
+                                self.order_policy.parameters(), self.recipe.optim.max_grad_norm)))
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 stats["loss"].append(loss.item())
@@ -340,7 +390,8 @@ class GRPOTrainer:
 
     def evaluate(self) -> float:
         with self._generation_context() as model:  # every rank decodes the held-out set on gathered weights
-            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe)["accuracy"]
+            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe,
+                                   order_policy=self.order_policy)["accuracy"]
 
     def train(self) -> dict:
         r = self.recipe.train
@@ -366,10 +417,12 @@ class GRPOTrainer:
                     self.log.log(done, {"eval_accuracy": self.evaluate()})
                 if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
                     save_checkpoint(r.output_dir, done, self.acc, self.model, self.tokenizer, self.recipe,
-                                    {"history": self.log.history}, keep=r.save_total_limit)
+                                    {"history": self.log.history}, keep=r.save_total_limit,
+                                    order_policy=self.order_policy)
         after = self.evaluate()
         self.log.log(r.max_steps, {"eval_accuracy": after})
-        final = save_final(r.output_dir, self.acc, self.model, self.tokenizer, self.recipe)
+        final = save_final(r.output_dir, self.acc, self.model, self.tokenizer, self.recipe,
+                           order_policy=self.order_policy)
         if self.acc.is_main_process:
             plot_curves(self.log.history, [final / "reward_curve.png", f"{r.output_dir}/reward_curve.png"])
         self.log.close()

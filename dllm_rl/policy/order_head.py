@@ -1,0 +1,111 @@
+"""A learned unmasking-order policy: a small head that scores the masked positions of the active block.
+
+DCoLT (arXiv 2505.10446) trains such a module ("unmask policy module") jointly with the model by RL: at
+each step the positions to commit are drawn Plackett-Luce over its scores, and the drawn order's exact
+log-prob joins the trajectory likelihood (estimators/trajectory.py), so GRPO's gradient reaches the head.
+
+The head reads, per position of the block: the model's last hidden state (detached: the head is its own
+policy, the model is trained by its token log-probs only), the sampler's statistics of the model's
+distribution there (top-1 probability, top-1 minus top-2, entropy; 0 at committed positions), whether the
+position is still masked, and its offset in the completion (sinusoidal, so any length works). One
+self-attention layer over the block lets a position's score depend on the others (which is what a rule such
+as "commit only one uncertain cell per step" needs). The output is added to a base order (default top_prob)
+and the last layer starts at zero, so an untrained head decodes exactly like `rollout.order=<base>`.
+
+Written by hand: no library ships an unmasking-order policy for diffusion LMs; the layers are torch's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+FILE = "order_policy.pt"  # beside the model files in a checkpoint / final directory
+
+
+@dataclass
+class OrderHeadConfig:
+    hidden_size: int  # the model's hidden size
+    width: int = 64
+    heads: int = 4
+    base: str = "top_prob"  # top_prob | none: the order the untrained head reproduces
+
+
+class OrderHead(nn.Module):
+    """`head(hidden [n, Lb, D], stats, offsets [1 | n, Lb]) -> scores [n, Lb]` (rollout.sampler's OrderPolicy).
+
+    `stats` has top_prob, margin, entropy and masked, each [n, Lb], as the sampler's StepStats."""
+
+    def __init__(self, cfg: OrderHeadConfig):
+        super().__init__()
+        if cfg.base not in ("top_prob", "none"):
+            raise ConfigError(f"order_policy.base: {cfg.base!r} is not one of ['top_prob', 'none']")
+        if cfg.width % cfg.heads:
+            raise ConfigError(f"order_policy.width ({cfg.width}) must be divisible by order_policy.heads "
+                              f"({cfg.heads})")
+        self.cfg = cfg
+        w = cfg.width
+        self.hidden_in = nn.Sequential(nn.LayerNorm(cfg.hidden_size), nn.Linear(cfg.hidden_size, w))
+        self.stats_in = nn.Linear(4, w)
+        self.mix = nn.TransformerEncoderLayer(w, cfg.heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
+                                              norm_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1))
+        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].bias)
+
+    def _positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        half = self.cfg.width // 2
+        freq = torch.exp(-math.log(1000.0) * torch.arange(half, device=offsets.device) / half)
+        angle = offsets.float()[..., None] * freq  # [., Lb, half]
+        return torch.cat([angle.sin(), angle.cos()], -1)
+
+    def forward(self, hidden: torch.Tensor, stats, offsets: torch.Tensor) -> torch.Tensor:
+        masked = stats.masked
+        feats = torch.stack([stats.top_prob, stats.margin, stats.entropy, masked], -1).float().detach()
+        x = self.hidden_in(hidden.detach().float()) + self.stats_in(feats) + self._positions(offsets)
+        x = self.mix(x)
+        residual = self.out(x).squeeze(-1)  # [n, Lb]
+        base = stats.top_prob.float().detach() if self.cfg.base == "top_prob" else torch.zeros_like(residual)
+        return base + residual
+
+    # ------------------------------------------------------------------------------------- save / load
+
+    def save(self, directory: str | Path) -> None:
+        torch.save({"config": asdict(self.cfg), "state_dict": self.state_dict()}, Path(directory) / FILE)
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location="cpu") -> OrderHead:
+        path = Path(directory) / FILE
+        if not path.is_file():
+            raise ConfigError(f"rollout.order=policy needs a trained order policy, and {path} does not exist: "
+                              f"evaluate a checkpoint written by a GRPO run with rollout.order=policy, or pick "
+                              f"another rollout.order")
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        head = cls(OrderHeadConfig(**blob["config"]))
+        head.load_state_dict(blob["state_dict"])
+        return head.eval()
+
+    def __repr__(self) -> str:  # the config, not the layer dump
+        return f"OrderHead({json.dumps(asdict(self.cfg))})"
+
+
+def stats_from_logits(logits: torch.Tensor, masked: torch.Tensor, mask_token_id: int | None):
+    """The head's `stats` from raw (untempered) logits [n, L, V], as the sampler computes them: what the
+    trajectory estimator replays a step's order with. 0 where not masked."""
+    from ..rollout.sampling import without_mask_token
+
+    logp = without_mask_token(logits.float(), mask_token_id).log_softmax(-1)
+    top = logp.topk(2, dim=-1).values.exp()
+    entropy = torch.special.entr(logp.exp()).sum(-1)
+    zero = torch.zeros_like(entropy)
+    return SimpleNamespace(masked=masked, top_prob=torch.where(masked, top[..., 0], zero),
+                           margin=torch.where(masked, top[..., 0] - top[..., 1], zero),
+                           entropy=torch.where(masked, entropy, zero))
