@@ -22,15 +22,15 @@ from pathlib import Path
 from dllm_rl.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN = ROOT / "recipes/tiny/sudoku-diffu-grpo.yaml"
+MAIN = ROOT / "recipes/tiny/sudoku-tokens-grpo.yaml"  # the main job until the ninth session (token GRPO)
 
-VARIANTS = {  # name: overrides on top of the main-job recipe
+VARIANTS = {  # name: overrides on top of the token-GRPO recipe
     "one_step (d1)": ["estimator.name=one_step"],
     "elbo, 2 timesteps (VRPO allocation)": ["estimator.name=elbo", "estimator.num_samples=2"],
     "elbo, coupled (DiffuCoder)": ["estimator.name=elbo", "estimator.coupled=true"],
     "block_elbo + spg loss (SPG)": ["estimator.name=block_elbo", "estimator.num_samples=2", "grpo.loss_type=spg",
                                     "grpo.beta=0"],
-    "trajectory, merge 1 (the main job)": ["estimator.name=trajectory", "estimator.merge_steps=1"],
+    "trajectory, merge 1 (the recipe's own)": ["estimator.name=trajectory", "estimator.merge_steps=1"],
     "trajectory, merge 2 (TraceRL)": ["estimator.name=trajectory", "estimator.merge_steps=2"],
     "one_step + wd1 loss": ["estimator.name=one_step", "grpo.loss_type=wd1", "grpo.beta=0"],
 }

@@ -1,10 +1,11 @@
-"""Where GRPO's gain on the main job comes from, puzzle by puzzle: for each checkpoint, every held-out puzzle's
-greedy result and its solve rate over n samples at temperature 1, under the recipe's own sampler; with two
+"""Where token GRPO's gain (recipes/tiny/sudoku-tokens-grpo.yaml) comes from, puzzle by puzzle: for each
+checkpoint, every held-out puzzle's greedy result and its solve rate over n samples at temperature 1, under the
+recipe's own sampler (a fixed order: a recipe with rollout.order=policy needs its head, not passed here); with two
 checkpoints (before / after RL), how puzzles moved between solve-rate bins and how many greedy solves were won
 and lost.
 
-    python benchmarks/headroom.py checkpoints/tiny/sudoku-sft-multi outputs/tiny-sudoku-grpo/final
-    python benchmarks/headroom.py CKPT --recipe recipes/tiny/sudoku-diffu-grpo.yaml --eval-size 400 --samples 16
+    python benchmarks/headroom.py checkpoints/tiny/sudoku-sft-multi outputs/tiny-sudoku-tokens-grpo/final
+    python benchmarks/headroom.py CKPT --recipe recipes/tiny/sudoku-tokens-grpo.yaml --eval-size 400 --samples 16
     python benchmarks/headroom.py BEFORE AFTER --split train     # the first 400 training puzzles instead
 
 Greedy decoding solves a puzzle almost exactly when more than about half of the temperature-1 samples do, so
@@ -46,7 +47,7 @@ def per_puzzle(path: str, recipe, task, samples: int) -> tuple[torch.Tensor, tor
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="one or two checkpoint directories (before, after)")
-    ap.add_argument("--recipe", default=str(ROOT / "recipes/tiny/sudoku-diffu-grpo.yaml"))
+    ap.add_argument("--recipe", default=str(ROOT / "recipes/tiny/sudoku-tokens-grpo.yaml"))
     ap.add_argument("--eval-size", type=int, default=400)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0)

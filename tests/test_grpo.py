@@ -270,16 +270,26 @@ def test_shipped_easy_checkpoint_has_the_parallel_decoding_headroom_its_recipe_t
 
 
 def test_main_job_start_mixes_solutions_under_the_fast_sampler():
-    """The main job (recipes/tiny/sudoku-diffu-grpo.yaml) rests on measured facts about its start,
-    checkpoints/tiny/sudoku-sft-multi (SFT on puzzles with several solutions): one cell per step it solves nearly
-    every held-out puzzle greedily (0.985), four cells per forward about half (0.495), while 8 samples at
-    temperature 1 under that fast sampler solve 0.785 of them: the headroom GRPO's mode-seeking reward turns
-    into greedy solves. A changed checkpoint, task option, recipe or sampler breaks it."""
-    r = load_recipe(ROOT / "recipes" / "tiny" / "sudoku-diffu-grpo.yaml")
+    """The main job (recipes/tiny/sudoku-diffu-grpo.yaml) and token GRPO (sudoku-tokens-grpo.yaml) rest on
+    measured facts about their start, checkpoints/tiny/sudoku-sft-multi (SFT on puzzles with several solutions):
+    one cell per step it solves nearly every held-out puzzle greedily (0.985), four cells per forward in the
+    top_prob order about half (0.495), while 8 samples at temperature 1 under that fast sampler solve 0.785 of
+    them: the headroom GRPO turns into greedy solves. The main job's untrained order head decodes exactly like
+    top_prob, so its "before" is the same 0.495. A changed checkpoint, task option, recipe or sampler breaks it."""
+    from dllm_rl.policy import OrderHead, OrderHeadConfig
+
+    r = load_recipe(ROOT / "recipes" / "tiny" / "sudoku-tokens-grpo.yaml")
     assert r.rollout.steps == 5 and r.rollout.order == "top_prob" and r.data.options["unique"] is False
+    main = load_recipe(ROOT / "recipes" / "tiny" / "sudoku-diffu-grpo.yaml")
+    assert main.rollout == replace(r.rollout, order="policy", order_temperature=main.rollout.order_temperature)
+    assert main.data == r.data and main.model == r.model and main.eval.order_temperature == 0
     model, tok = load_model(replace(r.model, path=str(ROOT / r.model.path)), seed=0)
     task = load_task(r.data)
-    fast = evaluate_recipe(model, tok, task, r)["accuracy"]
+    fast = evaluate_recipe(model, tok, task, r)
+    untrained = OrderHead(OrderHeadConfig(hidden_size=model.config.hidden_size, width=main.order_policy.width,
+                                          heads=main.order_policy.heads, base=main.order_policy.base))
+    assert evaluate_recipe(model, tok, task, main, order_policy=untrained)["scores"] == fast["scores"]
+    fast = fast["accuracy"]
     slow = evaluate_recipe(model, tok, task, replace(r, rollout=replace(r.rollout, steps=20)))["accuracy"]
     sampled = evaluate_recipe(model, tok, task, replace(r, eval=replace(r.eval, num_samples=8, temperature=1.0)))
     assert slow >= 0.93 and fast <= 0.6 and sampled["pass@8"] - fast >= 0.2, (slow, fast, sampled["pass@8"])
@@ -299,7 +309,7 @@ def test_headroom_benchmark_tracks_each_puzzle():
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2] in "0(1"]
     matrix = [[int(c) for c in row.strip("|").split("|")[1:]] for row in rows[-6:]]
     assert sum(map(sum, matrix)) == 48 and all(matrix[i][j] == 0 for i in range(6) for j in range(6) if i != j), out
-    r = load_recipe(ROOT / "recipes" / "tiny" / "sudoku-diffu-grpo.yaml")
+    r = load_recipe(ROOT / "recipes" / "tiny" / "sudoku-tokens-grpo.yaml")  # the script's default recipe
     r = replace(r, data=replace(r.data, eval_size=48))
     model, tok = load_model(replace(r.model, path=ckpt), seed=0)
     task = load_task(r.data)

@@ -8,7 +8,7 @@ options, block_elbo = SPG arXiv 2510.09541, trajectory = TraceRL arXiv 2509.0694
 Old, reference and current log-likelihoods of inner iteration i are all computed under the same explicit
 noise i, drawn from the step's generator. Config names follow TRL's GRPOConfig where the meaning is the same.
 
-    dllm-rl train recipes/tiny/sudoku-diffu-grpo.yaml [grpo.beta=0.04 estimator.name=elbo ...]
+    dllm-rl train recipes/tiny/sudoku-tokens-grpo.yaml [grpo.beta=0.04 estimator.name=elbo ...]
 """
 
 from __future__ import annotations
