@@ -18,8 +18,8 @@ as the policy instead of a separate head). With rollout.order=policy the scores 
 head's (policy.OrderHead, DCoLT's separate module), recomputed block by block from each view's hidden
 states and statistics, and the order term's gradient reaches the head only. A step's order log-prob is
 shared equally among the tokens it committed (the per-token sum is exact; a step whose tokens are all
-unscored, after the first EOS, drops it). For random and left_to_right the order does not depend on the model and its log-prob is a constant
-(for random, uniform over draw orders). This needs merge_steps=1 and a bidirectional model (the packed
+unscored, after the first EOS, drops it). For random and left_to_right the order does not depend on the
+model and its log-prob is a constant (for random, uniform over draw orders). This needs merge_steps=1 and a bidirectional model (the packed
 block-causal views score several steps of different blocks at once).
 
 LLaDA's low_confidence order with temperature > 0 ranks positions by the probability of the token just
