@@ -200,7 +200,8 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
 def test_a_learned_order_policy_is_checkpointed_resumed_and_evaluated(tmp_path, capsys):
     """The order head trains with the model, is written into every checkpoint and final/ (atomically, beside
     the model files), comes back on resume (a 2-step run stopped after step 1 and relaunched ends with the
-    uninterrupted run's head), and `dllm-rl eval` decodes with it; a checkpoint without one is a clear error."""
+    uninterrupted run's head), a later recipe whose model.path is that final/ starts from it, and `dllm-rl eval`
+    decodes with it; a checkpoint without one is a clear error."""
     from dllm_rl.cli import main
     from dllm_rl.policy import OrderHead
 
@@ -221,6 +222,10 @@ def test_a_learned_order_policy_is_checkpointed_resumed_and_evaluated(tmp_path, 
     for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(wa, wb, rtol=0, atol=1e-6, msg=name)
     assert (tmp_path / "straight" / "checkpoint-2" / "order_policy.pt").is_file()
+    later = make(tmp_path / "later", 1)  # a recipe whose model.path is a run's final/ continues its head
+    later = GRPOTrainer(replace(later.recipe, model=replace(later.recipe.model, path=straight["final"])))
+    for (name, wa), wb in zip(a.state_dict().items(), later.order_policy.state_dict().values()):
+        torch.testing.assert_close(wa, wb, rtol=0, atol=0, msg=name)
 
     recipe_file = str(tmp_path / "straight" / "final" / "recipe.yaml")
     assert main(["eval", recipe_file, "--checkpoint", straight["final"]]) == 0

@@ -99,12 +99,15 @@ class OrderHead(nn.Module):
 
 def stats_from_logits(logits: torch.Tensor, masked: torch.Tensor, mask_token_id: int | None):
     """The head's `stats` from raw (untempered) logits [n, L, V], as the sampler computes them: what the
-    trajectory estimator replays a step's order with. 0 where not masked."""
+    trajectory estimator replays a step's order with. 0 where not masked. Without gradient (the head reads its
+    inputs detached), so the estimator's backward keeps no [n, L, V] tensors for them; that is why this does
+    not reuse rollout.remask.model_order_scores, which is differentiable and computes one statistic."""
     from ..rollout.sampling import without_mask_token
 
-    logp = without_mask_token(logits.float(), mask_token_id).log_softmax(-1)
-    top = logp.topk(2, dim=-1).values.exp()
-    entropy = torch.special.entr(logp.exp()).sum(-1)
+    with torch.no_grad():
+        logp = without_mask_token(logits.float(), mask_token_id).log_softmax(-1)
+        top = logp.topk(2, dim=-1).values.exp()
+        entropy = torch.special.entr(logp.exp()).sum(-1)
     zero = torch.zeros_like(entropy)
     return SimpleNamespace(masked=masked, top_prob=torch.where(masked, top[..., 0], zero),
                            margin=torch.where(masked, top[..., 0] - top[..., 1], zero),

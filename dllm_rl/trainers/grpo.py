@@ -17,6 +17,7 @@ import copy
 import time
 from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +32,8 @@ from ..evaluate import evaluate_recipe
 from ..metrics import MetricsLogger
 from ..models.base import traits, unwrap
 from ..models.load import load_model, resolve_model_dir
+from ..policy import OrderHead, OrderHeadConfig
+from ..policy.order_head import FILE as ORDER_POLICY_FILE
 from ..rewarding import build_rewards, compute_rewards
 from ..rollout import generate
 from ..rollout.sampler import check_config
@@ -140,16 +143,11 @@ class GRPOTrainer:
         is one (continuing a run's final/), else a fresh head that decodes like order_policy.base."""
         if self.recipe.rollout.order != "policy":
             return None
-        from pathlib import Path
-
-        from ..policy import OrderHead, OrderHeadConfig
-        from ..policy.order_head import FILE
-
         path, c = self.recipe.model.path, self.recipe.order_policy
         device = next(unwrap(model).parameters()).device
         path = resolve_model_dir(path) if path and Path(path).is_dir() else path
-        if path and (Path(path) / FILE).is_file():
-            self.acc.print(f"order policy: loaded from {Path(path) / FILE}")
+        if path and (Path(path) / ORDER_POLICY_FILE).is_file():
+            self.acc.print(f"order policy: loaded from {Path(path) / ORDER_POLICY_FILE}")
             return OrderHead.load(path).to(device).train()
         cfg = OrderHeadConfig(hidden_size=unwrap(model).config.hidden_size, width=c.width, heads=c.heads,
                               base=c.base)
