@@ -20,10 +20,8 @@ import sys
 import tempfile
 from dataclasses import replace
 
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.dirname(__file__))
-            and os.path.abspath(p or ".") != os.path.dirname(__file__)]  # see benchmarks/rollout.py
 
-import torch  # noqa: E402
+import torch
 
 PAIRS = {  # name: overrides
     "trajectory (merge 1), low_confidence": ["estimator.name=trajectory", "estimator.merge_steps=1",

@@ -25,12 +25,8 @@ import subprocess
 import sys
 import time
 
-# run from a checkout without the repository root on sys.path: transformers would import ./kernels as the
-# unrelated PyPI package `kernels`
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.dirname(__file__))
-            and os.path.abspath(p or ".") != os.path.dirname(__file__)]
 
-import torch  # noqa: E402
+import torch
 
 MODES = {  # name: (model attention, RolloutConfig overrides)
     "engine, no cache": ("bidirectional", {"cache": "none"}),

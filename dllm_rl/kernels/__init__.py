@@ -1,22 +1,19 @@
-"""Fused ops (installed as dllm_rl.kernels): each = a fast path + a torch reference of identical signature.
+"""Fused ops: each = a fast path + a torch reference of identical signature.
 
 Public ops (dispatching):
 - `choose_tokens(logits, u, temperature, top_k=0, top_p=1.0, mask_token_id=None) -> TokenChoice`
-  fast: Triton two-stage vocabulary reduction (kernels/sampling.py);
+  fast: Triton two-stage vocabulary reduction (dllm_rl/kernels/sampling.py);
   reference: `dllm_rl.rollout.sampling.choose_tokens`.
 - `linear_token_logprobs(hidden, weight, targets, bias=None, mask_token_id=None, temperature=1.0) -> [n]`
   fast: liger-kernel's fused linear cross-entropy; reference: a chunked torch.autograd.Function
-  (kernels/logprobs.py, where the docstring shows how an estimator calls it).
+  (dllm_rl/kernels/logprobs.py, where the docstring shows how an estimator calls it).
 
 Dispatch rule: the fast path runs when the tensor is on CUDA, `torch.cuda.is_available()`, and triton (for
 logprobs: liger-kernel >= 0.8.2, and hidden/weight of one dtype) is installed; otherwise the reference.
 Setting DLLM_RL_KERNELS=0 forces the references (for bisecting a suspected kernel bug).
 
 Imports stay light: this module imports neither triton nor liger (they are found with importlib.util and
-imported on the first CUDA call); on CPU they are never imported. It does not import `dllm_rl` at import
-time either: transformers probes for an unrelated PyPI package named `kernels` and, when the repository
-root is on sys.path, imports this directory under that bare name while `transformers.modeling_utils` is
-still initialising; importing dllm_rl (hence transformers) from here would then be circular.
+imported on the first CUDA call); on CPU they are never imported.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 reference `rollout.sampling.choose_tokens`) and per-token log-probs with gradient (chunked torch and liger's
 fused linear cross-entropy vs the naive `token_logprobs(lm_head(h))`).
 
-    python benchmarks/kernels.py            # CUDA if present (LLaDA-8B shapes), else small CPU shapes (< 1 min)
-    python benchmarks/kernels.py --cpu      # force CPU
+    python benchmarks/kernel_ops.py            # CUDA if present (LLaDA-8B shapes), else small CPU shapes (< 1 min)
+    python benchmarks/kernel_ops.py --cpu      # force CPU
 
 Peak memory is the extra memory a call needs above its inputs: torch.cuda.max_memory_allocated on CUDA; on
 CPU (Linux) the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap
@@ -20,11 +20,6 @@ import os
 import statistics
 import sys
 import time
-
-# Run as a script, this file's folder heads sys.path, and transformers probes for the PyPI package `kernels`
-# (HF's hub kernels) by importing that name: it would import this very file. Drop the folder first.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +193,7 @@ def main(argv=None) -> None:
         samp = bench_sampling(meter, [(64, 32000), (512, 32000)], torch.float32, reps=5)
         lps = bench_logprobs(meter, [(1024, 128, 32000)], torch.float32, reps=3)
     print(f"device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
-          f"command: python benchmarks/kernels.py {' '.join(argv or sys.argv[1:])}".rstrip())
+          f"command: python benchmarks/kernel_ops.py {' '.join(argv or sys.argv[1:])}".rstrip())
     print()
     print(table(samp + lps))
 
