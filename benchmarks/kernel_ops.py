@@ -1,5 +1,5 @@
 """Fused kernels vs their baselines, as ratios measured in the same run: token choice (Triton vs the torch
-reference `rollout.sampling.choose_tokens`) and per-token log-probs with gradient (chunked torch and liger's
+reference `kernels.sampling.choose_tokens`) and per-token log-probs with gradient (chunked torch and liger's
 fused linear cross-entropy vs the naive `token_logprobs(lm_head(h))`).
 
     python benchmarks/kernel_ops.py            # CUDA if present (LLaDA-8B shapes), else small CPU shapes (< 1 min)
@@ -27,7 +27,7 @@ from dllm_rl.kernels import logprobs as LP
 from dllm_rl.kernels import use_fast_path
 
 from dllm_rl.estimators.base import token_logprobs
-from dllm_rl.rollout.sampling import choose_tokens as choose_reference
+from dllm_rl.kernels.sampling import choose_tokens as choose_reference
 
 MiB = 2**20
 

@@ -8,7 +8,7 @@ from . import models as models  # noqa: F401  (Auto-class registration)
 from .config import Recipe, RolloutConfig, load_recipe
 from .errors import ConfigError, DllmRlError
 from .rollout import generate
-from .types import RolloutBatch, SequenceBatch
+from .batches import RolloutBatch, SequenceBatch
 
 __version__ = "0.1.0"
 

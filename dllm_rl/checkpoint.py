@@ -1,42 +1,27 @@
 """Checkpoints: HF-format weights (or LoRA adapters), tokenizer, resolved recipe and trainer state.
 
-Layout of a run directory (train.output_dir):
+Written into the run directory's layout (rundir.py):
     checkpoint-<step>/   model files (config.json, model.safetensors | adapter_*), tokenizer files,
                          recipe.yaml, trainer_state.json, accelerator_state/ (optimizer, scheduler, RNG),
-                         order_policy.pt when a learned unmasking order is trained (rollout.order=policy)
+                         order_policy.pt when a learned unmasking order is trained (rollout.order=policy),
+                         and COMPLETE, written last
     final/               model files + recipe.yaml (+ order_policy.pt) only (what `dllm-rl generate` / `eval`
                          and a later recipe's model.path load; small enough to ship)
-Every directory is written under a temporary name and renamed into place, so a killed run never leaves a
-half-written checkpoint behind; resume picks the newest complete checkpoint-<step>.
+Every directory is written under a temporary name and renamed into place, and an old checkpoint is renamed
+before it is deleted, so a killed run never leaves a half-written or half-deleted checkpoint under a real
+name; resume picks the newest complete checkpoint-<step>.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 from .config import Recipe, save_recipe
 from .models.base import unwrap
-
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run.iterdir() if (m := _CKPT.match(p.name))
-             and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
+from .rundir import COMPLETE, checkpoints
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -84,9 +69,13 @@ def save_checkpoint(run_dir, step: int, accelerator, model, tokenizer, recipe: R
     if accelerator.is_main_process:
         save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict, order_policy)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        (tmp / COMPLETE).write_text("")
         _replace_dir(tmp, final)
         for old in checkpoints(run)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old.with_name(old.name + ".deleting")  # out of the listing at once, then deleted
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -63,22 +63,14 @@ def cmd_train(args, force_sft: bool) -> None:
     shutdown()  # launched with several processes: close the process group cleanly
 
 
-def _order_policy(rollout, model_dir, model):
-    """The learned order head saved beside a checkpoint's model files, when the rollout decodes with one."""
-    if rollout.order != "policy":
-        return None
-    from .models.base import unwrap
-    from .policy import OrderHead
-
-    return OrderHead.load(model_dir).to(next(unwrap(model).parameters()).device)
-
-
 def cmd_generate(args) -> None:
     import torch
 
     from .config import RolloutConfig, load_recipe, recipe_from_dict
-    from .models.load import load_model, resolve_model_dir
+    from .models.load import load_model
+    from .policy import order_head_for
     from .rollout import generate
+    from .rundir import resolve_model_dir
 
     model_dir = resolve_model_dir(args.checkpoint)
     recipe_file = os.path.join(model_dir, "recipe.yaml")
@@ -88,7 +80,7 @@ def cmd_generate(args) -> None:
     prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
     cfg: RolloutConfig = recipe.rollout
     out = generate(model, tokenizer, prompts, cfg, generator=torch.Generator().manual_seed(args.seed),
-                   order_policy=_order_policy(cfg, model_dir, model))
+                   order_policy=order_head_for(cfg.order, model, model_dir))
     for prompt, completion in zip(args.prompt, out.completions):
         print(f"### prompt\n{prompt}\n### completion\n{completion}")
 
@@ -96,13 +88,15 @@ def cmd_generate(args) -> None:
 def cmd_eval(args) -> None:
     from .config import load_recipe
     from .evaluate import evaluate_recipe
-    from .models.load import load_model, resolve_model_dir
+    from .models.load import load_model
+    from .policy import order_head_for
+    from .rundir import resolve_model_dir
     from .tasks import load_task
 
     recipe = load_recipe(args.recipe, args.overrides)
     model, tokenizer = load_model(recipe.model, path=args.checkpoint)
     task = load_task(recipe.data)
-    order_policy = _order_policy(recipe.rollout, resolve_model_dir(args.checkpoint), model)
+    order_policy = order_head_for(recipe.rollout.order, model, resolve_model_dir(args.checkpoint))
     result = evaluate_recipe(model, tokenizer, task, recipe, order_policy=order_policy)
     for prompt, completion, value in result["examples"]:
         print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> "
@@ -114,7 +108,7 @@ def cmd_eval(args) -> None:
 
 def cmd_plan(args) -> None:
     from .config import load_recipe
-    from .plan import print_plan
+    from .memory import print_plan
 
     print_plan(load_recipe(args.recipe, args.overrides), args.gpus, args.prompt_length, args.fused_logprobs)
 

@@ -87,7 +87,7 @@ class RolloutConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
-    commit: str = "top_k"  # top_k | threshold | factor | prophet (rollout.schedules.COMMIT_RULES)
+    commit: str = "top_k"  # top_k | threshold | factor | prophet (rollout.commit.COMMIT_RULES)
     threshold: float = 0.9  # threshold rule: commit every token with confidence >= threshold
     factor: float = 1.0  # factor rule (Fast-dLLM): n largest with conf_n >= 1 - factor / (n + 1)
     prophet_gaps: list[float] = field(default_factory=lambda: [7.5, 5.0, 2.5])  # early-commit schedule
@@ -138,6 +138,7 @@ class EstimatorConfig:
     coupled: bool = False  # elbo: DiffuCoder's complementary mask pairs
     full_view: bool = True  # elbo + coupled: also average in the fully masked view (DiffuCoder)
     eubo_beta: float = 1.0  # block_elbo: beta of SPG's upper bound (1.5 math, 2.0 countdown, 1.0 sudoku)
+    block_length: Optional[int] = None  # block_elbo: SPG's block length; empty = the rollout's (else one block)
     merge_steps: int = 1  # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink)
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from .config import Recipe, RolloutConfig
-from .rewarding import Reward, compute_rewards, resolve_reward
+from .rewards.plugins import Reward, compute_rewards, resolve_reward
 from .rollout import generate
 
 
@@ -19,19 +19,21 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
     verifier = [Reward(reward_name, resolve_reward(reward_name))]
     batch_size = batch_size or rollout.batch_size
     g = torch.Generator().manual_seed(seed)
-    scores, examples = [], []
+    scores, examples, forwards = [], [], 0
     rows = dataset.to_list()
     for start in range(0, len(rows), batch_size):
         chunk = [r for r in rows[start:start + batch_size] for _ in range(num_samples)]
         prompts = [r["prompt"] for r in chunk]
         out = generate(model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy)
+        forwards += out.stats["forwards"]
         columns = {k: [r[k] for r in chunk] for k in chunk[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
         scores += values.tolist()
         examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
     result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples,
-              "scores": scores}  # per sample, num_samples consecutive ones per prompt
+              "scores": scores,  # per sample, num_samples consecutive ones per prompt
+              "forwards": forwards}  # denoising forwards of the whole evaluation
     if num_samples > 1:
         # pass@n: share of prompts with at least one solved sample (score 1.0 = solved). A prompt no sample
         # solves gives GRPO with groups of n no solve signal, so with sampling, pass@n minus the greedy accuracy

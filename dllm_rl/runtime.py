@@ -34,6 +34,19 @@ def step_generator(seed: int, step: int, stream: str = "noise", device: str | to
     return g
 
 
+def micro_batch_rows(n: int, group: int, accumulation: int) -> list[torch.Tensor]:
+    """Row indices of the micro-batches of a step's n rows: `accumulation` parts of whole groups each."""
+    per = max(n // group // accumulation * group, group)
+    return [torch.arange(start, min(start + per, n)) for start in range(0, n, per)]
+
+
+def micro_batch_size(recipe: Recipe) -> int:
+    """Rows per forward/backward on one process: train.batch_size / gradient_accumulation_steps sequences for
+    SFT, times grpo.num_generations completions (whole groups) for GRPO."""
+    group = 1 if recipe.algorithm == "sft" else recipe.grpo.num_generations
+    return len(micro_batch_rows(recipe.train.batch_size * group, group, recipe.train.gradient_accumulation_steps)[0])
+
+
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     """optim.name: AdamW (the default, as TRL) or plain SGD. SGD's step is proportional to the gradient, which
     matters when the useful step is shorter than one Adam step (Adam moves every parameter by ~lr whatever
@@ -48,12 +61,9 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def make_accelerator(recipe: Recipe, micro_batch_size: int | None = None):
-    """An accelerate.Accelerator for the recipe: mixed precision, trackers, and DeepSpeed when configured.
-
-    micro_batch_size: rows per forward/backward on one process (DeepSpeed's train_micro_batch_size_per_gpu):
-    train.batch_size / gradient_accumulation_steps sequences for SFT, times num_generations for GRPO.
-    """
+def make_accelerator(recipe: Recipe):
+    """An accelerate.Accelerator for the recipe: mixed precision, trackers, and DeepSpeed when configured
+    (its train_micro_batch_size_per_gpu is `micro_batch_size(recipe)`)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -78,8 +88,7 @@ def make_accelerator(recipe: Recipe, micro_batch_size: int | None = None):
                               "--module dllm_rl train RECIPE`, `torchrun --nproc_per_node N -m dllm_rl train "
                               "RECIPE` or `accelerate launch --use_deepspeed --num_processes N -m dllm_rl train "
                               "RECIPE`; for one plain process set train.deepspeed=null")
-        micro = micro_batch_size or t.batch_size // t.gradient_accumulation_steps
-        kwargs["deepspeed_plugin"] = deepspeed_plugin(recipe, micro, world)
+        kwargs["deepspeed_plugin"] = deepspeed_plugin(recipe, micro_batch_size(recipe), world)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
 
 

@@ -223,8 +223,8 @@ def pg_setup(tokenizer):
     return model, batch, rollout
 
 
-def sequence_ll(model, batch, noise, est, ecfg, rollout):
-    out = est.estimate(model, batch, noise, traits(model), ecfg, rollout)
+def sequence_ll(model, batch, noise, est):
+    out = est.estimate(model, batch, noise)
     return out, (out.logps * batch.completion_mask).sum(-1)
 
 
@@ -238,9 +238,9 @@ def test_one_step_of_the_loss_moves_likelihoods_the_right_way(pg_setup, estimato
     base, batch, rollout = pg_setup
     model = copy.deepcopy(base).train()
     ecfg = EstimatorConfig(name=estimator, num_samples=4)
-    est = E.ESTIMATORS[estimator]
-    noise = est.draw(batch, ecfg, rollout, traits(model), torch.Generator().manual_seed(1))
-    out, before = sequence_ll(model, batch, noise, est, ecfg, rollout)
+    est = E.ESTIMATORS[estimator](ecfg, traits(model))
+    noise = est.draw(batch, torch.Generator().manual_seed(1))
+    out, before = sequence_ll(model, batch, noise, est)
     adv = torch.tensor([sign, -sign])
     x = LossInputs(out.logps, out.logps.detach(), None, adv, batch.completion_mask, 2,
                    upper=out.upper)
@@ -248,7 +248,7 @@ def test_one_step_of_the_loss_moves_likelihoods_the_right_way(pg_setup, estimato
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=1e-4).step()
     with torch.no_grad():
-        _, after = sequence_ll(model, batch, noise, est, ecfg, rollout)
+        _, after = sequence_ll(model, batch, noise, est)
     gap_before, gap_after = (before[0] - before[1]).item(), (after[0] - after[1]).item()
     print(f"{estimator} {loss_type} sign {sign:+.0f}: LL gap {gap_before:.5f} -> {gap_after:.5f}")
     assert sign * (gap_after - gap_before) > 0

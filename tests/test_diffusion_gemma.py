@@ -24,7 +24,7 @@ from dllm_rl.errors import ConfigError, DllmRlError
 from dllm_rl.estimators import ESTIMATORS
 from dllm_rl.models import DiffusionGemmaLM, HFDiffusionLM, traits
 from dllm_rl.models.diffusion_gemma import noise_tokens
-from dllm_rl.models.hf import wrap_if_needed
+from dllm_rl.models.load import wrap_if_needed
 from dllm_rl.models.load import load_model
 from dllm_rl.rollout import generate
 from dllm_rl.tasks.base import Task
@@ -179,9 +179,9 @@ def test_generate_replays_and_is_batch_invariant(model, tok, commit):
         assert all(torch.equal(s, r) for s, r in zip(states, out.stats["states"][row]))
     # the trajectory estimator re-scores each token from the state it was committed in: the sampler's log-probs
     est_cfg = EstimatorConfig(name="trajectory")
-    noise = ESTIMATORS["trajectory"].draw(out, est_cfg, cfg, traits(model), None)
+    est = ESTIMATORS["trajectory"](est_cfg, traits(model))
     with torch.no_grad():
-        logps = ESTIMATORS["trajectory"].estimate(model, out, noise, traits(model), est_cfg, cfg).logps
+        logps = est.estimate(model, out, est.draw(out)).logps
     scored = out.completion_mask.bool() & (trace.commit_step >= 0)
     assert scored.sum() >= 12
     assert torch.allclose(logps[scored], trace.token_logprob[scored], atol=1e-5, rtol=0)
@@ -209,9 +209,9 @@ def test_estimators_backpropagate(tok, name, sc):
     rollout = RolloutConfig(max_completion_length=8, steps=4, temperature=1.0)
     batch = generate(model, tok, PROMPTS[:2], rollout, torch.Generator().manual_seed(1))
     cfg = EstimatorConfig(name=name, p_mask_prompt=0.3)
-    est = ESTIMATORS[name]
-    noise = est.draw(batch, cfg, rollout, traits(model), torch.Generator().manual_seed(0))
-    logps = est.estimate(model, batch, noise, traits(model), cfg, rollout).logps
+    est = ESTIMATORS[name](cfg, traits(model))
+    noise = est.draw(batch, torch.Generator().manual_seed(0))
+    logps = est.estimate(model, batch, noise).logps
     assert torch.isfinite(logps).all() and (logps[batch.completion_mask.bool()] < 0).all()
     (logps * batch.completion_mask).sum().backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

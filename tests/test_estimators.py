@@ -25,9 +25,8 @@ from dllm_rl import estimators as E
 from dllm_rl.config import EstimatorConfig, RolloutConfig
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.base import traits
+from dllm_rl.batches import REMASK, SequenceBatch
 from dllm_rl.rollout import generate
-from dllm_rl.rollout.trace import REMASK
-from dllm_rl.types import SequenceBatch
 
 VOCAB, FIRST = 12, 3  # ordinary tokens are FIRST..VOCAB-1
 EPS_T = 1e-6  # the ELBO estimator clamps t to [1e-6, 1] (and 1 - t to >= 1e-6)
@@ -366,11 +365,11 @@ def test_shared_noise_cancels_in_differences(request, which):
 def test_one_step_equals_direct_computation(random_model):
     batch, tr = RANDOM_BATCH, traits(random_model)
     cfg = EstimatorConfig(name="one_step", p_mask_prompt=0.5, num_samples=3)
-    est = E.ESTIMATORS["one_step"]
-    noise = est.draw(batch, cfg, RolloutConfig(), tr, torch.Generator().manual_seed(0))
+    est = E.ESTIMATORS["one_step"](cfg, tr)
+    noise = est.draw(batch, torch.Generator().manual_seed(0))
     assert noise.completion_masks.all() and noise.prompt_masks.any() and not noise.prompt_masks.all()
     with torch.no_grad():
-        got = est.estimate(random_model, batch, noise, tr, cfg, RolloutConfig()).logps.double()
+        got = est.estimate(random_model, batch, noise).logps.double()
     for n in range(2):
         views = direct_logprobs(random_model, batch, n, noise.completion_masks[:, n], noise.prompt_masks[:, n])
         assert torch.allclose(got[n], views.mean(0), atol=1e-5)
@@ -379,10 +378,9 @@ def test_one_step_equals_direct_computation(random_model):
 def test_one_step_without_prompt_mask_is_deterministic(random_model):
     batch, tr = RANDOM_BATCH, traits(random_model)
     cfg = EstimatorConfig(name="one_step", p_mask_prompt=0.0)
-    est = E.ESTIMATORS["one_step"]
+    est = E.ESTIMATORS["one_step"](cfg, tr)
     with torch.no_grad():
-        runs = [est.estimate(random_model, batch, est.draw(batch, cfg, RolloutConfig(), tr,
-                                                           torch.Generator().manual_seed(s)), tr, cfg, None).logps
+        runs = [est.estimate(random_model, batch, est.draw(batch, torch.Generator().manual_seed(s))).logps
                 for s in range(4)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     for n in range(2):
@@ -411,8 +409,7 @@ def test_block_elbo_masks_follow_spg_rule(t_min, t_max):
     Lb, K = 4, 3000
     batch = SPG_BATCH
     cfg = EstimatorConfig(name="block_elbo", num_samples=K, t_min=t_min, t_max=t_max, p_mask_prompt=0.0)
-    rollout = RolloutConfig(max_completion_length=8, block_length=Lb)
-    noise = E.ESTIMATORS["block_elbo"].draw(batch, cfg, rollout, None, torch.Generator().manual_seed(0))
+    noise = E.ESTIMATORS["block_elbo"](replace(cfg, block_length=Lb), None).draw(batch, torch.Generator().manual_seed(0))
     masks = noise.completion_masks  # [K, N, Lc]
     for n, length in enumerate(batch.completion_mask.sum(-1).tolist()):
         m = masks[:, n]
@@ -480,11 +477,10 @@ def spg_bounds_direct(model, batch, noise, beta):
 def test_block_elbo_bounds_equal_spg_formulas(random_model, beta):
     batch, tr = SPG_BATCH, traits(random_model)
     cfg = EstimatorConfig(name="block_elbo", num_samples=3, t_min=0.2, t_max=0.9, p_mask_prompt=0.3, eubo_beta=beta)
-    rollout = RolloutConfig(max_completion_length=8, block_length=4)
-    est = E.ESTIMATORS["block_elbo"]
-    noise = est.draw(batch, cfg, rollout, tr, torch.Generator().manual_seed(4))
+    est = E.ESTIMATORS["block_elbo"](replace(cfg, block_length=4), tr)
+    noise = est.draw(batch, torch.Generator().manual_seed(4))
     with torch.no_grad():
-        out = est.estimate(random_model, batch, noise, tr, cfg, rollout)
+        out = est.estimate(random_model, batch, noise)
     mask = batch.completion_mask.double()
     lower, upper = spg_bounds_direct(random_model, batch, noise, beta)
     assert torch.allclose((out.logps.double() * mask).sum(-1), lower, atol=1e-4)
@@ -507,7 +503,7 @@ def test_block_elbo_upper_above_lower_on_average(random_model):
         K, R = views.shape[:2]
         noise = E.Noise(views, torch.zeros(K, R, 3, dtype=torch.bool), torch.ones(K, R, 4))
         with torch.no_grad():
-            out = E.ESTIMATORS["block_elbo"].estimate(random_model, repeat(batch, R), noise, tr, cfg, None)
+            out = E.ESTIMATORS["block_elbo"](cfg, tr).estimate(random_model, repeat(batch, R), noise)
         return out.logps.double().sum(-1), out.upper.double().sum(-1)
 
     lo1, up1 = bounds(masks[None])
@@ -531,10 +527,17 @@ def rollout_batch(model, tokenizer, cfg, seed=0):
     return generate(model, tokenizer, PROMPTS, cfg, torch.Generator().manual_seed(seed))
 
 
-def trajectory_views(model, batch, rollout, merge=1):
-    tr = traits(model)
-    cfg = EstimatorConfig(name="trajectory", merge_steps=merge)
-    return E.ESTIMATORS["trajectory"].draw(batch, cfg, rollout, tr, None), cfg
+def trajectory(model, merge=1):
+    return E.ESTIMATORS["trajectory"](EstimatorConfig(name="trajectory", merge_steps=merge), traits(model))
+
+
+def trajectory_views(model, batch, merge=1):
+    return trajectory(model, merge).draw(batch)
+
+
+def decoded(batch, **changes):
+    """The batch as if its rollout had been decoded with other settings (what the estimators read)."""
+    return replace(batch, trace=replace(batch.trace, decoding=replace(batch.trace.decoding, **changes)))
 
 
 @pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
@@ -548,9 +551,9 @@ def test_trajectory_replays_the_sampler_exactly(tokenizer, attention, self_corre
     trace = batch.trace
     if self_correction:
         assert (trace.events[:, 4] == REMASK).any()  # the replay has remasks to get right
-    noise, cfg = trajectory_views(model, batch, rollout)
+    noise = trajectory_views(model, batch)
     with torch.no_grad():
-        est = E.ESTIMATORS["trajectory"].estimate(model, batch, noise, traits(model), cfg, rollout).logps
+        est = trajectory(model).estimate(model, batch, noise).logps
     scored = batch.completion_mask.bool() & (trace.commit_step >= 0)
     assert scored.sum() >= 20
     assert torch.allclose(est[scored], trace.token_logprob[scored], atol=1e-5, rtol=0)
@@ -563,7 +566,7 @@ def test_trajectory_replays_the_sampler_exactly(tokenizer, attention, self_corre
         assert K == 12 // (Lc // Lb) and int(trace.num_steps.max()) == 12
     else:
         assert K == int(trace.num_steps.max()) == 12
-    merged, _ = trajectory_views(model, batch, rollout, merge=2)
+    merged = trajectory_views(model, batch, merge=2)
     assert merged.num_views == math.ceil(K / 2)
     assert torch.equal(merged.weights.sum(0) > 0, scored)
 
@@ -586,9 +589,9 @@ def test_trajectory_likelihood_is_the_rollout_probability(tokenizer, order, orde
     n = 4000
     batch = generate(model, tokenizer, [[5, 7, 4]] * n, rollout, torch.Generator().manual_seed(0))
     assert (batch.completion_mask.sum(-1) == 2).all()  # no EOS: both tokens are scored
-    noise, cfg = trajectory_views(model, batch, rollout)
+    noise = trajectory_views(model, batch)
     with torch.no_grad():
-        loglik = E.ESTIMATORS["trajectory"].estimate(model, batch, noise, traits(model), cfg, rollout).logps.sum(-1)
+        loglik = trajectory(model).estimate(model, batch, noise).logps.sum(-1)
     keys = [tuple(k) for k in torch.stack([batch.trace.commit_step[:, 0], *batch.completion_ids.T], 1).tolist()]
     prob = dict(zip(keys, loglik.exp().tolist()))  # one value per trajectory
     counts = {k: keys.count(k) for k in prob}
@@ -615,18 +618,18 @@ def test_trajectory_scores_a_sampled_order_with_gradient(tokenizer):
                             order_temperature=0.2, stop_at_eos=False)
     batch = rollout_batch(model, tokenizer, rollout)
     assert (batch.trace.order_logprob < -0.1).any()  # orders really were sampled
-    noise, cfg = trajectory_views(model, batch, rollout)
-    est = E.ESTIMATORS["trajectory"]
-    total = est.estimate(model, batch, noise, traits(model), cfg, rollout).logps
-    tokens = est.estimate(model, batch, noise, traits(model), cfg, replace(rollout, order_temperature=0.0)).logps
+    noise = trajectory_views(model, batch)
+    est = trajectory(model)
+    total = est.estimate(model, batch, noise).logps
+    tokens = est.estimate(model, decoded(batch, order_temperature=0.0), noise).logps
     order = (total - tokens).sum(-1)
     assert torch.allclose(order.detach(), batch.trace.order_logprob.sum(-1), atol=1e-4, rtol=0)
     order.sum().backward()
     assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="merge_steps=1"):
-        trajectory_views(model, batch, rollout, merge=2)
+        trajectory_views(model, batch, merge=2)
     with pytest.raises(ConfigError, match="rollout.order=top_prob"):
-        trajectory_views(model, batch, replace(rollout, order="low_confidence"))
+        trajectory_views(model, decoded(batch, order="low_confidence"))
 
 
 def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer):
@@ -642,10 +645,10 @@ def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer
                             order_temperature=0.5, stop_at_eos=False)
     batch = generate(model, tokenizer, PROMPTS, rollout, torch.Generator().manual_seed(0), order_policy=head)
     assert (batch.trace.order_logprob < -0.1).any()
-    noise, cfg = trajectory_views(model, batch, rollout)
-    est = E.ESTIMATORS["trajectory"]
-    total = est.estimate(model, batch, noise, traits(model), cfg, rollout, order_policy=head).logps
-    tokens = est.estimate(model, batch, noise, traits(model), cfg, replace(rollout, order_temperature=0.0)).logps
+    noise = trajectory_views(model, batch)
+    est = trajectory(model)
+    total = est.estimate(model, batch, noise, order_policy=head).logps
+    tokens = est.estimate(model, decoded(batch, order_temperature=0.0), noise).logps
     order = (total - tokens).sum(-1)
     trace, scored = batch.trace, batch.completion_mask.bool()
     # steps that commit only tokens after the first EOS (unscored) drop their order term, as their tokens
@@ -665,7 +668,7 @@ def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer
     b = generate(model, tokenizer, PROMPTS, replace(greedy, order="top_prob"), torch.Generator().manual_seed(0))
     assert torch.equal(a.trace.commit_step, b.trace.commit_step) and torch.equal(a.completion_ids, b.completion_ids)
     with pytest.raises(ConfigError, match="order_policy="):
-        est.estimate(model, batch, noise, traits(model), cfg, rollout)
+        est.estimate(model, batch, noise)
 
 
 # ------------------------------------------------------------------------------------------------ gradients
@@ -677,9 +680,9 @@ def test_gradients_flow(tokenizer, name):
     rollout = RolloutConfig(max_completion_length=8, steps=8, block_length=4, temperature=1.0)
     batch = rollout_batch(model, tokenizer, rollout)
     cfg = EstimatorConfig(name=name, num_samples=2)
-    est = E.ESTIMATORS[name]
-    noise = est.draw(batch, cfg, rollout, traits(model), torch.Generator().manual_seed(0))
-    out = est.estimate(model, batch, noise, traits(model), cfg, rollout)
+    est = E.ESTIMATORS[name](cfg, traits(model))
+    noise = est.draw(batch, torch.Generator().manual_seed(0))
+    out = est.estimate(model, batch, noise)
     mask = batch.completion_mask
     total = (out.logps * mask).sum() + ((out.upper * mask).sum() if out.upper is not None else 0)
     total.backward()

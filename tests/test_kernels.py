@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dllm_rl.kernels.logprobs import ChunkedLinearLogprobs
 
 from dllm_rl.estimators.base import token_logprobs
-from dllm_rl.rollout.sampling import choose_tokens as reference
+from dllm_rl.kernels.sampling import choose_tokens as reference
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 STATS = ("logprob", "confidence", "top_prob", "margin", "gap")
@@ -48,7 +48,7 @@ def triton_ok():
 
 @pytest.fixture(scope="module")
 def ks(triton_ok):
-    from dllm_rl.kernels import sampling
+    from dllm_rl.kernels import sampling_triton as sampling
 
     return sampling
 
@@ -63,7 +63,7 @@ def true_entropy(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
 def make_case(n, V, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(n, V, generator=g)).to(dtype).to(device)  # [n, V]
-    u = torch.rand(n, generator=g, dtype=torch.float64)  # [n] as rollout.noise gives them
+    u = torch.rand(n, generator=g, dtype=torch.float64)  # [n] as counter_rng gives them
     u[:2] = torch.tensor([1e-12, 0.9999], dtype=torch.float64)[:n]  # near both ends of the CDF
     return logits, u.to(device)
 
@@ -86,7 +86,8 @@ def assert_matches(got, want, logits, mask_id, greedy, atol=2e-5):
 
 def test_import_is_light():
     """`import dllm_rl.kernels` imports neither triton nor liger (module-level imports of the eager modules)."""
-    eager = {"dllm_rl.kernels": K.__file__, "dllm_rl.kernels.logprobs": K.logprobs.__file__}
+    eager = {"dllm_rl.kernels": K.__file__, "dllm_rl.kernels.logprobs": K.logprobs.__file__,
+             "dllm_rl.kernels.sampling": K.sampling.__file__}
     for name, path in eager.items():
         with open(path) as f:
             tree = ast.parse(f.read())
@@ -98,7 +99,7 @@ def test_import_is_light():
             else:
                 continue
             for module in modules:
-                assert not module.startswith(("triton", "liger_kernel", ".sampling")), (name, module)
+                assert not module.startswith(("triton", "liger_kernel", ".sampling_triton")), (name, module)
                 if module.startswith("."):
                     assert "dllm_rl.kernels" + module in eager, (name, module)
 
@@ -176,7 +177,7 @@ def test_triton_sampling_filters_fall_back_to_reference(ks):
 def test_sampling_kernels_compile_for_h100():
     """Without a GPU: lower both kernels to an sm_90 cubin (catches what the interpreter does not check)."""
     triton = pytest.importorskip("triton")
-    from dllm_rl.kernels import sampling
+    from dllm_rl.kernels import sampling_triton as sampling
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -41,3 +41,68 @@ def test_no_top_level_folder_or_script_shadows_an_installed_module():
     finally:
         sys.path = saved
     assert not taken, f"{taken} shadow installed modules of the same name; rename them"
+
+
+# The floors of DESIGN.md, bottom first: a module imports only from its own floor or below (at module level
+# or inside a function alike), and the package-level import graph has no cycle.
+FLOORS = [
+    {"errors", "config", "batches", "counter_rng", "rundir"},
+    {"models", "kernels"},
+    {"rollout", "policy", "estimators", "algorithms", "rewards", "tasks"},
+    {"runtime", "checkpoint", "metrics", "evaluate", "memory", "trainers"},
+    {"cli", "__main__", "__init__"},
+]
+
+
+def _imports():
+    """(importing unit, imported unit, where) for every import of a dllm_rl module by another, read with ast."""
+    import ast
+
+    pkg = ROOT / "dllm_rl"
+    for f in sorted(pkg.rglob("*.py")):
+        rel = f.relative_to(pkg).with_suffix("").parts
+        unit = rel[0]
+        here = ["dllm_rl", *rel[:-1]] if rel[-1] != "__init__" else ["dllm_rl", *rel[:-1]]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] + ([f"{target}.{a.name}" for a in node.names] if not node.module else [])
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for t in names:
+                parts = t.split(".")
+                if parts[0] == "dllm_rl" and len(parts) > 1 and parts[1] != unit:
+                    yield unit, parts[1], f"{f.relative_to(ROOT)}:{node.lineno}"
+
+
+def _floor(unit: str) -> int:
+    found = [i for i, units in enumerate(FLOORS) if unit in units]
+    assert found, f"dllm_rl/{unit} is on no floor of tests/test_layout.py FLOORS; add it where it belongs"
+    return found[0]
+
+
+def test_imports_go_down_the_floors_only():
+    upward = [f"{where}: {a} (floor {_floor(a)}) imports {b} (floor {_floor(b)})"
+              for a, b, where in _imports() if _floor(b) > _floor(a)]
+    assert not upward, "imports that go up a floor:\n" + "\n".join(upward)
+
+
+def test_package_imports_have_no_cycle():
+    edges: dict[str, set] = {}
+    for a, b, _ in _imports():
+        edges.setdefault(a, set()).add(b)
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = sorted(a for a in edges if a in reach(a))
+    assert not cycles, f"units on an import cycle: {cycles}"

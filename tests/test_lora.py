@@ -73,14 +73,8 @@ def test_lora_grpo_reference_update_and_reload(tmp_path, monkeypatch):
     base, _ = load_model(recipe_from_dict({"model": {"path": BASE}}).model)
     assert sum(p.numel() for p in frozen_params(model)) == sum(p.numel() for p in base.parameters())
     batch, _ = trainer.rollout([trainer.task.train[i] for i in range(2)], step=0)
-    noise = trainer.estimator.draw(
-        batch,
-        trainer.recipe.estimator,
-        trainer.recipe.rollout,
-        trainer.traits,
-        torch.Generator().manual_seed(1),
-    )
-    ref = trainer._batched_ref(batch, noise)
+    noise = trainer.estimator.draw(batch, torch.Generator().manual_seed(1))
+    ref = trainer._no_grad(trainer._ref_estimate, batch, noise)
     expected = trainer._estimate(base, batch, noise, grad=False).logps
     torch.testing.assert_close(ref, expected)
 

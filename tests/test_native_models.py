@@ -22,7 +22,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 import dllm_rl  # noqa: F401  (Auto registration)
 from dllm_rl.errors import DllmRlError
 from dllm_rl.models import DreamConfig, DreamModel, HFDiffusionLM, LLaDAConfig, LLaDAModelLM, traits
-from dllm_rl.models.hf import follows_protocol, wrap_if_needed
+from dllm_rl.models.hf import follows_protocol
+from dllm_rl.models.load import wrap_if_needed
 from dllm_rl.models.masks import block_ids, mask_from_block_ids
 
 # --------------------------------------------------------------------------------------- published layouts
@@ -377,7 +378,7 @@ def test_unsupported_published_variants_are_refused():
 def test_rollout_engine_runs_native_models(arch, tokenizer):
     """The engine decodes with both models, with and without the cache (Dream's shift included)."""
     from dllm_rl.config import RolloutConfig
-    from dllm_rl.rollout.sampler import generate
+    from dllm_rl.rollout.engine import generate
 
     over = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id,
             "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
@@ -483,7 +484,7 @@ def test_wrapper_follows_the_protocol(remote_dir):
 def test_engine_refuses_cache_for_wrapped_models(remote_dir, tokenizer):
     from dllm_rl.config import RolloutConfig
     from dllm_rl.errors import ConfigError
-    from dllm_rl.rollout.sampler import generate
+    from dllm_rl.rollout.engine import generate
 
     model = HFDiffusionLM(AutoModel.from_pretrained(remote_dir, trust_remote_code=True))
     cfg = RolloutConfig(max_completion_length=4, steps=4, cache="prefix")

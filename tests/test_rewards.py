@@ -1,4 +1,4 @@
-"""Rewards: the code sandbox (real subprocesses, no mocks) and dllm_rl.rewarding's TRL-compatible contract."""
+"""Rewards: the code sandbox (real subprocesses, no mocks) and dllm_rl.rewards.plugins's TRL-compatible contract."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dllm_rl.errors import ConfigError, DllmRlError
-from dllm_rl.rewarding import Reward, build_rewards, compute_rewards, resolve_reward
+from dllm_rl.rewards.plugins import Reward, build_rewards, compute_rewards, resolve_reward
 from dllm_rl.rewards import REWARDS, code_reward
 from dllm_rl.rewards.code import run_tests, sandbox_info
 
@@ -150,7 +150,7 @@ def test_code_and_format_rewards_are_registered():
     assert REWARDS["format_strict"](["q"], [think], tag="think") == [0.5]
 
 
-# ---------------------------------------------------------------- dllm_rl.rewarding: TRL's contract
+# ---------------------------------------------------------------- dllm_rl.rewards.plugins: TRL's contract
 
 def test_resolve_by_file_path(tmp_path):
     path = tmp_path / "my_rewards.py"

@@ -8,10 +8,11 @@ import torch
 
 from dllm_rl.config import RolloutConfig
 from dllm_rl.errors import ConfigError, DllmRlError
-from dllm_rl.rollout import generate, noise
+from dllm_rl import counter_rng as noise
+from dllm_rl.rollout import generate
 from dllm_rl.rollout.reference import reference_generate
-from dllm_rl.rollout.sampler import encode_prompts
-from dllm_rl.rollout.trace import FILL, REMASK
+from dllm_rl.rollout.engine import encode_prompts
+from dllm_rl.batches import FILL, REMASK
 
 PROMPTS = ["hi", "a longer prompt here", [{"role": "user", "content": "12_4\n__3_"}], "x"]
 
@@ -224,7 +225,7 @@ def test_compiled_sampler_matches_eager(model_factory, tokenizer, attention, cac
     length changes under one graph); the wrapper is built once per model and sees weight updates."""
     from torch._dynamo.utils import counters
 
-    from dllm_rl.rollout.sampler import _COMPILED
+    from dllm_rl.rollout.engine import _COMPILED
 
     m = model_factory(attention=attention, block_size=4, seed=5)
     base = dict(max_completion_length=16, steps=16, block_length=4, cache=cache, stop_at_eos=False,

@@ -6,7 +6,7 @@ import pytest
 
 from dllm_rl.config import DataConfig
 from dllm_rl.errors import ConfigError
-from dllm_rl.rewarding import Reward, compute_rewards, resolve_reward
+from dllm_rl.rewards.plugins import Reward, compute_rewards, resolve_reward
 from dllm_rl.tasks import load_task
 from dllm_rl.rewards.sudoku import all_grids, count_solutions, is_valid_solution, sudoku_cells_reward
 

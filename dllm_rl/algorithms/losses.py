@@ -36,14 +36,22 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return d.exp() - d - 1
 
 
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "grpo":
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    if how in ("dapo", "bnpo"):
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    if how == "dr_grpo":
-        return (per_token * mask).sum() / mask.numel()
-    raise ValueError(how)
+def sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """grpo: the mean over each sequence's tokens, then over sequences."""
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """dapo / bnpo: the mean over every token of the micro-batch."""
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def constant_normalizer(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """dr_grpo: the sum divided by a constant, N * Lc (arXiv 2503.20783)."""
+    return (per_token * mask).sum() / mask.numel()
+
+
+AGGREGATIONS = {"grpo": sequence_mean, "dapo": token_mean, "bnpo": token_mean, "dr_grpo": constant_normalizer}
 
 
 def clipped(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
@@ -62,7 +70,7 @@ def clipped(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
         kl = kl_k3(x.logps, x.ref_logps)
         per_token = per_token + cfg.beta * kl
         stats["kl"] = (kl * mask).sum().item() / max(mask.sum().item(), 1)
-    return _aggregate(per_token, mask, cfg.loss_type), stats
+    return AGGREGATIONS[cfg.loss_type](per_token, mask), stats
 
 
 def wd1(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
@@ -88,4 +96,4 @@ def spg(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
     return loss, {"bound_gap": (upper - lower).mean().item()}
 
 
-LOSSES = {"grpo": clipped, "dr_grpo": clipped, "dapo": clipped, "bnpo": clipped, "wd1": wd1, "spg": spg}
+LOSSES = {**{name: clipped for name in AGGREGATIONS}, "wd1": wd1, "spg": spg}  # clipped: one per aggregation

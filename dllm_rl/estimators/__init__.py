@@ -1,30 +1,29 @@
 """Likelihood estimators for completions of a diffusion LM, under explicit noise (estimators.base).
 
-Each estimator is a `draw` (batch -> Noise, from a torch.Generator) and an `estimate` (model, batch, noise ->
-Estimate); ESTIMATORS maps recipe names to them. Adding one = one module + one entry + one test.
+`build_estimator(recipe.estimator, traits)` returns an `Estimator`: `draw(batch, generator) -> Noise` and
+`estimate(model, batch, noise) -> Estimate`, closed over its recipe section (they never read the rollout
+config: what a rollout decided is in its trace). ESTIMATORS maps recipe names to the builders; adding one =
+one `build(cfg, traits) -> Estimator` function + one entry here + one test (examples/custom_estimator.py).
 """
 
-from dataclasses import dataclass
-from typing import Callable
-
+from ..errors import lookup
 from . import block_elbo, elbo, one_step, trajectory
-from .base import Estimate, Noise, score, token_logprobs, view_logprobs, weighted
+from .base import Estimate, Estimator, Noise, score, scored, token_logprobs, view_logprobs
 from .elbo import draw_elbo
 from .one_step import draw_one_step
 
-
-@dataclass(frozen=True)
-class Estimator:
-    draw: Callable  # (batch, EstimatorConfig, RolloutConfig, ModelTraits, torch.Generator) -> Noise
-    estimate: Callable  # (model, batch, Noise, ModelTraits, EstimatorConfig, RolloutConfig) -> Estimate
-
-
 ESTIMATORS = {
-    "one_step": Estimator(one_step.draw, weighted),
-    "elbo": Estimator(elbo.draw, weighted),
-    "block_elbo": Estimator(block_elbo.draw, block_elbo.estimate),
-    "trajectory": Estimator(trajectory.draw, trajectory.estimate),
+    "one_step": one_step.build,
+    "elbo": elbo.build,
+    "block_elbo": block_elbo.build,
+    "trajectory": trajectory.build,
 }
 
-__all__ = ["ESTIMATORS", "Estimate", "Estimator", "Noise", "draw_elbo", "draw_one_step", "score",
-           "token_logprobs", "view_logprobs", "weighted"]
+
+def build_estimator(cfg, tr) -> Estimator:
+    """The estimator named by `cfg.name` (recipe estimator section), for a model with traits `tr`."""
+    return lookup(ESTIMATORS, cfg.name, "estimator.name")(cfg, tr)
+
+
+__all__ = ["ESTIMATORS", "Estimate", "Estimator", "Noise", "build_estimator", "draw_elbo", "draw_one_step",
+           "score", "scored", "token_logprobs", "view_logprobs"]

@@ -13,7 +13,8 @@ TraceRL: [clean prompt + completion | noisy completion]; a noisy token of block 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.utils.checkpoint
@@ -21,7 +22,7 @@ import torch.utils.checkpoint
 from ..models.base import ModelTraits
 from ..models.masks import block_ids, padding_positions
 from ..policy.order_head import stats_from_logits
-from ..rollout.remask import model_order_scores
+from ..policy.orders import model_order_scores
 
 
 @dataclass
@@ -39,6 +40,11 @@ class Noise:
         pick = (lambda t: None if t is None else t[:, rows.to(t.device)])
         return Noise(pick(self.completion_masks), pick(self.prompt_masks), pick(self.weights), pick(self.tokens))
 
+    def with_prompt_length(self, P: int) -> "Noise":
+        """The prompt masks' last P columns: the noise for left-padded prompts of length P (drawn for longer)."""
+        pm = None if self.prompt_masks is None else self.prompt_masks[..., -P:]
+        return Noise(self.completion_masks, pm, self.weights, self.tokens)
+
     def to(self, device) -> "Noise":
         move = (lambda t: None if t is None else t.to(device))
         return Noise(move(self.completion_masks), move(self.prompt_masks), move(self.weights), move(self.tokens))
@@ -51,6 +57,31 @@ class Estimate:
 
     logps: torch.Tensor
     upper: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A likelihood estimator bound to its recipe section and the model's traits (what `build` returns).
+
+    draw(batch, generator) -> Noise: the corruption, drawn for a batch (anything with prompt_ids, prompt_mask,
+        completion_ids, completion_mask; trajectories also read batch.trace).
+    estimate(model, batch, noise, **extra) -> Estimate: per-token estimates under that noise, with gradient
+        when enabled (extra: order_policy for a learned order).
+    views(steps) -> int: forwards per estimate for a rollout of `steps` denoising steps (the memory planner).
+    check(decoding) -> list of notes: refuse (ConfigError) rollout settings the estimator cannot score, before
+        anything is built; the notes are printed.
+    """
+
+    draw: Callable
+    estimate: Callable
+    views: Callable[[int], int]
+    check: Callable = field(default=lambda decoding: [])
+    replays_orders: bool = False  # scores a sampled unmasking order's log-prob (what trains a learned order)
+
+
+def scored(tr: ModelTraits, temperature: float = 1.0) -> Callable:
+    """`estimate` for estimators that are nothing more than the weighted `score` of their noise's views."""
+    return lambda model, batch, noise, **extra: Estimate(score(model, batch, noise, tr, temperature))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask_token_id: int | None) -> torch.Tensor:
@@ -72,7 +103,7 @@ def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: 
 
     batch: anything with prompt_ids [N, P], prompt_mask [N, P], completion_ids [N, Lc]. tokens_k: the view's
     canvas where unmasked, when it differs from the final completion (trajectories with self-correction).
-    order: also return the sampler's ordering scores at every position (rollout.remask.model_order_scores,
+    order: also return the sampler's ordering scores at every position (policy.orders.model_order_scores,
     from the untempered logits), as a second [N, Lc] tensor; order="policy": instead, what a learned order
     head reads, (stats, last hidden states [N, Lc, D]) (policy.order_head.stats_from_logits).
     """
@@ -127,11 +158,6 @@ def two_stream_mask(clean_bid: torch.Tensor, noisy_bid: torch.Tensor) -> torch.T
     eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
     mask = mask | (~mask.any(-1, keepdim=True) & eye)  # padding queries see themselves (no NaN rows)
     return mask[:, None]
-
-
-def weighted(model, batch, noise: Noise, tr: ModelTraits, cfg=None, rollout=None) -> Estimate:
-    """`score` as an estimator's estimate(): one_step and elbo are nothing more."""
-    return Estimate(score(model, batch, noise, tr))
 
 
 def each_view(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 1.0, order: str | None = None):

@@ -19,12 +19,21 @@ from __future__ import annotations
 
 import torch
 
-from .base import Estimate, Noise, each_view
+from .base import Estimate, Estimator, Noise, each_view
 
 
-def draw(batch, cfg, rollout, tr, generator: torch.Generator) -> Noise:
+def build(cfg, tr) -> Estimator:
+    """SPG's bounds for the recipe's estimator section (num_samples views, t_min/t_max, eubo_beta)."""
+    return Estimator(lambda batch, generator: draw(batch, cfg, generator),
+                     lambda model, batch, noise, **extra: estimate(model, batch, noise, tr, cfg.eubo_beta),
+                     views=lambda steps: cfg.num_samples)
+
+
+def draw(batch, cfg, generator: torch.Generator) -> Noise:
+    """The views for a batch. SPG's blocks: estimator.block_length, else the rollout's (batch.trace), else one."""
     N, Lc = batch.completion_ids.shape
-    Lb = rollout.block_length or Lc
+    trace = getattr(batch, "trace", None)
+    Lb = cfg.block_length or (trace.decoding.block_length if trace is not None else Lc)
     K = cfg.num_samples
     lengths = batch.completion_mask.sum(-1).cpu().clamp(min=1)  # [N]
     n_blocks = (lengths - 1) // Lb + 1  # blocks the completion reaches
@@ -48,8 +57,7 @@ def draw(batch, cfg, rollout, tr, generator: torch.Generator) -> Noise:
     return Noise(masks, prompt, torch.ones(K, N, Lc))  # weights unused: the bounds are built in estimate()
 
 
-def estimate(model, batch, noise: Noise, tr, cfg, rollout) -> Estimate:
-    beta = cfg.eubo_beta
+def estimate(model, batch, noise: Noise, tr, beta: float) -> Estimate:
     cmask = batch.completion_mask.bool()  # [N, Lc]
     K = noise.num_views
     lower = torch.zeros(cmask.shape, device=cmask.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Noise
+from .base import Estimator, Noise, scored
 
 
 def _timesteps(n: int, N: int, t_min: float, t_max: float, stratified: bool, g) -> torch.Tensor:
@@ -56,8 +56,13 @@ def draw_elbo(shape: tuple[int, int], generator: torch.Generator, num_samples: i
     return Noise(torch.cat(masks), None, torch.cat(weights))
 
 
-def draw(batch, cfg, rollout, tr, generator: torch.Generator) -> Noise:
-    """The `elbo` estimator's noise for a batch (recipe estimator section)."""
-    return draw_elbo(tuple(batch.completion_ids.shape), generator, num_samples=cfg.num_samples, t_min=cfg.t_min,
-                     t_max=cfg.t_max, stratified=cfg.stratified, masks_per_timestep=cfg.masks_per_timestep,
-                     coupled=cfg.coupled, full_view=cfg.full_view)
+def build(cfg, tr) -> Estimator:
+    """The `elbo` estimator for the recipe's estimator section."""
+
+    def draw(batch, generator: torch.Generator) -> Noise:
+        return draw_elbo(tuple(batch.completion_ids.shape), generator, num_samples=cfg.num_samples,
+                         t_min=cfg.t_min, t_max=cfg.t_max, stratified=cfg.stratified,
+                         masks_per_timestep=cfg.masks_per_timestep, coupled=cfg.coupled, full_view=cfg.full_view)
+
+    views = cfg.num_samples * cfg.masks_per_timestep * (2 if cfg.coupled else 1) + (cfg.coupled and cfg.full_view)
+    return Estimator(draw, scored(tr), views=lambda steps: int(views))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Noise
+from .base import Estimator, Noise, scored
 
 
 def draw_one_step(shape: tuple[int, int], prompt_shape: tuple[int, int], generator: torch.Generator,
@@ -18,7 +18,11 @@ def draw_one_step(shape: tuple[int, int], prompt_shape: tuple[int, int], generat
     return Noise(torch.ones(K, N, Lc, dtype=torch.bool), prompt, torch.full((K, N, Lc), 1.0 / K))
 
 
-def draw(batch, cfg, rollout, tr, generator: torch.Generator) -> Noise:
-    """The `one_step` estimator's noise for a batch (recipe estimator section)."""
-    return draw_one_step(tuple(batch.completion_ids.shape), tuple(batch.prompt_ids.shape), generator,
-                         cfg.p_mask_prompt, cfg.num_samples)
+def build(cfg, tr) -> Estimator:
+    """The `one_step` estimator for the recipe's estimator section (p_mask_prompt, num_samples masked views)."""
+
+    def draw(batch, generator: torch.Generator) -> Noise:
+        return draw_one_step(tuple(batch.completion_ids.shape), tuple(batch.prompt_ids.shape), generator,
+                             cfg.p_mask_prompt, cfg.num_samples)
+
+    return Estimator(draw, scored(tr), views=lambda steps: cfg.num_samples)

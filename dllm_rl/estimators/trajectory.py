@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import torch
 
+from ..batches import COMMIT, Decoding
 from ..errors import ConfigError
+from ..policy.orders import ORDERS
 from ..policy.plackett_luce import plackett_luce_logprob
-from ..rollout.remask import MODEL_ORDERS
-from ..rollout.trace import COMMIT
-from .base import Estimate, Noise, each_view, score
+from .base import Estimate, Estimator, Noise, each_view, score
 
 
 def _local_steps(trace, Lc: int, block: int | None):
@@ -66,31 +66,51 @@ def _local_steps(trace, Lc: int, block: int | None):
     return ev_local, local
 
 
-def draw(batch, cfg, rollout, tr, generator=None) -> Noise:
-    """Views replaying the trace (deterministic: the generator is not used)."""
-    trace = batch.trace
-    if trace is None:
-        raise ConfigError("estimator.name=trajectory needs rollouts with a commit trace (the GRPO trainer's own "
-                          "rollouts); pick one_step, elbo or block_elbo for other data")
-    N, Lc = batch.completion_ids.shape
-    block = None
-    if tr.attention == "block_causal":
-        Lb = rollout.block_length or Lc
-        if Lb != tr.block_size:
-            raise ConfigError(f"estimator.name=trajectory on a block-causal model needs rollout.block_length "
-                              f"({Lb}) equal to the model's attention block ({tr.block_size})")
-        block = Lb
-    if rollout.order_temperature > 0:
-        if rollout.order not in MODEL_ORDERS + ("random", "left_to_right", "policy"):
-            raise ConfigError(f"estimator.name=trajectory cannot replay a sampled rollout.order={rollout.order}: "
+def build(cfg, tr) -> Estimator:
+    """The trajectory estimator for the recipe's estimator section (merge_steps); the rollout's settings come
+    from each batch's trace."""
+    return Estimator(lambda batch, generator=None: draw(batch, cfg.merge_steps, tr),
+                     lambda model, batch, noise, order_policy=None, **extra: estimate(model, batch, noise, tr,
+                                                                                      order_policy),
+                     views=lambda steps: -(-steps // max(1, cfg.merge_steps)),
+                     check=lambda decoding: check(decoding, cfg.merge_steps, tr), replays_orders=True)
+
+
+def check(d: Decoding, merge_steps: int, tr) -> list[str]:
+    """Refuse rollouts whose decisions this estimator cannot replay; notes for the ones it replays inexactly."""
+    block_causal = tr is not None and tr.attention == "block_causal"
+    if block_causal and d.block_length != tr.block_size:
+        raise ConfigError(f"estimator.name=trajectory on a block-causal model needs rollout.block_length "
+                          f"({d.block_length}) equal to the model's attention block ({tr.block_size})")
+    rule = ORDERS[d.order]
+    if d.order_temperature > 0:
+        if rule.replay == "tokens":
+            raise ConfigError(f"estimator.name=trajectory cannot replay a sampled rollout.order={d.order}: "
                               "its scores depend on tokens drawn at positions that were not committed; use "
                               "rollout.order=top_prob (or margin, entropy), or rollout.order_temperature=0")
-        if cfg.merge_steps > 1 or block is not None:
+        if merge_steps > 1 or block_causal:
             raise ConfigError("estimator.name=trajectory with a sampled order (rollout.order_temperature > 0) "
                               "scores each step's order from the state before it: set estimator.merge_steps=1, "
                               "and use a bidirectional model (block-causal packing scores several steps at once)")
+    if rule.replay == "tokens" and d.temperature > 0:
+        return [f"estimator.name=trajectory with rollout.order={d.order} and temperature > 0: positions are picked "
+                "by their sampled token, so the replayed likelihood is not the rollout's probability and its "
+                "gradient is not the policy gradient (estimators/trajectory.py); rollout.order=top_prob decodes "
+                "the same when greedy and keeps it exact"]
+    return []
+
+
+def draw(batch, merge_steps: int, tr) -> Noise:
+    """Views replaying the trace (deterministic: no randomness is drawn)."""
+    trace = getattr(batch, "trace", None)
+    if trace is None:
+        raise ConfigError("estimator.name=trajectory needs rollouts with a commit trace (the GRPO trainer's own "
+                          "rollouts); pick one_step, elbo or block_elbo for other data")
+    check(trace.decoding, merge_steps, tr)
+    N, Lc = batch.completion_ids.shape
+    block = trace.decoding.block_length if tr.attention == "block_causal" else None
     ev_local, local = _local_steps(trace, Lc, block)
-    m = max(1, cfg.merge_steps)
+    m = max(1, merge_steps)
     K = int(local.max().item()) // m + 1 if local.numel() and local.max() >= 0 else 1
     ev = trace.events
     key = ev[:, 0] * Lc + ev[:, 2]  # [E] (row, pos)
@@ -113,15 +133,16 @@ def draw(batch, cfg, rollout, tr, generator=None) -> Noise:
     return Noise(torch.stack(masks), None, torch.stack(weights), torch.stack(tokens) if remasks else None)
 
 
-def estimate(model, batch, noise: Noise, tr, cfg, rollout, order_policy=None) -> Estimate:
+def estimate(model, batch, noise: Noise, tr, order_policy=None) -> Estimate:
     """order_policy: the learned order head the rollout was decoded with (rollout.order=policy)."""
-    temperature = rollout.temperature if rollout.temperature > 0 else 1.0
-    if rollout.order_temperature <= 0:
+    d = batch.trace.decoding
+    temperature = d.temperature if d.temperature > 0 else 1.0
+    if d.order_temperature <= 0:
         return Estimate(score(model, batch, noise, tr, temperature))
-    if rollout.order == "policy" and order_policy is None:
-        raise ConfigError("estimator.name=trajectory with rollout.order=policy scores the order with the learned "
-                          "policy: pass order_policy= (the GRPO trainer does)")
-    return Estimate(_score_with_order(model, batch, noise, tr, temperature, rollout, order_policy))
+    if ORDERS[d.order].replay == "learned" and order_policy is None:
+        raise ConfigError(f"estimator.name=trajectory with rollout.order={d.order} scores the order with the "
+                          "learned policy: pass order_policy= (the GRPO trainer does)")
+    return Estimate(_score_with_order(model, batch, noise, tr, temperature, d, order_policy))
 
 
 def _step_draws(trace, step: int, N: int):
@@ -153,20 +174,21 @@ def _policy_scores(head, stats, hidden, Lb: int) -> torch.Tensor:
     return head(blocks(hidden), per_block, offsets).reshape(N, Lc)
 
 
-def _score_with_order(model, batch, noise: Noise, tr, temperature: float, rollout, head=None) -> torch.Tensor:
+def _score_with_order(model, batch, noise: Noise, tr, temperature: float, d: Decoding, head=None) -> torch.Tensor:
     """score() plus each step's Plackett-Luce order log-prob, shared among the tokens the step committed."""
     trace = batch.trace
     N, Lc = batch.completion_ids.shape
     device = batch.completion_ids.device
-    scored_order = rollout.order in MODEL_ORDERS + ("policy",)
-    Lb = rollout.block_length or Lc
+    replay = ORDERS[d.order].replay
+    scored_order = replay in ("model", "learned")
+    Lb = d.block_length
     total = torch.zeros(N, Lc, device=device)
     # views without a scored token are skipped: their step's order term has no token to carry it (after EOS)
-    for j, out in each_view(model, batch, noise, tr, temperature, rollout.order if scored_order else None):
+    for j, out in each_view(model, batch, noise, tr, temperature, d.order if scored_order else None):
         w = noise.weights[j].to(device)
         chosen, valid = _step_draws(trace, j, N)
         lp = out[0] if scored_order else out
-        if rollout.order == "policy":  # the head runs outside the view's activation checkpoint: it is small
+        if replay == "learned":  # the head runs outside the view's activation checkpoint: it is small
             out = (lp, _policy_scores(head, *out[1], Lb))
         total = total + torch.where(w != 0, lp * w, torch.zeros_like(lp))
         # the sampler drew from the masked positions of the active block (the one the step committed in)
@@ -174,13 +196,13 @@ def _score_with_order(model, batch, noise: Noise, tr, temperature: float, rollou
         available = noise.completion_masks[j].cpu() & (pos[None, :] // Lb == chosen[:, :1].clamp(min=0) // Lb)
         r = (valid.any(-1) & (w.sum(-1) > 0).cpu()).nonzero().squeeze(-1)
         order_lp = torch.zeros(N, device=device)
-        if len(r) and rollout.order == "random":  # uniform keys: every draw order is equally likely, a constant
+        if len(r) and replay == "uniform":  # uniform keys: every draw order is equally likely, a constant
             n, k = available[r].sum(-1).double(), valid[r].sum(-1).double()
             order_lp[r.to(device)] = (torch.lgamma(n - k + 1) - torch.lgamma(n + 1)).float().to(device)
         elif len(r):
             scores = out[1][r.to(device)] if scored_order else -pos.float().expand(len(r), Lc).to(device)
             order_lp = order_lp.index_put((r.to(device),), plackett_luce_logprob(
-                scores / rollout.order_temperature, available[r].to(device), chosen[r].to(device),
+                scores / d.order_temperature, available[r].to(device), chosen[r].to(device),
                 valid[r].to(device)))
         share = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
         total = total + order_lp[:, None] * share

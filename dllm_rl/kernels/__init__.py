@@ -2,8 +2,8 @@
 
 Public ops (dispatching):
 - `choose_tokens(logits, u, temperature, top_k=0, top_p=1.0, mask_token_id=None) -> TokenChoice`
-  fast: Triton two-stage vocabulary reduction (dllm_rl/kernels/sampling.py);
-  reference: `dllm_rl.rollout.sampling.choose_tokens`.
+  fast: Triton two-stage vocabulary reduction (sampling_triton.py);
+  reference: `sampling.choose_tokens` (torch).
 - `linear_token_logprobs(hidden, weight, targets, bias=None, mask_token_id=None, temperature=1.0) -> [n]`
   fast: liger-kernel's fused linear cross-entropy; reference: a chunked torch.autograd.Function
   (dllm_rl/kernels/logprobs.py, where the docstring shows how an estimator calls it).
@@ -25,6 +25,8 @@ import os
 import torch
 
 from .logprobs import liger_usable, linear_token_logprobs_liger, linear_token_logprobs_torch
+from .sampling import TokenChoice
+from .sampling import choose_tokens as choose_tokens_reference
 
 
 @functools.cache
@@ -39,28 +41,13 @@ def use_fast_path(t: torch.Tensor) -> bool:
 
 
 def choose_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0, mask_token_id: int | None = None):
-    """logits: [n, V]; u: [n] uniforms in (0, 1) -> TokenChoice. See dllm_rl.rollout.sampling.choose_tokens."""
+                  top_p: float = 1.0, mask_token_id: int | None = None) -> TokenChoice:
+    """logits: [n, V]; u: [n] uniforms in (0, 1) -> TokenChoice. See kernels.sampling.choose_tokens."""
     if use_fast_path(logits):
-        from .sampling import choose_tokens_triton
+        from .sampling_triton import choose_tokens_triton  # imports triton: only on the CUDA path
 
         return choose_tokens_triton(logits, u, temperature, top_k, top_p, mask_token_id)
     return choose_tokens_reference(logits, u, temperature, top_k, top_p, mask_token_id)
-
-
-def choose_tokens_reference(*args, **kwargs):
-    """The torch reference (dllm_rl.rollout.sampling.choose_tokens), imported on first use."""
-    from dllm_rl.rollout.sampling import choose_tokens as reference
-
-    return reference(*args, **kwargs)
-
-
-def __getattr__(name):
-    if name == "TokenChoice":
-        from dllm_rl.rollout.sampling import TokenChoice
-
-        return TokenChoice
-    raise AttributeError(name)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

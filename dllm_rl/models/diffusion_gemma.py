@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 
+from ..counter_rng import mix
 from ..errors import DllmRlError, lookup
 from .base import unwrap
 from .hf import ProtocolWrapper, padding_from_mask
@@ -93,12 +94,6 @@ def model_class(model_dir: str, trust_remote_code: bool = False):
     return AutoModel
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    from ..rollout.noise import mix  # lazy: rollout imports models
-
-    return mix(x)
-
-
 def noise_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  query_positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Deterministic uniform-noise tokens: [B, Q] ids in [0, vocab_size) for the positions `query_positions`.
@@ -106,9 +101,9 @@ def noise_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, position
     input_ids / attention_mask / position_ids: [B, L] (the row's content, sentinels included). The row key
     hashes every real token with its position, so it ignores padding and the rest of the batch.
     """
-    per = _mix(_mix(input_ids.long() + 0x9E3779B9) ^ _mix(position_ids.long() * 0x85EBCA6B + 0x27D4EB2F))  # [B, L]
-    key = _mix((per * attention_mask.long()).sum(-1) & _M32)  # [B]
-    h = _mix(key[:, None] ^ _mix(query_positions.long() + 0x632BE5AB))  # [B, Q]
+    per = mix(mix(input_ids.long() + 0x9E3779B9) ^ mix(position_ids.long() * 0x85EBCA6B + 0x27D4EB2F))  # [B, L]
+    key = mix((per * attention_mask.long()).sum(-1) & _M32)  # [B]
+    h = mix(key[:, None] ^ mix(query_positions.long() + 0x632BE5AB))  # [B, Q]
     return h % vocab_size
 
 
@@ -125,7 +120,7 @@ class DiffusionGemmaLM(ProtocolWrapper):
         super().__init__()
         base = unwrap(model)
         if not is_diffusion_gemma(base):
-            raise DllmRlError(f"{type(base).__name__} is not a DiffusionGemma model; use models.hf.wrap_if_needed")
+            raise DllmRlError(f"{type(base).__name__} is not a DiffusionGemma model; use models.load.wrap_if_needed")
         if type(base).__name__ != HEAD_CLASS:
             raise DllmRlError(f"{type(base).__name__} has no LM head; load the checkpoint as {HEAD_CLASS} "
                               "(models.load.load_model does)")

@@ -15,7 +15,6 @@ What is lost against a native model (tiny, LLaDA, Dream):
 from __future__ import annotations
 
 import inspect
-import logging
 
 import torch
 from torch import nn
@@ -23,8 +22,6 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from ..errors import DllmRlError, lookup
 from .base import unwrap
-
-log = logging.getLogger(__name__)
 
 PROTOCOL_KWARGS = ("kv_cache", "cache_start", "kv_len", "cache_rows", "logits_range")
 
@@ -137,17 +134,3 @@ class HFDiffusionLM(ProtocolWrapper):
             logits = logits[:, logits_range[0]:logits_range[1]]
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
         return MaskedLMOutput(logits=logits, hidden_states=hidden)
-
-
-def wrap_if_needed(model: nn.Module) -> nn.Module:
-    """The model itself when it follows the protocol, a DiffusionGemmaLM around a DiffusionGemma, else an
-    HFDiffusionLM around it (with one warning)."""
-    from .diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma  # lazy: that module imports this one
-
-    if isinstance(model, (HFDiffusionLM, DiffusionGemmaLM)) or follows_protocol(model):
-        return model
-    if is_diffusion_gemma(model):
-        return DiffusionGemmaLM(model)
-    log.warning("%s has no native dllm_rl implementation: running it through its own forward (no KV cache, no "
-                "block-causal packing, full logits computed then sliced)", type(unwrap(model)).__name__)
-    return HFDiffusionLM(model)

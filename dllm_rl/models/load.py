@@ -6,42 +6,23 @@ scratch (the built-in tiny MDM); dtype, gradient checkpointing, LoRA through pef
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_checkpoint
 from ..config import ModelConfig
 from ..errors import DllmRlError
-from .base import traits
+from ..rundir import resolve_model_dir
+from .base import traits, unwrap
 from .diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma, model_class, sentinel_id
-from .hf import HFDiffusionLM, wrap_if_needed
+from .hf import HFDiffusionLM, follows_protocol
 from .tiny import TinyMDM, TinyMDMConfig
 from .tokenizer import build_char_tokenizer
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _is_hub_id(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 2 and all(parts) and not path.startswith((".", "~", "/"))
-
-
-def resolve_model_dir(path: str) -> str:
-    """A directory with config.json (itself, its final/, or its newest checkpoint), or a hub id as given."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for candidate in [p, p / "final"]:
-            if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
-                return str(candidate)
-        ckpt = latest_checkpoint(p)
-        if ckpt is not None:
-            return str(ckpt)
-        raise DllmRlError(f"{path!r} is not a model directory (no config.json, final/ or checkpoint-*/ "
-                          f"inside); pass a directory written by `dllm-rl sft/train` or a hub model id")
-    if not _is_hub_id(path) or p.exists():
-        raise DllmRlError(f"model path {path!r} does not exist; check model.path (or the CHECKPOINT argument)")
-    return path  # a hub id such as GSAI-ML/LLaDA-8B-Instruct
 
 
 def build_tiny(cfg: ModelConfig, tokenizer, seed: int = 0) -> TinyMDM:
@@ -139,3 +120,15 @@ def _four_bit():
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def wrap_if_needed(model: nn.Module) -> nn.Module:
+    """The model itself when it follows the protocol, a DiffusionGemmaLM around a DiffusionGemma, else an
+    HFDiffusionLM around it (with one warning)."""
+    if isinstance(model, (HFDiffusionLM, DiffusionGemmaLM)) or follows_protocol(model):
+        return model
+    if is_diffusion_gemma(model):
+        return DiffusionGemmaLM(model)
+    log.warning("%s has no native dllm_rl implementation: running it through its own forward (no KV cache, no "
+                "block-causal packing, full logits computed then sliced)", type(unwrap(model)).__name__)
+    return HFDiffusionLM(model)

@@ -1,6 +1,9 @@
-"""The learned unmasking-order policy and Plackett-Luce machinery (DCoLT arXiv 2505.10446)."""
+"""Unmasking orders: the fixed rules (orders.py), the learned order head (order_head.py, DCoLT arXiv
+2505.10446) and the Plackett-Luce machinery both sample with (plackett_luce.py)."""
 
-from .order_head import OrderHead, OrderHeadConfig
+from .order_head import OrderHead, OrderHeadConfig, order_head_for
+from .orders import ORDERS, Order, OrderInputs, model_order_scores
 from .plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
 
-__all__ = ["OrderHead", "OrderHeadConfig", "gumbel_topk", "plackett_luce_logprob", "topk_positions"]
+__all__ = ["ORDERS", "Order", "OrderHead", "OrderHeadConfig", "OrderInputs", "gumbel_topk", "model_order_scores",
+           "order_head_for", "plackett_luce_logprob", "topk_positions"]

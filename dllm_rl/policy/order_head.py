@@ -27,6 +27,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..kernels.sampling import without_mask_token
+from ..models.base import unwrap
+from ..rundir import resolve_model_dir
+from .orders import ORDERS
 
 FILE = "order_policy.pt"  # beside the model files in a checkpoint / final directory
 
@@ -40,7 +44,7 @@ class OrderHeadConfig:
 
 
 class OrderHead(nn.Module):
-    """`head(hidden [n, Lb, D], stats, offsets [1 | n, Lb]) -> scores [n, Lb]` (rollout.sampler's OrderPolicy).
+    """`head(hidden [n, Lb, D], stats, offsets [1 | n, Lb]) -> scores [n, Lb]` (rollout.engine's OrderPolicy).
 
     `stats` has top_prob, margin, entropy and masked, each [n, Lb], as the sampler's StepStats."""
 
@@ -97,13 +101,30 @@ class OrderHead(nn.Module):
         return f"OrderHead({json.dumps(asdict(self.cfg))})"
 
 
+def order_head_for(order: str, model, model_path: str | None, cfg=None, seed: int = 0) -> OrderHead | None:
+    """The learned order head a rollout with rule `order` needs (None for rules without one): the head saved
+    beside the model at `model_path` when there is one (evaluation; continuing a run's final/), else, when
+    `cfg` (the recipe's order_policy section) is given, a fresh head that decodes like `cfg.base`, initialised
+    from `seed`. The head is on the model's device; a loaded one in eval mode, a fresh one in training mode."""
+    if not ORDERS[order].needs_hidden:
+        return None
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    if model_path and Path(model_path).is_dir():
+        model_path = resolve_model_dir(model_path)
+    if cfg is None or (model_path and (Path(model_path) / FILE).is_file()):
+        return OrderHead.load(model_path).to(device)
+    head_cfg = OrderHeadConfig(hidden_size=base.config.hidden_size, width=cfg.width, heads=cfg.heads, base=cfg.base)
+    with torch.random.fork_rng(devices=[]):  # the same initial head for the same seed
+        torch.manual_seed(seed)
+        return OrderHead(head_cfg).to(device)
+
+
 def stats_from_logits(logits: torch.Tensor, masked: torch.Tensor, mask_token_id: int | None):
     """The head's `stats` from raw (untempered) logits [n, L, V], as the sampler computes them: what the
     trajectory estimator replays a step's order with. 0 where not masked. Without gradient (the head reads its
     inputs detached), so the estimator's backward keeps no [n, L, V] tensors for them; that is why this does
-    not reuse rollout.remask.model_order_scores, which is differentiable and computes one statistic."""
-    from ..rollout.sampling import without_mask_token
-
+    not reuse policy.orders.model_order_scores, which is differentiable and computes one statistic."""
     with torch.no_grad():
         logp = without_mask_token(logits.float(), mask_token_id).log_softmax(-1)
         top = logp.topk(2, dim=-1).values.exp()

@@ -1,7 +1,7 @@
 """Reward plugins: plain functions with TRL's signature `fn(prompts, completions, **columns) -> list[float]`.
 
 Installed as `dllm_rl.rewards`. A recipe names a reward from `REWARDS`, a file (`path/to/file.py:fn`), or an
-installed entry point (group `dllm_rl.rewards`); see `dllm_rl.rewarding.resolve_reward`. Options go in the
+installed entry point (group `dllm_rl.rewards`); see `plugins.resolve_reward`. Options go in the
 recipe's `kwargs` (e.g. `{name: code, kwargs: {binary: true, timeout: 5}}`).
 
 | name            | scores                                                               | range      |

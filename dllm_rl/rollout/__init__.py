@@ -1,14 +1,15 @@
 """The rollout engine: `generate(model, tokenizer, prompts, RolloutConfig(...), generator=g)`.
 
-sampler.py (the denoising loop), schedules.py (commit rules, cache plans), remask.py (ordering rules,
-self-correction), sampling.py (token choice and statistics), noise.py (batch-invariant randomness),
-trace.py (the commit trace), reference.py (LLaDA's plain sampler: the test oracle and benchmark baseline).
+engine.py (the denoising loop), commit.py (commit rules), cache_plans.py (what each step forwards per cache
+mode), remask.py (self-correction), trace.py (recording the commit trace), reference.py (LLaDA's plain
+sampler: the test oracle and benchmark baseline). Ordering rules live in policy.orders, token choice in
+kernels.
 """
 
+from ..batches import Trace
 from ..config import RolloutConfig
-from .remask import ORDERS
-from .sampler import encode_prompts, generate
-from .schedules import CACHE_PLANS, COMMIT_RULES
-from .trace import Trace
+from .cache_plans import CACHE_PLANS
+from .commit import COMMIT_RULES
+from .engine import decoding, encode_prompts, generate
 
-__all__ = ["CACHE_PLANS", "COMMIT_RULES", "ORDERS", "RolloutConfig", "Trace", "encode_prompts", "generate"]
+__all__ = ["CACHE_PLANS", "COMMIT_RULES", "RolloutConfig", "Trace", "decoding", "encode_prompts", "generate"]

@@ -2,7 +2,7 @@
 
 One prompt at a time, no padding, a full forward of [prompt | canvas] at every step, greedy tokens,
 low-confidence selection of LLaDA's per-step token counts (`get_num_transfer_tokens`). One departure from
-LLaDA: the [MASK] token is never proposed (see rollout.sampling; a random test model would propose it). It is the oracle
+LLaDA: the [MASK] token is never proposed (see kernels.sampling; a random test model would propose it). It is the oracle
 the engine's modes are tested against (where they must agree) and the baseline the benchmarks divide by.
 Block-causal models get their mask built here independently of models.masks.
 """

@@ -1,9 +1,4 @@
-"""The commit trace every rollout returns: what was decided, when, and with what probability.
-
-Enough to replay the exact sequence of intermediate canvases (`Trace.replay`), which is what trajectory
-likelihoods (TraceRL arXiv 2509.06949, DCoLT arXiv 2505.10446) and the learned unmasking policy need.
-Steps are counted per row: step s of a row is its s-th forward, whatever the other rows did.
-"""
+"""Recording a rollout's decisions as it decodes; `finish()` builds the `batches.Trace` it returns."""
 
 from __future__ import annotations
 
@@ -11,44 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-COMMIT, REMASK, FILL = 0, 1, 2  # event kinds: sampled commit; self-correction remask; filled after EOS
-
-
-@dataclass
-class Trace:
-    commit_step: torch.Tensor  # [N, Lc] step of the final token's commit; -1 = filled after EOS (not sampled)
-    token_logprob: torch.Tensor  # [N, Lc] sampler log-prob of the final token at its commit step
-    order_logprob: torch.Tensor  # [N, S] log-prob of each step's unmasking decision (0 when not sampled)
-    num_steps: torch.Tensor  # [N] steps taken per row
-    events: torch.Tensor  # [E, 5] long: (row, step, position, token, kind), in the order applied
-    event_logprob: torch.Tensor  # [E] sampler log-prob of committed tokens (0 for remask / fill)
-    mask_token_id: int
-
-    def replay(self, row: int) -> list[torch.Tensor]:
-        """Completion canvases of `row` after each of its steps: a list of num_steps [Lc] tensors."""
-        Lc = self.commit_step.shape[1]
-        canvas = torch.full((Lc,), self.mask_token_id, dtype=torch.long)
-        ev = self.events[self.events[:, 0] == row]
-        states = []
-        for s in range(int(self.num_steps[row])):
-            for _, _, pos, tok, _ in ev[ev[:, 1] == s].tolist():
-                canvas[pos] = tok
-            states.append(canvas.clone())
-        return states
-
-    def to(self, device) -> "Trace":
-        return Trace(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
-
-    def select(self, rows: torch.Tensor) -> "Trace":
-        """The trace of a subset of rows (renumbered 0..len(rows)-1)."""
-        rows = rows.cpu()
-        remap = torch.full((self.commit_step.shape[0],), -1, dtype=torch.long)
-        remap[rows] = torch.arange(len(rows))
-        keep = remap[self.events[:, 0]] >= 0
-        events = self.events[keep].clone()
-        events[:, 0] = remap[events[:, 0]]
-        return Trace(self.commit_step[rows], self.token_logprob[rows], self.order_logprob[rows],
-                     self.num_steps[rows], events, self.event_logprob[keep], self.mask_token_id)
+from ..batches import COMMIT, Decoding, Trace
 
 
 @dataclass
@@ -58,6 +16,7 @@ class TraceRecorder:
     num_rows: int
     length: int
     mask_token_id: int
+    decoding: Decoding = field(default_factory=Decoding)  # the sampler settings the Trace records
     _events: list = field(default_factory=list)
     _logprobs: list = field(default_factory=list)
     _order: list = field(default_factory=list)
@@ -95,4 +54,4 @@ class TraceRecorder:
             o = torch.cat(self._order)
             order_logprob[o[:, 0].long(), o[:, 1].long()] = o[:, 2]
         return Trace(commit_step, token_logprob, order_logprob, num_steps.cpu(), events, ev_lp,
-                     self.mask_token_id)
+                     self.mask_token_id, self.decoding)

@@ -13,29 +13,15 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
-from transformers import get_scheduler
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
-from ..config import Recipe, recipe_to_dict
+from ..batches import SequenceBatch
+from ..config import Recipe
 from ..errors import ConfigError, DllmRlError
 from ..estimators import draw_elbo, score
 from ..evaluate import evaluate_recipe
-from ..metrics import MetricsLogger
-from ..models.base import traits
-from ..models.load import load_model
 from ..rollout import encode_prompts
-from ..runtime import (
-    EpochSampler,
-    generation_model,
-    make_accelerator,
-    make_optimizer,
-    processes_with_non_finite,
-    set_threads,
-    step_generator,
-)
-from ..tasks import load_task
-from ..types import SequenceBatch
+from ..runtime import EpochSampler, generation_model, processes_with_non_finite, step_generator
+from .common import Run
 
 
 def tokenize_pairs(dataset, tokenizer, length: int) -> list[tuple[list[int], list[int]]]:
@@ -63,39 +49,28 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBa
 
 
 class SFTTrainer:
+    """`SFTTrainer(recipe).train()`: masked-diffusion SFT of the recipe's model on its task's completions."""
+
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
         self.recipe = r = recipe
-        set_threads(r.train.num_threads)
-        self.acc = make_accelerator(r, micro_batch_size=r.train.batch_size // r.train.gradient_accumulation_steps)
-        self.task = task or load_task(r.data)
-        if model is None:
-            model, tokenizer = load_model(r.model, seed=r.train.seed)
-        self.tokenizer, self.traits = tokenizer, traits(model, tokenizer)
-        self.pairs = tokenize_pairs(self.task.train, tokenizer, r.rollout.max_completion_length)
-        self.sampler = EpochSampler(len(self.pairs), r.train.seed)
         if r.train.batch_size % r.train.gradient_accumulation_steps:
             raise ConfigError(f"train.batch_size ({r.train.batch_size}) must be divisible by "
                               f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps})")
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, r.optim)
-        self.scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
-                                       num_training_steps=r.train.max_steps)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.acc.register_for_checkpointing(self.scheduler)
-        self.start_step, history = 0, []
-        ckpt = latest_checkpoint(r.train.output_dir) if r.train.resume else None
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, self.acc)
-            self.start_step, history = state["step"], state.get("history", [])
-            self.acc.print(f"resumed from {ckpt} at step {self.start_step}")
-        self.log = MetricsLogger(self.acc, r.train.output_dir, history, config=recipe_to_dict(r))
+        self.run = run = Run(r, model, tokenizer, task)
+        self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
+        self.pairs = tokenize_pairs(self.task.train, self.tokenizer, r.rollout.max_completion_length)
+        self.sampler = EpochSampler(len(self.pairs), r.train.seed)
+        run.prepare([p for p in run.model.parameters() if p.requires_grad], r.train.max_steps)
+        self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
+        self.start_step = run.start_step
+        self._t0 = time.perf_counter()
 
     def loss(self, batch: SequenceBatch, noise) -> torch.Tensor:
         """The masked-diffusion ELBO loss of one micro-batch (mean over sequences)."""
         est = score(self.model, batch, noise.to(self.acc.device), self.traits)  # [n, Lc]
         return -(est.sum(-1) / batch.completion_ids.shape[1]).mean()
 
-    def training_step(self, step: int) -> float:
+    def training_step(self, step: int) -> dict:
         r = self.recipe.train
         rank, world = self.acc.process_index, self.acc.num_processes
         idx = self.sampler.indices(step, r.batch_size, rank, world)  # this rank's slice of the global batch
@@ -106,6 +81,7 @@ class SFTTrainer:
         noise = noise.select(torch.arange(rank * r.batch_size, (rank + 1) * r.batch_size))
         micro = r.batch_size // r.gradient_accumulation_steps
         total = 0.0
+        self.model.train()
         for start in range(0, r.batch_size, micro):
             batch = collate([self.pairs[i] for i in idx[start:start + micro]], self.tokenizer.pad_token_id)
             batch = SequenceBatch(*(t.to(self.acc.device) for t in batch.__dict__.values()))
@@ -124,39 +100,30 @@ class SFTTrainer:
                 self.optimizer.zero_grad()
             total += loss.item() / r.gradient_accumulation_steps
         self.scheduler.step()
-        return total
+        self.model.eval()
+        dt, self._t0 = time.perf_counter() - self._t0, time.perf_counter()
+        return {"loss": total, "lr": self.scheduler.get_last_lr()[0], "steps_per_s": 1 / max(dt, 1e-9)}
 
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self) -> dict:
         with generation_model(self.acc, self.model) as model:  # ZeRO-3: parameters gathered once
             return evaluate_recipe(model, self.tokenizer, self.task, self.recipe)
 
-    def _save(self, step: int) -> None:
-        save_checkpoint(self.recipe.train.output_dir, step, self.acc, self.model, self.tokenizer, self.recipe,
-                        {"history": self.log.history}, keep=self.recipe.train.save_total_limit)
-
     def train(self) -> dict:
-        r = self.recipe.train
-        # a context manager closes the bar on errors too, so the CLI's error line starts on a line of its own
-        with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process,
-                  desc="sft") as bar:
-            window, t0, result = [], time.perf_counter(), {}
-            for step in range(self.start_step, r.max_steps):
-                window.append(self.training_step(step))
-                bar.update(1)
-                bar.set_postfix(loss=f"{window[-1]:.3f}")
-                done = step + 1
-                if done % r.logging_steps == 0 or done == r.max_steps:
-                    dt = time.perf_counter() - t0
-                    self.log.log(done, {"loss": sum(window) / len(window), "lr": self.scheduler.get_last_lr()[0],
-                                        "steps_per_s": len(window) / dt})
-                    window, t0 = [], time.perf_counter()
-                if (r.eval_steps and done % r.eval_steps == 0) or done == r.max_steps:
-                    result = self.evaluate(done)
-                    self.log.log(done, {"eval_accuracy": result["accuracy"]})
-                if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
-                    self._save(done)
-        result = result or self.evaluate(r.max_steps)  # resumed after the last step: score it again
-        final = save_final(r.output_dir, self.acc, self.model, self.tokenizer, self.recipe)
-        self.log.close()
+        run, r = self.run, self.recipe.train
+        if run.finished:
+            accuracy = run.recorded("eval_accuracy")
+            self.acc.print(f"held-out accuracy {accuracy:.3f}, as recorded in {r.output_dir}")
+            return {"eval_accuracy": accuracy, "final": f"{r.output_dir}/final"}
+        result = {}
+
+        def evaluate():
+            result.update(self.evaluate())
+            return result["accuracy"]
+
+        run.loop("sft", self.training_step, evaluate, postfix=lambda w: {"loss": f"{w['loss'][-1]:.3f}"},
+                 eval_at_end=True)
+        if not result:  # resumed after the last step, or no evaluation at the end: score it again
+            result = self.evaluate()
+        final = run.finish()
         self.acc.print(f"held-out accuracy {result['accuracy']:.3f} over {result['n']} puzzles; model in {final}")
         return {"eval_accuracy": result["accuracy"], "final": str(final)}

@@ -21,13 +21,13 @@ from dllm_rl.errors import ConfigError
 from dllm_rl.estimators import ESTIMATORS
 from dllm_rl.models.base import traits
 from dllm_rl.models.load import load_model
-from dllm_rl.plan import (
+from dllm_rl.runtime import micro_batch_size as micro_batch
+from dllm_rl.memory import (
     NF4_BYTES,
     ModelShape,
     activation_bytes,
     format_plan,
     logits_bytes,
-    micro_batch,
     plan_memory,
 )
 
@@ -200,12 +200,11 @@ def _forward_backward(model, tok, n, P, Lc, estimator="one_step"):
         completion_ids=torch.randint(4, V, (n, Lc), generator=g),
         completion_mask=torch.ones(n, Lc, dtype=torch.long),
     )
-    est = ESTIMATORS[estimator]
-    cfg = recipe_from_dict({}).estimator
-    noise = est.draw(batch, cfg, RolloutConfig(), tr, g)
+    est = ESTIMATORS[estimator](recipe_from_dict({}).estimator, tr)
+    noise = est.draw(batch, g)
 
     def run():
-        est.estimate(model, batch, noise, tr, cfg, RolloutConfig()).logps.sum().backward()
+        est.estimate(model, batch, noise).logps.sum().backward()
 
     run()  # warm-up (lazy allocations), then measure a clean pass
     model.zero_grad(set_to_none=True)

@@ -3,12 +3,12 @@
 Semi-autoregressive blocks (LLaDA arXiv 2502.09992) decoded in lockstep across the batch: every row works
 on block b; a row that finished the block waits without being forwarded; a row whose finished blocks
 contain EOS stops and is never forwarded again (its later blocks are filled with EOS). Each step forwards
-the slice its cache plan asks for (schedules.CACHE_PLANS), draws a token for every masked position of the
-active block in one pass over those positions' logits (sampling.choose_tokens), asks the commit rule how
-many to commit and the ordering rule which, optionally takes back low-probability commits, and records
+the slice its cache plan asks for (cache_plans.CACHE_PLANS), draws a token for every masked position of the
+active block in one pass over those positions' logits (kernels.choose_tokens), asks the commit rule (commit.py) how
+many to commit and the ordering rule (policy.orders) which, optionally takes back low-probability commits, and records
 everything in the trace.
 
-Randomness comes from the caller's generator through counter-based hashing (noise.py): batch-invariant.
+Randomness comes from the caller's generator through counter-based hashing (counter_rng.py): batch-invariant.
 """
 
 from __future__ import annotations
@@ -18,19 +18,26 @@ from typing import Callable
 
 import torch
 
+from ..batches import COMMIT, FILL, REMASK, Decoding, RolloutBatch, StepStats
 from ..config import RolloutConfig
+from ..counter_rng import ORDER_STREAM, TOKEN_STREAM, row_seeds, uniform
 from ..errors import ConfigError, DllmRlError, lookup
-from ..kernels import choose_tokens  # fused Triton on CUDA, rollout.sampling.choose_tokens elsewhere
+from ..kernels import choose_tokens  # fused Triton on CUDA, kernels.sampling.choose_tokens elsewhere
 from ..models.base import ModelTraits, traits, unwrap
 from ..models.masks import block_ids, mask_from_block_ids, padding_positions
+from ..policy.orders import ORDERS, OrderInputs
 from ..policy.plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
-from ..types import RolloutBatch
-from . import noise
-from .remask import ORDERS, self_correction
-from .schedules import CACHE_PLANS, COMMIT_RULES, StepStats
-from .trace import COMMIT, FILL, REMASK, TraceRecorder
+from .cache_plans import CACHE_PLANS
+from .commit import COMMIT_RULES
+from .remask import self_correction
+from .trace import TraceRecorder
 
 OrderPolicy = Callable[..., torch.Tensor]  # (hidden [n, Lb, D], stats, offsets [1, Lb]) -> scores [n, Lb]
+
+
+def decoding(cfg: RolloutConfig) -> Decoding:
+    """What a rollout with these settings records about how it decided (Trace.decoding)."""
+    return Decoding(cfg.temperature, cfg.order, cfg.order_temperature, cfg.block_length or cfg.max_completion_length)
 
 
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
@@ -61,8 +68,7 @@ def check_config(cfg: RolloutConfig, tr: ModelTraits, model, prompt_len: int, ha
         raise ConfigError(f"rollout.steps ({cfg.steps}) must be a positive multiple of the number of blocks "
                           f"({nb} = {Lc} / {Lb}); e.g. rollout.steps={nb * max(1, cfg.steps // nb)}")
     lookup(COMMIT_RULES, cfg.commit, "rollout.commit")
-    lookup(ORDERS, cfg.order, "rollout.order")
-    if cfg.order == "policy" and not has_policy:
+    if lookup(ORDERS, cfg.order, "rollout.order").needs_hidden and not has_policy:
         raise ConfigError("rollout.order=policy needs a learned policy: pass order_policy= to generate() "
                           "(or use a trainer with policy enabled), or pick another rollout.order")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
@@ -115,7 +121,7 @@ def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Gen
         prompts: list of prompts of any lengths.
         cfg: the `rollout:` section of a recipe.
         generator: the only source of randomness (same prompt + same generator state = same completion).
-        order_policy: learned unmasking policy, used when cfg.order == "policy".
+        order_policy: the learned unmasking policy (policy.OrderHead) for rules that need one (rollout.order=policy).
         record_states: also return every intermediate completion canvas (stats["states"]; for tests).
     """
     tr = traits(model, tokenizer)
@@ -124,8 +130,8 @@ def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Gen
     device = next(unwrap(model).parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     c = _Canvas(ids, cfg.max_completion_length, tr, pad_id, device)
-    seeds = noise.row_seeds(ids, generator).to(device)
-    rec = TraceRecorder(c.N, c.Lc, tr.mask_token_id)
+    seeds = row_seeds(ids, generator).to(device)
+    rec = TraceRecorder(c.N, c.Lc, tr.mask_token_id, decoding(cfg))
     states: list[list[torch.Tensor]] = [[] for _ in range(c.N)]
     Lb = cfg.block_length or c.Lc
     steps_per_block = cfg.steps // (c.Lc // Lb)
@@ -203,28 +209,25 @@ def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, 
         if plan.q_start > bs - shift:  # logits-shifted models read the position before the block
             plan = type(plan)(bs - shift, plan.q_end, plan.kv_len, plan.use_cache)
         logits, hidden = _forward(model, c, rows, plan, cache, bs - shift, be - shift,
-                                  order_policy is not None)
+                                  ORDERS[cfg.order].needs_hidden)
         stats["forwards"] += 1
         stats["query_tokens"] += len(r_idx) * (plan.q_end - plan.q_start)
         first = False
 
         m = masked_all[r_idx]  # [n, Lb]
         step = c.step[r_idx]
-        u_tok = noise.uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), noise.TOKEN_STREAM)
+        u_tok = uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), TOKEN_STREAM)
         choice = choose_tokens(logits[m], u_tok[m], cfg.temperature, cfg.top_k, cfg.top_p, tr.mask_token_id)
         st = _dense_stats(choice, m, tr.mask_token_id)
         st.steps_left = (steps_per_block - block_step[r_idx]).clamp(min=1)
         st.progress = (c.x[r_idx, c.P:] != tr.mask_token_id).float().mean(-1)
 
         k = COMMIT_RULES[cfg.commit](st, cfg).clamp(max=m.sum(-1))  # [n]
-        u_ord = noise.uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), noise.ORDER_STREAM)
-        if cfg.order == "policy":
-            scores = order_policy(hidden, st, offsets).float()
-        else:
-            scores = ORDERS[cfg.order](st, offsets, u_ord)
+        u_ord = uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), ORDER_STREAM)
+        scores = ORDERS[cfg.order].scores(OrderInputs(st, offsets, u_ord, hidden, order_policy))
         temp = cfg.order_temperature
         if temp > 0:
-            u_g = noise.uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), noise.ORDER_STREAM + 1)
+            u_g = uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), ORDER_STREAM + 1)
             chosen, valid = gumbel_topk(scores / temp, m, k, u_g)
             rec.add_order(r_idx, step, plackett_luce_logprob(scores / temp, m, chosen, valid))
         else:

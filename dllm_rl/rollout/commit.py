@@ -1,4 +1,4 @@
-"""When to commit how many tokens, and what each step forwards.
+"""Commit rules: how many masked tokens of the active block each row commits this step.
 
 Commit rules (one function each, one dict entry each) return how many masked tokens of the active block
 each row commits this step; the ordering rule (remask.py) decides which ones.
@@ -10,36 +10,14 @@ each row commits this step; the ordering rule (remask.py) decides which ones.
   passes the schedule prophet_gaps (by progress < 1/3, < 2/3, later); then everything at once. Prophet
   measures the gap over the whole canvas of a single-block sampler; with several blocks we measure and
   commit within the active block.
-
-Forward plans (one per cache mode) say which canvas slice a step forwards and which keys it reads:
-none = the whole canvas every step (the reference); prefix / dual = Fast-dLLM's caches, refreshed by a full
-forward at each block start; block = the exact cache of block-causal models (finished blocks are written
-once, by the first forward of the next block, as D2F does: no separate commit pass).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..batches import StepStats
 from ..config import RolloutConfig
-
-
-@dataclass
-class StepStats:
-    """Dense per-position statistics of the active block for the rows decoded this step: [n, Lb] each."""
-
-    masked: torch.Tensor  # bool: still masked
-    token: torch.Tensor  # proposed token (valid where masked)
-    logprob: torch.Tensor  # sampler log-prob of the proposed token
-    confidence: torch.Tensor  # model probability of the proposed token (0 where not masked)
-    top_prob: torch.Tensor  # model probability of the most likely token (equals confidence when greedy)
-    margin: torch.Tensor
-    gap: torch.Tensor
-    entropy: torch.Tensor
-    steps_left: torch.Tensor  # [n] planned steps left in this block, >= 1
-    progress: torch.Tensor  # [n] fraction of the completion already committed
 
 
 def commit_top_k(st: StepStats, cfg: RolloutConfig) -> torch.Tensor:
@@ -77,31 +55,3 @@ COMMIT_RULES = {
     "factor": commit_factor,
     "prophet": commit_prophet,
 }
-
-
-@dataclass(frozen=True)
-class ForwardPlan:
-    q_start: int  # forward canvas positions [q_start, q_end)
-    q_end: int
-    kv_len: int  # attention reads keys [0, kv_len)
-    use_cache: bool
-
-
-def plan_none(L, bs, be, prev_bs, first):
-    return ForwardPlan(0, L, L, False)
-
-
-def plan_prefix(L, bs, be, prev_bs, first):
-    return ForwardPlan(0, L, L, True) if first else ForwardPlan(bs, L, L, True)
-
-
-def plan_dual(L, bs, be, prev_bs, first):
-    return ForwardPlan(0, L, L, True) if first else ForwardPlan(bs, be, L, True)
-
-
-def plan_block(L, bs, be, prev_bs, first):
-    # the first step of a block re-forwards the previous block with its final tokens, writing its exact K/V
-    return ForwardPlan(prev_bs, be, be, True) if first else ForwardPlan(bs, be, be, True)
-
-
-CACHE_PLANS = {"none": plan_none, "prefix": plan_prefix, "dual": plan_dual, "block": plan_block}

@@ -74,6 +74,7 @@ from pathlib import Path
 
 from .config import LoraConfig, Recipe
 from .errors import ConfigError
+from .runtime import micro_batch_size
 
 GB = 1e9
 H100_BYTES = int(79.1 * 2**30)  # what torch reports for an "80GB" H100 (84.9 GB)
@@ -315,14 +316,6 @@ class Plan:
         return self.phase("static") + max(self.phase(p) for p in ("update", "rollout", "step"))
 
 
-def micro_batch(recipe: Recipe) -> int:
-    """Completions per micro-batch, as the GRPO trainer splits a step (whole groups)."""
-    G, B, gas = recipe.grpo.num_generations, recipe.train.batch_size, recipe.train.gradient_accumulation_steps
-    if recipe.algorithm == "sft":
-        return max(1, B // gas)
-    return max(B * G // G // gas * G, G)
-
-
 def activation_bytes(
     s: ModelShape,
     n: int,
@@ -405,7 +398,7 @@ def _optimizer(plan: Plan, p: Precision, z: Zero, trainable: int) -> None:
 
 
 def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused) -> None:
-    n, Lc = micro_batch(recipe), recipe.rollout.max_completion_length
+    n, Lc = micro_batch_size(recipe), recipe.rollout.max_completion_length
     L = prompt_len + (2 * Lc if s.block_causal else Lc)
     gc = recipe.model.gradient_checkpointing
     args = (s, n, L, Lc, p.act)
@@ -458,19 +451,11 @@ def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
 
 
 def _views(recipe: Recipe) -> str:
-    e, r = recipe.estimator, recipe.rollout
-    if e.name == "elbo":
-        k = e.num_samples * e.masks_per_timestep * (2 if e.coupled else 1) + (
-            1 if e.coupled and e.full_view else 0
-        )
-    elif e.name == "trajectory":
-        k = -(-r.steps // max(1, e.merge_steps))
-        return f"trajectory: up to {k} views (steps / merge_steps), one alive at a time"
-    else:
-        k = e.num_samples
-    return f"{e.name}: {k} view(s) per estimate" + (
-        ", one alive at a time (per-view checkpointing)" if k > 1 else ""
-    )
+    from .estimators import build_estimator
+
+    e = recipe.estimator
+    k = build_estimator(e, None).views(recipe.rollout.steps)
+    return f"{e.name}: {k} view(s) per estimate" + (", one alive at a time (per-view checkpointing)" if k > 1 else "")
 
 
 def plan_memory(

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError, DllmRlError, did_you_mean
+from ..errors import ConfigError, DllmRlError, did_you_mean
+from . import REWARDS
 
 SKIP_COLUMNS = ("prompt", "completion", "completion_ids")
 
@@ -38,8 +39,6 @@ class Reward:
 
 def resolve_reward(name: str) -> Callable:
     """A built-in name, `file.py:function`, or an entry point of group `dllm_rl.rewards`."""
-    from .rewards import REWARDS
-
     if name in REWARDS:
         return REWARDS[name]
     if ":" in name:
@@ -117,3 +116,12 @@ def compute_rewards(rewards: list[Reward], prompts: list, texts: list[str], comp
                           dtype=torch.float32).reshape(len(rewards), len(texts))  # [F, N]
     weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)[:, None]
     return (per_fn * weights).nansum(0), per_fn
+
+
+def verifier_scores(name: str, rewards: list[Reward], per_fn: torch.Tensor, prompts, texts, completion_ids,
+                    columns) -> torch.Tensor:
+    """The task verifier `name`'s scores [N]: its row of `per_fn` when it is among the rewards, else called."""
+    names = [rw.name for rw in rewards]
+    if name in names:
+        return per_fn[names.index(name)]
+    return compute_rewards([Reward(name, resolve_reward(name))], prompts, texts, completion_ids, columns)[0]

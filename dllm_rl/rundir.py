@@ -1,0 +1,85 @@
+"""The layout of a run directory (train.output_dir), read by loading and resume, written by checkpoint.py.
+
+    checkpoint-<step>/   model files, tokenizer, recipe.yaml, trainer_state.json, accelerator_state/, and,
+                         written last, COMPLETE: only a directory holding it counts as a checkpoint
+    final/               model files + recipe.yaml (+ order_policy.pt), what `generate` / `eval` load
+                         (resolve_model_dir: a run directory stands for its final/, else its newest checkpoint)
+    <name>.tmp           a directory being written (renamed into place when complete)
+    <name>.old           the previous version of <name> while it is being replaced
+    <name>.deleting      a checkpoint being rotated out (renamed first, then deleted)
+
+A kill -9 at any moment leaves only complete checkpoints under their real names; `tidy` (run when a trainer
+starts) removes the leftovers and puts back a <name>.old whose replacement never arrived. A checkpoint-<step>
+without COMPLETE is never listed (and never deleted: it is not ours to judge).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import DllmRlError
+
+COMPLETE = "COMPLETE"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER = (".tmp", ".deleting")
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run.iterdir() if (m := _CKPT.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def tidy(run_dir: str | os.PathLike) -> None:
+    """Remove what a killed run left half-done; restore a replaced directory whose new version is missing."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return
+    for p in run.iterdir():
+        if not p.is_dir():
+            continue
+        if p.name.endswith(".old"):
+            live = p.with_name(p.name[: -len(".old")])
+            if live.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, live)
+        elif p.name.endswith(_LEFTOVER):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~", "/"))
+
+
+def resolve_model_dir(path: str) -> str:
+    """A directory with config.json (itself, its final/, or its newest checkpoint), or a hub id as given."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in [p, p / "final"]:
+            if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
+                return str(candidate)
+        ckpt = latest_checkpoint(p)
+        if ckpt is not None:
+            return str(ckpt)
+        raise DllmRlError(f"{path!r} is not a model directory (no config.json, final/ or checkpoint-*/ "
+                          f"inside); pass a directory written by `dllm-rl sft/train` or a hub model id")
+    if not _is_hub_id(path) or p.exists():
+        raise DllmRlError(f"model path {path!r} does not exist; check model.path (or the CHECKPOINT argument)")
+    return path  # a hub id such as GSAI-ML/LLaDA-8B-Instruct

@@ -1,0 +1,42 @@
+"""A reward plugin: plain functions with TRL's signature, named from a recipe by file path.
+
+    dllm-rl train examples/reward_plugin.yaml          # GRPO on Countdown with these two rewards (CPU, ~1 minute)
+
+The recipe names them as `examples/reward_plugin.py:<function>` (an installed module's `module:function`
+and an entry point of group `dllm_rl.rewards` work too). Dataset columns arrive as keyword arguments, one value
+per completion (Countdown rows carry `numbers` and `target`); return one float per completion, or None where
+a reward does not apply (it is then left out of the weighted sum, as in TRL).
+
+>>> closeness(["p"], ["3*5"], target=[16])
+[0.5]
+>>> short([[{"role": "user", "content": "p"}]], [[{"role": "assistant", "content": "1+2"}]])
+[0.875]
+"""
+
+import re
+
+
+def _text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def closeness(prompts, completions, target, **kwargs):
+    """1 / (1 + |value - target|) for an arithmetic expression; 0 when it does not evaluate."""
+    out = []
+    for c, t in zip(completions, target):
+        expr = _text(c).strip()
+        if not re.fullmatch(r"[\d+\-*/() ]+", expr):
+            out.append(0.0)
+            continue
+        try:
+            value = eval(expr, {"__builtins__": {}})  # digits and operators only (checked above)
+        except (SyntaxError, ZeroDivisionError):
+            out.append(0.0)
+            continue
+        out.append(1.0 / (1.0 + abs(value - t)))
+    return out
+
+
+def short(prompts, completions, **kwargs):
+    """A small bonus for short answers: 1 - length / 24."""
+    return [max(0.0, 1.0 - len(_text(c)) / 24) for c in completions]
