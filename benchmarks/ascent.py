@@ -15,19 +15,23 @@ Prints a markdown table for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from dataclasses import replace
 
-
 import torch
 
 PAIRS = {  # name: overrides
-    "trajectory (merge 1), low_confidence": ["estimator.name=trajectory", "estimator.merge_steps=1",
-                                             "rollout.order=low_confidence"],
-    "trajectory (merge 1), top_prob": ["estimator.name=trajectory", "estimator.merge_steps=1",
-                                       "rollout.order=top_prob"],
+    "trajectory (merge 1), low_confidence": [
+        "estimator.name=trajectory",
+        "estimator.merge_steps=1",
+        "rollout.order=low_confidence",
+    ],
+    "trajectory (merge 1), top_prob": [
+        "estimator.name=trajectory",
+        "estimator.merge_steps=1",
+        "rollout.order=top_prob",
+    ],
     "trajectory (merge 1), random": ["estimator.name=trajectory", "estimator.merge_steps=1", "rollout.order=random"],
     "one_step, low_confidence": ["estimator.name=one_step", "rollout.order=low_confidence"],
     "one_step, top_prob": ["estimator.name=one_step", "rollout.order=top_prob"],
@@ -50,8 +54,9 @@ def gradient(trainer, batches: int) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
-def line_search(recipe_path: str, overrides: list[str], batches: int, alphas: list[float], prompts: int,
-                samples: int) -> dict:
+def line_search(
+    recipe_path: str, overrides: list[str], batches: int, alphas: list[float], prompts: int, samples: int
+) -> dict:
     from dllm_rl.config import load_recipe
     from dllm_rl.evaluate import evaluate
     from dllm_rl.trainers.grpo import GRPOTrainer
@@ -70,12 +75,21 @@ def line_search(recipe_path: str, overrides: list[str], batches: int, alphas: li
         with torch.no_grad():
             for p, t, d in zip(params, theta, g):
                 p.copy_(t - alpha * d / norm)
-        rewards.append(evaluate(trainer.model, trainer.tokenizer, probe, task.reward, r.rollout, seed=123,
-                                num_samples=samples)["accuracy"])
-        heldout.append(evaluate(trainer.model, trainer.tokenizer, task.eval, task.reward,
-                                replace(r.rollout, temperature=0.0), seed=0)["accuracy"])
-        print(f"  alpha {alpha}: on-policy reward {rewards[-1]:.4f}, held-out greedy {heldout[-1]:.3f}",
-              file=sys.stderr, flush=True)
+        rewards.append(
+            evaluate(trainer.model, trainer.tokenizer, probe, task.reward, r.rollout, seed=123, num_samples=samples)[
+                "accuracy"
+            ]
+        )
+        heldout.append(
+            evaluate(
+                trainer.model, trainer.tokenizer, task.eval, task.reward, replace(r.rollout, temperature=0.0), seed=0
+            )["accuracy"]
+        )
+        print(
+            f"  alpha {alpha}: on-policy reward {rewards[-1]:.4f}, held-out greedy {heldout[-1]:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     return {"rewards": rewards, "heldout": heldout}
 
 
@@ -94,11 +108,19 @@ def main():
     rows = []
     for name in names:
         print(name, file=sys.stderr, flush=True)
-        rows.append((name, line_search(args.recipe, [*args.overrides, *PAIRS[name]], args.batches, alphas,
-                                       args.prompts, args.samples)))
-    print(f"\n{args.recipe} {' '.join(args.overrides)}; gradient over {args.batches} batches; on-policy reward on "
-          f"{args.prompts} training prompts x {args.samples} rollouts (same seeds at every alpha); torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads\n")
+        rows.append(
+            (
+                name,
+                line_search(
+                    args.recipe, [*args.overrides, *PAIRS[name]], args.batches, alphas, args.prompts, args.samples
+                ),
+            )
+        )
+    print(
+        f"\n{args.recipe} {' '.join(args.overrides)}; gradient over {args.batches} batches; on-policy reward on "
+        f"{args.prompts} training prompts x {args.samples} rollouts (same seeds at every alpha); torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
     head = " | ".join(f"alpha {a}" for a in alphas)
     print(f"| estimator, order | reward at 0 | {head} | held-out greedy at 0 / {alphas[-1]} |")
     print("|---|---|" + "---|" * len(alphas) + "---|")

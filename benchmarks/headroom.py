@@ -35,10 +35,12 @@ NAMES = ["0", "(0, 1/4]", "(1/4, 1/2]", "(1/2, 3/4]", "(3/4, 1)", "1"]
 def per_puzzle(path: str, recipe, task, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(greedy score, solve rate over `samples` draws at T 1) per held-out puzzle."""
     model, tok = load_model(replace(recipe.model, path=path), seed=0)
-    greedy = evaluate_recipe(model, tok, task, replace(recipe, eval=replace(recipe.eval, temperature=0.0,
-                                                                             num_samples=1)))
-    sampled = evaluate_recipe(model, tok, task, replace(recipe, eval=replace(recipe.eval, temperature=1.0,
-                                                                              num_samples=samples)))
+    greedy = evaluate_recipe(
+        model, tok, task, replace(recipe, eval=replace(recipe.eval, temperature=0.0, num_samples=1))
+    )
+    sampled = evaluate_recipe(
+        model, tok, task, replace(recipe, eval=replace(recipe.eval, temperature=1.0, num_samples=samples))
+    )
     g = torch.tensor(greedy["scores"]) >= 1.0
     p = (torch.tensor(sampled["scores"]) >= 1.0).float().view(-1, samples).mean(-1)
     return g, p
@@ -51,8 +53,12 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=400)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--split", choices=["eval", "train"], default="eval",
-                    help="held-out puzzles, or the first --eval-size training puzzles (did RL fit what it trained on?)")
+    ap.add_argument(
+        "--split",
+        choices=["eval", "train"],
+        default="eval",
+        help="held-out puzzles, or the first --eval-size training puzzles (did RL fit what it trained on?)",
+    )
     args = ap.parse_args()
     set_threads(args.threads)
     r = load_recipe(args.recipe)
@@ -63,27 +69,40 @@ def main() -> None:
     edges = torch.tensor(EDGES)
     results = []
     which = "held-out" if args.split == "eval" else "training"
-    print(f"{len(task.eval)} {which} puzzles, {r.rollout.max_completion_length} tokens in {r.rollout.steps} steps, "
-          f"order {r.rollout.order}; solve rate over {args.samples} samples at T 1\n")
-    print(f"| checkpoint | greedy | T 1: mean | T 1: pass@{args.samples} | "
-          + " | ".join(f"puzzles with rate {n} (greedy solves)" for n in NAMES) + " |")
+    print(
+        f"{len(task.eval)} {which} puzzles, {r.rollout.max_completion_length} tokens in {r.rollout.steps} steps, "
+        f"order {r.rollout.order}; solve rate over {args.samples} samples at T 1\n"
+    )
+    print(
+        f"| checkpoint | greedy | T 1: mean | T 1: pass@{args.samples} | "
+        + " | ".join(f"puzzles with rate {n} (greedy solves)" for n in NAMES)
+        + " |"
+    )
     print("|---" * (4 + len(NAMES)) + "|")
     for path in args.checkpoints:
         g, p = per_puzzle(path, r, task, args.samples)
         bins = torch.bucketize(p, edges)
         cells = [f"{int((bins == b).sum())} ({int(g[bins == b].sum())})" for b in range(len(NAMES))]
-        print(f"| {path} | {g.float().mean():.3f} | {p.mean():.3f} | {(p > 0).float().mean():.3f} | "
-              + " | ".join(cells) + " |")
+        print(
+            f"| {path} | {g.float().mean():.3f} | {p.mean():.3f} | {(p > 0).float().mean():.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
         results.append((g, bins))
     if len(results) == 2:
         (g0, b0), (g1, b1) = results
-        print(f"\nGreedy: {int((~g0 & g1).sum())} puzzles won, {int((g0 & ~g1).sum())} lost "
-              f"(net {int(g1.sum()) - int(g0.sum()):+d} of {len(g0)}).\n")
+        print(
+            f"\nGreedy: {int((~g0 & g1).sum())} puzzles won, {int((g0 & ~g1).sum())} lost "
+            f"(net {int(g1.sum()) - int(g0.sum()):+d} of {len(g0)}).\n"
+        )
         print("| rate before \\ after | " + " | ".join(NAMES) + " |")
         print("|---" * (1 + len(NAMES)) + "|")
         for a in range(len(NAMES)):
-            print(f"| {NAMES[a]} | " + " | ".join(str(int(((b0 == a) & (b1 == b)).sum())) for b in range(len(NAMES)))
-                  + " |")
+            print(
+                f"| {NAMES[a]} | "
+                + " | ".join(str(int(((b0 == a) & (b1 == b)).sum())) for b in range(len(NAMES)))
+                + " |"
+            )
 
 
 if __name__ == "__main__":

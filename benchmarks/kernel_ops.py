@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import os
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from dllm_rl.kernels import logprobs as LP
-from dllm_rl.kernels import use_fast_path
 
 from dllm_rl.estimators.base import token_logprobs
+from dllm_rl.kernels import logprobs as LP
+from dllm_rl.kernels import use_fast_path
 from dllm_rl.kernels.sampling import choose_tokens as choose_reference
 
 MiB = 2**20
@@ -102,8 +101,7 @@ def bench_sampling(meter: Meter, shapes, dtype, reps: int) -> list[dict]:
             variants = [("reference", choose_reference), ("triton", fused)]
             base = None
             for name, fn in variants:
-                row = {"op": f"choose_tokens T={temperature:g}", "shape": f"n={n} V={V} {_dt(dtype)}",
-                       "variant": name}
+                row = {"op": f"choose_tokens T={temperature:g}", "shape": f"n={n} V={V} {_dt(dtype)}", "variant": name}
                 if fn is None:
                     rows.append({**row, "note": "n/a: needs CUDA + triton"})
                     continue
@@ -131,8 +129,11 @@ def bench_logprobs(meter: Meter, shapes, dtype, reps: int) -> list[dict]:
         W = (torch.randn(V, D, device=meter.device, generator=g) / D**0.5).to(dtype).requires_grad_()  # [V, D]
         t = torch.randint(0, V - 1, (n,), device=meter.device, generator=g)  # [n]
         mask_id = V - 1
-        variants = [("naive", naive_logprobs), ("chunked torch", LP.linear_token_logprobs_torch),
-                    ("liger", LP.linear_token_logprobs_liger if fast else None)]
+        variants = [
+            ("naive", naive_logprobs),
+            ("chunked torch", LP.linear_token_logprobs_torch),
+            ("liger", LP.linear_token_logprobs_liger if fast else None),
+        ]
         base = None
         for name, fn in variants:
             row = {"op": "logprobs fwd+bwd", "shape": f"n={n} D={D} V={V} {_dt(dtype)}", "variant": name}
@@ -163,16 +164,20 @@ def _ratios(row: dict, base: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| op | shape | variant | ms | tokens/s | peak extra MiB | speed vs first | memory vs first |",
-           "|---|---|---|---:|---:|---:|---:|---:|"]
+    out = [
+        "| op | shape | variant | ms | tokens/s | peak extra MiB | speed vs first | memory vs first |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "note" in r:
             out.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {r['note']} | | | | |")
             continue
         peak = "n/a" if r["peak"] is None else f"{r['peak']:.1f}"
         mem = f"{r['mem']:.2f}x" if "mem" in r else "n/a"
-        out.append(f"| {r['op']} | {r['shape']} | {r['variant']} | {r['ms']:.2f} | {r['tok_s']:,.0f} | {peak} "
-                   f"| {r['speed']:.2f}x | {mem} |")
+        out.append(
+            f"| {r['op']} | {r['shape']} | {r['variant']} | {r['ms']:.2f} | {r['tok_s']:,.0f} | {peak} "
+            f"| {r['speed']:.2f}x | {mem} |"
+        )
     return "\n".join(out)
 
 
@@ -192,8 +197,10 @@ def main(argv=None) -> None:
         LP.CHUNK_BYTES = 16 * MiB  # 128 rows per chunk at V = 32000: several chunks at these small shapes
         samp = bench_sampling(meter, [(64, 32000), (512, 32000)], torch.float32, reps=5)
         lps = bench_logprobs(meter, [(1024, 128, 32000)], torch.float32, reps=3)
-    print(f"device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
-          f"command: python benchmarks/kernel_ops.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    print(
+        f"device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
+        f"command: python benchmarks/kernel_ops.py {' '.join(argv or sys.argv[1:])}".rstrip()
+    )
     print()
     print(table(samp + lps))
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
 import time
-
 
 import torch
 
@@ -51,11 +49,19 @@ def build_model(args, attention: str):
         cfg = LLaDAConfig(attention=attention, block_size=args.block)
         with torch.device(args.device):
             return LLaDAModelLM(cfg).to(torch.bfloat16).eval()
-    cfg = TinyMDMConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                        max_position_embeddings=args.prompt + args.gen, attention=attention,
-                        block_size=args.block, mask_token_id=args.vocab - 1, eos_token_id=args.vocab - 2,
-                        pad_token_id=0)
+    cfg = TinyMDMConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        max_position_embeddings=args.prompt + args.gen,
+        attention=attention,
+        block_size=args.block,
+        mask_token_id=args.vocab - 1,
+        eos_token_id=args.vocab - 2,
+        pad_token_id=0,
+    )
     return TinyMDM(cfg).to(args.device).eval()
 
 
@@ -97,8 +103,13 @@ def run_mode(args, name: str) -> dict:
     mask_id = model.config.mask_token_id
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, mask_id - 2, (args.batch, args.prompt), generator=g).to(args.device)
-    cfg = RolloutConfig(max_completion_length=args.gen, steps=args.gen // args.k, block_length=args.block,
-                        stop_at_eos=False, **overrides)
+    cfg = RolloutConfig(
+        max_completion_length=args.gen,
+        steps=args.gen // args.k,
+        block_length=args.block,
+        stop_at_eos=False,
+        **overrides,
+    )
     tok = _Tok(mask_id)
 
     def once():
@@ -119,8 +130,11 @@ def run_mode(args, name: str) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
-        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    )
     if not cuda and cfg.compile != "none":
         peak = float("nan")  # the warm-up already raised the process's peak RSS: not measurable this way
     return {"mode": name, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "peak_mib": peak}
@@ -158,9 +172,11 @@ def main():
         print(f"{name}: {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
     base = rows[0]["tok_s"]
     shape = "LLaDA-8B shape" if args.llada_8b else f"{args.layers} layers, d={args.hidden}, vocab {args.vocab}"
-    print(f"\n{shape}; batch {args.batch}, prompt {args.prompt}, gen {args.gen}, block {args.block}, "
-          f"{args.k} token(s)/step, device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"\n{shape}; batch {args.batch}, prompt {args.prompt}, gen {args.gen}, block {args.block}, "
+        f"{args.k} token(s)/step, device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("| mode | tokens/s | speedup vs reference | seconds | peak memory (MiB) |")
     print("|---|---|---|---|---|")
     for r in rows:

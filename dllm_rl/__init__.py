@@ -5,10 +5,10 @@ Importing the package registers the native model classes with transformers' Auto
 """
 
 from . import models as models  # noqa: F401  (Auto-class registration)
+from .batches import RolloutBatch, SequenceBatch
 from .config import Recipe, RolloutConfig, load_recipe
 from .errors import ConfigError, DllmRlError
 from .rollout import generate
-from .batches import RolloutBatch, SequenceBatch
 
 __version__ = "0.1.0"
 
@@ -25,5 +25,15 @@ def __getattr__(name):  # trainers import accelerate/datasets: load them only wh
     raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "DllmRlError", "GRPOTrainer", "Recipe", "RolloutBatch", "RolloutConfig",
-           "SFTTrainer", "SequenceBatch", "generate", "load_recipe"]
+__all__ = [
+    "ConfigError",
+    "DllmRlError",
+    "GRPOTrainer",
+    "Recipe",
+    "RolloutBatch",
+    "RolloutConfig",
+    "SFTTrainer",
+    "SequenceBatch",
+    "generate",
+    "load_recipe",
+]

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-
 COMMIT, REMASK, FILL = 0, 1, 2  # event kinds: sampled commit; self-correction remask; filled after EOS
 
 
@@ -72,9 +71,15 @@ class Trace:
         keep = remap[self.events[:, 0]] >= 0
         events = self.events[keep].clone()
         events[:, 0] = remap[events[:, 0]]
-        return replace(self, commit_step=self.commit_step[rows], token_logprob=self.token_logprob[rows],
-                       order_logprob=self.order_logprob[rows], num_steps=self.num_steps[rows], events=events,
-                       event_logprob=self.event_logprob[keep])
+        return replace(
+            self,
+            commit_step=self.commit_step[rows],
+            token_logprob=self.token_logprob[rows],
+            order_logprob=self.order_logprob[rows],
+            num_steps=self.num_steps[rows],
+            events=events,
+            event_logprob=self.event_logprob[keep],
+        )
 
     @staticmethod
     def concat(parts: list["Trace"]) -> "Trace":
@@ -84,13 +89,17 @@ class Trace:
         for t in parts[:-1]:
             first.append(first[-1] + t.commit_step.shape[0])
         events = [t.events + torch.tensor([o, 0, 0, 0, 0]) for t, o in zip(parts, first)]
-        return replace(parts[0], commit_step=torch.cat([t.commit_step for t in parts]),
-                       token_logprob=torch.cat([t.token_logprob for t in parts]),
-                       order_logprob=torch.cat([torch.nn.functional.pad(t.order_logprob,
-                                                                        (0, S - t.order_logprob.shape[1]))
-                                                for t in parts]),
-                       num_steps=torch.cat([t.num_steps for t in parts]), events=torch.cat(events),
-                       event_logprob=torch.cat([t.event_logprob for t in parts]))
+        return replace(
+            parts[0],
+            commit_step=torch.cat([t.commit_step for t in parts]),
+            token_logprob=torch.cat([t.token_logprob for t in parts]),
+            order_logprob=torch.cat(
+                [torch.nn.functional.pad(t.order_logprob, (0, S - t.order_logprob.shape[1])) for t in parts]
+            ),
+            num_steps=torch.cat([t.num_steps for t in parts]),
+            events=torch.cat(events),
+            event_logprob=torch.cat([t.event_logprob for t in parts]),
+        )
 
 
 @dataclass
@@ -143,11 +152,18 @@ class RolloutBatch:
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
         """Rows `rows` of the batch (micro-batching); tensors and lists alike."""
         idx = rows.tolist()
-        pick = (lambda t: None if t is None else t[rows.to(t.device)])
-        return replace(self, prompt_ids=pick(self.prompt_ids), prompt_mask=pick(self.prompt_mask),
-                       completion_ids=pick(self.completion_ids), completion_mask=pick(self.completion_mask),
-                       completions=[self.completions[i] for i in idx], trace=self.trace.select(rows),
-                       rewards=pick(self.rewards), advantages=pick(self.advantages))
+        pick = lambda t: None if t is None else t[rows.to(t.device)]
+        return replace(
+            self,
+            prompt_ids=pick(self.prompt_ids),
+            prompt_mask=pick(self.prompt_mask),
+            completion_ids=pick(self.completion_ids),
+            completion_mask=pick(self.completion_mask),
+            completions=[self.completions[i] for i in idx],
+            trace=self.trace.select(rows),
+            rewards=pick(self.rewards),
+            advantages=pick(self.advantages),
+        )
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -161,14 +177,23 @@ class RolloutBatch:
         def left(t):  # [n, p] -> [n, P]
             return torch.nn.functional.pad(t, (P - t.shape[1], 0))
 
-        return RolloutBatch(torch.cat([left(b.prompt_ids) for b in parts]),
-                            torch.cat([left(b.prompt_mask) for b in parts]),
-                            torch.cat([b.completion_ids for b in parts]),
-                            torch.cat([b.completion_mask for b in parts]),
-                            [c for b in parts for c in b.completions], Trace.concat([b.trace for b in parts]))
+        return RolloutBatch(
+            torch.cat([left(b.prompt_ids) for b in parts]),
+            torch.cat([left(b.prompt_mask) for b in parts]),
+            torch.cat([b.completion_ids for b in parts]),
+            torch.cat([b.completion_mask for b in parts]),
+            [c for b in parts for c in b.completions],
+            Trace.concat([b.trace for b in parts]),
+        )
 
     def to(self, device) -> "RolloutBatch":
-        mv = (lambda t: None if t is None else t.to(device))
-        return replace(self, prompt_ids=mv(self.prompt_ids), prompt_mask=mv(self.prompt_mask),
-                       completion_ids=mv(self.completion_ids), completion_mask=mv(self.completion_mask),
-                       rewards=mv(self.rewards), advantages=mv(self.advantages))
+        mv = lambda t: None if t is None else t.to(device)
+        return replace(
+            self,
+            prompt_ids=mv(self.prompt_ids),
+            prompt_mask=mv(self.prompt_mask),
+            completion_ids=mv(self.completion_ids),
+            completion_mask=mv(self.completion_mask),
+            rewards=mv(self.rewards),
+            advantages=mv(self.advantages),
+        )

@@ -35,8 +35,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def save_model_files(directory: Path, model, tokenizer, recipe: Recipe, accelerator, state=None,
-                     order_policy=None) -> None:
+def save_model_files(
+    directory: Path, model, tokenizer, recipe: Recipe, accelerator, state=None, order_policy=None
+) -> None:
     """Model weights in HF format (adapters only for peft models), tokenizer, resolved recipe, and the
     learned order head when there is one.
 
@@ -53,8 +54,9 @@ def save_model_files(directory: Path, model, tokenizer, recipe: Recipe, accelera
         order_policy.save(directory)
 
 
-def save_checkpoint(run_dir, step: int, accelerator, model, tokenizer, recipe: Recipe, state: dict,
-                    keep: int = 2, order_policy=None) -> Path:
+def save_checkpoint(
+    run_dir, step: int, accelerator, model, tokenizer, recipe: Recipe, state: dict, keep: int = 2, order_policy=None
+) -> Path:
     """Atomically write checkpoint-<step> (all processes must call this; rank 0 writes the model files)."""
     run = Path(run_dir)
     final = run / f"checkpoint-{step}"
@@ -86,8 +88,9 @@ def load_checkpoint(path: Path, accelerator) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
-def save_final(run_dir, accelerator, model, tokenizer, recipe: Recipe, extra: dict | None = None,
-               order_policy=None) -> Path:
+def save_final(
+    run_dir, accelerator, model, tokenizer, recipe: Recipe, extra: dict | None = None, order_policy=None
+) -> Path:
     """Atomically write run_dir/final: model files + recipe (no optimizer state)."""
     run = Path(run_dir)
     final, tmp = run / "final", run / "final.tmp"

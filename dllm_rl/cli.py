@@ -74,13 +74,20 @@ def cmd_generate(args) -> None:
 
     model_dir = resolve_model_dir(args.checkpoint)
     recipe_file = os.path.join(model_dir, "recipe.yaml")
-    recipe = load_recipe(recipe_file, args.overrides) if os.path.isfile(recipe_file) else \
-        recipe_from_dict({"rollout": {}})
+    recipe = (
+        load_recipe(recipe_file, args.overrides) if os.path.isfile(recipe_file) else recipe_from_dict({"rollout": {}})
+    )
     model, tokenizer = load_model(recipe.model, path=model_dir)
     prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
     cfg: RolloutConfig = recipe.rollout
-    out = generate(model, tokenizer, prompts, cfg, generator=torch.Generator().manual_seed(args.seed),
-                   order_policy=order_head_for(cfg.order, model, model_dir))
+    out = generate(
+        model,
+        tokenizer,
+        prompts,
+        cfg,
+        generator=torch.Generator().manual_seed(args.seed),
+        order_policy=order_head_for(cfg.order, model, model_dir),
+    )
     for prompt, completion in zip(args.prompt, out.completions):
         print(f"### prompt\n{prompt}\n### completion\n{completion}")
 
@@ -99,8 +106,7 @@ def cmd_eval(args) -> None:
     order_policy = order_head_for(recipe.rollout.order, model, resolve_model_dir(args.checkpoint))
     result = evaluate_recipe(model, tokenizer, task, recipe, order_policy=order_policy)
     for prompt, completion, value in result["examples"]:
-        print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> "
-              f"{completion!r}")
+        print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> {completion!r}")
     n = recipe.eval.num_samples
     passk = f"; pass@{n} {result[f'pass@{n}']:.4f} over {result['n'] // n} prompts" if n > 1 else ""
     print(f"accuracy {result['accuracy']:.4f} over {result['n']} held-out {task.name} examples{passk}")

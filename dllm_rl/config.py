@@ -287,8 +287,7 @@ def _from_dict(cls, data: Any, prefix: str = ""):
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             raise ConfigError(
-                f"unknown key {dotted!r}{did_you_mean(key, fields)}; valid keys in {where}: "
-                f"{', '.join(sorted(fields))}"
+                f"unknown key {dotted!r}{did_you_mean(key, fields)}; valid keys in {where}: {', '.join(sorted(fields))}"
             )
         kwargs[key] = _convert(value, hints[key], dotted)
     return cls(**kwargs)
@@ -320,8 +319,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Load a YAML recipe with optional dotted overrides into a typed `Recipe`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe file {str(path)!r} does not exist; pass a YAML file such as "
-                          f"recipes/tiny/sudoku-sft.yaml")
+        raise ConfigError(
+            f"recipe file {str(path)!r} does not exist; pass a YAML file such as recipes/tiny/sudoku-sft.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -12,8 +12,17 @@ from .rewards.plugins import Reward, compute_rewards, resolve_reward
 from .rollout import generate
 
 
-def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig, seed: int = 0,
-             num_samples: int = 1, batch_size: int | None = None, order_policy=None) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    dataset,
+    reward_name: str,
+    rollout: RolloutConfig,
+    seed: int = 0,
+    num_samples: int = 1,
+    batch_size: int | None = None,
+    order_policy=None,
+) -> dict:
     """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt.
     order_policy: the learned order head, for rollout.order=policy."""
     verifier = [Reward(reward_name, resolve_reward(reward_name))]
@@ -22,7 +31,7 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
     scores, examples, forwards = [], [], 0
     rows = dataset.to_list()
     for start in range(0, len(rows), batch_size):
-        chunk = [r for r in rows[start:start + batch_size] for _ in range(num_samples)]
+        chunk = [r for r in rows[start : start + batch_size] for _ in range(num_samples)]
         prompts = [r["prompt"] for r in chunk]
         out = generate(model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy)
         forwards += out.stats["forwards"]
@@ -31,9 +40,13 @@ def evaluate(model, tokenizer, dataset, reward_name: str, rollout: RolloutConfig
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
         scores += values.tolist()
         examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
-    result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "examples": examples,
-              "scores": scores,  # per sample, num_samples consecutive ones per prompt
-              "forwards": forwards}  # denoising forwards of the whole evaluation
+    result = {
+        "accuracy": sum(scores) / max(len(scores), 1),
+        "n": len(scores),
+        "examples": examples,
+        "scores": scores,  # per sample, num_samples consecutive ones per prompt
+        "forwards": forwards,
+    }  # denoising forwards of the whole evaluation
     if num_samples > 1:
         # pass@n: share of prompts with at least one solved sample (score 1.0 = solved). A prompt no sample
         # solves gives GRPO with groups of n no solve signal, so with sampling, pass@n minus the greedy accuracy
@@ -51,5 +64,13 @@ def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None) -
     rollout = replace(recipe.rollout, temperature=e.temperature)
     if e.order_temperature is not None:
         rollout = replace(rollout, order_temperature=e.order_temperature)
-    return evaluate(model, tokenizer, data, task.reward, rollout, seed=recipe.train.seed, num_samples=e.num_samples,
-                    order_policy=order_policy)
+    return evaluate(
+        model,
+        tokenizer,
+        data,
+        task.reward,
+        rollout,
+        seed=recipe.train.seed,
+        num_samples=e.num_samples,
+        order_policy=order_policy,
+    )

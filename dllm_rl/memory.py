@@ -1,7 +1,7 @@
 """Per-GPU memory planner: `dllm-rl plan RECIPE --gpus N [--prompt-length P] [--fused-logprobs]`.
 
 Every figure is an ESTIMATE from the formulas below, not a measurement. The formulas were checked against
-measured peaks on CPU for the tiny model (tests/test_plan.py: parameter, gradient and optimizer bytes exactly;
+measured peaks on CPU for the tiny model (tests/test_memory.py: parameter, gradient and optimizer bytes exactly;
 activations and logits within a factor), never on a GPU: confirm a plan there with
 `torch.cuda.max_memory_allocated()` after a few steps before trusting a tight verdict.
 
@@ -192,11 +192,20 @@ def model_shape(mcfg) -> ModelShape:
         kv_heads, head_dim = getattr(c, "num_key_value_heads", None) or heads, c.hidden_size // heads
     heads = c.num_attention_heads
     return ModelShape(
-        source=source, params=sum(p.numel() for p in model.parameters()), layers=layers, hidden=c.hidden_size,
-        q_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads,
-        ffn=max(lin.fan_out for lin in linears), vocab=head.fan_out if head is not None else c.vocab_size,
+        source=source,
+        params=sum(p.numel() for p in model.parameters()),
+        layers=layers,
+        hidden=c.hidden_size,
+        q_dim=heads * head_dim,
+        kv_dim=kv_heads * head_dim,
+        heads=heads,
+        ffn=max(lin.fan_out for lin in linears),
+        vocab=head.fan_out if head is not None else c.vocab_size,
         max_positions=getattr(c, "max_position_embeddings", None),
-        block_causal=getattr(c, "attention", "") == "block_causal", linears=linears, head=head, adapter=adapter,
+        block_causal=getattr(c, "attention", "") == "block_causal",
+        linears=linears,
+        head=head,
+        adapter=adapter,
     )
 
 
@@ -258,9 +267,7 @@ def read_zero(recipe: Recipe) -> Zero:
     z = Zero(True, stage, dev("offload_optimizer"), dev("offload_param") and stage == 3, half)
     live = zo.get("stage3_max_live_parameters", 1e9)
     z.live_params = float(live) if isinstance(live, (int, float)) else 1e9
-    extras = [
-        s for s, on in [("optimizer offload", z.offload_optimizer), ("param offload", z.offload_param)] if on
-    ]
+    extras = [s for s, on in [("optimizer offload", z.offload_optimizer), ("param offload", z.offload_param)] if on]
     z.note = f"DeepSpeed ZeRO-{stage} ({path}), {'bf16/fp16 engine' if half else 'fp32'}" + (
         f", {', '.join(extras)}" if extras else ""
     )
@@ -351,9 +358,7 @@ def logits_bytes(n: int, Lc: int, V: int, a: int, fused: bool, head_trains: bool
     return n * Lc * V * (a + 8)
 
 
-def _weights(
-    plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, trainable: int, lora: bool
-) -> float:
+def _weights(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, trainable: int, lora: bool) -> float:
     linear_params = sum(lin.fan_in * lin.fan_out for lin in s.linears)
     if recipe.model.load_in_4bit:
         base = linear_params * NF4_BYTES + (s.params - linear_params) * p.weight
@@ -434,9 +439,7 @@ def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
     kv = 0 if r.cache == "none" else s.layers * 2 * s.kv_dim * kv_bytes * C * rows
     plan.add("kv_cache", f"rollout KV cache (cache={r.cache})", kv, "rollout")
     a, D = p.act, s.hidden
-    transient = rows * C * a * (3 * s.ffn + 2 * D + 2 * s.q_dim + 2 * s.kv_dim) + rows * Lb * s.vocab * (
-        a + 8
-    )
+    transient = rows * C * a * (3 * s.ffn + 2 * D + 2 * s.q_dim + 2 * s.kv_dim) + rows * Lb * s.vocab * (a + 8)
     plan.add("rollout_forward", "rollout forward transient", transient, "rollout")
     if z.stage == 3:
         plan.add(
@@ -445,9 +448,7 @@ def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
             plan.full_weights - plan.get("weights"),
             "rollout",
         )
-    plan.info.append(
-        ("rollout", f"{rows} sequences x canvas {C} (prompt {prompt_len} + {r.max_completion_length})")
-    )
+    plan.info.append(("rollout", f"{rows} sequences x canvas {C} (prompt {prompt_len} + {r.max_completion_length})"))
 
 
 def _views(recipe: Recipe) -> str:
@@ -458,9 +459,7 @@ def _views(recipe: Recipe) -> str:
     return f"{e.name}: {k} view(s) per estimate" + (", one alive at a time (per-view checkpointing)" if k > 1 else "")
 
 
-def plan_memory(
-    recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool = False
-) -> Plan:
+def plan_memory(recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool = False) -> Plan:
     """Per-GPU memory estimate of a recipe on `gpus` processes (see the module docstring)."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
@@ -538,16 +537,13 @@ def format_plan(plan: Plan) -> str:
     lines.append("-" * 70)
     peaks = ", ".join(f"{p} {plan.phase(p) / GB:.2f}" for p in ("update", "rollout", "step"))
     lines.append(
-        f"{'total per GPU':<52}{plan.total / GB:>9.2f}  = static {plan.phase('static') / GB:.2f} + "
-        f"max({peaks})"
+        f"{'total per GPU':<52}{plan.total / GB:>9.2f}  = static {plan.phase('static') / GB:.2f} + max({peaks})"
     )
     lines.append(f"verdict: {verdict(plan.total)}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
-def print_plan(
-    recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool = False
-) -> None:
+def print_plan(recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool = False) -> None:
     """Print the per-GPU memory plan of a recipe (the `dllm-rl plan` command)."""
     print(format_plan(plan_memory(recipe, gpus, prompt_length, fused_logprobs)))

@@ -13,8 +13,14 @@ from .algorithms import zero_std_groups
 
 
 class MetricsLogger:
-    def __init__(self, accelerator, run_dir: str, history: list[dict] | None = None, project: str = "dllm-rl",
-                 config: dict | None = None):
+    def __init__(
+        self,
+        accelerator,
+        run_dir: str,
+        history: list[dict] | None = None,
+        project: str = "dllm-rl",
+        config: dict | None = None,
+    ):
         self.acc = accelerator
         self.path = Path(run_dir) / "metrics.jsonl"
         self.history = list(history or [])
@@ -67,10 +73,13 @@ def reduce_across_ranks(accelerator, metrics: dict) -> dict:
 def reward_metrics(rewards, per_fn, names: list[str], correct, group_size: int) -> dict:
     """A GRPO step's reward statistics over the global batch: rewards [N] (weighted), per_fn: one [N] per
     reward function (NaN where it returned None), correct [N] (the task verifier)."""
-    out = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-           # TRL's name: the share of groups whose rewards are all equal, i.e. that give no signal
-           "frac_reward_zero_std": zero_std_groups(rewards, group_size).float().mean().item(),
-           "accuracy": correct.nanmean().item()}
+    out = {
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
+        # TRL's name: the share of groups whose rewards are all equal, i.e. that give no signal
+        "frac_reward_zero_std": zero_std_groups(rewards, group_size).float().mean().item(),
+        "accuracy": correct.nanmean().item(),
+    }
     for name, values in zip(names, per_fn):
         seen = values[~values.isnan()]
         out[f"rewards/{name}/mean"] = values.nanmean().item()
@@ -83,8 +92,10 @@ def throughput_metrics(seconds: dict[str, float], committed: float, tokens: floa
     scored, `passes` times), and the mean completion length."""
     passes = max(1, passes)
     est = seconds.get("estimate", 0.0)
-    return {"completion_length": tokens / max(rows, 1),
-            "tokens_per_s/rollout": committed / max(seconds.get("rollout", 0.0), 1e-9),
-            "tokens_per_s/estimate": tokens * passes / max(est, 1e-9) if est > 1e-3 else 0.0,
-            "tokens_per_s/update": tokens * passes / max(seconds.get("update", 0.0), 1e-9),
-            **{f"seconds/{k}": v for k, v in seconds.items()}}
+    return {
+        "completion_length": tokens / max(rows, 1),
+        "tokens_per_s/rollout": committed / max(seconds.get("rollout", 0.0), 1e-9),
+        "tokens_per_s/estimate": tokens * passes / max(est, 1e-9) if est > 1e-3 else 0.0,
+        "tokens_per_s/update": tokens * passes / max(seconds.get("update", 0.0), 1e-9),
+        **{f"seconds/{k}": v for k, v in seconds.items()},
+    }

@@ -78,8 +78,10 @@ def resolve_model_dir(path: str) -> str:
         ckpt = latest_checkpoint(p)
         if ckpt is not None:
             return str(ckpt)
-        raise DllmRlError(f"{path!r} is not a model directory (no config.json, final/ or checkpoint-*/ "
-                          f"inside); pass a directory written by `dllm-rl sft/train` or a hub model id")
+        raise DllmRlError(
+            f"{path!r} is not a model directory (no config.json, final/ or checkpoint-*/ "
+            f"inside); pass a directory written by `dllm-rl sft/train` or a hub model id"
+        )
     if not _is_hub_id(path) or p.exists():
         raise DllmRlError(f"model path {path!r} does not exist; check model.path (or the CHECKPOINT argument)")
     return path  # a hub id such as GSAI-ML/LLaDA-8B-Instruct

@@ -25,8 +25,9 @@ from .errors import ConfigError
 STREAMS = {"data": 0, "noise": 1, "rollout": 2, "eval": 3}
 
 
-def step_generator(seed: int, step: int, stream: str = "noise", device: str | torch.device = "cpu",
-                   rank: int = 0) -> torch.Generator:
+def step_generator(
+    seed: int, step: int, stream: str = "noise", device: str | torch.device = "cpu", rank: int = 0
+) -> torch.Generator:
     """A generator seeded from (seed, step, stream, rank) by hashing: independent across all four."""
     key = f"{seed}:{step}:{STREAMS[stream]}:{rank}".encode()
     g = torch.Generator(device=device)
@@ -68,26 +69,31 @@ def make_accelerator(recipe: Recipe):
     from accelerate.utils import InitProcessGroupKwargs
 
     t = recipe.train
-    kwargs: dict = {"mixed_precision": t.mixed_precision, "project_dir": t.output_dir,
-                    "gradient_accumulation_steps": t.gradient_accumulation_steps}
+    kwargs: dict = {
+        "mixed_precision": t.mixed_precision,
+        "project_dir": t.output_dir,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+    }
     if t.report_to:
         kwargs["log_with"] = t.report_to
     handlers = []
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():  # started by a launcher, no GPU
-        # accelerate picks no backend on its own and would run each process alone (shared/reference/
-        # ecosystem.md section 3): DeepSpeed needs gloo named explicitly (cpu=True would drop DeepSpeed),
-        # plain data parallelism needs cpu=True (DDP over gloo)
+        # accelerate picks no backend on its own and would run each process alone (accelerate 1.16 on CPU):
+        # DeepSpeed needs gloo named explicitly (cpu=True would drop DeepSpeed), plain data parallelism needs
+        # cpu=True (DDP over gloo)
         if t.deepspeed:
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         else:
             kwargs["cpu"] = True
     if t.deepspeed:
         if "LOCAL_RANK" not in os.environ:  # else DeepSpeed falls back to MPI discovery and fails obscurely
-            raise ConfigError("train.deepspeed needs processes started by a launcher: `deepspeed --num_gpus N "
-                              "--module dllm_rl train RECIPE`, `torchrun --nproc_per_node N -m dllm_rl train "
-                              "RECIPE` or `accelerate launch --use_deepspeed --num_processes N -m dllm_rl train "
-                              "RECIPE`; for one plain process set train.deepspeed=null")
+            raise ConfigError(
+                "train.deepspeed needs processes started by a launcher: `deepspeed --num_gpus N "
+                "--module dllm_rl train RECIPE`, `torchrun --nproc_per_node N -m dllm_rl train "
+                "RECIPE` or `accelerate launch --use_deepspeed --num_processes N -m dllm_rl train "
+                "RECIPE`; for one plain process set train.deepspeed=null"
+            )
         kwargs["deepspeed_plugin"] = deepspeed_plugin(recipe, micro_batch_size(recipe), world)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
 
@@ -105,21 +111,27 @@ def deepspeed_plugin(recipe: Recipe, micro_batch_size: int, world: int):
 
     t = recipe.train
     if not os.path.isfile(t.deepspeed):
-        raise ConfigError(f"train.deepspeed: {t.deepspeed!r} does not exist; point it at a DeepSpeed JSON "
-                          f"such as recipes/deepspeed/zero2.json")
+        raise ConfigError(
+            f"train.deepspeed: {t.deepspeed!r} does not exist; point it at a DeepSpeed JSON "
+            f"such as recipes/deepspeed/zero2.json"
+        )
     with open(t.deepspeed) as f:
         config = json.load(f)
-    decided = {"train_micro_batch_size_per_gpu": micro_batch_size,
-               "gradient_accumulation_steps": t.gradient_accumulation_steps,
-               "train_batch_size": micro_batch_size * t.gradient_accumulation_steps * world,
-               "gradient_clipping": recipe.optim.max_grad_norm}
+    decided = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * t.gradient_accumulation_steps * world,
+        "gradient_clipping": recipe.optim.max_grad_norm,
+    }
     for key, value in decided.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
         elif config[key] != value:
-            raise ConfigError(f"{t.deepspeed}: {key} is {config[key]} but the recipe gives {value} "
-                              f"(train.batch_size, train.gradient_accumulation_steps, optim.max_grad_norm, {world} "
-                              f"processes); set it to \"auto\" in the JSON")
+            raise ConfigError(
+                f"{t.deepspeed}: {key} is {config[key]} but the recipe gives {value} "
+                f"(train.batch_size, train.gradient_accumulation_steps, optim.max_grad_norm, {world} "
+                f'processes); set it to "auto" in the JSON'
+            )
     return DeepSpeedPlugin(hf_ds_config=config)
 
 
@@ -197,7 +209,7 @@ def processes_with_non_finite(accelerator, loss: torch.Tensor) -> int:
 
 def shutdown() -> None:
     """End the process group, if any, once every rank is done. Left to interpreter exit, gloo can abort
-    with SIGABRT ("terminate called without an active exception", shared/reference/ecosystem.md section 3)."""
+    with SIGABRT ("terminate called without an active exception"; seen with torch 2.13 on CPU)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

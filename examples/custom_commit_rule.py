@@ -39,8 +39,10 @@ def main(argv=None):
     for commit, steps in (("top_k", recipe.rollout.steps), ("halve", recipe.rollout.steps)):
         r = replace(recipe, rollout=replace(recipe.rollout, commit=commit, steps=steps))
         result = evaluate_recipe(model, tok, task, r)
-        print(f"rollout.commit={commit}: solve rate {result['accuracy']:.3f} over {result['n']} puzzles, "
-              f"{result['forwards']} forwards")
+        print(
+            f"rollout.commit={commit}: solve rate {result['accuracy']:.3f} over {result['n']} puzzles, "
+            f"{result['forwards']} forwards"
+        )
 
 
 if __name__ == "__main__":

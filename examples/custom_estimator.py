@@ -49,8 +49,13 @@ def main(argv=None):
     # the same expectation as the built-in ELBO: average both over many draws on a few rollouts
     model, tok = load_model(load_recipe("recipes/tiny/sudoku-tokens-grpo.yaml").model)
     recipe = load_recipe("recipes/tiny/sudoku-tokens-grpo.yaml")
-    batch = generate(model, tok, ["1___\n__2_\n_3__\n___4", "12__\n____\n__4_\n____"], recipe.rollout,
-                     generator=torch.Generator().manual_seed(0))
+    batch = generate(
+        model,
+        tok,
+        ["1___\n__2_\n_3__\n___4", "12__\n____\n__4_\n____"],
+        recipe.rollout,
+        generator=torch.Generator().manual_seed(0),
+    )
     g = torch.Generator().manual_seed(0)
     means = {}
     for name in ("uniform_count", "elbo"):
@@ -58,13 +63,26 @@ def main(argv=None):
         with torch.no_grad():
             logps = est.estimate(model, batch, est.draw(batch, g)).logps  # [N, L], averaged over the draws
         means[name] = logps.sum(-1)
-    print("sequence ELBO, mean over", args.draws, "draws:",
-          {k: [round(v, 2) for v in m.tolist()] for k, m in means.items()})
+    print(
+        "sequence ELBO, mean over",
+        args.draws,
+        "draws:",
+        {k: [round(v, 2) for v in m.tolist()] for k, m in means.items()},
+    )
 
     # and in training: nothing but a recipe value
-    run = load_recipe("recipes/tiny/sudoku-tokens-grpo.yaml", [
-        "estimator.name=uniform_count", "estimator.num_samples=2", f"train.max_steps={args.steps}",
-        "train.batch_size=2", "data.eval_size=8", "train.eval_steps=0", f"train.output_dir={args.output_dir}"])
+    run = load_recipe(
+        "recipes/tiny/sudoku-tokens-grpo.yaml",
+        [
+            "estimator.name=uniform_count",
+            "estimator.num_samples=2",
+            f"train.max_steps={args.steps}",
+            "train.batch_size=2",
+            "data.eval_size=8",
+            "train.eval_steps=0",
+            f"train.output_dir={args.output_dir}",
+        ],
+    )
     result = GRPOTrainer(run).train()
     print(f"GRPO with estimator.name=uniform_count: held-out {result['before']:.3f} -> {result['after']:.3f}")
 

@@ -22,9 +22,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--output-dir", default="outputs/example-python-api")
     args = parser.parse_args(argv)
-    recipe = load_recipe("recipes/tiny/sudoku-tokens-grpo.yaml", [
-        f"train.max_steps={args.steps}", f"train.output_dir={args.output_dir}", "train.batch_size=4",
-        "data.eval_size=16", "train.eval_steps=0"])
+    recipe = load_recipe(
+        "recipes/tiny/sudoku-tokens-grpo.yaml",
+        [
+            f"train.max_steps={args.steps}",
+            f"train.output_dir={args.output_dir}",
+            "train.batch_size=4",
+            "data.eval_size=16",
+            "train.eval_steps=0",
+        ],
+    )
     recipe.rewards = []  # reward_funcs join the recipe's rewards: use only ours
     result = GRPOTrainer(recipe, reward_funcs=[exact_grid]).train()
     print(f"held-out solve rate {result['before']:.3f} -> {result['after']:.3f}; model in {result['final']}")

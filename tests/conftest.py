@@ -23,14 +23,21 @@ def tokenizer():
     return M.build_char_tokenizer()
 
 
-def make_model(tokenizer, attention="bidirectional", block_size=4, hidden=32, layers=2, heads=2, seed=0,
-               vocab=None):
+def make_model(tokenizer, attention="bidirectional", block_size=4, hidden=32, layers=2, heads=2, seed=0, vocab=None):
     torch.manual_seed(seed)
-    cfg = M.TinyMDMConfig(vocab_size=vocab or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=heads, attention=attention,
-                          block_size=block_size, max_position_embeddings=128,
-                          mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
+    cfg = M.TinyMDMConfig(
+        vocab_size=vocab or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        attention=attention,
+        block_size=block_size,
+        max_position_embeddings=128,
+        mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return M.TinyMDM(cfg).eval()
 
 

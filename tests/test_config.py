@@ -20,10 +20,15 @@ def test_unknown_section():
         recipe_from_dict({"rolout": {}})
 
 
-@pytest.mark.parametrize("data,key", [({"train": {"max_steps": "ten"}}, "train.max_steps"),
-                                      ({"rollout": {"cache": "dual_cache"}}, "rollout.cache"),
-                                      ({"optim": {"betas": 0.9}}, "optim.betas"),
-                                      ({"train": {"resume": "yes"}}, "train.resume")])
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"train": {"max_steps": "ten"}}, "train.max_steps"),
+        ({"rollout": {"cache": "dual_cache"}}, "rollout.cache"),
+        ({"optim": {"betas": 0.9}}, "optim.betas"),
+        ({"train": {"resume": "yes"}}, "train.resume"),
+    ],
+)
 def test_wrong_type_names_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         recipe_from_dict(data)

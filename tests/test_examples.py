@@ -12,8 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, timeout: int = 600) -> str:
-    proc = subprocess.run(list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run(
+        list(args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -25,16 +31,24 @@ def test_python_trainer_api(tmp_path):
 
 
 def test_reward_plugin_from_a_recipe(tmp_path):
-    out = run(sys.executable, "-m", "dllm_rl", "train", "examples/reward_plugin.yaml", "train.max_steps=2",
-              f"train.output_dir={tmp_path}")
+    out = run(
+        sys.executable,
+        "-m",
+        "dllm_rl",
+        "train",
+        "examples/reward_plugin.yaml",
+        "train.max_steps=2",
+        f"train.output_dir={tmp_path}",
+    )
     assert "held-out accuracy: before" in out
     logged = (tmp_path / "metrics.jsonl").read_text()
     assert "rewards/examples/reward_plugin.py:closeness/mean" in logged  # the plugin was called and logged
 
 
 def test_custom_estimator_matches_the_elbo_and_trains(tmp_path):
-    out = run(sys.executable, "examples/custom_estimator.py", "--draws", "300", "--steps", "1", "--output-dir",
-              str(tmp_path))
+    out = run(
+        sys.executable, "examples/custom_estimator.py", "--draws", "300", "--steps", "1", "--output-dir", str(tmp_path)
+    )
     means = re.search(r"'uniform_count': \[([^\]]+)\], 'elbo': \[([^\]]+)\]", out)
     ours, elbo = ([float(v) for v in g.split(",")] for g in means.groups())
     # two unbiased estimates of one ELBO, 300 draws each: equal within a loose band (their spread is ~1 nat)

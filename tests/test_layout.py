@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 @pytest.mark.parametrize("args", [("-c", "import dllm_rl, transformers.modeling_utils"), ("-m", "dllm_rl", "--help")])
@@ -85,8 +91,11 @@ def _floor(unit: str) -> int:
 
 
 def test_imports_go_down_the_floors_only():
-    upward = [f"{where}: {a} (floor {_floor(a)}) imports {b} (floor {_floor(b)})"
-              for a, b, where in _imports() if _floor(b) > _floor(a)]
+    upward = [
+        f"{where}: {a} (floor {_floor(a)}) imports {b} (floor {_floor(b)})"
+        for a, b, where in _imports()
+        if _floor(b) > _floor(a)
+    ]
     assert not upward, "imports that go up a floor:\n" + "\n".join(upward)
 
 

@@ -16,12 +16,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dllm_rl.models as M
-from dllm_rl.config import LoraConfig, RolloutConfig, load_recipe, recipe_from_dict
+from dllm_rl.config import LoraConfig, load_recipe, recipe_from_dict
 from dllm_rl.errors import ConfigError
 from dllm_rl.estimators import ESTIMATORS
-from dllm_rl.models.base import traits
-from dllm_rl.models.load import load_model
-from dllm_rl.runtime import micro_batch_size as micro_batch
 from dllm_rl.memory import (
     NF4_BYTES,
     ModelShape,
@@ -30,6 +27,9 @@ from dllm_rl.memory import (
     logits_bytes,
     plan_memory,
 )
+from dllm_rl.models.base import traits
+from dllm_rl.models.load import load_model
+from dllm_rl.runtime import micro_batch_size as micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -118,14 +118,10 @@ def test_llada_8b_lora_4bit_zero2_hand_computed(tmp_path):
     one, eight = (plan_memory(recipe, gpus=g, prompt_length=200) for g in (1, 8))
     assert LLADA_LORA_128 == 335_544_320
     base = LLADA_LINEARS * NF4_BYTES + (LLADA_PARAMS - LLADA_LINEARS) * 2
-    assert one.get("weights") == pytest.approx(
-        base + LLADA_LORA_128 * 2
-    )  # the bf16 engine casts the adapters
+    assert one.get("weights") == pytest.approx(base + LLADA_LORA_128 * 2)  # the bf16 engine casts the adapters
     assert one.get("reference") == 0  # the adapter-disabled base is the reference
     assert one.get("optimizer") == LLADA_LORA_128 * 12  # fp32 master + m + v
-    assert (
-        eight.get("optimizer") == LLADA_LORA_128 * 12 / 8 and eight.get("gradients") == LLADA_LORA_128 * 2 / 8
-    )
+    assert eight.get("optimizer") == LLADA_LORA_128 * 12 / 8 and eight.get("gradients") == LLADA_LORA_128 * 2 / 8
     assert eight.get("weights") == one.get("weights")  # ZeRO-2 does not shard parameters
     assert eight.get("activations") == one.get("activations")  # per-process batch
 
@@ -211,9 +207,7 @@ def _forward_backward(model, tok, n, P, Lc, estimator="one_step"):
     return _cpu_peak(run)
 
 
-@pytest.mark.parametrize(
-    "dtype,r,checkpointing", [("float32", 0, False), ("float32", 0, True), ("bfloat16", 8, False)]
-)
+@pytest.mark.parametrize("dtype,r,checkpointing", [("float32", 0, False), ("float32", 0, True), ("bfloat16", 8, False)])
 def test_tiny_update_peak_matches_measurement(dtype, r, checkpointing, one_thread):
     recipe = _recipe(dtype=dtype, lora={"r": r}, gradient_checkpointing=checkpointing)
     plan = plan_memory(recipe, gpus=1, prompt_length=40)

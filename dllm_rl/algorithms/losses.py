@@ -58,14 +58,17 @@ def clipped(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
     mask = x.mask.float()
     log_ratio = x.logps - x.old_logps  # [N, Lc]
     if cfg.importance_sampling_level == "sequence":  # GSPO: one ratio per sequence
-        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1))
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
         log_ratio = log_ratio.expand_as(x.logps)
     ratio = log_ratio.exp()
     lo, hi = 1 - cfg.epsilon, 1 + (cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon)
     adv = x.advantages[:, None]  # [N, 1]
     per_token = -torch.min(ratio * adv, ratio.clamp(lo, hi) * adv)  # [N, Lc]
-    stats = {"clip_fraction": (((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))).float()[x.mask.bool()]
-             .mean().item() if x.mask.any() else 0.0}
+    stats = {
+        "clip_fraction": (((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))).float()[x.mask.bool()].mean().item()
+        if x.mask.any()
+        else 0.0
+    }
     if x.ref_logps is not None and cfg.beta != 0:
         kl = kl_k3(x.logps, x.ref_logps)
         per_token = per_token + cfg.beta * kl

@@ -25,5 +25,16 @@ def build_estimator(cfg, tr) -> Estimator:
     return lookup(ESTIMATORS, cfg.name, "estimator.name")(cfg, tr)
 
 
-__all__ = ["ESTIMATORS", "Estimate", "Estimator", "Noise", "build_estimator", "draw_elbo", "draw_one_step",
-           "score", "scored", "token_logprobs", "view_logprobs"]
+__all__ = [
+    "ESTIMATORS",
+    "Estimate",
+    "Estimator",
+    "Noise",
+    "build_estimator",
+    "draw_elbo",
+    "draw_one_step",
+    "score",
+    "scored",
+    "token_logprobs",
+    "view_logprobs",
+]

@@ -37,7 +37,7 @@ class Noise:
         return self.completion_masks.shape[0]
 
     def select(self, rows: torch.Tensor) -> "Noise":
-        pick = (lambda t: None if t is None else t[:, rows.to(t.device)])
+        pick = lambda t: None if t is None else t[:, rows.to(t.device)]
         return Noise(pick(self.completion_masks), pick(self.prompt_masks), pick(self.weights), pick(self.tokens))
 
     def with_prompt_length(self, P: int) -> "Noise":
@@ -46,7 +46,7 @@ class Noise:
         return Noise(self.completion_masks, pm, self.weights, self.tokens)
 
     def to(self, device) -> "Noise":
-        move = (lambda t: None if t is None else t.to(device))
+        move = lambda t: None if t is None else t.to(device)
         return Noise(move(self.completion_masks), move(self.prompt_masks), move(self.weights), move(self.tokens))
 
 
@@ -96,9 +96,16 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask_token_id: i
     return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: torch.Tensor | None,
-                  tr: ModelTraits, temperature: float = 1.0, tokens_k: torch.Tensor | None = None,
-                  order: str | None = None):
+def view_logprobs(
+    model,
+    batch,
+    completion_mask_k: torch.Tensor,
+    prompt_mask_k: torch.Tensor | None,
+    tr: ModelTraits,
+    temperature: float = 1.0,
+    tokens_k: torch.Tensor | None = None,
+    order: str | None = None,
+):
     """log p(completion token | view) at every completion position for one view: [N, Lc].
 
     batch: anything with prompt_ids [N, P], prompt_mask [N, P], completion_ids [N, Lc]. tokens_k: the view's
@@ -125,12 +132,19 @@ def view_logprobs(model, batch, completion_mask_k: torch.Tensor, prompt_mask_k: 
         lo = P + Lc
     else:
         ids, mask, lo = torch.cat([prompt, noisy], 1), attn, P
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_range=(lo - shift, lo + Lc - shift),
-                output_hidden_states=order == "policy")
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        logits_range=(lo - shift, lo + Lc - shift),
+        output_hidden_states=order == "policy",
+    )
     logits = out.logits  # [N, Lc, V]
     if order == "policy":
-        scores = (stats_from_logits(logits, completion_mask_k, mask_id),
-                  out.hidden_states[-1][:, lo - shift:lo + Lc - shift])
+        scores = (
+            stats_from_logits(logits, completion_mask_k, mask_id),
+            out.hidden_states[-1][:, lo - shift : lo + Lc - shift],
+        )
     else:
         scores = None if order is None else model_order_scores(logits, mask_id, order)
     if temperature != 1.0:

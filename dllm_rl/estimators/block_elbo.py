@@ -24,9 +24,11 @@ from .base import Estimate, Estimator, Noise, each_view
 
 def build(cfg, tr) -> Estimator:
     """SPG's bounds for the recipe's estimator section (num_samples views, t_min/t_max, eubo_beta)."""
-    return Estimator(lambda batch, generator: draw(batch, cfg, generator),
-                     lambda model, batch, noise, **extra: estimate(model, batch, noise, tr, cfg.eubo_beta),
-                     views=lambda steps: cfg.num_samples)
+    return Estimator(
+        lambda batch, generator: draw(batch, cfg, generator),
+        lambda model, batch, noise, **extra: estimate(model, batch, noise, tr, cfg.eubo_beta),
+        views=lambda steps: cfg.num_samples,
+    )
 
 
 def draw(batch, cfg, generator: torch.Generator) -> Noise:

@@ -31,9 +31,17 @@ def _timesteps(n: int, N: int, t_min: float, t_max: float, stratified: bool, g) 
     return t_min + (t_max - t_min) * frac  # [n, N]
 
 
-def draw_elbo(shape: tuple[int, int], generator: torch.Generator, num_samples: int = 1, t_min: float = 0.0,
-              t_max: float = 1.0, stratified: bool = False, masks_per_timestep: int = 1,
-              coupled: bool = False, full_view: bool = True) -> Noise:
+def draw_elbo(
+    shape: tuple[int, int],
+    generator: torch.Generator,
+    num_samples: int = 1,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    stratified: bool = False,
+    masks_per_timestep: int = 1,
+    coupled: bool = False,
+    full_view: bool = True,
+) -> Noise:
     """Noise for the ELBO estimator over completions of shape (N, Lc)."""
     N, Lc = shape
     t = _timesteps(num_samples, N, t_min, t_max, stratified, generator)  # [n_t, N]
@@ -60,9 +68,17 @@ def build(cfg, tr) -> Estimator:
     """The `elbo` estimator for the recipe's estimator section."""
 
     def draw(batch, generator: torch.Generator) -> Noise:
-        return draw_elbo(tuple(batch.completion_ids.shape), generator, num_samples=cfg.num_samples,
-                         t_min=cfg.t_min, t_max=cfg.t_max, stratified=cfg.stratified,
-                         masks_per_timestep=cfg.masks_per_timestep, coupled=cfg.coupled, full_view=cfg.full_view)
+        return draw_elbo(
+            tuple(batch.completion_ids.shape),
+            generator,
+            num_samples=cfg.num_samples,
+            t_min=cfg.t_min,
+            t_max=cfg.t_max,
+            stratified=cfg.stratified,
+            masks_per_timestep=cfg.masks_per_timestep,
+            coupled=cfg.coupled,
+            full_view=cfg.full_view,
+        )
 
     views = cfg.num_samples * cfg.masks_per_timestep * (2 if cfg.coupled else 1) + (cfg.coupled and cfg.full_view)
     return Estimator(draw, scored(tr), views=lambda steps: int(views))

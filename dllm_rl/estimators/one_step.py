@@ -10,8 +10,13 @@ import torch
 from .base import Estimator, Noise, scored
 
 
-def draw_one_step(shape: tuple[int, int], prompt_shape: tuple[int, int], generator: torch.Generator,
-                  p_mask_prompt: float = 0.15, num_samples: int = 1) -> Noise:
+def draw_one_step(
+    shape: tuple[int, int],
+    prompt_shape: tuple[int, int],
+    generator: torch.Generator,
+    p_mask_prompt: float = 0.15,
+    num_samples: int = 1,
+) -> Noise:
     N, Lc = shape
     K = num_samples
     prompt = torch.rand(K, *prompt_shape, generator=generator) < p_mask_prompt  # [K, N, P]
@@ -22,7 +27,12 @@ def build(cfg, tr) -> Estimator:
     """The `one_step` estimator for the recipe's estimator section (p_mask_prompt, num_samples masked views)."""
 
     def draw(batch, generator: torch.Generator) -> Noise:
-        return draw_one_step(tuple(batch.completion_ids.shape), tuple(batch.prompt_ids.shape), generator,
-                             cfg.p_mask_prompt, cfg.num_samples)
+        return draw_one_step(
+            tuple(batch.completion_ids.shape),
+            tuple(batch.prompt_ids.shape),
+            generator,
+            cfg.p_mask_prompt,
+            cfg.num_samples,
+        )
 
     return Estimator(draw, scored(tr), views=lambda steps: cfg.num_samples)

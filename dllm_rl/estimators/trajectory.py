@@ -19,12 +19,12 @@ head's (policy.OrderHead, DCoLT's separate module), recomputed block by block fr
 states and statistics, and the order term's gradient reaches the head only. A step's order log-prob is
 shared equally among the tokens it committed (the per-token sum is exact; a step whose tokens are all
 unscored, after the first EOS, drops it). For random and left_to_right the order does not depend on the
-model and its log-prob is a constant (for random, uniform over draw orders). This needs merge_steps=1 and a bidirectional model (the packed
-block-causal views score several steps of different blocks at once).
+model and its log-prob is a constant (for random, uniform over draw orders). This needs merge_steps=1 and
+a bidirectional model (the packed block-causal views score several steps of different blocks at once).
 
 LLaDA's low_confidence order with temperature > 0 ranks positions by the probability of the token just
 sampled there, so which position is committed depends on the draws, and the product of committed-token
-probabilities is not the probability of the rollout (tests/test_estimators.py counts it summing to ~2 over
+probabilities is not the probability of the rollout (tests/estimators/test_estimators.py counts it summing to ~2 over
 trajectories; on the tiny Countdown model at temperature 1 a step along its large-batch gradient does not
 raise the reward, while one along the gradient for a model-independent order does; on Sudoku at 0.5 both
 rise: benchmarks/ascent.py, RESULTS.md). top_prob decodes exactly like low_confidence when greedy.
@@ -69,34 +69,44 @@ def _local_steps(trace, Lc: int, block: int | None):
 def build(cfg, tr) -> Estimator:
     """The trajectory estimator for the recipe's estimator section (merge_steps); the rollout's settings come
     from each batch's trace."""
-    return Estimator(lambda batch, generator=None: draw(batch, cfg.merge_steps, tr),
-                     lambda model, batch, noise, order_policy=None, **extra: estimate(model, batch, noise, tr,
-                                                                                      order_policy),
-                     views=lambda steps: -(-steps // max(1, cfg.merge_steps)),
-                     check=lambda decoding: check(decoding, cfg.merge_steps, tr), replays_orders=True)
+    return Estimator(
+        lambda batch, generator=None: draw(batch, cfg.merge_steps, tr),
+        lambda model, batch, noise, order_policy=None, **extra: estimate(model, batch, noise, tr, order_policy),
+        views=lambda steps: -(-steps // max(1, cfg.merge_steps)),
+        check=lambda decoding: check(decoding, cfg.merge_steps, tr),
+        replays_orders=True,
+    )
 
 
 def check(d: Decoding, merge_steps: int, tr) -> list[str]:
     """Refuse rollouts whose decisions this estimator cannot replay; notes for the ones it replays inexactly."""
     block_causal = tr is not None and tr.attention == "block_causal"
     if block_causal and d.block_length != tr.block_size:
-        raise ConfigError(f"estimator.name=trajectory on a block-causal model needs rollout.block_length "
-                          f"({d.block_length}) equal to the model's attention block ({tr.block_size})")
+        raise ConfigError(
+            f"estimator.name=trajectory on a block-causal model needs rollout.block_length "
+            f"({d.block_length}) equal to the model's attention block ({tr.block_size})"
+        )
     rule = ORDERS[d.order]
     if d.order_temperature > 0:
         if rule.replay == "tokens":
-            raise ConfigError(f"estimator.name=trajectory cannot replay a sampled rollout.order={d.order}: "
-                              "its scores depend on tokens drawn at positions that were not committed; use "
-                              "rollout.order=top_prob (or margin, entropy), or rollout.order_temperature=0")
+            raise ConfigError(
+                f"estimator.name=trajectory cannot replay a sampled rollout.order={d.order}: "
+                "its scores depend on tokens drawn at positions that were not committed; use "
+                "rollout.order=top_prob (or margin, entropy), or rollout.order_temperature=0"
+            )
         if merge_steps > 1 or block_causal:
-            raise ConfigError("estimator.name=trajectory with a sampled order (rollout.order_temperature > 0) "
-                              "scores each step's order from the state before it: set estimator.merge_steps=1, "
-                              "and use a bidirectional model (block-causal packing scores several steps at once)")
+            raise ConfigError(
+                "estimator.name=trajectory with a sampled order (rollout.order_temperature > 0) "
+                "scores each step's order from the state before it: set estimator.merge_steps=1, "
+                "and use a bidirectional model (block-causal packing scores several steps at once)"
+            )
     if rule.replay == "tokens" and d.temperature > 0:
-        return [f"estimator.name=trajectory with rollout.order={d.order} and temperature > 0: positions are picked "
-                "by their sampled token, so the replayed likelihood is not the rollout's probability and its "
-                "gradient is not the policy gradient (estimators/trajectory.py); rollout.order=top_prob decodes "
-                "the same when greedy and keeps it exact"]
+        return [
+            f"estimator.name=trajectory with rollout.order={d.order} and temperature > 0: positions are picked "
+            "by their sampled token, so the replayed likelihood is not the rollout's probability and its "
+            "gradient is not the policy gradient (estimators/trajectory.py); rollout.order=top_prob decodes "
+            "the same when greedy and keeps it exact"
+        ]
     return []
 
 
@@ -104,8 +114,10 @@ def draw(batch, merge_steps: int, tr) -> Noise:
     """Views replaying the trace (deterministic: no randomness is drawn)."""
     trace = getattr(batch, "trace", None)
     if trace is None:
-        raise ConfigError("estimator.name=trajectory needs rollouts with a commit trace (the GRPO trainer's own "
-                          "rollouts); pick one_step, elbo or block_elbo for other data")
+        raise ConfigError(
+            "estimator.name=trajectory needs rollouts with a commit trace (the GRPO trainer's own "
+            "rollouts); pick one_step, elbo or block_elbo for other data"
+        )
     check(trace.decoding, merge_steps, tr)
     N, Lc = batch.completion_ids.shape
     block = trace.decoding.block_length if tr.attention == "block_causal" else None
@@ -121,7 +133,8 @@ def draw(batch, merge_steps: int, tr) -> Noise:
     for j in range(K):
         before = ev_local < j * m
         last = torch.full((N * Lc,), -1, dtype=torch.long).scatter_reduce(
-            0, key[before], order[before], reduce="amax")  # last event before the view, per position
+            0, key[before], order[before], reduce="amax"
+        )  # last event before the view, per position
         visible = torch.zeros(N * Lc, dtype=torch.bool)
         canvas = batch.completion_ids.cpu().reshape(-1).clone()
         hit = last >= 0
@@ -140,8 +153,10 @@ def estimate(model, batch, noise: Noise, tr, order_policy=None) -> Estimate:
     if d.order_temperature <= 0:
         return Estimate(score(model, batch, noise, tr, temperature))
     if ORDERS[d.order].replay == "learned" and order_policy is None:
-        raise ConfigError(f"estimator.name=trajectory with rollout.order={d.order} scores the order with the "
-                          "learned policy: pass order_policy= (the GRPO trainer does)")
+        raise ConfigError(
+            f"estimator.name=trajectory with rollout.order={d.order} scores the order with the "
+            "learned policy: pass order_policy= (the GRPO trainer does)"
+        )
     return Estimate(_score_with_order(model, batch, noise, tr, temperature, d, order_policy))
 
 
@@ -201,9 +216,12 @@ def _score_with_order(model, batch, noise: Noise, tr, temperature: float, d: Dec
             order_lp[r.to(device)] = (torch.lgamma(n - k + 1) - torch.lgamma(n + 1)).float().to(device)
         elif len(r):
             scores = out[1][r.to(device)] if scored_order else -pos.float().expand(len(r), Lc).to(device)
-            order_lp = order_lp.index_put((r.to(device),), plackett_luce_logprob(
-                scores / d.order_temperature, available[r].to(device), chosen[r].to(device),
-                valid[r].to(device)))
+            order_lp = order_lp.index_put(
+                (r.to(device),),
+                plackett_luce_logprob(
+                    scores / d.order_temperature, available[r].to(device), chosen[r].to(device), valid[r].to(device)
+                ),
+            )
         share = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
         total = total + order_lp[:, None] * share
     return total

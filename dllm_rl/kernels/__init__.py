@@ -36,12 +36,19 @@ def triton_installed() -> bool:
 
 def use_fast_path(t: torch.Tensor) -> bool:
     """The dispatch rule: a CUDA tensor, CUDA available, triton installed, and not disabled by env."""
-    return (t.is_cuda and torch.cuda.is_available() and triton_installed()
-            and os.environ.get("DLLM_RL_KERNELS", "1") != "0")
+    return (
+        t.is_cuda and torch.cuda.is_available() and triton_installed() and os.environ.get("DLLM_RL_KERNELS", "1") != "0"
+    )
 
 
-def choose_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0, mask_token_id: int | None = None) -> TokenChoice:
+def choose_tokens(
+    logits: torch.Tensor,
+    u: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    mask_token_id: int | None = None,
+) -> TokenChoice:
     """logits: [n, V]; u: [n] uniforms in (0, 1) -> TokenChoice. See kernels.sampling.choose_tokens."""
     if use_fast_path(logits):
         from .sampling_triton import choose_tokens_triton  # imports triton: only on the CUDA path
@@ -50,14 +57,26 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
     return choose_tokens_reference(logits, u, temperature, top_k, top_p, mask_token_id)
 
 
-def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          bias: torch.Tensor | None = None, mask_token_id: int | None = None,
-                          temperature: float = 1.0) -> torch.Tensor:
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask_token_id: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """log p(target) [n] from hidden [n, D] and the LM head weight [V, D] (+ bias [V]), with gradient."""
     if use_fast_path(hidden) and hidden.dtype == weight.dtype and liger_usable():
         return linear_token_logprobs_liger(hidden, weight, targets, bias, mask_token_id, temperature)
     return linear_token_logprobs_torch(hidden, weight, targets, bias, mask_token_id, temperature)
 
 
-__all__ = ["TokenChoice", "choose_tokens", "choose_tokens_reference", "linear_token_logprobs",
-           "linear_token_logprobs_liger", "linear_token_logprobs_torch", "use_fast_path"]
+__all__ = [
+    "TokenChoice",
+    "choose_tokens",
+    "choose_tokens_reference",
+    "linear_token_logprobs",
+    "linear_token_logprobs_liger",
+    "linear_token_logprobs_torch",
+    "use_fast_path",
+]

@@ -40,7 +40,7 @@ HF Llama-style models: the final norm is applied before it is returned), and log
 F.linear(hidden, weight, bias) / s for a constant s: pass temperature * s (LLaDA's `scale_logits` option has
 s = sqrt(d_model); softcapped heads do not fit). Under ZeRO-3 gather the head first
 (deepspeed.zero.GatheredParameters([head.weight])). Targets equal to [MASK] give -inf, as the reference does.
-tests/test_kernels.py checks this recipe against `view_logprobs` on the tiny model.
+tests/kernels/test_kernels.py checks this recipe against `view_logprobs` on the tiny model.
 """
 
 from __future__ import annotations
@@ -55,8 +55,14 @@ CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of positions (torch path);
 LIGER_MIN_VERSION = (0, 8, 2)  # first release whose reduction="none" weight gradient is per-token-correct
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask_token_id: int | None,
-                  temperature: float, acc: torch.dtype) -> torch.Tensor:
+def _chunk_logits(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask_token_id: int | None,
+    temperature: float,
+    acc: torch.dtype,
+) -> torch.Tensor:
     z = F.linear(h, weight, bias).to(acc)  # [c, V] matmul in the model's dtype, then upcast
     if temperature != 1.0:
         z.div_(temperature)  # a fresh tensor: in place is safe and saves a [c, V] copy
@@ -76,9 +82,9 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         out = torch.empty(n, device=hidden.device, dtype=acc)  # [n]
         lse = torch.empty(n, device=hidden.device, dtype=acc)  # [n] all that is kept for backward
         for a in range(0, n, rows):
-            z = _chunk_logits(hidden[a:a + rows], weight, bias, mask_token_id, temperature, acc)  # [c, V]
-            lse[a:a + rows] = z.logsumexp(-1)
-            out[a:a + rows] = z.gather(-1, targets[a:a + rows, None]).squeeze(-1) - lse[a:a + rows]
+            z = _chunk_logits(hidden[a : a + rows], weight, bias, mask_token_id, temperature, acc)  # [c, V]
+            lse[a : a + rows] = z.logsumexp(-1)
+            out[a : a + rows] = z.gather(-1, targets[a : a + rows, None]).squeeze(-1) - lse[a : a + rows]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.conf = (mask_token_id, temperature, rows, acc)
         return out
@@ -94,41 +100,58 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         gw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None  # [V, D]
         gb = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need_b else None  # [V]
         for a in range(0, hidden.shape[0], rows):
-            h = hidden[a:a + rows]  # [c, D]
-            g = grad[a:a + rows, None].to(acc) / temperature  # [c, 1]; 1/T: d(z/T)/dz
+            h = hidden[a : a + rows]  # [c, D]
+            g = grad[a : a + rows, None].to(acc) / temperature  # [c, 1]; 1/T: d(z/T)/dz
             z = _chunk_logits(h, weight, bias, mask_token_id, temperature, acc)  # [c, V]
-            dz = z.sub_(lse[a:a + rows, None]).exp_().mul_(-g)  # [c, V] -g * softmax, in place of z
-            dz.scatter_add_(-1, targets[a:a + rows, None], g)  # + g at the target: g * (onehot - p)
+            dz = z.sub_(lse[a : a + rows, None]).exp_().mul_(-g)  # [c, V] -g * softmax, in place of z
+            dz.scatter_add_(-1, targets[a : a + rows, None], g)  # + g at the target: g * (onehot - p)
             if mask_token_id is not None:
                 dz[:, mask_token_id] = 0.0  # the -inf logit is a constant, as in the reference's index_put
             if gb is not None:
                 gb += dz.sum(0)
             dz = dz.to(weight.dtype)  # matmuls in the model's dtype (what autograd does for the lm_head)
             if gh is not None:
-                gh[a:a + rows] = dz @ weight
+                gh[a : a + rows] = dz @ weight
             if gw is not None and gw.dtype == dz.dtype:
                 gw.addmm_(dz.t(), h)  # no [V, D] temporary
             elif gw is not None:
                 gw += (dz.t() @ h).to(acc)
-        return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
-                None, None, None, None)
+        return (
+            gh,
+            None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def rows_per_chunk(V: int, chunk_bytes: int | None = None) -> int:
     return max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * V))
 
 
-def linear_token_logprobs_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                bias: torch.Tensor | None = None, mask_token_id: int | None = None,
-                                temperature: float = 1.0) -> torch.Tensor:
+def linear_token_logprobs_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask_token_id: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """hidden [n, D], weight [V, D], targets [n] (long), bias [V] -> log p(target) [n] float32 (fp64 in)."""
     rows = rows_per_chunk(weight.shape[0])
     return ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, mask_token_id, float(temperature), rows)
 
 
-def linear_token_logprobs_liger(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                bias: torch.Tensor | None = None, mask_token_id: int | None = None,
-                                temperature: float = 1.0) -> torch.Tensor:
+def linear_token_logprobs_liger(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask_token_id: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Same contract through liger-kernel's fused linear cross-entropy (Triton; CUDA, or TRITON_INTERPRET=1).
 
     hidden and weight must share a dtype (liger's matmul); returns float32 [n].
@@ -143,7 +166,8 @@ def linear_token_logprobs_liger(hidden: torch.Tensor, weight: torch.Tensor, targ
             bias = torch.zeros(weight.shape[0], device=weight.device, dtype=hidden.dtype)  # [V]
         bias = bias.index_fill(0, torch.tensor([mask_token_id], device=bias.device), float("-inf"))
     loss = LigerFusedLinearCrossEntropyFunction.apply(
-        hidden.contiguous(), weight, targets.contiguous(), bias, None, -100, 0.0, 0.0, "none")[0]  # [n]
+        hidden.contiguous(), weight, targets.contiguous(), bias, None, -100, 0.0, 0.0, "none"
+    )[0]  # [n]
     return -loss
 
 

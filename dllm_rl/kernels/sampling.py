@@ -53,8 +53,9 @@ def filter_logits(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return z
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                      mask_token_id: int | None = None):
+def sampling_logprobs(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, mask_token_id: int | None = None
+):
     """Log-probabilities of the distribution a token is drawn from (the model's own at temperature 0)."""
     z = without_mask_token(logits.float(), mask_token_id)
     if temperature > 0:
@@ -62,8 +63,14 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0, 
     return z.log_softmax(-1)
 
 
-def choose_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0, mask_token_id: int | None = None) -> TokenChoice:
+def choose_tokens(
+    logits: torch.Tensor,
+    u: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    mask_token_id: int | None = None,
+) -> TokenChoice:
     """logits: [n, V]; u: [n] uniforms in (0, 1). Greedy when temperature == 0."""
     logits = without_mask_token(logits.float(), mask_token_id)
     logp = logits.log_softmax(-1)  # [n, V]

@@ -4,7 +4,8 @@ For n rows of logits [n, V] (the masked positions being decoded) it returns the 
 torch reference: the chosen token (greedy at temperature 0, else inverse-CDF sampling with one given uniform
 per row: the first token whose cumulative tempered probability reaches u * total), its log-prob under the
 sampling distribution (the model's own at T=0), its probability under the model (T=1, "confidence"), the
-top-1 probability, top-1 minus top-2 probability (margin) and logit (gap), and the entropy; the [MASK] id is never chosen.
+top-1 probability, top-1 minus top-2 probability (margin) and logit (gap), and the entropy; the [MASK] id is
+never chosen.
 
 Why hand-written: no library fuses sampling with these statistics. The reference materialises several [n, V]
 fp32 tensors (upcast, log-softmax, tempered log-softmax, CDF), which at LLaDA scale (V = 126k) dominates the
@@ -48,9 +49,24 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def _partials_kernel(x_ptr, stride_row, V, split_len, mask_id, inv_t,
-                     m_out, s_out, w_out, st_out, t1_out, t1i_out, t2_out,
-                     NS: tl.constexpr, BLOCK: tl.constexpr, SAMPLE: tl.constexpr):
+def _partials_kernel(
+    x_ptr,
+    stride_row,
+    V,
+    split_len,
+    mask_id,
+    inv_t,
+    m_out,
+    s_out,
+    w_out,
+    st_out,
+    t1_out,
+    t1i_out,
+    t2_out,
+    NS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SAMPLE: tl.constexpr,
+):
     row = tl.program_id(0)
     sp = tl.program_id(1)
     base = x_ptr + row.to(tl.int64) * stride_row
@@ -99,10 +115,32 @@ def _partials_kernel(x_ptr, stride_row, V, split_len, mask_id, inv_t,
 
 
 @triton.jit
-def _finish_kernel(x_ptr, stride_row, V, split_len, mask_id, inv_t, u_ptr,
-                   m_in, s_in, w_in, st_in, t1_in, t1i_in, t2_in,
-                   tok_out, lp_out, conf_out, top_out, margin_out, gap_out, ent_out,
-                   NS: tl.constexpr, BLOCK: tl.constexpr, SAMPLE: tl.constexpr):
+def _finish_kernel(
+    x_ptr,
+    stride_row,
+    V,
+    split_len,
+    mask_id,
+    inv_t,
+    u_ptr,
+    m_in,
+    s_in,
+    w_in,
+    st_in,
+    t1_in,
+    t1i_in,
+    t2_in,
+    tok_out,
+    lp_out,
+    conf_out,
+    top_out,
+    margin_out,
+    gap_out,
+    ent_out,
+    NS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SAMPLE: tl.constexpr,
+):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride_row
     neg_inf = float("-inf")
@@ -170,8 +208,9 @@ def _plan(V: int) -> tuple[int, int]:
     return block, min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(V, MAX_SPLIT_COLS)))
 
 
-def fused_choose_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperature: float,
-                        mask_token_id: int | None, block: int, splits: int) -> TokenChoice:
+def fused_choose_tokens(
+    logits: torch.Tensor, u: torch.Tensor | None, temperature: float, mask_token_id: int | None, block: int, splits: int
+) -> TokenChoice:
     """Launch the two kernels with an explicit plan (tests use it to cover several split counts).
 
     logits: [n, V] any float dtype, unit stride along V; u: [n] uniforms (unused when temperature == 0).
@@ -191,19 +230,61 @@ def fused_choose_tokens(logits: torch.Tensor, u: torch.Tensor | None, temperatur
     token = torch.empty(n, device=dev, dtype=torch.long)
     stats = [torch.empty(n, device=dev, dtype=torch.float32) for _ in range(6)]  # 6 x [n]
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
-        _partials_kernel[(n, splits)](logits, logits.stride(0), V, split_len, mask_id, inv_t,
-                                      m_p, s_p, w_p, st_p, t1_p, t1i_p, t2_p,
-                                      NS=splits, BLOCK=block, SAMPLE=sample, num_warps=4)
-        _finish_kernel[(n,)](logits, logits.stride(0), V, split_len, mask_id, inv_t, u32,
-                             m_p, s_p, w_p, st_p, t1_p, t1i_p, t2_p, token, *stats,
-                             NS=splits, BLOCK=block, SAMPLE=sample, num_warps=4)
+        _partials_kernel[(n, splits)](
+            logits,
+            logits.stride(0),
+            V,
+            split_len,
+            mask_id,
+            inv_t,
+            m_p,
+            s_p,
+            w_p,
+            st_p,
+            t1_p,
+            t1i_p,
+            t2_p,
+            NS=splits,
+            BLOCK=block,
+            SAMPLE=sample,
+            num_warps=4,
+        )
+        _finish_kernel[(n,)](
+            logits,
+            logits.stride(0),
+            V,
+            split_len,
+            mask_id,
+            inv_t,
+            u32,
+            m_p,
+            s_p,
+            w_p,
+            st_p,
+            t1_p,
+            t1i_p,
+            t2_p,
+            token,
+            *stats,
+            NS=splits,
+            BLOCK=block,
+            SAMPLE=sample,
+            num_warps=4,
+        )
     logprob, confidence, top_prob, margin, gap, entropy = stats
-    return TokenChoice(token=token, logprob=logprob, confidence=confidence, top_prob=top_prob, margin=margin, gap=gap,
-                       entropy=entropy)
+    return TokenChoice(
+        token=token, logprob=logprob, confidence=confidence, top_prob=top_prob, margin=margin, gap=gap, entropy=entropy
+    )
 
 
-def choose_tokens_triton(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int = 0,
-                         top_p: float = 1.0, mask_token_id: int | None = None) -> TokenChoice:
+def choose_tokens_triton(
+    logits: torch.Tensor,
+    u: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    mask_token_id: int | None = None,
+) -> TokenChoice:
     """Same signature and result as `kernels.sampling.choose_tokens` (logits [n, V], u [n]).
 
     Top-k / top-p filtering falls back to the torch reference (not fused).

@@ -22,5 +22,18 @@ for _config, _model in [(TinyMDMConfig, TinyMDM), (LLaDAConfig, LLaDAModelLM), (
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForMaskedLM.register(_config, _model, exist_ok=True)
 
-__all__ = ["DiffusionGemmaLM", "DreamConfig", "DreamModel", "HFDiffusionLM", "KVCache", "LLaDAConfig",
-           "LLaDAModelLM", "ModelTraits", "TinyMDM", "TinyMDMConfig", "build_char_tokenizer", "traits", "unwrap"]
+__all__ = [
+    "DiffusionGemmaLM",
+    "DreamConfig",
+    "DreamModel",
+    "HFDiffusionLM",
+    "KVCache",
+    "LLaDAConfig",
+    "LLaDAModelLM",
+    "ModelTraits",
+    "TinyMDM",
+    "TinyMDMConfig",
+    "build_char_tokenizer",
+    "traits",
+    "unwrap",
+]

@@ -51,7 +51,8 @@ def traits(model: nn.Module, tokenizer=None) -> ModelTraits:
         raise DllmRlError(
             f"{type(base).__name__} has no mask token: neither config.mask_token_id nor the tokenizer's "
             "mask_token is set; set config.mask_token_id (or tokenizer.mask_token) to the [MASK] id the "
-            "model was trained with")
+            "model was trained with"
+        )
     attention = getattr(cfg, "attention", "bidirectional")
     return ModelTraits(
         mask_token_id=int(mask_id),

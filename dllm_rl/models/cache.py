@@ -26,8 +26,16 @@ class KVCache:
         num_layers, batch_size, num_kv_heads, length, head_dim: storage shape.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         shape = (batch_size, num_kv_heads, length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -37,8 +45,9 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, kv_len: int,
-               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, kv_len: int, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [b, H, Lq, D] at canvas positions [start, start+Lq) and return keys/values over [0, kv_len).
 
         `rows` (b,) selects which cache rows the b query rows belong to (a subset of the batch that is

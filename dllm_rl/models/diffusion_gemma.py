@@ -72,8 +72,9 @@ _M32 = 0xFFFFFFFF
 
 def is_diffusion_gemma(model_or_config) -> bool:
     """Whether a model (or a config) is a DiffusionGemma."""
-    cfg = getattr(unwrap(model_or_config), "config", None) if isinstance(model_or_config, nn.Module) \
-        else model_or_config
+    cfg = (
+        getattr(unwrap(model_or_config), "config", None) if isinstance(model_or_config, nn.Module) else model_or_config
+    )
     return getattr(cfg, "model_type", None) == MODEL_TYPE
 
 
@@ -94,8 +95,13 @@ def model_class(model_dir: str, trust_remote_code: bool = False):
     return AutoModel
 
 
-def noise_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 query_positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def noise_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    query_positions: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
     """Deterministic uniform-noise tokens: [B, Q] ids in [0, vocab_size) for the positions `query_positions`.
 
     input_ids / attention_mask / position_ids: [B, L] (the row's content, sentinels included). The row key
@@ -122,20 +128,31 @@ class DiffusionGemmaLM(ProtocolWrapper):
         if not is_diffusion_gemma(base):
             raise DllmRlError(f"{type(base).__name__} is not a DiffusionGemma model; use models.load.wrap_if_needed")
         if type(base).__name__ != HEAD_CLASS:
-            raise DllmRlError(f"{type(base).__name__} has no LM head; load the checkpoint as {HEAD_CLASS} "
-                              "(models.load.load_model does)")
+            raise DllmRlError(
+                f"{type(base).__name__} has no LM head; load the checkpoint as {HEAD_CLASS} "
+                "(models.load.load_model does)"
+            )
         self.model = model
-        self.self_conditioning = lookup({k: k for k in SELF_CONDITIONING}, self_conditioning,
-                                        "DiffusionGemma self_conditioning")
+        self.self_conditioning = lookup(
+            {k: k for k in SELF_CONDITIONING}, self_conditioning, "DiffusionGemma self_conditioning"
+        )
         self.vocab_size = base.config.get_text_config().vocab_size
         self.canvas_length = int(base.config.canvas_length)
         base.config.mask_token_id = sentinel_id(base.config)  # what traits() reports to the engine
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache=None, cache_start: int = 0,
-                kv_len: int | None = None, cache_rows: torch.Tensor | None = None,
-                logits_range: tuple[int, int] | None = None, output_hidden_states: bool = False,
-                **kwargs) -> MaskedLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache=None,
+        cache_start: int = 0,
+        kv_len: int | None = None,
+        cache_rows: torch.Tensor | None = None,
+        logits_range: tuple[int, int] | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> MaskedLMOutput:
         """input_ids [B, L] = [prompt (left-padded) | completion with sentinels]; logits_range = (P, L).
         Returns logits [B, L - P, V + 1] (the sentinel column is -inf) and, when asked, hidden states [B, L, D]
         of the decoder (zeros at prompt positions, which the decoder does not compute)."""
@@ -149,50 +166,67 @@ class DiffusionGemmaLM(ProtocolWrapper):
         if self.self_conditioning == "two_pass":
             first = out.logits.detach()
             inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
-            out = self.model(**inputs, past_key_values=out.past_key_values, self_conditioning_logits=first,
-                             output_hidden_states=output_hidden_states, **kwargs)
-        logits = out.logits[:, :L - P]  # [B, Lc, V]: the padding positions of the canvas are dropped
+            out = self.model(
+                **inputs,
+                past_key_values=out.past_key_values,
+                self_conditioning_logits=first,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
+        logits = out.logits[:, : L - P]  # [B, Lc, V]: the padding positions of the canvas are dropped
         sentinel = torch.full((*logits.shape[:2], 1), float("-inf"), dtype=logits.dtype, device=logits.device)
         hidden = None
         if output_hidden_states:
-            hidden = tuple(torch.cat([h.new_zeros(B, P, h.shape[-1]), h[:, :L - P]], 1) for h in out.hidden_states)
+            hidden = tuple(torch.cat([h.new_zeros(B, P, h.shape[-1]), h[:, : L - P]], 1) for h in out.hidden_states)
         return MaskedLMOutput(logits=torch.cat([logits, sentinel], -1), hidden_states=hidden)
 
-    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                     prompt_len: int) -> dict:
+    def model_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, prompt_len: int
+    ) -> dict:
         """The transformers forward's keyword arguments for [prompt | completion]: encoder ids, mask and positions,
         the decoder canvas (sentinels and the padding up to canvas_length replaced by noise), its mask and
         positions. All [B, *] tensors on the input's device."""
         B, L = input_ids.shape
         P, C, sentinel = prompt_len, self.canvas_length, self.config.mask_token_id
         extra = C - (L - P)
-        canvas_pos = position_ids[:, P:P + 1] + torch.arange(C, device=input_ids.device)  # [B, C]
+        canvas_pos = position_ids[:, P : P + 1] + torch.arange(C, device=input_ids.device)  # [B, C]
         all_pos = torch.cat([position_ids[:, :P], canvas_pos], 1)  # [B, P + C]
         noise = noise_tokens(input_ids, attention_mask, position_ids, all_pos, self.vocab_size)  # [B, P + C]
         ids = torch.cat([input_ids, input_ids.new_full((B, extra), sentinel)], 1)  # [B, P + C]
         ids = torch.where(ids == sentinel, noise, ids)
         enc_mask = attention_mask[:, :P]
-        return {"input_ids": ids[:, :P], "attention_mask": enc_mask, "position_ids": position_ids[:, :P],
-                "decoder_input_ids": ids[:, P:],
-                "decoder_attention_mask": torch.cat([enc_mask, enc_mask.new_ones(B, C)], 1),
-                "decoder_position_ids": canvas_pos}
+        return {
+            "input_ids": ids[:, :P],
+            "attention_mask": enc_mask,
+            "position_ids": position_ids[:, :P],
+            "decoder_input_ids": ids[:, P:],
+            "decoder_attention_mask": torch.cat([enc_mask, enc_mask.new_ones(B, C)], 1),
+            "decoder_position_ids": canvas_pos,
+        }
 
     def _check_call(self, L, kv_cache, cache_start, kv_len, cache_rows, logits_range) -> None:
         name = type(unwrap(self.model)).__name__
         if kv_cache is not None or cache_start or cache_rows is not None or (kv_len is not None and kv_len != L):
-            raise DllmRlError(f"{name} runs through its own forward and has no KV cache for the engine; set "
-                              "rollout.cache=none")
+            raise DllmRlError(
+                f"{name} runs through its own forward and has no KV cache for the engine; set rollout.cache=none"
+            )
         if logits_range is None or logits_range[0] <= 0:
-            raise DllmRlError(f"{name} gives logits for its decoder canvas only, not for prompt positions; call it "
-                              "with logits_range=(prompt length, input length)")
+            raise DllmRlError(
+                f"{name} gives logits for its decoder canvas only, not for prompt positions; call it "
+                "with logits_range=(prompt length, input length)"
+            )
         if logits_range[1] != L:
-            raise DllmRlError(f"{name} decodes the whole completion as one canvas, but logits were asked for "
-                              f"positions {tuple(logits_range)} of {L} (a semi-autoregressive block); set "
-                              "rollout.block_length to rollout.max_completion_length (or leave it empty)")
+            raise DllmRlError(
+                f"{name} decodes the whole completion as one canvas, but logits were asked for "
+                f"positions {tuple(logits_range)} of {L} (a semi-autoregressive block); set "
+                "rollout.block_length to rollout.max_completion_length (or leave it empty)"
+            )
         if L - logits_range[0] > self.canvas_length:
-            raise DllmRlError(f"a completion of {L - logits_range[0]} tokens does not fit {name}'s canvas of "
-                              f"{self.canvas_length}; set rollout.max_completion_length <= {self.canvas_length} "
-                              "(several canvases are not supported)")
+            raise DllmRlError(
+                f"a completion of {L - logits_range[0]} tokens does not fit {name}'s canvas of "
+                f"{self.canvas_length}; set rollout.max_completion_length <= {self.canvas_length} "
+                "(several canvases are not supported)"
+            )
 
     def _padding_mask(self, mask, B, L, device) -> torch.Tensor:
         if mask is None:
@@ -201,7 +235,9 @@ class DiffusionGemmaLM(ProtocolWrapper):
             try:
                 return padding_from_mask(mask.bool())
             except DllmRlError:
-                raise DllmRlError("DiffusionGemma's decoder attends bidirectionally over the prompt and its canvas; "
-                                  "a block-causal or two-stream mask cannot be expressed. Keep the model "
-                                  "bidirectional (no config.attention / block_size)") from None
+                raise DllmRlError(
+                    "DiffusionGemma's decoder attends bidirectionally over the prompt and its canvas; "
+                    "a block-causal or two-stream mask cannot be expressed. Keep the model "
+                    "bidirectional (no config.attention / block_size)"
+                ) from None
         return mask.long()

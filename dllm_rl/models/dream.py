@@ -77,12 +77,16 @@ class DreamConfig(PreTrainedConfig):
         # RoPE is implemented here, so it is checked and dropped rather than stored.
         rope_scaling = kwargs.pop("rope_scaling", None)
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
-            raise ValueError("dllm_rl's native Dream (registered for model_type 'Dream') implements the default "
-                             f"RoPE only, got rope_scaling={rope_scaling}")
+            raise ValueError(
+                "dllm_rl's native Dream (registered for model_type 'Dream') implements the default "
+                f"RoPE only, got rope_scaling={rope_scaling}"
+            )
         if self.use_sliding_window or self.hidden_act != "silu":
-            raise ValueError("dllm_rl's native Dream (registered for model_type 'Dream') implements full "
-                             f"attention and SiLU gating only, got use_sliding_window={self.use_sliding_window}, "
-                             f"hidden_act={self.hidden_act!r}")
+            raise ValueError(
+                "dllm_rl's native Dream (registered for model_type 'Dream') implements full "
+                f"attention and SiLU gating only, got use_sliding_window={self.use_sliding_window}, "
+                f"hidden_act={self.hidden_act!r}"
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         check_attention(self)
@@ -100,8 +104,21 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * head_dim, c.hidden_size, bias=False)
 
     def forward(self, x, rope, mask, cache, cache_start, kv_len, cache_rows):
-        h = attend(x, self.q_proj, self.k_proj, self.v_proj, self.heads, self.kv_heads, rope, mask, self.layer,
-                   cache, cache_start, kv_len, cache_rows)
+        h = attend(
+            x,
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.heads,
+            self.kv_heads,
+            rope,
+            mask,
+            self.layer,
+            cache,
+            cache_start,
+            kv_len,
+            cache_rows,
+        )
         return self.o_proj(h)
 
 

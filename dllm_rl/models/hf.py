@@ -44,9 +44,11 @@ def padding_from_mask(mask: torch.Tensor) -> torch.Tensor:
     keys = m.gather(1, m.sum(-1).argmax(-1)[:, None, None].expand(-1, 1, m.shape[2]))[:, 0]  # [B, L]
     ok = (m == keys[:, None, :]).all(-1) | ~keys  # [B, L]: every real query row equals the key set
     if not bool(ok.all()):
-        raise DllmRlError("this model runs through its own forward and takes only a key-padding attention mask; "
-                          "the engine passed a block-causal (or two-stream) mask it cannot express. Use a "
-                          "bidirectional setup, or a native dllm_rl model for block-causal attention")
+        raise DllmRlError(
+            "this model runs through its own forward and takes only a key-padding attention mask; "
+            "the engine passed a block-causal (or two-stream) mask it cannot express. Use a "
+            "bidirectional setup, or a native dllm_rl model for block-causal attention"
+        )
     return keys.long()
 
 
@@ -101,36 +103,60 @@ class HFDiffusionLM(ProtocolWrapper):
     def __init__(self, model: nn.Module, mask: str = "padding"):
         super().__init__()
         if getattr(unwrap(model).config, "canvas_length", None) is not None:
-            raise DllmRlError(f"{type(unwrap(model)).__name__} is an encoder-decoder block-diffusion model (prompt "
-                              "encoder + uniform-noise canvas decoder); its plain forward does not fit the engine. "
-                              "DiffusionGemma has an adapter: models.diffusion_gemma.DiffusionGemmaLM "
-                              "(wrap_if_needed / load_model choose it)")
+            raise DllmRlError(
+                f"{type(unwrap(model)).__name__} is an encoder-decoder block-diffusion model (prompt "
+                "encoder + uniform-noise canvas decoder); its plain forward does not fit the engine. "
+                "DiffusionGemma has an adapter: models.diffusion_gemma.DiffusionGemmaLM "
+                "(wrap_if_needed / load_model choose it)"
+            )
         self.model = model
         self._convert = lookup(MASK_FORMATS, mask, "HFDiffusionLM mask format")
         params = inspect.signature(unwrap(model).forward).parameters
         self._takes_positions = "position_ids" in params or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache=None, cache_start: int = 0,
-                kv_len: int | None = None, cache_rows: torch.Tensor | None = None,
-                logits_range: tuple[int, int] | None = None, output_hidden_states: bool = False,
-                **kwargs) -> MaskedLMOutput:
-        if kv_cache is not None or cache_start or cache_rows is not None or (
-                kv_len is not None and kv_len != input_ids.shape[1]):
-            raise DllmRlError(f"{type(unwrap(self.model)).__name__} runs through its own forward and has no KV "
-                              "cache; set rollout.cache=none (or load a native dllm_rl model)")
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache=None,
+        cache_start: int = 0,
+        kv_len: int | None = None,
+        cache_rows: torch.Tensor | None = None,
+        logits_range: tuple[int, int] | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        if (
+            kv_cache is not None
+            or cache_start
+            or cache_rows is not None
+            or (kv_len is not None and kv_len != input_ids.shape[1])
+        ):
+            raise DllmRlError(
+                f"{type(unwrap(self.model)).__name__} runs through its own forward and has no KV "
+                "cache; set rollout.cache=none (or load a native dllm_rl model)"
+            )
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = self._convert(attention_mask.bool(), next(self.model.parameters()).dtype)
         extra = {"position_ids": position_ids} if self._takes_positions and position_ids is not None else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         output_hidden_states=output_hidden_states, **extra, **kwargs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            **extra,
+            **kwargs,
+        )
         logits = out.logits if hasattr(out, "logits") else out[0]  # [B, L, V]
         if logits.shape[:2] != input_ids.shape:
-            raise DllmRlError(f"{type(unwrap(self.model)).__name__} returned logits of shape {tuple(logits.shape)} "
-                              f"for input_ids {tuple(input_ids.shape)}; the protocol needs one distribution per "
-                              "input position (a mask predictor)")
+            raise DllmRlError(
+                f"{type(unwrap(self.model)).__name__} returned logits of shape {tuple(logits.shape)} "
+                f"for input_ids {tuple(input_ids.shape)}; the protocol needs one distribution per "
+                "input position (a mask predictor)"
+            )
         if logits_range is not None:
-            logits = logits[:, logits_range[0]:logits_range[1]]
+            logits = logits[:, logits_range[0] : logits_range[1]]
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
         return MaskedLMOutput(logits=logits, hidden_states=hidden)

@@ -27,7 +27,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponent)  # [D/2]
+        inv_freq = 1.0 / (self.theta**exponent)  # [D/2]
         freqs = position_ids[..., None].float() * inv_freq  # [B, L, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [B, L, D]
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, L, D]
@@ -45,9 +45,17 @@ def expand_mask(attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor
     return attention_mask.bool()[:, None, None, :]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, layer: int,
-              cache: KVCache | None, cache_start: int, kv_len: int | None,
-              cache_rows: torch.Tensor | None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    layer: int,
+    cache: KVCache | None,
+    cache_start: int,
+    kv_len: int | None,
+    cache_rows: torch.Tensor | None,
+) -> torch.Tensor:
     """Scaled dot-product attention with an optional in-place diffusion cache.
 
     q: [B, H, Lq, D]; k, v: [B, H_kv, Lq, D]; mask: bool [B, 1, Lq, Lk] or None (all keys). With a cache the

@@ -45,8 +45,12 @@ class LLaDAConfig(PreTrainedConfig):
 
     model_type = "llada"
     attribute_map: ClassVar[dict[str, str]] = {
-        "hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers",
-        "max_position_embeddings": "max_sequence_length", "intermediate_size": "mlp_hidden_size"}
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "num_hidden_layers": "n_layers",
+        "max_position_embeddings": "max_sequence_length",
+        "intermediate_size": "mlp_hidden_size",
+    }
 
     d_model: int = 4096
     n_heads: int = 32
@@ -95,17 +99,29 @@ class LLaDAConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         check_attention(self)
-        unsupported = [f"{key}={getattr(self, key)!r} (supported: {ok!r})" for key, ok in _SUPPORTED.items()
-                       if getattr(self, key) != ok]
+        unsupported = [
+            f"{key}={getattr(self, key)!r} (supported: {ok!r})"
+            for key, ok in _SUPPORTED.items()
+            if getattr(self, key) != ok
+        ]
         if unsupported:
-            raise ValueError("dllm_rl's native LLaDA (registered for model_type 'llada') implements the released "
-                             f"LLaDA-8B configuration only; unsupported: {', '.join(unsupported)}")
+            raise ValueError(
+                "dllm_rl's native LLaDA (registered for model_type 'llada') implements the released "
+                f"LLaDA-8B configuration only; unsupported: {', '.join(unsupported)}"
+            )
         super().__post_init__(**kwargs)
 
 
-_SUPPORTED = {"block_type": "llama", "rope": True, "alibi": False, "layer_norm_type": "rms",
-              "activation_type": "silu", "attention_layer_norm": False, "block_group_size": 1,
-              "layer_norm_with_affine": True}
+_SUPPORTED = {
+    "block_type": "llama",
+    "rope": True,
+    "alibi": False,
+    "layer_norm_type": "rms",
+    "activation_type": "silu",
+    "attention_layer_norm": False,
+    "block_group_size": 1,
+    "layer_norm_with_affine": True,
+}
 
 
 def kv_heads(c: LLaDAConfig) -> int:
@@ -140,8 +156,21 @@ class LLaDABlock(GradientCheckpointingLayer):
         self.ff_out = nn.Linear(ff, c.d_model, bias=c.include_bias)
 
     def forward(self, x, rope, mask, cache=None, cache_start=0, kv_len=None, cache_rows=None):
-        h = attend(self.attn_norm(x), self.q_proj, self.k_proj, self.v_proj, self.heads, self.kv_heads, rope,
-                   mask, self.layer, cache, cache_start, kv_len, cache_rows)
+        h = attend(
+            self.attn_norm(x),
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.heads,
+            self.kv_heads,
+            rope,
+            mask,
+            self.layer,
+            cache,
+            cache_start,
+            kv_len,
+            cache_rows,
+        )
         x = x + self.attn_out(h)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -153,11 +182,13 @@ class LLaDABackbone(nn.Module):
     def __init__(self, c: LLaDAConfig):
         super().__init__()
         vocab = c.embedding_size or c.vocab_size
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(vocab, c.d_model),
-            "blocks": nn.ModuleList([LLaDABlock(c, i) for i in range(c.n_layers)]),
-            "ln_f": _norm(c),
-        })
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(vocab, c.d_model),
+                "blocks": nn.ModuleList([LLaDABlock(c, i) for i in range(c.n_layers)]),
+                "ln_f": _norm(c),
+            }
+        )
         if not c.weight_tying:
             self.transformer["ff_out"] = nn.Linear(c.d_model, vocab, bias=c.include_bias)
 

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
 from ..errors import DllmRlError
@@ -29,11 +30,19 @@ def build_tiny(cfg: ModelConfig, tokenizer, seed: int = 0) -> TinyMDM:
     """A freshly initialised tiny MDM; the initialisation is drawn from `seed` (global RNG left untouched)."""
     t = cfg.tiny
     config = TinyMDMConfig(
-        vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-        max_position_embeddings=t.max_position_embeddings, attention=t.attention, block_size=t.block_size,
-        mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        attention=t.attention,
+        block_size=t.block_size,
+        mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TinyMDM(config)
@@ -47,8 +56,10 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_dir(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise DllmRlError(f"could not load a tokenizer from {path!r} ({str(e).splitlines()[0][:160]}); set "
-                          f"model.tokenizer to a directory with tokenizer files") from None
+        raise DllmRlError(
+            f"could not load a tokenizer from {path!r} ({str(e).splitlines()[0][:160]}); set "
+            f"model.tokenizer to a directory with tokenizer files"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -74,9 +85,11 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
         try:
             model = model_class(model_dir, cfg.trust_remote_code).from_pretrained(model_dir, **kwargs)
         except (OSError, ValueError) as e:
-            raise DllmRlError(f"could not load a model from {model_dir!r} ({str(e).splitlines()[0][:200]}); "
-                              f"check model.path, or set model.trust_remote_code=true for remote-code "
-                              f"models") from None
+            raise DllmRlError(
+                f"could not load a model from {model_dir!r} ({str(e).splitlines()[0][:200]}); "
+                f"check model.path, or set model.trust_remote_code=true for remote-code "
+                f"models"
+            ) from None
     model.to(DTYPES[cfg.dtype])
     if is_diffusion_gemma(model):  # uniform noise, no [MASK]: the adapter's sentinel stands for undecided tokens
         model.config.mask_token_id = sentinel_id(model.config)
@@ -94,8 +107,12 @@ def apply_lora(model, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora.target_modules
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets[0] if targets == ["all-linear"] else targets)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+    )
     return get_peft_model(model, lora)
 
 
@@ -118,8 +135,12 @@ def _four_bit():
         raise DllmRlError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set model.load_in_4bit=false")
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def wrap_if_needed(model: nn.Module) -> nn.Module:
@@ -129,6 +150,9 @@ def wrap_if_needed(model: nn.Module) -> nn.Module:
         return model
     if is_diffusion_gemma(model):
         return DiffusionGemmaLM(model)
-    log.warning("%s has no native dllm_rl implementation: running it through its own forward (no KV cache, no "
-                "block-causal packing, full logits computed then sliced)", type(unwrap(model)).__name__)
+    log.warning(
+        "%s has no native dllm_rl implementation: running it through its own forward (no KV cache, no "
+        "block-causal packing, full logits computed then sliced)",
+        type(unwrap(model)).__name__,
+    )
     return HFDiffusionLM(model)

@@ -56,9 +56,21 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def attend(x: torch.Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, heads: int, kv_heads: int,
-           rope: tuple[torch.Tensor, torch.Tensor], mask, layer: int, cache: KVCache | None, cache_start: int,
-           kv_len: int | None, cache_rows: torch.Tensor | None) -> torch.Tensor:
+def attend(
+    x: torch.Tensor,
+    q_proj: nn.Module,
+    k_proj: nn.Module,
+    v_proj: nn.Module,
+    heads: int,
+    kv_heads: int,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask,
+    layer: int,
+    cache: KVCache | None,
+    cache_start: int,
+    kv_len: int | None,
+    cache_rows: torch.Tensor | None,
+) -> torch.Tensor:
     """Self-attention before the output projection: x [B, L, D_model] -> [B, L, H * D].
 
     RoPE is applied in the dtype of `rope` (float32 for LLaDA's `rope_full_precision`, the activation dtype for
@@ -75,16 +87,19 @@ def attend(x: torch.Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Mod
     return out.transpose(1, 2).reshape(B, L, -1)
 
 
-def default_mask(config, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, q_len: int,
-                 cached: bool) -> torch.Tensor | None:
+def default_mask(
+    config, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, q_len: int, cached: bool
+) -> torch.Tensor | None:
     """The mask of a call without an explicit 4-D mask: key padding, plus blocks of `block_size` positions
     (SDAR's convention) when the model is block-causal."""
     mask = expand_mask(attention_mask, q_len)  # 2-D padding mask -> [B, 1, 1, Lk]
     if config.attention != "block_causal" or (attention_mask is not None and attention_mask.dim() == 4):
         return mask
     if cached:
-        raise DllmRlError("a block-causal forward with a KV cache needs an explicit 4-D attention mask "
-                          "(models.masks.mask_from_block_ids); pass attention_mask=[B, 1, Lq, Lk]")
+        raise DllmRlError(
+            "a block-causal forward with a KV cache needs an explicit 4-D attention mask "
+            "(models.masks.mask_from_block_ids); pass attention_mask=[B, 1, Lq, Lk]"
+        )
     blocks = position_ids // config.block_size  # [B, L]
     causal = (blocks[:, None, :] <= blocks[:, :, None])[:, None]  # [B, 1, L, L]
     return causal if mask is None else causal & mask
@@ -124,11 +139,19 @@ class NativeDiffusionLM(PreTrainedModel):
         p = self.get_input_embeddings().weight
         return KVCache(layers, batch_size, kv_heads, length, head_dim, p.dtype, p.device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                cache_start: int = 0, kv_len: int | None = None, cache_rows: torch.Tensor | None = None,
-                logits_range: tuple[int, int] | None = None, output_hidden_states: bool = False,
-                **kwargs) -> MaskedLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+        kv_len: int | None = None,
+        cache_rows: torch.Tensor | None = None,
+        logits_range: tuple[int, int] | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> MaskedLMOutput:
         """Args:
             input_ids: [B, Lq] tokens (masked positions hold `config.mask_token_id`).
             attention_mask: [B, Lk] 1 = attend, or bool [B, 1, Lq, Lk] (models.masks), or None.
@@ -153,6 +176,6 @@ class NativeDiffusionLM(PreTrainedModel):
         if output_hidden_states:
             hidden[-1] = x
         if logits_range is not None:
-            x = x[:, logits_range[0]:logits_range[1]]
+            x = x[:, logits_range[0] : logits_range[1]]
         logits = self._head(x)  # [B, L, V]
         return MaskedLMOutput(logits=logits, hidden_states=tuple(hidden) if hidden else None)

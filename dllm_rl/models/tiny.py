@@ -62,8 +62,21 @@ class TinyAttention(nn.Module):
         self.o_proj = nn.Linear(self.h * d, config.hidden_size, bias=False)
 
     def forward(self, x, rope, mask, cache, cache_start, kv_len, cache_rows):
-        h = attend(x, self.q_proj, self.k_proj, self.v_proj, self.h, self.h_kv, rope, mask, self.layer, cache,
-                   cache_start, kv_len, cache_rows)
+        h = attend(
+            x,
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.h,
+            self.h_kv,
+            rope,
+            mask,
+            self.layer,
+            cache,
+            cache_start,
+            kv_len,
+            cache_rows,
+        )
         return self.o_proj(h)
 
 

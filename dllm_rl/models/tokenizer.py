@@ -38,8 +38,11 @@ def build_char_tokenizer(charset: str = CHARSET) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, **SPECIAL_TOKENS, additional_special_tokens=ROLE_TOKENS,
-        model_max_length=4096, padding_side="left",
+        tokenizer_object=backend,
+        **SPECIAL_TOKENS,
+        additional_special_tokens=ROLE_TOKENS,
+        model_max_length=4096,
+        padding_side="left",
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok

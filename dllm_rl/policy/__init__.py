@@ -5,5 +5,15 @@ from .order_head import OrderHead, OrderHeadConfig, order_head_for
 from .orders import ORDERS, Order, OrderInputs, model_order_scores
 from .plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
 
-__all__ = ["ORDERS", "Order", "OrderHead", "OrderHeadConfig", "OrderInputs", "gumbel_topk", "model_order_scores",
-           "order_head_for", "plackett_luce_logprob", "topk_positions"]
+__all__ = [
+    "ORDERS",
+    "Order",
+    "OrderHead",
+    "OrderHeadConfig",
+    "OrderInputs",
+    "gumbel_topk",
+    "model_order_scores",
+    "order_head_for",
+    "plackett_luce_logprob",
+    "topk_positions",
+]

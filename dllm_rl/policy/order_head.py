@@ -53,14 +53,14 @@ class OrderHead(nn.Module):
         if cfg.base not in ("top_prob", "none"):
             raise ConfigError(f"order_policy.base: {cfg.base!r} is not one of ['top_prob', 'none']")
         if cfg.width % cfg.heads:
-            raise ConfigError(f"order_policy.width ({cfg.width}) must be divisible by order_policy.heads "
-                              f"({cfg.heads})")
+            raise ConfigError(f"order_policy.width ({cfg.width}) must be divisible by order_policy.heads ({cfg.heads})")
         self.cfg = cfg
         w = cfg.width
         self.hidden_in = nn.Sequential(nn.LayerNorm(cfg.hidden_size), nn.Linear(cfg.hidden_size, w))
         self.stats_in = nn.Linear(4, w)
-        self.mix = nn.TransformerEncoderLayer(w, cfg.heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True,
-                                              norm_first=True)
+        self.mix = nn.TransformerEncoderLayer(
+            w, cfg.heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.out = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
@@ -89,9 +89,11 @@ class OrderHead(nn.Module):
     def load(cls, directory: str | Path, map_location="cpu") -> OrderHead:
         path = Path(directory) / FILE
         if not path.is_file():
-            raise ConfigError(f"rollout.order=policy needs a trained order policy, and {path} does not exist: "
-                              f"evaluate a checkpoint written by a GRPO run with rollout.order=policy, or pick "
-                              f"another rollout.order")
+            raise ConfigError(
+                f"rollout.order=policy needs a trained order policy, and {path} does not exist: "
+                f"evaluate a checkpoint written by a GRPO run with rollout.order=policy, or pick "
+                f"another rollout.order"
+            )
         blob = torch.load(path, map_location=map_location, weights_only=True)
         head = cls(OrderHeadConfig(**blob["config"]))
         head.load_state_dict(blob["state_dict"])
@@ -130,6 +132,9 @@ def stats_from_logits(logits: torch.Tensor, masked: torch.Tensor, mask_token_id:
         top = logp.topk(2, dim=-1).values.exp()
         entropy = torch.special.entr(logp.exp()).sum(-1)
     zero = torch.zeros_like(entropy)
-    return SimpleNamespace(masked=masked, top_prob=torch.where(masked, top[..., 0], zero),
-                           margin=torch.where(masked, top[..., 0] - top[..., 1], zero),
-                           entropy=torch.where(masked, entropy, zero))
+    return SimpleNamespace(
+        masked=masked,
+        top_prob=torch.where(masked, top[..., 0], zero),
+        margin=torch.where(masked, top[..., 0] - top[..., 1], zero),
+        entropy=torch.where(masked, entropy, zero),
+    )

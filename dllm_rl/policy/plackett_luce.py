@@ -38,8 +38,9 @@ def topk_positions(scores: torch.Tensor, available: torch.Tensor, k: torch.Tenso
     return chosen, valid
 
 
-def plackett_luce_logprob(scores: torch.Tensor, available: torch.Tensor, chosen: torch.Tensor,
-                          valid: torch.Tensor) -> torch.Tensor:
+def plackett_luce_logprob(
+    scores: torch.Tensor, available: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """log P(chosen order) under Plackett-Luce with logits `scores` over `available` positions. [n].
 
     Differentiable in `scores` (the learned policy trains through it).

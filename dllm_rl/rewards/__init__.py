@@ -20,8 +20,7 @@ recipe's `kwargs` (e.g. `{name: code, kwargs: {binary: true, timeout: 5}}`).
 
 from .code import code_reward
 from .countdown import countdown_reward
-from .format import (code_format_reward, soft_format_reward, strict_format_reward, think_format_reward,
-                     xml_count_reward)
+from .format import code_format_reward, soft_format_reward, strict_format_reward, think_format_reward, xml_count_reward
 from .math import math_reward
 from .sudoku import sudoku_cells_reward, sudoku_reward
 
@@ -38,6 +37,16 @@ REWARDS = {
     "format_think": think_format_reward,
 }
 
-__all__ = ["REWARDS", "code_format_reward", "code_reward", "countdown_reward", "math_reward",
-           "soft_format_reward", "strict_format_reward", "sudoku_cells_reward", "sudoku_reward", "think_format_reward",
-           "xml_count_reward"]
+__all__ = [
+    "REWARDS",
+    "code_format_reward",
+    "code_reward",
+    "countdown_reward",
+    "math_reward",
+    "soft_format_reward",
+    "strict_format_reward",
+    "sudoku_cells_reward",
+    "sudoku_reward",
+    "think_format_reward",
+    "xml_count_reward",
+]

@@ -32,10 +32,27 @@ import sys
 import types
 
 _MB = 1 << 20
-_SPAWN_EVENTS = ("os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system",
-                 "subprocess.Popen", "os.kill", "os.killpg")
-_NET_EVENTS = ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-               "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo")
+_SPAWN_EVENTS = (
+    "os.fork",
+    "os.forkpty",
+    "os.posix_spawn",
+    "os.exec",
+    "os.spawn",
+    "os.system",
+    "subprocess.Popen",
+    "os.kill",
+    "os.killpg",
+)
+_NET_EVENTS = (
+    "socket.connect",
+    "socket.bind",
+    "socket.sendto",
+    "socket.sendmsg",
+    "socket.getaddrinfo",
+    "socket.gethostbyname",
+    "socket.gethostbyaddr",
+    "socket.getnameinfo",
+)
 
 
 class _TestTimeout(BaseException):
@@ -44,8 +61,11 @@ class _TestTimeout(BaseException):
 
 def _set_limits(spec: dict) -> None:
     cpu = int(math.ceil(spec["cpu_seconds"]))
-    limits = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_CORE, 0, 0),
-              (resource.RLIMIT_FSIZE, spec["fsize_mb"] * _MB, spec["fsize_mb"] * _MB)]
+    limits = [
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_FSIZE, spec["fsize_mb"] * _MB, spec["fsize_mb"] * _MB),
+    ]
     if spec["memory_mb"]:
         limits.append((resource.RLIMIT_AS, spec["memory_mb"] * _MB, spec["memory_mb"] * _MB))
     for which, soft, hard in limits:
@@ -117,8 +137,10 @@ def _same(a, b) -> bool:
 
 def _output_matches(got: str, expected: str) -> bool:
     """Lines compared with surrounding whitespace and blank trailing lines ignored, else token by token."""
+
     def lines(s):
         return [ln.strip() for ln in s.strip().splitlines()]
+
     return lines(got) == lines(expected) or got.split() == expected.split()
 
 
@@ -173,10 +195,12 @@ def _run_call(run: _Runner, compiled, fn_name: str, cases: list) -> None:
         except Exception:  # noqa: BLE001
             fn = None
     for i, (args, expected) in enumerate(cases):
+
         def check(args=args, expected=expected):  # compared under the alarm too: __eq__ is the program's code
             got = fn(*args)
             if not (_same(got, expected) or _same([got], expected)):
                 raise AssertionError
+
         run.report(i, fn is not None and run.guarded(check))
 
 

@@ -77,8 +77,16 @@ HARNESS = str(Path(__file__).with_name("_code_harness.py"))
 TEST_COLUMNS = ("verification_info", "test_cases", "input_output", "test_list", "tests", "test")
 _PY_TAGS = ("python", "python3", "py", "")
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
-_PROXY_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-               "FTP_PROXY", "ALL_PROXY")
+_PROXY_VARS = (
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "FTP_PROXY",
+    "ALL_PROXY",
+)
 
 
 def extract_code(text: str) -> str:
@@ -109,19 +117,29 @@ def _io_cases(inputs, outputs, fn_name: str | None) -> dict:
     if len(inputs) != len(outputs):
         raise ValueError(f"{len(inputs)} test inputs but {len(outputs)} outputs")
     if fn_name:
-        return {"kind": "call", "fn_name": fn_name,
-                "cases": [[i if isinstance(i, list) else [i], o] for i, o in zip(inputs, outputs)]}
+        return {
+            "kind": "call",
+            "fn_name": fn_name,
+            "cases": [[i if isinstance(i, list) else [i], o] for i, o in zip(inputs, outputs)],
+        }
     return {"kind": "stdio", "cases": [[_text(i), _text(o)] for i, o in zip(inputs, outputs)]}
 
 
 def _module_tests(test_code: str, entry_point: str | None) -> dict:
     tree = ast.parse(test_code)  # the parent counts the tests, so a child that stops reporting fails them
-    funcs = list(dict.fromkeys(s.name for s in tree.body if isinstance(s, ast.FunctionDef)
-                               and s.name.startswith("test")))
+    funcs = list(
+        dict.fromkeys(s.name for s in tree.body if isinstance(s, ast.FunctionDef) and s.name.startswith("test"))
+    )
     check = bool(entry_point) and any(isinstance(s, ast.FunctionDef) and s.name == "check" for s in tree.body)
     n = sum(isinstance(s, ast.Assert) for s in tree.body) + len(funcs) + check
-    return {"kind": "module", "test_code": test_code, "entry_point": entry_point, "test_functions": funcs,
-            "check": check, "n": max(n, 1)}
+    return {
+        "kind": "module",
+        "test_code": test_code,
+        "entry_point": entry_point,
+        "test_functions": funcs,
+        "check": check,
+        "n": max(n, 1),
+    }
 
 
 def normalize_tests(tests, entry_point: str | None = None, fn_name: str | None = None) -> dict | None:
@@ -161,8 +179,10 @@ def normalize_tests(tests, entry_point: str | None = None, fn_name: str | None =
         else:
             key = next((k for k in ("test_cases", "tests", "input_output", "test") if k in tests), None)
             if key is None:
-                raise ValueError(f"unrecognised test dict with keys {sorted(tests)}; expected test_cases, "
-                                 f"tests, input_output, test, or inputs + outputs")
+                raise ValueError(
+                    f"unrecognised test dict with keys {sorted(tests)}; expected test_cases, "
+                    f"tests, input_output, test, or inputs + outputs"
+                )
             return normalize_tests(tests[key], entry_point, fn_name)
     elif isinstance(tests, (list, tuple)):
         if not tests:
@@ -170,11 +190,13 @@ def normalize_tests(tests, entry_point: str | None = None, fn_name: str | None =
         if all(isinstance(t, str) for t in tests):
             spec = {"kind": "asserts", "cases": list(tests)}
         elif all(isinstance(t, dict) for t in tests):
+
             def pick(case, keys):
                 found = next((case[k] for k in keys if k in case), None)
                 if found is None:
                     raise ValueError(f"test case with keys {sorted(case)} has none of {keys}")
                 return found
+
             inputs = [pick(t, ("input", "stdin")) for t in tests]
             outputs = [pick(t, ("output", "expected_output", "stdout", "expected")) for t in tests]
             spec = _io_cases(inputs, outputs, fn_name)
@@ -195,8 +217,9 @@ def _namespace_prefix() -> tuple[str, ...]:
     base = ("--net", "--pid", "--fork", "--kill-child")
     for prefix in ((exe, *base), (exe, "--user", "--map-root-user", *base)):
         try:
-            probe = subprocess.run([*prefix, sys.executable, "-I", "-c", "pass"], stdin=subprocess.DEVNULL,
-                                   capture_output=True, timeout=20)
+            probe = subprocess.run(
+                [*prefix, sys.executable, "-I", "-c", "pass"], stdin=subprocess.DEVNULL, capture_output=True, timeout=20
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if probe.returncode == 0:
@@ -211,8 +234,7 @@ def sandbox_info() -> dict:
     True
     """
     prefix = _namespace_prefix()
-    return {"network": "namespace" if prefix else "audit-hook-only", "command": list(prefix),
-            "python": sys.executable}
+    return {"network": "namespace" if prefix else "audit-hook-only", "command": list(prefix), "python": sys.executable}
 
 
 @dataclass
@@ -230,8 +252,16 @@ class SandboxResult:
 
 
 def _child_env(workdir: str) -> dict:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-           "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     env.update({k: "http://127.0.0.1:9" for k in _PROXY_VARS})  # port 9 (discard): refused at once
     return env
 
@@ -244,11 +274,20 @@ def _remove_tree(path: str) -> None:
             func(p)
         except OSError:
             pass
+
     shutil.rmtree(path, onerror=retry)
 
 
-def run_tests(code: str, tests, *, timeout: float = 3.0, max_total: float = 60.0, memory_mb: int = 1024,
-              fsize_mb: int = 16, namespaces: bool = True) -> SandboxResult:
+def run_tests(
+    code: str,
+    tests,
+    *,
+    timeout: float = 3.0,
+    max_total: float = 60.0,
+    memory_mb: int = 1024,
+    fsize_mb: int = 16,
+    namespaces: bool = True,
+) -> SandboxResult:
     """Run `code` against `tests` (any form `normalize_tests` reads, or its output) in the sandbox.
 
     >>> add = "def add(a, b):\\n    return a + b"
@@ -271,18 +310,32 @@ def run_tests(code: str, tests, *, timeout: float = 3.0, max_total: float = 60.0
     timed_out = False
     # results go to an anonymous (already unlinked) file whose descriptor the child inherits: no path to it
     with tempfile.TemporaryFile() as results:
-        full = {**spec, "code": code, "nonce": nonce, "results_fd": results.fileno(), "timeout": timeout,
-                "cpu_seconds": wall, "memory_mb": memory_mb, "fsize_mb": fsize_mb}
+        full = {
+            **spec,
+            "code": code,
+            "nonce": nonce,
+            "results_fd": results.fileno(),
+            "timeout": timeout,
+            "cpu_seconds": wall,
+            "memory_mb": memory_mb,
+            "fsize_mb": fsize_mb,
+        }
         spec_path = os.path.join(meta, "spec.json")
         with open(spec_path, "w", encoding="utf-8") as f:
             json.dump(full, f)
         try:
             with open(os.path.join(meta, "stderr.txt"), "wb") as err:
                 # no preexec_fn (unsafe with threads, and it would disable vfork): the child limits itself
-                proc = subprocess.Popen([*prefix, sys.executable, "-I", HARNESS, spec_path], cwd=work,
-                                        env=_child_env(work), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                        pass_fds=(results.fileno(),))
+                proc = subprocess.Popen(
+                    [*prefix, sys.executable, "-I", HARNESS, spec_path],
+                    cwd=work,
+                    env=_child_env(work),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                    pass_fds=(results.fileno(),),
+                )
                 timed_out, returncode = _wait_and_kill(proc, wall)
             results.seek(0)
             passed = _read_results(results.read().decode("utf-8", "replace"), nonce, n)
@@ -338,10 +391,25 @@ def _row_tests(columns: dict, i: int, entry_point):
     return None
 
 
-def code_reward(prompts, completions, verification_info=None, test_cases=None, input_output=None,
-                test_list=None, tests=None, test=None, entry_point=None, *, binary: bool = False,
-                timeout: float = 3.0, max_total: float = 60.0, memory_mb: int = 1024,
-                max_workers: int | None = None, log_metric=None, **kwargs) -> list[float | None]:
+def code_reward(
+    prompts,
+    completions,
+    verification_info=None,
+    test_cases=None,
+    input_output=None,
+    test_list=None,
+    tests=None,
+    test=None,
+    entry_point=None,
+    *,
+    binary: bool = False,
+    timeout: float = 3.0,
+    max_total: float = 60.0,
+    memory_mb: int = 1024,
+    max_workers: int | None = None,
+    log_metric=None,
+    **kwargs,
+) -> list[float | None]:
     """TRL-signature reward: the fraction of the row's tests the completion's code passes (1/0 with `binary`);
     None for a row without tests. Completions run in parallel (`max_workers`, default `default_workers()`),
     identical (code, tests) pairs once. Logs `code/timed_out` (fraction of runs killed) via `log_metric`.
@@ -353,19 +421,25 @@ def code_reward(prompts, completions, verification_info=None, test_cases=None, i
     >>> code_reward(["p"], ["def sq(x): return x + x"], test_cases=[tests], binary=True)
     [0.0]
     """
-    columns = {"verification_info": verification_info, "test_cases": test_cases, "input_output": input_output,
-               "test_list": test_list, "tests": tests, "test": test}
+    columns = {
+        "verification_info": verification_info,
+        "test_cases": test_cases,
+        "input_output": input_output,
+        "test_list": test_list,
+        "tests": tests,
+        "test": test,
+    }
     if all(v is None for v in columns.values()):
-        raise ValueError(f"the code reward needs a test column in the dataset: one of "
-                         f"{', '.join(TEST_COLUMNS)}")
+        raise ValueError(f"the code reward needs a test column in the dataset: one of {', '.join(TEST_COLUMNS)}")
     jobs: dict[tuple[str, str], dict] = {}
     rows: list[tuple[str, str] | None] = []
     for i, completion in enumerate(completions):
         try:
             spec = _row_tests(columns, i, entry_point)
         except SyntaxError as e:  # one malformed test file should not stop a training run
-            warnings.warn(f"code reward: row {i} has test code that does not parse ({e}); scoring it None",
-                          stacklevel=2)
+            warnings.warn(
+                f"code reward: row {i} has test code that does not parse ({e}); scoring it None", stacklevel=2
+            )
             spec = None
         if spec is None:
             rows.append(None)

@@ -59,9 +59,11 @@ def resolve_reward(name: str) -> Callable:
     for ep in importlib.metadata.entry_points(group="dllm_rl.rewards"):
         if ep.name == name:
             return ep.load()
-    raise ConfigError(f"unknown reward {name!r}{did_you_mean(name, REWARDS)}; use a built-in "
-                      f"({', '.join(sorted(REWARDS))}), path/to/file.py:function, or an entry point in group "
-                      f"'dllm_rl.rewards'")
+    raise ConfigError(
+        f"unknown reward {name!r}{did_you_mean(name, REWARDS)}; use a built-in "
+        f"({', '.join(sorted(REWARDS))}), path/to/file.py:function, or an entry point in group "
+        f"'dllm_rl.rewards'"
+    )
 
 
 def build_rewards(specs, extra: dict[str, Callable] | list[Callable] | None = None) -> list[Reward]:
@@ -85,13 +87,17 @@ def _call(reward: Reward, prompts, completions, completion_ids, columns, extras)
         if inspect.isawaitable(out):
             out = asyncio.run(out)
     except Exception as e:
-        raise DllmRlError(f"reward {reward.name!r} raised {type(e).__name__}: {e} (first prompt: "
-                          f"{str(prompts[0])[:120]!r}); fix the reward function") from e
+        raise DllmRlError(
+            f"reward {reward.name!r} raised {type(e).__name__}: {e} (first prompt: "
+            f"{str(prompts[0])[:120]!r}); fix the reward function"
+        ) from e
     if not isinstance(out, (list, tuple)) or len(out) != len(completions):
         got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (list, tuple)) else repr(out)[:80]
-        raise DllmRlError(f"reward {reward.name!r} returned {got} (first prompt: {str(prompts[0])[:120]!r}); "
-                          f"it must return a list of {len(completions)} floats (one per completion; None = "
-                          f"not applicable)")
+        raise DllmRlError(
+            f"reward {reward.name!r} returned {got} (first prompt: {str(prompts[0])[:120]!r}); "
+            f"it must return a list of {len(completions)} floats (one per completion; None = "
+            f"not applicable)"
+        )
     values = []
     for i, v in enumerate(out):
         if v is None:
@@ -99,27 +105,42 @@ def _call(reward: Reward, prompts, completions, completion_ids, columns, extras)
             continue
         # numbers.Real admits numpy scalars (np.float32 is no float subclass), as TRL's torch.tensor does
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            raise DllmRlError(f"reward {reward.name!r} returned {v!r} for completion {i} (prompt "
-                              f"{str(prompts[i])[:120]!r}); return a finite float, or None if not applicable")
+            raise DllmRlError(
+                f"reward {reward.name!r} returned {v!r} for completion {i} (prompt "
+                f"{str(prompts[i])[:120]!r}); return a finite float, or None if not applicable"
+            )
         values.append(float(v))
     return values
 
 
-def compute_rewards(rewards: list[Reward], prompts: list, texts: list[str], completion_ids: list[list[int]],
-                    columns: dict[str, list], trainer_state=None, log_extra=None, log_metric=None):
+def compute_rewards(
+    rewards: list[Reward],
+    prompts: list,
+    texts: list[str],
+    completion_ids: list[list[int]],
+    columns: dict[str, list],
+    trainer_state=None,
+    log_extra=None,
+    log_metric=None,
+):
     """Weighted rewards [N] and per-function values [F, N] (NaN where a function returned None)."""
     completions = as_completions(prompts, texts)
     columns = {k: v for k, v in columns.items() if k not in SKIP_COLUMNS}
-    extras = {"trainer_state": trainer_state, "log_extra": log_extra or (lambda *a, **k: None),
-              "log_metric": log_metric or (lambda *a, **k: None)}
-    per_fn = torch.tensor([_call(r, prompts, completions, completion_ids, columns, extras) for r in rewards],
-                          dtype=torch.float32).reshape(len(rewards), len(texts))  # [F, N]
+    extras = {
+        "trainer_state": trainer_state,
+        "log_extra": log_extra or (lambda *a, **k: None),
+        "log_metric": log_metric or (lambda *a, **k: None),
+    }
+    per_fn = torch.tensor(
+        [_call(r, prompts, completions, completion_ids, columns, extras) for r in rewards], dtype=torch.float32
+    ).reshape(len(rewards), len(texts))  # [F, N]
     weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)[:, None]
     return (per_fn * weights).nansum(0), per_fn
 
 
-def verifier_scores(name: str, rewards: list[Reward], per_fn: torch.Tensor, prompts, texts, completion_ids,
-                    columns) -> torch.Tensor:
+def verifier_scores(
+    name: str, rewards: list[Reward], per_fn: torch.Tensor, prompts, texts, completion_ids, columns
+) -> torch.Tensor:
     """The task verifier `name`'s scores [N]: its row of `per_fn` when it is among the rewards, else called."""
     names = [rw.name for rw in rewards]
     if name in names:

@@ -61,33 +61,47 @@ def check_config(cfg: RolloutConfig, tr: ModelTraits, model, prompt_len: int, ha
     Lc = cfg.max_completion_length
     Lb = cfg.block_length or Lc
     if Lc <= 0 or Lc % Lb:
-        raise ConfigError(f"rollout.max_completion_length ({Lc}) is not divisible by rollout.block_length "
-                          f"({Lb}); choose a block length that divides it")
+        raise ConfigError(
+            f"rollout.max_completion_length ({Lc}) is not divisible by rollout.block_length "
+            f"({Lb}); choose a block length that divides it"
+        )
     nb = Lc // Lb
     if cfg.steps < nb or cfg.steps % nb:
-        raise ConfigError(f"rollout.steps ({cfg.steps}) must be a positive multiple of the number of blocks "
-                          f"({nb} = {Lc} / {Lb}); e.g. rollout.steps={nb * max(1, cfg.steps // nb)}")
+        raise ConfigError(
+            f"rollout.steps ({cfg.steps}) must be a positive multiple of the number of blocks "
+            f"({nb} = {Lc} / {Lb}); e.g. rollout.steps={nb * max(1, cfg.steps // nb)}"
+        )
     lookup(COMMIT_RULES, cfg.commit, "rollout.commit")
     if lookup(ORDERS, cfg.order, "rollout.order").needs_hidden and not has_policy:
-        raise ConfigError("rollout.order=policy needs a learned policy: pass order_policy= to generate() "
-                          "(or use a trainer with policy enabled), or pick another rollout.order")
+        raise ConfigError(
+            "rollout.order=policy needs a learned policy: pass order_policy= to generate() "
+            "(or use a trainer with policy enabled), or pick another rollout.order"
+        )
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
         raise ConfigError("rollout.temperature must be >= 0, rollout.top_p in (0, 1], rollout.top_k >= 0")
     if cfg.cache != "none" and not tr.supports_cache:
-        raise ConfigError(f"{type(unwrap(model)).__name__} runs through its own forward and cannot use a KV "
-                          f"cache; set rollout.cache=none (or load a native dllm_rl model)")
+        raise ConfigError(
+            f"{type(unwrap(model)).__name__} runs through its own forward and cannot use a KV "
+            f"cache; set rollout.cache=none (or load a native dllm_rl model)"
+        )
     if cfg.cache == "block":
         if tr.attention != "block_causal":
-            raise ConfigError("rollout.cache=block is exact only for block-causal models (block diffusion); "
-                              "this model attends bidirectionally: use rollout.cache=prefix or dual")
+            raise ConfigError(
+                "rollout.cache=block is exact only for block-causal models (block diffusion); "
+                "this model attends bidirectionally: use rollout.cache=prefix or dual"
+            )
         if Lb % tr.block_size:
-            raise ConfigError(f"rollout.block_length ({Lb}) must be a multiple of the model's attention block "
-                              f"size ({tr.block_size}) for the exact block cache")
+            raise ConfigError(
+                f"rollout.block_length ({Lb}) must be a multiple of the model's attention block "
+                f"size ({tr.block_size}) for the exact block cache"
+            )
     max_pos = getattr(unwrap(model).config, "max_position_embeddings", None)
     if max_pos and prompt_len + Lc > max_pos:
-        raise DllmRlError(f"prompt ({prompt_len} tokens) + rollout.max_completion_length ({Lc}) exceeds the "
-                          f"model's context of {max_pos} positions; shorten the prompt or lower "
-                          f"rollout.max_completion_length")
+        raise DllmRlError(
+            f"prompt ({prompt_len} tokens) + rollout.max_completion_length ({Lc}) exceeds the "
+            f"model's context of {max_pos} positions; shorten the prompt or lower "
+            f"rollout.max_completion_length"
+        )
 
 
 class _Canvas:
@@ -99,9 +113,9 @@ class _Canvas:
         x = torch.full((self.N, self.L), pad_id, dtype=torch.long)
         attn = torch.zeros(self.N, self.L, dtype=torch.long)
         for i, ids in enumerate(prompt_ids):
-            x[i, self.P - len(ids):self.P] = torch.tensor(ids, dtype=torch.long)
-            attn[i, self.P - len(ids):] = 1
-        x[:, self.P:] = tr.mask_token_id
+            x[i, self.P - len(ids) : self.P] = torch.tensor(ids, dtype=torch.long)
+            attn[i, self.P - len(ids) :] = 1
+        x[:, self.P :] = tr.mask_token_id
         self.x, self.attn = x.to(device), attn.to(device)
         self.pos = padding_positions(self.attn)  # [N, L]
         self.causal = tr.attention == "block_causal"
@@ -111,8 +125,15 @@ class _Canvas:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Generator | None = None,
-             order_policy: OrderPolicy | None = None, record_states: bool = False) -> RolloutBatch:
+def generate(
+    model,
+    tokenizer,
+    prompts,
+    cfg: RolloutConfig,
+    generator: torch.Generator | None = None,
+    order_policy: OrderPolicy | None = None,
+    record_states: bool = False,
+) -> RolloutBatch:
     """Decode a batch of prompts (chat messages, text, or ids) into completions with a full commit trace.
 
     Args:
@@ -146,8 +167,22 @@ def generate(model, tokenizer, prompts, cfg: RolloutConfig, generator: torch.Gen
     try:
         prev_bs = 0
         for bs in range(c.P, c.L, Lb):
-            _decode_block(forward, c, cfg, tr, bs, bs + Lb, prev_bs, steps_per_block, seeds, cache, rec,
-                          states if record_states else None, order_policy, stats)
+            _decode_block(
+                forward,
+                c,
+                cfg,
+                tr,
+                bs,
+                bs + Lb,
+                prev_bs,
+                steps_per_block,
+                seeds,
+                cache,
+                rec,
+                states if record_states else None,
+                order_policy,
+                stats,
+            )
             if cfg.stop_at_eos and tokenizer.eos_token_id is not None:
                 _stop_finished_rows(c, bs + Lb, tokenizer.eos_token_id, rec, states if record_states else None)
             prev_bs = bs
@@ -177,23 +212,31 @@ def _compiled(model, mode: str):
 
 
 def _forward(model, c: _Canvas, rows, plan, cache, lo: int, hi: int, want_hidden: bool):
-    sub = (lambda t: t if rows is None else t[rows])
+    sub = lambda t: t if rows is None else t[rows]
     qs, qe, kv = plan.q_start, plan.q_end, plan.kv_len
     if c.causal:
         bid = sub(c.bid)
         mask = mask_from_block_ids(bid[:, qs:qe], bid[:, :kv], causal_blocks=True)
     else:
         mask = sub(c.attn)[:, :kv]
-    out = model(input_ids=sub(c.x)[:, qs:qe], attention_mask=mask, position_ids=sub(c.pos)[:, qs:qe],
-                kv_cache=cache if plan.use_cache else None, cache_start=qs, kv_len=kv,
-                cache_rows=rows if plan.use_cache else None, logits_range=(lo - qs, hi - qs),
-                output_hidden_states=want_hidden)
-    hidden = out.hidden_states[-1][:, lo - qs:hi - qs] if want_hidden else None
+    out = model(
+        input_ids=sub(c.x)[:, qs:qe],
+        attention_mask=mask,
+        position_ids=sub(c.pos)[:, qs:qe],
+        kv_cache=cache if plan.use_cache else None,
+        cache_start=qs,
+        kv_len=kv,
+        cache_rows=rows if plan.use_cache else None,
+        logits_range=(lo - qs, hi - qs),
+        output_hidden_states=want_hidden,
+    )
+    hidden = out.hidden_states[-1][:, lo - qs : hi - qs] if want_hidden else None
     return out.logits, hidden  # [n, Lb, V], [n, Lb, D]
 
 
-def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, seeds, cache, rec, states,
-                  order_policy, stats):
+def _decode_block(
+    model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, seeds, cache, rec, states, order_policy, stats
+):
     shift = tr.logits_shift
     offsets = torch.arange(bs - c.P, be - c.P, device=c.x.device)[None, :]  # [1, Lb] completion offsets
     block_step = torch.zeros(c.N, dtype=torch.long, device=c.x.device)
@@ -208,8 +251,7 @@ def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, 
         plan = CACHE_PLANS[cfg.cache](c.L, bs, be, prev_bs, first)
         if plan.q_start > bs - shift:  # logits-shifted models read the position before the block
             plan = type(plan)(bs - shift, plan.q_end, plan.kv_len, plan.use_cache)
-        logits, hidden = _forward(model, c, rows, plan, cache, bs - shift, be - shift,
-                                  ORDERS[cfg.order].needs_hidden)
+        logits, hidden = _forward(model, c, rows, plan, cache, bs - shift, be - shift, ORDERS[cfg.order].needs_hidden)
         stats["forwards"] += 1
         stats["query_tokens"] += len(r_idx) * (plan.q_end - plan.q_start)
         first = False
@@ -220,7 +262,7 @@ def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, 
         choice = choose_tokens(logits[m], u_tok[m], cfg.temperature, cfg.top_k, cfg.top_p, tr.mask_token_id)
         st = _dense_stats(choice, m, tr.mask_token_id)
         st.steps_left = (steps_per_block - block_step[r_idx]).clamp(min=1)
-        st.progress = (c.x[r_idx, c.P:] != tr.mask_token_id).float().mean(-1)
+        st.progress = (c.x[r_idx, c.P :] != tr.mask_token_id).float().mean(-1)
 
         k = COMMIT_RULES[cfg.commit](st, cfg).clamp(max=m.sum(-1))  # [n]
         u_ord = uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), ORDER_STREAM)
@@ -254,7 +296,7 @@ def _decode_block(model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, 
         block_step[r_idx] += 1
         if states is not None:
             for r in r_idx.tolist():
-                states[r].append(c.x[r, c.P:].cpu().clone())
+                states[r].append(c.x[r, c.P :].cpu().clone())
 
 
 def _dense_stats(choice, m: torch.Tensor, mask_id: int) -> StepStats:
@@ -263,16 +305,23 @@ def _dense_stats(choice, m: torch.Tensor, mask_id: int) -> StepStats:
         out[m] = values
         return out
 
-    return StepStats(masked=m, token=dense(choice.token, mask_id), logprob=dense(choice.logprob, 0.0),
-                     confidence=dense(choice.confidence, 0.0), top_prob=dense(choice.top_prob, 0.0),
-                     margin=dense(choice.margin, 0.0),
-                     gap=dense(choice.gap, 0.0), entropy=dense(choice.entropy, 0.0),
-                     steps_left=None, progress=None)
+    return StepStats(
+        masked=m,
+        token=dense(choice.token, mask_id),
+        logprob=dense(choice.logprob, 0.0),
+        confidence=dense(choice.confidence, 0.0),
+        top_prob=dense(choice.top_prob, 0.0),
+        margin=dense(choice.margin, 0.0),
+        gap=dense(choice.gap, 0.0),
+        entropy=dense(choice.entropy, 0.0),
+        steps_left=None,
+        progress=None,
+    )
 
 
 def _stop_finished_rows(c: _Canvas, be: int, eos_id: int, rec: TraceRecorder, states) -> None:
     """Rows with an EOS among their committed tokens stop: later blocks are filled with EOS, not decoded."""
-    stop = ~c.done & (c.x[:, c.P:be] == eos_id).any(-1)
+    stop = ~c.done & (c.x[:, c.P : be] == eos_id).any(-1)
     c.done |= stop
     if be == c.L or not stop.any():
         return
@@ -283,11 +332,11 @@ def _stop_finished_rows(c: _Canvas, be: int, eos_id: int, rec: TraceRecorder, st
     rec.add(rr, c.step[rr] - 1, pos, torch.full_like(rr, eos_id), FILL)
     if states is not None:
         for r in rows.tolist():
-            states[r][-1] = c.x[r, c.P:].cpu().clone()
+            states[r][-1] = c.x[r, c.P :].cpu().clone()
 
 
 def _finish(c: _Canvas, tokenizer, rec: TraceRecorder, stats: dict, states) -> RolloutBatch:
-    comp = c.x[:, c.P:]
+    comp = c.x[:, c.P :]
     eos = tokenizer.eos_token_id
     if eos is not None:
         is_eos = (comp == eos).long()
@@ -296,11 +345,19 @@ def _finish(c: _Canvas, tokenizer, rec: TraceRecorder, stats: dict, states) -> R
     else:
         completion_mask = torch.ones_like(comp)
         text_mask = completion_mask.bool()
-    texts = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True)
-             for row, keep in zip(comp.cpu(), text_mask.cpu())]
+    texts = [
+        tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(comp.cpu(), text_mask.cpu())
+    ]
     trace = rec.finish(c.step)
     stats["committed_tokens"] = int((trace.commit_step >= 0).sum())
     if states is not None:
         stats["states"] = states
-    return RolloutBatch(prompt_ids=c.x[:, :c.P], prompt_mask=c.attn[:, :c.P], completion_ids=comp,
-                        completion_mask=completion_mask, completions=texts, trace=trace, stats=stats)
+    return RolloutBatch(
+        prompt_ids=c.x[:, : c.P],
+        prompt_mask=c.attn[:, : c.P],
+        completion_ids=comp,
+        completion_mask=completion_mask,
+        completions=texts,
+        trace=trace,
+        stats=stats,
+    )

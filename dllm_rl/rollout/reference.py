@@ -18,8 +18,15 @@ def num_transfer_tokens(n_masked: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def reference_generate(model, prompt_ids: list[list[int]], gen_length: int, steps: int, block_length: int,
-                       mask_id: int, block_causal_size: int | None = None) -> torch.Tensor:
+def reference_generate(
+    model,
+    prompt_ids: list[list[int]],
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    mask_id: int,
+    block_causal_size: int | None = None,
+) -> torch.Tensor:
     """Greedy LLaDA decoding. Returns [N, gen_length] completion tokens."""
     device = next(model.parameters()).device
     out = []

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def self_correction(token_prob: torch.Tensor, committed_before: torch.Tensor, threshold: float,
-                    max_per_step: int) -> torch.Tensor:
+def self_correction(
+    token_prob: torch.Tensor, committed_before: torch.Tensor, threshold: float, max_per_step: int
+) -> torch.Tensor:
     """Positions to remask: [n, Lb] bool. token_prob: current model probability of each committed token."""
     low = committed_before & (token_prob < threshold)
     if max_per_step <= 0 or not low.any():

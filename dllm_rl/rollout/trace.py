@@ -21,8 +21,15 @@ class TraceRecorder:
     _logprobs: list = field(default_factory=list)
     _order: list = field(default_factory=list)
 
-    def add(self, rows: torch.Tensor, steps: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor,
-            kind: int, logprob: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        rows: torch.Tensor,
+        steps: torch.Tensor,
+        pos: torch.Tensor,
+        tokens: torch.Tensor,
+        kind: int,
+        logprob: torch.Tensor | None = None,
+    ) -> None:
         """rows, steps, pos, tokens: [e] each (one entry per event)."""
         if rows.numel() == 0:
             return
@@ -42,7 +49,8 @@ class TraceRecorder:
         # the last event at each position decides it (a remask followed by a new commit leaves the new one)
         rows, steps, pos, _, kinds = events.unbind(-1)
         last = torch.full((N * Lc,), -1, dtype=torch.long).scatter_reduce(
-            0, rows * Lc + pos, torch.arange(len(events)), reduce="amax")  # [N*Lc] index of the last event
+            0, rows * Lc + pos, torch.arange(len(events)), reduce="amax"
+        )  # [N*Lc] index of the last event
         hit = last >= 0
         idx = last[hit]
         committed = kinds[idx] == COMMIT
@@ -53,5 +61,6 @@ class TraceRecorder:
         if self._order:
             o = torch.cat(self._order)
             order_logprob[o[:, 0].long(), o[:, 1].long()] = o[:, 2]
-        return Trace(commit_step, token_logprob, order_logprob, num_steps.cpu(), events, ev_lp,
-                     self.mask_token_id, self.decoding)
+        return Trace(
+            commit_step, token_logprob, order_logprob, num_steps.cpu(), events, ev_lp, self.mask_token_id, self.decoding
+        )

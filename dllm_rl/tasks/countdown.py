@@ -14,8 +14,15 @@ from ..config import DataConfig
 from ..errors import ConfigError
 from .base import Task, held_out, procedural_task, user_prompt
 
-OPTIONS = {"min_numbers": 3, "max_numbers": 3, "min_value": 1, "max_value": 20, "min_target": 10,
-           "max_target": 100, "eval_fraction": 0.1}
+OPTIONS = {
+    "min_numbers": 3,
+    "max_numbers": 3,
+    "min_value": 1,
+    "max_value": 20,
+    "min_target": 10,
+    "max_target": 100,
+    "eval_fraction": 0.1,
+}
 
 
 def _rows(cfg: DataConfig, opts: dict, want_eval: bool, size: int, seed: int) -> list[dict]:
@@ -24,8 +31,10 @@ def _rows(cfg: DataConfig, opts: dict, want_eval: bool, size: int, seed: int) ->
     rows, seen, budget = [], set(), 200 * size + 10_000
     for i, entry in enumerate(reasoning_gym.create_dataset("countdown", size=10**9, seed=seed, **gen_opts)):
         if i == budget:
-            raise ConfigError("countdown: could not generate enough distinct held-out puzzles; widen "
-                              "data.options (max_value / max_target) or lower data.eval_size")
+            raise ConfigError(
+                "countdown: could not generate enough distinct held-out puzzles; widen "
+                "data.options (max_value / max_target) or lower data.eval_size"
+            )
         meta = entry["metadata"]
         key = f"{sorted(meta['numbers'])}->{meta['target']}"
         if held_out(key, opts["eval_fraction"], "countdown") != want_eval or (want_eval and key in seen):
@@ -33,8 +42,15 @@ def _rows(cfg: DataConfig, opts: dict, want_eval: bool, size: int, seed: int) ->
         seen.add(key)
         expression = meta["expression"].replace(" ", "")
         prompt = f"Numbers: {' '.join(map(str, meta['numbers']))}\nTarget: {meta['target']}"
-        rows.append({"prompt": user_prompt(prompt, cfg.system_prompt), "completion": expression,
-                     "answer": expression, "numbers": meta["numbers"], "target": meta["target"]})
+        rows.append(
+            {
+                "prompt": user_prompt(prompt, cfg.system_prompt),
+                "completion": expression,
+                "answer": expression,
+                "numbers": meta["numbers"],
+                "target": meta["target"],
+            }
+        )
         if len(rows) == size:
             break
     return rows

@@ -30,30 +30,39 @@ def load_split(path: str, split: str, name: str | None = None) -> datasets.Datas
     try:
         return datasets.load_dataset(path, name, split=split)
     except Exception as e:  # hub unreachable, unknown dataset or split
-        raise ConfigError(f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); give a local .jsonl/.parquet in data.path") from None
+        raise ConfigError(
+            f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); give a local .jsonl/.parquet in data.path"
+        ) from None
 
 
 def _require(ds: datasets.Dataset, columns: list[str], path: str):
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise ConfigError(f"dataset {path!r} lacks column(s) {missing} (has {ds.column_names}); "
-                          f"rename them or pick another data.task")
+        raise ConfigError(
+            f"dataset {path!r} lacks column(s) {missing} (has {ds.column_names}); rename them or pick another data.task"
+        )
 
 
 def _gsm8k_row(row, system):
     solution, _, final = row["answer"].rpartition("####")
     final = final.strip().replace(",", "")
-    return {"prompt": user_prompt(row["question"] + GSM8K_SUFFIX, system),
-            "completion": f"{solution.strip()}\n<answer>{final}</answer>", "answer": final}
+    return {
+        "prompt": user_prompt(row["question"] + GSM8K_SUFFIX, system),
+        "completion": f"{solution.strip()}\n<answer>{final}</answer>",
+        "answer": final,
+    }
 
 
 def _math_row(row, system):
     from ..rewards.math import last_boxed
 
     answer = row.get("answer") or last_boxed(row["solution"]) or ""
-    return {"prompt": user_prompt(row["problem"] + MATH_SUFFIX, system), "completion": row["solution"],
-            "answer": str(answer)}
+    return {
+        "prompt": user_prompt(row["problem"] + MATH_SUFFIX, system),
+        "completion": row["solution"],
+        "answer": str(answer),
+    }
 
 
 def _load(cfg: DataConfig, default_path: str, name, columns, fn, task: str, eval_default: str | None) -> Task:
@@ -64,8 +73,9 @@ def _load(cfg: DataConfig, default_path: str, name, columns, fn, task: str, eval
         ds = load_split(p, split, name)
         _require(ds, columns, p)
         ds = ds.select(range(min(size, len(ds))))
-        out.append(ds.map(lambda r: fn(r, cfg.system_prompt), remove_columns=[c for c in ds.column_names
-                                                                              if c != "answer"]))
+        out.append(
+            ds.map(lambda r: fn(r, cfg.system_prompt), remove_columns=[c for c in ds.column_names if c != "answer"])
+        )
     return Task(task, out[0], out[1], "math")
 
 
@@ -74,5 +84,6 @@ def load_gsm8k(cfg: DataConfig) -> Task:
 
 
 def load_math(cfg: DataConfig) -> Task:
-    return _load(cfg, "HuggingFaceH4/MATH-500", None, ["problem", "solution"], _math_row, "math",
-                 "HuggingFaceH4/MATH-500")
+    return _load(
+        cfg, "HuggingFaceH4/MATH-500", None, ["problem", "solution"], _math_row, "math", "HuggingFaceH4/MATH-500"
+    )

@@ -36,11 +36,14 @@ def _rows(cfg: DataConfig, opts: dict, want_eval: bool, size: int, seed: int) ->
     # reasoning-gym items are generated lazily, item i from Random(seed + i): one long stream, cut at `size`
     lo, hi = opts["min_empty"], opts["max_empty"]
     if not 0 <= lo <= hi <= (12 if opts["unique"] else 16):
-        raise ConfigError(f"data.options: sudoku needs 0 <= min_empty <= max_empty <= 12 with unique puzzles "
-                          f"(16 with unique: false); got min_empty={lo}, max_empty={hi}")
+        raise ConfigError(
+            f"data.options: sudoku needs 0 <= min_empty <= max_empty <= 12 with unique puzzles "
+            f"(16 with unique: false); got min_empty={lo}, max_empty={hi}"
+        )
     # with unique: false reasoning-gym still draws the solution grids (its blanks are then ignored)
-    ds = reasoning_gym.create_dataset("mini_sudoku", size=10**9, seed=seed,
-                                      min_empty=min(lo, 12), max_empty=min(hi, 12))
+    ds = reasoning_gym.create_dataset(
+        "mini_sudoku", size=10**9, seed=seed, min_empty=min(lo, 12), max_empty=min(hi, 12)
+    )
     rows = []
     for entry in ds:
         meta = entry["metadata"]
@@ -52,10 +55,17 @@ def _rows(cfg: DataConfig, opts: dict, want_eval: bool, size: int, seed: int) ->
         else:
             rng = random.Random(f"{seed}-{len(rows)}-{want_eval}")
             blanks = set(rng.sample(range(16), rng.randint(lo, hi)))
-            puzzle = grid_text([[0 if 4 * r + c in blanks else v for c, v in enumerate(row)]
-                                for r, row in enumerate(meta["solution"])])
-        rows.append({"prompt": user_prompt(puzzle, cfg.system_prompt), "completion": solution,
-                     "answer": solution, "puzzle": puzzle})
+            puzzle = grid_text(
+                [[0 if 4 * r + c in blanks else v for c, v in enumerate(row)] for r, row in enumerate(meta["solution"])]
+            )
+        rows.append(
+            {
+                "prompt": user_prompt(puzzle, cfg.system_prompt),
+                "completion": solution,
+                "answer": solution,
+                "puzzle": puzzle,
+            }
+        )
         if len(rows) == size:
             break
     return rows

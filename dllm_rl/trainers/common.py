@@ -36,9 +36,19 @@ from ..tasks import load_task
 
 # recipe keys that may differ between a checkpoint and the run that resumes it: they change how a run is
 # watched and stored, not what it trains
-RESUMABLE_CHANGES = ("train.output_dir", "train.resume", "train.max_steps", "train.save_steps", "train.eval_steps",
-                     "train.logging_steps", "train.save_total_limit", "train.report_to", "train.num_threads",
-                     "eval.", "rollout.batch_size")
+RESUMABLE_CHANGES = (
+    "train.output_dir",
+    "train.resume",
+    "train.max_steps",
+    "train.save_steps",
+    "train.eval_steps",
+    "train.logging_steps",
+    "train.save_total_limit",
+    "train.report_to",
+    "train.num_threads",
+    "eval.",
+    "rollout.batch_size",
+)
 
 
 class PhaseTimer:
@@ -70,8 +80,11 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ between two resolved recipes, ignoring RESUMABLE_CHANGES."""
     a, b = _flat(saved), _flat(current)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r))
-                                                                  for r in RESUMABLE_CHANGES)]
+    return [
+        k
+        for k in keys
+        if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
+    ]
 
 
 class Run:
@@ -92,8 +105,12 @@ class Run:
         """Optimizer over `param_groups`, the recipe's scheduler, accelerate's prepare, then resume."""
         r = self.recipe
         optimizer = make_optimizer(param_groups, r.optim)
-        self.scheduler = get_scheduler(r.optim.lr_scheduler, optimizer, num_warmup_steps=r.optim.warmup_steps,
-                                       num_training_steps=num_training_steps)
+        self.scheduler = get_scheduler(
+            r.optim.lr_scheduler,
+            optimizer,
+            num_warmup_steps=r.optim.warmup_steps,
+            num_training_steps=num_training_steps,
+        )
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         for obj in (self.scheduler, *checkpointed):
             self.acc.register_for_checkpointing(obj)
@@ -109,24 +126,31 @@ class Run:
         final = Path(r.output_dir) / "final"
         if r.resume is False:
             if ckpt is not None or final.is_dir():
-                raise ConfigError(f"train.output_dir {r.output_dir!r} already holds a run and train.resume is false: "
-                                  f"pick a new train.output_dir (or delete that directory) to start afresh")
+                raise ConfigError(
+                    f"train.output_dir {r.output_dir!r} already holds a run and train.resume is false: "
+                    f"pick a new train.output_dir (or delete that directory) to start afresh"
+                )
             return []
         if ckpt is None:
             return []
         saved = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
         differ = recipe_differences(saved, recipe_to_dict(self.recipe))
         if differ and r.resume != "force":
-            shown = ", ".join(f"{k} ({_flat(saved).get(k)!r} -> {_flat(recipe_to_dict(self.recipe)).get(k)!r})"
-                              for k in differ[:6]) + (" ..." if len(differ) > 6 else "")
-            raise ConfigError(f"train.output_dir {r.output_dir!r} holds a run with another recipe: {shown}. Pick a "
-                              f"new train.output_dir for a new run, or set train.resume=force to continue that run "
-                              f"with these settings")
+            shown = ", ".join(
+                f"{k} ({_flat(saved).get(k)!r} -> {_flat(recipe_to_dict(self.recipe)).get(k)!r})" for k in differ[:6]
+            ) + (" ..." if len(differ) > 6 else "")
+            raise ConfigError(
+                f"train.output_dir {r.output_dir!r} holds a run with another recipe: {shown}. Pick a "
+                f"new train.output_dir for a new run, or set train.resume=force to continue that run "
+                f"with these settings"
+            )
         state = load_checkpoint(ckpt, self.acc)
         self.start_step = state["step"]
         self.finished = self.start_step >= r.max_steps and final.is_dir()
-        self.acc.print(f"resumed from {ckpt} at step {self.start_step}"
-                       + (" (the run is complete: nothing to train)" if self.finished else ""))
+        self.acc.print(
+            f"resumed from {ckpt} at step {self.start_step}"
+            + (" (the run is complete: nothing to train)" if self.finished else "")
+        )
         return state.get("history", [])
 
     def loop(self, name: str, step_fn, evaluate, postfix, eval_at_end: bool = False, extra_state=None) -> None:
@@ -135,8 +159,7 @@ class Run:
         every train.save_steps and at the end. `postfix(window) -> dict` is shown on the progress bar."""
         r = self.recipe.train
         # a context manager closes the bar on errors too, so the CLI's error line starts on a line of its own
-        with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process,
-                  desc=name) as bar:
+        with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process, desc=name) as bar:
             window = defaultdict(list)
             for step in range(self.start_step, r.max_steps):
                 for k, v in step_fn(step).items():
@@ -147,15 +170,29 @@ class Run:
                 if done % r.logging_steps == 0 or done == r.max_steps:
                     self.log.log(done, {k: sum(v) / len(v) for k, v in window.items()})
                     window = defaultdict(list)
-                if (r.eval_steps and done % r.eval_steps == 0 and done != r.max_steps
-                        or eval_at_end and done == r.max_steps):
+                if (
+                    r.eval_steps
+                    and done % r.eval_steps == 0
+                    and done != r.max_steps
+                    or eval_at_end
+                    and done == r.max_steps
+                ):
                     self.log.log(done, {"eval_accuracy": evaluate()})
                 if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
                     self.save(done, **(extra_state or {}))
 
     def save(self, step: int, **extra) -> None:
-        save_checkpoint(self.recipe.train.output_dir, step, self.acc, self.model, self.tokenizer, self.recipe,
-                        {"history": self.log.history}, keep=self.recipe.train.save_total_limit, **extra)
+        save_checkpoint(
+            self.recipe.train.output_dir,
+            step,
+            self.acc,
+            self.model,
+            self.tokenizer,
+            self.recipe,
+            {"history": self.log.history},
+            keep=self.recipe.train.save_total_limit,
+            **extra,
+        )
 
     def finish(self, **extra) -> Path:
         final = save_final(self.recipe.train.output_dir, self.acc, self.model, self.tokenizer, self.recipe, **extra)

@@ -34,8 +34,16 @@ from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
 from ..rollout.engine import check_config, decoding
-from ..runtime import (EpochSampler, gather_rows, generation_model, micro_batch_rows, prepare_frozen,
-                       processes_with_non_finite, step_generator, zero_stage)
+from ..runtime import (
+    EpochSampler,
+    gather_rows,
+    generation_model,
+    micro_batch_rows,
+    prepare_frozen,
+    processes_with_non_finite,
+    step_generator,
+    zero_stage,
+)
 from .common import PhaseTimer, Run
 from .plots import plot_curves
 
@@ -49,8 +57,9 @@ class GRPOTrainer:
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         self.estimator = build_estimator(r.estimator, self.traits)
         self._check(run.model)
-        self.rewards = build_rewards(r.rewards or ([] if reward_funcs else [RewardSpec(self.task.reward)]),
-                                     reward_funcs)
+        self.rewards = build_rewards(
+            r.rewards or ([] if reward_funcs else [RewardSpec(self.task.reward)]), reward_funcs
+        )
         self.loss_fn = lookup(LOSSES, r.grpo.loss_type, "grpo.loss_type")
         self.advantage_fn = lookup(ADVANTAGES, r.grpo.advantage, "grpo.advantage")
         self.ref, self.ref_mode = self._reference(run.model)
@@ -79,29 +88,39 @@ class GRPOTrainer:
         if r.grpo.num_generations < 2:
             raise ConfigError("grpo.num_generations must be >= 2: advantages are relative to the group")
         if r.train.batch_size % r.train.gradient_accumulation_steps:
-            raise ConfigError(f"train.batch_size ({r.train.batch_size} prompts) must be divisible by "
-                              f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps}): "
-                              f"micro-batches hold whole groups")
+            raise ConfigError(
+                f"train.batch_size ({r.train.batch_size} prompts) must be divisible by "
+                f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps}): "
+                f"micro-batches hold whole groups"
+            )
         if r.grpo.filter_zero_std and self.acc.num_processes > 1:
-            raise ConfigError("grpo.filter_zero_std drops a different number of groups on each process, which "
-                              "then run different numbers of forwards (a hang under DeepSpeed); set it false or "
-                              "run one process")
+            raise ConfigError(
+                "grpo.filter_zero_std drops a different number of groups on each process, which "
+                "then run different numbers of forwards (a hang under DeepSpeed); set it false or "
+                "run one process"
+            )
         if r.grpo.loss_type == "spg" and r.grpo.beta != 0:
             raise ConfigError("grpo.loss_type=spg has no KL term (as SPG); set grpo.beta=0")
         learned = lookup(ORDERS, r.rollout.order, "rollout.order").needs_hidden
         check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=learned)
         if not r.order_policy.train_model and not learned:
-            raise ConfigError("order_policy.train_model=false trains only a learned unmasking order: set "
-                              "rollout.order=policy (or drop the key to train the model)")
+            raise ConfigError(
+                "order_policy.train_model=false trains only a learned unmasking order: set "
+                "rollout.order=policy (or drop the key to train the model)"
+            )
         if learned:
             if not self.estimator.replays_orders or r.rollout.order_temperature <= 0:
-                raise ConfigError("rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
-                                  "sampled orders: set estimator.name=trajectory and rollout.order_temperature > 0 "
-                                  "(e.g. 0.1; eval.order_temperature=0 evaluates the greedy order)")
+                raise ConfigError(
+                    "rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
+                    "sampled orders: set estimator.name=trajectory and rollout.order_temperature > 0 "
+                    "(e.g. 0.1; eval.order_temperature=0 evaluates the greedy order)"
+                )
             if self.acc.num_processes > 1 or r.train.deepspeed:
-                raise ConfigError("rollout.order=policy runs on one process without DeepSpeed for now (the order "
-                                  "head is outside the prepared model); launch without deepspeed/accelerate "
-                                  "or pick another rollout.order")
+                raise ConfigError(
+                    "rollout.order=policy runs on one process without DeepSpeed for now (the order "
+                    "head is outside the prepared model); launch without deepspeed/accelerate "
+                    "or pick another rollout.order"
+                )
         for note in self.estimator.check(decoding(r.rollout)):
             self.acc.print(f"note: {note}")
 
@@ -139,9 +158,14 @@ class GRPOTrainer:
         # one generator for every rank: rollouts are batch-invariant (a completion depends on its prompt and the
         # generator only), so each rank decodes exactly the rows one process with the global batch would
         with torch.no_grad(), generation_model(self.acc, self.model) as model:
-            batch = generate(model, self.tokenizer, prompts, self.recipe.rollout,
-                             generator=step_generator(self.recipe.train.seed, step, "rollout"),
-                             order_policy=self.order_policy)
+            batch = generate(
+                model,
+                self.tokenizer,
+                prompts,
+                self.recipe.rollout,
+                generator=step_generator(self.recipe.train.seed, step, "rollout"),
+                order_policy=self.order_policy,
+            )
         return batch, prompts
 
     def reward(self, batch, prompts, examples, step: int):
@@ -150,8 +174,15 @@ class GRPOTrainer:
         columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
         state = TrainerState(global_step=step, max_steps=self.recipe.train.max_steps)
-        rewards, per_fn = compute_rewards(self.rewards, prompts, batch.completions, ids, columns, state,
-                                          log_metric=lambda name, value: self._step_metrics[name].append(value))
+        rewards, per_fn = compute_rewards(
+            self.rewards,
+            prompts,
+            batch.completions,
+            ids,
+            columns,
+            state,
+            log_metric=lambda name, value: self._step_metrics[name].append(value),
+        )
         correct = verifier_scores(self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns)
         return rewards, per_fn, correct
 
@@ -188,8 +219,9 @@ class GRPOTrainer:
 
     def _no_grad(self, fn, batch, noise):
         """fn(micro-batch, its noise) -> [n, Lc] over the batch in micro-batches, without gradient."""
-        return torch.cat([fn(batch.select(rows).to(self.acc.device), noise.select(rows))
-                          for rows in self._micro_batches(len(batch))])
+        return torch.cat(
+            [fn(batch.select(rows).to(self.acc.device), noise.select(rows)) for rows in self._micro_batches(len(batch))]
+        )
 
     def estimates(self, batch, g: torch.Generator):
         """Per inner iteration: its noise, the old policy's estimate (None when mu = 1: the ratio is 1) and the
@@ -200,8 +232,11 @@ class GRPOTrainer:
         out = []
         for _ in range(r.num_iterations):
             noise = self.draw_noise(batch, full, g)
-            old = None if r.num_iterations == 1 else self._no_grad(
-                lambda mb, nz: self._estimate(self.model, mb, nz, grad=False).logps, batch, noise)
+            old = (
+                None
+                if r.num_iterations == 1
+                else self._no_grad(lambda mb, nz: self._estimate(self.model, mb, nz, grad=False).logps, batch, noise)
+            )
             ref = None if self.ref_mode == "none" else self._no_grad(self._ref_estimate, batch, noise)
             out.append((noise, old, ref))
         return out
@@ -215,8 +250,15 @@ class GRPOTrainer:
         """(loss, stats) of the GRPO objective on micro-batch `mb` (advantages set) under `noise`, with the
         policy's estimate under grad; old = None: the policy's own detached estimate (ratio 1, mu = 1)."""
         est = self._estimate(self.model, mb, noise, grad=True)
-        inputs = LossInputs(est.logps, est.logps.detach() if old is None else old, ref, mb.advantages,
-                            mb.completion_mask.float(), self.recipe.grpo.num_generations, est.upper)
+        inputs = LossInputs(
+            est.logps,
+            est.logps.detach() if old is None else old,
+            ref,
+            mb.advantages,
+            mb.completion_mask.float(),
+            self.recipe.grpo.num_generations,
+            est.upper,
+        )
         return self.loss_fn(inputs, self.recipe.grpo)
 
     def _check_finite(self, loss, stats: dict):
@@ -225,13 +267,18 @@ class GRPOTrainer:
             return
         e = self.recipe.estimator
         shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
-        hint = (f" The {e.name} estimator weights masked tokens by 1/t (1/(1-t) too when coupled), which can overflow "
-                f"the KL term near t=0 or 1: set estimator.t_min=1e-3 (now {e.t_min}) and, if coupled, "
-                f"estimator.t_max=0.999 (now {e.t_max}), or lower grpo.beta / optim.lr."
-                if e.name in ("elbo", "block_elbo") else " Lower optim.lr or grpo.beta, or check the rewards.")
-        raise DllmRlError(f"GRPO: the loss is not finite on {bad} process(es) (here {loss.item()}; "
-                          f"{shown}); no update was applied and the last checkpoint is intact.{hint} Resume with the "
-                          f"same command after changing the recipe.")
+        hint = (
+            f" The {e.name} estimator weights masked tokens by 1/t (1/(1-t) too when coupled), which can overflow "
+            f"the KL term near t=0 or 1: set estimator.t_min=1e-3 (now {e.t_min}) and, if coupled, "
+            f"estimator.t_max=0.999 (now {e.t_max}), or lower grpo.beta / optim.lr."
+            if e.name in ("elbo", "block_elbo")
+            else " Lower optim.lr or grpo.beta, or check the rewards."
+        )
+        raise DllmRlError(
+            f"GRPO: the loss is not finite on {bad} process(es) (here {loss.item()}; "
+            f"{shown}); no update was applied and the last checkpoint is intact.{hint} Resume with the "
+            f"same command after changing the recipe."
+        )
 
     def update(self, batch, estimates) -> dict:
         """num_iterations passes over the batch, one optimizer step each (TRL's num_iterations)."""
@@ -242,17 +289,23 @@ class GRPOTrainer:
             for rows in self._micro_batches(len(batch)):
                 mb = batch.select(rows).to(self.acc.device)
                 with self.acc.accumulate(self.model):
-                    loss, s = self.loss(mb, noise.select(rows), None if old is None else old[rows.to(old.device)],
-                                        None if ref is None else ref[rows.to(ref.device)])
+                    loss, s = self.loss(
+                        mb,
+                        noise.select(rows),
+                        None if old is None else old[rows.to(old.device)],
+                        None if ref is None else ref[rows.to(ref.device)],
+                    )
                     self._check_finite(loss, s)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients and max_norm > 0:
                         if any(p.requires_grad for p in self.model.parameters()):
-                            stats["grad_norm"].append(float(self.acc.clip_grad_norm_(self.model.parameters(),
-                                                                                     max_norm)))
+                            stats["grad_norm"].append(
+                                float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))
+                            )
                         if self.order_policy is not None:
-                            stats["order_policy/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(
-                                self.order_policy.parameters(), max_norm)))
+                            stats["order_policy/grad_norm"].append(
+                                float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
+                            )
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 stats["loss"].append(loss.item())
@@ -285,7 +338,7 @@ class GRPOTrainer:
             rewards, per_fn, correct = self.reward(batch, prompts, examples, step)
             everyone = gather_rows(self.acc, rewards)  # [world*B*G] the global batch's rewards, in rank order
             batch.rewards = rewards
-            batch.advantages = self.advantages(everyone)[rank * len(rewards):(rank + 1) * len(rewards)]
+            batch.advantages = self.advantages(everyone)[rank * len(rewards) : (rank + 1) * len(rewards)]
         committed = float(batch.stats.get("committed_tokens", 0))
         if r.grpo.filter_zero_std:  # groups whose rewards are all equal carry no signal
             batch = batch.select((~zero_std_groups(rewards, r.grpo.num_generations)).nonzero().squeeze(-1))
@@ -293,42 +346,65 @@ class GRPOTrainer:
             estimates = self.estimates(batch, g) if len(batch) else []
         with timer("update"):
             stats = self.update(batch, estimates) if len(batch) else {"skipped": 1.0}
-        out = {**reward_metrics(everyone, [gather_rows(self.acc, v) for v in per_fn], [rw.name for rw in self.rewards],
-                                gather_rows(self.acc, correct), r.grpo.num_generations),
-               **stats, **{k: sum(v) / len(v) for k, v in self._step_metrics.items()},
-               **throughput_metrics(timer.seconds, committed, float(batch.completion_mask.sum()), len(batch),
-                                    r.grpo.num_iterations)}
+        out = {
+            **reward_metrics(
+                everyone,
+                [gather_rows(self.acc, v) for v in per_fn],
+                [rw.name for rw in self.rewards],
+                gather_rows(self.acc, correct),
+                r.grpo.num_generations,
+            ),
+            **stats,
+            **{k: sum(v) / len(v) for k, v in self._step_metrics.items()},
+            **throughput_metrics(
+                timer.seconds, committed, float(batch.completion_mask.sum()), len(batch), r.grpo.num_iterations
+            ),
+        }
         if len(batch) and (step + 1) % r.train.logging_steps == 0:
             out["estimator_std"] = self.estimator_std(batch, g)
         return out
 
     def evaluate(self) -> float:
         with generation_model(self.acc, self.model) as model:  # every rank decodes the held-out set on gathered weights
-            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe,
-                                   order_policy=self.order_policy)["accuracy"]
+            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy)[
+                "accuracy"
+            ]
 
     def train(self) -> dict:
         run, out = self.run, self.recipe.train.output_dir
         before = run.recorded("eval_accuracy", step=0)
         if run.finished:
             after = run.recorded("eval_accuracy")
-            self.acc.print(f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
-                           f"({100 * (after - before):+.1f} points), as recorded in {out}")
+            self.acc.print(
+                f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
+                f"({100 * (after - before):+.1f} points), as recorded in {out}"
+            )
             return {"before": before, "after": after, "final": f"{out}/final"}
         if before is None:
             before = self.evaluate()
             self.log.log(0, {"eval_accuracy": before})
         self.model.eval()
-        run.loop("grpo", self.step, self.evaluate,
-                 postfix=lambda w: {"reward": f"{w['reward'][-1]:.3f}",
-                                    **({"held_out": f"{run.recorded('eval_accuracy'):.3f}"} if run.recorded(
-                                        "eval_accuracy") is not None else {})},
-                 extra_state={"order_policy": self.order_policy})
+        run.loop(
+            "grpo",
+            self.step,
+            self.evaluate,
+            postfix=lambda w: {
+                "reward": f"{w['reward'][-1]:.3f}",
+                **(
+                    {"held_out": f"{run.recorded('eval_accuracy'):.3f}"}
+                    if run.recorded("eval_accuracy") is not None
+                    else {}
+                ),
+            },
+            extra_state={"order_policy": self.order_policy},
+        )
         after = self.evaluate()
         self.log.log(self.recipe.train.max_steps, {"eval_accuracy": after})
         final = run.finish(order_policy=self.order_policy)
         if self.acc.is_main_process:
             plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"])
-        self.acc.print(f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
-                       f"({100 * (after - before):+.1f} points); model and reward curve in {final}")
+        self.acc.print(
+            f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
+            f"({100 * (after - before):+.1f} points); model and reward curve in {final}"
+        )
         return {"before": before, "after": after, "final": str(final)}

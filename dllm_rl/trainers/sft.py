@@ -31,8 +31,10 @@ def tokenize_pairs(dataset, tokenizer, length: int) -> list[tuple[list[int], lis
     for p, text in zip(prompts, dataset["completion"]):
         c = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         if len(c) > length:
-            raise ConfigError(f"a training completion has {len(c)} tokens (with EOS) but "
-                              f"rollout.max_completion_length is {length}; raise it")
+            raise ConfigError(
+                f"a training completion has {len(c)} tokens (with EOS) but "
+                f"rollout.max_completion_length is {length}; raise it"
+            )
         pairs.append((p, c + [tokenizer.eos_token_id] * (length - len(c))))
     return pairs
 
@@ -42,8 +44,8 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBa
     prompt = torch.full((len(pairs), P), pad_id, dtype=torch.long)
     pmask = torch.zeros(len(pairs), P, dtype=torch.long)
     for i, (p, _) in enumerate(pairs):
-        prompt[i, P - len(p):] = torch.tensor(p)
-        pmask[i, P - len(p):] = 1
+        prompt[i, P - len(p) :] = torch.tensor(p)
+        pmask[i, P - len(p) :] = 1
     comp = torch.tensor([c for _, c in pairs])
     return SequenceBatch(prompt, pmask, comp, torch.ones_like(comp))
 
@@ -54,8 +56,10 @@ class SFTTrainer:
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
         self.recipe = r = recipe
         if r.train.batch_size % r.train.gradient_accumulation_steps:
-            raise ConfigError(f"train.batch_size ({r.train.batch_size}) must be divisible by "
-                              f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps})")
+            raise ConfigError(
+                f"train.batch_size ({r.train.batch_size}) must be divisible by "
+                f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps})"
+            )
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         self.pairs = tokenize_pairs(self.task.train, self.tokenizer, r.rollout.max_completion_length)
@@ -76,14 +80,17 @@ class SFTTrainer:
         idx = self.sampler.indices(step, r.batch_size, rank, world)  # this rank's slice of the global batch
         # the step's noise is drawn for the whole (global) batch, so neither micro-batching nor the number of
         # processes changes it
-        noise = draw_elbo((world * r.batch_size, self.recipe.rollout.max_completion_length),
-                          step_generator(r.seed, step, "noise"), t_min=self.recipe.sft.t_min)
+        noise = draw_elbo(
+            (world * r.batch_size, self.recipe.rollout.max_completion_length),
+            step_generator(r.seed, step, "noise"),
+            t_min=self.recipe.sft.t_min,
+        )
         noise = noise.select(torch.arange(rank * r.batch_size, (rank + 1) * r.batch_size))
         micro = r.batch_size // r.gradient_accumulation_steps
         total = 0.0
         self.model.train()
         for start in range(0, r.batch_size, micro):
-            batch = collate([self.pairs[i] for i in idx[start:start + micro]], self.tokenizer.pad_token_id)
+            batch = collate([self.pairs[i] for i in idx[start : start + micro]], self.tokenizer.pad_token_id)
             batch = SequenceBatch(*(t.to(self.acc.device) for t in batch.__dict__.values()))
             with self.acc.accumulate(self.model):
                 loss = self.loss(batch, noise.select(torch.arange(start, start + micro)))
@@ -92,7 +99,8 @@ class SFTTrainer:
                         f"SFT: the loss is not finite on {bad} process(es) at step {step + 1} (here {loss.item()}); "
                         f"no update was applied and the last checkpoint is intact. Lower optim.lr (now "
                         f"{self.recipe.optim.lr}) or raise sft.t_min (now {self.recipe.sft.t_min}; the loss weights "
-                        f"masked tokens by 1/t), then resume with the same command.")
+                        f"masked tokens by 1/t), then resume with the same command."
+                    )
                 self.acc.backward(loss)
                 if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
                     self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm)
@@ -120,8 +128,9 @@ class SFTTrainer:
             result.update(self.evaluate())
             return result["accuracy"]
 
-        run.loop("sft", self.training_step, evaluate, postfix=lambda w: {"loss": f"{w['loss'][-1]:.3f}"},
-                 eval_at_end=True)
+        run.loop(
+            "sft", self.training_step, evaluate, postfix=lambda w: {"loss": f"{w['loss'][-1]:.3f}"}, eval_at_end=True
+        )
         if not result:  # resumed after the last step, or no evaluation at the end: score it again
             result = self.evaluate()
         final = run.finish()

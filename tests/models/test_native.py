@@ -66,58 +66,154 @@ DREAM_7B_OTHER = {
 
 # The published config.json files (key sets and values of the releases), used with small sizes below.
 LLADA_PUBLISHED = {
-    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
-    "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
-    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM", "AutoModel": "modeling_llada.LLaDAModelLM"},
-    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": 4096,
-    "embedding_dropout": 0.0, "embedding_size": 126464, "eos_token_id": 126081, "flash_attention": False,
-    "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
-    "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
-    "layer_norm_with_affine": True, "mask_token_id": 126336, "max_sequence_length": 4096, "mlp_hidden_size": 12288,
-    "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None, "n_heads": 32, "n_kv_heads": 32,
-    "n_layers": 32, "pad_token_id": 126081, "precision": "amp_bf16", "residual_dropout": 0.0, "rms_norm_eps": 1e-05,
-    "rope": True, "rope_full_precision": True, "rope_theta": 500000.0, "scale_logits": False,
-    "transformers_version": "4.46.3", "use_cache": False, "vocab_size": 126464, "weight_tying": False,
+    "activation_type": "silu",
+    "alibi": False,
+    "alibi_bias_max": 8.0,
+    "architectures": ["LLaDAModelLM"],
+    "attention_dropout": 0.0,
+    "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True,
+    "auto_map": {
+        "AutoConfig": "configuration_llada.LLaDAConfig",
+        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+        "AutoModel": "modeling_llada.LLaDAModelLM",
+    },
+    "bias_for_layer_norm": False,
+    "block_group_size": 1,
+    "block_type": "llama",
+    "d_model": 4096,
+    "embedding_dropout": 0.0,
+    "embedding_size": 126464,
+    "eos_token_id": 126081,
+    "flash_attention": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "init_cutoff_factor": None,
+    "init_device": "meta",
+    "init_fn": "mitchell",
+    "init_std": 0.02,
+    "input_emb_norm": False,
+    "layer_norm_type": "rms",
+    "layer_norm_with_affine": True,
+    "mask_token_id": 126336,
+    "max_sequence_length": 4096,
+    "mlp_hidden_size": 12288,
+    "mlp_ratio": 4,
+    "model_type": "llada",
+    "multi_query_attention": None,
+    "n_heads": 32,
+    "n_kv_heads": 32,
+    "n_layers": 32,
+    "pad_token_id": 126081,
+    "precision": "amp_bf16",
+    "residual_dropout": 0.0,
+    "rms_norm_eps": 1e-05,
+    "rope": True,
+    "rope_full_precision": True,
+    "rope_theta": 500000.0,
+    "scale_logits": False,
+    "transformers_version": "4.46.3",
+    "use_cache": False,
+    "vocab_size": 126464,
+    "weight_tying": False,
 }
 DREAM_PUBLISHED = {
-    "architectures": ["DreamModel"], "attention_dropout": 0.0,
+    "architectures": ["DreamModel"],
+    "attention_dropout": 0.0,
     "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-    "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 3584,
-    "initializer_range": 0.02, "intermediate_size": 18944, "mask_token_id": 151666,
-    "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "Dream", "num_attention_heads": 28,
-    "num_hidden_layers": 28, "num_key_value_heads": 4, "pad_token_id": 151643, "rms_norm_eps": 1e-06,
-    "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "transformers_version": "4.46.2", "use_cache": False, "use_sliding_window": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "mask_token_id": 151666,
+    "max_position_embeddings": 131072,
+    "max_window_layers": 28,
+    "model_type": "Dream",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "pad_token_id": 151643,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.2",
+    "use_cache": False,
+    "use_sliding_window": False,
     "vocab_size": 152064,
 }
-LLADA_SMALL = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 48, "vocab_size": 64,
-               "embedding_size": 64, "max_sequence_length": 64, "mask_token_id": 63, "eos_token_id": 1,
-               "pad_token_id": 0}
-DREAM_SMALL = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
-               "intermediate_size": 48, "vocab_size": 64, "max_position_embeddings": 64, "mask_token_id": 63,
-               "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 1}
+LLADA_SMALL = {
+    "d_model": 32,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "n_layers": 2,
+    "mlp_hidden_size": 48,
+    "vocab_size": 64,
+    "embedding_size": 64,
+    "max_sequence_length": 64,
+    "mask_token_id": 63,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+DREAM_SMALL = {
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "intermediate_size": 48,
+    "vocab_size": 64,
+    "max_position_embeddings": 64,
+    "mask_token_id": 63,
+    "pad_token_id": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
 
 
 def llada_layout(c: dict) -> dict:
     d, hd, kv, ff = c["d_model"], c["d_model"] // c["n_heads"], c["n_kv_heads"], c["mlp_hidden_size"]
-    per_layer = {"attn_norm.weight": (d,), "q_proj.weight": (d, d), "k_proj.weight": (kv * hd, d),
-                 "v_proj.weight": (kv * hd, d), "attn_out.weight": (d, d), "ff_norm.weight": (d,),
-                 "ff_proj.weight": (ff, d), "up_proj.weight": (ff, d), "ff_out.weight": (d, ff)}
+    per_layer = {
+        "attn_norm.weight": (d,),
+        "q_proj.weight": (d, d),
+        "k_proj.weight": (kv * hd, d),
+        "v_proj.weight": (kv * hd, d),
+        "attn_out.weight": (d, d),
+        "ff_norm.weight": (d,),
+        "ff_proj.weight": (ff, d),
+        "up_proj.weight": (ff, d),
+        "ff_out.weight": (d, ff),
+    }
     out = {f"model.transformer.blocks.{i}.{k}": s for i in range(c["n_layers"]) for k, s in per_layer.items()}
     V = c["embedding_size"]
-    return {**out, "model.transformer.wte.weight": (V, d), "model.transformer.ln_f.weight": (d,),
-            "model.transformer.ff_out.weight": (V, d)}
+    return {
+        **out,
+        "model.transformer.wte.weight": (V, d),
+        "model.transformer.ln_f.weight": (d,),
+        "model.transformer.ff_out.weight": (V, d),
+    }
 
 
 def dream_layout(c: dict) -> dict:
     d, hd, ff = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"], c["intermediate_size"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    per_layer = {"input_layernorm.weight": (d,), "self_attn.q_proj.weight": (q, d), "self_attn.q_proj.bias": (q,),
-                 "self_attn.k_proj.weight": (kv, d), "self_attn.k_proj.bias": (kv,),
-                 "self_attn.v_proj.weight": (kv, d), "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.weight": (d, q),
-                 "post_attention_layernorm.weight": (d,), "mlp.gate_proj.weight": (ff, d),
-                 "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff)}
+    per_layer = {
+        "input_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (d, q),
+        "post_attention_layernorm.weight": (d,),
+        "mlp.gate_proj.weight": (ff, d),
+        "mlp.up_proj.weight": (ff, d),
+        "mlp.down_proj.weight": (d, ff),
+    }
     out = {f"model.layers.{i}.{k}": s for i in range(c["num_hidden_layers"]) for k, s in per_layer.items()}
     V = c["vocab_size"]
     return {**out, "model.embed_tokens.weight": (V, d), "model.norm.weight": (d,), "lm_head.weight": (V, d)}
@@ -135,7 +231,7 @@ def _rope(x, theta):  # x [B, H, L, D], positions 0..L-1; (x1, x2) halves rotate
     D, L = x.shape[-1], x.shape[2]
     ang = torch.arange(L).float()[:, None] * theta ** (-torch.arange(0, D, 2).float() / D)[None]  # [L, D/2]
     cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
@@ -156,8 +252,15 @@ def llada_reference(p: dict, c: dict, ids, allowed=None):
     for i in range(c["n_layers"]):
         w = {k.split(f"blocks.{i}.")[1]: t for k, t in p.items() if f"blocks.{i}." in k}
         h = _rms(x, w["attn_norm.weight"], eps)
-        a = _attention(h @ w["q_proj.weight"].T, h @ w["k_proj.weight"].T, h @ w["v_proj.weight"].T,
-                       c["n_heads"], c["n_kv_heads"], c["rope_theta"], allowed)
+        a = _attention(
+            h @ w["q_proj.weight"].T,
+            h @ w["k_proj.weight"].T,
+            h @ w["v_proj.weight"].T,
+            c["n_heads"],
+            c["n_kv_heads"],
+            c["rope_theta"],
+            allowed,
+        )
         x = x + a @ w["attn_out.weight"].T
         h = _rms(x, w["ff_norm.weight"], eps)
         x = x + (F.silu(h @ w["ff_proj.weight"].T) * (h @ w["up_proj.weight"].T)) @ w["ff_out.weight"].T
@@ -196,8 +299,10 @@ def published_dir(arch, path, seed=0):
     _, _, published, small_cfg, layout, _ = ARCHS[arch]
     cfg = {**published, **small_cfg}
     g = torch.Generator().manual_seed(seed)
-    params = {k: (1.0 + 0.1 * torch.randn(s, generator=g)) if len(s) == 1 else 0.2 * torch.randn(s, generator=g)
-              for k, s in layout(cfg).items()}
+    params = {
+        k: (1.0 + 0.1 * torch.randn(s, generator=g)) if len(s) == 1 else 0.2 * torch.randn(s, generator=g)
+        for k, s in layout(cfg).items()
+    }
     (path / "config.json").write_text(json.dumps(cfg))
     save_file(params, str(path / "model.safetensors"), metadata={"format": "pt"})
     return params, cfg
@@ -211,7 +316,8 @@ def test_real_config_layout_matches_release(arch):
     cfg_cls, model_cls, published, _, layout, _ = ARCHS[arch]
     layer0, other, per_layer, total = {
         "llada": (LLADA_8B_LAYER0, LLADA_8B_OTHER, 9, 8_015_581_184),
-        "dream": (DREAM_7B_LAYER0, DREAM_7B_OTHER, 12, 7_615_616_512)}[arch]
+        "dream": (DREAM_7B_LAYER0, DREAM_7B_OTHER, 12, 7_615_616_512),
+    }[arch]
     config = cfg_cls(**{k: v for k, v in published.items() if k not in ("model_type", "transformers_version")})
     with torch.device("meta"):
         model = model_cls(config)
@@ -244,10 +350,10 @@ def test_block_causal_hides_later_blocks(arch):
     bid = block_ids(torch.ones_like(x), P, 4)
     mask = mask_from_block_ids(bid, bid, causal_blocks=True)
     y = x.clone()
-    y[:, P + 8:] = torch.randint(2, 60, (2, 4))  # perturb the last block
+    y[:, P + 8 :] = torch.randint(2, 60, (2, 4))  # perturb the last block
     base, pert = m(x, attention_mask=mask).logits, m(y, attention_mask=mask).logits
-    torch.testing.assert_close(base[:, :P + 8], pert[:, :P + 8], rtol=0, atol=0)
-    assert not torch.allclose(base[:, P + 8:], pert[:, P + 8:])
+    torch.testing.assert_close(base[:, : P + 8], pert[:, : P + 8], rtol=0, atol=0)
+    assert not torch.allclose(base[:, P + 8 :], pert[:, P + 8 :])
     # without a mask, block-causal models use blocks of block_size positions; bidirectional ones see everything
     z = x.clone()
     z[:, -1] = (z[:, -1] + 1) % 60
@@ -285,11 +391,11 @@ def test_cached_block_equals_full_forward(arch):
     full = m(x).logits
     cache = m.new_cache(2, L)
     torch.testing.assert_close(m(x, kv_cache=cache, cache_start=0, kv_len=L).logits, full)
-    block = m(x[:, P:P + 4], kv_cache=cache, cache_start=P, kv_len=L).logits
-    torch.testing.assert_close(block, full[:, P:P + 4], rtol=1e-5, atol=1e-5)
+    block = m(x[:, P : P + 4], kv_cache=cache, cache_start=P, kv_len=L).logits
+    torch.testing.assert_close(block, full[:, P : P + 4], rtol=1e-5, atol=1e-5)
     # one row of the batch only (cache_rows), as the engine does for rows still decoding
-    row = m(x[1:, P:P + 4], kv_cache=cache, cache_start=P, kv_len=L, cache_rows=torch.tensor([1])).logits
-    torch.testing.assert_close(row, full[1:, P:P + 4], rtol=1e-5, atol=1e-5)
+    row = m(x[1:, P : P + 4], kv_cache=cache, cache_start=P, kv_len=L, cache_rows=torch.tensor([1])).logits
+    torch.testing.assert_close(row, full[1:, P : P + 4], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -306,7 +412,7 @@ def test_block_causal_cache_equals_recompute(arch):
         pieces.append(m(x[:, lo:hi], attention_mask=mask, kv_cache=cache, cache_start=lo, kv_len=hi).logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(DllmRlError, match="explicit 4-D attention mask"):
-        m(x[:, P:P + 4], kv_cache=cache, cache_start=P, kv_len=P + 4)
+        m(x[:, P : P + 4], kv_cache=cache, cache_start=P, kv_len=P + 4)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -380,8 +486,12 @@ def test_rollout_engine_runs_native_models(arch, tokenizer):
     from dllm_rl.config import RolloutConfig
     from dllm_rl.rollout.engine import generate
 
-    over = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    over = {
+        "vocab_size": len(tokenizer),
+        "mask_token_id": tokenizer.mask_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if arch == "llada":
         over["embedding_size"] = len(tokenizer)
     m = small(arch, **over)
@@ -396,7 +506,7 @@ def test_rollout_engine_runs_native_models(arch, tokenizer):
 
 # ------------------------------------------------------------------------------ remote-code models (hf.py)
 
-TOY_CONFIG = '''
+TOY_CONFIG = """
 from transformers import PreTrainedConfig
 
 
@@ -405,8 +515,8 @@ class ToyDLMConfig(PreTrainedConfig):
     vocab_size: int = 64
     hidden_size: int = 16
     mask_token_id: int | None = 63
-'''
-TOY_MODEL = '''
+"""
+TOY_MODEL = """
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -429,17 +539,25 @@ class ToyDLM(PreTrainedModel):
         m = torch.ones(input_ids.shape) if attention_mask is None else attention_mask.float()
         h = x + (x * m[..., None]).sum(1, keepdim=True) / m.sum(1)[:, None, None]
         return MaskedLMOutput(logits=self.head(h), hidden_states=(x, h) if output_hidden_states else None)
-'''
+"""
 
 
 @pytest.fixture
 def remote_dir(tmp_path, tokenizer):
     (tmp_path / "configuration_toy.py").write_text(TOY_CONFIG)
     (tmp_path / "modeling_toy.py").write_text(TOY_MODEL)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "toy_remote_dlm", "vocab_size": len(tokenizer), "hidden_size": 16,
-        "mask_token_id": tokenizer.mask_token_id, "architectures": ["ToyDLM"],
-        "auto_map": {"AutoConfig": "configuration_toy.ToyDLMConfig", "AutoModel": "modeling_toy.ToyDLM"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "toy_remote_dlm",
+                "vocab_size": len(tokenizer),
+                "hidden_size": 16,
+                "mask_token_id": tokenizer.mask_token_id,
+                "architectures": ["ToyDLM"],
+                "auto_map": {"AutoConfig": "configuration_toy.ToyDLMConfig", "AutoModel": "modeling_toy.ToyDLM"},
+            }
+        )
+    )
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
     AutoModel.from_config(config, trust_remote_code=True).save_pretrained(tmp_path)  # random weights
@@ -468,8 +586,13 @@ def test_wrapper_follows_the_protocol(remote_dir):
     attn = torch.ones_like(x)
     attn[0, :2] = 0
     want = inner(input_ids=x, attention_mask=attn).logits
-    out = model(x, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0), logits_range=(P, L),
-                output_hidden_states=True)
+    out = model(
+        x,
+        attention_mask=attn,
+        position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+        logits_range=(P, L),
+        output_hidden_states=True,
+    )
     torch.testing.assert_close(out.logits, want[:, P:])
     assert out.hidden_states[-1].shape == (2, L, 16)
     bid = block_ids(attn, P, 3)
@@ -490,8 +613,13 @@ def test_engine_refuses_cache_for_wrapped_models(remote_dir, tokenizer):
     cfg = RolloutConfig(max_completion_length=4, steps=4, cache="prefix")
     with pytest.raises(ConfigError, match="cannot use a KV cache"):
         generate(model, tokenizer, ["ab"], cfg, generator=torch.Generator().manual_seed(0))
-    out = generate(model, tokenizer, ["ab", "cde"], RolloutConfig(max_completion_length=4, steps=4),
-                   generator=torch.Generator().manual_seed(0))
+    out = generate(
+        model,
+        tokenizer,
+        ["ab", "cde"],
+        RolloutConfig(max_completion_length=4, steps=4),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.completion_ids.shape == (2, 4)
 
 
@@ -501,13 +629,31 @@ def test_diffusion_gemma_goes_to_its_adapter():
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
         pytest.skip("this transformers has no DiffusionGemma")
-    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=16, num_experts=2,
-                top_k_experts=1, moe_intermediate_size=32)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=2, head_dim=8)
-    cfg = transformers.DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=8,
-                                            boi_token_id=297, eoi_token_id=298, image_token_id=299)
+    text = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        sliding_window=16,
+        num_experts=2,
+        top_k_experts=1,
+        moe_intermediate_size=32,
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    cfg = transformers.DiffusionGemmaConfig(
+        text_config=text, vision_config=vision, canvas_length=8, boi_token_id=297, eoi_token_id=298, image_token_id=299
+    )
     model = transformers.DiffusionGemmaForBlockDiffusion(cfg)
     assert not follows_protocol(model)
     with pytest.raises(DllmRlError, match="encoder-decoder block-diffusion"):

@@ -81,12 +81,15 @@ UNEVEN = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])  # 3, 1 and 2 
 ADV = torch.tensor([1.0, -2.0, 0.5])
 
 
-@pytest.mark.parametrize("loss_type,expected", [
-    ("grpo", -(1 - 2 + 0.5) / 3),  # mean over each sequence's tokens, then over sequences
-    ("bnpo", -(3 * 1 - 1 * 2 + 2 * 0.5) / 6),  # mean over all tokens
-    ("dapo", -(3 * 1 - 1 * 2 + 2 * 0.5) / 6),
-    ("dr_grpo", -(3 * 1 - 1 * 2 + 2 * 0.5) / (3 * 4)),  # sum / (N * Lc)
-])
+@pytest.mark.parametrize(
+    "loss_type,expected",
+    [
+        ("grpo", -(1 - 2 + 0.5) / 3),  # mean over each sequence's tokens, then over sequences
+        ("bnpo", -(3 * 1 - 1 * 2 + 2 * 0.5) / 6),  # mean over all tokens
+        ("dapo", -(3 * 1 - 1 * 2 + 2 * 0.5) / 6),
+        ("dr_grpo", -(3 * 1 - 1 * 2 + 2 * 0.5) / (3 * 4)),  # sum / (N * Lc)
+    ],
+)
 def test_clipped_at_ratio_one_by_hand(loss_type, expected):
     logps = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
     x = LossInputs(logps, logps.detach(), None, ADV, UNEVEN, group_size=3)
@@ -95,16 +98,26 @@ def test_clipped_at_ratio_one_by_hand(loss_type, expected):
     assert stats["clip_fraction"] == 0
     loss.backward()
     n_tok = UNEVEN.sum(-1, keepdim=True).float()
-    per_token = {"grpo": -ADV[:, None] / n_tok / 3, "bnpo": -ADV[:, None] / 6, "dapo": -ADV[:, None] / 6,
-                 "dr_grpo": -ADV[:, None] / 12}[loss_type]
+    per_token = {
+        "grpo": -ADV[:, None] / n_tok / 3,
+        "bnpo": -ADV[:, None] / 6,
+        "dapo": -ADV[:, None] / 6,
+        "dr_grpo": -ADV[:, None] / 12,
+    }[loss_type]
     assert torch.allclose(logps.grad, per_token * UNEVEN)  # gradient of -A * ratio, ratio = 1
 
 
 def test_clipping_zeroes_the_gradient_only_on_the_clipped_side():
     c = cfg(epsilon=0.2, epsilon_high=0.28)
     # one token per sequence: (advantage, ratio, gradient expected?)
-    cases = [(1.0, 1.35, False), (1.0, 1.2, True), (1.0, 0.7, True),
-             (-1.0, 0.7, False), (-1.0, 0.9, True), (-1.0, 1.35, True)]
+    cases = [
+        (1.0, 1.35, False),
+        (1.0, 1.2, True),
+        (1.0, 0.7, True),
+        (-1.0, 0.7, False),
+        (-1.0, 0.9, True),
+        (-1.0, 1.35, True),
+    ]
     adv = torch.tensor([a for a, _, _ in cases])
     old = torch.zeros(len(cases), 1)
     logps = torch.tensor([[math.log(r)] for _, r, _ in cases], requires_grad=True)
@@ -207,10 +220,19 @@ def pg_setup(tokenizer):
     different completions of one prompt."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = M.TinyMDM(M.TinyMDMConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, max_position_embeddings=64,
-                                          mask_token_id=tokenizer.mask_token_id,
-                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+        model = M.TinyMDM(
+            M.TinyMDMConfig(
+                vocab_size=12,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=64,
+                mask_token_id=tokenizer.mask_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -228,9 +250,17 @@ def sequence_ll(model, batch, noise, est):
     return out, (out.logps * batch.completion_mask).sum(-1)
 
 
-@pytest.mark.parametrize("estimator,loss_type", [("one_step", "grpo"), ("elbo", "grpo"), ("trajectory", "grpo"),
-                                                 ("one_step", "dr_grpo"), ("one_step", "wd1"),
-                                                 ("block_elbo", "spg")])
+@pytest.mark.parametrize(
+    "estimator,loss_type",
+    [
+        ("one_step", "grpo"),
+        ("elbo", "grpo"),
+        ("trajectory", "grpo"),
+        ("one_step", "dr_grpo"),
+        ("one_step", "wd1"),
+        ("block_elbo", "spg"),
+    ],
+)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_one_step_of_the_loss_moves_likelihoods_the_right_way(pg_setup, estimator, loss_type, sign):
     """Advantages (+1, -1) (and, mirrored, (-1, +1)): one SGD step on the loss, at ratio 1 and under a fixed
@@ -242,8 +272,7 @@ def test_one_step_of_the_loss_moves_likelihoods_the_right_way(pg_setup, estimato
     noise = est.draw(batch, torch.Generator().manual_seed(1))
     out, before = sequence_ll(model, batch, noise, est)
     adv = torch.tensor([sign, -sign])
-    x = LossInputs(out.logps, out.logps.detach(), None, adv, batch.completion_mask, 2,
-                   upper=out.upper)
+    x = LossInputs(out.logps, out.logps.detach(), None, adv, batch.completion_mask, 2, upper=out.upper)
     loss, _ = LOSSES[loss_type](x, cfg(loss_type=loss_type, spg_bound="elbo"))
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=1e-4).step()

@@ -17,7 +17,7 @@ from dllm_rl.models.load import load_model
 from dllm_rl.tasks import load_task
 from dllm_rl.trainers.grpo import GRPOTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SFT = ROOT / "checkpoints" / "tiny" / "sudoku-sft"
 
 
@@ -33,8 +33,15 @@ def recipe(out, **over):
         "order_policy": {},
         "eval": {},
         "optim": {"lr": 1e-3, "lr_scheduler": "constant"},
-        "train": {"max_steps": 8, "batch_size": 4, "output_dir": str(out), "logging_steps": 1,
-                  "eval_steps": 0, "save_steps": 0, "num_threads": 2},
+        "train": {
+            "max_steps": 8,
+            "batch_size": 4,
+            "output_dir": str(out),
+            "logging_steps": 1,
+            "eval_steps": 0,
+            "save_steps": 0,
+            "num_threads": 2,
+        },
     }
     for key, value in over.items():
         section, name = key.split("__")
@@ -67,10 +74,14 @@ def ones_rate(trainer: GRPOTrainer, steps: range) -> float:
     return hits / n
 
 
-@pytest.mark.parametrize("estimator,steps,options",
-                         [("one_step", 16, {}), ("trajectory", 8, {"estimator__merge_steps": 4}),
-                          ("trajectory", 8, {"rollout__steps": 5, "rollout__order": "top_prob",
-                                             "rollout__order_temperature": 0.3})])
+@pytest.mark.parametrize(
+    "estimator,steps,options",
+    [
+        ("one_step", 16, {}),
+        ("trajectory", 8, {"estimator__merge_steps": 4}),
+        ("trajectory", 8, {"rollout__steps": 5, "rollout__order": "top_prob", "rollout__order_temperature": 0.3}),
+    ],
+)
 def test_the_policy_moves_toward_what_is_rewarded_and_away_from_what_is_not(tmp_path, estimator, steps, options):
     """A reward on one decision the model makes (the first cell of the grid): GRPO raises its frequency,
     the negated reward lowers it. Both runs see the same prompts and rollout seeds, so the reward is the
@@ -79,8 +90,9 @@ def test_the_policy_moves_toward_what_is_rewarded_and_away_from_what_is_not(tmp_
     its Plackett-Luce log-prob in the likelihood) 97% / 0%."""
     rates = {}
     for fn in (first_cell_is_1, first_cell_is_not_1):
-        r = recipe(tmp_path / fn.__name__, estimator__name=estimator, train__batch_size=8, train__max_steps=steps,
-                   **options)
+        r = recipe(
+            tmp_path / fn.__name__, estimator__name=estimator, train__batch_size=8, train__max_steps=steps, **options
+        )
         tr = GRPOTrainer(r, reward_funcs=[fn])
         before = ones_rate(tr, range(100, 104))
         for step in range(steps):
@@ -118,9 +130,18 @@ def test_the_learned_order_policy_learns_the_rewarded_order_with_the_model_froze
         return (seen["trace"].commit_step[:, 0] != 0).float().tolist()
 
     for fn in (first_first, first_not_first):
-        r = recipe(tmp_path / fn.__name__, estimator__name="trajectory", train__batch_size=4, train__max_steps=8,
-                   rollout__steps=5, rollout__order="policy", rollout__order_temperature=0.3,
-                   order_policy__lr=1e-2, order_policy__train_model=False, eval__order_temperature=0.0)
+        r = recipe(
+            tmp_path / fn.__name__,
+            estimator__name="trajectory",
+            train__batch_size=4,
+            train__max_steps=8,
+            rollout__steps=5,
+            rollout__order="policy",
+            rollout__order_temperature=0.3,
+            order_policy__lr=1e-2,
+            order_policy__train_model=False,
+            eval__order_temperature=0.0,
+        )
         tr = GRPOTrainer(r, reward_funcs=[fn])
         rollout = tr.rollout
 
@@ -144,7 +165,8 @@ def test_the_learned_order_policy_learns_the_rewarded_order_with_the_model_froze
 
 def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outputs(tmp_path, capsys):
     """A reward that crashes in the fourth step (after the step-2 checkpoint and one unsaved step) stops the run
-    the way a kill would; the relaunched trainer resumes from checkpoint-2 and ends with the uninterrupted run's metrics and weights."""
+    the way a kill would; the relaunched trainer resumes from checkpoint-2 and ends with the uninterrupted run's
+    metrics and weights."""
     crash = {"armed": True}
 
     def tripwire(prompts, completions, trainer_state, **kwargs):
@@ -152,8 +174,13 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
             raise RuntimeError("simulated kill")
         return [0.0] * len(completions)
 
-    over = {"train__max_steps": 4, "train__save_steps": 2, "train__eval_steps": 2, "grpo__beta": 0.04,
-            "grpo__num_iterations": 2}
+    over = {
+        "train__max_steps": 4,
+        "train__save_steps": 2,
+        "train__eval_steps": 2,
+        "grpo__beta": 0.04,
+        "grpo__num_iterations": 2,
+    }
 
     def make(out):
         r = recipe(out, **over)
@@ -183,17 +210,32 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key, ra[key], rb[key])
     assert straight["before"] == resumed["before"] and straight["after"] == resumed["after"]
-    wa, wb = load_file(Path(straight["final"]) / "model.safetensors"), load_file(Path(resumed["final"]) /
-                                                                                   "model.safetensors")
+    wa, wb = (
+        load_file(Path(straight["final"]) / "model.safetensors"),
+        load_file(Path(resumed["final"]) / "model.safetensors"),
+    )
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
 
     # what a finished run leaves: the reward curve beside the model, and the per-step metrics the issue lists
     assert (Path(resumed["final"]) / "reward_curve.png").stat().st_size > 1000
     logged = set().union(*(r.keys() for r in b))
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "accuracy", "kl", "clip_fraction", "estimator_std",
-                "completion_length", "rewards/sudoku_cells/mean", "rewards/sudoku_cells/std",
-                "tokens_per_s/rollout", "tokens_per_s/estimate", "tokens_per_s/update", "grad_norm"):
+    for key in (
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "accuracy",
+        "kl",
+        "clip_fraction",
+        "estimator_std",
+        "completion_length",
+        "rewards/sudoku_cells/mean",
+        "rewards/sudoku_cells/std",
+        "tokens_per_s/rollout",
+        "tokens_per_s/estimate",
+        "tokens_per_s/update",
+        "grad_norm",
+    ):
         assert key in logged, (key, sorted(logged))
 
 
@@ -206,9 +248,19 @@ def test_a_learned_order_policy_is_checkpointed_resumed_and_evaluated(tmp_path, 
     from dllm_rl.policy import OrderHead
 
     def make(out, steps):
-        r = recipe(out, estimator__name="trajectory", train__batch_size=2, train__max_steps=steps,
-                   train__save_steps=1, rollout__steps=5, rollout__order="policy", rollout__order_temperature=0.3,
-                   grpo__num_generations=4, order_policy__lr=1e-2, eval__order_temperature=0.0)
+        r = recipe(
+            out,
+            estimator__name="trajectory",
+            train__batch_size=2,
+            train__max_steps=steps,
+            train__save_steps=1,
+            rollout__steps=5,
+            rollout__order="policy",
+            rollout__order_temperature=0.3,
+            grpo__num_generations=4,
+            order_policy__lr=1e-2,
+            eval__order_temperature=0.0,
+        )
         r.rewards = recipe_from_dict({"rewards": [{"name": "sudoku_cells"}]}).rewards
         return GRPOTrainer(r)
 
@@ -291,8 +343,14 @@ def test_main_job_start_mixes_solutions_under_the_fast_sampler():
     model, tok = load_model(replace(r.model, path=str(ROOT / r.model.path)), seed=0)
     task = load_task(r.data)
     fast = evaluate_recipe(model, tok, task, r)
-    untrained = OrderHead(OrderHeadConfig(hidden_size=model.config.hidden_size, width=main.order_policy.width,
-                                          heads=main.order_policy.heads, base=main.order_policy.base))
+    untrained = OrderHead(
+        OrderHeadConfig(
+            hidden_size=model.config.hidden_size,
+            width=main.order_policy.width,
+            heads=main.order_policy.heads,
+            base=main.order_policy.base,
+        )
+    )
     assert evaluate_recipe(model, tok, task, main, order_policy=untrained)["scores"] == fast["scores"]
     fast = fast["accuracy"]
     slow = evaluate_recipe(model, tok, task, replace(r, rollout=replace(r.rollout, steps=20)))["accuracy"]
@@ -308,8 +366,23 @@ def test_headroom_benchmark_tracks_each_puzzle():
     import sys
 
     ckpt = str(ROOT / "checkpoints/tiny/sudoku-sft-multi")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/headroom.py"), ckpt, ckpt, "--eval-size", "48",
-                          "--samples", "4", "--threads", "1"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/headroom.py"),
+            ckpt,
+            ckpt,
+            "--eval-size",
+            "48",
+            "--samples",
+            "4",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "Greedy: 0 puzzles won, 0 lost (net +0 of 48)" in out, out
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2] in "0(1"]
     matrix = [[int(c) for c in row.strip("|").split("|")[1:]] for row in rows[-6:]]
@@ -326,8 +399,23 @@ def test_headroom_benchmark_tracks_each_puzzle():
     assert torch.equal(per_prompt, torch.tensor(greedy["scores"])[:, None].expand(48, 3))
     assert 0 < greedy["accuracy"] < 1
     # --split train scores the first training puzzles instead (did RL fit what it trained on?)
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/headroom.py"), ckpt, "--eval-size", "48",
-                          "--samples", "2", "--threads", "1", "--split", "train"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/headroom.py"),
+            ckpt,
+            "--eval-size",
+            "48",
+            "--samples",
+            "2",
+            "--threads",
+            "1",
+            "--split",
+            "train",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     on_train = evaluate_recipe(model, tok, replace(task, eval=task.train.select(range(48))), r)["accuracy"]
     assert "48 training puzzles" in out and f"| {ckpt} | {on_train:.3f} |" in out, (on_train, out)

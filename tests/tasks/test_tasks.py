@@ -7,10 +7,10 @@ import pytest
 from dllm_rl.config import DataConfig
 from dllm_rl.errors import ConfigError
 from dllm_rl.rewards.plugins import Reward, compute_rewards, resolve_reward
-from dllm_rl.tasks import load_task
 from dllm_rl.rewards.sudoku import all_grids, count_solutions, is_valid_solution, sudoku_cells_reward
+from dllm_rl.tasks import load_task
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def verify(task, rows, completions):
@@ -27,8 +27,7 @@ def test_procedural_tasks_split_and_verify(name):
     assert not {key(r) for r in task.train} & {key(r) for r in task.eval}  # disjoint by content
     rows = task.eval.to_list()[:10]
     assert verify(task, rows, [r["completion"] for r in rows]) == [1.0] * 10  # targets are correct
-    wrong = [r["completion"][::-1] + "1" if name == "countdown" else r["completion"].replace("1", "2")
-             for r in rows]
+    wrong = [r["completion"][::-1] + "1" if name == "countdown" else r["completion"].replace("1", "2") for r in rows]
     assert sum(verify(task, rows, wrong)) == 0.0
     again = load_task(DataConfig(task=name, train_size=300, eval_size=40, seed=3))
     assert again.train.to_list() == task.train.to_list()  # seeded
@@ -51,16 +50,19 @@ def test_sudoku_with_several_solutions_per_puzzle():
     assert not {r["answer"] for r in task.train} & {r["answer"] for r in task.eval}
     # a valid grid other than the target still scores 1 under the task's verifier
     row = next(r for r in task.eval.to_list() if count_solutions(r["puzzle"]) > 1)
-    other = next(g for g in all_grids() if is_valid_solution(list(g), row["puzzle"])
-                 and "".join(map(str, g)) != row["answer"].replace("\n", ""))
-    other_text = "\n".join("".join(map(str, other[4 * i:4 * i + 4])) for i in range(4))
+    other = next(
+        g
+        for g in all_grids()
+        if is_valid_solution(list(g), row["puzzle"]) and "".join(map(str, g)) != row["answer"].replace("\n", "")
+    )
+    other_text = "\n".join("".join(map(str, other[4 * i : 4 * i + 4])) for i in range(4))
     assert verify(task, [row, row], [row["completion"], other_text]) == [1.0, 1.0]
     # partial credit counts against the closest valid solution: another solution scores 1, and that solution with
     # one blank changed (never valid: its row repeats a digit) scores 1 - 1/blanks, or more if a third is nearer
     i = row["puzzle"].replace("\n", "").index("_")
     changed = list(other)
     changed[i] = changed[i] % 4 + 1
-    changed_text = "\n".join("".join(map(str, changed[4 * r:4 * r + 4])) for r in range(4))
+    changed_text = "\n".join("".join(map(str, changed[4 * r : 4 * r + 4])) for r in range(4))
     scores = sudoku_cells_reward(["p"] * 3, [row["completion"], other_text, changed_text], puzzle=[row["puzzle"]] * 3)
     n_blank = row["puzzle"].count("_")
     assert scores[:2] == [1.0, 1.0] and 1 - 1 / n_blank <= scores[2] < 1.0, scores

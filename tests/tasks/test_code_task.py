@@ -4,13 +4,13 @@ and rows the `code` reward scores with their own tests."""
 from pathlib import Path
 
 import pytest
-from dllm_rl.rewards import code_reward
 
 from dllm_rl.config import DataConfig
 from dllm_rl.errors import ConfigError
+from dllm_rl.rewards import code_reward
 from dllm_rl.tasks import load_task
 
-FIXTURE = str(Path(__file__).parent / "fixtures" / "code_tasks.jsonl")  # 8 rows, one without tests
+FIXTURE = str(Path(__file__).parents[1] / "fixtures" / "code_tasks.jsonl")  # 8 rows, one without tests
 
 
 def test_code_task_rows_and_split():

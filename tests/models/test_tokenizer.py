@@ -12,8 +12,9 @@ def test_round_trip_and_special_tokens(tokenizer):
 
 
 def test_chat_template(tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|user|>hi<|assistant|>"
     assert len(tokenizer(text, add_special_tokens=False).input_ids) == 4  # role markers are single tokens
 

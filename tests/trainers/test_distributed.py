@@ -30,16 +30,24 @@ from dllm_rl.config import recipe_from_dict
 from dllm_rl.errors import ConfigError
 from dllm_rl.runtime import EpochSampler, deepspeed_plugin
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ZERO = {stage: str(ROOT / f"recipes/deepspeed/zero{stage}.json") for stage in (2, 3)}
 PER_RANK = 4  # SFT sequences per rank and step; GRPO uses PER_RANK // 2 prompts
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')"
+)
 
 SFT = {
     "algorithm": "sft",
-    "model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                       "max_position_embeddings": 64}},
+    "model": {
+        "tiny": {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+        }
+    },
     "data": {"task": "sudoku", "train_size": 256, "eval_size": 4},
     "rollout": {"max_completion_length": 20, "steps": 10},
     "optim": {"lr": 3e-3, "lr_scheduler": "constant"},
@@ -49,8 +57,13 @@ SFT = {
 GRPO = {
     "algorithm": "grpo",
     "model": {"path": str(ROOT / "checkpoints/tiny/sudoku-sft")},
-    "data": {"task": "sudoku", "train_size": 64, "eval_size": 4, "seed": 1, "options": {"min_empty": 10,
-                                                                                        "max_empty": 12}},
+    "data": {
+        "task": "sudoku",
+        "train_size": 64,
+        "eval_size": 4,
+        "seed": 1,
+        "options": {"min_empty": 10, "max_empty": 12},
+    },
     "rollout": {"max_completion_length": 20, "steps": 10, "temperature": 1.0},
     "grpo": {"num_generations": 4, "num_iterations": 2, "beta": 0.04, "scale_rewards": "batch"},
     "estimator": {"name": "one_step"},
@@ -65,7 +78,7 @@ START = ROOT / "checkpoints/tiny/sudoku-sft/final/model.safetensors"
 
 # Runs the CLI in each process and counts ZeRO's all-gathers (calls and gathered elements) during every
 # rollout and every update of the GRPO trainer; writes them to OUT.rank<R>.json.
-COUNTING_LAUNCH = '''
+COUNTING_LAUNCH = """
 import json, os, sys
 from dllm_rl.trainers.grpo import GRPOTrainer
 
@@ -112,7 +125,7 @@ code = main(sys.argv[2:])
 with open(f"{sys.argv[1]}.rank{os.environ['RANK']}.json", "w") as f:
     json.dump(phases, f)
 sys.exit(code)
-'''
+"""
 
 
 def free_port() -> int:
@@ -127,15 +140,39 @@ def launch(launcher: str, args: list[str], tmp_path: Path) -> str:
     prefix = {
         "torchrun": ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", port],
         "deepspeed": ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port],
-        "accelerate": ["accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2", "--num_machines",
-                       "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port],
+        "accelerate": [
+            "accelerate.commands.launch",
+            "--use_deepspeed",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+        ],
     }[launcher]
     if args[0] == "-m" and launcher == "deepspeed":
         args = ["--module", *args[1:]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-m", *prefix, *args], check=False, capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", *prefix, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-6000:])
     return out.stdout + out.stderr
 
@@ -169,8 +206,7 @@ def single_process(base: dict, run_dir: Path, **train) -> None:
         torch.set_num_threads(threads)
 
 
-def assert_same_run(dist_dir: Path, ref_dir: Path, keys: list[str], atol: float,
-                    start: Path | None = None) -> float:
+def assert_same_run(dist_dir: Path, ref_dir: Path, keys: list[str], atol: float, start: Path | None = None) -> float:
     """Metrics of every step and final weights agree (weights within `atol`); returns how far training moved
     the weights from `start`."""
     a, b = metrics(dist_dir), metrics(ref_dir)
@@ -206,11 +242,19 @@ def test_ranks_split_the_global_batch():
 
 @needs_deepspeed
 def test_deepspeed_plugin_fills_what_the_recipe_decides(tmp_path):
-    recipe = recipe_from_dict({"optim": {"max_grad_norm": 0.5},
-                               "train": {"batch_size": 8, "gradient_accumulation_steps": 2, "deepspeed": ZERO[3]}})
+    recipe = recipe_from_dict(
+        {
+            "optim": {"max_grad_norm": 0.5},
+            "train": {"batch_size": 8, "gradient_accumulation_steps": 2, "deepspeed": ZERO[3]},
+        }
+    )
     cfg = deepspeed_plugin(recipe, micro_batch_size=4 * 8, world=2).deepspeed_config  # GRPO: 4 prompts x G=8
-    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"],
-            cfg["gradient_clipping"]) == (32, 2, 128, 0.5)
+    assert (
+        cfg["train_micro_batch_size_per_gpu"],
+        cfg["gradient_accumulation_steps"],
+        cfg["train_batch_size"],
+        cfg["gradient_clipping"],
+    ) == (32, 2, 128, 0.5)
     assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     fixed = tmp_path / "fixed.json"
     fixed.write_text(json.dumps({**json.loads(Path(ZERO[2]).read_text()), "gradient_accumulation_steps": 4}))
@@ -224,8 +268,9 @@ def test_deepspeed_plugin_fills_what_the_recipe_decides(tmp_path):
 
 def test_sft_ddp_matches_one_process(tmp_path):
     """torchrun without train.deepspeed: DDP over gloo (accelerate's MULTI_CPU), not two lone processes."""
-    recipe = write_recipe(tmp_path, SFT, "sft", batch_size=PER_RANK, max_steps=2, save_steps=0,
-                          output_dir=str(tmp_path / "dist"))
+    recipe = write_recipe(
+        tmp_path, SFT, "sft", batch_size=PER_RANK, max_steps=2, save_steps=0, output_dir=str(tmp_path / "dist")
+    )
     launch("torchrun", ["-m", "dllm_rl", "train", str(recipe)], tmp_path)
     single_process(SFT, tmp_path / "one", batch_size=2 * PER_RANK, max_steps=2, save_steps=0)
     assert_same_run(tmp_path / "dist", tmp_path / "one", ["loss"], atol=2e-6)
@@ -234,8 +279,15 @@ def test_sft_ddp_matches_one_process(tmp_path):
 @needs_deepspeed
 def test_sft_zero2_matches_one_process(tmp_path):
     """accelerate launch --use_deepspeed, ZeRO-2, gradient accumulation inside each rank."""
-    recipe = write_recipe(tmp_path, SFT, "sft", batch_size=PER_RANK, gradient_accumulation_steps=2,
-                          deepspeed=ZERO[2], output_dir=str(tmp_path / "dist"))
+    recipe = write_recipe(
+        tmp_path,
+        SFT,
+        "sft",
+        batch_size=PER_RANK,
+        gradient_accumulation_steps=2,
+        deepspeed=ZERO[2],
+        output_dir=str(tmp_path / "dist"),
+    )
     launch("accelerate", ["-m", "dllm_rl", "train", str(recipe)], tmp_path)
     single_process(SFT, tmp_path / "one", batch_size=2 * PER_RANK)
     assert_same_run(tmp_path / "dist", tmp_path / "one", ["loss"], atol=2e-6)
@@ -247,8 +299,9 @@ def test_sft_zero2_matches_one_process(tmp_path):
 def test_sft_zero3_resumes_and_matches_one_process(tmp_path):
     """torchrun, ZeRO-3: a first launch stops at its step-2 checkpoint, a second launch resumes to step 4."""
     common = {"batch_size": PER_RANK, "deepspeed": ZERO[3], "output_dir": str(tmp_path / "dist")}
-    launch("torchrun", ["-m", "dllm_rl", "train", str(write_recipe(tmp_path, SFT, "a", max_steps=2, **common))],
-           tmp_path)
+    launch(
+        "torchrun", ["-m", "dllm_rl", "train", str(write_recipe(tmp_path, SFT, "a", max_steps=2, **common))], tmp_path
+    )
     out = launch("torchrun", ["-m", "dllm_rl", "train", str(write_recipe(tmp_path, SFT, "b", **common))], tmp_path)
     assert "resumed from" in out and "checkpoint-2 at step 2" in out
     single_process(SFT, tmp_path / "one", batch_size=2 * PER_RANK)
@@ -259,8 +312,15 @@ def test_sft_zero3_resumes_and_matches_one_process(tmp_path):
 @needs_deepspeed
 def test_grpo_zero2_matches_one_process(tmp_path):
     """The deepspeed launcher, ZeRO-2, frozen reference (beta > 0), two micro-batches per rank."""
-    recipe = write_recipe(tmp_path, GRPO, "grpo", batch_size=PER_RANK // 2, gradient_accumulation_steps=2,
-                          deepspeed=ZERO[2], output_dir=str(tmp_path / "dist"))
+    recipe = write_recipe(
+        tmp_path,
+        GRPO,
+        "grpo",
+        batch_size=PER_RANK // 2,
+        gradient_accumulation_steps=2,
+        deepspeed=ZERO[2],
+        output_dir=str(tmp_path / "dist"),
+    )
     launch("deepspeed", ["-m", "dllm_rl", "train", str(recipe)], tmp_path)
     single_process(GRPO, tmp_path / "one", batch_size=PER_RANK)
     moved = assert_same_run(tmp_path / "dist", tmp_path / "one", GRPO_KEYS, atol=1e-5, start=START)
@@ -269,8 +329,9 @@ def test_grpo_zero2_matches_one_process(tmp_path):
 
 @needs_deepspeed
 def test_grpo_zero3_gathers_once_per_rollout_and_matches_one_process(tmp_path):
-    recipe = write_recipe(tmp_path, GRPO, "grpo", batch_size=PER_RANK // 2, deepspeed=ZERO[3],
-                          output_dir=str(tmp_path / "dist"))
+    recipe = write_recipe(
+        tmp_path, GRPO, "grpo", batch_size=PER_RANK // 2, deepspeed=ZERO[3], output_dir=str(tmp_path / "dist")
+    )
     script = tmp_path / "counting_launch.py"
     script.write_text(COUNTING_LAUNCH)
     out = launch("torchrun", [str(script), str(tmp_path / "gathers"), "train", str(recipe)], tmp_path)

@@ -24,8 +24,7 @@ from dllm_rl.errors import ConfigError, DllmRlError
 from dllm_rl.estimators import ESTIMATORS
 from dllm_rl.models import DiffusionGemmaLM, HFDiffusionLM, traits
 from dllm_rl.models.diffusion_gemma import noise_tokens
-from dllm_rl.models.load import wrap_if_needed
-from dllm_rl.models.load import load_model
+from dllm_rl.models.load import load_model, wrap_if_needed
 from dllm_rl.rollout import generate
 from dllm_rl.tasks.base import Task
 
@@ -59,24 +58,53 @@ def build_tokenizer():
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    t = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
-                                             bos_token="<bos>", unk_token="<unk>")
+    t = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
     t.add_special_tokens({"additional_special_tokens": IMAGE})
     assert len(t) == V
     return t
 
 
 def build_raw(seed: int = 0):
-    text = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 512,
-            "sliding_window": 64, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 64,
-            "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-            "layer_types": ["sliding_attention", "full_attention"]}
-    vision = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8}  # the default tower is 168M
-    cfg = transformers.DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=CANVAS,
-                                            boi_token_id=V - 3, eoi_token_id=V - 2, image_token_id=V - 1,
-                                            pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    text = {
+        "vocab_size": V,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "max_position_embeddings": 512,
+        "sliding_window": 64,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 64,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "layer_types": ["sliding_attention", "full_attention"],
+    }
+    vision = {
+        "model_type": "gemma4_vision",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+    }  # the default tower is 168M
+    cfg = transformers.DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        canvas_length=CANVAS,
+        boi_token_id=V - 3,
+        eoi_token_id=V - 2,
+        image_token_id=V - 1,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transformers.DiffusionGemmaForBlockDiffusion(cfg).eval()
@@ -98,8 +126,7 @@ def saved(tmp_path_factory, model, tok):
 def canvas_batch():
     """Two left-padded rows [prompt (5) | completion (6)] with committed tokens and sentinels."""
     S = V  # the sentinel
-    ids = torch.tensor([[0, 0, 2, 7, 8, 40, S, S, 41, S, S],
-                        [2, 5, 6, 7, 9, S, 12, S, S, S, 1]])
+    ids = torch.tensor([[0, 0, 2, 7, 8, 40, S, S, 41, S, S], [2, 5, 6, 7, 9, S, 12, S, S, S, 1]])
     attn = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 11])
     return ids, attn
 
@@ -124,11 +151,15 @@ def test_forward_is_a_function_of_its_input_and_matches_transformers(model):
         noise = noise_tokens(ids, attn, pos, torch.cat([pos[:, :P], dec_pos], 1), V)
         canvas = torch.cat([ids[:, P:], torch.full((2, CANVAS - (L - P)), V)], 1)  # padded to the full canvas
         canvas = torch.where(canvas == V, noise[:, P:], canvas)
-        direct = model.model(input_ids=ids[:, :P], attention_mask=attn[:, :P], position_ids=pos[:, :P],
-                             decoder_input_ids=canvas, decoder_position_ids=dec_pos,
-                             decoder_attention_mask=torch.cat([attn[:, :P], torch.ones(2, CANVAS, dtype=torch.long)],
-                                                              1)).logits
-        assert torch.allclose(a[..., :V], direct[:, :L - P], atol=1e-6, rtol=0)
+        direct = model.model(
+            input_ids=ids[:, :P],
+            attention_mask=attn[:, :P],
+            position_ids=pos[:, :P],
+            decoder_input_ids=canvas,
+            decoder_position_ids=dec_pos,
+            decoder_attention_mask=torch.cat([attn[:, :P], torch.ones(2, CANVAS, dtype=torch.long)], 1),
+        ).logits
+        assert torch.allclose(a[..., :V], direct[:, : L - P], atol=1e-6, rtol=0)
 
         # the noise ignores padding and the rest of the batch; it changes with the canvas (renoising)
         alone = model(input_ids=ids[:1, 2:], attention_mask=attn[:1, 2:], logits_range=(P - 2, L - 2)).logits
@@ -215,10 +246,14 @@ def test_estimators_backpropagate(tok, name, sc):
     assert torch.isfinite(logps).all() and (logps[batch.completion_mask.bool()] < 0).all()
     (logps * batch.completion_mask).sum().backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
-    moves = (lambda t: t.grad is not None and bool(t.grad.abs().sum() > 0))
+    moves = lambda t: t.grad is not None and bool(t.grad.abs().sum() > 0)
     dec = model.model.model.decoder  # its weights are tied to the encoder's (the cache) and to the LM head
-    for must in [dec.embed_tokens.weight, dec.layers[0].self_attn.q_proj.weight, dec.layers[1].experts.gate_up_proj,
-                 dec.layers[0].router.proj.weight]:
+    for must in [
+        dec.embed_tokens.weight,
+        dec.layers[0].self_attn.q_proj.weight,
+        dec.layers[1].experts.gate_up_proj,
+        dec.layers[0].router.proj.weight,
+    ]:
         assert moves(must)
     # without a signal the self-conditioning block learns nothing; with two passes it does
     assert moves(dec.self_conditioning.gate_proj.weight) == (sc == "two_pass")
@@ -235,15 +270,23 @@ def test_two_grpo_steps_train_and_checkpoint(tmp_path, tok):
     def even_tokens(prompts, completions, completion_ids, **kw):  # a trivial reward with spread in a group
         return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
-    recipe = recipe_from_dict({
-        "algorithm": "grpo",
-        "rollout": {"max_completion_length": 8, "steps": 4, "temperature": 1.0},
-        "grpo": {"num_generations": 2, "beta": 0.04},
-        "optim": {"lr": 1e-3, "lr_scheduler": "constant"},
-        "train": {"max_steps": 2, "batch_size": 2, "save_steps": 1, "logging_steps": 1, "eval_steps": 0,
-                  "output_dir": str(tmp_path / "run")},
-        "eval": {"size": 2},
-    })
+    recipe = recipe_from_dict(
+        {
+            "algorithm": "grpo",
+            "rollout": {"max_completion_length": 8, "steps": 4, "temperature": 1.0},
+            "grpo": {"num_generations": 2, "beta": 0.04},
+            "optim": {"lr": 1e-3, "lr_scheduler": "constant"},
+            "train": {
+                "max_steps": 2,
+                "batch_size": 2,
+                "save_steps": 1,
+                "logging_steps": 1,
+                "eval_steps": 0,
+                "output_dir": str(tmp_path / "run"),
+            },
+            "eval": {"size": 2},
+        }
+    )
     from dllm_rl.trainers.grpo import GRPOTrainer
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -11,19 +11,21 @@ import numpy as np
 import pytest
 
 from dllm_rl.errors import ConfigError, DllmRlError
-from dllm_rl.rewards.plugins import Reward, build_rewards, compute_rewards, resolve_reward
 from dllm_rl.rewards import REWARDS, code_reward
 from dllm_rl.rewards.code import run_tests, sandbox_info
+from dllm_rl.rewards.plugins import Reward, build_rewards, compute_rewards, resolve_reward
 
 NAMESPACES = sandbox_info()["network"] == "namespace"
 
 
 # ---------------------------------------------------------------- the sandbox
 
+
 def test_correct_solution_passes_and_wrong_one_fails():
     tests = ["assert fib(1) == 1", "assert fib(10) == 55", "assert fib(20) == 6765"]
-    right = ("```python\ndef fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
-             "    return a\n```")
+    right = (
+        "```python\ndef fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n```"
+    )
     wrong = "```python\ndef fib(n):\n    return n\n```"
     assert code_reward(["p"] * 2, [right, wrong], test_cases=[tests] * 2) == [1.0, pytest.approx(1 / 3)]
     assert code_reward(["p"] * 2, [right, wrong], test_cases=[tests] * 2, binary=True) == [1.0, 0.0]
@@ -31,8 +33,10 @@ def test_correct_solution_passes_and_wrong_one_fails():
 
 def test_stdin_stdout_tests_in_the_open_r1_and_apps_formats():
     program = "import sys\nnums = list(map(int, sys.stdin.read().split()))\nprint(sum(nums))\nexit(0)"
-    info = {"language": "python", "test_cases": [{"input": "1 2\n", "output": "3\n", "type": "stdin_stdout"},
-                                                 {"input": "5 5", "output": "11"}]}
+    info = {
+        "language": "python",
+        "test_cases": [{"input": "1 2\n", "output": "3\n", "type": "stdin_stdout"}, {"input": "5 5", "output": "11"}],
+    }
     apps = '{"inputs": ["1 2\\n", "4\\n5\\n"], "outputs": ["3\\n", "9\\n"]}'
     out = code_reward(["p"] * 2, [program] * 2, verification_info=[info, None], input_output=[None, apps])
     assert out == [0.5, 1.0]
@@ -44,9 +48,11 @@ def test_stdin_stdout_tests_in_the_open_r1_and_apps_formats():
 
 def test_test_files_kodcode_humaneval_and_call_based():
     solution = "def add(a, b):\n    return a + b\n"
-    kodcode = ("from solution import add\nimport pytest\n\ndef test_small():\n    assert add(1, 2) == 3\n\n"
-               "def test_raises():\n    with pytest.raises(TypeError):\n        add(1, 'x')\n\n"
-               "def test_wrong():\n    assert add(2, 2) == 5\n")
+    kodcode = (
+        "from solution import add\nimport pytest\n\ndef test_small():\n    assert add(1, 2) == 3\n\n"
+        "def test_raises():\n    with pytest.raises(TypeError):\n        add(1, 'x')\n\n"
+        "def test_wrong():\n    assert add(2, 2) == 5\n"
+    )
     assert run_tests(solution, kodcode).passed == [True, True, False]
     humaneval = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(0, 0) == 0\n"
     assert code_reward(["p"], [solution], test=[humaneval], entry_point=["add"]) == [1.0]
@@ -57,8 +63,7 @@ def test_test_files_kodcode_humaneval_and_call_based():
 
 def test_rows_without_tests_or_in_another_language_score_none():
     cpp = {"language": "cpp", "test_cases": [{"input": "", "output": ""}]}
-    out = code_reward(["p"] * 3, ["x = 1"] * 3, test_cases=[None, [], None],
-                      verification_info=[None, None, cpp])
+    out = code_reward(["p"] * 3, ["x = 1"] * 3, test_cases=[None, [], None], verification_info=[None, None, cpp])
     assert out == [None, None, None]
     with pytest.raises(ValueError, match="test column"):
         code_reward(["p"], ["x = 1"])
@@ -88,11 +93,13 @@ def test_a_memory_bomb_is_stopped_and_the_process_survives_it():
 
 @pytest.mark.parametrize("namespaces", [True, False], ids=["namespace", "audit-hook"])
 def test_opening_a_network_socket_fails(namespaces):
-    connect = ("import socket\ndef f():\n    socket.create_connection(('1.1.1.1', 53), timeout=2).close()\n"
-               "    return True")
+    connect = (
+        "import socket\ndef f():\n    socket.create_connection(('1.1.1.1', 53), timeout=2).close()\n    return True"
+    )
     lookup = "import socket\ndef f():\n    return socket.getaddrinfo('localhost', 80)"
-    result = run_tests(connect + "\n" + lookup.replace("def f", "def g"), ["assert f()", "assert g()"],
-                       namespaces=namespaces)
+    result = run_tests(
+        connect + "\n" + lookup.replace("def f", "def g"), ["assert f()", "assert g()"], namespaces=namespaces
+    )
     assert result.passed == [False, False]
 
 
@@ -104,8 +111,10 @@ def test_the_namespace_has_no_interface_but_a_downed_loopback():
 
 
 def test_processes_and_signals_are_refused_and_exit_does_not_fake_a_pass():
-    spawn = "import subprocess, os\ndef f():\n    return subprocess.run(['true']).returncode == 0\n" \
-            "def g():\n    return os.fork() >= 0\ndef h():\n    os.kill(os.getppid(), 9)\n    return True"
+    spawn = (
+        "import subprocess, os\ndef f():\n    return subprocess.run(['true']).returncode == 0\n"
+        "def g():\n    return os.fork() >= 0\ndef h():\n    os.kill(os.getppid(), 9)\n    return True"
+    )
     assert run_tests(spawn, ["assert f()", "assert g()", "assert h()"]).passed == [False, False, False]
     assert run_tests("import sys\nsys.exit(0)\ndef f():\n    return 1", ["assert f() == 1"]).passed == [False]
     quits = "import os\ndef f():\n    os._exit(0)"
@@ -115,15 +124,20 @@ def test_processes_and_signals_are_refused_and_exit_does_not_fake_a_pass():
 def test_files_land_in_a_temp_dir_that_is_removed_and_the_environment_is_clean(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DLLM_RL_TEST_SECRET", "do-not-leak")
-    program = ("import os, tempfile\n"
-               "def write():\n"
-               "    open('out.txt', 'w').write('x')\n"
-               "    os.makedirs('locked/inner')\n"
-               "    os.chmod('locked', 0)\n"
-               "    return os.path.exists('out.txt')\n")
-    tests = ["assert write()", f"assert os.getcwd() != {str(tmp_path)!r}",
-             "assert os.environ['HOME'] == os.getcwd() == os.environ['TMPDIR']",
-             "assert 'DLLM_RL_TEST_SECRET' not in os.environ"]
+    program = (
+        "import os, tempfile\n"
+        "def write():\n"
+        "    open('out.txt', 'w').write('x')\n"
+        "    os.makedirs('locked/inner')\n"
+        "    os.chmod('locked', 0)\n"
+        "    return os.path.exists('out.txt')\n"
+    )
+    tests = [
+        "assert write()",
+        f"assert os.getcwd() != {str(tmp_path)!r}",
+        "assert os.environ['HOME'] == os.getcwd() == os.environ['TMPDIR']",
+        "assert 'DLLM_RL_TEST_SECRET' not in os.environ",
+    ]
     result = run_tests(program, tests)
     assert result.passed == [True] * 4
     assert not os.path.exists(result.workdir) and not os.path.exists(os.path.dirname(result.workdir))
@@ -134,8 +148,13 @@ def test_completions_as_chat_messages_run_in_parallel_and_duplicates_once():
     good = [{"role": "assistant", "content": "```python\ndef neg(x):\n    return -x\n```"}]
     bad = [{"role": "assistant", "content": "no code here ```js\nx\n```"}]
     metrics = {}
-    out = code_reward(["p"] * 5, [good, good, bad, good, good], test_cases=[["assert neg(2) == -2"]] * 5,
-                      max_workers=2, log_metric=lambda name, value: metrics.setdefault(name, value))
+    out = code_reward(
+        ["p"] * 5,
+        [good, good, bad, good, good],
+        test_cases=[["assert neg(2) == -2"]] * 5,
+        max_workers=2,
+        log_metric=lambda name, value: metrics.setdefault(name, value),
+    )
     assert out == [1.0, 1.0, 0.0, 1.0, 1.0] and metrics == {"code/timed_out": 0.0}
 
 
@@ -152,12 +171,15 @@ def test_code_and_format_rewards_are_registered():
 
 # ---------------------------------------------------------------- dllm_rl.rewards.plugins: TRL's contract
 
+
 def test_resolve_by_file_path(tmp_path):
     path = tmp_path / "my_rewards.py"
-    path.write_text("from __future__ import annotations\nfrom dataclasses import dataclass\n\n"
-                    "@dataclass\nclass Scale:\n    value: float = 2.0\n\n"
-                    "def length(prompts, completions, **kwargs):\n"
-                    "    return [Scale().value * len(c) for c in completions]\n")
+    path.write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n"
+        "@dataclass\nclass Scale:\n    value: float = 2.0\n\n"
+        "def length(prompts, completions, **kwargs):\n"
+        "    return [Scale().value * len(c) for c in completions]\n"
+    )
     fn = resolve_reward(f"{path}:length")
     assert fn(["p"], ["abc"]) == [6.0]
     with pytest.raises(ConfigError, match="no function 'missing'"):
@@ -178,8 +200,14 @@ def test_a_trl_reward_runs_unchanged_and_receives_exactly_trls_keywords():
     seen, extra, metrics = {}, {}, {}
 
     def trl_reward(prompts, completions, completion_ids, answer, trainer_state, **kwargs):
-        seen.update(kwargs, prompts=prompts, completions=completions, completion_ids=completion_ids,
-                    answer=answer, trainer_state=trainer_state)
+        seen.update(
+            kwargs,
+            prompts=prompts,
+            completions=completions,
+            completion_ids=completion_ids,
+            answer=answer,
+            trainer_state=trainer_state,
+        )
         kwargs["log_extra"]("extracted", [c[-1:] for c in completions])
         kwargs["log_metric"]("mean_len", sum(map(len, completions)) / len(completions))
         return [float(c.endswith(a)) for c, a in zip(completions, answer)]
@@ -187,13 +215,27 @@ def test_a_trl_reward_runs_unchanged_and_receives_exactly_trls_keywords():
     state = object()
     prompts = ["2+2=", "3+3="]
     columns = {"prompt": prompts, "answer": ["4", "6"], "level": [1, 2]}
-    total, per_fn = compute_rewards([Reward("trl", trl_reward)], prompts, ["so 4", "so 5"], [[7, 8], [9]],
-                                    columns, trainer_state=state,
-                                    log_extra=lambda col, vals: extra.update({col: vals}),
-                                    log_metric=lambda name, value: metrics.update({name: value}))
+    total, per_fn = compute_rewards(
+        [Reward("trl", trl_reward)],
+        prompts,
+        ["so 4", "so 5"],
+        [[7, 8], [9]],
+        columns,
+        trainer_state=state,
+        log_extra=lambda col, vals: extra.update({col: vals}),
+        log_metric=lambda name, value: metrics.update({name: value}),
+    )
     # TRL 1.16 passes every dataset column but prompt/completion/completion_ids, plus these
-    assert set(seen) == {"prompts", "completions", "completion_ids", "answer", "level", "trainer_state",
-                         "log_extra", "log_metric"}
+    assert set(seen) == {
+        "prompts",
+        "completions",
+        "completion_ids",
+        "answer",
+        "level",
+        "trainer_state",
+        "log_extra",
+        "log_metric",
+    }
     assert seen["completions"] == ["so 4", "so 5"] and seen["completion_ids"] == [[7, 8], [9]]
     assert seen["trainer_state"] is state and seen["level"] == [1, 2]
     assert total.tolist() == [1.0, 0.0] and per_fn.shape == (1, 2)
@@ -212,23 +254,27 @@ def test_conversational_prompts_give_message_list_completions():
     assert got == [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}]]
 
 
-@pytest.mark.parametrize("bad, problem", [
-    (lambda prompts, completions, **kw: 1 / 0, "raised ZeroDivisionError"),
-    (lambda prompts, completions, **kw: [1.0], "list of length 1"),
-    (lambda prompts, completions, **kw: [1.0, math.nan], "returned nan"),
-    (lambda prompts, completions, **kw: [1.0, "1.0"], "returned '1.0'"),
-])
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        (lambda prompts, completions, **kw: 1 / 0, "raised ZeroDivisionError"),
+        (lambda prompts, completions, **kw: [1.0], "list of length 1"),
+        (lambda prompts, completions, **kw: [1.0, math.nan], "returned nan"),
+        (lambda prompts, completions, **kw: [1.0, "1.0"], "returned '1.0'"),
+    ],
+)
 def test_a_broken_reward_raises_an_error_naming_the_reward_and_the_prompt(bad, problem):
     with pytest.raises(DllmRlError) as err:
-        compute_rewards([Reward("my_reward", bad)], ["What is 2+2?", "What is 3+3?"], ["4", "5"], [[1], [2]],
-                        {})
+        compute_rewards([Reward("my_reward", bad)], ["What is 2+2?", "What is 3+3?"], ["4", "5"], [[1], [2]], {})
     message = str(err.value)
     assert "'my_reward'" in message and problem in message and "What is" in message
 
 
 def test_none_is_skipped_in_the_weighted_sum_and_numpy_scalars_are_accepted():
-    rewards = [Reward("a", lambda prompts, completions, **kw: [1.0, None, None], weight=2.0),
-               Reward("b", lambda prompts, completions, **kw: [np.float32(0.5), 0.25, None], weight=1.0)]
+    rewards = [
+        Reward("a", lambda prompts, completions, **kw: [1.0, None, None], weight=2.0),
+        Reward("b", lambda prompts, completions, **kw: [np.float32(0.5), 0.25, None], weight=1.0),
+    ]
     total, per_fn = compute_rewards(rewards, ["p"] * 3, ["x"] * 3, [[1]] * 3, {})
     assert total.tolist() == [2.5, 0.25, 0.0]  # TRL's nansum: an all-None row sums to 0
     assert math.isnan(per_fn[0, 1].item()) and math.isnan(per_fn[1, 2].item())
@@ -239,6 +285,5 @@ def test_async_reward_functions_work():
         await asyncio.sleep(0)
         return [float(c == a) for c, a in zip(completions, answer)]
 
-    total, _ = compute_rewards([Reward("judge", judge)], ["p", "p"], ["4", "5"], [[1], [2]],
-                               {"answer": ["4", "4"]})
+    total, _ = compute_rewards([Reward("judge", judge)], ["p", "p"], ["4", "5"], [[1], [2]], {"answer": ["4", "4"]})
     assert total.tolist() == [1.0, 0.0]

@@ -11,10 +11,8 @@ from dllm_rl.config import recipe_from_dict
 from dllm_rl.models.load import load_model
 from dllm_rl.trainers.grpo import GRPOTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = (
-    "checkpoints/tiny/sudoku-sft"  # relative, as a recipe names it: the adapter must still reload elsewhere
-)
+ROOT = Path(__file__).resolve().parents[2]
+BASE = "checkpoints/tiny/sudoku-sft"  # relative, as a recipe names it: the adapter must still reload elsewhere
 
 
 def _recipe(out_dir):
@@ -88,16 +86,12 @@ def test_lora_grpo_reference_update_and_reload(tmp_path, monkeypatch):
     # the run saved an adapter, not a full model; it reloads onto the base from any working directory
     final = Path(result["final"])
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
-    assert Path(
-        json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
-    ).is_absolute()
+    assert Path(json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]).is_absolute()
     monkeypatch.chdir(tmp_path)
     reloaded, tok2 = load_model(trainer.recipe.model, path=str(final))
     ids = _ids(tok2)
     model.eval()
     reloaded.eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
-        )
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
         assert not torch.equal(base(input_ids=ids).logits, model(input_ids=ids).logits)  # the adapter matters

@@ -18,10 +18,17 @@ from dllm_rl.config import recipe_from_dict
 from dllm_rl.errors import DllmRlError
 from dllm_rl.trainers.sft import SFTTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {
-    "model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                       "max_position_embeddings": 64}},
+    "model": {
+        "tiny": {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+        }
+    },
     "data": {"task": "sudoku", "train_size": 256, "eval_size": 8},
     "rollout": {"max_completion_length": 20, "steps": 10},
     "optim": {"lr": 3e-3, "lr_scheduler": "constant"},
@@ -112,8 +119,15 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "dllm_rl", *args], check=False, capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "dllm_rl", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        **kw,
+    )
 
 
 def _write_recipe(tmp_path, run_dir, steps):
@@ -133,9 +147,13 @@ def test_killed_run_resumes_on_the_same_trajectory(tmp_path):
     straight = tmp_path / "straight"
     assert _cli("sft", str(_write_recipe(tmp_path, straight, 20))).returncode == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dllm_rl", "sft", str(_write_recipe(tmp_path, killed, 20))],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dllm_rl", "sft", str(_write_recipe(tmp_path, killed, 20))],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     deadline = time.time() + 240
     while not (killed / "checkpoint-10" / "trainer_state.json").exists():
         assert time.time() < deadline and proc.poll() is None, "run ended before its step-10 checkpoint"
@@ -153,9 +171,12 @@ def test_killed_run_resumes_on_the_same_trajectory(tmp_path):
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lrr: 1}\n")
-    for args in (["sft", str(bad)], ["sft", str(tmp_path / "missing.yaml")],
-                 ["generate", str(tmp_path), "--prompt", "x"],
-                 ["train", str(ROOT / "recipes/tiny/sudoku-sft.yaml"), "rollout.cache=fast"]):
+    for args in (
+        ["sft", str(bad)],
+        ["sft", str(tmp_path / "missing.yaml")],
+        ["generate", str(tmp_path), "--prompt", "x"],
+        ["train", str(ROOT / "recipes/tiny/sudoku-sft.yaml"), "rollout.cache=fast"],
+    ):
         out = _cli(*args)
         assert out.returncode == 2, (args, out.stderr)
         lines = [ln for ln in out.stderr.splitlines() if ln.startswith("dllm-rl: error:")]
@@ -178,8 +199,14 @@ def test_generate_and_eval_on_a_checkpoint(tmp_path):
 
 def _eval_line(*overrides):
     """(accuracy, pass@n or None, the printed line) of `dllm-rl eval` on the shipped Sudoku checkpoint."""
-    out = _cli("eval", str(ROOT / "recipes/tiny/sudoku-sft.yaml"), "--checkpoint",
-               str(ROOT / "checkpoints/tiny/sudoku-sft"), "eval.size=16", *overrides)
+    out = _cli(
+        "eval",
+        str(ROOT / "recipes/tiny/sudoku-sft.yaml"),
+        "--checkpoint",
+        str(ROOT / "checkpoints/tiny/sudoku-sft"),
+        "eval.size=16",
+        *overrides,
+    )
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip().splitlines()[-1]
     passn = re.search(r"pass@\d+ ([0-9.]+)", line)

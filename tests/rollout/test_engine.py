@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
+from dllm_rl import counter_rng as noise
+from dllm_rl.batches import FILL, REMASK
 from dllm_rl.config import RolloutConfig
 from dllm_rl.errors import ConfigError, DllmRlError
-from dllm_rl import counter_rng as noise
 from dllm_rl.rollout import generate
-from dllm_rl.rollout.reference import reference_generate
 from dllm_rl.rollout.engine import encode_prompts
-from dllm_rl.batches import FILL, REMASK
+from dllm_rl.rollout.reference import reference_generate
 
 PROMPTS = ["hi", "a longer prompt here", [{"role": "user", "content": "12_4\n__3_"}], "x"]
 
@@ -21,15 +21,23 @@ def run(model, tok, cfg, prompts=PROMPTS, seed=0, **kw):
     return generate(model, tok, prompts, cfg, torch.Generator().manual_seed(seed), **kw)
 
 
-@pytest.mark.parametrize("attention,cache", [("bidirectional", "none"), ("block_causal", "none"),
-                                             ("block_causal", "block")])
+@pytest.mark.parametrize(
+    "attention,cache", [("bidirectional", "none"), ("block_causal", "none"), ("block_causal", "block")]
+)
 @pytest.mark.parametrize("steps", [16, 8])  # k = 1 and k = 2 tokens per step
 def test_matches_reference_sampler(model_factory, tokenizer, attention, cache, steps):
     m = model_factory(attention=attention, block_size=4)
     cfg = RolloutConfig(max_completion_length=16, steps=steps, block_length=8, cache=cache, stop_at_eos=False)
     out = run(m, tokenizer, cfg)
-    ref = reference_generate(m, encode_prompts(tokenizer, PROMPTS), 16, steps, 8, tokenizer.mask_token_id,
-                             4 if attention == "block_causal" else None)
+    ref = reference_generate(
+        m,
+        encode_prompts(tokenizer, PROMPTS),
+        16,
+        steps,
+        8,
+        tokenizer.mask_token_id,
+        4 if attention == "block_causal" else None,
+    )
     assert torch.equal(out.completion_ids, ref)
     assert out.stats["forwards"] == steps
 
@@ -64,9 +72,15 @@ def test_approximate_caches_differ_on_bidirectional_models(model_factory, tokeni
                 assert not torch.allclose(out.trace.token_logprob, ref.trace.token_logprob, atol=1e-4)
 
 
-@pytest.mark.parametrize("extra", [{}, {"self_correction": True, "correction_threshold": 0.3},
-                                   {"order": "random", "order_temperature": 1.0}, {"commit": "threshold",
-                                                                                   "threshold": 0.02}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"self_correction": True, "correction_threshold": 0.3},
+        {"order": "random", "order_temperature": 1.0},
+        {"commit": "threshold", "threshold": 0.02},
+    ],
+)
 def test_trace_replays_every_state(model_factory, tokenizer, extra):
     m = model_factory()
     cfg = RolloutConfig(max_completion_length=12, steps=6, block_length=6, temperature=1.0, **extra)
@@ -102,8 +116,7 @@ def test_trace_records_sampler_logprobs(model_factory, tokenizer):
 
 def test_batch_invariance(model_factory, tokenizer):
     m = model_factory()
-    cfg = RolloutConfig(max_completion_length=12, steps=6, block_length=6, temperature=1.0, order="random",
-                        top_p=0.9)
+    cfg = RolloutConfig(max_completion_length=12, steps=6, block_length=6, temperature=1.0, order="random", top_p=0.9)
     alone = run(m, tokenizer, cfg, prompts=[PROMPTS[2]], seed=5)
     crowd = run(m, tokenizer, cfg, prompts=["zzz" * 5, PROMPTS[0], PROMPTS[2], PROMPTS[1]], seed=5)
     assert crowd.completions[2] == alone.completions[0]
@@ -146,8 +159,9 @@ def test_temperature_sampling_matches_model_distribution(tokenizer, model_factor
     assert counts[tokenizer.mask_token_id] == 0
     assert chi2 < dof + 4 * math.sqrt(2 * dof) + 10, (chi2, dof)  # far in the tail if sampling were wrong
     # top-k keeps only the k most likely tokens
-    out = generate(m, tokenizer, [prompt] * 500, RolloutConfig(**{**cfg.__dict__, "top_k": 2}),
-                   torch.Generator().manual_seed(1))
+    out = generate(
+        m, tokenizer, [prompt] * 500, RolloutConfig(**{**cfg.__dict__, "top_k": 2}), torch.Generator().manual_seed(1)
+    )
     assert set(out.completion_ids[:, 0].tolist()) <= set(p.topk(2).indices.tolist())
 
 
@@ -187,8 +201,7 @@ def test_commit_rules(model_factory, tokenizer):
 
 def test_left_to_right_order(model_factory, tokenizer):
     m = model_factory()
-    out = run(m, tokenizer, RolloutConfig(max_completion_length=8, steps=8, order="left_to_right",
-                                          stop_at_eos=False))
+    out = run(m, tokenizer, RolloutConfig(max_completion_length=8, steps=8, order="left_to_right", stop_at_eos=False))
     assert torch.equal(out.trace.commit_step, torch.arange(8).expand(len(PROMPTS), 8))
 
 
@@ -199,8 +212,9 @@ def test_top_prob_order_is_low_confidence_when_greedy(model_factory, tokenizer):
     base = dict(max_completion_length=16, steps=16, block_length=8, stop_at_eos=False)
     lc = run(m, tokenizer, RolloutConfig(**base))
     top = run(m, tokenizer, RolloutConfig(**base, order="top_prob"))
-    assert torch.equal(top.completion_ids, lc.completion_ids) and torch.equal(top.trace.commit_step,
-                                                                             lc.trace.commit_step)
+    assert torch.equal(top.completion_ids, lc.completion_ids) and torch.equal(
+        top.trace.commit_step, lc.trace.commit_step
+    )
     lc = run(m, tokenizer, RolloutConfig(**base, temperature=1.0))
     top = run(m, tokenizer, RolloutConfig(**base, temperature=1.0, order="top_prob"))
     assert not torch.equal(top.trace.commit_step, lc.trace.commit_step)
@@ -228,8 +242,7 @@ def test_compiled_sampler_matches_eager(model_factory, tokenizer, attention, cac
     from dllm_rl.rollout.engine import _COMPILED
 
     m = model_factory(attention=attention, block_size=4, seed=5)
-    base = dict(max_completion_length=16, steps=16, block_length=4, cache=cache, stop_at_eos=False,
-                temperature=1.0)
+    base = dict(max_completion_length=16, steps=16, block_length=4, cache=cache, stop_at_eos=False, temperature=1.0)
     counters.clear()
     compiled_frames = []
     for _ in range(2):
@@ -260,7 +273,6 @@ def test_errors_name_the_fix(model_factory, tokenizer):
     with pytest.raises(DllmRlError, match="exceeds the model's context"):
         run(m, tokenizer, RolloutConfig(max_completion_length=100, steps=100), prompts=["y" * 40])
     m.config.mask_token_id = None  # and a tokenizer without a mask token
-    tok = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|eos|>",
-                              pad_token="<|pad|>")
+    tok = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|eos|>", pad_token="<|pad|>")
     with pytest.raises(DllmRlError, match="no mask token"):
         run(m, tok, RolloutConfig(max_completion_length=8, steps=8))

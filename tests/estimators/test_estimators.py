@@ -22,10 +22,10 @@ import torch
 
 import dllm_rl.models as M
 from dllm_rl import estimators as E
+from dllm_rl.batches import REMASK, SequenceBatch
 from dllm_rl.config import EstimatorConfig, RolloutConfig
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.base import traits
-from dllm_rl.batches import REMASK, SequenceBatch
 from dllm_rl.rollout import generate
 
 VOCAB, FIRST = 12, 3  # ordinary tokens are FIRST..VOCAB-1
@@ -44,11 +44,19 @@ def _one_thread():
 def build(tokenizer, attention="bidirectional", block_size=4, hidden=32, layers=2, seed=0, std=0.3):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        cfg = M.TinyMDMConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                              num_hidden_layers=layers, num_attention_heads=2, attention=attention,
-                              block_size=block_size, max_position_embeddings=64,
-                              mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+        cfg = M.TinyMDMConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            attention=attention,
+            block_size=block_size,
+            max_position_embeddings=64,
+            mask_token_id=tokenizer.mask_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = M.TinyMDM(cfg)
     if std is not None:
         g = torch.Generator().manual_seed(seed)
@@ -65,8 +73,8 @@ def make_batch(prompts, completions, completion_mask=None) -> SequenceBatch:
     ids = torch.zeros(len(prompts), P, dtype=torch.long)
     pm = torch.zeros(len(prompts), P, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        pm[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = torch.tensor(p)
+        pm[i, P - len(p) :] = 1
     comp = torch.tensor(completions)
     cm = torch.ones_like(comp) if completion_mask is None else torch.tensor(completion_mask)
     return SequenceBatch(ids, pm, comp, cm)
@@ -74,8 +82,12 @@ def make_batch(prompts, completions, completion_mask=None) -> SequenceBatch:
 
 def repeat(batch: SequenceBatch, D: int) -> SequenceBatch:
     """Each row D times (row-major: rows i*D .. i*D+D-1 are copies of row i)."""
-    return SequenceBatch(*(x.repeat_interleave(D, 0) for x in
-                           (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)))
+    return SequenceBatch(
+        *(
+            x.repeat_interleave(D, 0)
+            for x in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        )
+    )
 
 
 @torch.no_grad()
@@ -94,7 +106,7 @@ def direct_logprobs(model, batch, row: int, comp_masks: torch.Tensor, prompt_mas
         prompt[prompt_masks[:, real]] = mask_id
     comp = batch.completion_ids[row].expand(R, -1)
     noisy = torch.where(comp_masks, torch.full_like(comp, mask_id), comp)
-    logits = model(input_ids=torch.cat([prompt, noisy], 1)).logits[:, prompt.shape[1]:].double()  # [R, Lc, V]
+    logits = model(input_ids=torch.cat([prompt, noisy], 1)).logits[:, prompt.shape[1] :].double()  # [R, Lc, V]
     keep = [v for v in range(logits.shape[-1]) if v != mask_id]
     target = comp - (comp > mask_id).long()  # index in the vocabulary without [MASK]
     return logits[..., keep].log_softmax(-1).gather(-1, target[..., None]).squeeze(-1)
@@ -109,8 +121,9 @@ def all_masks(L: int) -> torch.Tensor:
 def masked_sums(model, batch) -> torch.Tensor:
     """S[n, r] = sum over i in mask r of log p(x_i | x with mask r replaced by [MASK]), for every mask: [N, 2^Lc]."""
     masks = all_masks(batch.completion_ids.shape[1])
-    return torch.stack([(direct_logprobs(model, batch, n, masks) * masks).sum(-1)
-                        for n in range(batch.completion_ids.shape[0])])
+    return torch.stack(
+        [(direct_logprobs(model, batch, n, masks) * masks).sum(-1) for n in range(batch.completion_ids.shape[0])]
+    )
 
 
 def elbo_weight(m: int, L: int) -> float:
@@ -145,8 +158,17 @@ def conditional(S_row: torch.Tensor, L: int, t: torch.Tensor, coupled: bool):
     return g, (p * f * f).sum(-1) - g * g
 
 
-def exact_moments(S_row: torch.Tensor, L: int, num_samples=1, masks_per_timestep=1, stratified=False,
-                  coupled=False, t_min=0.0, t_max=1.0, **_) -> tuple[float, float]:
+def exact_moments(
+    S_row: torch.Tensor,
+    L: int,
+    num_samples=1,
+    masks_per_timestep=1,
+    stratified=False,
+    coupled=False,
+    t_min=0.0,
+    t_max=1.0,
+    **_,
+) -> tuple[float, float]:
     """Exact mean and variance of the sequence estimate of `draw_elbo(**kw)` + `score`: enumeration over masks,
     quadrature over t (on a logit grid, which resolves the 1/t and 1/(1-t) ends).
 
@@ -158,7 +180,7 @@ def exact_moments(S_row: torch.Tensor, L: int, num_samples=1, masks_per_timestep
     density = t * (1 - t) / (t_max - t_min)  # dt/dz times the uniform density
     g, v = conditional(S_row, L, t, coupled)
     mean = torch.trapezoid(g * density, z)
-    var_g = torch.trapezoid(g * g * density, z) - mean ** 2
+    var_g = torch.trapezoid(g * g * density, z) - mean**2
     mean_v = torch.trapezoid(v * density, z)
     n = num_samples
     if not stratified:
@@ -185,8 +207,12 @@ def random_model(tokenizer):
 
 def copy_task(n: int, P: int, Lc: int, g: torch.Generator) -> SequenceBatch:
     c = torch.randint(FIRST, VOCAB, (n, 1), generator=g)
-    return SequenceBatch(torch.randint(FIRST, VOCAB, (n, P), generator=g), torch.ones(n, P, dtype=torch.long),
-                         c.expand(n, Lc).clone(), torch.ones(n, Lc, dtype=torch.long))
+    return SequenceBatch(
+        torch.randint(FIRST, VOCAB, (n, P), generator=g),
+        torch.ones(n, P, dtype=torch.long),
+        c.expand(n, Lc).clone(),
+        torch.ones(n, Lc, dtype=torch.long),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +237,11 @@ COPY_BATCH = make_batch([[5, 7, 4], [9, 6]], [[6] * 5, [10] * 5])
 
 
 def model_and_batch(request, which):
-    return (request.getfixturevalue("random_model"), RANDOM_BATCH) if which == "random" else \
-        (request.getfixturevalue("trained"), COPY_BATCH)
+    return (
+        (request.getfixturevalue("random_model"), RANDOM_BATCH)
+        if which == "random"
+        else (request.getfixturevalue("trained"), COPY_BATCH)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- ELBO
@@ -265,8 +294,10 @@ def test_elbo_is_unbiased(request, which, scheme):
         assert mean == pytest.approx(exact[n].item(), abs=1e-3)  # quadrature vs enumeration
         se = math.sqrt(var / D)
         z = (est[n].mean().item() - exact[n].item()) / se
-        print(f"{which} {scheme} row {n}: exact ELBO {exact[n]:.3f}, MC {est[n].mean():.3f} +- {se:.3f} "
-              f"(z = {z:+.2f}); sample var {est[n].var():.2f}, exact var {var:.2f}")
+        print(
+            f"{which} {scheme} row {n}: exact ELBO {exact[n]:.3f}, MC {est[n].mean():.3f} +- {se:.3f} "
+            f"(z = {z:+.2f}); sample var {est[n].var():.2f}, exact var {var:.2f}"
+        )
         assert abs(z) < 4
 
 
@@ -308,17 +339,23 @@ def test_variance_orderings_measured(trained):
     coupled/iid <= 0.85 (exact ~0.79), n_m=1 / n_t=1 <= 0.52 (exact ~0.50); measured/exact within 6%."""
     batch, L, D = COPY_BATCH, 5, 4000
     S = masked_sums(trained, batch)
-    schemes = {"iid4": {"num_samples": 4}, "stratified4": {"num_samples": 4, "stratified": True},
-               "n_t=1,n_m=4": {"num_samples": 1, "masks_per_timestep": 4}, "iid2": {"num_samples": 2},
-               "coupled": {"num_samples": 1, "coupled": True, "full_view": False}}
+    schemes = {
+        "iid4": {"num_samples": 4},
+        "stratified4": {"num_samples": 4, "stratified": True},
+        "n_t=1,n_m=4": {"num_samples": 1, "masks_per_timestep": 4},
+        "iid2": {"num_samples": 2},
+        "coupled": {"num_samples": 1, "coupled": True, "full_view": False},
+    }
     measured = {k: mc_elbo(trained, batch, D, 10 + i, **kw).var(1) for i, (k, kw) in enumerate(schemes.items())}
     for n in range(2):
         exact = {k: exact_moments(S[n], L, **kw)[1] for k, kw in schemes.items()}
         for k in schemes:
             assert measured[k][n] / exact[k] == pytest.approx(1, abs=0.2), (k, measured[k][n], exact[k])
         for a, b, margin in [("stratified4", "iid4", 0.9), ("coupled", "iid2", 0.9), ("iid4", "n_t=1,n_m=4", 0.75)]:
-            print(f"row {n} {a}/{b}: measured {measured[a][n]:.3f} / {measured[b][n]:.3f} = "
-                  f"{measured[a][n] / measured[b][n]:.3f}; exact {exact[a] / exact[b]:.3f}")
+            print(
+                f"row {n} {a}/{b}: measured {measured[a][n]:.3f} / {measured[b][n]:.3f} = "
+                f"{measured[a][n] / measured[b][n]:.3f}; exact {exact[a] / exact[b]:.3f}"
+            )
             assert measured[a][n] < margin * measured[b][n]
 
 
@@ -331,13 +368,16 @@ def test_variance_orderings_exact(request, which):
     model, batch = model_and_batch(request, which)
     S, L = masked_sums(model, batch), 5
     for n in range(2):
+
         def var(**kw):
             return exact_moments(S[n], L, **kw)[1]  # noqa: B023 (called within the iteration)
 
         iid4, strat4, nm4 = var(num_samples=4), var(num_samples=4, stratified=True), var(masks_per_timestep=4)
         iid2, coupled = var(num_samples=2), var(coupled=True)
-        print(f"{which} row {n}: stratified/iid {strat4 / iid4:.4f}, coupled/iid {coupled / iid2:.4f}, "
-              f"n_m=1 / n_t=1 {iid4 / nm4:.4f}")
+        print(
+            f"{which} row {n}: stratified/iid {strat4 / iid4:.4f}, coupled/iid {coupled / iid2:.4f}, "
+            f"n_m=1 / n_t=1 {iid4 / nm4:.4f}"
+        )
         assert strat4 < iid4 and coupled < iid2 and iid4 < nm4
 
 
@@ -380,8 +420,9 @@ def test_one_step_without_prompt_mask_is_deterministic(random_model):
     cfg = EstimatorConfig(name="one_step", p_mask_prompt=0.0)
     est = E.ESTIMATORS["one_step"](cfg, tr)
     with torch.no_grad():
-        runs = [est.estimate(random_model, batch, est.draw(batch, torch.Generator().manual_seed(s))).logps
-                for s in range(4)]
+        runs = [
+            est.estimate(random_model, batch, est.draw(batch, torch.Generator().manual_seed(s))).logps for s in range(4)
+        ]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     for n in range(2):
         direct = direct_logprobs(random_model, batch, n, torch.ones(1, 5, dtype=torch.bool))[0]
@@ -399,9 +440,11 @@ def test_one_step_prompt_mask_rate(p):
 
 # ----------------------------------------------------------------------------------------------- block_elbo
 
-SPG_BATCH = make_batch([[5, 7, 4], [9, 6], [4]],
-                       [[3, 8, 5, 11, 4, 9, 7, 6], [10, 10, 6, 3, 9, 2, 2, 2], [7, 5, 2, 2, 2, 2, 2, 2]],
-                       [[1] * 8, [1] * 6 + [0] * 2, [1] * 3 + [0] * 5])  # lengths 8, 6, 3 (EOS included)
+SPG_BATCH = make_batch(
+    [[5, 7, 4], [9, 6], [4]],
+    [[3, 8, 5, 11, 4, 9, 7, 6], [10, 10, 6, 3, 9, 2, 2, 2], [7, 5, 2, 2, 2, 2, 2, 2]],
+    [[1] * 8, [1] * 6 + [0] * 2, [1] * 3 + [0] * 5],
+)  # lengths 8, 6, 3 (EOS included)
 
 
 @pytest.mark.parametrize("t_min,t_max", [(0.3, 0.8), (0.0, 1.0)])
@@ -409,7 +452,9 @@ def test_block_elbo_masks_follow_spg_rule(t_min, t_max):
     Lb, K = 4, 3000
     batch = SPG_BATCH
     cfg = EstimatorConfig(name="block_elbo", num_samples=K, t_min=t_min, t_max=t_max, p_mask_prompt=0.0)
-    noise = E.ESTIMATORS["block_elbo"](replace(cfg, block_length=Lb), None).draw(batch, torch.Generator().manual_seed(0))
+    noise = E.ESTIMATORS["block_elbo"](replace(cfg, block_length=Lb), None).draw(
+        batch, torch.Generator().manual_seed(0)
+    )
     masks = noise.completion_masks  # [K, N, Lc]
     for n, length in enumerate(batch.completion_mask.sum(-1).tolist()):
         m = masks[:, n]
@@ -426,7 +471,7 @@ def test_block_elbo_masks_follow_spg_rule(t_min, t_max):
             start, end = b * Lb, min(b * Lb + Lb, length)
             span = end - start
             assert not m[k, :start].any()  # earlier blocks clean
-            assert m[k, start + Lb:].all()  # later blocks fully masked
+            assert m[k, start + Lb :].all()  # later blocks fully masked
             c = int(m[k, start:end].sum())
             lo = max(1, math.floor(t_min * span))
             hi = max(lo, math.floor(t_max * span))
@@ -466,8 +511,11 @@ def spg_bounds_direct(model, batch, noise, beta):
         lo = sum(lp[k][masked[k]].mean() for k in range(K)) / K
         t_hat = masked.sum(-1).double() / C.sum()
         seen = masked.any(0)
-        terms = [torch.log(sum(lp[k, i].exp() ** beta * masked[k, i] / t_hat[k] for k in range(K)) / K) / beta
-                 for i in range(len(C)) if seen[i]]
+        terms = [
+            torch.log(sum(lp[k, i].exp() ** beta * masked[k, i] / t_hat[k] for k in range(K)) / K) / beta
+            for i in range(len(C))
+            if seen[i]
+        ]
         lower.append(lo)
         upper.append(sum(terms) / len(terms))
     return torch.stack(lower), torch.stack(upper)
@@ -545,8 +593,14 @@ def decoded(batch, **changes):
 def test_trajectory_replays_the_sampler_exactly(tokenizer, attention, self_correction):
     model = build(tokenizer, attention=attention, block_size=4)
     Lc, Lb = 12, 4
-    rollout = RolloutConfig(max_completion_length=Lc, steps=12, block_length=Lb, temperature=0.8,
-                            self_correction=self_correction, correction_threshold=0.3)
+    rollout = RolloutConfig(
+        max_completion_length=Lc,
+        steps=12,
+        block_length=Lb,
+        temperature=0.8,
+        self_correction=self_correction,
+        correction_threshold=0.3,
+    )
     batch = rollout_batch(model, tokenizer, rollout)
     trace = batch.trace
     if self_correction:
@@ -571,9 +625,17 @@ def test_trajectory_replays_the_sampler_exactly(tokenizer, attention, self_corre
     assert torch.equal(merged.weights.sum(0) > 0, scored)
 
 
-@pytest.mark.parametrize("order,order_temperature,exact", [
-    ("top_prob", 0.0, True), ("margin", 0.0, True), ("low_confidence", 0.0, False),
-    ("top_prob", 0.3, True), ("entropy", 1.0, True), ("random", 1.0, True)])
+@pytest.mark.parametrize(
+    "order,order_temperature,exact",
+    [
+        ("top_prob", 0.0, True),
+        ("margin", 0.0, True),
+        ("low_confidence", 0.0, False),
+        ("top_prob", 0.3, True),
+        ("entropy", 1.0, True),
+        ("random", 1.0, True),
+    ],
+)
 def test_trajectory_likelihood_is_the_rollout_probability(tokenizer, order, order_temperature, exact):
     """The trajectory estimator's log-likelihood is the log-probability with which the sampler produced the
     rollout when the unmasking order is a function of the state (top_prob, margin, ...): 4000 rollouts of a
@@ -584,8 +646,14 @@ def test_trajectory_likelihood_is_the_rollout_probability(tokenizer, order, orde
     came out probable, so these products are not the rollout's probability (they sum to ~2 here) and the
     estimator's gradient is not the policy gradient."""
     model = build(tokenizer, seed=0, std=1.0)
-    rollout = RolloutConfig(max_completion_length=2, steps=2, temperature=1.0, order=order, stop_at_eos=False,
-                            order_temperature=order_temperature)
+    rollout = RolloutConfig(
+        max_completion_length=2,
+        steps=2,
+        temperature=1.0,
+        order=order,
+        stop_at_eos=False,
+        order_temperature=order_temperature,
+    )
     n = 4000
     batch = generate(model, tokenizer, [[5, 7, 4]] * n, rollout, torch.Generator().manual_seed(0))
     assert (batch.completion_mask.sum(-1) == 2).all()  # no EOS: both tokens are scored
@@ -614,8 +682,15 @@ def test_trajectory_scores_a_sampled_order_with_gradient(tokenizer):
     log-probs plus each step's Plackett-Luce order log-prob recomputed from the model (equal to what the
     sampler recorded), and the order part carries gradient into the model: RL trains the order too."""
     model = build(tokenizer).train()
-    rollout = RolloutConfig(max_completion_length=12, steps=6, block_length=6, temperature=0.8, order="top_prob",
-                            order_temperature=0.2, stop_at_eos=False)
+    rollout = RolloutConfig(
+        max_completion_length=12,
+        steps=6,
+        block_length=6,
+        temperature=0.8,
+        order="top_prob",
+        order_temperature=0.2,
+        stop_at_eos=False,
+    )
     batch = rollout_batch(model, tokenizer, rollout)
     assert (batch.trace.order_logprob < -0.1).any()  # orders really were sampled
     noise = trajectory_views(model, batch)
@@ -641,8 +716,15 @@ def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer
     model = build(tokenizer).train()
     head = OrderHead(OrderHeadConfig(hidden_size=model.config.hidden_size, width=16, heads=2))
     torch.nn.init.normal_(head.out[1].weight, std=1.0)  # an untrained head reproduces top_prob: make it not
-    rollout = RolloutConfig(max_completion_length=12, steps=6, block_length=6, temperature=0.8, order="policy",
-                            order_temperature=0.5, stop_at_eos=False)
+    rollout = RolloutConfig(
+        max_completion_length=12,
+        steps=6,
+        block_length=6,
+        temperature=0.8,
+        order="policy",
+        order_temperature=0.5,
+        stop_at_eos=False,
+    )
     batch = generate(model, tokenizer, PROMPTS, rollout, torch.Generator().manual_seed(0), order_policy=head)
     assert (batch.trace.order_logprob < -0.1).any()
     noise = trajectory_views(model, batch)
@@ -658,9 +740,9 @@ def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer
     g_total = torch.autograd.grad(total.sum(), params + list(head.parameters()), allow_unused=True)
     g_tokens = torch.autograd.grad(tokens.sum(), params)
     assert head.out[1].weight.grad is None and g_total[len(params) + 0] is not None
-    head_grads = dict(zip([n for n, _ in head.named_parameters()], g_total[len(params):]))
+    head_grads = dict(zip([n for n, _ in head.named_parameters()], g_total[len(params) :]))
     assert head_grads["out.1.weight"].abs().sum() > 0 and head_grads["hidden_in.1.weight"].abs().sum() > 0
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_total[:len(params)], g_tokens))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_total[: len(params)], g_tokens))
     # greedy order (order_temperature 0): the k best scores; an untrained head decodes exactly like top_prob
     fresh = OrderHead(OrderHeadConfig(hidden_size=model.config.hidden_size, width=16, heads=2))
     greedy = replace(rollout, temperature=0.0, order_temperature=0.0)

@@ -18,13 +18,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import dllm_rl.kernels as K
 import pytest
 import torch
 import torch.nn.functional as F
-from dllm_rl.kernels.logprobs import ChunkedLinearLogprobs
 
+import dllm_rl.kernels as K
 from dllm_rl.estimators.base import token_logprobs
+from dllm_rl.kernels.logprobs import ChunkedLinearLogprobs
 from dllm_rl.kernels.sampling import choose_tokens as reference
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -42,8 +42,10 @@ def interpreter_active() -> bool:
 def triton_ok():
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and not interpreter_active():
-        pytest.skip("triton was imported before TRITON_INTERPRET=1: run with it set in the shell, or -m slow "
-                    "(test_triton_kernels_in_a_fresh_interpreter)")
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1: run with it set in the shell, or -m slow "
+            "(test_triton_kernels_in_a_fresh_interpreter)"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,11 @@ def assert_matches(got, want, logits, mask_id, greedy, atol=2e-5):
 
 def test_import_is_light():
     """`import dllm_rl.kernels` imports neither triton nor liger (module-level imports of the eager modules)."""
-    eager = {"dllm_rl.kernels": K.__file__, "dllm_rl.kernels.logprobs": K.logprobs.__file__,
-             "dllm_rl.kernels.sampling": K.sampling.__file__}
+    eager = {
+        "dllm_rl.kernels": K.__file__,
+        "dllm_rl.kernels.logprobs": K.logprobs.__file__,
+        "dllm_rl.kernels.sampling": K.sampling.__file__,
+    }
     for name, path in eager.items():
         with open(path) as f:
             tree = ast.parse(f.read())
@@ -125,8 +130,7 @@ def test_triton_sampling_matches_reference(ks, temperature, splits, block):
     mask_id = 200
     logits[3, mask_id] = 50.0  # a [MASK] logit far above the rest must still never be chosen
     got = ks.fused_choose_tokens(logits, u, temperature, mask_id, block=block, splits=splits)
-    assert_matches(got, reference(logits, u, temperature, mask_token_id=mask_id), logits, mask_id,
-                   temperature == 0)
+    assert_matches(got, reference(logits, u, temperature, mask_token_id=mask_id), logits, mask_id, temperature == 0)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
@@ -177,21 +181,33 @@ def test_triton_sampling_filters_fall_back_to_reference(ks):
 def test_sampling_kernels_compile_for_h100():
     """Without a GPU: lower both kernels to an sm_90 cubin (catches what the interpreter does not check)."""
     triton = pytest.importorskip("triton")
-    from dllm_rl.kernels import sampling_triton as sampling
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from dllm_rl.kernels import sampling_triton as sampling
+
     if type(sampling._partials_kernel).__name__ != "JITFunction":  # defined for the interpreter here
         env = {**os.environ, "TRITON_INTERPRET": "0"}
-        run = subprocess.run([sys.executable, "-m", "pytest", f"{__file__}::test_sampling_kernels_compile_for_h100",
-                              "-p", "no:cacheprovider", "-rs"], env=env, capture_output=True, text=True,
-                             check=False)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                f"{__file__}::test_sampling_kernels_compile_for_h100",
+                "-p",
+                "no:cacheprovider",
+                "-rs",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
         assert re.search(r"1 (passed|skipped)", run.stdout), run.stdout[-2000:]
         return
 
-    scalars = {"x_ptr": "*bf16", "stride_row": "i32", "V": "i32", "split_len": "i32", "mask_id": "i32",
-               "inv_t": "fp32"}
+    scalars = {"x_ptr": "*bf16", "stride_row": "i32", "V": "i32", "split_len": "i32", "mask_id": "i32", "inv_t": "fp32"}
     names = ["m", "s", "w", "st", "t1", "t1i", "t2"]
     partials = {f"{k}_out": "*i32" if k == "t1i" else "*fp32" for k in names}
     finish = {f"{k}_in": "*i32" if k == "t1i" else "*fp32" for k in names}
@@ -200,11 +216,16 @@ def test_sampling_kernels_compile_for_h100():
     for sample in (False, True):
         for splits in (1, 32):
             constexprs = {"NS": splits, "BLOCK": 1024, "SAMPLE": sample}
-            for fn, sig in ((sampling._partials_kernel, {**scalars, **partials, **const}),
-                            (sampling._finish_kernel, {**scalars, "u_ptr": "*fp32", **finish, **const})):
+            for fn, sig in (
+                (sampling._partials_kernel, {**scalars, **partials, **const}),
+                (sampling._finish_kernel, {**scalars, "u_ptr": "*fp32", **finish, **const}),
+            ):
                 try:
-                    k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                                       options={"num_warps": 4, "enable_fp_fusion": True})
+                    k = triton.compile(
+                        ASTSource(fn, sig, constexprs),
+                        target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": 4, "enable_fp_fusion": True},
+                    )
                 except (FileNotFoundError, RuntimeError) as e:  # no ptxas / CUDA toolchain in this triton
                     if "ptxas" in str(e).lower():
                         pytest.skip(f"no usable ptxas: {e}")
@@ -239,8 +260,10 @@ def grads(out, inputs, upstream):
     return torch.autograd.grad(out, [x for x in inputs if x is not None], upstream)
 
 
-@pytest.mark.parametrize("bias,mask_id,temperature,rows", [(True, 3, 0.7, 3), (False, None, 1.0, 4),
-                                                           (True, None, 1.5, 100), (False, 3, 1.0, 1)])
+@pytest.mark.parametrize(
+    "bias,mask_id,temperature,rows",
+    [(True, 3, 0.7, 3), (False, None, 1.0, 4), (True, None, 1.5, 100), (False, 3, 1.0, 1)],
+)
 def test_chunked_logprobs_match_log_softmax_gather_and_autograd(bias, mask_id, temperature, rows):
     h, W, b, t = logprob_case(10, 6, 13, torch.float64, bias, mask_id=3)
     got = ChunkedLinearLogprobs.apply(h, W, b, t, mask_id, temperature, rows)  # [n]
@@ -290,22 +313,31 @@ def test_docstring_recipe_matches_view_logprobs(model_factory, tokenizer):
     g = torch.Generator().manual_seed(0)
     completion = torch.randint(0, V, (N, Lc), generator=g)  # [N, Lc]
     completion[completion == tr.mask_token_id] = (tr.mask_token_id + 1) % V
-    batch = SimpleNamespace(prompt_ids=torch.randint(0, V, (N, P), generator=g),
-                            prompt_mask=torch.ones(N, P, dtype=torch.long), completion_ids=completion)
+    batch = SimpleNamespace(
+        prompt_ids=torch.randint(0, V, (N, P), generator=g),
+        prompt_mask=torch.ones(N, P, dtype=torch.long),
+        completion_ids=completion,
+    )
     masked = torch.rand(N, Lc, generator=g) < 0.5  # [N, Lc] the view's [MASK] positions = the scored ones
     want = view_logprobs(model, batch, masked, None, tr, 0.8)  # [N, Lc]
     (w_want,) = torch.autograd.grad(want[masked].sum(), unwrap(model).get_output_embeddings().weight)
 
     ids = torch.cat([batch.prompt_ids, torch.where(masked, tr.mask_token_id, completion)], 1)  # [N, P+Lc]
     attn = torch.ones_like(ids)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=padding_positions(attn),
-                logits_range=(P, P), output_hidden_states=True)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=padding_positions(attn),
+        logits_range=(P, P),
+        output_hidden_states=True,
+    )
     shift = tr.logits_shift
-    h = out.hidden_states[-1][:, P - shift:P + Lc - shift]  # [N, Lc, D]
+    h = out.hidden_states[-1][:, P - shift : P + Lc - shift]  # [N, Lc, D]
     head = unwrap(model).get_output_embeddings()
     lp = torch.zeros(N, Lc)
-    lp[masked] = K.linear_token_logprobs(h[masked], head.weight, completion[masked],
-                                         getattr(head, "bias", None), tr.mask_token_id, 0.8)
+    lp[masked] = K.linear_token_logprobs(
+        h[masked], head.weight, completion[masked], getattr(head, "bias", None), tr.mask_token_id, 0.8
+    )
     torch.testing.assert_close(lp[masked], want[masked], atol=1e-5, rtol=1e-5)
     (w_got,) = torch.autograd.grad(lp[masked].sum(), head.weight)
     torch.testing.assert_close(w_got, w_want, atol=1e-5, rtol=1e-4)
@@ -330,9 +362,13 @@ def test_triton_kernels_in_a_fresh_interpreter():
     if torch.cuda.is_available() or interpreter_active():
         pytest.skip("the triton tests run in this process")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider",
-                          "-k", "triton and not fresh_interpreter"], env=env, capture_output=True, text=True,
-                         check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-k", "triton and not fresh_interpreter"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert int(re.search(r"(\d+) passed", run.stdout).group(1)) >= 10, run.stdout[-2000:]
 

@@ -28,10 +28,10 @@ def test_block_causal_hides_later_blocks(model_factory):
     mask = mask_from_block_ids(bid, bid, causal_blocks=True)
     base = m(x, attention_mask=mask).logits
     y = x.clone()
-    y[:, P + 8:] = torch.randint(10, 90, (2, 4))  # perturb the last block
+    y[:, P + 8 :] = torch.randint(10, 90, (2, 4))  # perturb the last block
     pert = m(y, attention_mask=mask).logits
-    torch.testing.assert_close(base[:, :P + 8], pert[:, :P + 8], rtol=0, atol=0)
-    assert not torch.allclose(base[:, P + 8:], pert[:, P + 8:])
+    torch.testing.assert_close(base[:, : P + 8], pert[:, : P + 8], rtol=0, atol=0)
+    assert not torch.allclose(base[:, P + 8 :], pert[:, P + 8 :])
     # bidirectional attention does see the change everywhere
     b = model_factory(attention="bidirectional")
     assert not torch.allclose(b(x).logits[:, :P], b(y).logits[:, :P])
@@ -43,8 +43,9 @@ def test_padding_is_invisible(model_factory):
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
     attn = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    torch.testing.assert_close(m(padded, attention_mask=attn, position_ids=pos).logits[:, 3:], m(x).logits,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        m(padded, attention_mask=attn, position_ids=pos).logits[:, 3:], m(x).logits, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_cache_equals_recompute(model_factory):
