@@ -525,7 +525,7 @@ PHASES = {"static": "all", "update": "update", "rollout": "rollout", "step": "op
 def format_plan(plan: Plan) -> str:
     lines = [
         (
-            "ESTIMATE from formulas (dllm_rl/plan.py), not a measurement: check it on a GPU with "
+            "ESTIMATE from formulas (dllm_rl/memory.py), not a measurement: check it on a GPU with "
             "torch.cuda.max_memory_allocated()."
         ),
         "",
