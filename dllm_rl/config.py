@@ -183,7 +183,9 @@ class TrainConfig:
     save_steps: int = 50
     eval_steps: int = 50
     logging_steps: int = 10
-    resume: bool = True  # continue from the newest checkpoint in output_dir when one exists
+    # true: continue the newest checkpoint in output_dir when its recipe matches this one (trainers.common);
+    # "force": continue it whatever differs; false: refuse a directory that already holds a run
+    resume: Union[bool, Literal["force"]] = True
     save_total_limit: int = 2  # checkpoints kept (oldest deleted)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
