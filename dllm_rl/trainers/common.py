@@ -35,6 +35,7 @@ from ..models.load import load_model
 from ..rundir import latest_checkpoint, tidy
 from ..runtime import make_accelerator, make_optimizer, set_threads
 from ..tasks import load_task
+from ..validate import validate_recipe
 
 # recipe keys that may differ between a checkpoint and the run that resumes it: they change how a run is
 # watched and stored, not what it trains
@@ -106,7 +107,8 @@ class Run:
     """One training run: accelerator, task, model, optimizer, scheduler, resume state, metrics log."""
 
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
-        self.recipe = r = recipe
+        # every mistake validation knows stops here, before a model or a dataset is built
+        self.recipe = r = validate_recipe(recipe, check_model=model is None, check_data=task is None)
         set_threads(r.train.num_threads)
         self.acc = make_accelerator(r)
         self.task = task or load_task(r.data)
