@@ -213,7 +213,7 @@ class RewardSpec:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"  # sgd: steps proportional to the gradient (runtime.make_optimizer)
-    lr: LearningRate = 1e-4
+    lr: Annotated[float, Check(ge=0, le=1, why="a learning rate; 0 freezes the model's weights")] = 1e-4
     weight_decay: NonNegative = 0.0
     betas: Annotated[list[Annotated[float, Check(ge=0, lt=1)]], Check(length=2)] = field(
         default_factory=lambda: [0.9, 0.999]

@@ -145,15 +145,14 @@ def _stop_at(monkeypatch, k: int | None) -> dict:
 
 @pytest.mark.parametrize("keep", [1, 2])
 def test_a_save_stopped_at_any_file_operation_leaves_only_loadable_checkpoints(tmp_path, monkeypatch, keep):
-    from accelerate import Accelerator
-
     from dllm_rl.checkpoint import save_checkpoint
     from dllm_rl.config import recipe_from_dict
     from dllm_rl.models.load import load_model
+    from dllm_rl.runtime import make_accelerator
 
     recipe = recipe_from_dict({**TINY, "train": {**TINY["train"], "output_dir": str(tmp_path)}})
     model, tok = load_model(recipe.model)
-    acc = Accelerator(cpu=True)
+    acc = make_accelerator(recipe)  # as the trainers make it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, opt = acc.prepare(model, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -229,7 +229,9 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
     [
         (["train.max_steps=0"], "train.max_steps"),
         (["train.max_steps=-5"], "train.max_steps"),
-        (["optim.lr=0"], "optim.lr"),
+        (["optim.lr=-1e-4"], "optim.lr"),
+        (["optim.lr=3"], "optim.lr"),
+        (["order_policy.lr=0"], "order_policy.lr"),
         (["optim.lr=.nan"], "optim.lr"),
         (["optim.betas=[0.9, 1.5]"], r"optim.betas\[1\]"),
         (["grpo.num_generations=1"], "grpo.num_generations"),
