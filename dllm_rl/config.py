@@ -2,7 +2,9 @@
 
 `load_recipe(path, overrides)` reads a YAML file, applies dotted command-line overrides
 (`optim.lr=1e-5`, `rollout.steps=64`), and converts the result into `Recipe`. Unknown keys fail with the
-list of valid keys and a did-you-mean; a value of the wrong type fails naming the dotted key. The resolved
+list of valid keys and a did-you-mean; a value of the wrong type fails naming the dotted key; a value outside
+its field's constraint (`Annotated[type, Check(...)]`, next to the field) or against a rule across fields fails
+in one line with the fix (`validate`; names kept in registries are checked by validate.py). The resolved
 recipe is written beside every checkpoint (`save_recipe`), so a run can always be reproduced from its
 output directory.
 
