@@ -37,9 +37,9 @@ class Check:
     `validate` when a recipe is loaded.
 
     ge / gt / le / lt bound a number (each item of a list of numbers, when the item type carries the Check);
-    `length` fixes a list's length and `min_items` bounds it; `only` names the algorithm that reads the key:
-    training with the other one, a value other than the default is an error (that trainer would ignore it
-    silently); `why` is the reason a message gives. Every float must also be finite, every string non-empty.
+    `length` fixes a list's length and `min_items` bounds it; `ignored_by` names the algorithms whose trainer
+    never reads the key: training with one of them, a value other than the default is an error (it would be
+    ignored silently); `why` is the reason a message gives. Every float must also be finite, every string non-empty.
     """
 
     ge: Optional[float] = None
@@ -48,7 +48,7 @@ class Check:
     lt: Optional[float] = None
     length: Optional[int] = None
     min_items: int = 0
-    only: Optional[str] = None
+    ignored_by: tuple[str, ...] = ()
     why: str = ""
 
     def range_text(self) -> str:
@@ -72,7 +72,7 @@ Unit = Annotated[float, Check(ge=0, le=1)]  # probabilities, fractions, threshol
 NonNegative = Annotated[float, Check(ge=0)]
 Positive = Annotated[float, Check(gt=0)]
 LearningRate = Annotated[float, Check(gt=0, le=1, why="a learning rate")]
-GRPO_ONLY = Check(only="grpo")  # a section SFT does not read
+NOT_SFT = Check(ignored_by=("sft",))  # a section the SFT trainer does not read
 
 # ----------------------------------------------------------------------------------------------- sections
 
@@ -134,7 +134,7 @@ class RolloutConfig:
     steps: Count = 32  # denoising steps over the whole canvas (split evenly over blocks)
     block_length: Optional[Count] = None  # semi-autoregressive block length; empty = one block
     # 0 = greedy. SFT does not read it: it evaluates at eval.temperature
-    temperature: Annotated[float, Check(ge=0, only="grpo", why="SFT decodes at eval.temperature")] = 0.0
+    temperature: Annotated[float, Check(ge=0, ignored_by=("sft",), why="SFT decodes at eval.temperature")] = 0.0
     top_k: Annotated[int, Check(ge=0, why="0 = no top-k cut")] = 0
     top_p: Annotated[float, Check(gt=0, le=1, why="1 = no nucleus cut")] = 1.0
     commit: str = "top_k"  # top_k | threshold | factor | prophet (rollout.commit.COMMIT_RULES)
@@ -157,7 +157,9 @@ class RolloutConfig:
 
 @dataclass
 class SFTConfig:
-    t_min: Annotated[float, Check(ge=0, lt=1, only="sft")] = 1e-3  # masking ratio t ~ U(t_min, 1]; prompt clean
+    t_min: Annotated[float, Check(ge=0, lt=1, ignored_by=("grpo",))] = (
+        1e-3  # masking ratio t ~ U(t_min, 1]; prompt clean
+    )
 
 
 @dataclass
@@ -262,11 +264,11 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    grpo: Annotated[GRPOConfig, GRPO_ONLY] = field(default_factory=GRPOConfig)
-    estimator: Annotated[EstimatorConfig, GRPO_ONLY] = field(default_factory=EstimatorConfig)
-    order_policy: Annotated[OrderPolicyConfig, GRPO_ONLY] = field(default_factory=OrderPolicyConfig)
+    grpo: Annotated[GRPOConfig, NOT_SFT] = field(default_factory=GRPOConfig)
+    estimator: Annotated[EstimatorConfig, NOT_SFT] = field(default_factory=EstimatorConfig)
+    order_policy: Annotated[OrderPolicyConfig, NOT_SFT] = field(default_factory=OrderPolicyConfig)
     # GRPO's rewards; SFT scores its held-out set with the task's own verifier
-    rewards: Annotated[list[RewardSpec], GRPO_ONLY] = field(default_factory=list)
+    rewards: Annotated[list[RewardSpec], NOT_SFT] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -398,7 +400,7 @@ def _problems(value, tp, key: str, default, trainer: Optional[str]):
     if value is None:
         return
     for c in checks:
-        if c.only and trainer and trainer != c.only and value != default:
+        if trainer in c.ignored_by and value != default:
             why = f" ({c.why})" if c.why else ""
             where, shown = key, value
             if dataclasses.is_dataclass(value):  # name the first key of the section that was set
@@ -408,7 +410,7 @@ def _problems(value, tp, key: str, default, trainer: Optional[str]):
                 where, shown, why = f"{key}.{name}", getattr(value, name), f" (nor anything in {key}){why}"
             yield (
                 f"{where}: set to {_show(shown)}, but algorithm {trainer} never reads it{why}; remove it from the "
-                f"recipe, or train with algorithm={c.only}"
+                f"recipe (or train with an algorithm that reads it)"
             )
             return
     if dataclasses.is_dataclass(tp):
@@ -493,7 +495,7 @@ def _rules(r: Recipe, trainer: Optional[str]):
             f"eval.size: {r.eval.size} is more than the {r.data.eval_size} held-out examples (data.eval_size); "
             f"lower eval.size or raise data.eval_size"
         )
-    if (trainer or r.algorithm) == "grpo":  # the sections only GRPO reads (else: `only` rejects what is set)
+    if (trainer or r.algorithm) != "sft":  # sections SFT does not read (there `ignored_by` rejects what is set)
         if est.block_length and Lc % est.block_length:
             yield (
                 f"estimator.block_length: {est.block_length} does not divide rollout.max_completion_length ({Lc}); "
@@ -525,15 +527,15 @@ def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:
     """Raise ConfigError (one line: the key, the value, the fix) for the first value that breaks its field's
     Check or a rule across fields; return the recipe.
 
-    With `trainer` ("sft" | "grpo": the trainer about to run), a value that trainer would silently ignore is an
-    error too. Per key: the grpo, estimator and order_policy sections, `rewards` and rollout.temperature are
-    read by GRPO only (SFT evaluates at eval.temperature with the task's verifier), sft.t_min by SFT only,
-    optim.momentum by sgd only and optim.betas / optim.eps by adamw only: each is rejected when set to a
-    non-default value for a trainer that does not read it. Kept on purpose although not read: model.tiny when
-    model.path is set and the other model.lora keys when model.lora.r=0, so that one override
-    (model.path=..., model.lora.r=0) switches a recipe's mode. Names looked up in registries (tasks,
-    estimators, losses, orders, rewards, schedulers) are checked by `dllm_rl.validate.validate_recipe`,
-    above this floor.
+    With `trainer` (the algorithm about to train), a value that trainer would silently ignore is an error too.
+    Per key (`Check.ignored_by` at the field): the SFT trainer reads neither the grpo, estimator and order_policy
+    sections nor `rewards` nor rollout.temperature (it evaluates at eval.temperature with the task's verifier);
+    the GRPO trainer does not read sft.t_min; optim.momentum is read by sgd only and optim.betas / optim.eps by
+    adamw only. Each is rejected when set to a non-default value for a trainer that does not read it.
+    Kept on purpose although not read: model.tiny when model.path is set and the other model.lora keys when
+    model.lora.r=0, so that one override (model.path=..., model.lora.r=0) switches a recipe's mode. Names
+    looked up in registries (tasks, estimators, losses, orders, rewards, schedulers) are checked by
+    `dllm_rl.validate.validate_recipe`, above this floor.
     """
     for problem in _problems(recipe, Recipe, "", Recipe(), trainer):
         raise ConfigError(problem)
