@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from .errors import DllmRlError
+from .errors import ConfigError, DllmRlError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,10 +49,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args, force_sft: bool) -> None:
     from .config import load_recipe
-    from .runtime import shutdown
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    if force_sft or recipe.algorithm == "sft":
+    recipe = load_recipe(args.recipe, args.overrides)  # every value checked against its field: no torch needed
+    if force_sft and recipe.algorithm != "sft":
+        raise ConfigError(
+            f"algorithm: {recipe.algorithm!r} in {args.recipe}, but `dllm-rl sft` trains SFT; run "
+            f"`dllm-rl train {args.recipe}`, or set algorithm=sft"
+        )
+    from .runtime import shutdown
+    from .validate import validate_recipe
+
+    validate_recipe(recipe)  # registry names, reward files, paths, keys the trainer would ignore
+    if recipe.algorithm == "sft":
         from .trainers.sft import SFTTrainer
 
         SFTTrainer(recipe).train()

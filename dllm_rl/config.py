@@ -2,7 +2,9 @@
 
 `load_recipe(path, overrides)` reads a YAML file, applies dotted command-line overrides
 (`optim.lr=1e-5`, `rollout.steps=64`), and converts the result into `Recipe`. Unknown keys fail with the
-list of valid keys and a did-you-mean; a value of the wrong type fails naming the dotted key. The resolved
+list of valid keys and a did-you-mean; a value of the wrong type fails naming the dotted key; a value outside
+its field's constraint (`Annotated[type, Check(...)]`, next to the field) or against a rule across fields fails
+in one line with the fix (`validate`; names kept in registries are checked by validate.py). The resolved
 recipe is written beside every checkpoint (`save_recipe`), so a run can always be reproduced from its
 output directory.
 
@@ -14,16 +16,63 @@ knobs live in their own sections (rollout, estimator).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
 from .errors import ConfigError, did_you_mean
+
+# ------------------------------------------------------------------------------------------- constraints
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a recipe value must satisfy, written next to its field as `Annotated[type, Check(...)]` and read by
+    `validate` when a recipe is loaded.
+
+    ge / gt / le / lt bound a number (each item of a list of numbers, when the item type carries the Check);
+    `length` fixes a list's length and `min_items` bounds it; `ignored_by` names the algorithms whose trainer
+    never reads the key: training with one of them, a value other than the default is an error (it would be
+    ignored silently); `why` is the reason a message gives. Every float must also be finite, every string non-empty.
+    """
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    length: Optional[int] = None
+    min_items: int = 0
+    ignored_by: tuple[str, ...] = ()
+    why: str = ""
+
+    def range_text(self) -> str:
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        return " and ".join(f"{op} {int(v) if float(v).is_integer() else v}" for op, v in bounds if v is not None)
+
+    def in_range(self, v: float) -> bool:
+        return not (
+            (self.ge is not None and not v >= self.ge)
+            or (self.gt is not None and not v > self.gt)
+            or (self.le is not None and not v <= self.le)
+            or (self.lt is not None and not v < self.lt)
+        )
+
+
+# the constraints most fields share
+Count = Annotated[int, Check(ge=1)]  # sizes and counts: at least 1
+Cadence = Annotated[int, Check(ge=0, why="0 = never")]  # every N steps, 0 = never
+Seed = Annotated[int, Check(ge=0, le=2**32 - 1, why="a seed torch, numpy and reasoning-gym all accept")]
+Unit = Annotated[float, Check(ge=0, le=1)]  # probabilities, fractions, thresholds
+NonNegative = Annotated[float, Check(ge=0)]
+Positive = Annotated[float, Check(gt=0)]
+LearningRate = Annotated[float, Check(gt=0, le=1, why="a learning rate")]
+NOT_SFT = Check(ignored_by=("sft",))  # a section the SFT trainer does not read
 
 # ----------------------------------------------------------------------------------------------- sections
 
@@ -32,23 +81,23 @@ from .errors import ConfigError, did_you_mean
 class TinyModelConfig:
     """Shape of the built-in tiny masked diffusion LM, used when `model.path` is empty (train from scratch)."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    max_position_embeddings: int = 256
+    hidden_size: Count = 128
+    num_layers: Count = 4
+    num_heads: Count = 4
+    intermediate_size: Count = 384
+    max_position_embeddings: Count = 256
     attention: Literal["bidirectional", "block_causal"] = "bidirectional"
-    block_size: int = 8  # block length of block-causal attention (block diffusion)
+    block_size: Count = 8  # block length of block-causal attention (block diffusion)
 
 
 @dataclass
 class LoraConfig:
     """LoRA through peft; r=0 trains all weights."""
 
-    r: int = 0
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    r: Annotated[int, Check(ge=0, why="0 = no LoRA")] = 0
+    alpha: Count = 16
+    dropout: Annotated[float, Check(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[str], Check(min_items=1)] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
@@ -66,9 +115,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = "sudoku"  # sudoku | countdown | gsm8k | math (dllm_rl.tasks.TASKS)
-    train_size: int = 20000  # procedural tasks: number of generated training examples
-    eval_size: int = 200  # held-out examples (disjoint from training by construction)
-    seed: int = 0
+    train_size: Count = 20000  # procedural tasks: number of generated training examples
+    eval_size: Count = 200  # held-out examples (disjoint from training by construction)
+    seed: Seed = 0
     options: dict = field(default_factory=dict)  # task-specific generator options (e.g. min_empty)
     path: Optional[str] = None  # dataset tasks: hub name, or a local .json/.jsonl/.parquet file
     eval_path: Optional[str] = None
@@ -81,41 +130,45 @@ class DataConfig:
 class RolloutConfig:
     """How completions are decoded (dllm_rl.rollout)."""
 
-    max_completion_length: int = 32  # the canvas length (LLaDA's gen_length)
-    steps: int = 32  # denoising steps over the whole canvas (split evenly over blocks)
-    block_length: Optional[int] = None  # semi-autoregressive block length; empty = one block
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
+    max_completion_length: Count = 32  # the canvas length (LLaDA's gen_length)
+    steps: Count = 32  # denoising steps over the whole canvas (split evenly over blocks)
+    block_length: Optional[Count] = None  # semi-autoregressive block length; empty = one block
+    # 0 = greedy. SFT does not read it: it evaluates at eval.temperature
+    temperature: Annotated[float, Check(ge=0, ignored_by=("sft",), why="SFT decodes at eval.temperature")] = 0.0
+    top_k: Annotated[int, Check(ge=0, why="0 = no top-k cut")] = 0
+    top_p: Annotated[float, Check(gt=0, le=1, why="1 = no nucleus cut")] = 1.0
     commit: str = "top_k"  # top_k | threshold | factor | prophet (rollout.commit.COMMIT_RULES)
-    threshold: float = 0.9  # threshold rule: commit every token with confidence >= threshold
-    factor: float = 1.0  # factor rule (Fast-dLLM): n largest with conf_n >= 1 - factor / (n + 1)
-    prophet_gaps: list[float] = field(default_factory=lambda: [7.5, 5.0, 2.5])  # early-commit schedule
+    threshold: Unit = 0.9  # threshold rule: commit every token with confidence >= threshold
+    factor: Positive = 1.0  # factor rule (Fast-dLLM): n largest with conf_n >= 1 - factor / (n + 1)
+    # early-commit schedule: the mean top-2 logit gap needed in the first, middle and last third of decoding
+    prophet_gaps: Annotated[list[NonNegative], Check(length=3)] = field(default_factory=lambda: [7.5, 5.0, 2.5])
     order: str = "low_confidence"  # low_confidence | top_prob | margin | entropy | random | left_to_right | policy
-    order_temperature: float = 0.0  # > 0: sample the unmasking order (Plackett-Luce over scores / temp)
+    order_temperature: NonNegative = 0.0  # > 0: sample the unmasking order (Plackett-Luce over scores / temp)
     self_correction: bool = False  # remask committed tokens whose confidence fell below the threshold
-    correction_threshold: float = 0.1
-    correction_max_per_step: int = 1
+    correction_threshold: Unit = 0.1
+    correction_max_per_step: Count = 1
     cache: Literal["none", "prefix", "dual", "block"] = "none"
     # torch.compile the sampler's model call (mode name; dynamic shapes, so the growing KV length does not
     # recompile every block). reduce-overhead adds CUDA graphs (GPU only); the KV cache is marked static for it
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     stop_at_eos: bool = True
-    batch_size: int = 64  # prompts decoded together in eval / generate
+    batch_size: Count = 64  # prompts decoded together in eval / generate
 
 
 @dataclass
 class SFTConfig:
-    t_min: float = 1e-3  # masking ratio t ~ U(t_min, 1]; the prompt stays clean (LLaDA's SFT)
+    t_min: Annotated[float, Check(ge=0, lt=1, ignored_by=("grpo",))] = (
+        1e-3  # masking ratio t ~ U(t_min, 1]; prompt clean
+    )
 
 
 @dataclass
 class GRPOConfig:
-    num_generations: int = 8
-    num_iterations: int = 1  # inner updates per rollout (mu)
-    beta: float = 0.0  # KL coefficient (k3 estimator); 0 = no reference model
-    epsilon: float = 0.2
-    epsilon_high: Optional[float] = None
+    num_generations: Annotated[int, Check(ge=2, why="advantages are relative to the group")] = 8
+    num_iterations: Count = 1  # inner updates per rollout (mu)
+    beta: NonNegative = 0.0  # KL coefficient (k3 estimator); 0 = no reference model
+    epsilon: Positive = 0.2  # clip range of the ratio: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[Positive] = None  # empty = epsilon
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo | bnpo | wd1 | spg (algorithms.losses.LOSSES)
     importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -123,80 +176,85 @@ class GRPOConfig:
     filter_zero_std: bool = False  # drop groups whose rewards are all equal
     reference: Literal["auto", "adapter_disabled", "frozen_copy", "none"] = "auto"
     spg_bound: Literal["elbo", "eubo", "mix", "zero"] = "mix"  # spg: bound for negative advantages (zero: none)
-    spg_mix_weight: float = 0.5  # spg: weight of the upper bound in "mix"
+    spg_mix_weight: Unit = 0.5  # spg: weight of the upper bound in "mix"
 
 
 @dataclass
 class EstimatorConfig:
     name: str = "one_step"  # one_step | elbo | block_elbo | trajectory (estimators.ESTIMATORS)
-    p_mask_prompt: float = 0.15
-    num_samples: int = 1  # Monte Carlo timesteps n_t (elbo) / masked views (one_step, block_elbo)
-    masks_per_timestep: int = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1)
-    t_min: float = 0.0  # masking-ratio range (elbo; block_elbo: fraction of the chosen block)
-    t_max: float = 1.0
+    p_mask_prompt: Unit = 0.15
+    num_samples: Count = 1  # Monte Carlo timesteps n_t (elbo) / masked views (one_step, block_elbo)
+    masks_per_timestep: Count = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1)
+    t_min: Unit = 0.0  # masking-ratio range (elbo; block_elbo: fraction of the chosen block)
+    t_max: Unit = 1.0
     stratified: bool = False  # elbo: stratified timesteps t_k = t_min + (t_max - t_min)(k + u) / n_t
     coupled: bool = False  # elbo: DiffuCoder's complementary mask pairs
     full_view: bool = True  # elbo + coupled: also average in the fully masked view (DiffuCoder)
-    eubo_beta: float = 1.0  # block_elbo: beta of SPG's upper bound (1.5 math, 2.0 countdown, 1.0 sudoku)
-    block_length: Optional[int] = None  # block_elbo: SPG's block length; empty = the rollout's (else one block)
-    merge_steps: int = 1  # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink)
+    eubo_beta: Positive = 1.0  # block_elbo: beta of SPG's upper bound (1.5 math, 2.0 countdown, 1.0 sudoku)
+    block_length: Optional[Count] = None  # block_elbo: SPG's block length; empty = the rollout's (else one block)
+    merge_steps: Count = 1  # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink)
 
 
 @dataclass
 class OrderPolicyConfig:
     """The learned unmasking-order head (policy.OrderHead), trained with the model when rollout.order=policy."""
 
-    width: int = 64
-    heads: int = 4
+    width: Count = 64
+    heads: Count = 4
     base: Literal["top_prob", "none"] = "top_prob"  # the order an untrained head reproduces
-    lr: float = 1e-3  # its own learning rate (same scheduler as the model)
+    lr: LearningRate = 1e-3  # its own learning rate (same scheduler as the model)
     train_model: bool = True  # false: GRPO trains the order head only; the model's weights stay as loaded
 
 
 @dataclass
 class RewardSpec:
-    name: str = ""  # built-in name, path/to/file.py:function, or an installed entry point
-    weight: float = 1.0
+    # a built-in name, path/to/file.py:function, or an installed entry point (checked by validate.validate_recipe)
+    name: Annotated[str, Check(why="a built-in reward name, path/to/file.py:function or an entry point")] = ""
+    weight: float = 1.0  # any finite number: a negative weight penalises
     kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"  # sgd: steps proportional to the gradient (runtime.make_optimizer)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    momentum: float = 0.0  # sgd only
-    max_grad_norm: float = 1.0
-    lr_scheduler: str = "constant_with_warmup"  # any transformers.get_scheduler name
-    warmup_steps: int = 0
+    lr: Annotated[float, Check(ge=0, le=1, why="a learning rate; 0 freezes the model's weights")] = 1e-4
+    weight_decay: NonNegative = 0.0
+    betas: Annotated[list[Annotated[float, Check(ge=0, lt=1)]], Check(length=2)] = field(
+        default_factory=lambda: [0.9, 0.999]
+    )  # adamw only
+    eps: Positive = 1e-8  # adamw only
+    momentum: Annotated[float, Check(ge=0, lt=1)] = 0.0  # sgd only
+    max_grad_norm: Annotated[float, Check(ge=0, why="0 = no clipping")] = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # a transformers.get_scheduler name (validate.SCHEDULERS)
+    warmup_steps: Annotated[int, Check(ge=0)] = 0
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    max_steps: int = 100
-    batch_size: int = 8  # per process and optimizer step: sequences (sft) or prompts (grpo)
-    gradient_accumulation_steps: int = 1  # split each step's batch into this many micro-batches (memory)
+    seed: Seed = 0
+    max_steps: Count = 100
+    batch_size: Count = 8  # per process and optimizer step: sequences (sft) or prompts (grpo)
+    gradient_accumulation_steps: Count = 1  # split each step's batch into this many micro-batches (memory)
     output_dir: str = "outputs/run"
-    save_steps: int = 50
-    eval_steps: int = 50
-    logging_steps: int = 10
-    resume: bool = True  # continue from the newest checkpoint in output_dir when one exists
-    save_total_limit: int = 2  # checkpoints kept (oldest deleted)
+    save_steps: Cadence = 50  # a checkpoint every N steps (and at the last)
+    eval_steps: Cadence = 50
+    logging_steps: Count = 10
+    # true: continue the newest checkpoint in output_dir when its recipe matches this one (trainers.common);
+    # "force": continue it whatever differs; false: refuse a directory that already holds a run
+    resume: Union[bool, Literal["force"]] = True
+    save_total_limit: Annotated[int, Check(ge=0, why="0 = keep all")] = 2  # checkpoints kept (oldest deleted)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (recipes/deepspeed/zero2.json)
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    num_threads: Annotated[int, Check(ge=0)] = 0  # torch CPU threads; 0 = torch's default
 
 
 @dataclass
 class EvalConfig:
-    size: Optional[int] = None  # held-out examples to score; empty = data.eval_size
-    num_samples: int = 1  # completions per prompt (pass@1 averaged over samples)
-    temperature: float = 0.0  # decoding temperature for evaluation (the rest of `rollout` applies)
-    order_temperature: Optional[float] = None  # unmasking-order temperature; empty = rollout.order_temperature
+    size: Optional[Count] = None  # held-out examples to score; empty = data.eval_size
+    num_samples: Count = 1  # completions per prompt (pass@1 averaged over samples)
+    temperature: NonNegative = 0.0  # decoding temperature for evaluation (the rest of `rollout` applies)
+    order_temperature: Optional[NonNegative] = None  # unmasking-order temperature; empty = rollout.order_temperature
 
 
 @dataclass
@@ -206,10 +264,11 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
-    order_policy: OrderPolicyConfig = field(default_factory=OrderPolicyConfig)
-    rewards: list[RewardSpec] = field(default_factory=list)
+    grpo: Annotated[GRPOConfig, NOT_SFT] = field(default_factory=GRPOConfig)
+    estimator: Annotated[EstimatorConfig, NOT_SFT] = field(default_factory=EstimatorConfig)
+    order_policy: Annotated[OrderPolicyConfig, NOT_SFT] = field(default_factory=OrderPolicyConfig)
+    # GRPO's rewards; SFT scores its held-out set with the task's own verifier
+    rewards: Annotated[list[RewardSpec], NOT_SFT] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -235,7 +294,12 @@ def _convert(value: Any, tp, key: str):
                 return _convert(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0])
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        wanted = " or ".join(
+            repr(list(typing.get_args(a))) if typing.get_origin(a) is Literal else _type_name(a) for a in args
+        )
+        raise ConfigError(f"{key}: expected {wanted}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -257,7 +321,12 @@ def _convert(value: Any, tp, key: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(
+                    f"{key}: an integer of {len(str(value))} digits is too large; set a finite {key}"
+                ) from None
         if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
             try:
                 return float(value)
@@ -294,8 +363,185 @@ def _from_dict(cls, data: Any, prefix: str = ""):
 
 
 def recipe_from_dict(data: dict) -> Recipe:
-    """Build a Recipe from plain data, strictly (unknown keys and wrong types raise ConfigError)."""
-    return _from_dict(Recipe, data)
+    """Build a Recipe from plain data, strictly: unknown keys, wrong types and values that break their field's
+    Check or a rule across fields raise ConfigError (`validate`)."""
+    return validate(_from_dict(Recipe, data))
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def field_checks(tp) -> tuple[Any, list[Check]]:
+    """(the type without Annotated and Optional, the Checks it carries)."""
+    checks: list[Check] = []
+    while True:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is Annotated:
+            tp, checks = args[0], checks + [m for m in args[1:] if isinstance(m, Check)]
+        elif origin in (Union, types.UnionType) and type(None) in args and len(args) == 2:
+            tp = next(a for a in args if a is not type(None))
+        else:
+            return tp, checks
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _example(key: str, default, check: Check) -> str:
+    ok = isinstance(default, (int, float)) and not isinstance(default, bool) and check.in_range(default)
+    return f" (e.g. {key}={default})" if ok else ""
+
+
+def _problems(value, tp, key: str, default, trainer: Optional[str]):
+    """One-line messages for what in `value` (of annotated type `tp`) breaks a Check, walking sections and lists."""
+    tp, checks = field_checks(tp)
+    if value is None:
+        return
+    for c in checks:
+        if trainer in c.ignored_by and value != default:
+            why = f" ({c.why})" if c.why else ""
+            where, shown = key, value
+            if dataclasses.is_dataclass(value):  # name the first key of the section that was set
+                name = next(
+                    f.name for f in dataclasses.fields(value) if getattr(value, f.name) != getattr(default, f.name)
+                )
+                where, shown, why = f"{key}.{name}", getattr(value, name), f" (nor anything in {key}){why}"
+            yield (
+                f"{where}: set to {_show(shown)}, but algorithm {trainer} never reads it{why}; remove it from the "
+                f"recipe (or train with an algorithm that reads it)"
+            )
+            return
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp, include_extras=True)
+        for f in dataclasses.fields(tp):
+            sub = getattr(default, f.name, None) if default is not None else None
+            yield from _problems(
+                getattr(value, f.name), hints[f.name], f"{key}.{f.name}" if key else f.name, sub, trainer
+            )
+        return
+    if isinstance(value, list):
+        for c in checks:
+            if c.length is not None and len(value) != c.length:
+                yield f"{key}: {_show(value)} has {len(value)} items; give exactly {c.length}" + (
+                    f" (e.g. {key}={default})" if isinstance(default, list) and len(default) == c.length else ""
+                )
+            if len(value) < c.min_items:
+                yield f"{key}: {_show(value)} has {len(value)} items; give at least {c.min_items} (e.g. {default})"
+        (item,) = typing.get_args(tp) or (Any,)
+        item_default = field_checks(item)[0]() if dataclasses.is_dataclass(field_checks(item)[0]) else None
+        for i, v in enumerate(value):
+            yield from _problems(v, item, f"{key}[{i}]", item_default, trainer)
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        yield f"{key}: {_show(value)} is not a finite number; set {key} to a finite value" + (
+            f" (e.g. {key}={default})" if isinstance(default, float) and math.isfinite(default) else ""
+        )
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for c in checks:
+            if not c.in_range(value):
+                why = f": {c.why}" if c.why else ""
+                yield (
+                    f"{key}: {_show(value)} is out of range (it must be {c.range_text()}{why}); set {key} to a value "
+                    f"{c.range_text()}{_example(key, default, c)}"
+                )
+                return
+    if isinstance(value, str) and value == "":
+        named = [c.why for c in checks if c.why]
+        if named:
+            fix = f"set {key} to {named[0]}"
+        elif default:
+            fix = f"leave {key} out for its default ({default!r})"
+        else:
+            fix = f"give {key} a value or leave it out"
+        yield f"{key}: the empty string is not a value here; {fix}"
+
+
+def _rules(r: Recipe, trainer: Optional[str]):
+    """Messages for rules that tie several keys together; with `trainer`, also what that trainer would ignore."""
+    ro, est, t = r.rollout, r.estimator, r.model.tiny
+    Lc, Lb = ro.max_completion_length, ro.block_length or ro.max_completion_length
+    if Lc % Lb:
+        yield (
+            f"rollout.block_length: {Lb} does not divide rollout.max_completion_length ({Lc}); choose a block "
+            f"length that divides it (e.g. rollout.block_length={Lc})"
+        )
+    elif ro.steps % (Lc // Lb):
+        nb = Lc // Lb
+        yield (
+            f"rollout.steps: {ro.steps} is not a multiple of the number of blocks ({nb} = {Lc} / {Lb}); "
+            f"set e.g. rollout.steps={nb * max(1, round(ro.steps / nb))}"
+        )
+    if r.train.batch_size % r.train.gradient_accumulation_steps:
+        yield (
+            f"train.batch_size: {r.train.batch_size} is not divisible by train.gradient_accumulation_steps "
+            f"({r.train.gradient_accumulation_steps}); make it a multiple"
+        )
+    if r.model.path is None:  # the tiny model is built from model.tiny
+        if t.hidden_size % t.num_heads or (t.hidden_size // t.num_heads) % 2:
+            yield (
+                f"model.tiny.num_heads: {t.num_heads} heads do not split model.tiny.hidden_size ({t.hidden_size}) "
+                f"into even head sizes (rotary embeddings); pick a divisor with an even quotient"
+            )
+        if Lc >= t.max_position_embeddings:
+            yield (
+                f"rollout.max_completion_length: {Lc} leaves no room for the prompt in the tiny model's "
+                f"{t.max_position_embeddings} positions; raise model.tiny.max_position_embeddings"
+            )
+    if r.eval.size is not None and r.eval.size > r.data.eval_size:
+        yield (
+            f"eval.size: {r.eval.size} is more than the {r.data.eval_size} held-out examples (data.eval_size); "
+            f"lower eval.size or raise data.eval_size"
+        )
+    if (trainer or r.algorithm) != "sft":  # sections SFT does not read (there `ignored_by` rejects what is set)
+        if est.block_length and Lc % est.block_length:
+            yield (
+                f"estimator.block_length: {est.block_length} does not divide rollout.max_completion_length ({Lc}); "
+                f"choose one that does, or leave it out (the rollout's block length)"
+            )
+        if est.t_min >= est.t_max:
+            yield f"estimator.t_min: {est.t_min} is not below estimator.t_max ({est.t_max}); set t_min < t_max"
+        if r.order_policy.width % r.order_policy.heads:
+            yield (
+                f"order_policy.heads: {r.order_policy.heads} does not divide order_policy.width "
+                f"({r.order_policy.width}); pick a divisor"
+            )
+    if trainer is None:
+        return
+    if trainer == "grpo" and r.grpo.loss_type == "spg" and r.grpo.beta != 0:
+        yield f"grpo.beta: {r.grpo.beta} with grpo.loss_type=spg, which has no KL term (as SPG); set grpo.beta=0"
+    if trainer == "sft" and ro.order == "policy":
+        yield "rollout.order: 'policy' needs a learned order head, which SFT does not train; pick another order"
+    o, d = r.optim, OptimConfig()
+    if o.name == "adamw" and o.momentum != d.momentum:
+        yield f"optim.momentum: {o.momentum} is read by optim.name=sgd only; remove it or set optim.name=sgd"
+    if o.name == "sgd":
+        for name in ("betas", "eps"):
+            if getattr(o, name) != getattr(d, name):
+                yield f"optim.{name}: {getattr(o, name)!r} is read by optim.name=adamw only; remove it for sgd"
+
+
+def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:
+    """Raise ConfigError (one line: the key, the value, the fix) for the first value that breaks its field's
+    Check or a rule across fields; return the recipe.
+
+    With `trainer` (the algorithm about to train), a value that trainer would silently ignore is an error too.
+    Per key (`Check.ignored_by` at the field): the SFT trainer reads neither the grpo, estimator and order_policy
+    sections nor `rewards` nor rollout.temperature (it evaluates at eval.temperature with the task's verifier);
+    the GRPO trainer does not read sft.t_min; optim.momentum is read by sgd only and optim.betas / optim.eps by
+    adamw only. Each is rejected when set to a non-default value for a trainer that does not read it.
+    Kept on purpose although not read: model.tiny when model.path is set and the other model.lora keys when
+    model.lora.r=0, so that one override (model.path=..., model.lora.r=0) switches a recipe's mode. Names
+    looked up in registries (tasks, estimators, losses, orders, rewards, schedulers) are checked by
+    `dllm_rl.validate.validate_recipe`, above this floor.
+    """
+    for problem in _problems(recipe, Recipe, "", Recipe(), trainer):
+        raise ConfigError(problem)
+    for problem in _rules(recipe, trainer):
+        raise ConfigError(problem)
+    return recipe
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -304,7 +550,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=1e-5)")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote or fix it"
+            ) from None
         node = data
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
@@ -322,10 +573,26 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(
             f"recipe file {str(path)!r} does not exist; pass a YAML file such as recipes/tiny/sudoku-sft.yaml"
         )
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "a NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe file {str(path)!r} is not a text file; pass a YAML recipe") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if data is None:
+        raise ConfigError(
+            f"recipe file {str(path)!r} is empty; write the sections to change (e.g. copy recipes/tiny/sudoku-sft.yaml)"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"recipe file {str(path)!r} holds a {type(data).__name__}, not a mapping of sections "
+            f"(model:, data:, train: ...); write the recipe as YAML keys"
+        )
     return recipe_from_dict(apply_overrides(data, list(overrides or [])))
 
 

@@ -55,7 +55,7 @@ FLOORS = [
     {"errors", "config", "batches", "counter_rng", "rundir"},
     {"models", "kernels"},
     {"rollout", "policy", "estimators", "algorithms", "rewards", "tasks"},
-    {"runtime", "checkpoint", "metrics", "evaluate", "memory", "trainers"},
+    {"runtime", "checkpoint", "metrics", "evaluate", "memory", "trainers", "validate"},
     {"cli", "__main__", "__init__"},
 ]
 

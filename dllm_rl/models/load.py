@@ -96,8 +96,10 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
     elif getattr(model.config, "mask_token_id", None) is None and tokenizer.mask_token_id is not None:
         model.config.mask_token_id = tokenizer.mask_token_id
     traits(model, tokenizer)  # fails now, with the fix, if there is no mask token
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # acts in training mode only: the trainers put the model there for updates
+        # transformers 5.x names it activation checkpointing (the old name warns); both honour a model's override
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if cfg.lora.r > 0:
         model = apply_lora(model, cfg)
     return wrap_if_needed(model), tokenizer  # remote-code models get the protocol through HFDiffusionLM

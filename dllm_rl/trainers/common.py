@@ -10,11 +10,13 @@ A trainer composes a `Run` (it does not inherit from one):
 Resume (train.resume): true continues the newest complete checkpoint of train.output_dir when its recorded
 recipe matches this one (keys that do not change what is trained, such as logging cadence, may differ);
 "force" continues it whatever differs; false starts fresh and refuses a directory that holds a run. A
-finished run is never rewritten: asking for it again prints its recorded result.
+finished run is never rewritten: asking for it again prints its recorded result (metrics.jsonl, final/ and the
+checkpoints stay as they are; a final/ whose checkpoints were deleted counts as a finished run too).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -33,6 +35,7 @@ from ..models.load import load_model
 from ..rundir import latest_checkpoint, tidy
 from ..runtime import make_accelerator, make_optimizer, set_threads
 from ..tasks import load_task
+from ..validate import validate_recipe
 
 # recipe keys that may differ between a checkpoint and the run that resumes it: they change how a run is
 # watched and stored, not what it trains
@@ -87,11 +90,25 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
+class RecordedLog:
+    """The metrics of a finished run, read only: what `Run.recorded` reads when nothing is trained."""
+
+    def __init__(self, history: list[dict]):
+        self.history = history
+
+    def log(self, step: int, metrics: dict, echo: bool = True) -> None:
+        raise RuntimeError("a finished run's metrics are not rewritten")
+
+    def close(self) -> None:
+        pass
+
+
 class Run:
     """One training run: accelerator, task, model, optimizer, scheduler, resume state, metrics log."""
 
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
-        self.recipe = r = recipe
+        # every mistake validation knows stops here, before a model or a dataset is built
+        self.recipe = r = validate_recipe(recipe, check_model=model is None, check_data=task is None)
         set_threads(r.train.num_threads)
         self.acc = make_accelerator(r)
         self.task = task or load_task(r.data)
@@ -115,35 +132,54 @@ class Run:
         for obj in (self.scheduler, *checkpointed):
             self.acc.register_for_checkpointing(obj)
         history = self._resume()
-        self.log = MetricsLogger(self.acc, r.train.output_dir, history, config=recipe_to_dict(r))
+        if self.finished:  # a finished run is read, never rewritten
+            self.log = RecordedLog(history)
+        else:
+            self.log = MetricsLogger(self.acc, r.train.output_dir, history, config=recipe_to_dict(r))
 
     def _resume(self) -> list[dict]:
+        """The metrics history to continue; loads the newest complete checkpoint when the recipe allows it."""
         r = self.recipe.train
         if self.acc.is_main_process:
             tidy(r.output_dir)
         self.acc.wait_for_everyone()
         ckpt = latest_checkpoint(r.output_dir)
         final = Path(r.output_dir) / "final"
+        if ckpt is None and not final.is_dir():
+            return []
         if r.resume is False:
-            if ckpt is not None or final.is_dir():
-                raise ConfigError(
-                    f"train.output_dir {r.output_dir!r} already holds a run and train.resume is false: "
-                    f"pick a new train.output_dir (or delete that directory) to start afresh"
-                )
-            return []
-        if ckpt is None:
-            return []
-        saved = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
-        differ = recipe_differences(saved, recipe_to_dict(self.recipe))
-        if differ and r.resume != "force":
-            shown = ", ".join(
-                f"{k} ({_flat(saved).get(k)!r} -> {_flat(recipe_to_dict(self.recipe)).get(k)!r})" for k in differ[:6]
-            ) + (" ..." if len(differ) > 6 else "")
             raise ConfigError(
-                f"train.output_dir {r.output_dir!r} holds a run with another recipe: {shown}. Pick a "
-                f"new train.output_dir for a new run, or set train.resume=force to continue that run "
-                f"with these settings"
+                f"train.output_dir {r.output_dir!r} already holds a run and train.resume is false: "
+                f"pick a new train.output_dir (or delete that directory) to start afresh"
             )
+        recorded = ckpt if ckpt is not None else final
+        if not (recorded / "recipe.yaml").is_file():
+            raise ConfigError(
+                f"train.output_dir {r.output_dir!r} holds {recorded.name}/ without its recipe.yaml, so this "
+                f"recipe cannot be checked against it: pick a new train.output_dir"
+            )
+        saved = yaml.safe_load((recorded / "recipe.yaml").read_text()) or {}
+        current = recipe_to_dict(self.recipe)
+        differ = recipe_differences(saved, current)
+        if differ and r.resume != "force":
+            was, now = _flat(saved), _flat(current)
+            shown = ", ".join(f"{k} ({was.get(k)!r} -> {now.get(k)!r})" for k in differ[:6])
+            raise ConfigError(
+                f"train.output_dir {r.output_dir!r} holds a run with another recipe: {shown}"
+                + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+                + ". Pick a new train.output_dir for a new run, or set train.resume=force to continue that run "
+                "with these settings"
+            )
+        if ckpt is None:  # a finished run whose checkpoints were deleted: its records stand, nothing continues
+            done = (saved.get("train") or {}).get("max_steps")
+            if done != r.max_steps:
+                raise ConfigError(
+                    f"train.output_dir {r.output_dir!r} holds a finished run of {done} steps without a "
+                    f"checkpoint to continue it to train.max_steps={r.max_steps}: pick a new train.output_dir"
+                )
+            self.start_step, self.finished = r.max_steps, True
+            self.acc.print(f"{final} is a finished run (the run is complete: nothing to train)")
+            return self._recorded_history([])
         state = load_checkpoint(ckpt, self.acc)
         self.start_step = state["step"]
         self.finished = self.start_step >= r.max_steps and final.is_dir()
@@ -151,7 +187,18 @@ class Run:
             f"resumed from {ckpt} at step {self.start_step}"
             + (" (the run is complete: nothing to train)" if self.finished else "")
         )
-        return state.get("history", [])
+        history = state.get("history", [])
+        return self._recorded_history(history) if self.finished else history
+
+    def _recorded_history(self, history: list[dict]) -> list[dict]:
+        """A finished run's metrics as metrics.jsonl records them (rows logged after its last checkpoint, such as
+        the final held-out accuracy, included), else `history`."""
+        path = Path(self.recipe.train.output_dir) / "metrics.jsonl"
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return history
+        return rows if rows[: len(history)] == history else history
 
     def loop(self, name: str, step_fn, evaluate, postfix, eval_at_end: bool = False, extra_state=None) -> None:
         """Steps start_step..max_steps: `step_fn(step) -> metrics`, averaged over logging windows; `evaluate()`

@@ -1,0 +1,185 @@
+"""Recipe checks that need more than the recipe's own types: names looked up in the registries of the floors
+above config.py, and files a recipe points at.
+
+`load_recipe` (config.py) already checked every value against its field's constraint and the rules across
+fields. `validate_recipe(recipe)` adds what config.py cannot import: the registry names (data.task,
+rollout.commit, rollout.order, estimator.name, grpo.loss_type, grpo.advantage; a name registered at run time,
+as examples/custom_estimator.py does, is found), the learning-rate scheduler (one transformers' get_scheduler
+builds from the recipe's keys alone), the trackers of train.report_to, the reward specs (a built-in, an
+existing file that defines the function, or an installed entry point; the file is read, not run), and the
+files and directories named by model.path, data.path / data.eval_path and train.deepspeed. With the trainer
+named, it also rejects keys that trainer would silently ignore (config.validate). The CLI calls it right after
+loading a recipe to train, and `trainers.common.Run` calls it before it builds any model or data, so every
+mistake it knows stops the run in one line (ConfigError, exit code 2) instead of a traceback minutes later.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.metadata
+from operator import attrgetter
+from pathlib import Path
+from typing import Optional
+
+from .config import Recipe, validate
+from .errors import ConfigError, DllmRlError, did_you_mean, lookup
+
+REWARD_GROUP = "dllm_rl.rewards"  # entry-point group of installed reward plugins (rewards.plugins)
+
+
+def _registries() -> list[tuple[str, dict]]:
+    """(dotted recipe key, the dict its value names an entry of): the one list of named variants."""
+    from .algorithms import ADVANTAGES, LOSSES
+    from .estimators import ESTIMATORS
+    from .policy.orders import ORDERS
+    from .rollout.commit import COMMIT_RULES
+    from .tasks import TASKS
+
+    return [
+        ("data.task", TASKS),
+        ("rollout.commit", COMMIT_RULES),
+        ("rollout.order", ORDERS),
+        ("estimator.name", ESTIMATORS),
+        ("grpo.loss_type", LOSSES),
+        ("grpo.advantage", ADVANTAGES),
+    ]
+
+
+@functools.cache
+def schedulers() -> tuple[str, ...]:
+    """transformers' scheduler names that `get_scheduler(name, optimizer, num_warmup_steps, num_training_steps)`
+    builds and steps without further settings (the ones that need a metric, a minimum lr or a decay length have
+    no recipe key). Found by building each once on a one-parameter optimizer: the library decides, not a list."""
+    import torch
+    from transformers import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+
+    usable = []
+    for kind in SchedulerType:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        try:
+            scheduler = get_scheduler(kind.value, optimizer, num_warmup_steps=1, num_training_steps=2)
+            optimizer.step()
+            scheduler.step()
+        except (TypeError, ValueError):
+            continue
+        usable.append(kind.value)
+    return tuple(usable)
+
+
+def _check_scheduler(recipe: Recipe) -> None:
+    o = recipe.optim
+    valid = schedulers()
+    if o.lr_scheduler not in valid:
+        raise ConfigError(
+            f"optim.lr_scheduler: {o.lr_scheduler!r} is not a scheduler a recipe can build"
+            f"{did_you_mean(o.lr_scheduler, valid)}; valid: {', '.join(valid)}"
+        )
+    if o.lr_scheduler == "constant" and o.warmup_steps > 0:  # transformers' "constant" ignores the warmup
+        raise ConfigError(
+            f"optim.warmup_steps: {o.warmup_steps} is ignored by optim.lr_scheduler=constant; set "
+            f"optim.lr_scheduler=constant_with_warmup, or optim.warmup_steps=0"
+        )
+
+
+def _check_trackers(recipe: Recipe) -> None:
+    from accelerate.utils import LoggerType
+
+    valid = [t.value for t in LoggerType]
+    for i, name in enumerate(recipe.train.report_to):
+        if name not in valid:
+            raise ConfigError(
+                f"train.report_to[{i}]: {name!r} is not a tracker accelerate knows{did_you_mean(name, valid)}; "
+                f"valid: {', '.join(valid)}"
+            )
+
+
+def _defines(path: Path, name: str) -> bool:
+    """Whether the Python file defines (or imports, or assigns) `name` at its top level, read without running it.
+    A star import or a module-level __getattr__ could define anything: then it is assumed to."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name in (name, "__getattr__"):
+                return True
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name == "*" or (alias.asname or alias.name.split(".")[0]) == name:
+                    return True
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(target)):
+                    return True
+    return False
+
+
+def _check_rewards(recipe: Recipe) -> None:
+    from .rewards import REWARDS
+
+    for i, spec in enumerate(recipe.rewards):
+        key, name = f"rewards[{i}].name", spec.name
+        if name in REWARDS:
+            continue
+        if ":" in name:
+            file, _, fn = name.rpartition(":")
+            path = Path(file)
+            if not path.is_file():
+                raise ConfigError(f"{key}: {name!r}: file {file!r} does not exist (form: path/to/file.py:function)")
+            try:
+                found = _defines(path, fn)
+            except (SyntaxError, UnicodeDecodeError, ValueError) as e:
+                raise ConfigError(f"{key}: {name!r}: {file} is not valid Python ({e}); fix the file") from None
+            if not found:
+                raise ConfigError(f"{key}: {name!r}: {file} defines no {fn!r}; name a function defined in it")
+            continue
+        if any(ep.name == name for ep in importlib.metadata.entry_points(group=REWARD_GROUP)):
+            continue
+        raise ConfigError(
+            f"{key}: unknown reward {name!r}{did_you_mean(name, REWARDS)}; use a built-in "
+            f"({', '.join(sorted(REWARDS))}), path/to/file.py:function, or an entry point in group {REWARD_GROUP!r}"
+        )
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in (".json", ".jsonl", ".parquet", ".csv")
+
+
+def _check_files(recipe: Recipe, model: bool, data: bool) -> None:
+    from .rundir import resolve_model_dir
+
+    if model and recipe.model.path:
+        try:
+            resolve_model_dir(recipe.model.path)
+        except DllmRlError as e:
+            raise ConfigError(f"model.path: {e}") from None
+    if data:
+        for key in ("data.path", "data.eval_path"):
+            value = attrgetter(key)(recipe)
+            if value and _looks_local(value) and not Path(value).expanduser().exists():
+                raise ConfigError(
+                    f"{key}: {value!r} does not exist; give a local .json/.jsonl/.parquet file or a hub name"
+                )
+    ds = recipe.train.deepspeed
+    if ds and not Path(ds).is_file():
+        raise ConfigError(
+            f"train.deepspeed: {ds!r} does not exist; point it at a DeepSpeed JSON such as recipes/deepspeed/zero2.json"
+        )
+
+
+def validate_recipe(
+    recipe: Recipe, trainer: Optional[str] = None, *, check_model: bool = True, check_data: bool = True
+) -> Recipe:
+    """Raise ConfigError for the first mistake in `recipe` that loading it cannot see (module docstring); return
+    the recipe. `trainer`: the algorithm about to train (default: recipe.algorithm). check_model / check_data:
+    whether model.path / data paths will be loaded (not when the caller hands the trainer its own)."""
+    trainer = trainer or recipe.algorithm
+    validate(recipe, trainer)  # the field checks again: a recipe built or changed in Python did not pass load
+    for key, table in _registries():
+        lookup(table, attrgetter(key)(recipe), key)
+    _check_scheduler(recipe)
+    _check_trackers(recipe)
+    _check_rewards(recipe)
+    _check_files(recipe, check_model, check_data)
+    return recipe

@@ -1,0 +1,375 @@
+"""Every recipe value is validated when the recipe is loaded (config.load_recipe, then validate.validate_recipe as
+the CLI and the trainers call it), before any model or data is built: a bad value is a ConfigError whose one
+line names the key, in well under a second, and never another exception.
+
+The property test walks the recipe's schema (the dataclass tree with its Annotated constraints) and draws, for
+a field chosen at random, a value its type or its constraint rejects; the other tests name the cases the
+schema cannot express (files, cross-field rules, keys a trainer would ignore, runtime-registered names)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dllm_rl.cli import main
+from dllm_rl.config import Check, Recipe, RewardSpec, field_checks, load_recipe, recipe_from_dict, validate
+from dllm_rl.errors import ConfigError
+from dllm_rl.validate import schedulers, validate_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+BASES = {"sft": ROOT / "recipes/tiny/sudoku-sft.yaml", "grpo": ROOT / "recipes/tiny/sudoku-tokens-grpo.yaml"}
+# str fields whose value names an entry of a registry (checked by validate_recipe)
+NAMED = {"data.task", "rollout.commit", "rollout.order", "estimator.name", "grpo.loss_type", "grpo.advantage"}
+NAMED |= {"optim.lr_scheduler"}
+
+
+def load_and_validate(path, overrides=()):
+    return validate_recipe(load_recipe(path, list(overrides)))
+
+
+# ------------------------------------------------------------------------------------------ the schema
+
+
+def leaves(cls=Recipe, prefix=()):
+    """(path of keys, annotated type) of every field under `cls`; list-of-section fields (rewards) go one item
+    deep, as the tiny GRPO recipe has one reward."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        tp, path = hints[f.name], (*prefix, f.name)
+        bare = field_checks(tp)[0]
+        if dataclasses.is_dataclass(bare):
+            yield path, tp
+            yield from leaves(bare, path)
+        elif typing.get_origin(bare) is list and dataclasses.is_dataclass(typing.get_args(bare)[0]):
+            yield path, tp
+            yield from leaves(typing.get_args(bare)[0], (*path, 0))
+        else:
+            yield path, tp
+
+
+LEAVES = list(leaves())
+TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=8)
+JUNK = st.one_of(
+    st.lists(st.integers(), min_size=1, max_size=3), st.dictionaries(TEXT, st.integers(), min_size=1, max_size=2)
+)
+
+
+def _is_float_text(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def out_of_range(check: Check, integral: bool):
+    """Strategies of numbers `check` rejects, one per bound (of the field's kind)."""
+    if integral:
+        below = {
+            "ge": lambda a: st.integers(max_value=math.ceil(a) - 1),
+            "gt": lambda a: st.integers(max_value=math.floor(a)),
+        }
+        above = {
+            "le": lambda b: st.integers(min_value=math.floor(b) + 1),
+            "lt": lambda b: st.integers(min_value=math.ceil(b)),
+        }
+    else:
+        below = {
+            "ge": lambda a: st.floats(max_value=a, exclude_max=True, allow_nan=False),
+            "gt": lambda a: st.floats(max_value=a, allow_nan=False),
+        }
+        above = {
+            "le": lambda b: st.floats(min_value=b, exclude_min=True, allow_nan=False),
+            "lt": lambda b: st.floats(min_value=b, allow_nan=False),
+        }
+    return [make(getattr(check, name)) for name, make in {**below, **above}.items() if getattr(check, name) is not None]
+
+
+def invalid(tp, key: str):
+    """A strategy of values the field (annotated type `tp`, dotted `key`) must reject."""
+    bare, checks = field_checks(tp)
+    origin, args = typing.get_origin(bare), typing.get_args(bare)
+    if dataclasses.is_dataclass(bare):  # a section: not a mapping, or a mapping with a key it does not have
+        names = {f.name for f in dataclasses.fields(bare)}
+        return st.one_of(
+            st.lists(st.integers(), min_size=1, max_size=2),
+            st.integers(),
+            TEXT.filter(bool),
+            st.dictionaries(TEXT.filter(lambda k: k not in names), st.integers(), min_size=1, max_size=1),
+        )
+    if origin is list:
+        (item,) = args
+        item_bare = field_checks(item)[0]
+        if dataclasses.is_dataclass(item_bare):  # rewards: not a list, or an item that is not a mapping
+            return st.one_of(st.integers(), TEXT.filter(bool), st.lists(st.integers(), min_size=1, max_size=2))
+        wrong_items = st.lists(invalid(item, f"{key}[0]"), min_size=1, max_size=2)
+        options = [st.integers(), st.booleans(), TEXT.filter(bool), wrong_items]
+        for c in checks:
+            if c.length is not None:
+                good = st.floats(0, 0.5) if item_bare is float else TEXT.filter(bool)
+                options.append(st.lists(good, max_size=5).filter(lambda v, n=c.length: len(v) != n))
+            if c.min_items:
+                options.append(st.just([]))
+        return st.one_of(options)
+    if bare is dict:
+        return st.one_of(st.integers(), TEXT, st.lists(st.integers(), max_size=2), st.booleans())
+    if origin in (Union,) or bare is Any:  # train.resume: bool or "force"
+        return st.one_of(TEXT.filter(lambda s: s != "force"), st.integers(), st.floats(allow_nan=False), JUNK)
+    if origin is Literal:
+        return st.one_of(TEXT.filter(lambda s: s not in args), st.integers(), st.booleans(), JUNK)
+    if bare is bool:
+        return st.one_of(TEXT, st.integers(), st.floats(allow_nan=False), JUNK)
+    if bare is int:
+        ranges = [o for c in checks for o in out_of_range(c, integral=True)]
+        return st.one_of(TEXT, st.floats(allow_nan=False), st.booleans(), JUNK, *ranges)
+    if bare is float:
+        ranges = [o for c in checks for o in out_of_range(c, integral=False)]
+        special = st.sampled_from([math.nan, math.inf, -math.inf, 10**400])
+        return st.one_of(TEXT.filter(lambda s: not _is_float_text(s)), st.booleans(), JUNK, special, *ranges)
+    if bare is str:
+        wrong = [st.integers(), st.floats(allow_nan=False), st.booleans(), JUNK, st.just("")]
+        if key in NAMED or key.endswith(".name"):
+            wrong.append(TEXT.filter(bool).map(lambda s: f"no-such-{s}"))
+        return st.one_of(wrong)
+    raise AssertionError(f"no strategy for {key}: {tp}")
+
+
+def _set(data: dict, path, value) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node[part] if isinstance(part, int) else node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+@st.composite
+def broken_recipes(draw):
+    """(base recipe name, dotted key, its YAML text) with one invalid value drawn over the schema."""
+    algorithm = draw(st.sampled_from(sorted(BASES)))
+    path, tp = draw(st.sampled_from([leaf for leaf in LEAVES if algorithm == "grpo" or leaf[0][0] != "rewards"]))
+    key = ".".join(str(p) for p in path).replace(".0.", "[0].")
+    value = draw(invalid(tp, key))
+    data = yaml.safe_load(BASES[algorithm].read_text())  # the GRPO recipe has one reward: rewards[0] exists
+    _set(data, path, value)
+    return algorithm, key, yaml.safe_dump(data)
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """A scratch folder, and the imports validation needs done once (the first load pays them, not a draw)."""
+    old = os.getcwd()
+    os.chdir(ROOT)  # recipes name the shipped checkpoints relative to the repository root
+    load_and_validate(BASES["grpo"])
+    schedulers()
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+    os.chdir(old)
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=broken_recipes())
+def test_any_invalid_value_is_a_config_error_at_load_in_well_under_a_second(workdir, case):
+    algorithm, key, text = case
+    path = workdir / "recipe.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        load_and_validate(path)
+    elapsed = time.perf_counter() - start
+    message = str(e.value)
+    assert "\n" not in message and key in message, (key, message)
+    assert elapsed < 0.5, (key, elapsed)
+
+
+# ------------------------------------------------------------------------------------------ named cases
+
+
+@pytest.fixture
+def at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def _write(tmp_path, content: bytes | str, name="r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file"),
+        (b"\xff\xfe\xfd", "not a text file"),
+        ("- algorithm: sft\n", "holds a list"),
+        ("just a string\n", "holds a str"),
+        ("42\n", "holds a int"),
+        ("algorithm: sft\ntrain: [1, 2]\n", "train: expected a mapping"),
+    ],
+)
+def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
+    with pytest.raises(ConfigError, match=words):
+        load_recipe(_write(tmp_path, content))
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["train.max_steps=0"], "train.max_steps"),
+        (["train.max_steps=-5"], "train.max_steps"),
+        (["optim.lr=-1e-4"], "optim.lr"),
+        (["optim.lr=3"], "optim.lr"),
+        (["order_policy.lr=0"], "order_policy.lr"),
+        (["optim.lr=.nan"], "optim.lr"),
+        (["optim.betas=[0.9, 1.5]"], r"optim.betas\[1\]"),
+        (["grpo.num_generations=1"], "grpo.num_generations"),
+        (["rollout.top_p=0"], "rollout.top_p"),
+        (["estimator.p_mask_prompt=1.5"], "estimator.p_mask_prompt"),
+        (["estimator.t_min=0.9", "estimator.t_max=0.1"], "estimator.t_min"),
+        (["rollout.block_length=7"], "rollout.block_length"),
+        (["rollout.steps=3", "rollout.block_length=10"], "rollout.steps"),
+        (["train.gradient_accumulation_steps=3"], "train.batch_size"),
+        (["eval.size=1000"], "eval.size"),
+        (["optim.lr_scheduler=cosine_with_min_lr"], "optim.lr_scheduler"),
+        (["optim.lr_scheduler=warmup_stable_decay"], "optim.lr_scheduler"),
+        (["optim.lr_scheduler=constant", "optim.warmup_steps=5"], "optim.warmup_steps"),
+        (["estimator.name=elbow"], "estimator.name"),
+        (["rollout.commit=fastest"], "rollout.commit"),
+        (["data.task=sudoku9"], "data.task"),
+        (["train.report_to=[tensorbord]"], "train.report_to"),
+        (["rewards=[{name: examples/reward_plugin.py:no_such_function}]"], r"rewards\[0\].name"),
+        (["rewards=[{name: no/such/file.py:fn}]"], r"rewards\[0\].name"),
+        (["rewards=[{name: sudokku}]"], r"rewards\[0\].name"),
+        (["rewards=[{weight: 1.0}]"], r"rewards\[0\].name"),
+        (["model.path=checkpoints/tiny/no-such-model"], "model.path"),
+        (["train.deepspeed=recipes/deepspeed/zero9.json"], "train.deepspeed"),
+        (["sft.t_min=0.01"], "sft.t_min"),  # GRPO never reads it
+        (["optim.momentum=0.9"], "optim.momentum"),  # adamw never reads it
+        (["optim.name=sgd", "optim.betas=[0.8, 0.9]"], "optim.betas"),
+        (["grpo.loss_type=spg", "grpo.beta=0.04"], "grpo.beta"),
+        (["train.resume=maybe"], "train.resume"),
+        (["data.path=no/such/file.jsonl"], "data.path"),
+    ],
+)
+def test_each_bad_value_names_its_key(at_root, overrides, key):
+    with pytest.raises(ConfigError, match=key) as e:
+        load_and_validate(BASES["grpo"], overrides)
+    assert "\n" not in str(e.value)
+
+
+def _other_value(value, tp):
+    """A value the field's own type and constraint accept, other than its default (None for names and strings:
+    the named cases cover them)."""
+    bare, checks = field_checks(tp)
+    if bare is bool:
+        return not value
+    if typing.get_origin(bare) is Literal:
+        return next(c for c in typing.get_args(bare) if c != value)
+    if bare in (int, float):
+        candidates = (2, 4, 16) if bare is int else (0.5, 0.25, 2.0)
+        return next(c for c in candidates if c != value and all(ch.in_range(c) for ch in checks))
+    return None
+
+
+def _grpo_only_fields():
+    hints = typing.get_type_hints(Recipe, include_extras=True)
+    for section in ("grpo", "estimator", "order_policy"):
+        cls = field_checks(hints[section])[0]
+        sub = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            value = _other_value(getattr(cls(), f.name), sub[f.name])
+            if value is not None:
+                yield f"{section}.{f.name}", value
+
+
+@pytest.mark.parametrize("key,value", list(_grpo_only_fields()) + [("rollout.temperature", 0.7)])
+def test_a_key_sft_would_ignore_is_rejected_for_sft_and_accepted_for_grpo(at_root, key, value):
+    over = f"{key}={json.dumps(value)}"
+    recipe = load_recipe(BASES["sft"], [over])  # loading alone (eval, generate) does not judge the trainer
+    with pytest.raises(ConfigError, match=rf"{key}: set to .* but algorithm sft never reads it"):
+        validate_recipe(recipe)
+    grpo = load_recipe(BASES["grpo"])
+    section, name = key.split(".")
+    try:
+        validate(dataclasses.replace(grpo, **{section: dataclasses.replace(getattr(grpo, section), **{name: value})}))
+    except ConfigError as e:  # a rule across fields may still object (t_min vs t_max); never the trainer rule
+        assert "never reads it" not in str(e), e
+
+
+def test_rewards_in_an_sft_recipe_are_rejected(at_root):
+    with pytest.raises(ConfigError, match="rewards: set to .* algorithm sft never reads it"):
+        load_and_validate(BASES["sft"], ["rewards=[{name: sudoku}]"])
+    with pytest.raises(ConfigError, match="rollout.order: 'policy' needs a learned order head"):
+        load_and_validate(BASES["sft"], ["rollout.order=policy"])
+
+
+def test_a_name_registered_at_run_time_is_valid(at_root):
+    from dllm_rl.estimators import ESTIMATORS
+
+    with pytest.raises(ConfigError, match="estimator.name"):
+        load_and_validate(BASES["grpo"], ["estimator.name=registered_later"])
+    ESTIMATORS["registered_later"] = ESTIMATORS["elbo"]
+    try:
+        assert (
+            load_and_validate(BASES["grpo"], ["estimator.name=registered_later"]).estimator.name == "registered_later"
+        )
+    finally:
+        del ESTIMATORS["registered_later"]
+
+
+SHIPPED = sorted(
+    [
+        *(ROOT / "recipes").rglob("*.yaml"),
+        *(ROOT / "examples").glob("*.yaml"),
+        *(ROOT / "checkpoints").rglob("recipe.yaml"),
+    ]
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_validates(at_root, path):
+    recipe = load_recipe(path)
+    local_model = recipe.model.path is None or not recipe.model.path.count("/") == 1  # hub ids are not checked
+    validate_recipe(recipe, check_model=local_model)
+
+
+def test_a_recipe_built_in_python_is_validated_too():
+    recipe = Recipe()
+    recipe.train.max_steps = 0
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        validate_recipe(recipe)
+    recipe = recipe_from_dict({"algorithm": "sft"})
+    recipe.rewards = [RewardSpec("sudoku")]
+    with pytest.raises(ConfigError, match="rewards: set to"):
+        validate_recipe(recipe)
+
+
+def test_cli_reports_each_in_one_line_with_exit_code_2(tmp_path, capsys, at_root):
+    cases = [
+        ["train", str(_write(tmp_path, "", "empty.yaml"))],
+        ["train", str(_write(tmp_path, b"\x00\x01binary", "bin.yaml"))],
+        ["train", str(BASES["grpo"]), "train.max_steps=0"],
+        ["train", str(BASES["grpo"]), "rewards=[{name: examples/reward_plugin.py:nope}]"],
+        ["train", str(BASES["grpo"]), "optim.lr_scheduler=cosine_with_min_lr"],
+        ["train", str(BASES["sft"]), "grpo.beta=0.1"],
+        ["sft", str(BASES["grpo"])],  # `dllm-rl sft` on a GRPO recipe
+        ["train", str(BASES["grpo"]), "rollout.steps=[1"],  # an override that is not YAML
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("dllm-rl: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, (args, err)
