@@ -22,7 +22,7 @@ import torch
 
 import dllm_rl.models as M
 from dllm_rl import estimators as E
-from dllm_rl.batches import REMASK, SequenceBatch
+from dllm_rl.batches import COMMIT, REMASK, SequenceBatch
 from dllm_rl.config import EstimatorConfig, RolloutConfig
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.base import traits
@@ -607,14 +607,27 @@ def test_trajectory_replays_the_sampler_exactly(tokenizer, attention, self_corre
         assert (trace.events[:, 4] == REMASK).any()  # the replay has remasks to get right
     noise = trajectory_views(model, batch)
     with torch.no_grad():
-        est = trajectory(model).estimate(model, batch, noise).logps
-    scored = batch.completion_mask.bool() & (trace.commit_step >= 0)
-    assert scored.sum() >= 20
-    assert torch.allclose(est[scored], trace.token_logprob[scored], atol=1e-5, rtol=0)
+        out = trajectory(model).estimate(model, batch, noise)
+    est = out.logps
+    # every commit the sampler made is scored from the state it was made in (EOS and the tokens after it too,
+    # and a commit that self-correction later took back): per position, the sum of its commits' sampler log-probs
+    ev = trace.events
+    commits = ev[:, 4] == COMMIT
+    at = ev[commits, 0] * Lc + ev[commits, 2]  # (row, position) of every commit
+    N = len(PROMPTS)
+    sampler = torch.zeros(N * Lc).index_add_(0, at, trace.event_logprob[commits]).view(N, Lc)
+    n_commits = torch.zeros(N * Lc).index_add_(0, at, torch.ones(len(at))).view(N, Lc)
+    scored = n_commits > 0
+    assert (~batch.completion_mask.bool() & scored).any()  # tokens after the first EOS are among them
+    assert torch.equal(out.mask, scored) and torch.equal(scored, trace.commit_step >= 0)
+    assert torch.allclose(est, sampler, atol=1e-5, rtol=0)
     assert (est[~scored] == 0).all()
-    assert torch.equal(noise.weights.sum(0) > 0, scored)  # every scored token is scored exactly once
-    assert noise.weights.sum(0).max() == 1
-    # views = forwards (a view whose commits were all taken back by self-correction has no weight and is skipped)
+    if self_correction:
+        assert n_commits.max() > 1  # some positions were committed twice, and both commits are scored
+    else:  # one commit per position: its log-prob is the final token's
+        assert torch.allclose(est[scored], trace.token_logprob[scored], atol=1e-5, rtol=0)
+    assert torch.equal(noise.weights.sum(0), n_commits)  # each commit scored once, by its step's view
+    # views = forwards
     K = noise.num_views
     if attention == "block_causal":  # packed: one forward per step of a block, not per step
         assert K == 12 // (Lc // Lb) and int(trace.num_steps.max()) == 12
@@ -732,10 +745,9 @@ def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer
     total = est.estimate(model, batch, noise, order_policy=head).logps
     tokens = est.estimate(model, decoded(batch, order_temperature=0.0), noise).logps
     order = (total - tokens).sum(-1)
-    trace, scored = batch.trace, batch.completion_mask.bool()
-    # steps that commit only tokens after the first EOS (unscored) drop their order term, as their tokens
-    steps = torch.stack([((trace.commit_step == s) & scored).any(-1) for s in range(trace.order_logprob.shape[1])], -1)
-    assert torch.allclose(order.detach(), (trace.order_logprob * steps).sum(-1), atol=1e-4, rtol=0)
+    # every step's order term, those of steps that committed only tokens after the first EOS included
+    assert (batch.completion_mask == 0).any()
+    assert torch.allclose(order.detach(), batch.trace.order_logprob.sum(-1), atol=1e-4, rtol=0)
     params = [p for p in model.parameters()]
     g_total = torch.autograd.grad(total.sum(), params + list(head.parameters()), allow_unused=True)
     g_tokens = torch.autograd.grad(tokens.sum(), params)
