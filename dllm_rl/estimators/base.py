@@ -58,7 +58,8 @@ class Noise:
 @dataclass
 class Estimate:
     """Per-token log-likelihood estimates [N, Lc]; `upper` is an upper bound where the estimator has one
-    (SPG). Summed over the positions a sequence counts they give the sequence estimate.
+    (SPG). Summed over the positions a sequence counts they give the sequence estimate (block_elbo: at SPG's
+    scale, the bound divided by the completion length; each estimator's docstring states its expectation).
 
     mask: [N, Lc] bool, the positions the estimator scored, when it decides them itself (the trajectory
     estimator: every position the sampler committed, EOS and tokens after it included). None: the positions

@@ -274,15 +274,39 @@ SCHEMES = {
     "stratified": {"num_samples": 4, "stratified": True},
     "masks_per_timestep": {"num_samples": 2, "masks_per_timestep": 3},
     "coupled": {"num_samples": 1, "coupled": True, "full_view": False},
+    "coupled_full_view": {"num_samples": 1, "coupled": True, "full_view": True},
+    "diffucoder": {"num_samples": 1, "coupled": True, "t_min": 0.2, "t_max": 0.8, "full_view": True},
 }
+
+
+def truncated_weight(m: int, L: int, a: float, b: float) -> float:
+    """(1/(b-a)) int_a^b t^(m-1) (1-t)^(L-m) dt, exactly (binomial expansion of (1-t)^(L-m)); = elbo_weight on
+    [0, 1]."""
+    total = sum(math.comb(L - m, j) * (-1) ** j * (b ** (m + j) - a ** (m + j)) / (m + j) for j in range(L - m + 1))
+    return total / (b - a)
+
+
+def expected_elbo_estimate(S_row, L, t_min=0.0, t_max=1.0, coupled=False, full_view=True, **_) -> float:
+    """What elbo.py's docstring says the estimator's expectation is, by enumeration over masks: ELBO_[a,b]; coupled:
+    (ELBO_[a,b] + ELBO_[1-b,1-a]) / 2; with the full view, plus one_step / 2 (S_row[-1]: the fully masked view)."""
+    sizes = all_masks(L).sum(-1).tolist()
+
+    def elbo(a, b):
+        return sum(0.0 if m == 0 else truncated_weight(m, L, a, b) * S_row[r].item() for r, m in enumerate(sizes))
+
+    if not coupled:
+        return elbo(t_min, t_max)
+    pair = (elbo(t_min, t_max) + elbo(1 - t_max, 1 - t_min)) / 2
+    return pair + (S_row[-1].item() / 2 if full_view else 0.0)
 
 
 @pytest.mark.parametrize("which", ["random", "trained"])
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_elbo_is_unbiased(request, which, scheme):
-    """Mean of D draws of the Monte Carlo ELBO vs the exact ELBO by enumeration: a z-test with the estimator's
-    exact standard error (the sample one is unreliable here: with t ~ U(0, 1) the 1/t weight makes the
-    estimate heavy-tailed)."""
+    """Mean of D draws of the Monte Carlo estimator vs its documented expectation by enumeration (elbo.py: the
+    exact ELBO for t ~ U(0, 1); plus one_step / 2 with the coupled full view; DiffuCoder's U(0.2, 0.8) with the
+    full view: the truncated ELBO plus one_step / 2): a z-test with the estimator's exact standard error (the
+    sample one is unreliable here: with t ~ U(0, 1) the 1/t weight makes the estimate heavy-tailed)."""
     model, batch = model_and_batch(request, which)
     kw = SCHEMES[scheme]
     L, D = 5, 4000
@@ -290,13 +314,19 @@ def test_elbo_is_unbiased(request, which, scheme):
     exact = exact_elbo(S, L)
     est = mc_elbo(model, batch, D, seed=1, **kw)
     for n in range(2):
-        mean, var = exact_moments(S[n], L, **kw)
-        assert mean == pytest.approx(exact[n].item(), abs=1e-3)  # quadrature vs enumeration
+        expected = expected_elbo_estimate(S[n], L, **kw)
+        if kw.get("t_min", 0.0) == 0.0 and kw.get("t_max", 1.0) == 1.0:
+            one_step_half = S[n, -1].item() / 2 if kw.get("coupled") and kw.get("full_view", True) else 0.0
+            assert expected == pytest.approx(exact[n].item() + one_step_half, abs=1e-9)
+        mean, var = exact_moments(S[n], L, **kw)  # quadrature over t of the pair part; the full view is constant
+        if kw.get("coupled") and kw.get("full_view", True):
+            mean += S[n, -1].item() / 2
+        assert mean == pytest.approx(expected, abs=1e-3)  # quadrature vs enumeration
         se = math.sqrt(var / D)
-        z = (est[n].mean().item() - exact[n].item()) / se
+        z = (est[n].mean().item() - expected) / se
         print(
-            f"{which} {scheme} row {n}: exact ELBO {exact[n]:.3f}, MC {est[n].mean():.3f} +- {se:.3f} "
-            f"(z = {z:+.2f}); sample var {est[n].var():.2f}, exact var {var:.2f}"
+            f"{which} {scheme} row {n}: ELBO {exact[n]:.3f}, expected {expected:.3f}, MC {est[n].mean():.3f} "
+            f"+- {se:.3f} (z = {z:+.2f}); sample var {est[n].var():.2f}, exact var {var:.2f}"
         )
         assert abs(z) < 4
 
@@ -489,6 +519,17 @@ def test_block_elbo_masks_follow_spg_rule(t_min, t_max):
             q = 1 / (hi - lo + 1)
             for c in hist.values():
                 assert abs(c / total - q) < 4 * math.sqrt(q * (1 - q) / total) + 1e-9, hist
+    # the view scores the chosen block's masked tokens only, each with weight n_blocks * span / count
+    for n, length in enumerate(batch.completion_mask.sum(-1).tolist()):
+        m, w = masks[:, n], noise.weights[:, n]
+        j = m[:, :length].float().argmax(-1) // Lb
+        start = j * Lb
+        span = torch.clamp(length - start, max=Lb)
+        pos = torch.arange(m.shape[-1])
+        in_block = (pos >= start[:, None]) & (pos < (start + span)[:, None])
+        count = (m & in_block).sum(-1)
+        n_blocks = (length - 1) // Lb + 1
+        assert torch.allclose(w, (m & in_block).float() * (n_blocks * span / count)[:, None])
     # positions inside the chosen block are uniform given the count: row 0, block 0 chosen, count c -> each
     # of its 4 positions masked with frequency c / 4
     m0 = masks[:, 0]
@@ -500,19 +541,25 @@ def test_block_elbo_masks_follow_spg_rule(t_min, t_max):
         assert ((sel.mean(0) - q).abs() < 4 * math.sqrt(q * (1 - q) / len(sel)) + 1e-9).all(), (c, sel.mean(0))
 
 
-def spg_bounds_direct(model, batch, noise, beta):
-    """SPG's bounds per sequence, recomputed from scratch (loops, from-scratch log-probs)."""
+def spg_bounds_direct(model, batch, noise, beta, spg_code=False):
+    """The bounds per sequence, recomputed from scratch (loops, from-scratch log-probs). spg_code: SPG's code's
+    form (every masked real token, averaged alike; EUBO weight 1 / masked fraction), else block_elbo's (block j's
+    masked tokens with w = n_blocks * span / count, divided by the length n)."""
     K = noise.num_views
     lower, upper = [], []
     for n in range(batch.completion_ids.shape[0]):
         C = batch.completion_mask[n].bool()
         lp = direct_logprobs(model, batch, n, noise.completion_masks[:, n], noise.prompt_masks[:, n])  # [K, Lc]
-        masked = noise.completion_masks[:, n] & C  # [K, Lc]
-        lo = sum(lp[k][masked[k]].mean() for k in range(K)) / K
-        t_hat = masked.sum(-1).double() / C.sum()
-        seen = masked.any(0)
+        if spg_code:
+            masked = noise.completion_masks[:, n] & C  # [K, Lc]
+            w = masked.double() * C.sum() / masked.sum(-1, keepdim=True)  # 1 / t_hat
+            lo = sum(lp[k][masked[k]].mean() for k in range(K)) / K
+        else:
+            w = noise.weights[:, n].double()
+            lo = sum((w[k] * lp[k]).sum() for k in range(K)) / K / C.sum()
+        seen = (w > 0).any(0)
         terms = [
-            torch.log(sum(lp[k, i].exp() ** beta * masked[k, i] / t_hat[k] for k in range(K)) / K) / beta
+            torch.log(sum(w[k, i] * lp[k, i].exp() ** beta for k in range(K)) / K) / beta
             for i in range(len(C))
             if seen[i]
         ]
@@ -522,17 +569,21 @@ def spg_bounds_direct(model, batch, noise, beta):
 
 
 @pytest.mark.parametrize("beta", [1.0, 1.5])
-def test_block_elbo_bounds_equal_spg_formulas(random_model, beta):
+@pytest.mark.parametrize("block_length", [4, 8])
+def test_block_elbo_bounds_equal_their_formulas(random_model, beta, block_length):
+    """The estimate against the module docstring's formulas written out; with one block (block_length 8 >= every
+    length) they are also exactly SPG's code's formulas (mean log p over masked tokens; EUBO weight 1 / t_hat)."""
     batch, tr = SPG_BATCH, traits(random_model)
     cfg = EstimatorConfig(name="block_elbo", num_samples=3, t_min=0.2, t_max=0.9, p_mask_prompt=0.3, eubo_beta=beta)
-    est = E.ESTIMATORS["block_elbo"](replace(cfg, block_length=4), tr)
+    est = E.ESTIMATORS["block_elbo"](replace(cfg, block_length=block_length), tr)
     noise = est.draw(batch, torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = est.estimate(random_model, batch, noise)
     mask = batch.completion_mask.double()
-    lower, upper = spg_bounds_direct(random_model, batch, noise, beta)
-    assert torch.allclose((out.logps.double() * mask).sum(-1), lower, atol=1e-4)
-    assert torch.allclose((out.upper.double() * mask).sum(-1), upper, atol=1e-4)
+    got = (out.logps.double() * mask).sum(-1), (out.upper.double() * mask).sum(-1)
+    for spg_code in [False] + ([True] if block_length == 8 else []):
+        lower, upper = spg_bounds_direct(random_model, batch, noise, beta, spg_code)
+        assert torch.allclose(got[0], lower, atol=1e-4) and torch.allclose(got[1], upper, atol=1e-4)
 
 
 def test_block_elbo_upper_above_lower_on_average(random_model):
@@ -549,7 +600,8 @@ def test_block_elbo_upper_above_lower_on_average(random_model):
 
     def bounds(views):  # views: [K, R, 4] -> per-row sequence bounds for R rows of the same sequence
         K, R = views.shape[:2]
-        noise = E.Noise(views, torch.zeros(K, R, 3, dtype=torch.bool), torch.ones(K, R, 4))
+        weights = views.float() * 4 / views.sum(-1, keepdim=True)  # one block: n_blocks * span / count = 1 / t_hat
+        noise = E.Noise(views, torch.zeros(K, R, 3, dtype=torch.bool), weights)
         with torch.no_grad():
             out = E.ESTIMATORS["block_elbo"](cfg, tr).estimate(random_model, repeat(batch, R), noise)
         return out.logps.double().sum(-1), out.upper.double().sum(-1)
