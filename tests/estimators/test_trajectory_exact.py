@@ -4,14 +4,16 @@ enumerating every decision sequence of a sampler small enough to enumerate, EOS 
 A reference written here from the sampler's stated law (no engine code) walks its decision tree: at each step of
 each block, k = ceil(masked / steps left) positions of the active block are drawn (top_prob greedy: the k most
 probable under the model, best first; top_prob with order_temperature > 0: Plackett-Luce over top_prob /
-order_temperature; random: every ordered k-subset alike), and a token for each from the model's distribution at
-the rollout temperature ([MASK] excluded); after each block, with stop_at_eos, a row holding an EOS stops and its
-later blocks are filled with EOS (not sampled: probability 1). Each leaf is one trajectory, with its probability.
+order_temperature; random, greedy or sampled: every ordered k-subset alike), and a token for each from the
+model's distribution at the rollout temperature ([MASK] excluded); after each block, with stop_at_eos, a row
+holding an EOS stops and its later blocks are filled with EOS (not sampled: probability 1). Each leaf is one
+trajectory, with its probability.
 
 Checked, for each setting: (a) the leaves' probabilities sum to 1; (b) the trajectory estimator, given the trace of
 every leaf, returns that leaf's log-probability, so its probabilities sum to 1 over all trajectories; (c) 3000 real
 rollouts land on leaves with the leaves' frequencies (chi-square), and the estimator's value on their traces is the
-leaf's. Before the estimator scored the tokens committed after the first EOS, (b) failed: the sums were above 1.
+leaf's. Before the estimator scored the tokens committed after the first EOS, (b) failed: with top_prob the sums
+were 1.8 to 68 (and random lacked its order term).
 
 The vocabulary has 5 ids: 0 (pad, an ordinary token here), 1 [MASK], 2 EOS, 3 and 4, so 4 tokens can be sampled.
 """
@@ -178,7 +180,12 @@ SAMPLERS = {  # canvas, blocks and steps
     "one block of 3, commits 2 then 1": {"max_completion_length": 3, "steps": 2, "block_length": 3},
     "two blocks of 2, one commit per step": {"max_completion_length": 4, "steps": 4, "block_length": 2},
 }
-ORDERS = {"top_prob greedy": ("top_prob", 0.0), "top_prob sampled": ("top_prob", 0.7), "random": ("random", 0.0)}
+ORDERS = {
+    "top_prob greedy": ("top_prob", 0.0),
+    "top_prob sampled": ("top_prob", 0.7),
+    "random": ("random", 0.0),
+    "random sampled": ("random", 1.0),
+}
 
 
 CASES = [  # one block: a row stops only after its last block, so stop_at_eos changes nothing there
@@ -232,7 +239,9 @@ def test_trajectory_likelihood_sums_to_one_over_every_trajectory(tokenizer, samp
     dof = len(observed) - 1
     p_value = torch.special.gammaincc(torch.tensor(dof / 2), chi2 / 2).item()
     print(f"  chi-square {chi2.item():.1f} on {dof} dof, p = {p_value:.3f}")
-    assert dof >= 5 and p_value > 1e-3
+    # 12 cases, each deterministic: a per-case level of 1e-4 keeps a false alarm among them near 1e-3 (at 30000
+    # rollouts the one-block sampled-order cases, p ~ 1e-3 here, give p = 0.74 and 0.25 on two seeds)
+    assert dof >= 5 and p_value > 1e-4
 
 
 def test_random_order_constant_in_merged_views(tokenizer):
