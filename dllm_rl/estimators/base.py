@@ -31,6 +31,7 @@ class Noise:
     prompt_masks: torch.Tensor | None  # [K, N, P] bool: prompt positions masked (d1's p_mask_prompt), or None
     weights: torch.Tensor  # [K, N, Lc] float: weight of token i's log-prob from view k (0 = not scored)
     tokens: torch.Tensor | None = None  # [K, N, Lc] canvas of view k where unmasked (default: the completion)
+    targets: torch.Tensor | None = None  # [K, N, Lc] token view k scores at each position (default: the completion)
 
     @property
     def num_views(self) -> int:
@@ -38,25 +39,35 @@ class Noise:
 
     def select(self, rows: torch.Tensor) -> "Noise":
         pick = lambda t: None if t is None else t[:, rows.to(t.device)]
-        return Noise(pick(self.completion_masks), pick(self.prompt_masks), pick(self.weights), pick(self.tokens))
+        return Noise(
+            *(pick(t) for t in (self.completion_masks, self.prompt_masks, self.weights, self.tokens, self.targets))
+        )
 
     def with_prompt_length(self, P: int) -> "Noise":
         """The prompt masks' last P columns: the noise for left-padded prompts of length P (drawn for longer)."""
         pm = None if self.prompt_masks is None else self.prompt_masks[..., -P:]
-        return Noise(self.completion_masks, pm, self.weights, self.tokens)
+        return Noise(self.completion_masks, pm, self.weights, self.tokens, self.targets)
 
     def to(self, device) -> "Noise":
         move = lambda t: None if t is None else t.to(device)
-        return Noise(move(self.completion_masks), move(self.prompt_masks), move(self.weights), move(self.tokens))
+        return Noise(
+            *(move(t) for t in (self.completion_masks, self.prompt_masks, self.weights, self.tokens, self.targets))
+        )
 
 
 @dataclass
 class Estimate:
     """Per-token log-likelihood estimates [N, Lc]; `upper` is an upper bound where the estimator has one
-    (SPG). Summed over a sequence's completion tokens they give the sequence estimate."""
+    (SPG). Summed over the positions a sequence counts they give the sequence estimate (block_elbo: at SPG's
+    scale, the bound divided by the completion length; each estimator's docstring states its expectation).
+
+    mask: [N, Lc] bool, the positions the estimator scored, when it decides them itself (the trajectory
+    estimator: every position the sampler committed, EOS and tokens after it included). None: the positions
+    are the batch's completion_mask (up to and including the first EOS, d1's convention)."""
 
     logps: torch.Tensor
     upper: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -105,11 +116,14 @@ def view_logprobs(
     temperature: float = 1.0,
     tokens_k: torch.Tensor | None = None,
     order: str | None = None,
+    targets_k: torch.Tensor | None = None,
 ):
     """log p(completion token | view) at every completion position for one view: [N, Lc].
 
     batch: anything with prompt_ids [N, P], prompt_mask [N, P], completion_ids [N, Lc]. tokens_k: the view's
     canvas where unmasked, when it differs from the final completion (trajectories with self-correction).
+    targets_k: the tokens to score, when they differ from the final completion (a token committed and later
+    taken back by self-correction is scored at the step it was committed).
     order: also return the sampler's ordering scores at every position (policy.orders.model_order_scores,
     from the untempered logits), as a second [N, Lc] tensor; order="policy": instead, what a learned order
     head reads, (stats, last hidden states [N, Lc, D]) (policy.order_head.stats_from_logits).
@@ -149,7 +163,7 @@ def view_logprobs(
         scores = None if order is None else model_order_scores(logits, mask_id, order)
     if temperature != 1.0:
         logits = logits / temperature
-    lp = token_logprobs(logits, batch.completion_ids, mask_id)  # [N, Lc]
+    lp = token_logprobs(logits, batch.completion_ids if targets_k is None else targets_k, mask_id)  # [N, Lc]
     return lp if order is None else (lp, scores)
 
 
@@ -188,7 +202,8 @@ def each_view(model, batch, noise: Noise, tr: ModelTraits, temperature: float = 
             continue
         pm = None if noise.prompt_masks is None else noise.prompt_masks[k]
         tk = None if noise.tokens is None else noise.tokens[k]
-        args = (model, batch, noise.completion_masks[k], pm, tr, temperature, tk, order)
+        tg = None if noise.targets is None else noise.targets[k]
+        args = (model, batch, noise.completion_masks[k], pm, tr, temperature, tk, order, tg)
         if checkpointed:
             yield k, torch.utils.checkpoint.checkpoint(view_logprobs, *args, use_reentrant=False)
         else:

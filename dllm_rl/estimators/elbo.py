@@ -1,17 +1,40 @@
-"""Monte Carlo ELBO of masked diffusion (LLaDA arXiv 2502.09992; MDLM arXiv 2406.07524):
+"""Monte Carlo ELBO of masked diffusion (LLaDA arXiv 2502.09992; MDLM arXiv 2406.07524).
 
-    log p(x) >= E_{t ~ U(0,1)} E_{mask ~ Bern(t)^L} [ (1/t) sum_{i masked} log p(x_i | x_masked) ].
+One draw: a timestep t ~ U(t_min, t_max), each completion position masked independently with probability t
+(mask M), and the estimate (1/t) sum_{i in M} log p(x_i | x with M masked) (per token: weight 1/t on M, 0
+elsewhere). Its expectation, over the whole canvas x (every position, the tokens after an EOS included):
+- t_min = 0, t_max = 1: the ELBO,
+      ELBO(x) = E_t E_M [(1/t) sum_{i in M} log p(x_i | x_M)]
+              = mean over orders sigma of sum_k log p(x_sigma_k | x_sigma_<k)
+  (the any-order form, arXiv 2406.03736) <= log p(x), p(x) = the mean over orders of the product: the
+  probability that the model produces x unmasking one position at a time in a uniformly random order
+  (rollout.order=random, steps = the canvas length, temperature 1). tests/estimators/test_bounds_exact.py
+  enumerates both forms and the orders.
+- a narrower range [a, b]: ELBO_[a,b](x), the same sum over masks with a mask of size m weighted
+  (1/(b - a)) int_a^b t^(m-1) (1-t)^(L-m) dt instead of (m-1)! (L-m)! / L! (each token's weights still sum to
+  1): a truncated ELBO, not a bound of log p(x).
 
 Noise options (estimator section):
 - num_samples = n_t timesteps, masks_per_timestep = n_m masks each: the budget n = n_t * n_m; VRPO's
-  optimal allocation (arXiv 2505.19223) is n_m = 1, the default.
+  optimal allocation (arXiv 2505.19223) is n_m = 1, the default. Same expectation.
 - stratified: timesteps t_k = t_min + (t_max - t_min)(k + u)/n_t with one u per sequence (lower variance
-  than i.i.d. timesteps; the same estimator in expectation).
-- coupled (DiffuCoder arXiv 2506.20639): each draw is a mask and its complement, weighted 1/t and 1/(1-t),
-  so every token is scored exactly once in a partially masked context; plus, as DiffuCoder does, the fully
-  masked view, averaged in with weight 1/2 (full_view=False drops it; then, with t ~ U(0,1), the estimate
-  stays unbiased for the ELBO).
+  than i.i.d. timesteps; the same expectation).
+- coupled (DiffuCoder arXiv 2506.20639): each draw is a mask M weighted 1/t and its complement weighted
+  1/(1-t), so every token is scored exactly once in a partially masked context, and the pair is averaged
+  (x 1/2). The complement masks with probability 1 - t ~ U(1 - t_max, 1 - t_min), so the pair's expectation
+  is (ELBO_[t_min,t_max] + ELBO_[1-t_max,1-t_min]) / 2: the ELBO for t ~ U(0, 1), ELBO_[a,b] for a range
+  symmetric about 1/2 such as DiffuCoder's U(0.2, 0.8).
+- full_view (with coupled, on by default): DiffuCoder's exact form, kept as DiffuCoder computes it. The fully
+  masked view is added with weight 1/2, so the per-token estimate is DiffuCoder's
+  (p0 + where(mask, p1 / t, p2 / (1 - t))) / 2, and its expectation is the pair's plus one_step(x) / 2, where
+  one_step(x) = sum_i log p(x_i | every completion position masked) (estimators.one_step without prompt
+  masking): each token's weights sum to 1.5, so this is neither the ELBO nor a bound of log p(x), but the
+  (truncated) ELBO plus half the one-step log-likelihood. full_view=False drops the view and leaves the pair.
 The masked-diffusion SFT loss is this estimator with one sample and t ~ U(t_min, 1] (LLaDA's SFT).
+
+Positions: the estimate covers every canvas position; the GRPO trainer sums it up to and including the first
+EOS (batch.completion_mask, d1's convention; the tokens after it are context, masked or visible per view),
+which is those positions' share of the canvas ELBO, not the ELBO of the shorter sequence.
 """
 
 from __future__ import annotations
@@ -54,9 +77,8 @@ def draw_elbo(
     comp = ~mask
     w_a = mask.float() / t[..., None]
     w_b = comp.float() / (1 - t).clamp(min=1e-6)[..., None]
-    # each half (mask / t, complement / (1 - t)) is unbiased for the ELBO, so the pair is averaged: with the
-    # full view this is DiffuCoder's per-token (one_step + pair) / 2, and dropping the full view leaves the
-    # unbiased pair / 2 (scaling the pair by 1 there estimated 2 x ELBO)
+    # each half (mask / t, complement / (1 - t)) is unbiased for the ELBO when t ~ U(0, 1), so the pair is
+    # averaged; the full view, when kept, adds one_step / 2 on top (DiffuCoder's per-token (p0 + pair) / 2)
     masks, weights = [mask, comp], [0.5 * w_a / K, 0.5 * w_b / K]
     if full_view:
         masks.append(torch.ones(N, Lc, dtype=torch.bool)[None].expand(1, N, Lc))

@@ -1,6 +1,17 @@
 """d1 / diffu-GRPO's one-step mean-field estimate (arXiv 2504.12216): mask the whole completion, mask each
 prompt token with probability p_mask_prompt (0.15), one forward; log p(y_k | prompt~, all masked) per token.
 A fresh prompt mask per inner iteration, shared by the old, reference and current policy (d1's mask seeds).
+
+What it is. With p_mask_prompt = 0 it is exact and deterministic: sum_k log p(y_k | prompt, every completion
+position masked), the log-probability of y under the sampler that commits the whole canvas in one step
+(rollout.steps=1: every token drawn independently from the fully masked state, temperature 1), i.e. the
+mean-field likelihood. It is not an ELBO of the model's any-order likelihood (estimators.elbo,
+tests/estimators/test_bounds_exact.py): the likelihood of a different sampler, above that log p(y) for some
+sequences and below it for others. With p_mask_prompt > 0 its expectation is the average of that quantity
+over prompt masks (each prompt token masked independently), d1's regulariser.
+
+Positions: every completion position gets its term; the GRPO trainer sums them up to and including the first
+EOS (batch.completion_mask, d1's convention).
 """
 
 from __future__ import annotations

@@ -1,26 +1,39 @@
 """Trajectory likelihood: replay the rollout's own denoising path (TraceRL arXiv 2509.06949; DCoLT arXiv
 2505.10446).
 
-Each token is scored by the model in the exact state the sampler committed it from: view s holds the canvas
-as it was before step s (replayed from the trace's events, self-correction remasks included), and scores
-the tokens whose final commit happened at step s, with the sampler's temperature, so with merge_steps=1 the
-estimate equals the log-probs the sampler recorded. merge_steps = m scores m consecutive steps from the
-state before the first of them (TraceRL's `shrink`): m times fewer forwards, slightly less context.
+Every decision the sampler made is scored by the model in the exact state it was made from: view s holds the
+canvas as it was before step s (replayed from the trace's events, self-correction remasks included) and scores
+every token committed at step s, with the sampler's temperature, so with merge_steps=1 the estimate equals the
+log-probs the sampler recorded. That includes the first EOS and every token committed after it (the sampler
+keeps decoding the block it is in, and, with rollout.stop_at_eos=false, the blocks after it), and a token that
+self-correction later took back (scored at the step that committed it, its replacement at its own step). The
+positions filled with EOS after a row stopped (rollout.stop_at_eos: Trace event kind FILL, commit_step -1)
+were not sampled: given the stop rule they have probability 1 and are not scored. `Estimate.mask` marks the
+scored positions, and the GRPO loss counts exactly those (not the batch's completion_mask, which stops at the
+first EOS: the convention of the other estimators). merge_steps = m scores m consecutive steps from the state
+before the first of them (TraceRL's `shrink`): m times fewer forwards, slightly less context.
 
 The sum is the rollout's log-probability (so its gradient is the policy gradient) when the unmasking order
-is a function of the state, such as rollout.order=top_prob, margin, entropy, left_to_right or random.
-With a sampled order (rollout.order_temperature > 0: Plackett-Luce over the order's scores / temperature)
-the rollout's probability also holds each step's order log-prob. For top_prob, margin and entropy the
-scores are the model's own, so each view recomputes them and adds the Plackett-Luce log-prob of the
-positions the step drew, in draw order, with gradient: RL then also trains *which* cells the model is
+is a function of the state, such as rollout.order=top_prob, margin, entropy or left_to_right, or uniformly
+random (rollout.order=random: every order of the k positions a step draws is equally likely, whatever the
+order temperature, and its log-prob log((n - k)! / n!) for n masked positions, a constant of the trace, is
+added). With a sampled order (rollout.order_temperature > 0: Plackett-Luce over the order's scores /
+temperature) the rollout's probability also holds each step's order log-prob. For top_prob, margin and
+entropy the scores are the model's own, so each view recomputes them and adds the Plackett-Luce log-prob of
+the positions the step drew, in draw order, with gradient: RL then also trains *which* cells the model is
 confident enough to commit first (DCoLT's unmasking policy, arXiv 2505.10446, with the model's confidence
 as the policy instead of a separate head). With rollout.order=policy the scores are a learned order
 head's (policy.OrderHead, DCoLT's separate module), recomputed block by block from each view's hidden
 states and statistics, and the order term's gradient reaches the head only. A step's order log-prob is
-shared equally among the tokens it committed (the per-token sum is exact; a step whose tokens are all
-unscored, after the first EOS, drops it). For random and left_to_right the order does not depend on the
-model and its log-prob is a constant (for random, uniform over draw orders). This needs merge_steps=1 and
+shared equally among the tokens it committed (the per-token sum is exact). For left_to_right the sampled
+order's scores do not depend on the model. Model-scored and learned sampled orders need merge_steps=1 and
 a bidirectional model (the packed block-causal views score several steps of different blocks at once).
+tests/estimators/test_trajectory_exact.py enumerates every trajectory of a tiny sampler (EOS anywhere, with
+and without stop_at_eos, greedy, Plackett-Luce and random orders): these probabilities sum to 1 and match
+the sampler's frequencies (commit rule top_k). Not exact: rollout.top_k / top_p (the trace does not record
+them, and the estimate scores the untruncated distribution at the rollout temperature), and, at temperature
+> 0, commit rules that count the sampled tokens' confidences (threshold, factor): how many positions a step
+commits then depends on tokens drawn at positions it did not commit, as with low_confidence below.
 
 LLaDA's low_confidence order with temperature > 0 ranks positions by the probability of the token just
 sampled there, so which position is committed depends on the draws, and the product of committed-token
@@ -40,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batches import COMMIT, Decoding
+from ..batches import COMMIT, REMASK, Decoding
 from ..errors import ConfigError
 from ..policy.orders import ORDERS
 from ..policy.plackett_luce import plackett_luce_logprob
@@ -111,7 +124,12 @@ def check(d: Decoding, merge_steps: int, tr) -> list[str]:
 
 
 def draw(batch, merge_steps: int, tr) -> Noise:
-    """Views replaying the trace (deterministic: no randomness is drawn)."""
+    """Views replaying the trace (deterministic: no randomness is drawn).
+
+    View j holds the canvas before step j (before the first of its merged steps) and scores every token the
+    sampler committed in its steps, with the committed token as the target: EOS and the tokens committed after
+    it included, and a token that self-correction later took back at the step that committed it. Positions
+    filled with EOS after a row stopped (events of kind FILL) were not sampled and are never scored."""
     trace = getattr(batch, "trace", None)
     if trace is None:
         raise ConfigError(
@@ -121,43 +139,92 @@ def draw(batch, merge_steps: int, tr) -> Noise:
     check(trace.decoding, merge_steps, tr)
     N, Lc = batch.completion_ids.shape
     block = trace.decoding.block_length if tr.attention == "block_causal" else None
-    ev_local, local = _local_steps(trace, Lc, block)
+    ev_local, _ = _local_steps(trace, Lc, block)
     m = max(1, merge_steps)
-    K = int(local.max().item()) // m + 1 if local.numel() and local.max() >= 0 else 1
     ev = trace.events
+    commit = ev[:, 4] == COMMIT
+    K = int(ev_local[commit].max().item()) // m + 1 if commit.any() else 1
     key = ev[:, 0] * Lc + ev[:, 2]  # [E] (row, pos)
     order = torch.arange(len(ev))
-    scored = batch.completion_mask.bool().cpu() & (local >= 0)
-    masks, weights, tokens = [], [], []
-    remasks = bool((ev[:, 4] != COMMIT).any())
+    final = batch.completion_ids.cpu().reshape(-1)
+    masks, weights, tokens, targets = [], [], [], []
+    remasks = bool((ev[:, 4] == REMASK).any())
     for j in range(K):
         before = ev_local < j * m
         last = torch.full((N * Lc,), -1, dtype=torch.long).scatter_reduce(
             0, key[before], order[before], reduce="amax"
         )  # last event before the view, per position
         visible = torch.zeros(N * Lc, dtype=torch.bool)
-        canvas = batch.completion_ids.cpu().reshape(-1).clone()
+        canvas = final.clone()
         hit = last >= 0
         visible[hit] = ev[last[hit], 4] == COMMIT
         canvas[hit] = ev[last[hit], 3]  # the token the canvas held then (self-correction may change it)
         masks.append(~visible.view(N, Lc))
         tokens.append(canvas.view(N, Lc))
-        weights.append((scored & (local >= j * m) & (local < (j + 1) * m)).float())
-    return Noise(torch.stack(masks), None, torch.stack(weights), torch.stack(tokens) if remasks else None)
+        # the commits of this view's steps (with merge_steps > 1 a position committed twice within one merged
+        # view, taken back in between, is scored once: its later commit)
+        now = commit & (ev_local >= j * m) & (ev_local < (j + 1) * m)
+        last_now = torch.full((N * Lc,), -1, dtype=torch.long).scatter_reduce(0, key[now], order[now], reduce="amax")
+        scored = last_now >= 0
+        target = final.clone()
+        target[scored] = ev[last_now[scored], 3]
+        weights.append(scored.float().view(N, Lc))
+        targets.append(target.view(N, Lc))
+    return Noise(
+        torch.stack(masks),
+        None,
+        torch.stack(weights),
+        torch.stack(tokens) if remasks else None,
+        torch.stack(targets) if remasks else None,
+    )
 
 
 def estimate(model, batch, noise: Noise, tr, order_policy=None) -> Estimate:
-    """order_policy: the learned order head the rollout was decoded with (rollout.order=policy)."""
+    """order_policy: the learned order head the rollout was decoded with (rollout.order=policy).
+
+    Estimate.mask marks the positions the sampler committed (every scored token): the loss counts them all."""
     d = batch.trace.decoding
     temperature = d.temperature if d.temperature > 0 else 1.0
-    if d.order_temperature <= 0:
-        return Estimate(score(model, batch, noise, tr, temperature))
-    if ORDERS[d.order].replay == "learned" and order_policy is None:
-        raise ConfigError(
-            f"estimator.name=trajectory with rollout.order={d.order} scores the order with the "
-            "learned policy: pass order_policy= (the GRPO trainer does)"
-        )
-    return Estimate(_score_with_order(model, batch, noise, tr, temperature, d, order_policy))
+    replay = ORDERS[d.order].replay
+    if d.order_temperature > 0 and replay in ("model", "learned", "fixed"):
+        if replay == "learned" and order_policy is None:
+            raise ConfigError(
+                f"estimator.name=trajectory with rollout.order={d.order} scores the order with the "
+                "learned policy: pass order_policy= (the GRPO trainer does)"
+            )
+        logps = _score_with_order(model, batch, noise, tr, temperature, d, order_policy)
+    else:
+        logps = score(model, batch, noise, tr, temperature)
+    if replay == "uniform":  # greedy or sampled, uniform keys draw every order of k positions alike
+        N, Lc = batch.completion_ids.shape
+        logps = logps + _uniform_order_logprob(batch.trace, N, Lc, d.block_length).to(logps.device)
+    return Estimate(logps, mask=(noise.weights.sum(0) > 0).to(logps.device))
+
+
+def _uniform_order_logprob(trace, N: int, Lc: int, Lb: int) -> torch.Tensor:
+    """log P(draw order) of each step under uniform keys, log((n - k)! / n!) for k positions drawn from the
+    n masked ones of the active block, shared equally among the step's commits: [N, Lc]. A constant of the
+    trace (no model): read from its events alone, so it holds for merged and packed views too."""
+    ev = trace.events.cpu()
+    out = torch.zeros(N * Lc, dtype=torch.float64)
+    commit = ev[:, 4] == COMMIT
+    if not commit.any():
+        return out.view(N, Lc).float()
+    rows, steps, pos, kinds = ev[:, 0], ev[:, 1], ev[:, 2], ev[:, 4]
+    S, nb = int(steps.max()) + 1, Lc // Lb
+    # positions of each (row, block) made visible (+1 commit) or masked again (-1 remask) at each step
+    delta = torch.where(commit, 1.0, torch.where(kinds == REMASK, -1.0, 0.0)).double()
+    change = torch.zeros(N, S, nb, dtype=torch.float64).index_put_((rows, steps, pos // Lb), delta, accumulate=True)
+    visible_before = change.cumsum(1) - change  # [N, S, nb] visible before step s
+    k = torch.zeros(N, S, dtype=torch.float64).index_put_(
+        (rows[commit], steps[commit]), torch.ones(int(commit.sum())).double(), accumulate=True
+    )
+    r, s, b = rows[commit], steps[commit], pos[commit] // Lb
+    n = Lb - visible_before[r, s, b]
+    kk = k[r, s]
+    term = (torch.lgamma(n - kk + 1) - torch.lgamma(n + 1)) / kk  # each commit's share of its step's order
+    out.index_add_(0, r * Lc + pos[commit], term)
+    return out.view(N, Lc).float()
 
 
 def _step_draws(trace, step: int, N: int):
@@ -198,7 +265,6 @@ def _score_with_order(model, batch, noise: Noise, tr, temperature: float, d: Dec
     scored_order = replay in ("model", "learned")
     Lb = d.block_length
     total = torch.zeros(N, Lc, device=device)
-    # views without a scored token are skipped: their step's order term has no token to carry it (after EOS)
     for j, out in each_view(model, batch, noise, tr, temperature, d.order if scored_order else None):
         w = noise.weights[j].to(device)
         chosen, valid = _step_draws(trace, j, N)
@@ -211,10 +277,7 @@ def _score_with_order(model, batch, noise: Noise, tr, temperature: float, d: Dec
         available = noise.completion_masks[j].cpu() & (pos[None, :] // Lb == chosen[:, :1].clamp(min=0) // Lb)
         r = (valid.any(-1) & (w.sum(-1) > 0).cpu()).nonzero().squeeze(-1)
         order_lp = torch.zeros(N, device=device)
-        if len(r) and replay == "uniform":  # uniform keys: every draw order is equally likely, a constant
-            n, k = available[r].sum(-1).double(), valid[r].sum(-1).double()
-            order_lp[r.to(device)] = (torch.lgamma(n - k + 1) - torch.lgamma(n + 1)).float().to(device)
-        elif len(r):
+        if len(r):
             scores = out[1][r.to(device)] if scored_order else -pos.float().expand(len(r), Lc).to(device)
             order_lp = order_lp.index_put(
                 (r.to(device),),

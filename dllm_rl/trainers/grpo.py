@@ -255,7 +255,7 @@ class GRPOTrainer:
             est.logps.detach() if old is None else old,
             ref,
             mb.advantages,
-            mb.completion_mask.float(),
+            (mb.completion_mask if est.mask is None else est.mask).float(),  # est.mask: the positions it scored
             self.recipe.grpo.num_generations,
             est.upper,
         )
@@ -321,7 +321,7 @@ class GRPOTrainer:
         seq = []
         for _ in range(draws):
             est = self._estimate(self.model, mb, self.estimator.draw(mb, g), grad=False)
-            seq.append((est.logps * mb.completion_mask).sum(-1))
+            seq.append((est.logps * (mb.completion_mask if est.mask is None else est.mask)).sum(-1))
         return torch.stack(seq).std(0).mean().item()
 
     # -------------------------------------------------------------------------------------------- loop

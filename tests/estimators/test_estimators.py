@@ -22,7 +22,7 @@ import torch
 
 import dllm_rl.models as M
 from dllm_rl import estimators as E
-from dllm_rl.batches import REMASK, SequenceBatch
+from dllm_rl.batches import COMMIT, REMASK, SequenceBatch
 from dllm_rl.config import EstimatorConfig, RolloutConfig
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.base import traits
@@ -274,15 +274,39 @@ SCHEMES = {
     "stratified": {"num_samples": 4, "stratified": True},
     "masks_per_timestep": {"num_samples": 2, "masks_per_timestep": 3},
     "coupled": {"num_samples": 1, "coupled": True, "full_view": False},
+    "coupled_full_view": {"num_samples": 1, "coupled": True, "full_view": True},
+    "diffucoder": {"num_samples": 1, "coupled": True, "t_min": 0.2, "t_max": 0.8, "full_view": True},
 }
+
+
+def truncated_weight(m: int, L: int, a: float, b: float) -> float:
+    """(1/(b-a)) int_a^b t^(m-1) (1-t)^(L-m) dt, exactly (binomial expansion of (1-t)^(L-m)); = elbo_weight on
+    [0, 1]."""
+    total = sum(math.comb(L - m, j) * (-1) ** j * (b ** (m + j) - a ** (m + j)) / (m + j) for j in range(L - m + 1))
+    return total / (b - a)
+
+
+def expected_elbo_estimate(S_row, L, t_min=0.0, t_max=1.0, coupled=False, full_view=True, **_) -> float:
+    """What elbo.py's docstring says the estimator's expectation is, by enumeration over masks: ELBO_[a,b]; coupled:
+    (ELBO_[a,b] + ELBO_[1-b,1-a]) / 2; with the full view, plus one_step / 2 (S_row[-1]: the fully masked view)."""
+    sizes = all_masks(L).sum(-1).tolist()
+
+    def elbo(a, b):
+        return sum(0.0 if m == 0 else truncated_weight(m, L, a, b) * S_row[r].item() for r, m in enumerate(sizes))
+
+    if not coupled:
+        return elbo(t_min, t_max)
+    pair = (elbo(t_min, t_max) + elbo(1 - t_max, 1 - t_min)) / 2
+    return pair + (S_row[-1].item() / 2 if full_view else 0.0)
 
 
 @pytest.mark.parametrize("which", ["random", "trained"])
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_elbo_is_unbiased(request, which, scheme):
-    """Mean of D draws of the Monte Carlo ELBO vs the exact ELBO by enumeration: a z-test with the estimator's
-    exact standard error (the sample one is unreliable here: with t ~ U(0, 1) the 1/t weight makes the
-    estimate heavy-tailed)."""
+    """Mean of D draws of the Monte Carlo estimator vs its documented expectation by enumeration (elbo.py: the
+    exact ELBO for t ~ U(0, 1); plus one_step / 2 with the coupled full view; DiffuCoder's U(0.2, 0.8) with the
+    full view: the truncated ELBO plus one_step / 2): a z-test with the estimator's exact standard error (the
+    sample one is unreliable here: with t ~ U(0, 1) the 1/t weight makes the estimate heavy-tailed)."""
     model, batch = model_and_batch(request, which)
     kw = SCHEMES[scheme]
     L, D = 5, 4000
@@ -290,13 +314,19 @@ def test_elbo_is_unbiased(request, which, scheme):
     exact = exact_elbo(S, L)
     est = mc_elbo(model, batch, D, seed=1, **kw)
     for n in range(2):
-        mean, var = exact_moments(S[n], L, **kw)
-        assert mean == pytest.approx(exact[n].item(), abs=1e-3)  # quadrature vs enumeration
+        expected = expected_elbo_estimate(S[n], L, **kw)
+        if kw.get("t_min", 0.0) == 0.0 and kw.get("t_max", 1.0) == 1.0:
+            one_step_half = S[n, -1].item() / 2 if kw.get("coupled") and kw.get("full_view", True) else 0.0
+            assert expected == pytest.approx(exact[n].item() + one_step_half, abs=1e-9)
+        mean, var = exact_moments(S[n], L, **kw)  # quadrature over t of the pair part; the full view is constant
+        if kw.get("coupled") and kw.get("full_view", True):
+            mean += S[n, -1].item() / 2
+        assert mean == pytest.approx(expected, abs=1e-3)  # quadrature vs enumeration
         se = math.sqrt(var / D)
-        z = (est[n].mean().item() - exact[n].item()) / se
+        z = (est[n].mean().item() - expected) / se
         print(
-            f"{which} {scheme} row {n}: exact ELBO {exact[n]:.3f}, MC {est[n].mean():.3f} +- {se:.3f} "
-            f"(z = {z:+.2f}); sample var {est[n].var():.2f}, exact var {var:.2f}"
+            f"{which} {scheme} row {n}: ELBO {exact[n]:.3f}, expected {expected:.3f}, MC {est[n].mean():.3f} "
+            f"+- {se:.3f} (z = {z:+.2f}); sample var {est[n].var():.2f}, exact var {var:.2f}"
         )
         assert abs(z) < 4
 
@@ -489,6 +519,17 @@ def test_block_elbo_masks_follow_spg_rule(t_min, t_max):
             q = 1 / (hi - lo + 1)
             for c in hist.values():
                 assert abs(c / total - q) < 4 * math.sqrt(q * (1 - q) / total) + 1e-9, hist
+    # the view scores the chosen block's masked tokens only, each with weight n_blocks * span / count
+    for n, length in enumerate(batch.completion_mask.sum(-1).tolist()):
+        m, w = masks[:, n], noise.weights[:, n]
+        j = m[:, :length].float().argmax(-1) // Lb
+        start = j * Lb
+        span = torch.clamp(length - start, max=Lb)
+        pos = torch.arange(m.shape[-1])
+        in_block = (pos >= start[:, None]) & (pos < (start + span)[:, None])
+        count = (m & in_block).sum(-1)
+        n_blocks = (length - 1) // Lb + 1
+        assert torch.allclose(w, (m & in_block).float() * (n_blocks * span / count)[:, None])
     # positions inside the chosen block are uniform given the count: row 0, block 0 chosen, count c -> each
     # of its 4 positions masked with frequency c / 4
     m0 = masks[:, 0]
@@ -500,19 +541,25 @@ def test_block_elbo_masks_follow_spg_rule(t_min, t_max):
         assert ((sel.mean(0) - q).abs() < 4 * math.sqrt(q * (1 - q) / len(sel)) + 1e-9).all(), (c, sel.mean(0))
 
 
-def spg_bounds_direct(model, batch, noise, beta):
-    """SPG's bounds per sequence, recomputed from scratch (loops, from-scratch log-probs)."""
+def spg_bounds_direct(model, batch, noise, beta, spg_code=False):
+    """The bounds per sequence, recomputed from scratch (loops, from-scratch log-probs). spg_code: SPG's code's
+    form (every masked real token, averaged alike; EUBO weight 1 / masked fraction), else block_elbo's (block j's
+    masked tokens with w = n_blocks * span / count, divided by the length n)."""
     K = noise.num_views
     lower, upper = [], []
     for n in range(batch.completion_ids.shape[0]):
         C = batch.completion_mask[n].bool()
         lp = direct_logprobs(model, batch, n, noise.completion_masks[:, n], noise.prompt_masks[:, n])  # [K, Lc]
-        masked = noise.completion_masks[:, n] & C  # [K, Lc]
-        lo = sum(lp[k][masked[k]].mean() for k in range(K)) / K
-        t_hat = masked.sum(-1).double() / C.sum()
-        seen = masked.any(0)
+        if spg_code:
+            masked = noise.completion_masks[:, n] & C  # [K, Lc]
+            w = masked.double() * C.sum() / masked.sum(-1, keepdim=True)  # 1 / t_hat
+            lo = sum(lp[k][masked[k]].mean() for k in range(K)) / K
+        else:
+            w = noise.weights[:, n].double()
+            lo = sum((w[k] * lp[k]).sum() for k in range(K)) / K / C.sum()
+        seen = (w > 0).any(0)
         terms = [
-            torch.log(sum(lp[k, i].exp() ** beta * masked[k, i] / t_hat[k] for k in range(K)) / K) / beta
+            torch.log(sum(w[k, i] * lp[k, i].exp() ** beta for k in range(K)) / K) / beta
             for i in range(len(C))
             if seen[i]
         ]
@@ -522,17 +569,21 @@ def spg_bounds_direct(model, batch, noise, beta):
 
 
 @pytest.mark.parametrize("beta", [1.0, 1.5])
-def test_block_elbo_bounds_equal_spg_formulas(random_model, beta):
+@pytest.mark.parametrize("block_length", [4, 8])
+def test_block_elbo_bounds_equal_their_formulas(random_model, beta, block_length):
+    """The estimate against the module docstring's formulas written out; with one block (block_length 8 >= every
+    length) they are also exactly SPG's code's formulas (mean log p over masked tokens; EUBO weight 1 / t_hat)."""
     batch, tr = SPG_BATCH, traits(random_model)
     cfg = EstimatorConfig(name="block_elbo", num_samples=3, t_min=0.2, t_max=0.9, p_mask_prompt=0.3, eubo_beta=beta)
-    est = E.ESTIMATORS["block_elbo"](replace(cfg, block_length=4), tr)
+    est = E.ESTIMATORS["block_elbo"](replace(cfg, block_length=block_length), tr)
     noise = est.draw(batch, torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = est.estimate(random_model, batch, noise)
     mask = batch.completion_mask.double()
-    lower, upper = spg_bounds_direct(random_model, batch, noise, beta)
-    assert torch.allclose((out.logps.double() * mask).sum(-1), lower, atol=1e-4)
-    assert torch.allclose((out.upper.double() * mask).sum(-1), upper, atol=1e-4)
+    got = (out.logps.double() * mask).sum(-1), (out.upper.double() * mask).sum(-1)
+    for spg_code in [False] + ([True] if block_length == 8 else []):
+        lower, upper = spg_bounds_direct(random_model, batch, noise, beta, spg_code)
+        assert torch.allclose(got[0], lower, atol=1e-4) and torch.allclose(got[1], upper, atol=1e-4)
 
 
 def test_block_elbo_upper_above_lower_on_average(random_model):
@@ -549,7 +600,8 @@ def test_block_elbo_upper_above_lower_on_average(random_model):
 
     def bounds(views):  # views: [K, R, 4] -> per-row sequence bounds for R rows of the same sequence
         K, R = views.shape[:2]
-        noise = E.Noise(views, torch.zeros(K, R, 3, dtype=torch.bool), torch.ones(K, R, 4))
+        weights = views.float() * 4 / views.sum(-1, keepdim=True)  # one block: n_blocks * span / count = 1 / t_hat
+        noise = E.Noise(views, torch.zeros(K, R, 3, dtype=torch.bool), weights)
         with torch.no_grad():
             out = E.ESTIMATORS["block_elbo"](cfg, tr).estimate(random_model, repeat(batch, R), noise)
         return out.logps.double().sum(-1), out.upper.double().sum(-1)
@@ -607,14 +659,27 @@ def test_trajectory_replays_the_sampler_exactly(tokenizer, attention, self_corre
         assert (trace.events[:, 4] == REMASK).any()  # the replay has remasks to get right
     noise = trajectory_views(model, batch)
     with torch.no_grad():
-        est = trajectory(model).estimate(model, batch, noise).logps
-    scored = batch.completion_mask.bool() & (trace.commit_step >= 0)
-    assert scored.sum() >= 20
-    assert torch.allclose(est[scored], trace.token_logprob[scored], atol=1e-5, rtol=0)
+        out = trajectory(model).estimate(model, batch, noise)
+    est = out.logps
+    # every commit the sampler made is scored from the state it was made in (EOS and the tokens after it too,
+    # and a commit that self-correction later took back): per position, the sum of its commits' sampler log-probs
+    ev = trace.events
+    commits = ev[:, 4] == COMMIT
+    at = ev[commits, 0] * Lc + ev[commits, 2]  # (row, position) of every commit
+    N = len(PROMPTS)
+    sampler = torch.zeros(N * Lc).index_add_(0, at, trace.event_logprob[commits]).view(N, Lc)
+    n_commits = torch.zeros(N * Lc).index_add_(0, at, torch.ones(len(at))).view(N, Lc)
+    scored = n_commits > 0
+    assert (~batch.completion_mask.bool() & scored).any()  # tokens after the first EOS are among them
+    assert torch.equal(out.mask, scored) and torch.equal(scored, trace.commit_step >= 0)
+    assert torch.allclose(est, sampler, atol=1e-5, rtol=0)
     assert (est[~scored] == 0).all()
-    assert torch.equal(noise.weights.sum(0) > 0, scored)  # every scored token is scored exactly once
-    assert noise.weights.sum(0).max() == 1
-    # views = forwards (a view whose commits were all taken back by self-correction has no weight and is skipped)
+    if self_correction:
+        assert n_commits.max() > 1  # some positions were committed twice, and both commits are scored
+    else:  # one commit per position: its log-prob is the final token's
+        assert torch.allclose(est[scored], trace.token_logprob[scored], atol=1e-5, rtol=0)
+    assert torch.equal(noise.weights.sum(0), n_commits)  # each commit scored once, by its step's view
+    # views = forwards
     K = noise.num_views
     if attention == "block_causal":  # packed: one forward per step of a block, not per step
         assert K == 12 // (Lc // Lb) and int(trace.num_steps.max()) == 12
@@ -732,10 +797,9 @@ def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer
     total = est.estimate(model, batch, noise, order_policy=head).logps
     tokens = est.estimate(model, decoded(batch, order_temperature=0.0), noise).logps
     order = (total - tokens).sum(-1)
-    trace, scored = batch.trace, batch.completion_mask.bool()
-    # steps that commit only tokens after the first EOS (unscored) drop their order term, as their tokens
-    steps = torch.stack([((trace.commit_step == s) & scored).any(-1) for s in range(trace.order_logprob.shape[1])], -1)
-    assert torch.allclose(order.detach(), (trace.order_logprob * steps).sum(-1), atol=1e-4, rtol=0)
+    # every step's order term, those of steps that committed only tokens after the first EOS included
+    assert (batch.completion_mask == 0).any()
+    assert torch.allclose(order.detach(), batch.trace.order_logprob.sum(-1), atol=1e-4, rtol=0)
     params = [p for p in model.parameters()]
     g_total = torch.autograd.grad(total.sum(), params + list(head.parameters()), allow_unused=True)
     g_tokens = torch.autograd.grad(tokens.sum(), params)

@@ -104,6 +104,37 @@ def test_the_policy_moves_toward_what_is_rewarded_and_away_from_what_is_not(tmp_
     assert a_down < b_down - 0.2, rates
 
 
+def test_the_trajectory_loss_counts_every_sampled_position(tmp_path):
+    """The trajectory estimator scores every position the sampler committed, EOS and the tokens after it (one
+    block: every position is sampled); the loss masks with what it scored (Estimate.mask), not with the
+    batch's completion_mask, which stops at the first EOS. dr_grpo's sum / (N * Lc) shows the difference."""
+    from dllm_rl.algorithms import LossInputs
+
+    r = recipe(
+        tmp_path,
+        estimator__name="trajectory",
+        grpo__loss_type="dr_grpo",
+        grpo__num_generations=4,
+        train__batch_size=1,
+        rollout__max_completion_length=24,
+        rollout__steps=12,
+        rollout__order="top_prob",
+    )
+    tr = GRPOTrainer(r, reward_funcs=[first_cell_is_1])
+    batch, _ = tr.rollout([tr.task.train[i] for i in tr.sampler.indices(0, 1)], 0)
+    batch.advantages = torch.linspace(-1.0, 2.0, len(batch))
+    noise = tr.estimator.draw(batch, torch.Generator().manual_seed(0))
+    est = tr.estimator.estimate(tr.model, batch, noise)
+    assert est.mask.all() and not batch.completion_mask.bool().all()  # EOS before the last position
+    loss, _ = tr.loss(batch, noise)
+
+    def expected(mask):
+        x = LossInputs(est.logps, est.logps.detach(), None, batch.advantages, mask.float(), 4)
+        return tr.loss_fn(x, r.grpo)[0]
+
+    assert torch.allclose(loss, expected(est.mask)) and not torch.allclose(loss, expected(batch.completion_mask))
+
+
 def first_cell_first_rate(trainer: GRPOTrainer, steps: range) -> float:
     """Share of rollouts (the trainer's own, at the given steps) that commit the first cell at the first step."""
     hits = n = 0
