@@ -124,6 +124,7 @@ class GRPOConfig:
     reference: Literal["auto", "adapter_disabled", "frozen_copy", "none"] = "auto"
     spg_bound: Literal["elbo", "eubo", "mix", "zero"] = "mix"  # spg: bound for negative advantages (zero: none)
     spg_mix_weight: float = 0.5  # spg: weight of the upper bound in "mix"
+    reward_weights: Optional[list[float]] = None  # TRL's: weights of the Python reward_funcs (recipe rewards: weight)
 
 
 @dataclass

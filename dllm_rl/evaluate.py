@@ -38,6 +38,7 @@ def evaluate(
         columns = {k: [r[k] for r in chunk] for k in chunk[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
+        values = values.nan_to_num(nan=0.0)  # a completion the verifier cannot score is not solved
         scores += values.tolist()
         examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
     result = {

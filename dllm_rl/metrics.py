@@ -7,9 +7,12 @@ the file and the trackers show one value per metric for the whole run.
 from __future__ import annotations
 
 import json
+import math
+from collections import defaultdict
 from pathlib import Path
 
 from .algorithms import zero_std_groups
+from .algorithms.advantages import nanstd
 
 
 class MetricsLogger:
@@ -70,16 +73,41 @@ def reduce_across_ranks(accelerator, metrics: dict) -> dict:
     return out
 
 
+def window_mean(values: list) -> float | None:
+    """The mean of a metric over a logging window, NaN skipped; None when nothing valid remains (TRL's log)."""
+    valid = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    return sum(valid) / len(valid) if valid else None
+
+
+def call_weighted_means(accelerator, sums_counts: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Reward functions' `log_metric` values of one rollout, as TRL 1.16 aggregates them
+    (trl/trainer/grpo_trainer.py, `_generate_and_score_completions`): per name, the sum and the number of calls
+    are added over every process, and the metric is their ratio (a mean over calls, not over completions)."""
+    parts = [sums_counts]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([sums_counts])
+    total: dict = defaultdict(lambda: [0.0, 0])
+    for part in parts:
+        for name, (s, c) in part.items():
+            total[name][0] += s
+            total[name][1] += c
+    return {name: s / c for name, (s, c) in sorted(total.items()) if c}
+
+
 def reward_metrics(rewards, per_fn, names: list[str], correct, group_size: int) -> dict:
-    """A GRPO step's reward statistics over the global batch: rewards [N] (weighted), per_fn: one [N] per
-    reward function (NaN where it returned None), correct [N] (the task verifier)."""
+    """A GRPO step's reward statistics over the global batch: rewards [N] (weighted; NaN for a completion no
+    function scored), per_fn: one [N] per reward function (NaN where it returned None), correct [N] (the task
+    verifier; all NaN when the task has none, and then no `accuracy` is reported). NaN is skipped, as in TRL."""
     out = {
-        "reward": rewards.mean().item(),
-        "reward_std": rewards.std().item(),
+        "reward": rewards.nanmean().item(),
+        "reward_std": nanstd(rewards).item() if (~rewards.isnan()).sum() > 1 else 0.0,
         # TRL's name: the share of groups whose rewards are all equal, i.e. that give no signal
         "frac_reward_zero_std": zero_std_groups(rewards, group_size).float().mean().item(),
-        "accuracy": correct.nanmean().item(),
     }
+    if not correct.isnan().all():
+        out["accuracy"] = correct.nanmean().item()
     for name, values in zip(names, per_fn):
         seen = values[~values.isnan()]
         out[f"rewards/{name}/mean"] = values.nanmean().item()

@@ -27,7 +27,7 @@ from transformers import get_scheduler
 from ..checkpoint import load_checkpoint, save_checkpoint, save_final
 from ..config import Recipe, recipe_to_dict
 from ..errors import ConfigError
-from ..metrics import MetricsLogger
+from ..metrics import MetricsLogger, window_mean
 from ..models.base import traits
 from ..models.load import load_model
 from ..rundir import latest_checkpoint, tidy
@@ -77,13 +77,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two resolved recipes, ignoring RESUMABLE_CHANGES."""
-    a, b = _flat(saved), _flat(current)
+    """Dotted keys whose values differ between two resolved recipes, ignoring RESUMABLE_CHANGES. A key one of
+    them lacks (a recipe saved before the key existed) counts as its default."""
+    a, b, default = _flat(saved), _flat(current), _flat(recipe_to_dict(Recipe()))
     keys = sorted(set(a) | set(b))
     return [
         k
         for k in keys
-        if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
+        if a.get(k, default.get(k)) != b.get(k, default.get(k))
+        and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
     ]
 
 
@@ -168,7 +170,8 @@ class Run:
                 bar.update(1)
                 bar.set_postfix(postfix(window))
                 if done % r.logging_steps == 0 or done == r.max_steps:
-                    self.log.log(done, {k: sum(v) / len(v) for k, v in window.items()})
+                    means = {k: window_mean(v) for k, v in window.items()}  # NaN skipped, as TRL's log()
+                    self.log.log(done, {k: v for k, v in means.items() if v is not None})
                     window = defaultdict(list)
                 if (
                     r.eval_steps

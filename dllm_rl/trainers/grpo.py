@@ -27,11 +27,11 @@ from ..config import Recipe, RewardSpec
 from ..errors import ConfigError, DllmRlError, lookup
 from ..estimators import build_estimator
 from ..evaluate import evaluate_recipe
-from ..metrics import reward_metrics, throughput_metrics
+from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
 from ..models.base import unwrap
 from ..models.load import load_model
 from ..policy import ORDERS, order_head_for
-from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
+from ..rewards.plugins import RewardLog, build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
@@ -49,7 +49,8 @@ from .plots import plot_curves
 
 
 class GRPOTrainer:
-    """`GRPOTrainer(recipe, reward_funcs=[fn, ...]).train()`; reward_funcs join the recipe's rewards."""
+    """`GRPOTrainer(recipe, reward_funcs=[fn, ...]).train()`; reward_funcs (one callable or a list) replace the
+    recipe's rewards, as TRL's do."""
 
     def __init__(self, recipe: Recipe, reward_funcs=None, model=None, tokenizer=None, task=None):
         self.recipe = r = recipe
@@ -57,9 +58,10 @@ class GRPOTrainer:
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         self.estimator = build_estimator(r.estimator, self.traits)
         self._check(run.model)
-        self.rewards = build_rewards(
-            r.rewards or ([] if reward_funcs else [RewardSpec(self.task.reward)]), reward_funcs
-        )
+        specs = r.rewards or ([RewardSpec(self.task.reward)] if self.task.reward else [])
+        self.rewards = build_rewards(specs, reward_funcs, r.grpo.reward_weights)  # reward_funcs replace specs (TRL)
+        if not self.rewards:
+            raise ConfigError("no reward: name one in the recipe (rewards: [{name: ...}]) or pass reward_funcs=")
         self.loss_fn = lookup(LOSSES, r.grpo.loss_type, "grpo.loss_type")
         self.advantage_fn = lookup(ADVANTAGES, r.grpo.advantage, "grpo.advantage")
         self.ref, self.ref_mode = self._reference(run.model)
@@ -78,7 +80,7 @@ class GRPOTrainer:
             self.ref = prepare_frozen(self.acc, self.ref)  # sharded like the policy under ZeRO-3
         self.sampler = EpochSampler(len(self.task.train), r.train.seed)
         self.start_step = run.start_step
-        self._step_metrics: dict = defaultdict(list)
+        self.reward_log = RewardLog()  # what reward functions record through TRL's log_metric / log_extra
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -174,6 +176,7 @@ class GRPOTrainer:
         columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
         state = TrainerState(global_step=step, max_steps=self.recipe.train.max_steps)
+        self.reward_log.clear()
         rewards, per_fn = compute_rewards(
             self.rewards,
             prompts,
@@ -181,7 +184,8 @@ class GRPOTrainer:
             ids,
             columns,
             state,
-            log_metric=lambda name, value: self._step_metrics[name].append(value),
+            log_extra=self.reward_log.log_extra,
+            log_metric=self.reward_log.log_metric,
         )
         correct = verifier_scores(self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns)
         return rewards, per_fn, correct
@@ -328,7 +332,6 @@ class GRPOTrainer:
 
     def step(self, step: int) -> dict:
         r, timer = self.recipe, PhaseTimer()
-        self._step_metrics.clear()
         rank, world = self.acc.process_index, self.acc.num_processes
         examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size, rank, world)]
         g = step_generator(r.train.seed, step, "noise")  # the same on every rank: noise is drawn globally
@@ -355,7 +358,7 @@ class GRPOTrainer:
                 r.grpo.num_generations,
             ),
             **stats,
-            **{k: sum(v) / len(v) for k, v in self._step_metrics.items()},
+            **call_weighted_means(self.acc, self.reward_log.metrics()),
             **throughput_metrics(
                 timer.seconds, committed, float(batch.completion_mask.sum()), len(batch), r.grpo.num_iterations
             ),

@@ -259,7 +259,7 @@ def test_conversational_prompts_give_message_list_completions():
     [
         (lambda prompts, completions, **kw: 1 / 0, "raised ZeroDivisionError"),
         (lambda prompts, completions, **kw: [1.0], "list of length 1"),
-        (lambda prompts, completions, **kw: [1.0, math.nan], "returned nan"),
+        (lambda prompts, completions, **kw: [1.0, math.inf], "returned inf"),
         (lambda prompts, completions, **kw: [1.0, "1.0"], "returned '1.0'"),
     ],
 )
@@ -276,7 +276,8 @@ def test_none_is_skipped_in_the_weighted_sum_and_numpy_scalars_are_accepted():
         Reward("b", lambda prompts, completions, **kw: [np.float32(0.5), 0.25, None], weight=1.0),
     ]
     total, per_fn = compute_rewards(rewards, ["p"] * 3, ["x"] * 3, [[1]] * 3, {})
-    assert total.tolist() == [2.5, 0.25, 0.0]  # TRL's nansum: an all-None row sums to 0
+    assert total[:2].tolist() == [2.5, 0.25]  # TRL's nansum over the functions that scored the row
+    assert math.isnan(total[2].item())  # no function scored it: unscorable (TRL), not 0
     assert math.isnan(per_fn[0, 1].item()) and math.isnan(per_fn[1, 2].item())
 
 
