@@ -157,8 +157,9 @@ class Run:
 
     def loop(self, name: str, step_fn, evaluate, postfix, eval_at_end: bool = False, extra_state=None) -> None:
         """Steps start_step..max_steps: `step_fn(step) -> metrics`, averaged over logging windows; `evaluate()`
-        -> held-out accuracy every train.eval_steps (and at the last step when eval_at_end); a checkpoint
-        every train.save_steps and at the end. `postfix(window) -> dict` is shown on the progress bar."""
+        -> held-out accuracy (or a dict of held-out metrics; evaluate None: no held-out set) every
+        train.eval_steps (and at the last step when eval_at_end); a checkpoint every train.save_steps and at the
+        end. `postfix(window) -> dict` is shown on the progress bar."""
         r = self.recipe.train
         # a context manager closes the bar on errors too, so the CLI's error line starts on a line of its own
         with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process, desc=name) as bar:
@@ -173,14 +174,15 @@ class Run:
                     means = {k: window_mean(v) for k, v in window.items()}  # NaN skipped, as TRL's log()
                     self.log.log(done, {k: v for k, v in means.items() if v is not None})
                     window = defaultdict(list)
-                if (
+                if evaluate is not None and (
                     r.eval_steps
                     and done % r.eval_steps == 0
                     and done != r.max_steps
                     or eval_at_end
                     and done == r.max_steps
                 ):
-                    self.log.log(done, {"eval_accuracy": evaluate()})
+                    result = evaluate()
+                    self.log.log(done, result if isinstance(result, dict) else {"eval_accuracy": result})
                 if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
                     self.save(done, **(extra_state or {}))
 

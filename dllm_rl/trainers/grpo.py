@@ -46,13 +46,31 @@ from ..runtime import (
 )
 from .common import PhaseTimer, Run
 from .plots import plot_curves
+from .trl_inputs import trainer_inputs
 
 
 class GRPOTrainer:
-    """`GRPOTrainer(recipe, reward_funcs=[fn, ...]).train()`; reward_funcs (one callable or a list) replace the
-    recipe's rewards, as TRL's do."""
+    """`GRPOTrainer(recipe, reward_funcs=[fn, ...]).train()`, or in TRL's form `GRPOTrainer(model, reward_funcs,
+    args=trl.GRPOConfig(...), train_dataset=..., peft_config=...)` (trainers.trl_inputs). reward_funcs (one
+    callable or a list) replace the recipe's rewards, as TRL's do."""
 
-    def __init__(self, recipe: Recipe, reward_funcs=None, model=None, tokenizer=None, task=None):
+    def __init__(
+        self,
+        recipe: Recipe | None = None,
+        reward_funcs=None,
+        model=None,
+        tokenizer=None,
+        task=None,
+        *,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+    ):
+        recipe, model, tokenizer, task = trainer_inputs(
+            recipe, model, tokenizer, task, args, train_dataset, eval_dataset, processing_class, peft_config
+        )
         self.recipe = r = recipe
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
@@ -367,47 +385,61 @@ class GRPOTrainer:
             out["estimator_std"] = self.estimator_std(batch, g)
         return out
 
-    def evaluate(self) -> float:
+    @property
+    def eval_key(self) -> str:
+        """The held-out metric: the task verifier's accuracy, or the run's rewards for a task without one."""
+        return "eval_accuracy" if self.task.reward is not None else "eval_reward"
+
+    def evaluate(self) -> dict | None:
+        """{eval_key: held-out score}, or None when the task has no held-out set."""
+        if self.task.eval is None or len(self.task.eval) == 0:
+            return None
         with generation_model(self.acc, self.model) as model:  # every rank decodes the held-out set on gathered weights
-            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy)[
-                "accuracy"
-            ]
+            result = evaluate_recipe(
+                model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy, rewards=self.rewards
+            )
+        return {self.eval_key: result["accuracy"]}
+
+    def _postfix(self, window) -> dict:
+        """The progress bar: the last step's training reward beside the last held-out score."""
+        held_out = self.run.recorded(self.eval_key)
+        return {
+            "reward": f"{window['reward'][-1]:.3f}",
+            **({"held_out": f"{held_out:.3f}"} if held_out is not None else {}),
+        }
+
+    def _report(self, before, after, where: str) -> str:
+        if before is None:
+            last = self.run.recorded("reward")
+            return f"no held-out set; last training reward {last}; model and reward curve in {where}"
+        what = "accuracy" if self.task.reward is not None else "reward (weighted sum of the run's rewards)"
+        return f"held-out {what}: before {before:.3f} -> after {after:.3f} ({100 * (after - before):+.1f} points)"
 
     def train(self) -> dict:
-        run, out = self.run, self.recipe.train.output_dir
-        before = run.recorded("eval_accuracy", step=0)
+        run, out, key = self.run, self.recipe.train.output_dir, self.eval_key
+        before = run.recorded(key, step=0)
         if run.finished:
-            after = run.recorded("eval_accuracy")
-            self.acc.print(
-                f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
-                f"({100 * (after - before):+.1f} points), as recorded in {out}"
-            )
+            after = run.recorded(key)
+            self.acc.print(f"{self._report(before, after, out)}, as recorded in {out}")
             return {"before": before, "after": after, "final": f"{out}/final"}
-        if before is None:
-            before = self.evaluate()
-            self.log.log(0, {"eval_accuracy": before})
+        if before is None and (held_out := self.evaluate()) is not None:
+            before = held_out[key]
+            self.log.log(0, held_out)
         self.model.eval()
         run.loop(
             "grpo",
             self.step,
-            self.evaluate,
-            postfix=lambda w: {
-                "reward": f"{w['reward'][-1]:.3f}",
-                **(
-                    {"held_out": f"{run.recorded('eval_accuracy'):.3f}"}
-                    if run.recorded("eval_accuracy") is not None
-                    else {}
-                ),
-            },
+            self.evaluate if before is not None else None,
+            postfix=self._postfix,
             extra_state={"order_policy": self.order_policy},
         )
-        after = self.evaluate()
-        self.log.log(self.recipe.train.max_steps, {"eval_accuracy": after})
+        after = None
+        if before is not None:
+            after = self.evaluate()[key]
+            self.log.log(self.recipe.train.max_steps, {key: after})
         final = run.finish(order_policy=self.order_policy)
         if self.acc.is_main_process:
             plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"])
-        self.acc.print(
-            f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
-            f"({100 * (after - before):+.1f} points); model and reward curve in {final}"
-        )
+        report = self._report(before, after, str(final))
+        self.acc.print(report if before is None else f"{report}; model and reward curve in {final}")
         return {"before": before, "after": after, "final": str(final)}
