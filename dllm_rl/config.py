@@ -120,7 +120,9 @@ class GRPOConfig:
     beta: float = 0.0  # KL coefficient (k3 estimator); 0 = no reference model
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None
-    loss_type: str = "grpo"  # grpo | dr_grpo | dapo | bnpo | wd1 | spg (algorithms.losses.LOSSES)
+    # grpo | dr_grpo | dapo | bnpo | cispo | sapo | wd1 | spg (algorithms.losses.LOSSES). TRL defaults to dapo; the
+    # default here stays grpo, which recipes written before dapo was TRL's default expect (a GRPOConfig maps its own)
+    loss_type: str = "grpo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     advantage: str = "group_mean"  # group_mean | leave_one_out; z-score = group_mean + scale_rewards=group

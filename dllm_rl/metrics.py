@@ -32,7 +32,17 @@ class MetricsLogger:
             # rewrite from the resumed history: drop lines a killed run wrote after its last checkpoint
             self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
         if accelerator.log_with:
-            accelerator.init_trackers(project, config=config or {})
+            try:
+                accelerator.init_trackers(project, config=hparams(config or {}))
+            except Exception as e:  # e.g. W&B online without a login: say so now, not as a traceback
+                from .errors import ConfigError
+
+                names = [str(getattr(t, "value", t)) for t in accelerator.log_with]
+                raise ConfigError(
+                    f"train.report_to {names}: a tracker could not start ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); fix its setup (W&B: `wandb login`, or WANDB_MODE=offline) "
+                    f"or drop it from train.report_to"
+                ) from None
 
     def log(self, step: int, metrics: dict, echo: bool = True) -> None:
         """Record `metrics` at `step`; every rank calls it at the same points (the reduction is collective)."""
@@ -50,9 +60,50 @@ class MetricsLogger:
 
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A table to every tracker (main process): TensorBoard as a markdown table in its Text tab (it has no
+        tables), W&B (and any tracker with accelerate's log_table) as a table."""
+        if not self.acc.is_main_process or not self.acc.log_with:
+            return
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.tracker.add_text(name, markdown_table(columns, rows), global_step=step)
+                tracker.tracker.flush()
+            elif hasattr(tracker, "log_table"):
+                tracker.log_table(name, columns=columns, data=[[_cell(v) for v in r] for r in rows], step=step)
+
     def close(self) -> None:
         if self.acc.log_with:
             self.acc.end_training()
+
+
+def _cell(v):
+    """A table cell a tracker can store: numbers and text as they are, anything else (chat messages) as JSON."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return json.dumps(v, default=str)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A markdown pipe table (TensorBoard's Text tab renders it); | and newlines in cells are escaped."""
+
+    def esc(v) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else str(_cell(v))
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    head = "| " + " | ".join(map(esc, columns)) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(esc(v) for v in row) + " |\n" for row in rows)
+
+
+def hparams(config: dict, prefix: str = "") -> dict:
+    """A nested recipe as flat scalars (TensorBoard's hparams take numbers, text and bools only)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(hparams(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+    return out
 
 
 def reduce_across_ranks(accelerator, metrics: dict) -> dict:

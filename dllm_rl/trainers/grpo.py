@@ -15,6 +15,7 @@ transformers' gradient checkpointing and dropout act).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import defaultdict
 
@@ -31,7 +32,7 @@ from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
 from ..models.base import unwrap
 from ..models.load import load_model
 from ..policy import ORDERS, order_head_for
-from ..rewards.plugins import RewardLog, build_rewards, compute_rewards, verifier_scores
+from ..rewards.plugins import RewardLog, as_completions, build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
@@ -45,6 +46,15 @@ from ..runtime import (
     zero_stage,
 )
 from .common import PhaseTimer, Run
+from .grpo_options import (
+    CompletionsTable,
+    EntropyProbe,
+    ReferenceSync,
+    disable_dropout,
+    geometry,
+    high_entropy_mask,
+    truncated,
+)
 from .plots import plot_curves
 from .trl_inputs import trainer_inputs
 
@@ -83,6 +93,10 @@ class GRPOTrainer:
         self.loss_fn = lookup(LOSSES, r.grpo.loss_type, "grpo.loss_type")
         self.advantage_fn = lookup(ADVANTAGES, r.grpo.advantage, "grpo.advantage")
         self.ref, self.ref_mode = self._reference(run.model)
+        self.geometry = geometry(r, self.acc.num_processes)  # rollout -> optimizer steps (steps_per_generation)
+        self.ref_sync = ReferenceSync(r.grpo, self.ref_mode) if r.grpo.sync_ref_model else None
+        if r.grpo.disable_dropout:
+            disable_dropout(run.model, self.ref)
         self.order_policy = order_head_for(r.rollout.order, run.model, r.model.path, r.order_policy, r.train.seed)
         if self.order_policy is not None:
             self.order_policy.train()  # it decodes and is scored as it trains (its attention layer's one path)
@@ -92,13 +106,20 @@ class GRPOTrainer:
         if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
             params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
         checkpointed = () if self.order_policy is None else (self.order_policy,)
-        run.prepare(params, r.train.max_steps * r.grpo.num_iterations, checkpointed)
+        checkpointed += (self.ref,) if self.ref_sync is not None else ()  # a reference that moves is state
+        run.prepare(params, r.train.max_steps * r.grpo.num_iterations * self.geometry.chunks, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         if self.ref is not None:
             self.ref = prepare_frozen(self.acc, self.ref)  # sharded like the policy under ZeRO-3
-        self.sampler = EpochSampler(len(self.task.train), r.train.seed)
+        self.sampler = EpochSampler(len(self.task.train), r.train.seed, shuffle=r.train.shuffle_dataset)
         self.start_step = run.start_step
         self.reward_log = RewardLog()  # what reward functions record through TRL's log_metric / log_extra
+        self.completions = CompletionsTable(r.train, r.train.output_dir)
+        self.entropy = None
+        if r.grpo.top_entropy_quantile < 1:
+            bare = self.acc.unwrap_model(self.model)
+            self.entropy = EntropyProbe(bare, self.traits.mask_token_id, self.traits.logits_shift)
+        self.acc.print(self._batch_note())
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -121,6 +142,10 @@ class GRPOTrainer:
             )
         if r.grpo.loss_type == "spg" and r.grpo.beta != 0:
             raise ConfigError("grpo.loss_type=spg has no KL term (as SPG); set grpo.beta=0")
+        if not 0 <= r.grpo.top_entropy_quantile <= 1:
+            raise ConfigError(f"grpo.top_entropy_quantile must be in [0, 1], got {r.grpo.top_entropy_quantile}")
+        if r.grpo.top_entropy_quantile < 1 and r.grpo.loss_type in ("wd1", "spg"):
+            raise ConfigError("grpo.top_entropy_quantile masks a per-token policy loss: not wd1 or spg")
         learned = lookup(ORDERS, r.rollout.order, "rollout.order").needs_hidden
         check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=learned)
         if not r.order_policy.train_model and not learned:
@@ -237,7 +262,17 @@ class GRPOTrainer:
         return self._estimate(self.ref, batch, noise, grad=False).logps
 
     def _micro_batches(self, n: int):
-        return micro_batch_rows(n, self.recipe.grpo.num_generations, self.recipe.train.gradient_accumulation_steps)
+        """A rollout's micro-batches for the no-grad passes (as many as its optimizer steps take)."""
+        G, GA = self.recipe.grpo.num_generations, self.recipe.train.gradient_accumulation_steps
+        return micro_batch_rows(n, G, GA * self.geometry.chunks)
+
+    def _optimizer_steps(self, n: int):
+        """The rows of each optimizer step of one pass over a rollout of n rows (steps_per_generation / GA)."""
+        return micro_batch_rows(n, self.recipe.grpo.num_generations, self.geometry.chunks)
+
+    def _micro_batches_of(self, rows: torch.Tensor):
+        G, GA = self.recipe.grpo.num_generations, self.recipe.train.gradient_accumulation_steps
+        return [rows[part] for part in micro_batch_rows(len(rows), G, GA)]
 
     def _no_grad(self, fn, batch, noise):
         """fn(micro-batch, its noise) -> [n, Lc] over the batch in micro-batches, without gradient."""
@@ -246,8 +281,8 @@ class GRPOTrainer:
         )
 
     def estimates(self, batch, g: torch.Generator):
-        """Per inner iteration: its noise, the old policy's estimate (None when mu = 1: the ratio is 1) and the
-        reference's (None when beta = 0), all under that noise and without gradient."""
+        """Per inner iteration: its noise, the old policy's estimate (None when the rollout feeds one optimizer
+        step: the ratio is 1) and the reference's (None when beta = 0), all under that noise, without gradient."""
         r = self.recipe.grpo
         full = RolloutBatch.concat(self._gathered(batch)) if self.acc.num_processes > 1 else batch
         self.model.eval()
@@ -256,7 +291,7 @@ class GRPOTrainer:
             noise = self.draw_noise(batch, full, g)
             old = (
                 None
-                if r.num_iterations == 1
+                if r.num_iterations == 1 and self.geometry.chunks == 1
                 else self._no_grad(lambda mb, nz: self._estimate(self.model, mb, nz, grad=False).logps, batch, noise)
             )
             ref = None if self.ref_mode == "none" else self._no_grad(self._ref_estimate, batch, noise)
@@ -268,20 +303,49 @@ class GRPOTrainer:
 
         return gather_object([batch.to("cpu")])
 
-    def loss(self, mb, noise, old=None, ref=None):
+    def loss_mask(self, mb) -> torch.Tensor:
+        """[n, Lc] the tokens that count in the loss: the completion up to its first EOS, and none of a completion
+        that never ended when grpo.mask_truncated_completions (TRL's option; grpo_options.truncated)."""
+        mask = mb.completion_mask.float()
+        if self.recipe.grpo.mask_truncated_completions:
+            mask = mask * (~truncated(mb.completion_ids, self.tokenizer.eos_token_id)).float()[:, None]
+        return mask
+
+    def loss(self, mb, noise, old=None, ref=None, tokens=None):
         """(loss, stats) of the GRPO objective on micro-batch `mb` (advantages set) under `noise`, with the
-        policy's estimate under grad; old = None: the policy's own detached estimate (ratio 1, mu = 1)."""
-        est = self._estimate(self.model, mb, noise, grad=True)
+        policy's estimate under grad; old = None: the policy's own detached estimate (ratio 1, mu = 1).
+        tokens: dapo's normaliser (the optimizer step's loss tokens on all processes / (processes x
+        micro-batches)); top_entropy_quantile < 1 masks the policy term to the high-entropy tokens."""
+        with self.entropy.recording() if self.entropy is not None else contextlib.nullcontext():
+            est = self._estimate(self.model, mb, noise, grad=True)
+        mask = self.loss_mask(mb)
+        high, stats = None, {}
+        if self.entropy is not None:
+            entropies = self.entropy.entropies()
+            high = high_entropy_mask(self.acc, entropies, mask, self.recipe.grpo.top_entropy_quantile)
+            stats["entropy"] = ((entropies * mask).sum() / mask.sum().clamp(min=1)).item()
         inputs = LossInputs(
             est.logps,
             est.logps.detach() if old is None else old,
             ref,
             mb.advantages,
-            mb.completion_mask.float(),
+            mask,
             self.recipe.grpo.num_generations,
             est.upper,
+            entropy_mask=high,
+            token_normalizer=tokens,
         )
-        return self.loss_fn(inputs, self.recipe.grpo)
+        loss, loss_stats = self.loss_fn(inputs, self.recipe.grpo)
+        return loss, {**loss_stats, **stats}
+
+    def _token_normalizer(self, batch, rows) -> float:
+        """dapo over the accumulated batch (TRL): this optimizer step's loss tokens on every process, divided by
+        processes x micro-batches (accelerate divides each micro-batch's loss by the accumulation steps and DDP
+        averages the processes, so the step's gradient is the token mean over all of them)."""
+        tokens = self.loss_mask(batch.select(rows)).sum().to(self.acc.device)
+        if self.acc.num_processes > 1:
+            tokens = self.acc.reduce(tokens, reduction="sum")
+        return max(float(tokens), 1.0) / (self.acc.num_processes * self.recipe.train.gradient_accumulation_steps)
 
     def _check_finite(self, loss, stats: dict):
         """Stop before a non-finite loss reaches the weights (the last checkpoint stays intact)."""
@@ -302,40 +366,48 @@ class GRPOTrainer:
             f"same command after changing the recipe."
         )
 
-    def update(self, batch, estimates) -> dict:
-        """num_iterations passes over the batch, one optimizer step each (TRL's num_iterations)."""
+    def update(self, batch, estimates, step: int = 0) -> dict:
+        """num_iterations passes over the rollout (TRL's num_iterations); each pass takes the rollout's optimizer
+        steps (steps_per_generation / gradient_accumulation_steps of them) over its micro-batches."""
         self.model.train()
         stats = defaultdict(list)
-        max_norm = self.recipe.optim.max_grad_norm
-        for noise, old, ref in estimates:
-            for rows in self._micro_batches(len(batch)):
-                mb = batch.select(rows).to(self.acc.device)
-                with self.acc.accumulate(self.model):
-                    loss, s = self.loss(
-                        mb,
-                        noise.select(rows),
-                        None if old is None else old[rows.to(old.device)],
-                        None if ref is None else ref[rows.to(ref.device)],
-                    )
-                    self._check_finite(loss, s)
-                    self.acc.backward(loss)
-                    if self.acc.sync_gradients and max_norm > 0:
-                        if any(p.requires_grad for p in self.model.parameters()):
-                            stats["grad_norm"].append(
-                                float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))
-                            )
-                        if self.order_policy is not None:
-                            stats["order_policy/grad_norm"].append(
-                                float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
-                            )
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
-                stats["loss"].append(loss.item())
-                for k, v in s.items():
-                    stats[k].append(v)
-            self.scheduler.step()
+        for it, (noise, old, ref) in enumerate(estimates):
+            for k, rows in enumerate(self._optimizer_steps(len(batch))):
+                tokens = self._token_normalizer(batch, rows)
+                for mb_rows in self._micro_batches_of(rows):
+                    self._micro_step(batch, mb_rows, noise, old, ref, tokens, stats)
+                self.scheduler.step()
+                if self.ref_sync is not None:  # optimizer steps so far, counted the same way after a resume
+                    done = (step * len(estimates) + it) * self.geometry.chunks + k + 1
+                    self.ref_sync.after_optimizer_step(done, self.model, self.ref)
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def _micro_step(self, batch, rows, noise, old, ref, tokens, stats) -> None:
+        max_norm = self.recipe.optim.max_grad_norm
+        mb = batch.select(rows).to(self.acc.device)
+        with self.acc.accumulate(self.model):
+            loss, s = self.loss(
+                mb,
+                noise.select(rows),
+                None if old is None else old[rows.to(old.device)],
+                None if ref is None else ref[rows.to(ref.device)],
+                tokens,
+            )
+            self._check_finite(loss, s)
+            self.acc.backward(loss)
+            if self.acc.sync_gradients and max_norm > 0:
+                if any(p.requires_grad for p in self.model.parameters()):
+                    stats["grad_norm"].append(float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm)))
+                if self.order_policy is not None:
+                    stats["order_policy/grad_norm"].append(
+                        float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
+                    )
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        stats["loss"].append(loss.item())
+        for k, v in s.items():
+            stats[k].append(v)
 
     def estimator_std(self, batch, g: torch.Generator, draws: int = 4) -> float:
         """Std of the sequence log-likelihood estimate across fresh noise draws (mean over sequences)."""
@@ -351,7 +423,8 @@ class GRPOTrainer:
     def step(self, step: int) -> dict:
         r, timer = self.recipe, PhaseTimer()
         rank, world = self.acc.process_index, self.acc.num_processes
-        examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size, rank, world)]
+        indices = self.sampler.indices(step, self.geometry.prompts_per_rollout, rank, world)
+        examples = [self.task.train[i] for i in indices]
         g = step_generator(r.train.seed, step, "noise")  # the same on every rank: noise is drawn globally
         with timer("rollout"):
             batch, prompts = self.rollout(examples, step)  # RolloutBatch of B*G completions
@@ -359,14 +432,18 @@ class GRPOTrainer:
             rewards, per_fn, correct = self.reward(batch, prompts, examples, step)
             everyone = gather_rows(self.acc, rewards)  # [world*B*G] the global batch's rewards, in rank order
             batch.rewards = rewards
-            batch.advantages = self.advantages(everyone)[rank * len(rewards) : (rank + 1) * len(rewards)]
+            advantages = self.advantages(everyone)  # [world*B*G]
+            batch.advantages = advantages[rank * len(rewards) : (rank + 1) * len(rewards)]
+        if self._logs_at(step) and (r.train.log_completions or r.train.report_to):
+            self._record_completions(step, prompts, batch, per_fn, advantages)
         committed = float(batch.stats.get("committed_tokens", 0))
+        clipped = truncated(batch.completion_ids, self.tokenizer.eos_token_id).float()  # before any filter
         if r.grpo.filter_zero_std:  # groups whose rewards are all equal carry no signal
             batch = batch.select((~zero_std_groups(rewards, r.grpo.num_generations)).nonzero().squeeze(-1))
         with timer("estimate"):
             estimates = self.estimates(batch, g) if len(batch) else []
         with timer("update"):
-            stats = self.update(batch, estimates) if len(batch) else {"skipped": 1.0}
+            stats = self.update(batch, estimates, step) if len(batch) else {"skipped": 1.0}
         out = {
             **reward_metrics(
                 everyone,
@@ -377,13 +454,43 @@ class GRPOTrainer:
             ),
             **stats,
             **call_weighted_means(self.acc, self.reward_log.metrics()),
+            "completions/clipped_ratio": gather_rows(self.acc, clipped).mean().item(),  # TRL's: never ended
             **throughput_metrics(
                 timer.seconds, committed, float(batch.completion_mask.sum()), len(batch), r.grpo.num_iterations
             ),
         }
         if len(batch) and (step + 1) % r.train.logging_steps == 0:
             out["estimator_std"] = self.estimator_std(batch, g)
+        if self._logs_at(step):
+            self.completions.write(step + 1, self.log)
         return out
+
+    def _logs_at(self, step: int) -> bool:
+        """Run.loop logs after this step (every train.logging_steps, and the last)."""
+        t = self.recipe.train
+        return (step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps
+
+    def _record_completions(self, step: int, prompts, batch, per_fn, advantages) -> None:
+        """The completions table of this rollout, every process's rows (collective: every rank calls it)."""
+        from accelerate.utils import gather_object
+
+        one = self.acc.num_processes == 1
+        gather = (lambda xs: xs) if one else (lambda xs: gather_object(list(xs)))
+        rewards = {rw.name: gather_rows(self.acc, v).tolist() for rw, v in zip(self.rewards, per_fn)}
+        extra = {k: gather(v) for k, v in self.reward_log.extra(len(prompts)).items()}
+        completions = as_completions(prompts, batch.completions)
+        self.completions.record(step + 1, gather(prompts), gather(completions), rewards, advantages.tolist(), extra)
+
+    def _batch_note(self) -> str:
+        """Batch sizes in both units, said once at the start (TRL counts completions, dllm-rl prompts)."""
+        r, geo = self.recipe, self.geometry
+        G, GA = r.grpo.num_generations, r.train.gradient_accumulation_steps
+        return (
+            f"batch: train.batch_size={r.train.batch_size} prompts x {G} generations = {r.train.batch_size * G} "
+            f"completions per process and optimizer step, in {GA} micro-batch(es) of {r.train.batch_size * G // GA} "
+            f"(TRL's per_device_train_batch_size); each rollout of {geo.prompts_per_rollout} prompts feeds "
+            f"{geo.chunks * r.grpo.num_iterations} optimizer step(s)"
+        )
 
     @property
     def eval_key(self) -> str:
