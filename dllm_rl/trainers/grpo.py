@@ -20,6 +20,7 @@ import copy
 from collections import defaultdict
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerState
 
 from ..algorithms import ADVANTAGES, LOSSES, LossInputs, scale, zero_std_groups
@@ -199,7 +200,8 @@ class GRPOTrainer:
         G = self.recipe.grpo.num_generations
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         if zero_stage(self.acc) == 3 and step == self.start_step:
-            self.acc.print("ZeRO-3: the policy's parameters are gathered once per rollout phase, not per forward")
+            if self.acc.is_main_process:  # above the progress bar, not through it
+                tqdm.write("ZeRO-3: the policy's parameters are gathered once per rollout phase, not per forward")
         # one generator for every rank: rollouts are batch-invariant (a completion depends on its prompt and the
         # generator only), so each rank decodes exactly the rows one process with the global batch would
         with torch.no_grad(), generation_model(self.acc, self.model) as model:
@@ -546,7 +548,8 @@ class GRPOTrainer:
             self.log.log(self.recipe.train.max_steps, {key: after})
         final = run.finish(order_policy=self.order_policy)
         if self.acc.is_main_process:
-            plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"])
+            title = f"GRPO on {self.task.name}"
+            plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"], title)
         report = self._report(before, after, str(final))
         self.acc.print(report if before is None else f"{report}; model and reward curve in {final}")
         return {"before": before, "after": after, "final": str(final)}

@@ -193,9 +193,12 @@ class CompletionsTable:
 
             _, prompts, completions, rewards, advantages, extra = self.latest
             if metrics_logger.acc.is_main_process:
-                print_prompt_completions_sample(
-                    prompts, completions, rewards, advantages, step, self.cfg.num_completions_to_print, extra
-                )
+                from tqdm import tqdm
+
+                with tqdm.external_write_mode():  # the panel goes above the progress bar, not through it
+                    print_prompt_completions_sample(
+                        prompts, completions, rewards, advantages, step, self.cfg.num_completions_to_print, extra
+                    )
                 self._parquet(step, columns, rows)
         metrics_logger.log_table("completions", columns, rows, step)
 
