@@ -33,7 +33,7 @@ from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
 from ..models.base import unwrap
 from ..models.load import load_model
 from ..policy import ORDERS, order_head_for
-from ..rewards.plugins import RewardLog, as_completions, build_rewards, compute_rewards, verifier_scores
+from ..rewards.plugins import RewardLog, build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
@@ -51,6 +51,7 @@ from .grpo_options import (
     CompletionsTable,
     EntropyProbe,
     ReferenceSync,
+    batch_note,
     disable_dropout,
     geometry,
     high_entropy_mask,
@@ -120,7 +121,7 @@ class GRPOTrainer:
         if r.grpo.top_entropy_quantile < 1:
             bare = self.acc.unwrap_model(self.model)
             self.entropy = EntropyProbe(bare, self.traits.mask_token_id, self.traits.logits_shift)
-        self.acc.print(self._batch_note())
+        self.acc.print(batch_note(r, self.geometry))
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -437,7 +438,16 @@ class GRPOTrainer:
             advantages = self.advantages(everyone)  # [world*B*G]
             batch.advantages = advantages[rank * len(rewards) : (rank + 1) * len(rewards)]
         if self._logs_at(step) and (r.train.log_completions or r.train.report_to):
-            self._record_completions(step, prompts, batch, per_fn, advantages)
+            self.completions.record_rollout(
+                self.acc,
+                step + 1,
+                prompts,
+                batch.completions,
+                self.rewards,
+                per_fn,
+                advantages,
+                self.reward_log.extra(len(prompts)),
+            )
         committed = float(batch.stats.get("committed_tokens", 0))
         clipped = truncated(batch.completion_ids, self.tokenizer.eos_token_id).float()  # before any filter
         if r.grpo.filter_zero_std:  # groups whose rewards are all equal carry no signal
@@ -471,28 +481,6 @@ class GRPOTrainer:
         """Run.loop logs after this step (every train.logging_steps, and the last)."""
         t = self.recipe.train
         return (step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps
-
-    def _record_completions(self, step: int, prompts, batch, per_fn, advantages) -> None:
-        """The completions table of this rollout, every process's rows (collective: every rank calls it)."""
-        from accelerate.utils import gather_object
-
-        one = self.acc.num_processes == 1
-        gather = (lambda xs: xs) if one else (lambda xs: gather_object(list(xs)))
-        rewards = {rw.name: gather_rows(self.acc, v).tolist() for rw, v in zip(self.rewards, per_fn)}
-        extra = {k: gather(v) for k, v in self.reward_log.extra(len(prompts)).items()}
-        completions = as_completions(prompts, batch.completions)
-        self.completions.record(step + 1, gather(prompts), gather(completions), rewards, advantages.tolist(), extra)
-
-    def _batch_note(self) -> str:
-        """Batch sizes in both units, said once at the start (TRL counts completions, dllm-rl prompts)."""
-        r, geo = self.recipe, self.geometry
-        G, GA = r.grpo.num_generations, r.train.gradient_accumulation_steps
-        return (
-            f"batch: train.batch_size={r.train.batch_size} prompts x {G} generations = {r.train.batch_size * G} "
-            f"completions per process and optimizer step, in {GA} micro-batch(es) of {r.train.batch_size * G // GA} "
-            f"(TRL's per_device_train_batch_size); each rollout of {geo.prompts_per_rollout} prompts feeds "
-            f"{geo.chunks * r.grpo.num_iterations} optimizer step(s)"
-        )
 
     @property
     def eval_key(self) -> str:

@@ -76,6 +76,16 @@ def geometry(recipe, world: int) -> Geometry:
     return Geometry(t.batch_size, spg // GA)
 
 
+def batch_note(recipe, geo: Geometry) -> str:
+    """Batch sizes in both units, said once at the start (TRL counts completions, dllm-rl prompts)."""
+    G, GA, B = recipe.grpo.num_generations, recipe.train.gradient_accumulation_steps, recipe.train.batch_size
+    return (
+        f"batch: train.batch_size={B} prompts x {G} generations = {B * G} completions per process and optimizer "
+        f"step, in {GA} micro-batch(es) of {B * G // GA} (TRL's per_device_train_batch_size); each rollout of "
+        f"{geo.prompts_per_rollout} prompts feeds {geo.chunks * recipe.grpo.num_iterations} optimizer step(s)"
+    )
+
+
 def truncated(completion_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
     """[N] bool: no EOS anywhere in the completion canvas (the diffusion meaning of TRL's "truncated")."""
     if eos_token_id is None:
@@ -175,6 +185,25 @@ class CompletionsTable:
     def record(self, step: int, prompts, completions, rewards: dict, advantages, extra: dict) -> None:
         """Lists of one value per completion (already gathered); rewards and extra map a name to a list."""
         self.latest = (step, list(prompts), list(completions), dict(rewards), list(advantages), dict(extra))
+
+    def record_rollout(self, acc, step, prompts, texts, rewards, per_fn, advantages, extra: dict) -> None:
+        """One rollout's rows from every process (collective: every rank calls it): rewards are the Reward
+        objects and per_fn [F, n] their values on this rank, advantages [world * n] already global."""
+        from accelerate.utils import gather_object
+
+        from ..rewards.plugins import as_completions
+        from ..runtime import gather_rows
+
+        gather = (lambda xs: list(xs)) if acc.num_processes == 1 else (lambda xs: gather_object(list(xs)))
+        per_reward = {rw.name: gather_rows(acc, v).tolist() for rw, v in zip(rewards, per_fn)}
+        self.record(
+            step,
+            gather(prompts),
+            gather(as_completions(prompts, texts)),
+            per_reward,
+            advantages.tolist(),
+            {k: gather(v) for k, v in extra.items()},
+        )
 
     def table(self) -> tuple[list[str], list[list]]:
         """(columns, rows) as TRL's parquet file: step, prompt, completion, one per reward, the log_extra
