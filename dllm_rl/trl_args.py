@@ -237,6 +237,12 @@ def _combined(r: Recipe, f: dict, num_rows: int | None) -> None:
         v = v * total_updates if 0 < v < 1 else v
         return max(1, round(v / updates_per_rollout))
 
+    for name in ("save_strategy", "eval_strategy"):
+        if str(_value(f.get(name, "no"))) not in ("no", "steps"):
+            raise ConfigError(
+                f"GRPOConfig.{name}={_value(f[name])!r}: dllm-rl saves and evaluates every N steps "
+                f"or not at all; use 'steps' (with {name.split('_')[0]}_steps) or 'no'"
+            )
     if "logging_steps" in f:
         r.train.logging_steps = steps(f["logging_steps"])
     if str(_value(f.get("save_strategy", "steps"))) == "no":
