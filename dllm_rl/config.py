@@ -146,6 +146,7 @@ class GRPOConfig:
     steps_per_generation: Optional[int] = None
     generation_batch_size: Optional[int] = None  # TRL's: completions per rollout on all processes (or the above)
     disable_dropout: bool = False  # TRL's: set every nn.Dropout of the policy (and reference) to p = 0
+    use_bias_correction_kl: bool = False  # TRL's (its default: true): KL term x the importance ratio
     reward_weights: Optional[list[float]] = None  # TRL's: weights of the Python reward_funcs (recipe rewards: weight)
 
 

@@ -90,6 +90,7 @@ TRL_FIELDS = {
     "ref_model_mixup_alpha": ("grpo.ref_model_mixup_alpha", float),
     "ref_model_sync_steps": ("grpo.ref_model_sync_steps", int),
     "disable_dropout": ("grpo.disable_dropout", bool),
+    "use_bias_correction_kl": ("grpo.use_bias_correction_kl", bool),
 }
 # read by recipe_from_trl_args itself
 COMBINED = {

@@ -9,8 +9,9 @@ N completions, Lc completion positions. The clipped family follows TRL 1.16's `_
   aggregations: grpo = mean over each sequence's tokens then over sequences; bnpo = over all tokens of the
   micro-batch; dapo = over all tokens of the optimizer step on every process (DAPO's token-level mean over
   the accumulated batch, arXiv 2503.14476: the trainer passes the normaliser, `token_normalizer`; without it,
-  the micro-batch's tokens); dr_grpo = sum / (N * Lc) (arXiv 2503.20783). TRL multiplies its KL by the
-  ratio (use_bias_correction_kl); here it is the plain k3 term.
+  the micro-batch's tokens); dr_grpo = sum / (N * Lc) (arXiv 2503.20783). With use_bias_correction_kl (TRL's
+  default, not the recipe's) the k3 term is multiplied by the unclipped ratio (it is 1 when the rollout feeds
+  a single optimizer step).
 - cispo (MiniMax-M1, arXiv 2506.13585): REINFORCE weighted by the ratio clipped from above at epsilon_high
   (detached), -min(r, eps_high) * A * logp, aggregated like dapo.
 - sapo (arXiv 2511.20347): a soft gate instead of the clip, -(4 / tau) * sigmoid(tau * (r - 1)) * A, with
@@ -96,13 +97,16 @@ def _eps_high(cfg) -> float:
     return cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
 
 
-def _finish(policy: torch.Tensor, x: LossInputs, cfg, stats: dict) -> tuple[torch.Tensor, dict]:
-    """Entropy mask on the policy term, + beta * k3 KL, then the loss type's aggregation."""
+def _finish(policy: torch.Tensor, x: LossInputs, cfg, stats: dict, ratio: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Entropy mask on the policy term, + beta * k3 KL (times the unclipped ratio with TRL's
+    use_bias_correction_kl), then the loss type's aggregation."""
     mask = x.mask.float()
     if x.entropy_mask is not None:
         policy = policy * x.entropy_mask.float()
     if x.ref_logps is not None and cfg.beta != 0:
         kl = kl_k3(x.logps, x.ref_logps)
+        if getattr(cfg, "use_bias_correction_kl", False):
+            kl = kl * ratio
         policy = policy + cfg.beta * kl
         stats["kl"] = (kl * mask).sum().item() / max(mask.sum().item(), 1)
     return AGGREGATIONS[cfg.loss_type](policy, mask, x), stats
@@ -122,7 +126,7 @@ def clipped(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
         if x.mask.any()
         else 0.0
     }
-    return _finish(per_token, x, cfg, stats)
+    return _finish(per_token, x, cfg, stats, ratio)
 
 
 def cispo(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
@@ -131,7 +135,7 @@ def cispo(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
     weight = ratio.clamp(max=_eps_high(cfg)).detach()  # TRL: clamp(coef, max=epsilon_high), no gradient
     per_token = -weight * adv * x.logps
     clipped_ = ((ratio > _eps_high(cfg)) & (adv > 0)).float()[x.mask.bool()]
-    return _finish(per_token, x, cfg, {"cispo_clip_ratio": clipped_.mean().item() if len(clipped_) else 0.0})
+    return _finish(per_token, x, cfg, {"cispo_clip_ratio": clipped_.mean().item() if len(clipped_) else 0.0}, ratio)
 
 
 def sapo(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
@@ -139,7 +143,7 @@ def sapo(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:
     adv = x.advantages[:, None]
     tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)  # [N, 1]
     per_token = -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv
-    return _finish(per_token, x, cfg, {})
+    return _finish(per_token, x, cfg, {}, ratio)
 
 
 def wd1(x: LossInputs, cfg) -> tuple[torch.Tensor, dict]:

@@ -94,3 +94,15 @@ def test_the_entropy_mask_removes_the_policy_term_only():
     kl_grad = 0.1 * (1 - torch.tensor(0.5).exp())  # d/dlogp of beta * k3 at logp = ref - 0.5
     expected = (-ADV[:, None] * keep.float() + kl_grad) * MASK / MASK.sum()
     torch.testing.assert_close(logps.grad, expected)
+
+
+def test_bias_corrected_kl_is_k3_times_the_ratio():
+    x, logps = inputs(0.3)
+    x.ref_logps = x.old_logps - 0.2
+    plain, a = LOSSES["bnpo"](x, cfg(loss_type="bnpo", beta=1.0))
+    corrected, b = LOSSES["bnpo"](x, cfg(loss_type="bnpo", beta=1.0, use_bias_correction_kl=True))
+    d = torch.tensor(-0.5)  # ref - logp
+    k3 = d.exp() - d - 1
+    r = torch.tensor(0.3).exp()
+    assert b["kl"] == pytest.approx(float(k3 * r), rel=1e-5) and a["kl"] == pytest.approx(float(k3), rel=1e-5)
+    assert (corrected - plain).item() == pytest.approx(float(k3 * (r - 1)), rel=1e-4)
