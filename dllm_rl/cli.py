@@ -7,7 +7,9 @@
     dllm-rl plan RECIPE --gpus N [--prompt-length P]  per-GPU memory estimate (formulas, not a measurement)
 
 Mistakes in the input (a recipe key, a path, a checkpoint that is not a model) print one line and exit
-with code 2; `--traceback` (or DLLM_RL_TRACEBACK=1) shows the full traceback.
+with code 2; `--traceback` (or DLLM_RL_TRACEBACK=1) shows the full traceback. Only argparse, yaml and the
+recipe are imported before a command needs more: help and recipe errors answer at once (torch, transformers
+and the trainers load inside the commands).
 """
 
 from __future__ import annotations

@@ -114,11 +114,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "sudoku"  # sudoku | countdown | gsm8k | math (dllm_rl.tasks.TASKS)
+    task: str = "sudoku"  # sudoku | countdown | gsm8k | math | code (dllm_rl.tasks.TASKS) | reasoning_gym/NAME
+    dataset: Optional[str] = None  # any dataset with a prompt column: hub name or local .jsonl/.json/.parquet/.csv
+    prompt_column: str = "prompt"  # data.dataset: the column holding prompts (text or chat messages)
     train_size: Count = 20000  # procedural tasks: number of generated training examples
     eval_size: Count = 200  # held-out examples (disjoint from training by construction)
     seed: Seed = 0
-    options: dict = field(default_factory=dict)  # task-specific generator options (e.g. min_empty)
+    options: dict = field(default_factory=dict)  # task options (min_empty; reasoning-gym config; load_dataset kwargs)
     path: Optional[str] = None  # dataset tasks: hub name, or a local .json/.jsonl/.parquet file
     eval_path: Optional[str] = None
     split: str = "train"
@@ -137,6 +139,9 @@ class RolloutConfig:
     temperature: Annotated[float, Check(ge=0, ignored_by=("sft",), why="SFT decodes at eval.temperature")] = 0.0
     top_k: Annotated[int, Check(ge=0, why="0 = no top-k cut")] = 0
     top_p: Annotated[float, Check(gt=0, le=1, why="1 = no nucleus cut")] = 1.0
+    min_p: Unit = 0.0  # TRL's min_p (0 = off): keep tokens with p >= min_p * p_max (after temperature)
+    # TRL's (HF's): logits of prompt + committed canvas tokens /p (>0) or *p (<0)
+    repetition_penalty: Annotated[float, Check(gt=0, why="1 = no penalty")] = 1.0
     commit: str = "top_k"  # top_k | threshold | factor | prophet (rollout.commit.COMMIT_RULES)
     threshold: Unit = 0.9  # threshold rule: commit every token with confidence >= threshold
     factor: Positive = 1.0  # factor rule (Fast-dLLM): n largest with conf_n >= 1 - factor / (n + 1)
@@ -169,7 +174,9 @@ class GRPOConfig:
     beta: NonNegative = 0.0  # KL coefficient (k3 estimator); 0 = no reference model
     epsilon: Positive = 0.2  # clip range of the ratio: [1 - epsilon, 1 + epsilon_high]
     epsilon_high: Optional[Positive] = None  # empty = epsilon
-    loss_type: str = "grpo"  # grpo | dr_grpo | dapo | bnpo | wd1 | spg (algorithms.losses.LOSSES)
+    # grpo | dr_grpo | dapo | bnpo | cispo | sapo | wd1 | spg (algorithms.losses.LOSSES). TRL defaults to dapo; the
+    # default here stays grpo, which recipes written before dapo was TRL's default expect (a GRPOConfig maps its own)
+    loss_type: str = "grpo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     advantage: str = "group_mean"  # group_mean | leave_one_out; z-score = group_mean + scale_rewards=group
@@ -177,6 +184,26 @@ class GRPOConfig:
     reference: Literal["auto", "adapter_disabled", "frozen_copy", "none"] = "auto"
     spg_bound: Literal["elbo", "eubo", "mix", "zero"] = "mix"  # spg: bound for negative advantages (zero: none)
     spg_mix_weight: Unit = 0.5  # spg: weight of the upper bound in "mix"
+    # two-sided clip (INTELLECT-2, TRL's delta): cap the unclipped ratio at delta
+    delta: Optional[Annotated[float, Check(gt=1, why="a cap above the ratio 1")]] = None
+    sapo_temperature_pos: Positive = 1.0  # sapo: gate temperature for positive advantages (TRL's)
+    sapo_temperature_neg: Positive = 1.05  # sapo: ... for negative advantages
+    # TRL's mask_truncated_completions: no loss for a completion with no EOS inside the canvas (a diffusion LM
+    # fills the whole canvas, so "truncated" means it never ended); it still counts in its group's statistics
+    mask_truncated_completions: bool = False
+    # < 1: policy loss only on tokens whose entropy is in this top quantile
+    top_entropy_quantile: Annotated[float, Check(gt=0, le=1, why="1 = every token")] = 1.0
+    sync_ref_model: bool = False  # TRL's: ref <- alpha * policy + (1 - alpha) * ref every ref_model_sync_steps
+    ref_model_mixup_alpha: Unit = 0.6
+    ref_model_sync_steps: Count = 512  # optimizer steps
+    # TRL's: micro-batches (of train.batch_size / gradient_accumulation_steps prompts' completions) per rollout;
+    # empty = gradient_accumulation_steps (one rollout per optimizer step). A multiple of it: one rollout feeds
+    # steps_per_generation / gradient_accumulation_steps optimizer steps (x num_iterations)
+    steps_per_generation: Optional[Count] = None
+    generation_batch_size: Optional[Count] = None  # TRL's: completions per rollout on all processes (or the above)
+    disable_dropout: bool = False  # TRL's: set every nn.Dropout of the policy (and reference) to p = 0
+    use_bias_correction_kl: bool = False  # TRL's (its default: true): KL term x the importance ratio
+    reward_weights: Optional[list[float]] = None  # TRL's: weights of the Python reward_funcs (recipe rewards: weight)
 
 
 @dataclass
@@ -233,7 +260,7 @@ class OptimConfig:
 class TrainConfig:
     seed: Seed = 0
     max_steps: Count = 100
-    batch_size: Count = 8  # per process and optimizer step: sequences (sft) or prompts (grpo)
+    batch_size: Count = 8  # per process and optimizer step: sequences (sft) or PROMPTS (grpo; TRL counts completions)
     gradient_accumulation_steps: Count = 1  # split each step's batch into this many micro-batches (memory)
     output_dir: str = "outputs/run"
     save_steps: Cadence = 50  # a checkpoint every N steps (and at the last)
@@ -243,7 +270,13 @@ class TrainConfig:
     # "force": continue it whatever differs; false: refuse a directory that already holds a run
     resume: Union[bool, Literal["force"]] = True
     save_total_limit: Annotated[int, Check(ge=0, why="0 = keep all")] = 2  # checkpoints kept (oldest deleted)
-    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb (+ completions table)
+    log_completions: bool = False  # TRL's: print a sample of the completions table and save it as parquet
+    num_completions_to_print: Optional[Count] = None  # rows of that sample; empty = all
+    shuffle_dataset: bool = True  # TRL's: a seeded permutation of the training rows per epoch; false = in order
+    # TRL's spelling of the batch: completions per process per micro-batch (forward/backward). When set,
+    # batch_size = per_device_train_batch_size * gradient_accumulation_steps / grpo.num_generations prompts
+    per_device_train_batch_size: Optional[Count] = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (recipes/deepspeed/zero2.json)
     num_threads: Annotated[int, Check(ge=0)] = 0  # torch CPU threads; 0 = torch's default
@@ -365,7 +398,9 @@ def _from_dict(cls, data: Any, prefix: str = ""):
 def recipe_from_dict(data: dict) -> Recipe:
     """Build a Recipe from plain data, strictly: unknown keys, wrong types and values that break their field's
     Check or a rule across fields raise ConfigError (`validate`)."""
-    return validate(_from_dict(Recipe, data))
+    recipe = _from_dict(Recipe, data)
+    resolve_batch_size(recipe, "batch_size" in ((data or {}).get("train") or {}))
+    return validate(recipe)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -542,6 +577,29 @@ def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:
     for problem in _rules(recipe, trainer):
         raise ConfigError(problem)
     return recipe
+
+
+def resolve_batch_size(recipe: Recipe, batch_size_given: bool = False) -> None:
+    """train.per_device_train_batch_size (TRL's: completions per process and micro-batch) -> train.batch_size
+    (prompts, or sequences for SFT, per process and optimizer step), in place; both given must agree."""
+    t = recipe.train
+    per_device = t.per_device_train_batch_size
+    if per_device is None:
+        return
+    G = 1 if recipe.algorithm == "sft" else recipe.grpo.num_generations
+    if per_device <= 0 or per_device % G:
+        raise ConfigError(
+            f"train.per_device_train_batch_size ({per_device} completions per micro-batch) must be a positive "
+            f"multiple of grpo.num_generations ({G}): dllm-rl keeps each prompt's group in one micro-batch"
+        )
+    prompts = per_device * t.gradient_accumulation_steps // G
+    if batch_size_given and t.batch_size != prompts:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size} prompts) disagrees with train.per_device_train_batch_size "
+            f"({per_device} completions) x gradient_accumulation_steps ({t.gradient_accumulation_steps}) / "
+            f"num_generations ({G}) = {prompts} prompts; give only one of them"
+        )
+    t.batch_size = prompts
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -16,7 +16,7 @@ def evaluate(
     model,
     tokenizer,
     dataset,
-    reward_name: str,
+    reward_name: str | list[Reward],
     rollout: RolloutConfig,
     seed: int = 0,
     num_samples: int = 1,
@@ -24,8 +24,9 @@ def evaluate(
     order_policy=None,
 ) -> dict:
     """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt.
-    order_policy: the learned order head, for rollout.order=policy."""
-    verifier = [Reward(reward_name, resolve_reward(reward_name))]
+    reward_name: the verifier's name, or a list of Rewards whose weighted sum scores instead (a task without
+    a verifier). order_policy: the learned order head, for rollout.order=policy."""
+    verifier = reward_name if isinstance(reward_name, list) else [Reward(reward_name, resolve_reward(reward_name))]
     batch_size = batch_size or rollout.batch_size
     g = torch.Generator().manual_seed(seed)
     scores, examples, forwards = [], [], 0
@@ -38,6 +39,7 @@ def evaluate(
         columns = {k: [r[k] for r in chunk] for k in chunk[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
+        values = values.nan_to_num(nan=0.0)  # a completion the verifier cannot score is not solved
         scores += values.tolist()
         examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
     result = {
@@ -56,9 +58,10 @@ def evaluate(
     return result
 
 
-def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None) -> dict:
+def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None, rewards=None) -> dict:
     """Held-out accuracy as a recipe defines it: eval.size prompts, eval.num_samples each, decoded with the
-    recipe's rollout section at eval.temperature (and eval.order_temperature when set)."""
+    recipe's rollout section at eval.temperature (and eval.order_temperature when set). A task without a
+    verifier is scored by `rewards` (a list of Rewards: their weighted sum)."""
     e = recipe.eval
     data = task.eval.select(range(min(e.size or len(task.eval), len(task.eval))))
     rollout = replace(recipe.rollout, temperature=e.temperature)
@@ -68,7 +71,7 @@ def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None) -
         model,
         tokenizer,
         data,
-        task.reward,
+        task.reward if task.reward is not None else rewards,
         rollout,
         seed=recipe.train.seed,
         num_samples=e.num_samples,

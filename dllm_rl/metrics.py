@@ -7,9 +7,12 @@ the file and the trackers show one value per metric for the whole run.
 from __future__ import annotations
 
 import json
+import math
+from collections import defaultdict
 from pathlib import Path
 
 from .algorithms import zero_std_groups
+from .algorithms.advantages import nanstd
 
 
 class MetricsLogger:
@@ -29,7 +32,17 @@ class MetricsLogger:
             # rewrite from the resumed history: drop lines a killed run wrote after its last checkpoint
             self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
         if accelerator.log_with:
-            accelerator.init_trackers(project, config=config or {})
+            try:
+                accelerator.init_trackers(project, config=hparams(config or {}))
+            except Exception as e:  # e.g. W&B online without a login: say so now, not as a traceback
+                from .errors import ConfigError
+
+                names = [str(getattr(t, "value", t)) for t in accelerator.log_with]
+                raise ConfigError(
+                    f"train.report_to {names}: a tracker could not start ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); fix its setup (W&B: `wandb login`, or WANDB_MODE=offline) "
+                    f"or drop it from train.report_to"
+                ) from None
 
     def log(self, step: int, metrics: dict, echo: bool = True) -> None:
         """Record `metrics` at `step`; every rank calls it at the same points (the reduction is collective)."""
@@ -47,9 +60,50 @@ class MetricsLogger:
 
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A table to every tracker (main process): TensorBoard as a markdown table in its Text tab (it has no
+        tables), W&B (and any tracker with accelerate's log_table) as a table."""
+        if not self.acc.is_main_process or not self.acc.log_with:
+            return
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.tracker.add_text(name, markdown_table(columns, rows), global_step=step)
+                tracker.tracker.flush()
+            elif hasattr(tracker, "log_table"):
+                tracker.log_table(name, columns=columns, data=[[_cell(v) for v in r] for r in rows], step=step)
+
     def close(self) -> None:
         if self.acc.log_with:
             self.acc.end_training()
+
+
+def _cell(v):
+    """A table cell a tracker can store: numbers and text as they are, anything else (chat messages) as JSON."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return json.dumps(v, default=str)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A markdown pipe table (TensorBoard's Text tab renders it); | and newlines in cells are escaped."""
+
+    def esc(v) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else str(_cell(v))
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    head = "| " + " | ".join(map(esc, columns)) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(esc(v) for v in row) + " |\n" for row in rows)
+
+
+def hparams(config: dict, prefix: str = "") -> dict:
+    """A nested recipe as flat scalars (TensorBoard's hparams take numbers, text and bools only)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(hparams(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+    return out
 
 
 def reduce_across_ranks(accelerator, metrics: dict) -> dict:
@@ -70,16 +124,41 @@ def reduce_across_ranks(accelerator, metrics: dict) -> dict:
     return out
 
 
+def window_mean(values: list) -> float | None:
+    """The mean of a metric over a logging window, NaN skipped; None when nothing valid remains (TRL's log)."""
+    valid = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    return sum(valid) / len(valid) if valid else None
+
+
+def call_weighted_means(accelerator, sums_counts: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Reward functions' `log_metric` values of one rollout, as TRL 1.16 aggregates them
+    (trl/trainer/grpo_trainer.py, `_generate_and_score_completions`): per name, the sum and the number of calls
+    are added over every process, and the metric is their ratio (a mean over calls, not over completions)."""
+    parts = [sums_counts]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([sums_counts])
+    total: dict = defaultdict(lambda: [0.0, 0])
+    for part in parts:
+        for name, (s, c) in part.items():
+            total[name][0] += s
+            total[name][1] += c
+    return {name: s / c for name, (s, c) in sorted(total.items()) if c}
+
+
 def reward_metrics(rewards, per_fn, names: list[str], correct, group_size: int) -> dict:
-    """A GRPO step's reward statistics over the global batch: rewards [N] (weighted), per_fn: one [N] per
-    reward function (NaN where it returned None), correct [N] (the task verifier)."""
+    """A GRPO step's reward statistics over the global batch: rewards [N] (weighted; NaN for a completion no
+    function scored), per_fn: one [N] per reward function (NaN where it returned None), correct [N] (the task
+    verifier; all NaN when the task has none, and then no `accuracy` is reported). NaN is skipped, as in TRL."""
     out = {
-        "reward": rewards.mean().item(),
-        "reward_std": rewards.std().item(),
+        "reward": rewards.nanmean().item(),
+        "reward_std": nanstd(rewards).item() if (~rewards.isnan()).sum() > 1 else 0.0,
         # TRL's name: the share of groups whose rewards are all equal, i.e. that give no signal
         "frac_reward_zero_std": zero_std_groups(rewards, group_size).float().mean().item(),
-        "accuracy": correct.nanmean().item(),
     }
+    if not correct.isnan().all():
+        out["accuracy"] = correct.nanmean().item()
     for name, values in zip(names, per_fn):
         seen = values[~values.isnan()]
         out[f"rewards/{name}/mean"] = values.nanmean().item()

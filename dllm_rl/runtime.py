@@ -74,8 +74,8 @@ def make_accelerator(recipe: Recipe):
         "project_dir": t.output_dir,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
     }
-    if t.report_to:
-        kwargs["log_with"] = t.report_to
+    if trackers := check_trackers(t.report_to):
+        kwargs["log_with"] = trackers
     handlers = []
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():  # started by a launcher, no GPU
@@ -96,6 +96,30 @@ def make_accelerator(recipe: Recipe):
             )
         kwargs["deepspeed_plugin"] = deepspeed_plugin(recipe, micro_batch_size(recipe), world)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> the dllm-rl extra that installs it
+
+
+def check_trackers(report_to: list[str]) -> list[str]:
+    """train.report_to as accelerate's log_with, each tracker checked: accelerate drops a tracker whose package is
+    missing without a word (accelerate.tracking.filter_trackers), so a run would log nothing where asked to."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, filter_trackers
+
+    names = [n for n in report_to if n not in ("none", "None")]
+    for name in names:
+        if name != "all" and name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"train.report_to: unknown tracker {name!r}; accelerate's trackers: {sorted(LOGGER_TYPE_TO_CLASS)}"
+            )
+    available = {str(getattr(t, "value", t)) for t in filter_trackers(names, logging_dir=".")}
+    if missing := [n for n in names if n != "all" and n not in available]:
+        hint = " ".join(f"dllm-rl[{EXTRAS[n]}]" if n in EXTRAS else n for n in missing)
+        raise ConfigError(
+            f"train.report_to: {missing} cannot start: not installed; pip install {hint} (or drop it from "
+            f"train.report_to)"
+        )
+    return names
 
 
 def deepspeed_plugin(recipe: Recipe, micro_batch_size: int, world: int):
@@ -218,10 +242,11 @@ def shutdown() -> None:
 
 
 class EpochSampler:
-    """Example indices for step s: a fresh seeded permutation per epoch, so any step is reproducible."""
+    """Example indices for step s: a fresh seeded permutation per epoch, so any step is reproducible; with
+    shuffle=False (TRL's shuffle_dataset=False) the dataset's own order, epoch after epoch."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self._perms = n, seed, shuffle, {}
 
     def indices(self, step: int, batch: int, rank: int = 0, world: int = 1) -> list[int]:
         """`batch` indices for `rank`: its slice of the world*batch indices one process would draw."""
@@ -230,6 +255,7 @@ class EpochSampler:
         for pos in range(start, start + batch):
             epoch = pos // self.n
             if epoch not in self._perms:
-                self._perms = {epoch: torch.randperm(self.n, generator=step_generator(self.seed, epoch, "data"))}
+                g = step_generator(self.seed, epoch, "data")
+                self._perms = {epoch: torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)}
             out.append(int(self._perms[epoch][pos % self.n]))
         return out

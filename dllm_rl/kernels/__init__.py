@@ -1,9 +1,10 @@
 """Fused ops: each = a fast path + a torch reference of identical signature.
 
 Public ops (dispatching):
-- `choose_tokens(logits, u, temperature, top_k=0, top_p=1.0, mask_token_id=None) -> TokenChoice`
-  fast: Triton two-stage vocabulary reduction (sampling_triton.py);
-  reference: `sampling.choose_tokens` (torch).
+- `choose_tokens(logits, u, temperature, top_k=0, top_p=1.0, mask_token_id=None, min_p=0.0,
+  repetition_penalty=1.0, context=None) -> TokenChoice`
+  fast: Triton two-stage vocabulary reduction (sampling_triton.py; without min_p and repetition_penalty,
+  for which the reference runs); reference: `sampling.choose_tokens` (torch).
 - `linear_token_logprobs(hidden, weight, targets, bias=None, mask_token_id=None, temperature=1.0) -> [n]`
   fast: liger-kernel's fused linear cross-entropy; reference: a chunked torch.autograd.Function
   (dllm_rl/kernels/logprobs.py, where the docstring shows how an estimator calls it).
@@ -48,13 +49,18 @@ def choose_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     mask_token_id: int | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    context: torch.Tensor | None = None,
 ) -> TokenChoice:
     """logits: [n, V]; u: [n] uniforms in (0, 1) -> TokenChoice. See kernels.sampling.choose_tokens."""
-    if use_fast_path(logits):
+    if use_fast_path(logits) and min_p == 0 and repetition_penalty == 1.0:
         from .sampling_triton import choose_tokens_triton  # imports triton: only on the CUDA path
 
         return choose_tokens_triton(logits, u, temperature, top_k, top_p, mask_token_id)
-    return choose_tokens_reference(logits, u, temperature, top_k, top_p, mask_token_id)
+    return choose_tokens_reference(
+        logits, u, temperature, top_k, top_p, mask_token_id, min_p, repetition_penalty, context
+    )
 
 
 def linear_token_logprobs(

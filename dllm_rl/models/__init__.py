@@ -2,8 +2,8 @@
 loading (load.py).
 
 Importing this package registers the native model classes with transformers' Auto classes, so
-`AutoModel.from_pretrained(checkpoint)` works after `import dllm_rl` (transformers' own, explicit
-registration API; done here once, not scattered over modules).
+`AutoModel.from_pretrained(checkpoint)` works after `import dllm_rl.models` (or any use of the trainers or
+`dllm_rl.generate`; transformers' own, explicit registration API; done here once, not scattered over modules).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM

@@ -105,6 +105,35 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
     return wrap_if_needed(model), tokenizer  # remote-code models get the protocol through HFDiffusionLM
 
 
+def given_model(model: nn.Module, tokenizer):
+    """A model object passed to a trainer (TRL's `model=` instance): its mask token set from the tokenizer when
+    its config lacks one, checked for one, and wrapped to the engine's protocol when it has no native class."""
+    if tokenizer is None:
+        raise DllmRlError("a model object needs its tokenizer: pass processing_class= (or tokenizer=)")
+    config = getattr(unwrap(model), "config", None)
+    if config is not None and getattr(config, "mask_token_id", None) is None and tokenizer.mask_token_id is not None:
+        config.mask_token_id = tokenizer.mask_token_id
+    traits(model, tokenizer)  # fails now, with the fix, if there is no mask token
+    return wrap_if_needed(model)
+
+
+def apply_peft_config(model: nn.Module, peft_config):
+    """TRL's `peft_config=`: peft.get_peft_model(model, peft_config) (the wrapped transformers model for
+    models run through their own forward); a model that already has adapters is refused, as TRL does."""
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    if not isinstance(peft_config, PeftConfig):
+        raise DllmRlError(
+            f"peft_config: expected a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}"
+        )
+    inner = model.model if isinstance(model, (HFDiffusionLM, DiffusionGemmaLM)) else model
+    if isinstance(inner, PeftModel) or hasattr(model, "disable_adapter"):
+        raise DllmRlError("peft_config was given for a model that already has adapters: pass one or the other")
+    if inner is model:
+        return get_peft_model(model, peft_config)
+    return type(model)(get_peft_model(inner, peft_config))
+
+
 def apply_lora(model, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model
 

@@ -16,11 +16,13 @@ recipe's `kwargs` (e.g. `{name: code, kwargs: {binary: true, timeout: 5}}`).
 | `format_soft`   | starts with `<reasoning>...</reasoning><answer>...</answer>` (d1)    | 0 / 0.5    |
 | `xml_count`     | partial credit per tag, minus trailing text (d1's `xmlcount`)        | <= 0.5     |
 | `format_think`  | `format_strict` with `<think>` tags                                  | 0 / 0.5    |
+| `reasoning_gym` | the reasoning-gym task's own `score_answer` (`rg_*` columns, gym.py) | 0..1       |
 """
 
 from .code import code_reward
 from .countdown import countdown_reward
 from .format import code_format_reward, soft_format_reward, strict_format_reward, think_format_reward, xml_count_reward
+from .gym import reasoning_gym_reward
 from .math import math_reward
 from .sudoku import sudoku_cells_reward, sudoku_reward
 
@@ -35,6 +37,7 @@ REWARDS = {
     "format_soft": soft_format_reward,
     "xml_count": xml_count_reward,
     "format_think": think_format_reward,
+    "reasoning_gym": reasoning_gym_reward,
 }
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "code_reward",
     "countdown_reward",
     "math_reward",
+    "reasoning_gym_reward",
     "soft_format_reward",
     "strict_format_reward",
     "sudoku_cells_reward",

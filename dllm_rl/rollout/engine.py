@@ -23,6 +23,7 @@ from ..config import RolloutConfig
 from ..counter_rng import ORDER_STREAM, TOKEN_STREAM, row_seeds, uniform
 from ..errors import ConfigError, DllmRlError, lookup
 from ..kernels import choose_tokens  # fused Triton on CUDA, kernels.sampling.choose_tokens elsewhere
+from ..kernels.sampling import repetition_context
 from ..models.base import ModelTraits, traits, unwrap
 from ..models.masks import block_ids, mask_from_block_ids, padding_positions
 from ..policy.orders import ORDERS, OrderInputs
@@ -77,8 +78,12 @@ def check_config(cfg: RolloutConfig, tr: ModelTraits, model, prompt_len: int, ha
             "rollout.order=policy needs a learned policy: pass order_policy= to generate() "
             "(or use a trainer with policy enabled), or pick another rollout.order"
         )
-    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise ConfigError("rollout.temperature must be >= 0, rollout.top_p in (0, 1], rollout.top_k >= 0")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or not 0 <= cfg.min_p < 1:
+        raise ConfigError(
+            "rollout.temperature must be >= 0, rollout.top_p in (0, 1], rollout.top_k >= 0, rollout.min_p in [0, 1)"
+        )
+    if cfg.repetition_penalty <= 0:
+        raise ConfigError(f"rollout.repetition_penalty must be > 0 (1 = off), got {cfg.repetition_penalty}")
     if cfg.cache != "none" and not tr.supports_cache:
         raise ConfigError(
             f"{type(unwrap(model)).__name__} runs through its own forward and cannot use a KV "
@@ -259,7 +264,17 @@ def _decode_block(
         m = masked_all[r_idx]  # [n, Lb]
         step = c.step[r_idx]
         u_tok = uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), TOKEN_STREAM)
-        choice = choose_tokens(logits[m], u_tok[m], cfg.temperature, cfg.top_k, cfg.top_p, tr.mask_token_id)
+        choice = choose_tokens(
+            logits[m],
+            u_tok[m],
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            tr.mask_token_id,
+            cfg.min_p,
+            cfg.repetition_penalty,
+            repetition_context(c.x[r_idx], c.attn[r_idx], tr.mask_token_id, m) if cfg.repetition_penalty != 1 else None,
+        )
         st = _dense_stats(choice, m, tr.mask_token_id)
         st.steps_left = (steps_per_block - block_step[r_idx]).clamp(min=1)
         st.progress = (c.x[r_idx, c.P :] != tr.mask_token_id).float().mean(-1)

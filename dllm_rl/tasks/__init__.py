@@ -1,11 +1,12 @@
-"""Tasks: procedural puzzles with verifiers (sudoku, countdown; from reasoning-gym) and dataset adapters
-(gsm8k, math, code). `load_task(cfg.data)` returns a `Task` with train / held-out datasets and its reward name."""
+"""Tasks: procedural puzzles with verifiers (sudoku, countdown; from reasoning-gym), any reasoning-gym task
+(`reasoning_gym/NAME`), dataset adapters (gsm8k, math, code) and any dataset with a prompt column
+(`data.dataset`). `load_task(cfg.data)` returns a `Task` with train / held-out datasets and its verifier's name."""
 
 from __future__ import annotations
 
 from ..config import DataConfig
-from ..errors import lookup
-from . import code_data, countdown, math_data, sudoku
+from ..errors import ConfigError, lookup
+from . import code_data, countdown, from_dataset, gym, math_data, sudoku
 from .base import Task
 
 TASKS = {
@@ -14,11 +15,24 @@ TASKS = {
     "gsm8k": math_data.load_gsm8k,
     "math": math_data.load_math,
     "code": code_data.load_code,
+    "dataset": from_dataset.load,  # data.dataset: any dataset with a prompt column
 }
+FAMILIES = {"reasoning_gym": gym.load}  # data.task: FAMILY/NAME
 
 
 def load_task(cfg: DataConfig) -> Task:
+    if cfg.dataset:
+        if cfg.task not in ("dataset", DataConfig.task):
+            raise ConfigError(
+                f"data.dataset ({cfg.dataset!r}) and data.task ({cfg.task!r}) both name the training data: keep one"
+            )
+        return TASKS["dataset"](cfg)
+    if cfg.task == "dataset":
+        raise ConfigError("data.task=dataset needs data.dataset: a hub name or a local .jsonl/.json/.parquet/.csv")
+    family, _, name = cfg.task.partition("/")
+    if name:
+        return lookup(FAMILIES, family, "data.task (FAMILY/NAME)")(cfg, name)
     return lookup(TASKS, cfg.task, "data.task")(cfg)
 
 
-__all__ = ["TASKS", "Task", "load_task"]
+__all__ = ["FAMILIES", "TASKS", "Task", "load_task"]

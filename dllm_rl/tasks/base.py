@@ -18,9 +18,9 @@ from ..errors import ConfigError
 @dataclass
 class Task:
     name: str
-    train: datasets.Dataset
-    eval: datasets.Dataset
-    reward: str  # name in dllm_rl.rewards.REWARDS: the verifier used for accuracy
+    train: datasets.Dataset  # (or a lazy sequence of rows with the same len / [i] / select / to_list: tasks.gym)
+    eval: datasets.Dataset | None  # None: no held-out set (a dataset given without one)
+    reward: str | None  # name in dllm_rl.rewards.REWARDS: the verifier used for accuracy; None: none
 
 
 def user_prompt(content: str, system: str | None = None) -> list[dict]:

@@ -21,14 +21,15 @@ GSM8K_SUFFIX = "\nGive the final answer as <answer>number</answer>."
 MATH_SUFFIX = "\nPut the final answer in \\boxed{}."
 
 
-def load_split(path: str, split: str, name: str | None = None) -> datasets.Dataset:
+def load_split(path: str, split: str, name: str | None = None, **kwargs) -> datasets.Dataset:
+    """A hub dataset's split, or a local file (one split); kwargs go to datasets.load_dataset."""
     ext = os.path.splitext(path)[1].lower()
     if ext in _LOCAL:
         if not os.path.isfile(path):
-            raise ConfigError(f"data file {path!r} does not exist; fix data.path / data.eval_path")
-        return datasets.load_dataset(_LOCAL[ext], data_files=path, split="train")
+            raise ConfigError(f"data file {path!r} does not exist; fix data.dataset / data.path / data.eval_path")
+        return datasets.load_dataset(_LOCAL[ext], data_files=path, split="train", **kwargs)
     try:
-        return datasets.load_dataset(path, name, split=split)
+        return datasets.load_dataset(path, name, split=split, **kwargs)
     except Exception as e:  # hub unreachable, unknown dataset or split
         raise ConfigError(
             f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: "

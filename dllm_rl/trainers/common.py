@@ -29,7 +29,7 @@ from transformers import get_scheduler
 from ..checkpoint import load_checkpoint, save_checkpoint, save_final
 from ..config import Recipe, recipe_to_dict
 from ..errors import ConfigError
-from ..metrics import MetricsLogger
+from ..metrics import MetricsLogger, window_mean
 from ..models.base import traits
 from ..models.load import load_model
 from ..rundir import latest_checkpoint, tidy
@@ -80,13 +80,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two resolved recipes, ignoring RESUMABLE_CHANGES."""
-    a, b = _flat(saved), _flat(current)
+    """Dotted keys whose values differ between two resolved recipes, ignoring RESUMABLE_CHANGES. A key one of
+    them lacks (a recipe saved before the key existed) counts as its default."""
+    a, b, default = _flat(saved), _flat(current), _flat(recipe_to_dict(Recipe()))
     keys = sorted(set(a) | set(b))
     return [
         k
         for k in keys
-        if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
+        if a.get(k, default.get(k)) != b.get(k, default.get(k))
+        and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
     ]
 
 
@@ -202,8 +204,9 @@ class Run:
 
     def loop(self, name: str, step_fn, evaluate, postfix, eval_at_end: bool = False, extra_state=None) -> None:
         """Steps start_step..max_steps: `step_fn(step) -> metrics`, averaged over logging windows; `evaluate()`
-        -> held-out accuracy every train.eval_steps (and at the last step when eval_at_end); a checkpoint
-        every train.save_steps and at the end. `postfix(window) -> dict` is shown on the progress bar."""
+        -> held-out accuracy (or a dict of held-out metrics; evaluate None: no held-out set) every
+        train.eval_steps (and at the last step when eval_at_end); a checkpoint every train.save_steps and at the
+        end. `postfix(window) -> dict` is shown on the progress bar."""
         r = self.recipe.train
         # a context manager closes the bar on errors too, so the CLI's error line starts on a line of its own
         with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process, desc=name) as bar:
@@ -215,16 +218,18 @@ class Run:
                 bar.update(1)
                 bar.set_postfix(postfix(window))
                 if done % r.logging_steps == 0 or done == r.max_steps:
-                    self.log.log(done, {k: sum(v) / len(v) for k, v in window.items()})
+                    means = {k: window_mean(v) for k, v in window.items()}  # NaN skipped, as TRL's log()
+                    self.log.log(done, {k: v for k, v in means.items() if v is not None})
                     window = defaultdict(list)
-                if (
+                if evaluate is not None and (
                     r.eval_steps
                     and done % r.eval_steps == 0
                     and done != r.max_steps
                     or eval_at_end
                     and done == r.max_steps
                 ):
-                    self.log.log(done, {"eval_accuracy": evaluate()})
+                    result = evaluate()
+                    self.log.log(done, result if isinstance(result, dict) else {"eval_accuracy": result})
                 if (r.save_steps and done % r.save_steps == 0) or done == r.max_steps:
                     self.save(done, **(extra_state or {}))
 

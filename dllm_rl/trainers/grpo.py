@@ -15,10 +15,12 @@ transformers' gradient checkpointing and dropout act).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import defaultdict
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerState
 
 from ..algorithms import ADVANTAGES, LOSSES, LossInputs, scale, zero_std_groups
@@ -27,11 +29,11 @@ from ..config import Recipe, RewardSpec
 from ..errors import ConfigError, DllmRlError, lookup
 from ..estimators import build_estimator
 from ..evaluate import evaluate_recipe
-from ..metrics import reward_metrics, throughput_metrics
+from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
 from ..models.base import unwrap
 from ..models.load import load_model
 from ..policy import ORDERS, order_head_for
-from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
+from ..rewards.plugins import RewardLog, build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
@@ -45,24 +47,58 @@ from ..runtime import (
     zero_stage,
 )
 from .common import PhaseTimer, Run
+from .grpo_options import (
+    CompletionsTable,
+    EntropyProbe,
+    ReferenceSync,
+    batch_note,
+    disable_dropout,
+    geometry,
+    high_entropy_mask,
+    truncated,
+)
 from .plots import plot_curves
+from .trl_inputs import trainer_inputs
 
 
 class GRPOTrainer:
-    """`GRPOTrainer(recipe, reward_funcs=[fn, ...]).train()`; reward_funcs join the recipe's rewards."""
+    """`GRPOTrainer(recipe, reward_funcs=[fn, ...]).train()`, or in TRL's form `GRPOTrainer(model, reward_funcs,
+    args=trl.GRPOConfig(...), train_dataset=..., peft_config=...)` (trainers.trl_inputs). reward_funcs (one
+    callable or a list) replace the recipe's rewards, as TRL's do."""
 
-    def __init__(self, recipe: Recipe, reward_funcs=None, model=None, tokenizer=None, task=None):
+    def __init__(
+        self,
+        recipe: Recipe | None = None,
+        reward_funcs=None,
+        model=None,
+        tokenizer=None,
+        task=None,
+        *,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+    ):
+        recipe, model, tokenizer, task = trainer_inputs(
+            recipe, model, tokenizer, task, args, train_dataset, eval_dataset, processing_class, peft_config
+        )
         self.recipe = r = recipe
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         self.estimator = build_estimator(r.estimator, self.traits)
         self._check(run.model)
-        self.rewards = build_rewards(
-            r.rewards or ([] if reward_funcs else [RewardSpec(self.task.reward)]), reward_funcs
-        )
+        specs = r.rewards or ([RewardSpec(self.task.reward)] if self.task.reward else [])
+        self.rewards = build_rewards(specs, reward_funcs, r.grpo.reward_weights)  # reward_funcs replace specs (TRL)
+        if not self.rewards:
+            raise ConfigError("no reward: name one in the recipe (rewards: [{name: ...}]) or pass reward_funcs=")
         self.loss_fn = lookup(LOSSES, r.grpo.loss_type, "grpo.loss_type")
         self.advantage_fn = lookup(ADVANTAGES, r.grpo.advantage, "grpo.advantage")
         self.ref, self.ref_mode = self._reference(run.model)
+        self.geometry = geometry(r, self.acc.num_processes)  # rollout -> optimizer steps (steps_per_generation)
+        self.ref_sync = ReferenceSync(r.grpo, self.ref_mode) if r.grpo.sync_ref_model else None
+        if r.grpo.disable_dropout:
+            disable_dropout(run.model, self.ref)
         self.order_policy = order_head_for(r.rollout.order, run.model, r.model.path, r.order_policy, r.train.seed)
         if self.order_policy is not None:
             self.order_policy.train()  # it decodes and is scored as it trains (its attention layer's one path)
@@ -72,13 +108,20 @@ class GRPOTrainer:
         if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
             params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
         checkpointed = () if self.order_policy is None else (self.order_policy,)
-        run.prepare(params, r.train.max_steps * r.grpo.num_iterations, checkpointed)
+        checkpointed += (self.ref,) if self.ref_sync is not None else ()  # a reference that moves is state
+        run.prepare(params, r.train.max_steps * r.grpo.num_iterations * self.geometry.chunks, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         if self.ref is not None:
             self.ref = prepare_frozen(self.acc, self.ref)  # sharded like the policy under ZeRO-3
-        self.sampler = EpochSampler(len(self.task.train), r.train.seed)
+        self.sampler = EpochSampler(len(self.task.train), r.train.seed, shuffle=r.train.shuffle_dataset)
         self.start_step = run.start_step
-        self._step_metrics: dict = defaultdict(list)
+        self.reward_log = RewardLog()  # what reward functions record through TRL's log_metric / log_extra
+        self.completions = CompletionsTable(r.train, r.train.output_dir)
+        self.entropy = None
+        if r.grpo.top_entropy_quantile < 1:
+            bare = self.acc.unwrap_model(self.model)
+            self.entropy = EntropyProbe(bare, self.traits.mask_token_id, self.traits.logits_shift)
+        self.acc.print(batch_note(r, self.geometry))
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -101,6 +144,10 @@ class GRPOTrainer:
             )
         if r.grpo.loss_type == "spg" and r.grpo.beta != 0:
             raise ConfigError("grpo.loss_type=spg has no KL term (as SPG); set grpo.beta=0")
+        if not 0 <= r.grpo.top_entropy_quantile <= 1:
+            raise ConfigError(f"grpo.top_entropy_quantile must be in [0, 1], got {r.grpo.top_entropy_quantile}")
+        if r.grpo.top_entropy_quantile < 1 and r.grpo.loss_type in ("wd1", "spg"):
+            raise ConfigError("grpo.top_entropy_quantile masks a per-token policy loss: not wd1 or spg")
         learned = lookup(ORDERS, r.rollout.order, "rollout.order").needs_hidden
         check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=learned)
         if not r.order_policy.train_model and not learned:
@@ -154,7 +201,8 @@ class GRPOTrainer:
         G = self.recipe.grpo.num_generations
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         if zero_stage(self.acc) == 3 and step == self.start_step:
-            self.acc.print("ZeRO-3: the policy's parameters are gathered once per rollout phase, not per forward")
+            if self.acc.is_main_process:  # above the progress bar, not through it
+                tqdm.write("ZeRO-3: the policy's parameters are gathered once per rollout phase, not per forward")
         # one generator for every rank: rollouts are batch-invariant (a completion depends on its prompt and the
         # generator only), so each rank decodes exactly the rows one process with the global batch would
         with torch.no_grad(), generation_model(self.acc, self.model) as model:
@@ -174,6 +222,7 @@ class GRPOTrainer:
         columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
         state = TrainerState(global_step=step, max_steps=self.recipe.train.max_steps)
+        self.reward_log.clear()
         rewards, per_fn = compute_rewards(
             self.rewards,
             prompts,
@@ -181,7 +230,8 @@ class GRPOTrainer:
             ids,
             columns,
             state,
-            log_metric=lambda name, value: self._step_metrics[name].append(value),
+            log_extra=self.reward_log.log_extra,
+            log_metric=self.reward_log.log_metric,
         )
         correct = verifier_scores(self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns)
         return rewards, per_fn, correct
@@ -215,7 +265,17 @@ class GRPOTrainer:
         return self._estimate(self.ref, batch, noise, grad=False).logps
 
     def _micro_batches(self, n: int):
-        return micro_batch_rows(n, self.recipe.grpo.num_generations, self.recipe.train.gradient_accumulation_steps)
+        """A rollout's micro-batches for the no-grad passes (as many as its optimizer steps take)."""
+        G, GA = self.recipe.grpo.num_generations, self.recipe.train.gradient_accumulation_steps
+        return micro_batch_rows(n, G, GA * self.geometry.chunks)
+
+    def _optimizer_steps(self, n: int):
+        """The rows of each optimizer step of one pass over a rollout of n rows (steps_per_generation / GA)."""
+        return micro_batch_rows(n, self.recipe.grpo.num_generations, self.geometry.chunks)
+
+    def _micro_batches_of(self, rows: torch.Tensor):
+        G, GA = self.recipe.grpo.num_generations, self.recipe.train.gradient_accumulation_steps
+        return [rows[part] for part in micro_batch_rows(len(rows), G, GA)]
 
     def _no_grad(self, fn, batch, noise):
         """fn(micro-batch, its noise) -> [n, Lc] over the batch in micro-batches, without gradient."""
@@ -224,8 +284,8 @@ class GRPOTrainer:
         )
 
     def estimates(self, batch, g: torch.Generator):
-        """Per inner iteration: its noise, the old policy's estimate (None when mu = 1: the ratio is 1) and the
-        reference's (None when beta = 0), all under that noise and without gradient."""
+        """Per inner iteration: its noise, the old policy's estimate (None when the rollout feeds one optimizer
+        step: the ratio is 1) and the reference's (None when beta = 0), all under that noise, without gradient."""
         r = self.recipe.grpo
         full = RolloutBatch.concat(self._gathered(batch)) if self.acc.num_processes > 1 else batch
         self.model.eval()
@@ -234,7 +294,7 @@ class GRPOTrainer:
             noise = self.draw_noise(batch, full, g)
             old = (
                 None
-                if r.num_iterations == 1
+                if r.num_iterations == 1 and self.geometry.chunks == 1
                 else self._no_grad(lambda mb, nz: self._estimate(self.model, mb, nz, grad=False).logps, batch, noise)
             )
             ref = None if self.ref_mode == "none" else self._no_grad(self._ref_estimate, batch, noise)
@@ -246,20 +306,50 @@ class GRPOTrainer:
 
         return gather_object([batch.to("cpu")])
 
-    def loss(self, mb, noise, old=None, ref=None):
+    def loss_mask(self, mb, scored=None) -> torch.Tensor:
+        """[n, Lc] the tokens that count in the loss: the completion up to its first EOS, or the positions the
+        estimator scored (`scored`: the trajectory estimator scores every decision, those after EOS too), and none
+        of a completion that never ended when grpo.mask_truncated_completions (TRL's option; grpo_options.truncated)."""
+        mask = (mb.completion_mask if scored is None else scored).float()
+        if self.recipe.grpo.mask_truncated_completions:
+            mask = mask * (~truncated(mb.completion_ids, self.tokenizer.eos_token_id)).float()[:, None]
+        return mask
+
+    def loss(self, mb, noise, old=None, ref=None, tokens=None):
         """(loss, stats) of the GRPO objective on micro-batch `mb` (advantages set) under `noise`, with the
-        policy's estimate under grad; old = None: the policy's own detached estimate (ratio 1, mu = 1)."""
-        est = self._estimate(self.model, mb, noise, grad=True)
+        policy's estimate under grad; old = None: the policy's own detached estimate (ratio 1, mu = 1).
+        tokens: dapo's normaliser (the optimizer step's loss tokens on all processes / (processes x
+        micro-batches)); top_entropy_quantile < 1 masks the policy term to the high-entropy tokens."""
+        with self.entropy.recording() if self.entropy is not None else contextlib.nullcontext():
+            est = self._estimate(self.model, mb, noise, grad=True)
+        mask = self.loss_mask(mb, est.mask)
+        high, stats = None, {}
+        if self.entropy is not None:
+            entropies = self.entropy.entropies()
+            high = high_entropy_mask(self.acc, entropies, mask, self.recipe.grpo.top_entropy_quantile)
+            stats["entropy"] = ((entropies * mask).sum() / mask.sum().clamp(min=1)).item()
         inputs = LossInputs(
             est.logps,
             est.logps.detach() if old is None else old,
             ref,
             mb.advantages,
-            (mb.completion_mask if est.mask is None else est.mask).float(),  # est.mask: the positions it scored
+            mask,
             self.recipe.grpo.num_generations,
             est.upper,
+            entropy_mask=high,
+            token_normalizer=tokens,
         )
-        return self.loss_fn(inputs, self.recipe.grpo)
+        loss, loss_stats = self.loss_fn(inputs, self.recipe.grpo)
+        return loss, {**loss_stats, **stats}
+
+    def _token_normalizer(self, batch, rows) -> float:
+        """dapo over the accumulated batch (TRL): this optimizer step's loss tokens on every process, divided by
+        processes x micro-batches (accelerate divides each micro-batch's loss by the accumulation steps and DDP
+        averages the processes, so the step's gradient is the token mean over all of them)."""
+        tokens = self.loss_mask(batch.select(rows)).sum().to(self.acc.device)
+        if self.acc.num_processes > 1:
+            tokens = self.acc.reduce(tokens, reduction="sum")
+        return max(float(tokens), 1.0) / (self.acc.num_processes * self.recipe.train.gradient_accumulation_steps)
 
     def _check_finite(self, loss, stats: dict):
         """Stop before a non-finite loss reaches the weights (the last checkpoint stays intact)."""
@@ -280,40 +370,48 @@ class GRPOTrainer:
             f"same command after changing the recipe."
         )
 
-    def update(self, batch, estimates) -> dict:
-        """num_iterations passes over the batch, one optimizer step each (TRL's num_iterations)."""
+    def update(self, batch, estimates, step: int = 0) -> dict:
+        """num_iterations passes over the rollout (TRL's num_iterations); each pass takes the rollout's optimizer
+        steps (steps_per_generation / gradient_accumulation_steps of them) over its micro-batches."""
         self.model.train()
         stats = defaultdict(list)
-        max_norm = self.recipe.optim.max_grad_norm
-        for noise, old, ref in estimates:
-            for rows in self._micro_batches(len(batch)):
-                mb = batch.select(rows).to(self.acc.device)
-                with self.acc.accumulate(self.model):
-                    loss, s = self.loss(
-                        mb,
-                        noise.select(rows),
-                        None if old is None else old[rows.to(old.device)],
-                        None if ref is None else ref[rows.to(ref.device)],
-                    )
-                    self._check_finite(loss, s)
-                    self.acc.backward(loss)
-                    if self.acc.sync_gradients and max_norm > 0:
-                        if any(p.requires_grad for p in self.model.parameters()):
-                            stats["grad_norm"].append(
-                                float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))
-                            )
-                        if self.order_policy is not None:
-                            stats["order_policy/grad_norm"].append(
-                                float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
-                            )
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
-                stats["loss"].append(loss.item())
-                for k, v in s.items():
-                    stats[k].append(v)
-            self.scheduler.step()
+        for it, (noise, old, ref) in enumerate(estimates):
+            for k, rows in enumerate(self._optimizer_steps(len(batch))):
+                tokens = self._token_normalizer(batch, rows)
+                for mb_rows in self._micro_batches_of(rows):
+                    self._micro_step(batch, mb_rows, noise, old, ref, tokens, stats)
+                self.scheduler.step()
+                if self.ref_sync is not None:  # optimizer steps so far, counted the same way after a resume
+                    done = (step * len(estimates) + it) * self.geometry.chunks + k + 1
+                    self.ref_sync.after_optimizer_step(done, self.model, self.ref)
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def _micro_step(self, batch, rows, noise, old, ref, tokens, stats) -> None:
+        max_norm = self.recipe.optim.max_grad_norm
+        mb = batch.select(rows).to(self.acc.device)
+        with self.acc.accumulate(self.model):
+            loss, s = self.loss(
+                mb,
+                noise.select(rows),
+                None if old is None else old[rows.to(old.device)],
+                None if ref is None else ref[rows.to(ref.device)],
+                tokens,
+            )
+            self._check_finite(loss, s)
+            self.acc.backward(loss)
+            if self.acc.sync_gradients and max_norm > 0:
+                if any(p.requires_grad for p in self.model.parameters()):
+                    stats["grad_norm"].append(float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm)))
+                if self.order_policy is not None:
+                    stats["order_policy/grad_norm"].append(
+                        float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
+                    )
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        stats["loss"].append(loss.item())
+        for k, v in s.items():
+            stats[k].append(v)
 
     def estimator_std(self, batch, g: torch.Generator, draws: int = 4) -> float:
         """Std of the sequence log-likelihood estimate across fresh noise draws (mean over sequences)."""
@@ -328,9 +426,9 @@ class GRPOTrainer:
 
     def step(self, step: int) -> dict:
         r, timer = self.recipe, PhaseTimer()
-        self._step_metrics.clear()
         rank, world = self.acc.process_index, self.acc.num_processes
-        examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size, rank, world)]
+        indices = self.sampler.indices(step, self.geometry.prompts_per_rollout, rank, world)
+        examples = [self.task.train[i] for i in indices]
         g = step_generator(r.train.seed, step, "noise")  # the same on every rank: noise is drawn globally
         with timer("rollout"):
             batch, prompts = self.rollout(examples, step)  # RolloutBatch of B*G completions
@@ -338,14 +436,27 @@ class GRPOTrainer:
             rewards, per_fn, correct = self.reward(batch, prompts, examples, step)
             everyone = gather_rows(self.acc, rewards)  # [world*B*G] the global batch's rewards, in rank order
             batch.rewards = rewards
-            batch.advantages = self.advantages(everyone)[rank * len(rewards) : (rank + 1) * len(rewards)]
+            advantages = self.advantages(everyone)  # [world*B*G]
+            batch.advantages = advantages[rank * len(rewards) : (rank + 1) * len(rewards)]
+        if self._logs_at(step) and (r.train.log_completions or r.train.report_to):
+            self.completions.record_rollout(
+                self.acc,
+                step + 1,
+                prompts,
+                batch.completions,
+                self.rewards,
+                per_fn,
+                advantages,
+                self.reward_log.extra(len(prompts)),
+            )
         committed = float(batch.stats.get("committed_tokens", 0))
+        clipped = truncated(batch.completion_ids, self.tokenizer.eos_token_id).float()  # before any filter
         if r.grpo.filter_zero_std:  # groups whose rewards are all equal carry no signal
             batch = batch.select((~zero_std_groups(rewards, r.grpo.num_generations)).nonzero().squeeze(-1))
         with timer("estimate"):
             estimates = self.estimates(batch, g) if len(batch) else []
         with timer("update"):
-            stats = self.update(batch, estimates) if len(batch) else {"skipped": 1.0}
+            stats = self.update(batch, estimates, step) if len(batch) else {"skipped": 1.0}
         out = {
             **reward_metrics(
                 everyone,
@@ -355,56 +466,79 @@ class GRPOTrainer:
                 r.grpo.num_generations,
             ),
             **stats,
-            **{k: sum(v) / len(v) for k, v in self._step_metrics.items()},
+            **call_weighted_means(self.acc, self.reward_log.metrics()),
+            "completions/clipped_ratio": gather_rows(self.acc, clipped).mean().item(),  # TRL's: never ended
             **throughput_metrics(
                 timer.seconds, committed, float(batch.completion_mask.sum()), len(batch), r.grpo.num_iterations
             ),
         }
         if len(batch) and (step + 1) % r.train.logging_steps == 0:
             out["estimator_std"] = self.estimator_std(batch, g)
+        if self._logs_at(step):
+            self.completions.write(step + 1, self.log)
         return out
 
-    def evaluate(self) -> float:
+    def _logs_at(self, step: int) -> bool:
+        """Run.loop logs after this step (every train.logging_steps, and the last)."""
+        t = self.recipe.train
+        return (step + 1) % t.logging_steps == 0 or step + 1 == t.max_steps
+
+    @property
+    def eval_key(self) -> str:
+        """The held-out metric: the task verifier's accuracy, or the run's rewards for a task without one."""
+        return "eval_accuracy" if self.task.reward is not None else "eval_reward"
+
+    def evaluate(self) -> dict | None:
+        """{eval_key: held-out score}, or None when the task has no held-out set."""
+        if self.task.eval is None or len(self.task.eval) == 0:
+            return None
         with generation_model(self.acc, self.model) as model:  # every rank decodes the held-out set on gathered weights
-            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy)[
-                "accuracy"
-            ]
+            result = evaluate_recipe(
+                model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy, rewards=self.rewards
+            )
+        return {self.eval_key: result["accuracy"]}
+
+    def _postfix(self, window) -> dict:
+        """The progress bar: the last step's training reward beside the last held-out score."""
+        held_out = self.run.recorded(self.eval_key)
+        return {
+            "reward": f"{window['reward'][-1]:.3f}",
+            **({"held_out": f"{held_out:.3f}"} if held_out is not None else {}),
+        }
+
+    def _report(self, before, after, where: str) -> str:
+        if before is None:
+            last = self.run.recorded("reward")
+            return f"no held-out set; last training reward {last}; model and reward curve in {where}"
+        what = "accuracy" if self.task.reward is not None else "reward (weighted sum of the run's rewards)"
+        return f"held-out {what}: before {before:.3f} -> after {after:.3f} ({100 * (after - before):+.1f} points)"
 
     def train(self) -> dict:
-        run, out = self.run, self.recipe.train.output_dir
-        before = run.recorded("eval_accuracy", step=0)
+        run, out, key = self.run, self.recipe.train.output_dir, self.eval_key
+        before = run.recorded(key, step=0)
         if run.finished:
-            after = run.recorded("eval_accuracy")
-            self.acc.print(
-                f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
-                f"({100 * (after - before):+.1f} points), as recorded in {out}"
-            )
+            after = run.recorded(key)
+            self.acc.print(f"{self._report(before, after, out)}, as recorded in {out}")
             return {"before": before, "after": after, "final": f"{out}/final"}
-        if before is None:
-            before = self.evaluate()
-            self.log.log(0, {"eval_accuracy": before})
+        if before is None and (held_out := self.evaluate()) is not None:
+            before = held_out[key]
+            self.log.log(0, held_out)
         self.model.eval()
         run.loop(
             "grpo",
             self.step,
-            self.evaluate,
-            postfix=lambda w: {
-                "reward": f"{w['reward'][-1]:.3f}",
-                **(
-                    {"held_out": f"{run.recorded('eval_accuracy'):.3f}"}
-                    if run.recorded("eval_accuracy") is not None
-                    else {}
-                ),
-            },
+            self.evaluate if before is not None else None,
+            postfix=self._postfix,
             extra_state={"order_policy": self.order_policy},
         )
-        after = self.evaluate()
-        self.log.log(self.recipe.train.max_steps, {"eval_accuracy": after})
+        after = None
+        if before is not None:
+            after = self.evaluate()[key]
+            self.log.log(self.recipe.train.max_steps, {key: after})
         final = run.finish(order_policy=self.order_policy)
         if self.acc.is_main_process:
-            plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"])
-        self.acc.print(
-            f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
-            f"({100 * (after - before):+.1f} points); model and reward curve in {final}"
-        )
+            title = f"GRPO on {self.task.name}"
+            plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"], title)
+        report = self._report(before, after, str(final))
+        self.acc.print(report if before is None else f"{report}; model and reward curve in {final}")
         return {"before": before, "after": after, "final": str(final)}

@@ -63,7 +63,7 @@ class SFTTrainer:
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         self.pairs = tokenize_pairs(self.task.train, self.tokenizer, r.rollout.max_completion_length)
-        self.sampler = EpochSampler(len(self.pairs), r.train.seed)
+        self.sampler = EpochSampler(len(self.pairs), r.train.seed, shuffle=r.train.shuffle_dataset)
         run.prepare([p for p in run.model.parameters() if p.requires_grad], r.train.max_steps)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         self.start_step = run.start_step

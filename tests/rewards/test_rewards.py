@@ -188,6 +188,28 @@ def test_resolve_by_file_path(tmp_path):
         resolve_reward(f"{tmp_path / 'nope.py'}:length")
 
 
+def test_resolve_by_module_path_and_tell_it_from_a_file_path(tmp_path, monkeypatch):
+    """`package.module:function` imports an installed module; `path/to/file.py:function` (a .py name, a path
+    separator, or an existing file) loads a file."""
+    import trl.rewards
+
+    assert resolve_reward("trl.rewards:accuracy_reward") is trl.rewards.accuracy_reward
+    assert resolve_reward("trl.rewards.format_rewards:think_format_reward") is trl.rewards.think_format_reward
+    (tmp_path / "local_rewards.py").write_text(
+        "def one(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_reward("local_rewards:one")(["p"], ["c"]) == [1.0]  # importable module
+    assert resolve_reward("local_rewards.py:one")(["p"], ["c"]) == [1.0]  # the same code, as a file
+    with pytest.raises(ConfigError, match="module 'trl.rewards' has no function 'nope'"):
+        resolve_reward("trl.rewards:nope")
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_pkg.sub'"):
+        resolve_reward("no_such_pkg.sub:fn")
+    with pytest.raises(ConfigError, match="file 'sub/nope' does not exist"):
+        resolve_reward("sub/nope:fn")
+
+
 def test_unknown_name_lists_the_valid_ones_with_a_did_you_mean():
     with pytest.raises(ConfigError) as err:
         resolve_reward("xml_cont")
@@ -259,7 +281,7 @@ def test_conversational_prompts_give_message_list_completions():
     [
         (lambda prompts, completions, **kw: 1 / 0, "raised ZeroDivisionError"),
         (lambda prompts, completions, **kw: [1.0], "list of length 1"),
-        (lambda prompts, completions, **kw: [1.0, math.nan], "returned nan"),
+        (lambda prompts, completions, **kw: [1.0, math.inf], "returned inf"),
         (lambda prompts, completions, **kw: [1.0, "1.0"], "returned '1.0'"),
     ],
 )
@@ -276,7 +298,8 @@ def test_none_is_skipped_in_the_weighted_sum_and_numpy_scalars_are_accepted():
         Reward("b", lambda prompts, completions, **kw: [np.float32(0.5), 0.25, None], weight=1.0),
     ]
     total, per_fn = compute_rewards(rewards, ["p"] * 3, ["x"] * 3, [[1]] * 3, {})
-    assert total.tolist() == [2.5, 0.25, 0.0]  # TRL's nansum: an all-None row sums to 0
+    assert total[:2].tolist() == [2.5, 0.25]  # TRL's nansum over the functions that scored the row
+    assert math.isnan(total[2].item())  # no function scored it: unscorable (TRL), not 0
     assert math.isnan(per_fn[0, 1].item()) and math.isnan(per_fn[1, 2].item())
 
 

@@ -14,6 +14,7 @@ from dllm_rl.config import load_recipe, recipe_from_dict
 from dllm_rl.errors import DllmRlError
 from dllm_rl.evaluate import evaluate_recipe
 from dllm_rl.models.load import load_model
+from dllm_rl.rewards import REWARDS
 from dllm_rl.tasks import load_task
 from dllm_rl.trainers.grpo import GRPOTrainer
 
@@ -213,10 +214,8 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
         "grpo__num_iterations": 2,
     }
 
-    def make(out):
-        r = recipe(out, **over)
-        r.rewards = recipe_from_dict({"rewards": [{"name": "sudoku_cells"}]}).rewards
-        return GRPOTrainer(r, reward_funcs=[tripwire])
+    def make(out):  # reward_funcs replace the recipe's rewards (TRL): the real reward is passed with the tripwire
+        return GRPOTrainer(recipe(out, **over), reward_funcs={"sudoku_cells": REWARDS["sudoku_cells"], "tw": tripwire})
 
     crash["armed"] = False
     straight = make(tmp_path / "straight").train()

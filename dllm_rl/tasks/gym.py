@@ -1,0 +1,106 @@
+"""Any reasoning-gym task (`data.task: reasoning_gym/NAME`, about a hundred procedural tasks), with its own
+verifier as the reward (`rewards/gym.py`: the task's `score_answer`).
+
+Prompts are the task's questions as a user message after reasoning-gym's "default" system prompt (answer in
+`<answer>...</answer>`; `data.system_prompt` replaces it, "" drops it). `data.options` are the task's config
+fields (reasoning_gym.create_dataset(NAME, **options)); `size` and `seed` are set here, always (reasoning-gym
+draws a random seed when none is given): training entries from seed data.seed * 1000 + 1, data.train_size of
+them, generated lazily as they are drawn (some tasks take tens of milliseconds per entry); held-out entries
+from a fixed seed (10**6), so they do not move with data.seed. The two streams are independent draws, not
+disjoint by construction: a task with a small space of questions can repeat a training question in the
+held-out set. `answer` is None for tasks with several valid answers (their scorer checks a proposal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import datasets
+
+from ..config import DataConfig
+from ..errors import ConfigError, did_you_mean
+from .base import Task, user_prompt
+
+EVAL_SEED = 10**6
+
+
+class LazyRows:
+    """The rows of a generated task, each built when first read: len(), rows[i], select(indices) (a
+    datasets.Dataset of those rows), to_list() and iteration, which is what the trainers use."""
+
+    def __init__(self, n: int, row):
+        self.n, self._row = n, functools.lru_cache(maxsize=None)(row)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self._row(i % self.n)
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+    def select(self, indices) -> datasets.Dataset:
+        return datasets.Dataset.from_list([self[i] for i in indices])
+
+    def to_list(self) -> list[dict]:
+        return list(self)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self[0])
+
+
+def _check(name: str, options: dict) -> None:
+    from reasoning_gym.factory import DATASETS
+
+    if name not in DATASETS:
+        raise ConfigError(
+            f"data.task: reasoning-gym has no task {name!r}{did_you_mean(name, DATASETS)} ({len(DATASETS)} tasks: "
+            f"python -c 'from reasoning_gym.factory import DATASETS; print(sorted(DATASETS))')"
+        )
+    fields = {f.name for f in dataclasses.fields(DATASETS[name][1])} - {"size", "seed"}
+    if unknown := sorted(set(options) - fields):
+        raise ConfigError(
+            f"data.options: {unknown} are not options of reasoning-gym's {name!r}; valid: {sorted(fields)} "
+            f"(size and seed come from data.train_size / data.eval_size and data.seed)"
+        )
+
+
+def load(cfg: DataConfig, name: str) -> Task:
+    from reasoning_gym.utils import SYSTEM_PROMPTS
+
+    from ..rewards.gym import gym_dataset, gym_entry
+
+    _check(name, cfg.options)
+    options = json.dumps(cfg.options, sort_keys=True)
+    system = SYSTEM_PROMPTS["default"] if cfg.system_prompt is None else cfg.system_prompt
+
+    def rows(seed: int, size: int):
+        try:
+            gym_dataset(name, options, seed, size)
+        except Exception as e:  # the task's config validation (assertions, type errors)
+            raise ConfigError(f"data.options for reasoning-gym's {name!r}: {type(e).__name__}: {e}") from None
+
+        def row(i: int) -> dict:
+            entry = gym_entry(name, options, seed, size, i)
+            return {
+                "prompt": user_prompt(entry["question"], system or None),
+                "completion": entry["answer"] or "",
+                "answer": entry["answer"],
+                "rg_task": name,
+                "rg_options": options,
+                "rg_seed": seed,
+                "rg_size": size,
+                "rg_index": i,
+            }
+
+        return LazyRows(size, row)
+
+    train = rows(cfg.seed * 1000 + 1, cfg.train_size)
+    held_out = rows(EVAL_SEED, cfg.eval_size)
+    return Task(f"reasoning_gym/{name}", train, held_out.select(range(len(held_out))), "reasoning_gym")

@@ -1,0 +1,183 @@
+"""GRPOTrainer in TRL's form: a TRL script runs unchanged apart from its import, trl.GRPOConfig fields map onto
+the recipe with their units converted (or are refused by name), and the batch is given in either unit.
+
+What TRL does was read in trl 1.16: trl/trainer/grpo_trainer.py (GRPOTrainer.__init__: model, args,
+train_dataset, processing_class, peft_config), trl/trainer/grpo_config.py (field meanings and __post_init__:
+per_device_train_batch_size counts completions, steps_per_generation defaults to gradient_accumulation_steps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from trl import GRPOConfig
+
+from dllm_rl.config import load_recipe, recipe_from_dict
+from dllm_rl.errors import ConfigError
+from dllm_rl.trl_args import recipe_from_trl_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A TRL script as TRL's documentation writes one: a dataset with a prompt column (conversational) and an extra
+# column its reward reads, a reward from trl.rewards, a LoraConfig. Only the GRPOTrainer import is changed.
+TRL_SCRIPT = """
+from datasets import Dataset
+from peft import LoraConfig
+from trl import GRPOConfig, GRPOTrainer
+from trl.rewards import accuracy_reward
+
+dataset = Dataset.from_list(
+    [
+        {
+            "prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer in \\\\boxed{{}}."}],
+            "solution": f"${a + b}$",
+        }
+        for a in range(1, 4)
+        for b in range(1, 4)
+    ]
+)
+training_args = GRPOConfig(
+    output_dir=OUTPUT_DIR,
+    max_steps=2,
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=8,
+    learning_rate=1e-4,
+    logging_steps=1,
+    save_strategy="no",
+    bf16=False,
+    report_to="none",
+)
+trainer = GRPOTrainer(
+    model="checkpoints/tiny/sudoku-sft",
+    reward_funcs=accuracy_reward,
+    args=training_args,
+    train_dataset=dataset,
+    peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+)
+trainer.train()
+"""
+
+
+def test_a_trl_script_runs_two_steps_unchanged_apart_from_the_import(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    script = TRL_SCRIPT.replace(
+        "from trl import GRPOConfig, GRPOTrainer", "from trl import GRPOConfig\nfrom dllm_rl import GRPOTrainer"
+    )
+    assert script.count("\n") == TRL_SCRIPT.count("\n") + 1  # nothing else differs
+    exec(compile(script, "trl_script.py", "exec"), {"OUTPUT_DIR": str(tmp_path)})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all("rewards/accuracy_reward/mean" in r for r in rows)  # trl.rewards' function scored every step
+    saved = load_recipe(tmp_path / "final" / "recipe.yaml")
+    assert saved.train.batch_size == 1 and saved.grpo.num_generations == 4  # 4 completions = 1 prompt x 4
+    assert saved.model.lora.r == 8 and saved.grpo.loss_type == "dapo"  # the LoraConfig and TRL's default loss
+    assert (tmp_path / "final" / "adapter_config.json").is_file()  # peft_config was applied: adapters are saved
+
+
+def args(**kw):
+    return GRPOConfig(**{"output_dir": "out", "bf16": False, "report_to": "none", **kw})
+
+
+def test_grpo_config_fields_map_with_their_units():
+    r = recipe_from_trl_args(
+        args(
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            num_generations=4,
+            steps_per_generation=4,
+            num_iterations=2,
+            max_steps=12,
+            logging_steps=4,
+            learning_rate=3e-6,
+            adam_beta2=0.99,
+            scale_rewards=False,
+            min_p=0.1,
+            epsilon_high=0.28,
+            mask_truncated_completions=True,
+        )
+    )
+    assert r.algorithm == "grpo" and r.train.per_device_train_batch_size == 8
+    assert r.train.batch_size == 8 * 2 // 4  # prompts per optimizer step
+    assert r.grpo.steps_per_generation == 4 and r.grpo.num_iterations == 2
+    # 12 optimizer steps; each rollout feeds (4 / 2) x 2 = 4 of them -> 3 rollouts; logging every 4 -> every rollout
+    assert r.train.max_steps == 3 and r.train.logging_steps == 1
+    assert r.optim.lr == 3e-6 and r.optim.betas == [0.9, 0.99] and r.grpo.scale_rewards == "none"
+    assert r.rollout.min_p == 0.1 and r.grpo.epsilon_high == 0.28 and r.grpo.mask_truncated_completions
+    assert r.grpo.loss_type == "dapo" and r.rollout.temperature == 1.0  # TRL's defaults come with the args
+    assert r.rollout.max_completion_length == 512 and r.rollout.block_length == 32 and r.rollout.steps == 256
+
+
+def test_grpo_config_fields_without_a_meaning_are_refused_by_name():
+    with pytest.raises(ConfigError, match="use_vllm=True"):
+        recipe_from_trl_args(args(use_vllm=True))
+    with pytest.raises(ConfigError, match="remove_unused_columns=True.*entropy_coef=0.1"):
+        recipe_from_trl_args(args(remove_unused_columns=True, entropy_coef=0.1))
+    with pytest.raises(ConfigError, match="multiple of grpo.num_generations"):
+        recipe_from_trl_args(args(per_device_train_batch_size=6, gradient_accumulation_steps=2, num_generations=4))
+    recipe_from_trl_args(args(run_name="x", push_to_hub=False, disable_tqdm=True))  # machinery only: accepted
+
+
+def test_args_override_a_recipe_and_epochs_become_steps():
+    base = load_recipe(ROOT / "recipes/tiny/sudoku-tokens-grpo.yaml")
+    r = recipe_from_trl_args(args(num_train_epochs=2, per_device_train_batch_size=16, num_generations=8), base, 40)
+    assert r.estimator == base.estimator and r.rollout.steps == base.rollout.steps  # diffusion settings kept
+    assert r.train.batch_size == 2 and r.train.max_steps == 40  # 2 epochs of 40 prompts, 2 per step
+    assert base.train.batch_size != 2  # the recipe passed in is not modified
+
+
+def test_the_recipe_takes_trls_batch_unit_too():
+    r = recipe_from_dict(
+        {
+            "algorithm": "grpo",
+            "grpo": {"num_generations": 4},
+            "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 3},
+        }
+    )
+    assert r.train.batch_size == 6  # 8 completions x 3 micro-batches / 4 generations
+    with pytest.raises(ConfigError, match="disagrees"):
+        recipe_from_dict(
+            {
+                "algorithm": "grpo",
+                "grpo": {"num_generations": 4},
+                "train": {"per_device_train_batch_size": 8, "batch_size": 5},
+            }
+        )
+    with pytest.raises(ConfigError, match="whole|multiple"):
+        recipe_from_dict(
+            {"algorithm": "grpo", "grpo": {"num_generations": 4}, "train": {"per_device_train_batch_size": 6}}
+        )
+
+
+def test_a_model_object_with_its_tokenizer_and_trl_args(tmp_path, tokenizer, model_factory):
+    from dllm_rl import GRPOTrainer
+
+    ds = datasets.Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)])
+    seen = {}
+
+    def exact(prompts, completions, answer, **kw):
+        seen["completions"] = completions
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    trainer = GRPOTrainer(
+        model=model_factory(hidden=32),
+        reward_funcs=exact,
+        args=args(
+            output_dir=str(tmp_path),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=4,
+            save_strategy="no",
+        ),
+        train_dataset=ds,
+        processing_class=tokenizer,
+    )
+    assert trainer.recipe.data.task == "dataset" and trainer.recipe.model.path is None
+    trainer.train()
+    assert all(isinstance(c, str) for c in seen["completions"])  # plain prompts give plain completions (TRL)
+    with pytest.raises(ConfigError, match="needs a recipe"):
+        GRPOTrainer(reward_funcs=exact, train_dataset=ds)
