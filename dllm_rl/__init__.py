@@ -13,20 +13,20 @@ from .rollout import generate
 __version__ = "0.1.0"
 
 
+_TRAINERS = {"SFTTrainer": "sft", "GRPOTrainer": "grpo", "DPOTrainer": "dpo"}
+
+
 def __getattr__(name):  # trainers import accelerate/datasets: load them only when asked for
-    if name == "SFTTrainer":
-        from .trainers.sft import SFTTrainer
+    if name in _TRAINERS:
+        from .trainers import trainer_class
 
-        return SFTTrainer
-    if name == "GRPOTrainer":
-        from .trainers.grpo import GRPOTrainer
-
-        return GRPOTrainer
+        return trainer_class(_TRAINERS[name])
     raise AttributeError(name)
 
 
 __all__ = [
     "ConfigError",
+    "DPOTrainer",
     "DllmRlError",
     "GRPOTrainer",
     "Recipe",

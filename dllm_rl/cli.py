@@ -1,7 +1,7 @@
 """The `dllm-rl` command.
 
     dllm-rl sft RECIPE [section.key=value ...]        masked-diffusion SFT
-    dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, or sft)
+    dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, dpo or sft)
     dllm-rl generate CHECKPOINT --prompt TEXT [--prompt TEXT ...] [rollout.key=value ...]
     dllm-rl eval RECIPE --checkpoint CHECKPOINT [section.key=value ...]
     dllm-rl plan RECIPE --gpus N [--prompt-length P]  per-GPU memory estimate (formulas, not a measurement)
@@ -50,16 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(args, force_sft: bool) -> None:
     from .config import load_recipe
     from .runtime import shutdown
+    from .trainers import trainer_class
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if force_sft or recipe.algorithm == "sft":
-        from .trainers.sft import SFTTrainer
-
-        SFTTrainer(recipe).train()
-    else:
-        from .trainers.grpo import GRPOTrainer
-
-        GRPOTrainer(recipe).train()
+    trainer_class("sft" if force_sft else recipe.algorithm)(recipe).train()
     shutdown()  # launched with several processes: close the process group cleanly
 
 

@@ -7,8 +7,9 @@ recipe is written beside every checkpoint (`save_recipe`), so a run can always b
 output directory.
 
 Names follow TRL's GRPOConfig where the meaning is the same (num_generations, num_iterations, beta,
-epsilon, epsilon_high, loss_type, scale_rewards, max_completion_length, temperature); diffusion-specific
-knobs live in their own sections (rollout, estimator).
+epsilon, epsilon_high, loss_type, scale_rewards, max_completion_length, temperature), and TRL's DPOConfig in
+the `dpo` section (beta, loss_type, loss_weights, label_smoothing, precompute_ref_log_probs, max_length,
+truncation_mode); diffusion-specific knobs live in their own sections (rollout, estimator).
 """
 
 from __future__ import annotations
@@ -127,11 +128,35 @@ class GRPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    """DPO on log-likelihood estimates (trainers.dpo). Names are TRL's DPOConfig's where the meaning is the same;
+    the estimate itself is configured in `estimator` (quadrature, elbo with VRPO's allocation, ...)."""
+
+    beta: float = 0.1
+    loss_type: Union[str, list[str]] = "sigmoid"  # sigmoid | hinge | ipo | robust | sigmoid_norm; a list sums them
+    loss_weights: Optional[list[float]] = None  # one per loss_type (default 1 each)
+    label_smoothing: float = 0.0  # robust: assumed rate of flipped labels, in [0, 0.5)
+    precompute_ref_log_probs: bool = False  # score the reference once per example, cached beside the run
+    max_length: Optional[int] = 1024  # prompt + completion tokens; longer pairs are truncated (truncation_mode)
+    max_prompt_length: Optional[int] = None  # prompts keep their last max_prompt_length tokens
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"  # keep_end: cut the prompt's start instead
+    pairs: Literal["offline", "on_policy"] = "offline"  # offline: dataset_name; on_policy: best vs worst of G samples
+    dataset_name: Optional[str] = None  # offline: hub name or local .json/.jsonl/.parquet (prompt/chosen/rejected)
+    dataset_train_split: str = "train"
+    num_generations: int = 8  # on_policy: completions sampled per prompt (G)
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"  # auto: adapter_disabled under LoRA
+    antithetic: bool = True  # VRPO: policy and reference scored under the same noise (false: independent draws)
+    pair_noise: Literal["independent", "shared"] = "independent"  # shared: chosen and rejected under the same noise
+    score_std_draws: int = 4  # noise draws for the logged std of the preference score (0: not logged)
+    disable_dropout: bool = True  # as TRL: policy and reference then agree exactly under the same noise
+
+
+@dataclass
 class EstimatorConfig:
-    name: str = "one_step"  # one_step | elbo | block_elbo | trajectory (estimators.ESTIMATORS)
+    name: str = "one_step"  # one_step | elbo | block_elbo | trajectory | quadrature (estimators.ESTIMATORS)
     p_mask_prompt: float = 0.15
-    num_samples: int = 1  # Monte Carlo timesteps n_t (elbo) / masked views (one_step, block_elbo)
-    masks_per_timestep: int = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1)
+    num_samples: int = 1  # Monte Carlo timesteps n_t (elbo) / Gauss-Legendre nodes (quadrature) / masked views
+    masks_per_timestep: int = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1); quadrature: per node
     t_min: float = 0.0  # masking-ratio range (elbo; block_elbo: fraction of the chosen block)
     t_max: float = 1.0
     stratified: bool = False  # elbo: stratified timesteps t_k = t_min + (t_max - t_min)(k + u) / n_t
@@ -201,12 +226,13 @@ class EvalConfig:
 
 @dataclass
 class Recipe:
-    algorithm: Literal["sft", "grpo"] = "sft"
+    algorithm: Literal["sft", "grpo", "dpo"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     order_policy: OrderPolicyConfig = field(default_factory=OrderPolicyConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
