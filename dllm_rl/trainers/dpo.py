@@ -184,7 +184,7 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------------- noise
 
-    def _keys(self, keys: list[str], role: str, draw: str = "") -> list[str]:
+    def noise_keys(self, keys: list[str], role: str, draw: str = "") -> list[str]:
         """Noise keys of the rows [chosen; rejected] of pairs `keys` for `role` (policy or reference); `draw` tells
         extra draws (the logged score std) from the training noise."""
         ref = ":ref" if role == "reference" and not self.d.antithetic else ""
@@ -201,7 +201,7 @@ class DPOTrainer:
 
     # ----------------------------------------------------------------------------------------- scoring
 
-    def _sequence(self, model, batch, noise, grad: bool) -> torch.Tensor:
+    def sequence_scores(self, model, batch, noise, grad: bool) -> torch.Tensor:
         """Sequence estimates [N]: the estimator's per-token estimate summed over each completion's tokens."""
         with torch.set_grad_enabled(grad):
             est = self.estimator.estimate(model, batch, noise.to(self.acc.device)).logps
@@ -211,8 +211,8 @@ class DPOTrainer:
         """The reference's sequence estimates [N], without gradient."""
         if self.ref_mode == "adapter_disabled":
             with self.acc.unwrap_model(self.model).disable_adapter():
-                return self._sequence(self.model, batch, noise, grad=False)
-        return self._sequence(self.ref, batch, noise, grad=False)
+                return self.sequence_scores(self.model, batch, noise, grad=False)
+        return self.sequence_scores(self.ref, batch, noise, grad=False)
 
     def _chunks(self, n: int) -> list[torch.Tensor]:
         """Pair indices of each micro-batch: train.gradient_accumulation_steps parts (some empty when n is small)."""
@@ -232,7 +232,7 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------------ phases
 
-    def _collate(self, pairs) -> SequenceBatch:
+    def collate(self, pairs) -> SequenceBatch:
         return collate_pairs(
             [p.prompt_ids for p in pairs],
             [p.chosen_ids for p in pairs],
@@ -254,7 +254,7 @@ class DPOTrainer:
         cached = None
         if self.ref_cache is not None:
             cached = torch.cat([self.ref_cache["chosen"][idx], self.ref_cache["rejected"][idx]])
-        return self._collate([self.pairs[i] for i in idx]), keys, cached, {}
+        return self.collate([self.pairs[i] for i in idx]), keys, cached, {}
 
     def on_policy_pairs(self, step: int):
         """G samples per prompt, scored by the rewards: the best and the worst of each prompt whose rewards
@@ -292,7 +292,7 @@ class DPOTrainer:
 
     def loss(self, mb, noise, ref: torch.Tensor, n: int) -> tuple[torch.Tensor, dict]:
         """(loss to backward, per-pair metrics [m]) of one micro-batch of m pairs out of the step's n."""
-        seq = self._sequence(self.model, mb, noise, grad=True)  # [2m]
+        seq = self.sequence_scores(self.model, mb, noise, grad=True)  # [2m]
         m = len(seq) // 2
         tokens = mb.completion_mask.sum(-1).float().to(seq.device)
         ref = ref.to(seq.device)
@@ -343,9 +343,9 @@ class DPOTrainer:
         scores, seqs = [], []
         for r in range(R):
             draw = f":std{step}.{r}"
-            pol = self.draw_noise(mb, self._keys(keys[:m], "policy", draw))
-            ref = self.draw_noise(mb, self._keys(keys[:m], "reference", draw))
-            p = self._sequence(self.model, mb, pol, grad=False).float().cpu()
+            pol = self.draw_noise(mb, self.noise_keys(keys[:m], "policy", draw))
+            ref = self.draw_noise(mb, self.noise_keys(keys[:m], "reference", draw))
+            p = self.sequence_scores(self.model, mb, pol, grad=False).float().cpu()
             q = self.reference_scores(mb, ref).float().cpu()
             scores.append(self.d.beta * ((p[:m] - q[:m]) - (p[m:] - q[m:])))
             seqs.append(p)
@@ -387,8 +387,8 @@ class DPOTrainer:
         values = []
         for start in range(0, len(mine), per):
             idx = mine[start : start + per]
-            batch = self._collate([self.pairs[i] for i in idx])
-            noise = self.draw_noise(batch, self._keys([f"pair:{self.pairs[i].index}:0" for i in idx], "reference"))
+            batch = self.collate([self.pairs[i] for i in idx])
+            noise = self.draw_noise(batch, self.noise_keys([f"pair:{self.pairs[i].index}:0" for i in idx], "reference"))
             scores = self.reference_scores(batch.to(self.acc.device), noise)
             values += [(i, float(c), float(rj)) for i, c, rj in zip(idx, scores[: len(idx)], scores[len(idx) :])]
         if world > 1:
@@ -419,12 +419,12 @@ class DPOTrainer:
         if n == 0:
             return {**stats, "skipped": 1.0}
         self.model.eval()
-        noise = self.draw_noise(batch, self._keys(keys, "policy"))
+        noise = self.draw_noise(batch, self.noise_keys(keys, "policy"))
         with timer("estimate"):
             if cached is not None:
                 ref = cached
             else:
-                ref_noise = noise if self.d.antithetic else self.draw_noise(batch, self._keys(keys, "reference"))
+                ref_noise = noise if self.d.antithetic else self.draw_noise(batch, self.noise_keys(keys, "reference"))
                 ref = self._no_grad_scores(self.reference_scores, batch, ref_noise, n)
         with timer("update"):
             stats.update(self.update(batch, noise, ref, n))

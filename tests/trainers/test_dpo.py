@@ -79,8 +79,8 @@ def test_start_is_a_zero_score_and_precomputed_reference_equals_on_the_fly(token
     pre = tiny(tokenizer, tmp_path / "pre", dpo__precompute_ref_log_probs=True)
     assert (tmp_path / "pre" / "ref_logps.pt").is_file() and "computed and cached" in capsys.readouterr().out
     n = len(pre.pairs)
-    batch = live._collate(live.pairs)
-    noise = live.draw_noise(batch, live._keys([f"pair:{p.index}:0" for p in live.pairs], "reference"))
+    batch = live.collate(live.pairs)
+    noise = live.draw_noise(batch, live.noise_keys([f"pair:{p.index}:0" for p in live.pairs], "reference"))
     with torch.no_grad():
         fly = live.reference_scores(batch, noise)
     torch.testing.assert_close(pre.ref_cache["chosen"], fly[:n], rtol=0, atol=1e-5)
@@ -102,15 +102,15 @@ def test_noise_is_per_example_and_batch_invariant(tokenizer, tmp_path):
     tr = tiny(tokenizer, tmp_path)
     pairs = tr.pairs[:6]
     keys = [f"pair:{p.index}:0" for p in pairs]
-    whole = tr.draw_noise(tr._collate(pairs), tr._keys(keys, "policy"))
-    part = tr.draw_noise(tr._collate(pairs[2:4]), tr._keys(keys[2:4], "policy"))
+    whole = tr.draw_noise(tr.collate(pairs), tr.noise_keys(keys, "policy"))
+    part = tr.draw_noise(tr.collate(pairs[2:4]), tr.noise_keys(keys[2:4], "policy"))
     for j, row in enumerate([2, 3, 8, 9]):  # chosen and rejected rows of pairs 2 and 3
         assert torch.equal(whole.completion_masks[:, row], part.completion_masks[:, j])
         assert torch.equal(whole.weights[:, row], part.weights[:, j])
     assert not torch.equal(whole.completion_masks[:, 2], whole.completion_masks[:, 8])  # chosen vs rejected
     shared = replace(tr.d, pair_noise="shared")
     tr.d = shared
-    same = tr.draw_noise(tr._collate(pairs), tr._keys(keys, "policy"))
+    same = tr.draw_noise(tr.collate(pairs), tr.noise_keys(keys, "policy"))
     assert torch.equal(same.completion_masks[:, :6], same.completion_masks[:, 6:])  # same timesteps and uniforms
 
 
@@ -125,14 +125,14 @@ def test_antithetic_sharing_correlates_policy_and_reference(tmp_path):
         for p in tr.ref.parameters():
             p.mul_(1 + 0.02 * torch.randn(p.shape, generator=g))
     pairs, R = tr.pairs[:2], 32
-    batch = tr._collate(pairs * R)  # every pair R times: row block r is draw r
+    batch = tr.collate(pairs * R)  # every pair R times: row block r is draw r
     keys = [f"pair:{p.index}:0:{r}" for r in range(R) for p in pairs]
     diffs = {}
     for antithetic in (True, False):
         tr.d = replace(tr.d, antithetic=antithetic)
         with torch.no_grad():
-            pol = tr._sequence(tr.model, batch, tr.draw_noise(batch, tr._keys(keys, "policy")), grad=False)
-            ref = tr.reference_scores(batch, tr.draw_noise(batch, tr._keys(keys, "reference")))
+            pol = tr.sequence_scores(tr.model, batch, tr.draw_noise(batch, tr.noise_keys(keys, "policy")), grad=False)
+            ref = tr.reference_scores(batch, tr.draw_noise(batch, tr.noise_keys(keys, "reference")))
         pol, ref = pol.view(2, R, 2), ref.view(2, R, 2)  # [chosen/rejected, draw, pair]
         diffs[antithetic] = (pol - ref).var(1)
         corr = [torch.corrcoef(torch.stack([pol[i, :, j], ref[i, :, j]]))[0, 1].item() for i in (0, 1) for j in (0, 1)]
