@@ -426,14 +426,14 @@ class DPOTrainer:
             else:
                 ref_noise = noise if self.d.antithetic else self.draw_noise(batch, self.noise_keys(keys, "reference"))
                 ref = self._no_grad_scores(self.reference_scores, batch, ref_noise, n)
+        if self.d.score_std_draws > 1 and (step + 1) % self.recipe.train.logging_steps == 0:
+            stats.update(self.score_std(batch, keys, step))  # the policy that computes this step's loss
         with timer("update"):
             stats.update(self.update(batch, noise, ref, n))
         tokens = float(batch.completion_mask.sum())
         out = {**stats, **throughput_metrics(timer.seconds, committed, tokens, 2 * n, 1)}
         if self.d.pairs == "offline":
             out.pop("tokens_per_s/rollout")
-        if self.d.score_std_draws > 1 and (step + 1) % self.recipe.train.logging_steps == 0:
-            out.update(self.score_std(batch, keys, step))
         return out
 
     def evaluate(self) -> float:

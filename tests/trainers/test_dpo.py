@@ -98,6 +98,16 @@ def test_start_is_a_zero_score_and_precomputed_reference_equals_on_the_fly(token
     assert abs(indep["rewards/margins"]) > 1e-3  # independent noise: the scores no longer cancel
 
 
+@pytest.mark.parametrize("name", ["one_step", "elbo", "block_elbo", "quadrature"])
+def test_every_estimator_scores_pairs_and_starts_from_a_zero_score(tokenizer, tmp_path, name):
+    """Each estimator that draws its noise from shapes (prompt masks included: one_step) runs a DPO step; at the
+    start, under shared noise, the preference score is exactly 0 and so is every implicit reward."""
+    tr = tiny(tokenizer, tmp_path, estimator__name=name, estimator__p_mask_prompt=0.5)
+    out = tr.step(0)
+    assert out["loss"] == pytest.approx(math.log(2), abs=1e-6) and out["rewards/margins"] == 0.0, out
+    assert out["score_std"] == 0.0 and out["estimator_std"] > 0 and math.isfinite(out["grad_norm"])
+
+
 def test_noise_is_per_example_and_batch_invariant(tokenizer, tmp_path):
     tr = tiny(tokenizer, tmp_path)
     pairs = tr.pairs[:6]
