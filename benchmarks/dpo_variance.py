@@ -14,11 +14,13 @@ completion and model), for:
     coupled             elbo, n/2 complementary mask pairs (DiffuCoder), antithetic
     quadrature          n Gauss-Legendre nodes, one mask each, antithetic (and independent, for comparison)
 
-all through the DPO trainer's own noise keys and scoring (trainers.dpo). The policy is the recipe's start after
---train-steps DPO steps of the recipe (at the start the policy is the reference and, under antithetic noise, s is
-exactly 0, which the script checks); the pairs are drawn as the recipe draws them (on-policy: best vs worst of the
-model's own samples by the task's verifier). It also measures the quadrature estimator's bias on these completions
-(L = rollout.max_completion_length canvas positions > 2n): against 10 nodes, exact for L <= 20, on the reference.
+all through the DPO trainer's own noise keys and scoring (trainers.dpo). "vs plain MC" is the geometric mean over
+pairs of each pair's std ratio (the same pairs under every configuration), x/ its standard error factor. The policy
+is the recipe's start after --train-steps DPO steps of the recipe (at the start the policy is the reference and,
+under antithetic noise, s is exactly 0, which the script checks); the pairs are drawn as the recipe draws them (on-
+policy: best vs worst of the model's own samples by the task's verifier). It also measures the quadrature
+estimator's bias on these completions (L = rollout.max_completion_length canvas positions > 2n), for 3 nodes
+(GDPO's) and the budget: against 10 nodes, exact for L <= 20, on the reference.
 
     python benchmarks/dpo_variance.py [--recipe recipes/tiny/sudoku-dpo.yaml] [--budget 4] [--pairs 8] [--draws 32]
 """
@@ -106,9 +108,9 @@ def scores(trainer: DPOTrainer, batch, keys: list[str], draws: int, policy, chun
 
 
 @torch.no_grad()
-def quadrature_bias(trainer: DPOTrainer, batch, n: int, masks: int) -> tuple[float, float, float]:
-    """(mean bias of n-node quadrature vs 10 nodes, its standard error, mean |ELBO|) per completion of the batch,
-    on the reference: each node's f(t) = E[(1/t) sum over masked scored tokens of log p] is estimated from
+def quadrature_bias(trainer: DPOTrainer, batch, nodes: list[int], masks: int) -> tuple[dict, float]:
+    """({n: (mean bias of n-node quadrature vs 10 nodes, its standard error)}, mean |ELBO|) per completion of the
+    batch, on the reference: each node's f(t) = E[(1/t) sum over masked scored tokens of log p] is estimated from
     `masks` Bernoulli(t) masks (one forward over masks x N rows per node). Every node thresholds the same uniforms
     (mask = u < t): each node's estimate stays unbiased, and the difference between the rules varies far less."""
     model = trainer.ref if trainer.ref is not None else trainer.model
@@ -127,8 +129,11 @@ def quadrature_bias(trainer: DPOTrainer, batch, n: int, masks: int) -> tuple[flo
         return sum(wi * node(ti) for ti, wi in zip(t.tolist(), w.tolist()))
 
     exact = rule(10)
-    diff = rule(n) - exact  # [masks, N]: mask m of every node thresholds the same uniforms
-    return diff.mean().item(), (diff.mean(1).std() / math.sqrt(masks)).item(), exact.mean(0).abs().mean().item()
+    out = {}
+    for n in nodes:
+        diff = (rule(n) - exact).mean(1)  # [masks]: mean over completions; mask m thresholds the same uniforms
+        out[n] = (diff.mean().item(), (diff.std() / math.sqrt(masks)).item())
+    return out, exact.mean(0).abs().mean().item()
 
 
 def main() -> None:
@@ -138,7 +143,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--draws", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=10, help="DPO steps that move the policy off the reference")
-    ap.add_argument("--bias-masks", type=int, default=64)
+    ap.add_argument("--bias-masks", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,23 +163,29 @@ def main() -> None:
         print(f"recipe {args.recipe}: {len(keys)} pairs, {args.draws} draws, budget {args.budget} per estimate")
         print(f"at the start (policy = reference), {label}: max |score| {at_start.abs().max():.2e}")
         print(f"policy: the start after {args.train_steps} DPO steps of the recipe\n")
-        print("| estimator and noise | std of beta*(dlogpi - dlogref) | vs plain MC | mean score |")
+        print("| estimator and noise | std of beta*(dlogpi - dlogref), mean over pairs | vs plain MC | mean score |")
         print("|---|---|---|---|")
         first = None
         for label, est, switches in configurations(args.budget):
             trainer.estimator = build_estimator(EstimatorConfig(**est), trainer.traits)
             trainer.d = replace(base[1], **switches)
             s = scores(trainer, batch, keys, args.draws, trainer.model)
-            std = s.std(1).mean().item()
-            first = first or std
-            se = (s.mean(1).std() / math.sqrt(len(keys))).item()
-            print(f"| {label} | {std:.4f} | {std / first:.3f} | {s.mean().item():+.4f} (pairs' spread {se:.3f}) |")
+            std = s.std(1).double()  # [P] per pair
+            first = std if first is None else first
+            log_ratio = (std / first).log()  # paired: the same pairs under every configuration
+            ratio, spread = log_ratio.mean().exp().item(), (log_ratio.std() / math.sqrt(len(std))).exp().item()
+            print(
+                f"| {label} | {std.mean().item():.4f} +- {std.std().item() / math.sqrt(len(std)):.4f} | "
+                f"{ratio:.3f} (x/ {spread:.2f}) | {s.mean().item():+.4f} |"
+            )
         trainer.estimator, trainer.d = base
-        bias, se, size = quadrature_bias(trainer, batch, args.budget, args.bias_masks)
-        print(
-            f"\nquadrature bias, {args.budget} nodes vs 10 (exact for L <= 20), L = {batch.completion_ids.shape[1]}, "
-            f"{len(batch)} completions: {bias:+.4f} +- {se:.4f} nats per sequence (mean |ELBO| {size:.2f})"
-        )
+        nodes = sorted({3, args.budget})
+        bias, size = quadrature_bias(trainer, batch, nodes, args.bias_masks)
+        for n, (b, se) in bias.items():
+            print(
+                f"quadrature bias, {n} nodes vs 10 (exact for L <= 20), L = {batch.completion_ids.shape[1]}, "
+                f"{len(batch)} completions: {b:+.4f} +- {se:.4f} nats per sequence (mean |ELBO| {size:.2f})"
+            )
     print(f"\n{time.time() - t0:.0f} s")
 
 
