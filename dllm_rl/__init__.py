@@ -20,6 +20,7 @@ _LAZY = {  # name -> (module, attribute); imported when first asked for
     "generate": ("rollout", "generate"),
     "GRPOTrainer": ("trainers.grpo", "GRPOTrainer"),
     "SFTTrainer": ("trainers.sft", "SFTTrainer"),
+    "DPOTrainer": ("trainers.dpo", "DPOTrainer"),
 }
 
 
@@ -35,6 +36,7 @@ def __getattr__(name):
 
 __all__ = [
     "ConfigError",
+    "DPOTrainer",
     "DllmRlError",
     "GRPOTrainer",
     "Recipe",

@@ -127,6 +127,15 @@ class SequenceBatch:
     completion_ids: torch.Tensor  # [N, Lc]
     completion_mask: torch.Tensor  # [N, Lc] positions that count in the loss
 
+    def select(self, rows: torch.Tensor) -> "SequenceBatch":
+        return SequenceBatch(*(t[rows.to(t.device)] for t in self.__dict__.values()))
+
+    def to(self, device) -> "SequenceBatch":
+        return SequenceBatch(*(t.to(device) for t in self.__dict__.values()))
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
 
 @dataclass
 class RolloutBatch:

@@ -1,7 +1,7 @@
 """The `dllm-rl` command.
 
     dllm-rl sft RECIPE [section.key=value ...]        masked-diffusion SFT
-    dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, or sft)
+    dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, dpo or sft)
     dllm-rl generate CHECKPOINT --prompt TEXT [--prompt TEXT ...] [rollout.key=value ...]
     dllm-rl eval RECIPE --checkpoint CHECKPOINT [section.key=value ...]
     dllm-rl plan RECIPE --gpus N [--prompt-length P]  per-GPU memory estimate (formulas, not a measurement)
@@ -59,17 +59,11 @@ def cmd_train(args, force_sft: bool) -> None:
             f"`dllm-rl train {args.recipe}`, or set algorithm=sft"
         )
     from .runtime import shutdown
+    from .trainers import trainer_class
     from .validate import validate_recipe
 
     validate_recipe(recipe)  # registry names, reward files, paths, keys the trainer would ignore
-    if recipe.algorithm == "sft":
-        from .trainers.sft import SFTTrainer
-
-        SFTTrainer(recipe).train()
-    else:
-        from .trainers.grpo import GRPOTrainer
-
-        GRPOTrainer(recipe).train()
+    trainer_class(recipe.algorithm)(recipe).train()
     shutdown()  # launched with several processes: close the process group cleanly
 
 

@@ -9,8 +9,9 @@ recipe is written beside every checkpoint (`save_recipe`), so a run can always b
 output directory.
 
 Names follow TRL's GRPOConfig where the meaning is the same (num_generations, num_iterations, beta,
-epsilon, epsilon_high, loss_type, scale_rewards, max_completion_length, temperature); diffusion-specific
-knobs live in their own sections (rollout, estimator).
+epsilon, epsilon_high, loss_type, scale_rewards, max_completion_length, temperature), and TRL's DPOConfig in
+the `dpo` section (beta, loss_type, loss_weights, label_smoothing, precompute_ref_log_probs, max_length,
+truncation_mode); diffusion-specific knobs live in their own sections (rollout, estimator).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ NonNegative = Annotated[float, Check(ge=0)]
 Positive = Annotated[float, Check(gt=0)]
 LearningRate = Annotated[float, Check(gt=0, le=1, why="a learning rate")]
 NOT_SFT = Check(ignored_by=("sft",))  # a section the SFT trainer does not read
+NOT_SFT_DPO = Check(ignored_by=("sft", "dpo"))  # ... nor the DPO trainer
+NOT_DPO_READERS = Check(ignored_by=("sft", "grpo"))  # read by the DPO trainer only
 
 # ----------------------------------------------------------------------------------------------- sections
 
@@ -207,11 +210,37 @@ class GRPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    """DPO on log-likelihood estimates (trainers.dpo). Names are TRL's DPOConfig's where the meaning is the same;
+    the estimate itself is configured in `estimator` (quadrature, elbo with VRPO's allocation, ...)."""
+
+    beta: Positive = 0.1
+    loss_type: Union[str, list[str]] = "sigmoid"  # sigmoid | hinge | ipo | robust | sigmoid_norm; a list sums them
+    loss_weights: Optional[list[float]] = None  # one per loss_type (default 1 each)
+    label_smoothing: Annotated[float, Check(ge=0, lt=0.5)] = 0.0  # robust: assumed rate of flipped labels
+    precompute_ref_log_probs: bool = False  # score the reference once per example, cached beside the run
+    max_length: Optional[Count] = 1024  # prompt + completion tokens; longer pairs are truncated (truncation_mode)
+    max_prompt_length: Optional[Count] = None  # prompts keep their last max_prompt_length tokens
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"  # keep_end: cut the prompt's start instead
+    pairs: Literal["offline", "on_policy"] = "offline"  # offline: dataset_name; on_policy: best vs worst of G samples
+    dataset_name: Optional[str] = None  # offline: hub name or local .json/.jsonl/.parquet (prompt/chosen/rejected)
+    dataset_train_split: str = "train"
+    # on_policy: completions sampled per prompt (G)
+    num_generations: Annotated[int, Check(ge=2, why="a pair needs two samples")] = 8
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"  # auto: adapter_disabled under LoRA
+    antithetic: bool = True  # VRPO: policy and reference scored under the same noise (false: independent draws)
+    pair_noise: Literal["independent", "shared"] = "independent"  # shared: chosen and rejected under the same noise
+    # noise draws for the logged std of the preference score (0: not logged)
+    score_std_draws: Annotated[int, Check(ge=0)] = 4
+    disable_dropout: bool = True  # as TRL: policy and reference then agree exactly under the same noise
+
+
+@dataclass
 class EstimatorConfig:
-    name: str = "one_step"  # one_step | elbo | block_elbo | trajectory (estimators.ESTIMATORS)
+    name: str = "one_step"  # one_step | elbo | block_elbo | trajectory | quadrature (estimators.ESTIMATORS)
     p_mask_prompt: Unit = 0.15
-    num_samples: Count = 1  # Monte Carlo timesteps n_t (elbo) / masked views (one_step, block_elbo)
-    masks_per_timestep: Count = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1)
+    num_samples: Count = 1  # Monte Carlo timesteps n_t (elbo) / Gauss-Legendre nodes (quadrature) / masked views
+    masks_per_timestep: Count = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1); quadrature: per node
     t_min: Unit = 0.0  # masking-ratio range (elbo; block_elbo: fraction of the chosen block)
     t_max: Unit = 1.0
     stratified: bool = False  # elbo: stratified timesteps t_k = t_min + (t_max - t_min)(k + u) / n_t
@@ -292,15 +321,16 @@ class EvalConfig:
 
 @dataclass
 class Recipe:
-    algorithm: Literal["sft", "grpo"] = "sft"
+    algorithm: Literal["sft", "grpo", "dpo"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    grpo: Annotated[GRPOConfig, NOT_SFT] = field(default_factory=GRPOConfig)
+    grpo: Annotated[GRPOConfig, NOT_SFT_DPO] = field(default_factory=GRPOConfig)
+    dpo: Annotated[DPOConfig, NOT_DPO_READERS] = field(default_factory=DPOConfig)
     estimator: Annotated[EstimatorConfig, NOT_SFT] = field(default_factory=EstimatorConfig)
-    order_policy: Annotated[OrderPolicyConfig, NOT_SFT] = field(default_factory=OrderPolicyConfig)
-    # GRPO's rewards; SFT scores its held-out set with the task's own verifier
+    order_policy: Annotated[OrderPolicyConfig, NOT_SFT_DPO] = field(default_factory=OrderPolicyConfig)
+    # GRPO's and on-policy DPO's rewards; SFT scores its held-out set with the task's own verifier
     rewards: Annotated[list[RewardSpec], NOT_SFT] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -11,7 +11,8 @@ LLaDA-1.5 / Dream-7B / DiffuCoder-7B (which cannot be downloaded offline), dllm_
 whose defaults are the released shapes (DiffuCoder-7B is assumed to have Dream-7B's Qwen2.5-7B shape).
 
 Notation: P params (P_t trainable), N GPUs (processes), n completions per micro-batch
-(= train.batch_size * num_generations / gradient_accumulation_steps, whole groups), L tokens per scored
+(= train.batch_size * num_generations / gradient_accumulation_steps, whole groups; DPO: 2 rows per pair, chosen
+and rejected, = 2 * train.batch_size / gradient_accumulation_steps), L tokens per scored
 sequence (prompt + completion; prompt + 2 * completion for block-causal models, the two-stream layout),
 Lc completion length, V vocab, D hidden, Dq = heads * head_dim, Dkv = kv_heads * head_dim, F MLP width,
 H heads, l layers, a activation bytes (2 under bf16/fp16 weights, autocast or a DeepSpeed half engine, else
@@ -30,7 +31,9 @@ Static (held for the whole run):
                    0 on the GPU with offload_optimizer
     reference    = 0 when grpo.beta = 0 or reference none; 0 for LoRA with the adapter disabled (the base is
                    the reference); else a frozen copy of the base weights at w, placed like the policy
-                   (runtime.prepare_frozen): / N under ZeRO-3, 0 on the GPU with param offload
+                   (runtime.prepare_frozen): / N under ZeRO-3, 0 on the GPU with param offload. DPO always
+                   has one (dpo.reference), whose estimates are computed without gradient before the update
+                   (so their activations never coexist with the policy's)
     CUDA context = 1.0 GB allowance (context, cuBLAS workspaces)
 Update phase (one estimator view alive: estimators checkpoint each view when there are several, so the peak
 is one view's forward + backward whatever the view count):
@@ -51,7 +54,8 @@ is one view's forward + backward whatever the view count):
                    chunks of 256 MiB (+ fp32 [V, D] when the head trains) instead; a what-if, since the
                    estimators do not call the kernel yet.
     ZeRO-3       = min(P, stage3_max_live_parameters) w gathered at once (an upper bound; default 1e9)
-Rollout phase (no grad; the batch_size * G sequences of a process decode together, canvas C = prompt + Lc):
+Rollout phase (no grad; the batch_size * G sequences of a process decode together, canvas C = prompt + Lc; DPO:
+G = dpo.num_generations for on-policy pairs, no rollout phase for offline pairs):
     KV cache     = l 2 Dkv w_kv C B G   (rollout.cache != none; w_kv = the embedding dtype)
     transient    = B G C a (3F + 2D + 2Dq + 2Dkv) + B G Lb V (a + 8)   (one forward + the block's logits)
     ZeRO-3       = the full weights (the trainer gathers them for the whole rollout) minus the shard
@@ -378,9 +382,10 @@ def _weights(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, t
 
 def _reference(plan: Plan, recipe: Recipe, lora: bool, base: float, z: Zero) -> None:
     g = recipe.grpo
-    if recipe.algorithm != "grpo" or g.beta == 0 or g.reference == "none":
+    mode = recipe.dpo.reference if recipe.algorithm == "dpo" else g.reference  # DPO always has a reference
+    if recipe.algorithm == "sft" or (recipe.algorithm == "grpo" and (g.beta == 0 or g.reference == "none")):
         plan.add("reference", "reference model (none: beta = 0)", 0, "static")
-    elif lora and g.reference in ("auto", "adapter_disabled"):
+    elif lora and mode in ("auto", "adapter_disabled"):
         plan.add("reference", "reference model (adapter disabled: no copy)", 0, "static")
     else:
         shard = 0 if z.offload_param else (base / plan.gpus if z.stage == 3 else base)
@@ -433,7 +438,10 @@ def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused) -
 
 def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
     r = recipe.rollout
-    rows = recipe.train.batch_size * (recipe.grpo.num_generations if recipe.algorithm == "grpo" else 1)
+    group = {"grpo": recipe.grpo.num_generations, "dpo": recipe.dpo.num_generations}.get(recipe.algorithm, 1)
+    rows = recipe.train.batch_size * group
+    if recipe.algorithm == "dpo" and recipe.dpo.pairs == "offline":
+        rows = 0  # offline pairs: nothing is decoded while training (held-out evaluation aside)
     C, Lb = prompt_len + r.max_completion_length, r.block_length or r.max_completion_length
     kv_bytes = 2 if (z.half or recipe.model.dtype != "float32") else 4
     kv = 0 if r.cache == "none" else s.layers * 2 * s.kv_dim * kv_bytes * C * rows

@@ -178,6 +178,11 @@ def validate_recipe(
     validate(recipe, trainer)  # the field checks again: a recipe built or changed in Python did not pass load
     for key, table in _registries():
         lookup(table, attrgetter(key)(recipe), key)
+    from .algorithms.dpo import DPO_LOSSES
+
+    losses = recipe.dpo.loss_type
+    for name in [losses] if isinstance(losses, str) else losses:
+        lookup(DPO_LOSSES, name, "dpo.loss_type")
     _check_scheduler(recipe)
     _check_trackers(recipe)
     _check_rewards(recipe)

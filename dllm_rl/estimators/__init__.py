@@ -7,16 +7,18 @@ one `build(cfg, traits) -> Estimator` function + one entry here + one test (exam
 """
 
 from ..errors import lookup
-from . import block_elbo, elbo, one_step, trajectory
+from . import block_elbo, elbo, one_step, quadrature, trajectory
 from .base import Estimate, Estimator, Noise, score, scored, token_logprobs, view_logprobs
 from .elbo import draw_elbo
 from .one_step import draw_one_step
+from .quadrature import draw_quadrature, gauss_legendre
 
 ESTIMATORS = {
     "one_step": one_step.build,
     "elbo": elbo.build,
     "block_elbo": block_elbo.build,
     "trajectory": trajectory.build,
+    "quadrature": quadrature.build,
 }
 
 
@@ -33,6 +35,8 @@ __all__ = [
     "build_estimator",
     "draw_elbo",
     "draw_one_step",
+    "draw_quadrature",
+    "gauss_legendre",
     "score",
     "scored",
     "token_logprobs",

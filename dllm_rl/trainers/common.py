@@ -16,6 +16,7 @@ checkpoints stay as they are; a final/ whose checkpoints were deleted counts as 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import defaultdict
@@ -30,7 +31,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint, save_final
 from ..config import Recipe, recipe_to_dict
 from ..errors import ConfigError
 from ..metrics import MetricsLogger, window_mean
-from ..models.base import traits
+from ..models.base import traits, unwrap
 from ..models.load import load_model
 from ..rundir import latest_checkpoint, tidy
 from ..runtime import make_accelerator, make_optimizer, set_threads
@@ -52,6 +53,26 @@ RESUMABLE_CHANGES = (
     "eval.",
     "rollout.batch_size",
 )
+
+
+def reference_model(recipe: Recipe, model, mode: str, key: str):
+    """(frozen reference module or None, resolved mode) for a policy `model`: mode auto picks adapter_disabled for a
+    LoRA (peft) model, whose base with the adapter disabled is the reference (None: no second copy exists), and
+    frozen_copy otherwise. `key` names the recipe key in errors (grpo.reference, dpo.reference)."""
+    is_peft = hasattr(model, "disable_adapter")
+    if mode == "auto":
+        mode = "adapter_disabled" if is_peft else "frozen_copy"
+    if mode == "adapter_disabled":
+        if not is_peft:
+            raise ConfigError(f"{key}=adapter_disabled needs LoRA (model.lora.r > 0); use frozen_copy")
+        return None, mode
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        # ZeRO-3 loaded the policy already sharded (transformers' zero.Init), which a copy cannot follow:
+        # load the recipe's model again (the same weights), sharded too; runtime.prepare_frozen finishes it
+        ref = unwrap(load_model(recipe.model, seed=recipe.train.seed)[0])
+    else:
+        ref = copy.deepcopy(unwrap(model))
+    return ref.eval().requires_grad_(False), mode
 
 
 class PhaseTimer:

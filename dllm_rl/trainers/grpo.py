@@ -16,7 +16,6 @@ transformers' gradient checkpointing and dropout act).
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections import defaultdict
 
 import torch
@@ -30,8 +29,6 @@ from ..errors import ConfigError, DllmRlError, lookup
 from ..estimators import build_estimator
 from ..evaluate import evaluate_recipe
 from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
-from ..models.base import unwrap
-from ..models.load import load_model
 from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import RewardLog, build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
@@ -46,7 +43,7 @@ from ..runtime import (
     step_generator,
     zero_stage,
 )
-from .common import PhaseTimer, Run
+from .common import PhaseTimer, Run, reference_model
 from .grpo_options import (
     CompletionsTable,
     EntropyProbe,
@@ -179,20 +176,7 @@ class GRPOTrainer:
             return None, "none"
         if self.recipe.rollout.order == "policy" and not self.recipe.order_policy.train_model:
             return None, "none"  # the model cannot move from its reference: the KL (same head) is 0
-        is_peft = hasattr(model, "disable_adapter")
-        if mode == "auto":
-            mode = "adapter_disabled" if is_peft else "frozen_copy"
-        if mode == "adapter_disabled":
-            if not is_peft:
-                raise ConfigError("grpo.reference=adapter_disabled needs LoRA (model.lora.r > 0); use frozen_copy")
-            return None, mode
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
-            # ZeRO-3 loaded the policy already sharded (transformers' zero.Init), which a copy cannot follow:
-            # load the recipe's model again (the same weights), sharded too; runtime.prepare_frozen finishes it
-            ref = unwrap(load_model(self.recipe.model, seed=self.recipe.train.seed)[0])
-        else:
-            ref = copy.deepcopy(unwrap(model))
-        return ref.eval().requires_grad_(False), mode
+        return reference_model(self.recipe, model, mode, "grpo.reference")
 
     # ------------------------------------------------------------------------------------------ phases
 

@@ -1,0 +1,185 @@
+"""Preference pairs in TRL's format, loaded with `datasets` and tokenized for a diffusion LM's canvas.
+
+Rows hold `prompt`, `chosen` and `rejected`, either plain text or conversational (lists of chat messages), or
+only `chosen` and `rejected` with the prompt implicit in both (TRL's `extract_prompt` takes their longest common
+prefix, as TRL 1.16's DPOTrainer does). `dpo.dataset_name` is a hub name or a local .json / .jsonl / .parquet
+file. Tokenization follows TRL's: the prompt with the chat template's generation prompt, prompt + completion in
+full, the completion = what follows their common prefix (`trl.data_utils.common_prefix_length`).
+
+Where a diffusion LM differs:
+- every completion ends with the tokenizer's EOS (appended when missing, conversational data included): the
+  model writes EOS to end its answer on a fixed canvas, and the canvas after it is EOS padding;
+- a completion is scored on the canvas the model generates into (`rollout.max_completion_length` positions),
+  so a longer one is cut there (keep_start) and the cut is reported;
+- `dpo.max_length` bounds prompt + completion. keep_start cuts the completion's end and refuses a prompt that
+  leaves no room (TRL drops such rows silently); keep_end cuts the prompt's start, once per pair so that chosen
+  and rejected keep one prompt (TRL cuts each sequence separately); `dpo.max_prompt_length` keeps the prompt's
+  last tokens;
+- rows TRL would train on silently but that carry no preference (chosen identical to rejected, an empty
+  completion) or lack a column are refused with the row and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from ..batches import SequenceBatch
+from ..errors import ConfigError
+
+_LOCAL = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class PreferencePair:
+    """One tokenized pair; completions end with EOS unless truncated, and are not padded."""
+
+    index: int  # row of the dataset (the per-example noise seed derives from it)
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def load_preferences(name: str, split: str = "train") -> datasets.Dataset:
+    """A preference dataset by hub name (and split) or local .json / .jsonl / .parquet file."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in _LOCAL:
+        if not os.path.isfile(name):
+            raise ConfigError(f"dpo.dataset_name: file {name!r} does not exist; give a local .jsonl or a hub dataset")
+        return datasets.load_dataset(_LOCAL[ext], data_files=name, split="train")
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # hub unreachable, unknown dataset or split
+        raise ConfigError(
+            f"dpo.dataset_name: could not load {name!r} split {split!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); give a local .json/.jsonl/.parquet file or fix dpo.dataset_train_split"
+        ) from None
+
+
+def _text(value) -> str:
+    """The text of a completion: itself, or its messages' contents joined."""
+    if isinstance(value, str):
+        return value
+    return "".join(str(m.get("content") or "") for m in value) if isinstance(value, list) else str(value)
+
+
+def prepare_preferences(dataset: datasets.Dataset, where: str) -> datasets.Dataset:
+    """Columns checked, implicit prompts extracted (TRL's extract_prompt), and every row checked for a usable
+    preference; `where` names the data in errors."""
+    from trl.data_utils import extract_prompt
+
+    missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        raise ConfigError(
+            f"{where}: preference data needs columns chosen and rejected (and optionally prompt); missing "
+            f"{missing}, found {dataset.column_names}. Rename the columns to TRL's prompt/chosen/rejected"
+        )
+    if len(dataset) == 0:
+        raise ConfigError(f"{where}: the dataset has no rows")
+    if "prompt" not in dataset.column_names:  # implicit prompt, as TRL 1.16's DPOTrainer
+        dataset = dataset.map(extract_prompt)
+    for i, row in enumerate(dataset):
+        for side in ("chosen", "rejected"):
+            if not _text(row[side]).strip():
+                raise ConfigError(
+                    f"{where}: row {i} has an empty {side} completion (after the prompt); drop the row or fill it in"
+                )
+        if row["chosen"] == row["rejected"]:
+            raise ConfigError(
+                f"{where}: row {i} has chosen identical to rejected, which carries no preference; drop the row "
+                f"or fix the pair"
+            )
+    return dataset
+
+
+def _encode(tokenizer, prompt, completion=None) -> list[int]:
+    """Token ids of the prompt (with the generation prompt) or of prompt + completion, as the rollout encodes
+    prompts (rollout.encode_prompts: the chat template rendered, then tokenized without special tokens)."""
+    if isinstance(prompt, list):
+        messages = list(prompt) + (list(completion) if completion is not None else [])
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=completion is None, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(str(prompt) + (str(completion) if completion is not None else "")).input_ids
+
+
+def tokenize_preferences(dataset: datasets.Dataset, tokenizer, canvas: int, cfg, where: str):
+    """(PreferencePair list, number of completions cut at the canvas) for a prepared dataset. cfg: the `dpo`
+    section (max_length, max_prompt_length, truncation_mode)."""
+    from trl.data_utils import common_prefix_length
+
+    eos = tokenizer.eos_token_id
+    pairs, cut = [], 0
+    for i, row in enumerate(dataset):
+        if isinstance(row["prompt"], list) != isinstance(row["chosen"], list):
+            raise ConfigError(
+                f"{where}: row {i} mixes a conversational and a plain prompt/completion; make both lists of "
+                f"messages or both strings"
+            )
+        prompt = _encode(tokenizer, row["prompt"])
+        full = [_encode(tokenizer, row["prompt"], row[side]) for side in ("chosen", "rejected")]
+        start = min(common_prefix_length(prompt, f) for f in full)
+        prompt, completions = prompt[:start], []
+        for side, ids in zip(("chosen", "rejected"), full):
+            ids = ids[start:]
+            if not ids:
+                raise ConfigError(f"{where}: row {i}: the {side} completion has no tokens; drop the row or fill it in")
+            completions.append(ids if ids[-1] == eos else ids + [eos])
+        if cfg.max_prompt_length is not None:
+            prompt = prompt[-cfg.max_prompt_length :]
+        prompt, completions = _truncate(prompt, completions, cfg, where, i)
+        if any(len(c) > canvas for c in completions):
+            cut += 1
+            completions = [c[:canvas] for c in completions]
+        if completions[0] == completions[1]:
+            raise ConfigError(
+                f"{where}: row {i}: chosen and rejected are identical once tokenized and truncated (to "
+                f"rollout.max_completion_length={canvas} or dpo.max_length={cfg.max_length}); raise the limit or "
+                f"drop the row"
+            )
+        pairs.append(PreferencePair(i, prompt, completions[0], completions[1]))
+    return pairs, cut
+
+
+def _truncate(prompt: list[int], completions: list[list[int]], cfg, where: str, i: int):
+    m = cfg.max_length
+    if m is None:
+        return prompt, completions
+    if cfg.truncation_mode == "keep_start":
+        if len(prompt) >= m:
+            raise ConfigError(
+                f"{where}: row {i}: the prompt has {len(prompt)} tokens, which leaves no room for a completion within "
+                f"dpo.max_length={m}; raise dpo.max_length, set dpo.max_prompt_length, use "
+                f"dpo.truncation_mode=keep_end, or drop the row"
+            )
+        return prompt, [c[: m - len(prompt)] for c in completions]
+    keep = m - max(len(c) for c in completions)  # keep_end: one prompt cut for both sequences
+    if keep < 1:
+        raise ConfigError(
+            f"{where}: row {i}: a completion alone has {max(len(c) for c in completions)} tokens, at least "
+            f"dpo.max_length={m}; raise dpo.max_length or drop the row"
+        )
+    return prompt[-keep:], completions
+
+
+def collate_pairs(
+    prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], canvas: int, pad_id: int, eos_id: int
+) -> SequenceBatch:
+    """The 2B rows [chosen; rejected] (TRL's layout): prompts left-padded, completions EOS-filled to the canvas
+    (as the sampler fills a finished row), completion_mask 1 on each completion's own tokens (EOS included)."""
+    rows = list(prompts) + list(prompts)
+    completions = list(chosen) + list(rejected)
+    P = max(len(p) for p in rows)
+    prompt = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    pmask = torch.zeros(len(rows), P, dtype=torch.long)
+    comp = torch.full((len(rows), canvas), eos_id, dtype=torch.long)
+    cmask = torch.zeros(len(rows), canvas, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(rows, completions)):
+        if p:
+            prompt[i, P - len(p) :] = torch.tensor(p)
+            pmask[i, P - len(p) :] = 1
+        comp[i, : len(c)] = torch.tensor(c)
+        cmask[i, : len(c)] = 1
+    return SequenceBatch(prompt, pmask, comp, cmask)

@@ -1,0 +1,470 @@
+"""DPO for diffusion LMs: one loop of named phases over preference pairs scored by a likelihood estimator.
+
+    pairs (offline file, or on-policy: best vs worst of G samples) -> reference estimates -> update -> log
+
+DPO (arXiv 2305.18290) with each log pi(y | x) replaced by an estimate under explicit noise (estimators.ESTIMATORS:
+quadrature = GDPO's Gauss-Legendre ELBO arXiv 2510.08554, elbo = the Monte Carlo ELBO, one_step, block_elbo, and,
+for on-policy pairs, trajectory). The losses and TRL's metrics are algorithms.dpo. Config names follow TRL 1.16's
+DPOConfig; the estimate's knobs live in `estimator`.
+
+VRPO (LLaDA 1.5, arXiv 2505.19223) is three recipe switches, each measurable alone (benchmarks/dpo_variance.py):
+- allocation: a budget of n forwards per ELBO spent as n timesteps with one mask each
+  (estimator.num_samples=n, estimator.masks_per_timestep=1, the elbo estimator's default allocation);
+- antithetic sharing (dpo.antithetic, default true): the policy and the reference are scored under the same
+  timesteps and masks for the same completion, so their difference, the DPO log-ratio, loses the noise they share;
+- pair noise (dpo.pair_noise=shared, an ablation beyond VRPO, which shares noise only within a completion): chosen
+  and rejected are scored under the same noise. Both are laid on the same canvas of rollout.max_completion_length
+  positions, so "the same noise" is well defined whatever their lengths: the same timesteps (or quadrature nodes)
+  and the same uniform per canvas position, hence the same masked positions; each completion is then summed over
+  its own tokens.
+
+Noise is seeded per example, deterministically: the generator of a row is a hash of (train.seed, the pair's key,
+its role, the draw), where the key is the dataset row (offline) or (step, prompt slot) (on-policy) and the draw is
+the epoch in which an offline pair is seen. With dpo.precompute_ref_log_probs the draw is always 0: the reference
+is scored once per pair (cached in train.output_dir/ref_logps.pt with a fingerprint of everything the values
+depend on) and the policy sees those very masks in every epoch, so the cached values equal the on-the-fly ones
+(tests/trainers/test_dpo.py). Noise does not depend on the batch a pair lands in, the micro-batching or the
+number of processes.
+
+The reference is the adapter-disabled base under LoRA or a frozen copy of the starting model (trainers.common,
+shared with GRPO). Dropout is disabled in the policy (TRL's disable_dropout default), so that at the start the
+policy and the reference give the same estimate under the same noise and the preference score is exactly 0.
+
+    dllm-rl train recipes/tiny/sudoku-dpo.yaml [dpo.beta=0.2 estimator.name=quadrature ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import TrainerState
+
+from ..algorithms.dpo import PreferenceInputs, check, dpo_loss, preference_metrics
+from ..batches import SequenceBatch
+from ..config import Recipe, RewardSpec, recipe_to_dict
+from ..errors import ConfigError, DllmRlError
+from ..estimators import Noise, build_estimator
+from ..evaluate import evaluate_recipe
+from ..metrics import throughput_metrics
+from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
+from ..rollout import generate
+from ..rollout.engine import check_config, decoding
+from ..runtime import EpochSampler, generation_model, prepare_frozen, processes_with_non_finite, step_generator
+from ..tasks.preference import collate_pairs, load_preferences, prepare_preferences, tokenize_preferences
+from .common import PhaseTimer, Run, reference_model
+
+CACHE_FILE = "ref_logps.pt"
+
+
+def example_generator(seed: int, key: str) -> torch.Generator:
+    """The generator of one row's noise: a hash of (seed, key), independent across keys."""
+    digest = hashlib.sha256(f"dpo:{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _row_view(batch, j: int):
+    """Row j alone, its prompt without left padding (so a prompt mask is drawn for the prompt's own length)."""
+    view = batch.select(torch.tensor([j]))
+    p = int(view.prompt_mask.sum())
+    P = view.prompt_ids.shape[1]
+    return replace(view, prompt_ids=view.prompt_ids[:, P - p :], prompt_mask=view.prompt_mask[:, P - p :])
+
+
+def concat_noise(parts: list[Noise], P: int) -> Noise:
+    """Per-row noises [K_j, 1, ...] as one [K, N, ...]: views padded to the most (masks off, weight 0), prompt masks
+    padded on the left to the batch's prompt length P."""
+    K = max(n.num_views for n in parts)
+
+    def views(t, fill):
+        return torch.cat([t, torch.full((K - t.shape[0], *t.shape[1:]), fill, dtype=t.dtype)]) if t.shape[0] < K else t
+
+    masks = torch.cat([views(n.completion_masks, False) for n in parts], 1)
+    weights = torch.cat([views(n.weights, 0) for n in parts], 1)
+    prompt = None
+    if any(n.prompt_masks is not None for n in parts):
+        prompt = torch.zeros(K, len(parts), P, dtype=torch.bool)
+        for j, n in enumerate(parts):
+            if n.prompt_masks is not None and n.prompt_masks.shape[2]:
+                prompt[: n.num_views, j, P - n.prompt_masks.shape[2] :] = n.prompt_masks[:, 0]
+    tokens = None
+    if any(n.tokens is not None for n in parts):
+        raise DllmRlError("concat_noise: per-row noise with view canvases (tokens) is not supported")
+    return Noise(masks, prompt, weights, tokens)
+
+
+class DPOTrainer:
+    """`DPOTrainer(recipe, train_dataset=None, reward_funcs=None).train()`: DPO of the recipe's model on offline
+    pairs (dpo.dataset_name, or `train_dataset` in TRL's format) or on-policy pairs (dpo.pairs=on_policy, scored by
+    the recipe's rewards, the task's verifier by default, plus reward_funcs)."""
+
+    def __init__(self, recipe: Recipe, train_dataset=None, reward_funcs=None, model=None, tokenizer=None, task=None):
+        from trl.trainer.utils import disable_dropout_in_model
+
+        self.recipe = r = recipe
+        self.d = d = r.dpo
+        check(d)
+        self.run = run = Run(r, model, tokenizer, task)
+        self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
+        self.estimator = build_estimator(r.estimator, self.traits)
+        self.canvas = r.rollout.max_completion_length
+        self._check(run.model, train_dataset)
+        if d.disable_dropout:
+            disable_dropout_in_model(run.model)
+        self.pairs, self.rewards = [], []
+        if d.pairs == "offline":
+            where = "train_dataset" if train_dataset is not None else f"dpo.dataset_name {d.dataset_name!r}"
+            data = (
+                train_dataset if train_dataset is not None else load_preferences(d.dataset_name, d.dataset_train_split)
+            )
+            data = prepare_preferences(data, where)
+            self.pairs, cut = tokenize_preferences(data, self.tokenizer, self.canvas, d, where)
+            if cut:
+                self.acc.print(
+                    f"note: {cut} of {len(self.pairs)} pairs have a completion longer than the canvas "
+                    f"(rollout.max_completion_length={self.canvas}); they are cut there (keep_start)"
+                )
+            self.sampler = EpochSampler(len(self.pairs), r.train.seed)
+        else:
+            self.rewards = build_rewards(
+                r.rewards or ([] if reward_funcs else [RewardSpec(self.task.reward)]), reward_funcs
+            )
+            self.sampler = EpochSampler(len(self.task.train), r.train.seed)
+        self.ref, self.ref_mode = reference_model(r, run.model, d.reference, "dpo.reference")
+        run.prepare([p for p in run.model.parameters() if p.requires_grad], r.train.max_steps)
+        self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
+        if self.ref is not None:
+            self.ref = prepare_frozen(self.acc, self.ref)
+        self.ref_cache = self.precompute() if d.precompute_ref_log_probs and not run.finished else None
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _check(self, model, train_dataset) -> None:
+        """The cross-section rules of a DPO recipe, before anything is trained."""
+        r, d = self.recipe, self.d
+        k = r.train.gradient_accumulation_steps
+        if d.pairs == "offline":
+            if d.dataset_name is None and train_dataset is None:
+                raise ConfigError(
+                    "dpo.pairs=offline needs preference data: set dpo.dataset_name (a hub dataset or a local "
+                    ".json/.jsonl/.parquet with prompt/chosen/rejected), pass train_dataset=, or set "
+                    "dpo.pairs=on_policy to mine pairs from the model's own samples"
+                )
+            if r.train.batch_size % k:
+                raise ConfigError(
+                    f"train.batch_size ({r.train.batch_size} pairs) must be divisible by "
+                    f"train.gradient_accumulation_steps ({k})"
+                )
+            if self.estimator.replays_orders:
+                raise ConfigError(
+                    f"estimator.name={r.estimator.name} replays a rollout's trace, which offline pairs do not have; "
+                    f"use estimator.name=quadrature or elbo (or dpo.pairs=on_policy)"
+                )
+        else:
+            if d.num_generations < 2:
+                raise ConfigError("dpo.num_generations must be >= 2: a pair is the best and worst of the samples")
+            if d.precompute_ref_log_probs:
+                raise ConfigError(
+                    "dpo.precompute_ref_log_probs needs a fixed dataset; on-policy pairs are new every step: set it "
+                    "false or use dpo.pairs=offline"
+                )
+            if self.acc.num_processes > 1:
+                raise ConfigError(
+                    "dpo.pairs=on_policy keeps a different number of pairs on each process, which would then run "
+                    "different numbers of forwards (a hang); run one process or use dpo.pairs=offline"
+                )
+        check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=False)
+        for note in self.estimator.check(decoding(r.rollout)):
+            self.acc.print(f"note: {note}")
+
+    # ------------------------------------------------------------------------------------------- noise
+
+    def noise_keys(self, keys: list[str], role: str, draw: str = "") -> list[str]:
+        """Noise keys of the rows [chosen; rejected] of pairs `keys` for `role` (policy or reference); `draw` tells
+        extra draws (the logged score std) from the training noise."""
+        ref = ":ref" if role == "reference" and not self.d.antithetic else ""
+        rejected = "chosen" if self.d.pair_noise == "shared" else "rejected"
+        return [f"{k}:chosen{ref}{draw}" for k in keys] + [f"{k}:{rejected}{ref}{draw}" for k in keys]
+
+    def draw_noise(self, batch, keys: list[str]) -> Noise:
+        """The noise of every row of `batch`, each drawn from its own key's generator (batch-invariant)."""
+        if self.estimator.replays_orders:  # the trajectory estimator's views are the trace's: no randomness
+            return self.estimator.draw(batch, None)
+        seed = self.recipe.train.seed
+        parts = [self.estimator.draw(_row_view(batch, j), example_generator(seed, k)) for j, k in enumerate(keys)]
+        return concat_noise(parts, batch.prompt_ids.shape[1])
+
+    # ----------------------------------------------------------------------------------------- scoring
+
+    def sequence_scores(self, model, batch, noise, grad: bool) -> torch.Tensor:
+        """Sequence estimates [N]: the estimator's per-token estimate summed over each completion's tokens."""
+        with torch.set_grad_enabled(grad):
+            est = self.estimator.estimate(model, batch, noise.to(self.acc.device)).logps
+            return (est * batch.completion_mask.to(est.device)).sum(-1)
+
+    def reference_scores(self, batch, noise) -> torch.Tensor:
+        """The reference's sequence estimates [N], without gradient."""
+        if self.ref_mode == "adapter_disabled":
+            with self.acc.unwrap_model(self.model).disable_adapter():
+                return self.sequence_scores(self.model, batch, noise, grad=False)
+        return self.sequence_scores(self.ref, batch, noise, grad=False)
+
+    def _chunks(self, n: int) -> list[torch.Tensor]:
+        """Pair indices of each micro-batch: train.gradient_accumulation_steps parts (some empty when n is small)."""
+        return list(torch.arange(n).tensor_split(self.recipe.train.gradient_accumulation_steps))
+
+    @staticmethod
+    def _rows(pairs: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.cat([pairs, pairs + n])  # the chosen rows, then their rejected rows
+
+    def _no_grad_scores(self, fn, batch, noise, n: int) -> torch.Tensor:
+        out = torch.zeros(2 * n)
+        for pairs in self._chunks(n):
+            if len(pairs):
+                rows = self._rows(pairs, n)
+                out[rows] = fn(batch.select(rows).to(self.acc.device), noise.select(rows)).float().cpu()
+        return out
+
+    # ------------------------------------------------------------------------------------------ phases
+
+    def collate(self, pairs) -> SequenceBatch:
+        return collate_pairs(
+            [p.prompt_ids for p in pairs],
+            [p.chosen_ids for p in pairs],
+            [p.rejected_ids for p in pairs],
+            self.canvas,
+            self.tokenizer.pad_token_id,
+            self.tokenizer.eos_token_id,
+        )
+
+    def offline_pairs(self, step: int):
+        """(batch of 2B rows [chosen; rejected], pair keys, cached reference scores or None, stats). A pair's key is
+        its dataset row and the epoch it is seen in (always 0 with precomputed reference estimates)."""
+        r = self.recipe.train
+        rank, world = self.acc.process_index, self.acc.num_processes
+        idx = self.sampler.indices(step, r.batch_size, rank, world)
+        first = step * r.batch_size * world + rank * r.batch_size  # position of this rank's first pair in the stream
+        epochs = [0 if self.d.precompute_ref_log_probs else (first + j) // len(self.pairs) for j in range(len(idx))]
+        keys = [f"pair:{self.pairs[i].index}:{e}" for i, e in zip(idx, epochs)]
+        cached = None
+        if self.ref_cache is not None:
+            cached = torch.cat([self.ref_cache["chosen"][idx], self.ref_cache["rejected"][idx]])
+        return self.collate([self.pairs[i] for i in idx]), keys, cached, {}
+
+    def on_policy_pairs(self, step: int):
+        """G samples per prompt, scored by the rewards: the best and the worst of each prompt whose rewards
+        differ (ties dropped; among equal rewards the first sample is taken)."""
+        r, d = self.recipe, self.d
+        G = d.num_generations
+        examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size)]
+        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+        with torch.no_grad(), generation_model(self.acc, self.model) as model:
+            batch = generate(
+                model,
+                self.tokenizer,
+                prompts,
+                r.rollout,
+                generator=step_generator(r.train.seed, step, "rollout"),
+            )
+        columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
+        ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+        state = TrainerState(global_step=step, max_steps=r.train.max_steps)
+        rewards, per_fn = compute_rewards(self.rewards, prompts, batch.completions, ids, columns, state)
+        correct = verifier_scores(self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns)
+        R = rewards.view(-1, G)  # [B, G]
+        usable = R.max(1).values > R.min(1).values
+        slots = usable.nonzero().squeeze(-1)
+        best, worst = slots * G + R.argmax(1)[slots], slots * G + R.argmin(1)[slots]
+        pairs = batch.select(torch.cat([best, worst]))
+        stats = {
+            "reward": rewards.mean().item(),
+            "accuracy": correct.nanmean().item(),
+            "pairs/usable_fraction": usable.float().mean().item(),
+            "pairs/reward_margin": (R.max(1).values - R.min(1).values)[usable].mean().item() if len(slots) else 0.0,
+            "committed": float(batch.stats.get("committed_tokens", 0)),
+        }
+        return pairs, [f"on_policy:{step}:{int(s)}" for s in slots], None, stats
+
+    def loss(self, mb, noise, ref: torch.Tensor, n: int) -> tuple[torch.Tensor, dict]:
+        """(loss to backward, per-pair metrics [m]) of one micro-batch of m pairs out of the step's n."""
+        seq = self.sequence_scores(self.model, mb, noise, grad=True)  # [2m]
+        m = len(seq) // 2
+        tokens = mb.completion_mask.sum(-1).float().to(seq.device)
+        ref = ref.to(seq.device)
+        x = PreferenceInputs(seq[:m], seq[m:], ref[:m], ref[m:], tokens[:m], tokens[m:])
+        per_pair = dpo_loss(x, self.d)
+        # accelerate divides by gradient_accumulation_steps; the step's loss is the mean over its n pairs
+        scale = self.recipe.train.gradient_accumulation_steps / n
+        return per_pair.sum() * scale, {"loss": per_pair.detach(), **preference_metrics(x, self.d.beta)}
+
+    def update(self, batch, noise, ref: torch.Tensor, n: int) -> dict:
+        """One optimizer step over the n pairs, in train.gradient_accumulation_steps micro-batches; the step's
+        metrics are means over its pairs."""
+        self.model.train()
+        stats, norms = defaultdict(list), []
+        for pairs in self._chunks(n):
+            with self.acc.accumulate(self.model):
+                if len(pairs):
+                    rows = self._rows(pairs, n)
+                    loss, s = self.loss(batch.select(rows).to(self.acc.device), noise.select(rows), ref[rows], n)
+                    if bad := processes_with_non_finite(self.acc, loss):
+                        raise DllmRlError(
+                            f"DPO: the loss is not finite on {bad} process(es) (here {loss.item()}); no update was "
+                            f"applied and the last checkpoint is intact. The elbo estimator weighs masked tokens by "
+                            f"1/t: set estimator.t_min=1e-3 or use estimator.name=quadrature, or lower optim.lr / "
+                            f"dpo.beta; then resume with the same command"
+                        )
+                    self.acc.backward(loss)
+                    for k, v in s.items():
+                        stats[k].append(v)
+                if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
+                    norms.append(
+                        float(self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm))
+                    )
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+        self.scheduler.step()
+        self.model.eval()
+        out = {k: torch.cat(v).float().mean().item() for k, v in stats.items()}
+        return {**out, **({"grad_norm": sum(norms) / len(norms)} if norms else {})}
+
+    def score_std(self, batch, keys: list[str], step: int, pairs: int = 8) -> dict:
+        """Std over dpo.score_std_draws fresh noise draws of the preference score beta * (d logpi - d logref) and of
+        the policy's sequence estimate (GRPO's estimator_std), averaged over up to `pairs` pairs of the step."""
+        n, R = len(keys), self.d.score_std_draws
+        m = min(n, pairs)
+        rows = self._rows(torch.arange(m), n)
+        mb = batch.select(rows).to(self.acc.device)
+        scores, seqs = [], []
+        for r in range(R):
+            draw = f":std{step}.{r}"
+            pol = self.draw_noise(mb, self.noise_keys(keys[:m], "policy", draw))
+            ref = self.draw_noise(mb, self.noise_keys(keys[:m], "reference", draw))
+            p = self.sequence_scores(self.model, mb, pol, grad=False).float().cpu()
+            q = self.reference_scores(mb, ref).float().cpu()
+            scores.append(self.d.beta * ((p[:m] - q[:m]) - (p[m:] - q[m:])))
+            seqs.append(p)
+        return {
+            "score_std": torch.stack(scores).std(0).mean().item(),
+            "estimator_std": torch.stack(seqs).std(0).mean().item(),
+        }
+
+    # ------------------------------------------------------------------------------------- precompute
+
+    def _fingerprint(self) -> str:
+        r = recipe_to_dict(self.recipe)
+        what = {
+            "pairs": hashlib.sha256(
+                json.dumps([(p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in self.pairs]).encode()
+            ).hexdigest(),
+            "model": r["model"],
+            "estimator": r["estimator"],
+            "seed": self.recipe.train.seed,
+            "canvas": self.canvas,
+            "noise": [self.d.antithetic, self.d.pair_noise, self.d.reference],
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def precompute(self) -> dict:
+        """The reference's estimate of every pair under its draw-0 noise, read from train.output_dir/ref_logps.pt
+        when its fingerprint matches, else computed (every process scores a share) and written there."""
+        path = Path(self.recipe.train.output_dir) / CACHE_FILE
+        fingerprint = self._fingerprint()
+        if path.is_file():
+            cached = torch.load(path)
+            if cached.get("fingerprint") == fingerprint:
+                self.acc.print(f"reference estimates of {len(self.pairs)} pairs read from {path}")
+                return cached
+        n, world, rank = len(self.pairs), self.acc.num_processes, self.acc.process_index
+        mine = list(range(rank, n, world))
+        mine += mine[-1:] * (-(-n // world) - len(mine))  # equal counts on every rank (ZeRO-3 forwards together)
+        per = max(1, self.recipe.train.batch_size // self.recipe.train.gradient_accumulation_steps)
+        values = []
+        for start in range(0, len(mine), per):
+            idx = mine[start : start + per]
+            batch = self.collate([self.pairs[i] for i in idx])
+            noise = self.draw_noise(batch, self.noise_keys([f"pair:{self.pairs[i].index}:0" for i in idx], "reference"))
+            scores = self.reference_scores(batch.to(self.acc.device), noise)
+            values += [(i, float(c), float(rj)) for i, c, rj in zip(idx, scores[: len(idx)], scores[len(idx) :])]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            values = gather_object(values)
+        out = {"fingerprint": fingerprint, "chosen": torch.zeros(n), "rejected": torch.zeros(n)}
+        for i, c, rj in values:
+            out["chosen"][i], out["rejected"][i] = c, rj
+        if self.acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(out, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+        self.acc.wait_for_everyone()
+        self.acc.print(f"reference estimates of {n} pairs computed and cached in {path}")
+        return out
+
+    # -------------------------------------------------------------------------------------------- loop
+
+    def step(self, step: int) -> dict:
+        timer = PhaseTimer()
+        with timer("rollout"):
+            batch, keys, cached, stats = (
+                self.offline_pairs(step) if self.d.pairs == "offline" else self.on_policy_pairs(step)
+            )
+        committed = stats.pop("committed", 0.0)
+        n = len(keys)
+        if n == 0:
+            return {**stats, "skipped": 1.0}
+        self.model.eval()
+        noise = self.draw_noise(batch, self.noise_keys(keys, "policy"))
+        with timer("estimate"):
+            if cached is not None:
+                ref = cached
+            else:
+                ref_noise = noise if self.d.antithetic else self.draw_noise(batch, self.noise_keys(keys, "reference"))
+                ref = self._no_grad_scores(self.reference_scores, batch, ref_noise, n)
+        if self.d.score_std_draws > 1 and (step + 1) % self.recipe.train.logging_steps == 0:
+            stats.update(self.score_std(batch, keys, step))  # the policy that computes this step's loss
+        with timer("update"):
+            stats.update(self.update(batch, noise, ref, n))
+        tokens = float(batch.completion_mask.sum())
+        out = {**stats, **throughput_metrics(timer.seconds, committed, tokens, 2 * n, 1)}
+        if self.d.pairs == "offline":
+            out.pop("tokens_per_s/rollout")
+        return out
+
+    def evaluate(self) -> float:
+        with generation_model(self.acc, self.model) as model:
+            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe)["accuracy"]
+
+    def train(self) -> dict:
+        run, out = self.run, self.recipe.train.output_dir
+        before = run.recorded("eval_accuracy", step=0)
+        if run.finished:
+            after = run.recorded("eval_accuracy")
+            self.acc.print(
+                f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
+                f"({100 * (after - before):+.1f} points), as recorded in {out}"
+            )
+            return {"before": before, "after": after, "final": f"{out}/final"}
+        if before is None:
+            before = self.evaluate()
+            self.log.log(0, {"eval_accuracy": before})
+        self.model.eval()
+        run.loop(
+            "dpo",
+            self.step,
+            self.evaluate,
+            postfix=lambda w: {k: f"{w[k][-1]:.3f}" for k in ("loss", "rewards/margins") if w.get(k)},
+        )
+        after = self.evaluate()
+        self.log.log(self.recipe.train.max_steps, {"eval_accuracy": after})
+        final = run.finish()
+        self.acc.print(
+            f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
+            f"({100 * (after - before):+.1f} points); model in {final}"
+        )
+        return {"before": before, "after": after, "final": str(final)}

@@ -1,0 +1,140 @@
+"""Preference data in TRL's format (tasks.preference): plain, conversational and implicit-prompt rows from local
+json/jsonl/parquet files, tokenized for a diffusion LM's canvas; bad rows stop with the row and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pytest
+
+from dllm_rl.config import DPOConfig
+from dllm_rl.errors import ConfigError
+from dllm_rl.rollout import encode_prompts
+from dllm_rl.tasks.preference import collate_pairs, load_preferences, prepare_preferences, tokenize_preferences
+
+DATA = Path(__file__).parents[1] / "data"
+
+
+def tokenized(rows_or_path, tokenizer, canvas=32, **dpo):
+    data = (
+        load_preferences(str(rows_or_path))
+        if isinstance(rows_or_path, Path)
+        else datasets.Dataset.from_list(rows_or_path)
+    )
+    return tokenize_preferences(
+        prepare_preferences(data, "test data"), tokenizer, canvas, DPOConfig(**dpo), "test data"
+    )
+
+
+def text(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_plain_rows_tokenize_as_trl_with_eos_appended(tokenizer):
+    pairs, cut = tokenized(DATA / "preferences_plain.jsonl", tokenizer)
+    assert cut == 0 and [p.index for p in pairs] == [0, 1, 2]
+    eos = tokenizer.eos_token_id
+    p = pairs[1]
+    assert p.prompt_ids == encode_prompts(tokenizer, ["The sky is"])[0]
+    assert p.chosen_ids == tokenizer(" blue.").input_ids + [eos] and p.rejected_ids[-1] == eos
+    assert text(tokenizer, p.rejected_ids[:-1]) == " green."
+
+
+def test_implicit_conversational_prompt_is_extracted_and_templated(tokenizer):
+    """No prompt column: TRL's extract_prompt takes the common message prefix; the prompt is then rendered with the
+    chat template's generation prompt, exactly as the rollout engine renders prompts."""
+    pairs, _ = tokenized(DATA / "preferences_implicit.jsonl", tokenizer)
+    user = [{"role": "user", "content": "What color is the sky?"}]
+    assert pairs[0].prompt_ids == encode_prompts(tokenizer, [user])[0]
+    assert text(tokenizer, pairs[0].chosen_ids) == "It is blue." + tokenizer.eos_token
+    assert text(tokenizer, pairs[1].rejected_ids) == "In the sea." + tokenizer.eos_token
+
+
+def test_implicit_plain_prompt_keeps_the_space_with_the_completion(tokenizer):
+    rows = [{"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"}]
+    (p,), _ = tokenized(rows, tokenizer)
+    assert text(tokenizer, p.prompt_ids) == "Q: sky? A:" and text(tokenizer, p.chosen_ids)[:5] == " blue"
+
+
+def test_parquet_and_json_files_load(tokenizer, tmp_path):
+    rows = datasets.load_dataset("json", data_files=str(DATA / "preferences_plain.jsonl"), split="train")
+    rows.to_parquet(str(tmp_path / "p.parquet"))
+    rows.to_json(str(tmp_path / "p.json"))
+    want = tokenized(DATA / "preferences_plain.jsonl", tokenizer)[0]
+    for name in ("p.parquet", "p.json"):
+        assert tokenized(tmp_path / name, tokenizer)[0] == want
+
+
+def test_truncation(tokenizer):
+    rows = [{"prompt": "abcdefgh", "chosen": "0123456789", "rejected": "xyz"}]
+    (p,), _ = tokenized(rows, tokenizer, max_length=12)  # keep_start: the completion's end is cut
+    assert len(p.prompt_ids) == 8 and p.chosen_ids == tokenizer("0123").input_ids
+    (p,), _ = tokenized(rows, tokenizer, max_length=12, max_prompt_length=3)  # the prompt keeps its last tokens
+    assert text(tokenizer, p.prompt_ids) == "fgh" and len(p.chosen_ids) == 9
+    # keep_end: one cut of the prompt's start for both, so that prompt + the longer completion (10 + EOS) fit in 14
+    (p,), _ = tokenized(rows, tokenizer, max_length=14, truncation_mode="keep_end")
+    assert text(tokenizer, p.prompt_ids) == "fgh" and len(p.chosen_ids) == 11
+    (p,), cut = tokenized(rows, tokenizer, canvas=6, max_length=None)  # the diffusion canvas: cut and counted
+    assert cut == 1 and text(tokenizer, p.chosen_ids) == "012345" and p.rejected_ids[-1] == tokenizer.eos_token_id
+
+
+def test_collate_lays_out_chosen_then_rejected_on_the_canvas(tokenizer):
+    pairs, _ = tokenized(DATA / "preferences_plain.jsonl", tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    b = collate_pairs(
+        [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs], 10, pad, eos
+    )
+    assert b.completion_ids.shape == (6, 10) and b.prompt_ids.shape[0] == 6
+    for i, p in enumerate(pairs):
+        for row, ids in ((i, p.chosen_ids), (i + 3, p.rejected_ids)):
+            assert (
+                b.completion_ids[row, : len(ids)].tolist() == ids and (b.completion_ids[row, len(ids) :] == eos).all()
+            )
+            assert b.completion_mask[row].sum() == len(ids)
+            assert b.prompt_ids[row][b.prompt_mask[row].bool()].tolist() == p.prompt_ids
+
+
+@pytest.mark.parametrize(
+    "rows,kw,match",
+    [
+        ([{"prompt": "a", "answer": "b"}], {}, r"needs columns chosen and rejected.*missing \['chosen', 'rejected'\]"),
+        (
+            [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b", "rejected": "b"}],
+            {},
+            "row 1 has chosen identical to rejected.*drop the row",
+        ),
+        ([{"prompt": "a", "chosen": "", "rejected": "c"}], {}, "row 0 has an empty chosen completion"),
+        (
+            [
+                {
+                    "prompt": [{"role": "user", "content": "a"}],
+                    "chosen": [{"role": "assistant", "content": ""}],
+                    "rejected": [{"role": "assistant", "content": "c"}],
+                }
+            ],
+            {},
+            "row 0 has an empty chosen",
+        ),
+        (
+            [{"prompt": "a" * 10, "chosen": "b", "rejected": "c"}],
+            {"max_length": 8},
+            "row 0: the prompt has 10 tokens.*dpo.max_length=8; raise dpo.max_length",
+        ),
+        (
+            [{"prompt": "a", "chosen": "bx", "rejected": "by"}],
+            {"max_length": 2},
+            "identical once tokenized and truncated",
+        ),
+    ],
+)
+def test_bad_rows_name_the_row_and_the_fix(tokenizer, rows, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        tokenized(rows, tokenizer, **kw)
+
+
+def test_missing_file_and_unreachable_hub_name_the_key():
+    with pytest.raises(ConfigError, match="dpo.dataset_name: file 'nope.jsonl' does not exist"):
+        load_preferences("nope.jsonl")
+    with pytest.raises(ConfigError, match="dpo.dataset_name: could not load 'no-such-org/no-such-data'"):
+        load_preferences("no-such-org/no-such-data")
