@@ -128,7 +128,7 @@ class GRPOConfig:
 
 @dataclass
 class EstimatorConfig:
-    name: str = "one_step"  # one_step | elbo | block_elbo | trajectory (estimators.ESTIMATORS)
+    name: str = "one_step"  # one_step | elbo | block_elbo | trajectory | ar_order (estimators.ESTIMATORS)
     p_mask_prompt: float = 0.15
     num_samples: int = 1  # Monte Carlo timesteps n_t (elbo) / masked views (one_step, block_elbo)
     masks_per_timestep: int = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1)
@@ -139,7 +139,8 @@ class EstimatorConfig:
     full_view: bool = True  # elbo + coupled: also average in the fully masked view (DiffuCoder)
     eubo_beta: float = 1.0  # block_elbo: beta of SPG's upper bound (1.5 math, 2.0 countdown, 1.0 sudoku)
     block_length: Optional[int] = None  # block_elbo: SPG's block length; empty = the rollout's (else one block)
-    merge_steps: int = 1  # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink)
+    # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink); ar_order: tokens per view
+    merge_steps: int = 1
 
 
 @dataclass

@@ -7,7 +7,7 @@ one `build(cfg, traits) -> Estimator` function + one entry here + one test (exam
 """
 
 from ..errors import lookup
-from . import block_elbo, elbo, one_step, trajectory
+from . import ar_order, block_elbo, elbo, one_step, trajectory
 from .base import Estimate, Estimator, Noise, score, scored, token_logprobs, view_logprobs
 from .elbo import draw_elbo
 from .one_step import draw_one_step
@@ -17,6 +17,7 @@ ESTIMATORS = {
     "elbo": elbo.build,
     "block_elbo": block_elbo.build,
     "trajectory": trajectory.build,
+    "ar_order": ar_order.build,
 }
 
 
