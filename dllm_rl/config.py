@@ -155,6 +155,36 @@ class OrderPolicyConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """An autoregressive planner (models.ar): any transformers causal LM, optionally sampled by vLLM."""
+
+    path: Optional[str] = None  # causal LM dir / hub id / pkg:<package>/<file>.gguf; empty = a fresh tiny Llama
+    backend: Literal["transformers", "vllm"] = "transformers"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    system_prompt: Optional[str] = None  # prepended to the task's prompt for the planner
+    temperature: float = 1.0  # the planner's own sampling settings (0 = greedy)
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 32  # the plan's token budget
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of a fresh tiny planner (planner_sft)
+    train: bool = False  # GRPO: the planner's log-probs join the objective with the same group advantage
+    lr: float = 1e-4  # its own learning rate (same scheduler as the executor)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters only
+
+
+@dataclass
+class HybridConfig:
+    """AR planner -> diffusion executor (rollout.hybrid): a plan placed in the executor's prompt."""
+
+    plan: str = "none"  # none | content_free | real | oracle | other_problem | corrupted (rollout.hybrid.PLAN_KINDS)
+    template: str = "Plan: {plan}\n{question}"  # the executor's user turn with a plan; {plan} and {question}
+    content_free: Optional[str] = None  # the content-free plan; empty = the task's (tasks.plans)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    train_executor: bool = True  # false: GRPO trains the planner only (the executor's weights stay as loaded)
+    sft_plans: list[str] = field(default_factory=list)  # SFT: render training prompts with these kinds in turn
+
+
+@dataclass
 class RewardSpec:
     name: str = ""  # built-in name, path/to/file.py:function, or an installed entry point
     weight: float = 1.0
@@ -210,6 +240,7 @@ class Recipe:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     order_policy: OrderPolicyConfig = field(default_factory=OrderPolicyConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
