@@ -145,6 +145,7 @@ class PlanBatch:
     logprobs: torch.Tensor  # [N, T] sampler log-probs (0 where plan_mask is 0)
     texts: list[str]  # the plans as placed in the executor's prompt
     kind: str = "real"  # none | content_free | real | oracle | other_problem | corrupted (rollout.hybrid)
+    executor_prompts: list = field(default_factory=list)  # the prompts the executor decoded (plans placed)
 
     def select(self, rows: torch.Tensor) -> "PlanBatch":
         pick = lambda t: t[rows.to(t.device)]
@@ -156,6 +157,7 @@ class PlanBatch:
             plan_mask=pick(self.plan_mask),
             logprobs=pick(self.logprobs),
             texts=[self.texts[i] for i in rows.tolist()],
+            executor_prompts=[self.executor_prompts[i] for i in rows.tolist()] if self.executor_prompts else [],
         )
 
     def to(self, device) -> "PlanBatch":
@@ -176,6 +178,7 @@ class PlanBatch:
             torch.cat([right(b.logprobs) for b in parts]),
             [t for b in parts for t in b.texts],
             parts[0].kind,
+            [p for b in parts for p in b.executor_prompts],
         )
 
 

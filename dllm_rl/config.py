@@ -185,6 +185,20 @@ class HybridConfig:
 
 
 @dataclass
+class ConsensusConfig:
+    """Consensus distillation (trainers/consensus.py): SFT toward the majority vote of the model's samples."""
+
+    steps_per_round: int = 50  # optimizer steps per round; targets are rebuilt at the start of each round
+    prompts_per_round: int = 256  # fresh training prompts voted on per round
+    samples: int = 8  # votes per prompt
+    temperature: float = 1.0  # the voters' sampling temperature
+    min_share: float = 0.5  # keep a prompt when its winning answer has at least this share of the votes
+    max_paths: int = 4  # distinct completions with the winning answer kept as targets per prompt
+    target: Literal["majority", "greedy"] = "majority"  # greedy: distil the teacher's greedy decode (no vote)
+    teacher: Literal["current", "initial"] = "current"  # initial: votes of the starting model (frozen targets)
+
+
+@dataclass
 class RewardSpec:
     name: str = ""  # built-in name, path/to/file.py:function, or an installed entry point
     weight: float = 1.0
@@ -228,11 +242,12 @@ class EvalConfig:
     num_samples: int = 1  # completions per prompt (pass@1 averaged over samples)
     temperature: float = 0.0  # decoding temperature for evaluation (the rest of `rollout` applies)
     order_temperature: Optional[float] = None  # unmasking-order temperature; empty = rollout.order_temperature
+    majority: bool = False  # with num_samples > 1: accuracy = majority vote over the samples' answers (maj@n)
 
 
 @dataclass
 class Recipe:
-    algorithm: Literal["sft", "grpo"] = "sft"
+    algorithm: Literal["sft", "grpo", "planner_sft", "consensus"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -241,6 +256,7 @@ class Recipe:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     order_policy: OrderPolicyConfig = field(default_factory=OrderPolicyConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..rewards.countdown import evaluate_expression
-from ..rewards.sudoku import solutions
+from ..rewards.sudoku import parse_grid, solutions
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class TaskPlans:
     corrupt: Callable[[str], str]  # a plan -> the same format with wrong content
     correct: Callable[[dict, str], bool] | None  # is the plan consistent with some solution of the row
     content_free: str  # a plan-shaped string without content
+    follows: Callable[[str, str], bool] | None = None  # (plan, completion text) -> does the answer agree with it
 
 
 def shift_digits(plan: str) -> str:
@@ -107,6 +108,17 @@ def sudoku_correct(row: dict, plan: str) -> bool:
         return False
     hints = {i: int(c) for i, c in enumerate("".join(lines)) if c.isdigit()}
     return bool(hints) and any(all(s[i] == v for i, v in hints.items()) for s in solutions(row["puzzle"]))
+
+
+def sudoku_follows(plan: str, completion: str) -> bool:
+    """The completion's grid has the plan's digits in the plan's cells.
+
+    >>> sudoku_follows("__4_\\n____\\n____\\n____", "1243\\n3421\\n2134\\n4312")
+    True
+    """
+    grid = parse_grid(completion)
+    hints = {i: int(c) for i, c in enumerate(_cells(plan)) if c.isdigit()}
+    return grid is not None and bool(hints) and all(i < 16 and grid[i] == v for i, v in hints.items())
 
 
 # ------------------------------------------------------------------------------------------------- countdown
@@ -184,9 +196,24 @@ def countdown_correct(row: dict, plan: str) -> bool:
     return _reachable([float(v) for v in rest] + [parsed[0]], float(row["target"]))
 
 
+def countdown_follows(plan: str, completion: str) -> bool:
+    """The completion's expression performs the plan's operation (either operand order for + and *).
+
+    >>> countdown_follows("9*2=18", "3+2*9"), countdown_follows("9*2=18", "9+2*3")
+    (True, False)
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*([-+*/])\s*(\d+)\s*=.*", plan)
+    if not m:
+        return False
+    a, op, b = m.groups()
+    expr = completion.strip().splitlines()[0].replace(" ", "") if completion.strip() else ""
+    pairs = [f"{a}{op}{b}"] + ([f"{b}{op}{a}"] if op in "+*" else [])
+    return any(re.search(rf"(?<!\d){re.escape(p)}(?!\d)", expr) for p in pairs)
+
+
 PLANS = {
-    "sudoku": TaskPlans(sudoku_oracle, sudoku_corrupt, sudoku_correct, hint_grid({})),
-    "countdown": TaskPlans(countdown_oracle, countdown_corrupt, countdown_correct, "?"),
+    "sudoku": TaskPlans(sudoku_oracle, sudoku_corrupt, sudoku_correct, hint_grid({}), sudoku_follows),
+    "countdown": TaskPlans(countdown_oracle, countdown_corrupt, countdown_correct, "?", countdown_follows),
 }
 GENERIC = TaskPlans(None, shift_digits, None, "Think step by step.")
 

@@ -8,7 +8,9 @@ options, block_elbo = SPG arXiv 2510.09541, trajectory = TraceRL arXiv 2509.0694
 Old, reference and current log-likelihoods of inner iteration i are all computed under the same explicit
 noise i, drawn from the step's generator. Config names follow TRL's GRPOConfig where the meaning is the same.
 The model decodes and is scored without gradient in eval mode, and is updated in training mode (where
-transformers' gradient checkpointing and dropout act).
+transformers' gradient checkpointing and dropout act). With a hybrid recipe (hybrid.plan) the planner is one
+more component (trainers/planner.py): it writes the rollout's plans and, when trained, adds its plan
+log-probs to the objective with the same advantages.
 
     dllm-rl train recipes/tiny/sudoku-tokens-grpo.yaml [grpo.beta=0.04 estimator.name=elbo ...]
 """
@@ -32,7 +34,6 @@ from ..models.base import unwrap
 from ..models.load import load_model
 from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
-from ..rollout import generate
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
     EpochSampler,
@@ -45,6 +46,7 @@ from ..runtime import (
     zero_stage,
 )
 from .common import PhaseTimer, Run
+from .planner import planner_phase
 from .plots import plot_curves
 
 
@@ -66,12 +68,14 @@ class GRPOTrainer:
         self.order_policy = order_head_for(r.rollout.order, run.model, r.model.path, r.order_policy, r.train.seed)
         if self.order_policy is not None:
             self.order_policy.train()  # it decodes and is scored as it trains (its attention layer's one path)
-        if self.order_policy is not None and not r.order_policy.train_model:
+        if self.order_policy is not None and not r.order_policy.train_model or not r.hybrid.train_executor:
             run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
+        self.planner = planner_phase(r, self.task.name)  # NoPlanner unless hybrid.plan is set
         params = [{"params": [p for p in run.model.parameters() if p.requires_grad]}]
         if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
             params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
-        checkpointed = () if self.order_policy is None else (self.order_policy,)
+        params += self.planner.param_groups()
+        checkpointed = (() if self.order_policy is None else (self.order_policy,)) + self.planner.checkpointed()
         run.prepare(params, r.train.max_steps * r.grpo.num_iterations, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         if self.ref is not None:
@@ -121,6 +125,19 @@ class GRPOTrainer:
                     "head is outside the prepared model); launch without deepspeed/accelerate "
                     "or pick another rollout.order"
                 )
+        h = r.hybrid
+        if (h.planner.train or not h.train_executor) and (self.acc.num_processes > 1 or r.train.deepspeed):
+            raise ConfigError(
+                "training the planner (hybrid.planner.train) or freezing the executor runs on one process "
+                "without DeepSpeed for now; launch without deepspeed/accelerate"
+            )
+        if h.planner.train and h.plan != "real":
+            raise ConfigError(
+                f"hybrid.planner.train=true trains the planner on its own sampled plans: set hybrid.plan=real "
+                f"(now {h.plan})"
+            )
+        if not h.train_executor and not h.planner.train:
+            raise ConfigError("hybrid.train_executor=false leaves nothing to train: set hybrid.planner.train=true")
         for note in self.estimator.check(decoding(r.rollout)):
             self.acc.print(f"note: {note}")
 
@@ -152,16 +169,20 @@ class GRPOTrainer:
     def rollout(self, examples: list[dict], step: int):
         """B*G completions with their traces (RolloutBatch) and the prompts they answer."""
         G = self.recipe.grpo.num_generations
-        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+        rows = [ex for ex in examples for _ in range(G)]
+        prompts = [ex["prompt"] for ex in rows]
         if zero_stage(self.acc) == 3 and step == self.start_step:
             self.acc.print("ZeRO-3: the policy's parameters are gathered once per rollout phase, not per forward")
         # one generator for every rank: rollouts are batch-invariant (a completion depends on its prompt and the
         # generator only), so each rank decodes exactly the rows one process with the global batch would
+        # the planner's phase decodes: the plain engine, or plans placed in the prompts first (rollout.hybrid); the
+        # rewards below see the original prompts
         with torch.no_grad(), generation_model(self.acc, self.model) as model:
-            batch = generate(
+            batch = self.planner.decode(
                 model,
                 self.tokenizer,
                 prompts,
+                rows,
                 self.recipe.rollout,
                 generator=step_generator(self.recipe.train.seed, step, "rollout"),
                 order_policy=self.order_policy,
@@ -259,7 +280,9 @@ class GRPOTrainer:
             self.recipe.grpo.num_generations,
             est.upper,
         )
-        return self.loss_fn(inputs, self.recipe.grpo)
+        loss, stats = self.loss_fn(inputs, self.recipe.grpo)
+        plan_loss, plan_stats = self.planner.loss(mb, self.loss_fn, self.recipe.grpo)  # (0, {}) without a planner
+        return loss + plan_loss, {**stats, **plan_stats}
 
     def _check_finite(self, loss, stats: dict):
         """Stop before a non-finite loss reaches the weights (the last checkpoint stays intact)."""
@@ -306,6 +329,8 @@ class GRPOTrainer:
                             stats["order_policy/grad_norm"].append(
                                 float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
                             )
+                        for k, v in self.planner.clip(max_norm).items():
+                            stats[k].append(v)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 stats["loss"].append(loss.item())
@@ -366,9 +391,14 @@ class GRPOTrainer:
 
     def evaluate(self) -> float:
         with generation_model(self.acc, self.model) as model:  # every rank decodes the held-out set on gathered weights
-            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy)[
-                "accuracy"
-            ]
+            return evaluate_recipe(
+                model,
+                self.tokenizer,
+                self.task,
+                self.recipe,
+                order_policy=self.order_policy,
+                planner=self.planner.planner,
+            )["accuracy"]
 
     def train(self) -> dict:
         run, out = self.run, self.recipe.train.output_dir
@@ -401,6 +431,7 @@ class GRPOTrainer:
         after = self.evaluate()
         self.log.log(self.recipe.train.max_steps, {"eval_accuracy": after})
         final = run.finish(order_policy=self.order_policy)
+        self.planner.save(final)  # a trained planner: final/planner
         if self.acc.is_main_process:
             plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"])
         self.acc.print(
