@@ -112,8 +112,12 @@ class PlannerSFTTrainer:
         final = out / "final"
         self.planner.save(final)
         save_recipe(r, final / "recipe.yaml")
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": t.max_steps, "plan_accuracy": accuracy}) + "\n")
+        logged = [
+            {"step": h.get("step", 0), **{k: v for k, v in h.items() if k != "step"}} for h in trainer.state.log_history
+        ]
+        with open(out / "metrics.jsonl", "a") as f:  # TRL's training log, then the held-out plan accuracy
+            for row in logged + [{"step": t.max_steps, "plan_accuracy": accuracy}]:
+                f.write(json.dumps(row) + "\n")
         n = len(self.task.eval)
         print(f"held-out plan accuracy {accuracy:.3f} over {n} {self.task.name} examples; planner in {final}")
         return {"plan_accuracy": accuracy, "final": str(final)}
