@@ -38,6 +38,7 @@ from ..counter_rng import PLAN_STREAM, row_seeds, uniform
 from ..errors import ConfigError, DllmRlError
 from ..kernels import choose_tokens
 from ..kernels.sampling import sampling_logprobs
+from ..rundir import resolve_model_dir
 from .tokenizer import build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +59,7 @@ def resolve_path(path: str) -> tuple[str, str | None]:
         if not os.path.isfile(path):
             raise DllmRlError(f"hybrid.planner.path: no GGUF file at {path!r}")
         return os.path.dirname(path), os.path.basename(path)
-    return path, None
+    return resolve_model_dir(path), None  # a run directory stands for its final/
 
 
 def build_tiny_planner(cfg, tokenizer=None, seed: int = 0):
