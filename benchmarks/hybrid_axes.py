@@ -41,7 +41,8 @@ def dllm_rl(log: Path, *args: str) -> float:
     """Run one dllm-rl command (stdout to `log`); returns its wall seconds."""
     print("$ dllm-rl " + " ".join(args), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
+    part = log.with_name(log.name + ".part")  # renamed into place on success: a failed stage is rerun
+    with open(part, "w") as f:
         proc = subprocess.run(
             [sys.executable, "-m", "dllm_rl", *args],
             cwd=ROOT,
@@ -52,6 +53,7 @@ def dllm_rl(log: Path, *args: str) -> float:
         )
     if proc.returncode:
         raise SystemExit(f"dllm-rl {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    part.rename(log)
     return time.perf_counter() - t0
 
 
