@@ -7,6 +7,7 @@ Lb block length, E trace events.
 - RolloutBatch: what a rollout returns: completions, their canvas and the commit trace.
 - Trace: every decision the sampler made (TraceRL arXiv 2509.06949, DCoLT arXiv 2505.10446 replay it).
 - StepStats: the per-step statistics the commit and ordering rules read.
+- PlanBatch: what an autoregressive planner wrote for each row (hybrid rollouts: rollout/hybrid.py).
 """
 
 from __future__ import annotations
@@ -138,6 +139,59 @@ class SequenceBatch:
 
 
 @dataclass
+class PlanBatch:
+    """Plans written by an autoregressive planner (models/ar.py), one per row; T plan tokens.
+
+    logprobs are the planner's own log-probs of its tokens under the distribution it sampled from (its
+    temperature, top-k, top-p), so a teacher-forced forward of the planner gives them back (models.ar).
+    Plans that were not sampled (content-free, oracle, corrupted) have planner_mask all 0 and logprobs 0.
+    """
+
+    prompt_ids: torch.Tensor  # [N, Pp] left-padded planner prompt
+    prompt_mask: torch.Tensor  # [N, Pp]
+    plan_ids: torch.Tensor  # [N, T] right-padded
+    plan_mask: torch.Tensor  # [N, T] 1 = sampled token that counts (up to and including the planner's EOS)
+    logprobs: torch.Tensor  # [N, T] sampler log-probs (0 where plan_mask is 0)
+    texts: list[str]  # the plans as placed in the executor's prompt
+    kind: str = "real"  # none | content_free | real | oracle | other_problem | corrupted (rollout.hybrid)
+    executor_prompts: list = field(default_factory=list)  # the prompts the executor decoded (plans placed)
+
+    def select(self, rows: torch.Tensor) -> "PlanBatch":
+        pick = lambda t: t[rows.to(t.device)]
+        return replace(
+            self,
+            prompt_ids=pick(self.prompt_ids),
+            prompt_mask=pick(self.prompt_mask),
+            plan_ids=pick(self.plan_ids),
+            plan_mask=pick(self.plan_mask),
+            logprobs=pick(self.logprobs),
+            texts=[self.texts[i] for i in rows.tolist()],
+            executor_prompts=[self.executor_prompts[i] for i in rows.tolist()] if self.executor_prompts else [],
+        )
+
+    def to(self, device) -> "PlanBatch":
+        return replace(self, **{k: v.to(device) for k, v in self.__dict__.items() if torch.is_tensor(v)})
+
+    @staticmethod
+    def concat(parts: list["PlanBatch"]) -> "PlanBatch":
+        """Rows in order; prompts re-padded on the left, plans on the right, to the longest."""
+        P = max(b.prompt_ids.shape[1] for b in parts)
+        T = max(b.plan_ids.shape[1] for b in parts)
+        left = lambda t: torch.nn.functional.pad(t, (P - t.shape[1], 0))
+        right = lambda t: torch.nn.functional.pad(t, (0, T - t.shape[1]))
+        return PlanBatch(
+            torch.cat([left(b.prompt_ids) for b in parts]),
+            torch.cat([left(b.prompt_mask) for b in parts]),
+            torch.cat([right(b.plan_ids) for b in parts]),
+            torch.cat([right(b.plan_mask) for b in parts]),
+            torch.cat([right(b.logprobs) for b in parts]),
+            [t for b in parts for t in b.texts],
+            parts[0].kind,
+            [p for b in parts for p in b.executor_prompts],
+        )
+
+
+@dataclass
 class RolloutBatch:
     prompt_ids: torch.Tensor  # [N, P] left-padded prompt tokens
     prompt_mask: torch.Tensor  # [N, P] 1 = real token
@@ -148,6 +202,7 @@ class RolloutBatch:
     stats: dict = field(default_factory=dict)  # forwards, tokens forwarded, seconds
     rewards: torch.Tensor | None = None  # [N]
     advantages: torch.Tensor | None = None  # [N]
+    plan: PlanBatch | None = None  # hybrid rollouts: the planner's plan behind each row (rollout/hybrid.py)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -172,6 +227,7 @@ class RolloutBatch:
             trace=self.trace.select(rows),
             rewards=pick(self.rewards),
             advantages=pick(self.advantages),
+            plan=None if self.plan is None else self.plan.select(rows),
         )
 
     def __len__(self) -> int:
@@ -180,7 +236,7 @@ class RolloutBatch:
     @staticmethod
     def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
         """Batches as one, rows in order; prompts re-padded on the left to the longest (values under
-        prompt_mask 0 are never read). Rewards, advantages and stats are not carried."""
+        prompt_mask 0 are never read). Rewards, advantages and stats are not carried; plans are."""
         P = max(b.prompt_ids.shape[1] for b in parts)
 
         def left(t):  # [n, p] -> [n, P]
@@ -193,6 +249,7 @@ class RolloutBatch:
             torch.cat([b.completion_mask for b in parts]),
             [c for b in parts for c in b.completions],
             Trace.concat([b.trace for b in parts]),
+            plan=PlanBatch.concat([b.plan for b in parts]) if parts[0].plan is not None else None,
         )
 
     def to(self, device) -> "RolloutBatch":
@@ -205,4 +262,5 @@ class RolloutBatch:
             completion_mask=mv(self.completion_mask),
             rewards=mv(self.rewards),
             advantages=mv(self.advantages),
+            plan=None if self.plan is None else self.plan.to(device),
         )

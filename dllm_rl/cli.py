@@ -1,9 +1,9 @@
 """The `dllm-rl` command.
 
     dllm-rl sft RECIPE [section.key=value ...]        masked-diffusion SFT
-    dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, dpo or sft)
+    dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, dpo, sft, planner_sft, consensus)
     dllm-rl generate CHECKPOINT --prompt TEXT [--prompt TEXT ...] [rollout.key=value ...]
-    dllm-rl eval RECIPE --checkpoint CHECKPOINT [section.key=value ...]
+    dllm-rl eval RECIPE --checkpoint CHECKPOINT [--hybrid-axes] [section.key=value ...]
     dllm-rl plan RECIPE --gpus N [--prompt-length P]  per-GPU memory estimate (formulas, not a measurement)
 
 Mistakes in the input (a recipe key, a path, a checkpoint that is not a model) print one line and exit
@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out accuracy of a checkpoint")
     e.add_argument("recipe")
     e.add_argument("--checkpoint", required=True)
+    e.add_argument(
+        "--hybrid-axes",
+        action="store_true",
+        help="the three hybrid axes: accuracy under each plan kind, diversity, pass@k and maj@k (axes.py)",
+    )
+    e.add_argument("--samples", type=int, default=8, help="--hybrid-axes: samples per prompt for the diversity axis")
     e.add_argument("overrides", nargs="*")
     pl = sub.add_parser("plan", help="per-GPU memory estimate for a recipe")
     pl.add_argument("recipe")
@@ -49,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# recipe.algorithm -> (module under dllm_rl.trainers, trainer class), imported when used
 def cmd_train(args, force_sft: bool) -> None:
+
     from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # every value checked against its field: no torch needed
@@ -108,11 +116,24 @@ def cmd_eval(args) -> None:
     model, tokenizer = load_model(recipe.model, path=args.checkpoint)
     task = load_task(recipe.data)
     order_policy = order_head_for(recipe.rollout.order, model, resolve_model_dir(args.checkpoint))
-    result = evaluate_recipe(model, tokenizer, task, recipe, order_policy=order_policy)
+    if args.hybrid_axes:
+        from .axes import hybrid_axes, print_axes
+
+        print_axes(hybrid_axes(model, tokenizer, task, recipe, samples=args.samples, order_policy=order_policy))
+        return
+    planner = None
+    if recipe.hybrid.plan != "none" and recipe.hybrid.planner.path:
+        from .models.ar import load_planner
+
+        planner = load_planner(recipe.hybrid.planner, seed=recipe.train.seed)
+    result = evaluate_recipe(model, tokenizer, task, recipe, order_policy=order_policy, planner=planner)
     for prompt, completion, value in result["examples"]:
         print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> {completion!r}")
     n = recipe.eval.num_samples
-    passk = f"; pass@{n} {result[f'pass@{n}']:.4f} over {result['n'] // n} prompts" if n > 1 else ""
+    passk = ""
+    if n > 1:
+        votes = f"maj@{n} {result[f'maj@{n}']:.4f}"
+        passk = f"; pass@{n} {result[f'pass@{n}']:.4f}, {votes} over {result['n'] // n} prompts"
     print(f"accuracy {result['accuracy']:.4f} over {result['n']} held-out {task.name} examples{passk}")
 
 

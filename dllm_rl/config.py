@@ -73,9 +73,10 @@ Unit = Annotated[float, Check(ge=0, le=1)]  # probabilities, fractions, threshol
 NonNegative = Annotated[float, Check(ge=0)]
 Positive = Annotated[float, Check(gt=0)]
 LearningRate = Annotated[float, Check(gt=0, le=1, why="a learning rate")]
-NOT_SFT = Check(ignored_by=("sft",))  # a section the SFT trainer does not read
-NOT_SFT_DPO = Check(ignored_by=("sft", "dpo"))  # ... nor the DPO trainer
-NOT_DPO_READERS = Check(ignored_by=("sft", "grpo"))  # read by the DPO trainer only
+SFT_LIKE = ("sft", "planner_sft", "consensus")  # trainers of supervised targets: no rewards, no RL estimates
+NOT_SFT = Check(ignored_by=SFT_LIKE)  # a section the SFT-like trainers do not read
+NOT_SFT_DPO = Check(ignored_by=SFT_LIKE + ("dpo",))  # ... nor the DPO trainer
+NOT_DPO_READERS = Check(ignored_by=SFT_LIKE + ("grpo",))  # read by the DPO trainer only
 
 # ----------------------------------------------------------------------------------------------- sections
 
@@ -237,7 +238,7 @@ class DPOConfig:
 
 @dataclass
 class EstimatorConfig:
-    name: str = "one_step"  # one_step | elbo | block_elbo | trajectory | quadrature (estimators.ESTIMATORS)
+    name: str = "one_step"  # one_step | elbo | block_elbo | trajectory | quadrature | ar_order (estimators.ESTIMATORS)
     p_mask_prompt: Unit = 0.15
     num_samples: Count = 1  # Monte Carlo timesteps n_t (elbo) / Gauss-Legendre nodes (quadrature) / masked views
     masks_per_timestep: Count = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1); quadrature: per node
@@ -248,7 +249,8 @@ class EstimatorConfig:
     full_view: bool = True  # elbo + coupled: also average in the fully masked view (DiffuCoder)
     eubo_beta: Positive = 1.0  # block_elbo: beta of SPG's upper bound (1.5 math, 2.0 countdown, 1.0 sudoku)
     block_length: Optional[Count] = None  # block_elbo: SPG's block length; empty = the rollout's (else one block)
-    merge_steps: Count = 1  # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink)
+    # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink); ar_order: tokens per view
+    merge_steps: Count = 1
 
 
 @dataclass
@@ -260,6 +262,50 @@ class OrderPolicyConfig:
     base: Literal["top_prob", "none"] = "top_prob"  # the order an untrained head reproduces
     lr: LearningRate = 1e-3  # its own learning rate (same scheduler as the model)
     train_model: bool = True  # false: GRPO trains the order head only; the model's weights stay as loaded
+
+
+@dataclass
+class PlannerConfig:
+    """An autoregressive planner (models.ar): any transformers causal LM, optionally sampled by vLLM."""
+
+    path: Optional[str] = None  # causal LM dir / hub id / pkg:<package>/<file>.gguf; empty = a fresh tiny Llama
+    backend: Literal["transformers", "vllm"] = "transformers"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    system_prompt: Optional[str] = None  # prepended to the task's prompt for the planner
+    temperature: float = 1.0  # the planner's own sampling settings (0 = greedy)
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 32  # the plan's token budget
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of a fresh tiny planner (planner_sft)
+    train: bool = False  # GRPO: the planner's log-probs join the objective with the same group advantage
+    lr: float = 1e-4  # its own learning rate (same scheduler as the executor)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters only
+
+
+@dataclass
+class HybridConfig:
+    """AR planner -> diffusion executor (rollout.hybrid): a plan placed in the executor's prompt."""
+
+    plan: str = "none"  # none | content_free | real | oracle | other_problem | corrupted (rollout.hybrid.PLAN_KINDS)
+    template: str = "Plan: {plan}\n{question}"  # the executor's user turn with a plan; {plan} and {question}
+    content_free: Optional[str] = None  # the content-free plan; empty = the task's (tasks.plans)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    train_executor: bool = True  # false: GRPO trains the planner only (the executor's weights stay as loaded)
+    sft_plans: list[str] = field(default_factory=list)  # SFT: render training prompts with these kinds in turn
+
+
+@dataclass
+class ConsensusConfig:
+    """Consensus distillation (trainers/consensus.py): SFT toward the majority vote of the model's samples."""
+
+    steps_per_round: int = 50  # optimizer steps per round; targets are rebuilt at the start of each round
+    prompts_per_round: int = 256  # fresh training prompts voted on per round
+    samples: int = 8  # votes per prompt
+    temperature: float = 1.0  # the voters' sampling temperature
+    min_share: float = 0.5  # keep a prompt when its winning answer has at least this share of the votes
+    max_paths: int = 4  # distinct completions with the winning answer kept as targets per prompt
+    target: Literal["majority", "greedy"] = "majority"  # greedy: distil the teacher's greedy decode (no vote)
+    teacher: Literal["current", "initial"] = "current"  # initial: votes of the starting model (frozen targets)
 
 
 @dataclass
@@ -317,11 +363,12 @@ class EvalConfig:
     num_samples: Count = 1  # completions per prompt (pass@1 averaged over samples)
     temperature: NonNegative = 0.0  # decoding temperature for evaluation (the rest of `rollout` applies)
     order_temperature: Optional[NonNegative] = None  # unmasking-order temperature; empty = rollout.order_temperature
+    majority: bool = False  # with num_samples > 1: accuracy = majority vote over the samples' answers (maj@n)
 
 
 @dataclass
 class Recipe:
-    algorithm: Literal["sft", "grpo", "dpo"] = "sft"
+    algorithm: Literal["sft", "grpo", "dpo", "planner_sft", "consensus"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -330,6 +377,10 @@ class Recipe:
     dpo: Annotated[DPOConfig, NOT_DPO_READERS] = field(default_factory=DPOConfig)
     estimator: Annotated[EstimatorConfig, NOT_SFT] = field(default_factory=EstimatorConfig)
     order_policy: Annotated[OrderPolicyConfig, NOT_SFT_DPO] = field(default_factory=OrderPolicyConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    consensus: Annotated[ConsensusConfig, Check(ignored_by=("sft", "grpo", "dpo", "planner_sft"))] = field(
+        default_factory=ConsensusConfig
+    )
     # GRPO's and on-policy DPO's rewards; SFT scores its held-out set with the task's own verifier
     rewards: Annotated[list[RewardSpec], NOT_SFT] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -560,7 +611,7 @@ def _rules(r: Recipe, trainer: Optional[str]):
             f"eval.size: {r.eval.size} is more than the {r.data.eval_size} held-out examples (data.eval_size); "
             f"lower eval.size or raise data.eval_size"
         )
-    if (trainer or r.algorithm) != "sft":  # sections SFT does not read (there `ignored_by` rejects what is set)
+    if (trainer or r.algorithm) not in SFT_LIKE:  # sections SFT does not read (there `ignored_by` rejects what is set)
         if est.block_length and Lc % est.block_length:
             yield (
                 f"estimator.block_length: {est.block_length} does not divide rollout.max_completion_length ({Lc}); "

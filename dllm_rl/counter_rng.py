@@ -19,7 +19,8 @@ import hashlib
 import torch
 
 M32 = 0xFFFFFFFF
-TOKEN_STREAM, ORDER_STREAM = 1, 2
+TOKEN_STREAM, ORDER_STREAM = 1, 2  # the engine also draws from ORDER_STREAM + 1 (sampled orders)
+PLAN_STREAM = 8  # an autoregressive planner's tokens (models.ar)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

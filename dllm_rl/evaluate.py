@@ -1,5 +1,12 @@
 """Held-out accuracy: decode the task's held-out prompts with the rollout engine and score them with the
-task's verifier (a reward function; 1.0 = solved)."""
+task's verifier (a reward function; 1.0 = solved).
+
+With several samples per prompt (eval.num_samples = n > 1) it also reports pass@n and majority-vote
+accuracy maj@n (evalstats: the samples' answers vote, tasks.answers normalises them); eval.majority makes
+maj@n the reported accuracy. With a hybrid recipe (hybrid.plan other than none) each prompt is decoded after
+the planner's (or another kind of) plan is placed in it (rollout.hybrid); the verifier sees the original
+prompt.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,18 @@ from dataclasses import replace
 
 import torch
 
-from .config import Recipe, RolloutConfig
+from .config import HybridConfig, Recipe, RolloutConfig
+from .evalstats import maj_at_k, per_question
 from .rewards.plugins import Reward, compute_rewards, resolve_reward
 from .rollout import generate
+from .rollout.hybrid import hybrid_generate
+from .tasks.answers import answer_key
+
+
+def with_other_problems(rows: list[dict]) -> list[dict]:
+    """Each row with `other`: the next row of the list (cyclically), the problem whose plan an
+    other_problem plan is (rollout.hybrid); fixed by the dataset, not by how it is batched."""
+    return [{**r, "other": rows[(i + 1) % len(rows)]} for i, r in enumerate(rows)]
 
 
 def evaluate(
@@ -22,31 +38,52 @@ def evaluate(
     num_samples: int = 1,
     batch_size: int | None = None,
     order_policy=None,
+    task_name: str | None = None,
+    hybrid: HybridConfig | None = None,
+    planner=None,
+    majority: bool = False,
 ) -> dict:
     """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt.
     reward_name: the verifier's name, or a list of Rewards whose weighted sum scores instead (a task without
-    a verifier). order_policy: the learned order head, for rollout.order=policy."""
+    a verifier). order_policy: the learned order head, for rollout.order=policy. hybrid / planner: decode with
+    plans (rollout.hybrid) when hybrid.plan is not none. majority: accuracy = maj@num_samples."""
     verifier = reward_name if isinstance(reward_name, list) else [Reward(reward_name, resolve_reward(reward_name))]
     batch_size = batch_size or rollout.batch_size
+    to_answer = answer_key(task_name or (reward_name if isinstance(reward_name, str) else ""))
     g = torch.Generator().manual_seed(seed)
-    scores, examples, forwards = [], [], 0
+    scores, answers, examples, forwards, completions, plans = [], [], [], 0, [], []
     rows = dataset.to_list()
+    planned = hybrid is not None and hybrid.plan != "none"
+    if planned:
+        rows = with_other_problems(rows)
     for start in range(0, len(rows), batch_size):
         chunk = [r for r in rows[start : start + batch_size] for _ in range(num_samples)]
         prompts = [r["prompt"] for r in chunk]
-        out = generate(model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy)
+        if planned:
+            out = hybrid_generate(
+                model, tokenizer, prompts, chunk, rollout, hybrid, planner, task_name or "", g, order_policy
+            )
+        else:
+            out = generate(model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy)
         forwards += out.stats["forwards"]
-        columns = {k: [r[k] for r in chunk] for k in chunk[0]}
+        columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != "other"}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
         values = values.nan_to_num(nan=0.0)  # a completion the verifier cannot score is not solved
         scores += values.tolist()
-        examples += list(zip(prompts, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
+        answers += [to_answer(c) for c in out.completions]
+        completions += out.completions
+        plans += out.plan.texts if planned else [""] * len(prompts)
+        shown = out.plan.executor_prompts if planned else prompts
+        examples += list(zip(shown, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
     result = {
         "accuracy": sum(scores) / max(len(scores), 1),
         "n": len(scores),
         "examples": examples,
         "scores": scores,  # per sample, num_samples consecutive ones per prompt
+        "answers": answers,  # normalised final answers (tasks.answers), None when unreadable
+        "completions": completions,
+        "plans": plans,  # the plan placed in each sample's prompt ("" without one)
         "forwards": forwards,
     }  # denoising forwards of the whole evaluation
     if num_samples > 1:
@@ -55,13 +92,21 @@ def evaluate(
         # roughly measures what sharpening the policy on its own samples can add (benchmarks/RESULTS.md)
         per_prompt = torch.tensor(scores).view(-1, num_samples)
         result[f"pass@{num_samples}"] = (per_prompt >= 1.0).any(-1).float().mean().item()
+        votes = [
+            maj_at_k(a, s, num_samples)
+            for a, s in zip(per_question(answers, num_samples), per_question(scores, num_samples))
+        ]
+        result[f"maj@{num_samples}"] = sum(votes) / len(votes)
+        if majority:
+            result["accuracy"] = result[f"maj@{num_samples}"]
     return result
 
 
-def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None, rewards=None) -> dict:
+def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None, rewards=None, planner=None) -> dict:
     """Held-out accuracy as a recipe defines it: eval.size prompts, eval.num_samples each, decoded with the
-    recipe's rollout section at eval.temperature (and eval.order_temperature when set). A task without a
-    verifier is scored by `rewards` (a list of Rewards: their weighted sum)."""
+    recipe's rollout section at eval.temperature (and eval.order_temperature when set), after the recipe's
+    plan (hybrid.plan; `planner` for real plans) when it has one; eval.majority: majority-vote accuracy. A task
+    without a verifier is scored by `rewards` (a list of Rewards: their weighted sum)."""
     e = recipe.eval
     data = task.eval.select(range(min(e.size or len(task.eval), len(task.eval))))
     rollout = replace(recipe.rollout, temperature=e.temperature)
@@ -76,4 +121,8 @@ def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None, r
         seed=recipe.train.seed,
         num_samples=e.num_samples,
         order_policy=order_policy,
+        task_name=task.name,
+        hybrid=recipe.hybrid,
+        planner=planner,
+        majority=e.majority,
     )

@@ -60,3 +60,10 @@ def test_custom_commit_rule():
     out = run(sys.executable, "examples/custom_commit_rule.py", "--puzzles", "20")
     found = dict(re.findall(r"rollout.commit=(\w+): .* (\d+) forwards", out))
     assert set(found) == {"top_k", "halve"} and int(found["halve"]) < int(found["top_k"]), out
+
+
+def test_hybrid_planner():
+    out = run(sys.executable, "examples/hybrid_planner.py", "--puzzles", "8")
+    rates = dict(re.findall(r"plan=(\w+)\s+held-out solve rate ([\d.]+)", out))
+    assert set(rates) == {"none", "content_free", "real", "first_row", "corrupted"}, out  # the added kind ran
+    assert float(re.search(r"plan log-prob \(nats\): +(\S+)", out).group(1)) < 0, out  # the planner sampled it

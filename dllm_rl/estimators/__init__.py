@@ -7,7 +7,7 @@ one `build(cfg, traits) -> Estimator` function + one entry here + one test (exam
 """
 
 from ..errors import lookup
-from . import block_elbo, elbo, one_step, quadrature, trajectory
+from . import ar_order, block_elbo, elbo, one_step, quadrature, trajectory
 from .base import Estimate, Estimator, Noise, score, scored, token_logprobs, view_logprobs
 from .elbo import draw_elbo
 from .one_step import draw_one_step
@@ -19,6 +19,7 @@ ESTIMATORS = {
     "block_elbo": block_elbo.build,
     "trajectory": trajectory.build,
     "quadrature": quadrature.build,
+    "ar_order": ar_order.build,
 }
 
 

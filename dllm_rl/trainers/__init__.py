@@ -7,7 +7,13 @@ import importlib
 
 from ..errors import lookup
 
-TRAINERS = {"sft": "sft:SFTTrainer", "grpo": "grpo:GRPOTrainer", "dpo": "dpo:DPOTrainer"}
+TRAINERS = {
+    "sft": "sft:SFTTrainer",
+    "grpo": "grpo:GRPOTrainer",
+    "dpo": "dpo:DPOTrainer",
+    "planner_sft": "planner:PlannerSFTTrainer",  # the autoregressive planner of the hybrid, by TRL's SFTTrainer
+    "consensus": "consensus:ConsensusTrainer",  # consensus distillation (majority-vote SFT rounds)
+}
 
 
 def trainer_class(algorithm: str):

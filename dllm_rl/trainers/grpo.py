@@ -8,7 +8,9 @@ options, block_elbo = SPG arXiv 2510.09541, trajectory = TraceRL arXiv 2509.0694
 Old, reference and current log-likelihoods of inner iteration i are all computed under the same explicit
 noise i, drawn from the step's generator. Config names follow TRL's GRPOConfig where the meaning is the same.
 The model decodes and is scored without gradient in eval mode, and is updated in training mode (where
-transformers' gradient checkpointing and dropout act).
+transformers' gradient checkpointing and dropout act). With a hybrid recipe (hybrid.plan) the planner is one
+more component (trainers/planner.py): it writes the rollout's plans and, when trained, adds its plan
+log-probs to the objective with the same advantages.
 
     dllm-rl train recipes/tiny/sudoku-tokens-grpo.yaml [grpo.beta=0.04 estimator.name=elbo ...]
 """
@@ -31,7 +33,6 @@ from ..evaluate import evaluate_recipe
 from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
 from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import RewardLog, build_rewards, compute_rewards, verifier_scores
-from ..rollout import generate
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
     EpochSampler,
@@ -54,6 +55,7 @@ from .grpo_options import (
     high_entropy_mask,
     truncated,
 )
+from .planner import planner_phase
 from .plots import plot_curves
 from .trl_inputs import trainer_inputs
 
@@ -99,12 +101,14 @@ class GRPOTrainer:
         self.order_policy = order_head_for(r.rollout.order, run.model, r.model.path, r.order_policy, r.train.seed)
         if self.order_policy is not None:
             self.order_policy.train()  # it decodes and is scored as it trains (its attention layer's one path)
-        if self.order_policy is not None and not r.order_policy.train_model:
+        if self.order_policy is not None and not r.order_policy.train_model or not r.hybrid.train_executor:
             run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
+        self.planner = planner_phase(r, self.task.name)  # NoPlanner unless hybrid.plan is set
         params = [{"params": [p for p in run.model.parameters() if p.requires_grad]}]
         if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
             params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
-        checkpointed = () if self.order_policy is None else (self.order_policy,)
+        params += self.planner.param_groups()
+        checkpointed = (() if self.order_policy is None else (self.order_policy,)) + self.planner.checkpointed()
         checkpointed += (self.ref,) if self.ref_sync is not None else ()  # a reference that moves is state
         run.prepare(params, r.train.max_steps * r.grpo.num_iterations * self.geometry.chunks, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
@@ -165,6 +169,19 @@ class GRPOTrainer:
                     "head is outside the prepared model); launch without deepspeed/accelerate "
                     "or pick another rollout.order"
                 )
+        h = r.hybrid
+        if (h.planner.train or not h.train_executor) and (self.acc.num_processes > 1 or r.train.deepspeed):
+            raise ConfigError(
+                "training the planner (hybrid.planner.train) or freezing the executor runs on one process "
+                "without DeepSpeed for now; launch without deepspeed/accelerate"
+            )
+        if h.planner.train and h.plan != "real":
+            raise ConfigError(
+                f"hybrid.planner.train=true trains the planner on its own sampled plans: set hybrid.plan=real "
+                f"(now {h.plan})"
+            )
+        if not h.train_executor and not h.planner.train:
+            raise ConfigError("hybrid.train_executor=false leaves nothing to train: set hybrid.planner.train=true")
         for note in self.estimator.check(decoding(r.rollout)):
             self.acc.print(f"note: {note}")
 
@@ -183,17 +200,21 @@ class GRPOTrainer:
     def rollout(self, examples: list[dict], step: int):
         """B*G completions with their traces (RolloutBatch) and the prompts they answer."""
         G = self.recipe.grpo.num_generations
-        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+        rows = [ex for ex in examples for _ in range(G)]
+        prompts = [ex["prompt"] for ex in rows]
         if zero_stage(self.acc) == 3 and step == self.start_step:
             if self.acc.is_main_process:  # above the progress bar, not through it
                 tqdm.write("ZeRO-3: the policy's parameters are gathered once per rollout phase, not per forward")
         # one generator for every rank: rollouts are batch-invariant (a completion depends on its prompt and the
         # generator only), so each rank decodes exactly the rows one process with the global batch would
+        # the planner's phase decodes: the plain engine, or plans placed in the prompts first (rollout.hybrid); the
+        # rewards below see the original prompts
         with torch.no_grad(), generation_model(self.acc, self.model) as model:
-            batch = generate(
+            batch = self.planner.decode(
                 model,
                 self.tokenizer,
                 prompts,
+                rows,
                 self.recipe.rollout,
                 generator=step_generator(self.recipe.train.seed, step, "rollout"),
                 order_policy=self.order_policy,
@@ -324,7 +345,8 @@ class GRPOTrainer:
             token_normalizer=tokens,
         )
         loss, loss_stats = self.loss_fn(inputs, self.recipe.grpo)
-        return loss, {**loss_stats, **stats}
+        plan_loss, plan_stats = self.planner.loss(mb, self.loss_fn, self.recipe.grpo)  # (0, {}) without a planner
+        return loss + plan_loss, {**loss_stats, **stats, **plan_stats}
 
     def _token_normalizer(self, batch, rows) -> float:
         """dapo over the accumulated batch (TRL): this optimizer step's loss tokens on every process, divided by
@@ -391,6 +413,8 @@ class GRPOTrainer:
                     stats["order_policy/grad_norm"].append(
                         float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
                     )
+                for k, v in self.planner.clip(max_norm).items():
+                    stats[k].append(v)
             self.optimizer.step()
             self.optimizer.zero_grad()
         stats["loss"].append(loss.item())
@@ -478,7 +502,13 @@ class GRPOTrainer:
             return None
         with generation_model(self.acc, self.model) as model:  # every rank decodes the held-out set on gathered weights
             result = evaluate_recipe(
-                model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy, rewards=self.rewards
+                model,
+                self.tokenizer,
+                self.task,
+                self.recipe,
+                order_policy=self.order_policy,
+                rewards=self.rewards,
+                planner=self.planner.planner,
             )
         return {self.eval_key: result["accuracy"]}
 
@@ -520,6 +550,7 @@ class GRPOTrainer:
             after = self.evaluate()[key]
             self.log.log(self.recipe.train.max_steps, {key: after})
         final = run.finish(order_policy=self.order_policy)
+        self.planner.save(final)  # a trained planner: final/planner
         if self.acc.is_main_process:
             title = f"GRPO on {self.task.name}"
             plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"], title)

@@ -3,7 +3,8 @@
 Each completion (padded with EOS to the canvas length, as LLaDA pads its SFT answers) is masked with
 probability t ~ U(t_min, 1]; the loss is the cross-entropy on masked tokens weighted 1/t, divided by the
 completion length; the prompt stays clean. This is `estimators.elbo` with one sample: the maths is not
-repeated here.
+repeated here. With hybrid.sft_plans the training prompts carry plans of those kinds in turn, the targets
+unchanged (a prefix-robustness fine-tune: rollout.hybrid.scaffold_rows).
 
     dllm-rl sft recipes/tiny/sudoku-sft.yaml [train.max_steps=400 ...]
 """
@@ -20,6 +21,7 @@ from ..errors import ConfigError, DllmRlError
 from ..estimators import draw_elbo, score
 from ..evaluate import evaluate_recipe
 from ..rollout import encode_prompts
+from ..rollout.hybrid import scaffold_dataset
 from ..runtime import EpochSampler, generation_model, processes_with_non_finite, step_generator
 from .common import Run
 
@@ -62,7 +64,10 @@ class SFTTrainer:
             )
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
-        self.pairs = tokenize_pairs(self.task.train, self.tokenizer, r.rollout.max_completion_length)
+        train = self.task.train
+        if r.hybrid.sft_plans:  # prefix robustness: prompts rendered with these plan kinds in turn, same targets
+            train = scaffold_dataset(train, r.hybrid, self.task.name, r.train.seed)
+        self.pairs = tokenize_pairs(train, self.tokenizer, r.rollout.max_completion_length)
         self.sampler = EpochSampler(len(self.pairs), r.train.seed, shuffle=r.train.shuffle_dataset)
         run.prepare([p for p in run.model.parameters() if p.requires_grad], r.train.max_steps)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log

@@ -1,0 +1,207 @@
+"""The hybrid rollout: an autoregressive planner writes a plan, a template places it in the diffusion
+executor's prompt, and the executor decodes with the normal engine (`generate`).
+
+"Think First, Diffuse Fast" (arXiv 2603.13243) prepends an AR model's plan to a diffusion LM's prompt;
+whether that helps is disputed, and the analysis behind this module separates three axes: the damage of a
+plan-shaped scaffold whatever its content (interface-format brittleness), how much the executor uses the
+content (planner-content trust), and what fine-tuning does to the spread of samples (diversity; evaluated
+by axes.py). So what goes in the prompt is one recipe value, `hybrid.plan` (PLAN_KINDS):
+
+    none            the task's prompt unchanged (byte-identical to a plain rollout)
+    content_free    the template with a content-free plan (hybrid.content_free, else the task's: tasks.plans)
+    real            the planner's plan for this prompt (models.ar; sampled, with its token log-probs)
+    oracle          the plan written from the row's reference solution (tasks.plans)
+    other_problem   the plan (the planner's, else the oracle's) of another problem: row["other"] when the caller
+                    sets it (axes.py: the next held-out example), else the next distinct prompt of the batch
+    corrupted       the plan (the planner's, else the oracle's) in the same format with wrong content
+
+`hybrid.template` (e.g. "Plan: {plan}\\n{question}") becomes the last user message; the reward and verifier
+still see the original prompt (the caller keeps it: trainers/grpo.py, evaluate.py). The returned
+RolloutBatch is the executor's (its prompt_ids are what it saw, its trace every decision) and carries the
+plans in `batch.plan` (batches.PlanBatch: texts, the planner's tokens and exact log-probs, the executor's
+prompts). Randomness: one draw from the caller's generator seeds the plans, the next the executor (plan=none
+draws nothing for plans: the rollout is then exactly `generate`'s); both are counter-based, so the rollout
+is batch-invariant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..batches import PlanBatch, RolloutBatch
+from ..config import HybridConfig, RolloutConfig
+from ..errors import ConfigError, lookup
+from ..tasks.plans import TaskPlans, task_plans
+from .engine import generate
+
+
+@dataclass
+class PlanContext:
+    """What a plan kind may read: the batch's prompts and dataset rows, the planner and the task's plans."""
+
+    prompts: list
+    rows: list[dict]
+    planner: object | None  # models.ar.ARPlanner
+    plans: TaskPlans
+    cfg: HybridConfig
+    generator: torch.Generator
+
+    def planned(self, prompts) -> PlanBatch:
+        return self.planner.sample(prompts, self.generator)
+
+    def source_texts(self, rows, prompts) -> list[str]:
+        """The plans a derived kind starts from: the planner's for `prompts`, else the oracle's for `rows`."""
+        if self.planner is not None:
+            return self.planned(prompts).texts
+        if self.plans.oracle is None:
+            raise ConfigError(
+                f"hybrid.plan={self.cfg.plan} needs a planner (hybrid.planner.path) on a task without oracle plans"
+            )
+        return [self.plans.oracle(r) for r in rows]
+
+
+def _texts_only(texts: list[str], kind: str) -> PlanBatch:
+    """A PlanBatch of plans that were not sampled by the planner (nothing to train: plan_mask 0)."""
+    n = len(texts)
+    empty = torch.zeros(n, 0, dtype=torch.long)
+    return PlanBatch(empty, empty, empty, empty, torch.zeros(n, 0), list(texts), kind)
+
+
+def _other(ctx: PlanContext) -> tuple[list[dict], list]:
+    """Rows and prompts of another problem for each row."""
+    if all("other" in r for r in ctx.rows):
+        others = [r["other"] for r in ctx.rows]
+        return others, [o["prompt"] for o in others]
+    keys = list(dict.fromkeys(repr(p) for p in ctx.prompts))  # distinct prompts, in order
+    if len(keys) < 2:
+        raise ConfigError("hybrid.plan=other_problem needs at least two distinct prompts in a batch")
+    first = {k: i for i, k in reversed(list(enumerate(repr(p) for p in ctx.prompts)))}
+    nxt = [first[keys[(keys.index(repr(p)) + 1) % len(keys)]] for p in ctx.prompts]
+    return [ctx.rows[j] for j in nxt], [ctx.prompts[j] for j in nxt]
+
+
+def _content_free(ctx: PlanContext) -> PlanBatch:
+    text = ctx.cfg.content_free if ctx.cfg.content_free is not None else ctx.plans.content_free
+    return _texts_only([text] * len(ctx.prompts), "content_free")
+
+
+def _real(ctx: PlanContext) -> PlanBatch:
+    if ctx.planner is None:
+        raise ConfigError("hybrid.plan=real needs a planner: set hybrid.planner.path (a causal LM)")
+    return ctx.planned(ctx.prompts)
+
+
+def _oracle(ctx: PlanContext) -> PlanBatch:
+    if ctx.plans.oracle is None:
+        raise ConfigError("hybrid.plan=oracle: this task has no oracle plans (tasks.plans.PLANS)")
+    return _texts_only([ctx.plans.oracle(r) for r in ctx.rows], "oracle")
+
+
+def _other_problem(ctx: PlanContext) -> PlanBatch:
+    rows, prompts = _other(ctx)
+    return _texts_only(ctx.source_texts(rows, prompts), "other_problem")
+
+
+def _corrupted(ctx: PlanContext) -> PlanBatch:
+    return _texts_only([ctx.plans.corrupt(t) for t in ctx.source_texts(ctx.rows, ctx.prompts)], "corrupted")
+
+
+PLAN_KINDS: dict[str, Callable[[PlanContext], PlanBatch] | None] = {
+    "none": None,
+    "content_free": _content_free,
+    "real": _real,
+    "oracle": _oracle,
+    "other_problem": _other_problem,
+    "corrupted": _corrupted,
+}
+
+
+def plan_kind(name: str):
+    """The plan kind's function (None for none); a bad name lists the valid ones."""
+    return lookup(PLAN_KINDS, name, "hybrid.plan")
+
+
+def place(prompt, plan: str, template: str):
+    """The executor's prompt: the prompt's last user message (or the text) rendered through the template.
+
+    >>> place([{"role": "user", "content": "1___"}], "4___", "Plan: {plan}\\n{question}")
+    [{'role': 'user', 'content': 'Plan: 4___\\n1___'}]
+    """
+    if "{plan}" not in template or "{question}" not in template:
+        raise ConfigError(f"hybrid.template {template!r} must contain {{plan}} and {{question}}")
+    render = lambda q: template.replace("{plan}", plan).replace("{question}", q)
+    if isinstance(prompt, str):
+        return render(prompt)
+    messages = [dict(m) for m in prompt]
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    messages[last]["content"] = render(messages[last]["content"])
+    return messages
+
+
+def make_plans(prompts, rows, cfg: HybridConfig, planner, task: str, generator) -> tuple[PlanBatch | None, list]:
+    """(plans or None for plan=none, the executor's prompts). Draws once from `generator` unless plan=none."""
+    fn = plan_kind(cfg.plan)
+    if fn is None:
+        return None, list(prompts)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    ctx = PlanContext(list(prompts), list(rows), planner, task_plans(task), cfg, torch.Generator().manual_seed(seed))
+    plans = fn(ctx)
+    return plans, [place(p, t, cfg.template) for p, t in zip(prompts, plans.texts)]
+
+
+def hybrid_generate(
+    model,
+    tokenizer,
+    prompts,
+    rows,
+    rollout: RolloutConfig,
+    cfg: HybridConfig,
+    planner=None,
+    task: str = "",
+    generator: torch.Generator | None = None,
+    order_policy=None,
+) -> RolloutBatch:
+    """Plan, place, decode (module docstring). rows: the dataset rows of the prompts (oracle, corrupted and
+    other-problem plans read them). Returns the executor's RolloutBatch with `.plan` set (plan=none: an
+    empty PlanBatch) and `.plan.executor_prompts` the prompts it decoded."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    plans, executor_prompts = make_plans(prompts, rows, cfg, planner, task, generator)
+    batch = generate(model, tokenizer, executor_prompts, rollout, generator=generator, order_policy=order_policy)
+    batch.plan = plans if plans is not None else _texts_only([""] * len(prompts), "none")
+    batch.plan.executor_prompts = executor_prompts
+    return batch
+
+
+def scaffold_rows(rows: list[dict], cfg: HybridConfig, task: str, planner=None, seed: int = 0) -> list[dict]:
+    """Training rows whose prompts are rendered with the kinds of hybrid.sft_plans in turn (row i gets kind
+    i mod k), the targets unchanged: the data of a prefix-robustness fine-tune. Kinds that need a planner
+    (real; other_problem and corrupted when it is given) sample it with its own settings."""
+    kinds = cfg.sft_plans
+    out = [dict(r) for r in rows]
+    g = torch.Generator().manual_seed(seed)
+    for j, kind in enumerate(kinds):
+        idx = list(range(j, len(rows), len(kinds)))
+        if not idx or kind == "none":
+            continue
+        part = [rows[i] for i in idx]
+        sub = HybridConfig(**{**cfg.__dict__, "plan": kind})
+        for start in range(0, len(part), 256):
+            chunk = part[start : start + 256]
+            _, placed = make_plans([r["prompt"] for r in chunk], chunk, sub, planner, task, g)
+            for i, p in zip(idx[start : start + 256], placed):
+                out[i]["prompt"] = p
+    return out
+
+
+def scaffold_dataset(dataset, cfg: HybridConfig, task: str, seed: int = 0):
+    """scaffold_rows over a datasets.Dataset (the planner of cfg.planner is loaded when one is named)."""
+    import datasets
+
+    from ..models.ar import load_planner
+
+    needed = cfg.planner.path and any(k in ("real", "other_problem", "corrupted") for k in cfg.sft_plans)
+    planner = load_planner(cfg.planner, seed=seed) if needed else None
+    return datasets.Dataset.from_list(scaffold_rows(dataset.to_list(), cfg, task, planner, seed))

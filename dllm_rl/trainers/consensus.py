@@ -1,0 +1,126 @@
+"""Consensus distillation: train one decode to give what a majority vote of many decodes gives.
+
+Each round (consensus.steps_per_round optimizer steps): the teacher (consensus.teacher: the current model, or
+the initial one for frozen votes) samples consensus.samples completions for each of consensus.prompts_per_round
+fresh training prompts at consensus.temperature; their answers vote (tasks.answers, evalstats.vote); a prompt
+whose winning answer has at least consensus.min_share of the votes is kept, and its targets are up to
+consensus.max_paths *distinct* completions with that answer (consensus.target=greedy instead distils the
+teacher's own greedy decode, no vote). Then masked-diffusion SFT (trainers/sft.py's loss) on those pairs.
+No gold label is used for training; held-out accuracy (eval_steps) is the gold-labelled stop, and every
+round logs the vote: kept share, mean winning share, distinct answers per prompt, pass@k of the samples and,
+for monitoring only, how often the distilled answer is right (target_accuracy).
+
+This follows LMSI (arXiv 2210.11610: keep the majority answer's sampled paths, fine-tune on them) with the
+online votes that SRT (arXiv 2505.21444) and TTRL (arXiv 2504.16084) find necessary; the design errors that
+make such distillation plateau (frozen votes, distilling the greedy decode, one collapsed target) are each one
+recipe value away, so they can be measured (benchmarks/RESULTS.md, "Consensus distillation").
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+
+from ..config import Recipe
+from ..evalstats import distinct_answers, pass_at_k, vote
+from ..rewards.plugins import Reward, compute_rewards, resolve_reward
+from ..rollout import encode_prompts, generate
+from ..runtime import EpochSampler, generation_model, step_generator
+from ..tasks.answers import answer_key
+from .sft import SFTTrainer
+
+
+class ConsensusTrainer(SFTTrainer):
+    """`ConsensusTrainer(recipe).train()`: SFT whose pairs are rebuilt each round from the teacher's votes.
+
+    It is an SFT run (the same loss, optimizer, checkpoints and held-out evaluation) whose training pairs are
+    not the task's completions but the round's consensus targets; a resumed run rebuilds the current round's
+    targets from the resumed model.
+    """
+
+    def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
+        super().__init__(recipe, model, tokenizer, task)
+        c = recipe.consensus
+        self.to_answer = answer_key(self.task.name)
+        self.verifier = [Reward(self.task.reward, resolve_reward(self.task.reward))]
+        self.prompts = EpochSampler(len(self.task.train), recipe.train.seed + 1)
+        self.teacher = copy.deepcopy(self.run.acc.unwrap_model(self.model)).eval() if c.teacher == "initial" else None
+        self.round = None
+        self.pairs = []  # never the task's reference completions: targets come from the votes only
+
+    def _scores(self, rows, texts, copies: int) -> list[float]:
+        """The verifier's scores of `texts` (copies consecutive ones per row): monitoring only."""
+        columns = {k: [row[k] for row in rows for _ in range(copies)] for k in rows[0]}
+        prompts = [row["prompt"] for row in rows for _ in range(copies)]
+        return compute_rewards(self.verifier, prompts, texts, None, columns)[0].tolist()
+
+    def targets(self, r: int) -> tuple[list, dict]:
+        """(pairs, vote statistics) of round r."""
+        c, rec = self.recipe.consensus, self.recipe
+        rows = [self.task.train[i] for i in self.prompts.indices(r, c.prompts_per_round)]
+        prompts = [row["prompt"] for row in rows for _ in range(c.samples)]
+        with torch.no_grad(), generation_model(self.acc, self.model) as model:
+            teacher = self.teacher if self.teacher is not None else model
+            sampling = replace(rec.rollout, temperature=c.temperature)
+            out = generate(teacher, self.tokenizer, prompts, sampling, step_generator(rec.train.seed, r, "rollout"))
+            greedy = None
+            if c.target == "greedy":
+                plain = replace(rec.rollout, temperature=0.0)
+                greedy = generate(teacher, self.tokenizer, [row["prompt"] for row in rows], plain).completions
+        scores = self._scores(rows, out.completions, c.samples)
+        answers = [self.to_answer(t) for t in out.completions]
+        pairs, shares, kept, right, distinct, passk = [], [], 0, 0, [], []
+        greedy_right = self._scores(rows, greedy, 1) if greedy is not None else None
+        for q, row in enumerate(rows):
+            sl = slice(q * c.samples, (q + 1) * c.samples)
+            a, s, texts = answers[sl], scores[sl], out.completions[sl]
+            distinct.append(distinct_answers(a))
+            passk.append(pass_at_k(c.samples, sum(x >= 1 for x in s), c.samples))
+            readable = [x for x in a if x is not None]
+            if greedy is not None:  # the teacher's own greedy decode, no vote
+                chosen, ok = [greedy[q]], greedy_right[q] >= 1
+            else:
+                if not readable:
+                    shares.append(0.0)
+                    continue
+                winner = max(dict.fromkeys(readable), key=readable.count)  # ties: the first seen
+                shares.append(readable.count(winner) / c.samples)
+                if shares[-1] < c.min_share:
+                    continue
+                chosen = list(dict.fromkeys(t for t, x in zip(texts, a) if x == winner))[: c.max_paths]
+                ok = vote([winner], [s[a.index(winner)]]) >= 1
+            kept += 1
+            right += int(ok)
+            pairs += [(row["prompt"], t) for t in chosen]
+        stats = {
+            "consensus/kept": kept / len(rows),
+            "consensus/vote_share": sum(shares) / max(len(shares), 1),
+            "consensus/target_accuracy": right / max(kept, 1),
+            "consensus/targets_per_prompt": len(pairs) / max(kept, 1),
+            "consensus/distinct_answers": sum(distinct) / len(distinct),
+            f"consensus/pass@{c.samples}": sum(passk) / len(passk),
+        }
+        return pairs, stats
+
+    def _tokenized(self, pairs) -> list:
+        L, eos = self.recipe.rollout.max_completion_length, self.tokenizer.eos_token_id
+        ids = encode_prompts(self.tokenizer, [p for p, _ in pairs])
+        out = []
+        for p, (_, text) in zip(ids, pairs):
+            comp = (self.tokenizer(text, add_special_tokens=False).input_ids + [eos])[:L]
+            out.append((p, comp + [eos] * (L - len(comp))))
+        return out
+
+    def training_step(self, step: int) -> dict:
+        r = step // self.recipe.consensus.steps_per_round
+        stats = {}
+        if r != self.round:
+            pairs, stats = self.targets(r)
+            self.round = r
+            self.pairs = self._tokenized(pairs)
+            self.sampler = EpochSampler(max(len(self.pairs), 1), self.recipe.train.seed + r)
+        if not self.pairs:  # no prompt passed the vote this round: nothing to distil (no update)
+            return {"skipped": 1.0, **stats}
+        return {**super().training_step(step), **stats}

@@ -1,0 +1,205 @@
+"""The autoregressive planner's own training and its part in GRPO.
+
+- `PlannerSFTTrainer` (`algorithm: planner_sft`): supervised fine-tuning of the recipe's planner
+  (`hybrid.planner`: a fresh tiny Llama on the character tokenizer, or any causal LM) on (task prompt ->
+  oracle plan) pairs from tasks.plans, with TRL's SFTTrainer (prompt-completion data, loss on the
+  completion only, EOS appended). The prompt is exactly what the planner sees at rollout (its system prompt
+  and chat template: models.ar). Held-out plan accuracy (greedy plans that some solution agrees with,
+  tasks.plans) is printed and written to metrics.jsonl. `final/` is what `hybrid.planner.path` loads.
+- `PlannerPhase`: the planner inside GRPO (trainers/grpo.py): it writes the plans of the hybrid rollout
+  (rollout/hybrid.py) and, when hybrid.planner.train, adds its policy-gradient term: the plan's exact token
+  log-probs (a teacher-forced forward of the planner, models.ar) with the same group advantage as the
+  executor's completion, so (plan, completion) is trained as one trajectory whose log-probability is the
+  sum of both. The planner has its own parameter group (learning rate, LoRA) and is never the executor's
+  reference. `NoPlanner` stands in when the recipe has no plan (plain rollouts, no extra term).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..algorithms import LossInputs
+from ..config import Recipe, save_recipe
+from ..errors import ConfigError
+from ..models.ar import ARPlanner, load_planner
+from ..rollout import generate
+from ..rollout.hybrid import hybrid_generate, plan_kind
+from ..tasks import load_task
+from ..tasks.plans import PLANS, task_plans
+
+
+class PlannerSFTTrainer:
+    """`PlannerSFTTrainer(recipe).train()`: SFT of hybrid.planner on the task's oracle plans (TRL SFTTrainer)."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = r = recipe
+        self.task = load_task(r.data)
+        self.plans = task_plans(self.task.name)
+        if self.plans.oracle is None:
+            raise ConfigError(
+                f"algorithm=planner_sft needs oracle plans, which data.task={self.task.name} has none of "
+                f"(tasks.plans.PLANS: {sorted(PLANS)})"
+            )
+        self.planner = load_planner(r.hybrid.planner, seed=r.train.seed, trainable=True)
+
+    def dataset(self, rows):
+        import datasets
+
+        tok = self.planner.tokenizer
+        return datasets.Dataset.from_list(
+            [
+                {"prompt": tok.decode(ids), "completion": self.plans.oracle(row)}
+                for row, ids in zip(rows, self.planner.encode([row["prompt"] for row in rows]))
+            ]
+        )
+
+    def plan_accuracy(self, rows) -> float:
+        """Share of rows whose greedy plan is right (tasks.plans: some solution agrees with it)."""
+        greedy = ARPlanner(
+            self.planner.model, self.planner.tokenizer, replace(self.recipe.hybrid.planner, temperature=0.0)
+        )
+        right = 0
+        for start in range(0, len(rows), 64):
+            chunk = rows[start : start + 64]
+            plan = greedy.sample([row["prompt"] for row in chunk], torch.Generator().manual_seed(0))
+            right += sum(self.plans.correct(row, text) for row, text in zip(chunk, plan.texts))
+        return right / max(len(rows), 1)
+
+    def train(self) -> dict:
+        from trl import SFTConfig, SFTTrainer
+
+        r, t, o = self.recipe, self.recipe.train, self.recipe.optim
+        out = Path(t.output_dir)
+        args = SFTConfig(
+            output_dir=str(out),
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size // t.gradient_accumulation_steps,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            learning_rate=o.lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.betas[0],
+            adam_beta2=o.betas[1],
+            adam_epsilon=o.eps,
+            max_grad_norm=o.max_grad_norm,
+            lr_scheduler_type=o.lr_scheduler,
+            warmup_steps=o.warmup_steps,
+            seed=t.seed,
+            data_seed=t.seed,
+            logging_steps=t.logging_steps,
+            save_strategy="steps" if t.save_steps else "no",
+            save_steps=t.save_steps or 500,
+            save_total_limit=t.save_total_limit,
+            report_to=t.report_to or "none",
+            use_cpu=not torch.cuda.is_available(),
+            completion_only_loss=True,
+            max_length=None,
+            disable_tqdm=False,
+        )
+        trainer = SFTTrainer(
+            model=self.planner.model,
+            args=args,
+            train_dataset=self.dataset(self.task.train.to_list()),
+            processing_class=self.planner.tokenizer,
+        )
+        resume = t.resume is not False and any(out.glob("checkpoint-*"))
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        self.planner.model.eval()
+        accuracy = self.plan_accuracy(self.task.eval.to_list())
+        final = out / "final"
+        self.planner.save(final)
+        save_recipe(r, final / "recipe.yaml")
+        logged = [
+            {"step": h.get("step", 0), **{k: v for k, v in h.items() if k != "step"}} for h in trainer.state.log_history
+        ]
+        with open(out / "metrics.jsonl", "a") as f:  # TRL's training log, then the held-out plan accuracy
+            for row in logged + [{"step": t.max_steps, "plan_accuracy": accuracy}]:
+                f.write(json.dumps(row) + "\n")
+        n = len(self.task.eval)
+        print(f"held-out plan accuracy {accuracy:.3f} over {n} {self.task.name} examples; planner in {final}")
+        return {"plan_accuracy": accuracy, "final": str(final)}
+
+
+# ------------------------------------------------------------------------------------------------ in GRPO
+
+
+class NoPlanner:
+    """No plan: the plain rollout, no planner term in the loss."""
+
+    planner = None
+
+    def decode(self, model, tokenizer, prompts, rows, cfg, generator, order_policy=None):
+        return generate(model, tokenizer, prompts, cfg, generator=generator, order_policy=order_policy)
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    def loss(self, mb, loss_fn, grpo_cfg):
+        return 0.0, {}
+
+    def clip(self, max_norm: float) -> dict:
+        return {}
+
+    def checkpointed(self) -> tuple:
+        return ()
+
+    def save(self, directory) -> None:
+        pass
+
+
+class PlannerPhase(NoPlanner):
+    """The planner in GRPO (module docstring)."""
+
+    def __init__(self, recipe: Recipe, task_name: str):
+        h = recipe.hybrid
+        self.cfg, self.task_name, self.trains = h, task_name, h.planner.train
+        needs_planner = h.plan == "real" or (h.plan in ("other_problem", "corrupted") and h.planner.path)
+        self.planner = load_planner(h.planner, seed=recipe.train.seed, trainable=self.trains) if needs_planner else None
+
+    def decode(self, model, tokenizer, prompts, rows, cfg, generator, order_policy=None):
+        """The hybrid rollout: plans (the planner's, for plan=real), placed in the executor's prompts."""
+        return hybrid_generate(
+            model, tokenizer, prompts, rows, cfg, self.cfg, self.planner, self.task_name, generator, order_policy
+        )
+
+    def param_groups(self) -> list[dict]:
+        if not self.trains:
+            return []
+        return [{"params": [p for p in self.planner.parameters() if p.requires_grad], "lr": self.cfg.planner.lr}]
+
+    def loss(self, mb, loss_fn, grpo_cfg):
+        """(the planner's policy-gradient loss on micro-batch `mb`, stats): the recipe's loss over the plan
+        tokens with each row's group advantage; old log-probs = the sampler's (exact); no KL term. (0, {})
+        for a frozen planner."""
+        if not self.trains:
+            return 0.0, {}
+        plan = mb.plan
+        self.planner.model.train()
+        lp = self.planner.logprobs(plan)  # [n, T] with gradient
+        inputs = LossInputs(lp, plan.logprobs.to(lp.device), None, mb.advantages, plan.plan_mask.float(), 1)
+        loss, stats = loss_fn(inputs, replace(grpo_cfg, beta=0.0))
+        stats = {f"planner/{k}": v for k, v in stats.items()}
+        stats["planner/logprob"] = float((lp.detach() * plan.plan_mask).sum(-1).mean())
+        return loss, stats
+
+    def clip(self, max_norm: float) -> dict:
+        if not self.trains:
+            return {}
+        params = [p for p in self.planner.parameters() if p.requires_grad]
+        return {"planner/grad_norm": float(torch.nn.utils.clip_grad_norm_(params, max_norm))}
+
+    def checkpointed(self) -> tuple:
+        return (self.planner.model,) if self.trains else ()
+
+    def save(self, directory) -> None:
+        if self.trains:
+            self.planner.save(Path(directory) / "planner")
+
+
+def planner_phase(recipe: Recipe, task_name: str):
+    """NoPlanner, or the PlannerPhase of a recipe whose hybrid.plan is not none."""
+    plan_kind(recipe.hybrid.plan)  # a bad name lists the valid ones
+    return NoPlanner() if recipe.hybrid.plan == "none" else PlannerPhase(recipe, task_name)
