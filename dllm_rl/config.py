@@ -102,6 +102,15 @@ class RolloutConfig:
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     stop_at_eos: bool = True
     batch_size: int = 64  # prompts decoded together in eval / generate
+    # any-process decoding (rollout/anyprocess.py, arXiv 2510.06190): a learned edit head (edit_policy) also
+    # decides, each step, to remask committed tokens (remask), or to remask, delete and insert masks (any)
+    edit: Literal["none", "remask", "any"] = "none"
+    edit_temperature: float = 1.0  # the edit decisions are drawn from softmax(logits / this); 0 = argmax
+    edit_max_per_step: int = 2  # edits per row and step (non-KEEP ops + non-zero insert counts)
+    edit_max_insert: int = 1  # masks opened after one position in one step (1: AP-MDM's expansion)
+    edit_initial_length: Optional[int] = None  # the canvas starts this long; empty = max_completion_length,
+    # which is the most the completion can grow to under edits
+    edit_extra_steps: int = 0  # forwards beyond rollout.steps to review and edit the canvas once it is full
 
 
 @dataclass
@@ -151,6 +160,17 @@ class OrderPolicyConfig:
     base: Literal["top_prob", "none"] = "top_prob"  # the order an untrained head reproduces
     lr: float = 1e-3  # its own learning rate (same scheduler as the model)
     train_model: bool = True  # false: GRPO trains the order head only; the model's weights stay as loaded
+
+
+@dataclass
+class EditPolicyConfig:
+    """The edit head (policy.EditHead) of any-process decoding, built when rollout.edit is remask or any."""
+
+    width: int = 64
+    heads: int = 4
+    init_bias: float = 4.0  # KEEP and insert-0 start this many logits above the other choices
+    lr: float = 1e-3  # its own learning rate (same scheduler as the model)
+    train_model: bool = True  # false: only the edit head (and an order head) learn; the model stays as loaded
 
 
 @dataclass
@@ -209,6 +229,7 @@ class Recipe:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     order_policy: OrderPolicyConfig = field(default_factory=OrderPolicyConfig)
+    edit_policy: EditPolicyConfig = field(default_factory=EditPolicyConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
