@@ -5,11 +5,13 @@ for remask, insert ("expansion") and delete ("contraction"). This head is the sa
 module, so it works over any model that returns hidden states (the tiny MDM, and as an adapter the native
 LLaDA and Dream classes) without changing the model's weights or its files:
 
-    head(hidden [n, L+1, D], feats [n, L+1, F], valid [n, L+1]) -> op_logits [n, L, 3], ins_logits [n, L+1, K+1]
+    head(hidden [n, L, D], feats [n, L, F], valid [n, L]) -> op_logits [n, L, 3], ins_logits [n, L+1, K+1]
 
-Row 0 of the inputs is the last prompt token (the owner of the gap before the first completion token: it
-has only an insert count), rows 1..L the completion positions. op_logits score KEEP / REMASK / DELETE
-(policy.edits), ins_logits the number of masks 0..K to open after the position. The features (`features`)
+The inputs are the completion positions. op_logits score KEEP / REMASK / DELETE there (policy.edits),
+ins_logits the number of masks 0..K to open after each, with row 0 for the gap before the first completion
+token, read off a learned start slot that the head's attention layer places before the completion (so the
+head needs no hidden state outside the completion, and a cached rollout forwards exactly what the fill-only
+engine forwards). The features (`features`)
 are the model's view of each position: mask or committed, the model's probability of the token there, its
 top-1 probability and entropy (the signals ReMDM-style self-correction reads, arXiv 2503.00307). One
 self-attention layer over the canvas lets a decision depend on the other positions (a Sudoku cell is wrong
@@ -41,7 +43,7 @@ from ..rundir import resolve_model_dir
 from .edits import NUM_OPS
 
 FILE = "edit_policy.pt"  # beside the model files in a checkpoint / final directory
-NUM_FEATURES = 6  # gap-0 owner, mask, committed, p(current token), top-1 probability, entropy
+NUM_FEATURES = 5  # mask, committed, p(current token), top-1 probability, entropy
 
 
 @dataclass
@@ -66,6 +68,7 @@ class EditHead(nn.Module):
         w = cfg.width
         self.hidden_in = nn.Sequential(nn.LayerNorm(cfg.hidden_size), nn.Linear(cfg.hidden_size, w))
         self.feats_in = nn.Linear(NUM_FEATURES, w)
+        self.start = nn.Parameter(torch.zeros(w))  # the gap before the first completion token
         self.mix = nn.TransformerEncoderLayer(
             w, cfg.heads, dim_feedforward=2 * w, dropout=0.0, batch_first=True, norm_first=True
         )
@@ -83,11 +86,13 @@ class EditHead(nn.Module):
         return torch.cat([angle.sin(), angle.cos()], -1)
 
     def forward(self, hidden: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor, detach: bool = True):
-        """hidden [n, L+1, D], feats [n, L+1, F], valid [n, L+1] bool -> (op_logits [n, L, 3],
-        ins_logits [n, L+1, K+1]). detach: read the hidden states without gradient into the model."""
+        """hidden [n, L, D], feats [n, L, F], valid [n, L] bool -> (op_logits [n, L, 3], ins_logits [n, L+1, K+1]).
+        detach: read the hidden states without gradient into the model."""
         h = hidden.detach() if detach else hidden
-        x = self.hidden_in(h.float()) + self.feats_in(feats.float().detach()) + self._positions(h.shape[1], h.device)
-        x = self.mix(x, src_key_padding_mask=~valid)
+        x = self.hidden_in(h.float()) + self.feats_in(feats.float().detach())  # [n, L, w]
+        x = torch.cat([self.start.expand(len(x), 1, -1), x], 1)  # [n, L+1, w]
+        x = x + self._positions(x.shape[1], x.device)
+        x = self.mix(x, src_key_padding_mask=~torch.cat([torch.ones_like(valid[:, :1]), valid], 1))
         out = self.out(x)  # [n, L+1, 3 + K + 1]
         return out[:, 1:, :NUM_OPS], out[..., NUM_OPS:]
 
@@ -140,23 +145,19 @@ def edit_head_for(rollout, model, model_path: str | None, cfg=None, seed: int = 
 
 @torch.no_grad()
 def features(logits: torch.Tensor, canvas: torch.Tensor, valid: torch.Tensor, mask_token_id: int) -> torch.Tensor:
-    """The head's per-position features [n, L+1, 6] from the model's logits at the completion [n, L, V] (untempered)
-    and the canvas [n, L] (valid [n, L]): row 0 is the gap-0 owner. Without gradient (the head reads them
-    detached), so a likelihood's backward keeps no [n, L, V] tensors for them."""
+    """The head's per-position features [n, L, 5] from the model's logits at the completion [n, L, V] (untempered)
+    and the canvas [n, L] (valid [n, L]). Without gradient (the head reads them detached), so a likelihood's
+    backward keeps no [n, L, V] tensors for them."""
     logp = without_mask_token(logits.float(), mask_token_id).log_softmax(-1)
     is_mask = (canvas == mask_token_id) & valid
     committed = valid & ~is_mask
     current = logp.gather(-1, canvas.clamp(min=0, max=logp.shape[-1] - 1)[..., None])[..., 0].exp()
     zero = torch.zeros_like(current)
     cols = SimpleNamespace(
-        owner=zero,
         mask=is_mask.float(),
         committed=committed.float(),
         current=torch.where(committed, current, zero),
         top=torch.where(valid, logp.max(-1).values.exp(), zero),
         entropy=torch.where(valid, torch.special.entr(logp.exp()).sum(-1), zero),
     )
-    body = torch.stack(list(vars(cols).values()), -1)  # [n, L, 6]
-    first = torch.zeros_like(body[:, :1])
-    first[..., 0] = 1.0
-    return torch.cat([first, body], 1)
+    return torch.stack(list(vars(cols).values()), -1)  # [n, L, 5]

@@ -115,8 +115,8 @@ def test_untrained_head_keeps_everything():
     probability of editing is what the bias says, whatever the hidden states."""
     torch.manual_seed(0)
     head = EditHead(EditHeadConfig(hidden_size=16, width=8, heads=2, max_insert=2, init_bias=3.0))
-    hidden, feats = torch.randn(2, 6, 16), torch.rand(2, 6, 6)
-    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    hidden, feats = torch.randn(2, 5, 16), torch.rand(2, 5, 5)
+    valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     op, ins = head(hidden, feats, valid)
     assert op.shape == (2, 5, 3) and ins.shape == (2, 6, 3)
     assert (op.argmax(-1) == KEEP).all() and (ins.argmax(-1) == 0).all()
@@ -129,12 +129,11 @@ def test_features_read_the_model_view():
     canvas = torch.tensor([[4, MASK, 0]])
     valid = torch.tensor([[True, True, False]])
     f = features(logits, canvas, valid, MASK)
-    assert f.shape == (1, 4, 6)
-    assert f[0, 0].tolist() == [1, 0, 0, 0, 0, 0]  # the gap-0 owner
-    assert f[0, 1, 2] == 1 and f[0, 2, 1] == 1 and (f[0, 3] == 0).all()
+    assert f.shape == (1, 3, 5)
+    assert f[0, 0, 1] == 1 and f[0, 1, 0] == 1 and (f[0, 2] == 0).all()  # committed, mask, outside
     logp = logits.clone()
     logp[..., MASK] = float("-inf")
-    assert torch.isclose(f[0, 1, 3], logp[0, 0].softmax(-1)[4])  # p(current token) at a committed position
+    assert torch.isclose(f[0, 0, 2], logp[0, 0].softmax(-1)[4])  # p(current token) at a committed position
 
 
 def test_save_load_and_building(tmp_path, model_factory):
