@@ -27,6 +27,8 @@ class Decoding:
     order: str = "low_confidence"  # the ordering rule (policy.orders.ORDERS)
     order_temperature: float = 0.0  # > 0: orders were sampled Plackett-Luce (Trace.order_logprob holds them)
     block_length: int = 0  # semi-autoregressive block length (the completion length for one block)
+    top_k: int = 0  # token filters (recorded by any-process rollouts, whose likelihood applies them)
+    top_p: float = 1.0
     edit: str = "none"  # any-process decoding (rollout.edit): none | remask | any
     edit_temperature: float = 0.0  # the edit decisions' temperature (0: argmax, no probability recorded)
     edit_max_per_step: int = 0  # the limits the edit decisions were drawn under (policy.edits.EditLimits)

@@ -116,6 +116,14 @@ class RolloutConfig:
 @dataclass
 class SFTConfig:
     t_min: float = 1e-3  # masking ratio t ~ U(t_min, 1]; the prompt stays clean (LLaDA's SFT)
+    # mdm: masked-diffusion SFT; edit: the edit head of rollout.edit (and the model) on corrupted drafts
+    # (trainers/edit_sft.py; tasks/edit_drafts.py), each rate below the most a draft gets (0 in half of them)
+    objective: Literal["mdm", "edit"] = "mdm"
+    edit_substitute: float = 0.2  # shown tokens replaced by wrong ones (to remask)
+    edit_missing: float = 0.3  # hidden target tokens without a mask (to insert)
+    edit_spurious: float = 0.3  # extra masks and wrong tokens (to delete)
+    edit_wrong_length: float = 0.3  # share of drafts that are all masks of a random length (rollout.edit=any)
+    edit_vocab: Optional[str] = None  # the text wrong tokens are drawn from; empty = the targets' tokens
 
 
 @dataclass
@@ -217,6 +225,7 @@ class EvalConfig:
     num_samples: int = 1  # completions per prompt (pass@1 averaged over samples)
     temperature: float = 0.0  # decoding temperature for evaluation (the rest of `rollout` applies)
     order_temperature: Optional[float] = None  # unmasking-order temperature; empty = rollout.order_temperature
+    edit_temperature: Optional[float] = None  # edit decisions' temperature; empty = rollout.edit_temperature
 
 
 @dataclass

@@ -22,9 +22,10 @@ def evaluate(
     num_samples: int = 1,
     batch_size: int | None = None,
     order_policy=None,
+    edit_policy=None,
 ) -> dict:
     """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt.
-    order_policy: the learned order head, for rollout.order=policy."""
+    order_policy: the learned order head, for rollout.order=policy; edit_policy: the edit head, for rollout.edit."""
     verifier = [Reward(reward_name, resolve_reward(reward_name))]
     batch_size = batch_size or rollout.batch_size
     g = torch.Generator().manual_seed(seed)
@@ -33,7 +34,9 @@ def evaluate(
     for start in range(0, len(rows), batch_size):
         chunk = [r for r in rows[start : start + batch_size] for _ in range(num_samples)]
         prompts = [r["prompt"] for r in chunk]
-        out = generate(model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy)
+        out = generate(
+            model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy, edit_policy=edit_policy
+        )
         forwards += out.stats["forwards"]
         columns = {k: [r[k] for r in chunk] for k in chunk[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
@@ -56,14 +59,16 @@ def evaluate(
     return result
 
 
-def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None) -> dict:
+def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None, edit_policy=None) -> dict:
     """Held-out accuracy as a recipe defines it: eval.size prompts, eval.num_samples each, decoded with the
-    recipe's rollout section at eval.temperature (and eval.order_temperature when set)."""
+    recipe's rollout section at eval.temperature (and eval.order_temperature, eval.edit_temperature when set)."""
     e = recipe.eval
     data = task.eval.select(range(min(e.size or len(task.eval), len(task.eval))))
     rollout = replace(recipe.rollout, temperature=e.temperature)
     if e.order_temperature is not None:
         rollout = replace(rollout, order_temperature=e.order_temperature)
+    if e.edit_temperature is not None:
+        rollout = replace(rollout, edit_temperature=e.edit_temperature)
     return evaluate(
         model,
         tokenizer,
@@ -73,4 +78,5 @@ def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None) -
         seed=recipe.train.seed,
         num_samples=e.num_samples,
         order_policy=order_policy,
+        edit_policy=edit_policy,
     )

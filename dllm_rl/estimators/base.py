@@ -53,10 +53,15 @@ class Noise:
 @dataclass
 class Estimate:
     """Per-token log-likelihood estimates [N, Lc]; `upper` is an upper bound where the estimator has one
-    (SPG). Summed over a sequence's completion tokens they give the sequence estimate."""
+    (SPG). Summed over a sequence's completion tokens they give the sequence estimate.
+
+    `mask`: when the entries are not the completion's tokens, which of them count ([N, K] with logps [N, K]; the
+    trajectory estimator of any-process rollouts returns one entry per step, since edits move tokens around);
+    None: the completion mask applies."""
 
     logps: torch.Tensor
     upper: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

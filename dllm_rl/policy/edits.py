@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batches import Decoding
+
 KEEP, REMASK_OP, DELETE_OP = 0, 1, 2  # op indices: the edit head's first three logits
 NUM_OPS = 3
 NEG = float("-inf")
@@ -47,6 +49,17 @@ class EditLimits:
     max_length: int  # the completion never exceeds this many positions
     max_per_step: int  # edits per row and step: non-KEEP ops plus non-zero insert counts
     min_length: int = 1  # DELETE never leaves fewer positions than this
+
+
+def edit_limits(d: Decoding) -> EditLimits:
+    """The limits a rollout's edit decisions were drawn under, from its recorded settings (Trace.decoding)."""
+    return EditLimits(
+        remask=True,
+        delete=d.edit == "any",
+        max_insert=d.edit_max_insert if d.edit == "any" else 0,
+        max_length=d.edit_max_length,
+        max_per_step=d.edit_max_per_step,
+    )
 
 
 @dataclass

@@ -57,7 +57,7 @@ from ..kernels import choose_tokens
 from ..models.base import ModelTraits, traits, unwrap
 from ..models.masks import padding_positions
 from ..policy.edit_head import features
-from ..policy.edits import DELETE_OP, KEEP, REMASK_OP, EditLimits, EditState, decision_logprobs, sample_edits
+from ..policy.edits import DELETE_OP, KEEP, REMASK_OP, EditState, decision_logprobs, edit_limits, sample_edits
 from ..policy.orders import ORDERS, OrderInputs
 from ..policy.plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
 from .commit import COMMIT_RULES
@@ -66,21 +66,12 @@ from .trace import TraceRecorder
 EDIT_STREAM, INSERT_STREAM = 5, 6  # counter_rng streams of the edit decisions (1-3 are the fill-only engine's)
 
 
-def edit_limits(d: Decoding) -> EditLimits:
-    """The limits a rollout's edit decisions were drawn under, from its recorded settings."""
-    return EditLimits(
-        remask=True,
-        delete=d.edit == "any",
-        max_insert=d.edit_max_insert if d.edit == "any" else 0,
-        max_length=d.edit_max_length,
-        max_per_step=d.edit_max_per_step,
-    )
-
-
 def edit_decoding(cfg: RolloutConfig, base: Decoding) -> Decoding:
     """The fill-only engine's Decoding plus the edit settings (what Trace.decoding records)."""
     return replace(
         base,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
         edit=cfg.edit,
         edit_temperature=cfg.edit_temperature,
         edit_max_per_step=cfg.edit_max_per_step,
@@ -303,7 +294,10 @@ def _step(model, c: _Canvas, cfg, d, tr, seeds, cache, rec, states, order_policy
     st.progress = state.committed.float().sum(-1) / state.length.float()
     k = COMMIT_RULES[cfg.commit](st, cfg).clamp(max=cand.sum(-1))
     u_ord = uniform(seeds[r_idx], step, offsets.expand(n, -1), ORDER_STREAM)
-    scores = ORDERS[cfg.order].scores(OrderInputs(st, offsets, u_ord, hidden, order_policy))
+    # a learned order head reads every slot of the canvas: its padding is zeroed, so the trajectory estimator,
+    # whose views are padded with other tokens, replays the same scores
+    seen = hidden * valid[..., None]
+    scores = ORDERS[cfg.order].scores(OrderInputs(st, offsets, u_ord, seen, order_policy))
     if cfg.order_temperature > 0:
         u_g = uniform(seeds[r_idx], step, offsets.expand(n, -1), ORDER_STREAM + 1)
         chosen, ok = gumbel_topk(scores / cfg.order_temperature, cand, k, u_g)

@@ -30,7 +30,7 @@ from ..evaluate import evaluate_recipe
 from ..metrics import reward_metrics, throughput_metrics
 from ..models.base import unwrap
 from ..models.load import load_model
-from ..policy import ORDERS, order_head_for
+from ..policy import ORDERS, edit_head_for, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
 from ..rollout.engine import check_config, decoding
@@ -68,10 +68,16 @@ class GRPOTrainer:
             self.order_policy.train()  # it decodes and is scored as it trains (its attention layer's one path)
         if self.order_policy is not None and not r.order_policy.train_model:
             run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
+        # any-process decoding (rollout.edit): the edit head, built and trained like the order head
+        self.edit_policy = edit_head_for(r.rollout, run.model, r.model.path, r.edit_policy, r.train.seed)
+        if self.edit_policy is not None and not r.edit_policy.train_model:
+            run.model.requires_grad_(False)
         params = [{"params": [p for p in run.model.parameters() if p.requires_grad]}]
         if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
             params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
-        checkpointed = () if self.order_policy is None else (self.order_policy,)
+        if self.edit_policy is not None:
+            params.append({"params": list(self.edit_policy.parameters()), "lr": r.edit_policy.lr})
+        checkpointed = tuple(h for h in (self.order_policy, self.edit_policy) if h is not None)
         run.prepare(params, r.train.max_steps * r.grpo.num_iterations, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         if self.ref is not None:
@@ -103,6 +109,13 @@ class GRPOTrainer:
             raise ConfigError("grpo.loss_type=spg has no KL term (as SPG); set grpo.beta=0")
         learned = lookup(ORDERS, r.rollout.order, "rollout.order").needs_hidden
         check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=learned)
+        if r.rollout.edit != "none" and (
+            not self.estimator.replays_orders or self.acc.num_processes > 1 or r.train.deepspeed
+        ):
+            raise ConfigError(
+                f"rollout.edit={r.rollout.edit} trains the edit head by the trajectory likelihood of its decisions: "
+                f"set estimator.name=trajectory, and run one process without DeepSpeed for now"
+            )
         if not r.order_policy.train_model and not learned:
             raise ConfigError(
                 "order_policy.train_model=false trains only a learned unmasking order: set "
@@ -132,6 +145,8 @@ class GRPOTrainer:
             return None, "none"
         if self.recipe.rollout.order == "policy" and not self.recipe.order_policy.train_model:
             return None, "none"  # the model cannot move from its reference: the KL (same head) is 0
+        if self.recipe.rollout.edit != "none" and not self.recipe.edit_policy.train_model:
+            return None, "none"  # likewise with an edit head
         is_peft = hasattr(model, "disable_adapter")
         if mode == "auto":
             mode = "adapter_disabled" if is_peft else "frozen_copy"
@@ -165,6 +180,7 @@ class GRPOTrainer:
                 self.recipe.rollout,
                 generator=step_generator(self.recipe.train.seed, step, "rollout"),
                 order_policy=self.order_policy,
+                edit_policy=self.edit_policy,
             )
         return batch, prompts
 
@@ -206,7 +222,9 @@ class GRPOTrainer:
 
     def _estimate(self, model, batch, noise, grad: bool):
         with torch.set_grad_enabled(grad):
-            return self.estimator.estimate(model, batch, noise.to(self.acc.device), order_policy=self.order_policy)
+            return self.estimator.estimate(
+                model, batch, noise.to(self.acc.device), order_policy=self.order_policy, edit_policy=self.edit_policy
+            )
 
     def _ref_estimate(self, batch, noise):
         if self.ref_mode == "adapter_disabled":
@@ -255,7 +273,7 @@ class GRPOTrainer:
             est.logps.detach() if old is None else old,
             ref,
             mb.advantages,
-            mb.completion_mask.float(),
+            _entries(est, mb),
             self.recipe.grpo.num_generations,
             est.upper,
         )
@@ -306,6 +324,10 @@ class GRPOTrainer:
                             stats["order_policy/grad_norm"].append(
                                 float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
                             )
+                        if self.edit_policy is not None:
+                            stats["edit_policy/grad_norm"].append(
+                                float(torch.nn.utils.clip_grad_norm_(self.edit_policy.parameters(), max_norm))
+                            )
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 stats["loss"].append(loss.item())
@@ -321,7 +343,7 @@ class GRPOTrainer:
         seq = []
         for _ in range(draws):
             est = self._estimate(self.model, mb, self.estimator.draw(mb, g), grad=False)
-            seq.append((est.logps * mb.completion_mask).sum(-1))
+            seq.append((est.logps * _entries(est, mb)).sum(-1))
         return torch.stack(seq).std(0).mean().item()
 
     # -------------------------------------------------------------------------------------------- loop
@@ -366,9 +388,14 @@ class GRPOTrainer:
 
     def evaluate(self) -> float:
         with generation_model(self.acc, self.model) as model:  # every rank decodes the held-out set on gathered weights
-            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy)[
-                "accuracy"
-            ]
+            return evaluate_recipe(
+                model,
+                self.tokenizer,
+                self.task,
+                self.recipe,
+                order_policy=self.order_policy,
+                edit_policy=self.edit_policy,
+            )["accuracy"]
 
     def train(self) -> dict:
         run, out = self.run, self.recipe.train.output_dir
@@ -396,11 +423,11 @@ class GRPOTrainer:
                     else {}
                 ),
             },
-            extra_state={"order_policy": self.order_policy},
+            extra_state={"order_policy": self.order_policy, "edit_policy": self.edit_policy},
         )
         after = self.evaluate()
         self.log.log(self.recipe.train.max_steps, {"eval_accuracy": after})
-        final = run.finish(order_policy=self.order_policy)
+        final = run.finish(order_policy=self.order_policy, edit_policy=self.edit_policy)
         if self.acc.is_main_process:
             plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"])
         self.acc.print(
@@ -408,3 +435,9 @@ class GRPOTrainer:
             f"({100 * (after - before):+.1f} points); model and reward curve in {final}"
         )
         return {"before": before, "after": after, "final": str(final)}
+
+
+def _entries(est, mb) -> torch.Tensor:
+    """Which entries of an estimate count: its own mask (per-step estimates of any-process rollouts), else the
+    completion's tokens."""
+    return (est.mask if est.mask is not None else mb.completion_mask).float()
