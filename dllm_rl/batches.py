@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-COMMIT, REMASK, FILL = 0, 1, 2  # event kinds: sampled commit; self-correction remask; filled after EOS
+COMMIT, REMASK, FILL = 0, 1, 2  # event kinds: sampled commit; remask (self-correction or an edit); filled after EOS
+DELETE, INSERT = 3, 4  # any-process edits: a position removed; masks opened after a position (count in `token`)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,13 @@ class Decoding:
     order: str = "low_confidence"  # the ordering rule (policy.orders.ORDERS)
     order_temperature: float = 0.0  # > 0: orders were sampled Plackett-Luce (Trace.order_logprob holds them)
     block_length: int = 0  # semi-autoregressive block length (the completion length for one block)
+    top_k: int = 0  # token filters (recorded by any-process rollouts, whose likelihood applies them)
+    top_p: float = 1.0
+    edit: str = "none"  # any-process decoding (rollout.edit): none | remask | any
+    edit_temperature: float = 0.0  # the edit decisions' temperature (0: argmax, no probability recorded)
+    edit_max_per_step: int = 0  # the limits the edit decisions were drawn under (policy.edits.EditLimits)
+    edit_max_insert: int = 0
+    edit_max_length: int = 0  # the completion's capacity
 
 
 @dataclass
@@ -36,6 +44,12 @@ class Trace:
     Steps are counted per row: step s of a row is its s-th forward, whatever the other rows did. Besides the
     decisions it records how they were made (the sampler settings a replay needs), so a likelihood
     estimator reads them from the trace rather than from a recipe.
+
+    Any-process rollouts (rollout.edit, rollout/anyprocess.py) change the canvas length: their events' positions
+    index the canvas *before* the event's step (an INSERT's position -1 is the gap after the prompt, its token
+    column the number of masks opened), a step's events apply together (`edit_canvas`), and `lengths`,
+    `edit_on` and `edit_logprob` are set (None otherwise). commit_step and token_logprob then describe the
+    positions of the final canvas.
     """
 
     commit_step: torch.Tensor  # [N, Lc] step of the final token's commit; -1 = filled after EOS (not sampled)
@@ -46,18 +60,27 @@ class Trace:
     event_logprob: torch.Tensor  # [E] sampler log-prob of committed tokens (0 for remask / fill)
     mask_token_id: int
     decoding: Decoding = field(default_factory=lambda: Decoding())  # how the decisions were made
+    lengths: torch.Tensor | None = None  # [N, S+1] completion length before each step, and after the last
+    edit_on: torch.Tensor | None = None  # [N, S] bool: the step drew edit decisions (each KEEP had a probability)
+    edit_logprob: torch.Tensor | None = None  # [N, S] the step's edit decisions' log-prob, KEEPs included
 
     EVENT_FIELDS = ("row", "step", "position", "token", "kind")  # the columns of `events`
+    EDIT_FIELDS = ("lengths", "edit_on", "edit_logprob")  # per-row fields of any-process rollouts
 
     def replay(self, row: int) -> list[torch.Tensor]:
-        """Completion canvases of `row` after each of its steps: a list of num_steps [Lc] tensors."""
-        Lc = self.commit_step.shape[1]
+        """Completion canvases of `row` after each of its steps: a list of num_steps [Lc] tensors (of the
+        lengths the canvas had, for any-process rollouts)."""
+        Lc = self.commit_step.shape[1] if self.lengths is None else int(self.lengths[row, 0])
         canvas = torch.full((Lc,), self.mask_token_id, dtype=torch.long)
         ev = self.events[self.events[:, 0] == row]
         states = []
         for s in range(int(self.num_steps[row])):
-            for _, _, pos, tok, _ in ev[ev[:, 1] == s].tolist():
-                canvas[pos] = tok
+            step = ev[ev[:, 1] == s]
+            if self.lengths is None:  # fixed canvas: events apply in place, in order
+                for _, _, pos, tok, _ in step.tolist():
+                    canvas[pos] = tok
+            else:
+                canvas = edit_canvas(canvas, step, self.mask_token_id)
             states.append(canvas.clone())
         return states
 
@@ -80,6 +103,7 @@ class Trace:
             num_steps=self.num_steps[rows],
             events=events,
             event_logprob=self.event_logprob[keep],
+            **{k: getattr(self, k)[rows] for k in self.EDIT_FIELDS if getattr(self, k) is not None},
         )
 
     @staticmethod
@@ -100,7 +124,40 @@ class Trace:
             num_steps=torch.cat([t.num_steps for t in parts]),
             events=torch.cat(events),
             event_logprob=torch.cat([t.event_logprob for t in parts]),
+            **{
+                k: torch.cat(
+                    [
+                        torch.nn.functional.pad(getattr(t, k), (0, S + (k == "lengths") - getattr(t, k).shape[1]))
+                        for t in parts
+                    ]
+                )
+                for k in Trace.EDIT_FIELDS
+                if getattr(parts[0], k) is not None
+            },
         )
+
+
+def edit_canvas(canvas: torch.Tensor, events: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """The canvas after one any-process step: canvas [L] and that step's events [e, 5], whose positions index
+    `canvas`, all applied together (AP-MDM's transition, arXiv 2510.06190 Algorithm 1): position i is dropped
+    (DELETE) or emits the token its last COMMIT / REMASK / FILL event wrote (else its own), then the masks an
+    INSERT at i opened; an INSERT at -1 opens masks before position 0. Returns the new canvas [L']."""
+    L = canvas.shape[0]
+    token = canvas.clone()
+    deleted = torch.zeros(L + 1, dtype=torch.bool)
+    opened = torch.zeros(L + 1, dtype=torch.long)  # [gap 0 | after position 0 | ...]
+    for _, _, pos, tok, kind in events.tolist():
+        if kind == DELETE:
+            deleted[pos] = True
+        elif kind == INSERT:
+            opened[pos + 1] += tok
+        else:
+            token[pos] = tok
+    pieces = [torch.full((int(opened[0]),), mask_token_id, dtype=torch.long)]
+    for i in range(L):
+        if not deleted[i]:
+            pieces += [token[i : i + 1], torch.full((int(opened[i + 1]),), mask_token_id, dtype=torch.long)]
+    return torch.cat(pieces)
 
 
 @dataclass

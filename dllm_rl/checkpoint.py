@@ -4,9 +4,9 @@ Written into the run directory's layout (rundir.py):
     checkpoint-<step>/   model files (config.json, model.safetensors | adapter_*), tokenizer files,
                          recipe.yaml, trainer_state.json, accelerator_state/ (optimizer, scheduler, RNG),
                          order_policy.pt when a learned unmasking order is trained (rollout.order=policy),
-                         and COMPLETE, written last
-    final/               model files + recipe.yaml (+ order_policy.pt) only (what `dllm-rl generate` / `eval`
-                         and a later recipe's model.path load; small enough to ship)
+                         edit_policy.pt when an edit head is trained (rollout.edit), and COMPLETE, written last
+    final/               model files + recipe.yaml (+ order_policy.pt, edit_policy.pt) only (what
+                         `dllm-rl generate` / `eval` and a later recipe's model.path load; small enough to ship)
 Every directory is written under a temporary name and renamed into place, and an old checkpoint is renamed
 before it is deleted, so a killed run never leaves a half-written or half-deleted checkpoint under a real
 name; resume picks the newest complete checkpoint-<step>.
@@ -36,10 +36,10 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_model_files(
-    directory: Path, model, tokenizer, recipe: Recipe, accelerator, state=None, order_policy=None
+    directory: Path, model, tokenizer, recipe: Recipe, accelerator, state=None, order_policy=None, edit_policy=None
 ) -> None:
     """Model weights in HF format (adapters only for peft models), tokenizer, resolved recipe, and the
-    learned order head when there is one.
+    learned order head and edit head when there are.
 
     `state`: the full state dict when the caller already gathered it (ZeRO-3 gathers collectively).
     """
@@ -52,10 +52,21 @@ def save_model_files(
     save_recipe(recipe, directory / "recipe.yaml")
     if order_policy is not None:
         order_policy.save(directory)
+    if edit_policy is not None:
+        edit_policy.save(directory)
 
 
 def save_checkpoint(
-    run_dir, step: int, accelerator, model, tokenizer, recipe: Recipe, state: dict, keep: int = 2, order_policy=None
+    run_dir,
+    step: int,
+    accelerator,
+    model,
+    tokenizer,
+    recipe: Recipe,
+    state: dict,
+    keep: int = 2,
+    order_policy=None,
+    edit_policy=None,
 ) -> Path:
     """Atomically write checkpoint-<step> (all processes must call this; rank 0 writes the model files)."""
     run = Path(run_dir)
@@ -69,7 +80,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()  # ... and its RNG state, before rank 0 renames the directory
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
     if accelerator.is_main_process:
-        save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict, order_policy)
+        save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict, order_policy, edit_policy)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         (tmp / COMPLETE).write_text("")
         _replace_dir(tmp, final)
@@ -89,7 +100,14 @@ def load_checkpoint(path: Path, accelerator) -> dict:
 
 
 def save_final(
-    run_dir, accelerator, model, tokenizer, recipe: Recipe, extra: dict | None = None, order_policy=None
+    run_dir,
+    accelerator,
+    model,
+    tokenizer,
+    recipe: Recipe,
+    extra: dict | None = None,
+    order_policy=None,
+    edit_policy=None,
 ) -> Path:
     """Atomically write run_dir/final: model files + recipe (no optimizer state)."""
     run = Path(run_dir)
@@ -98,7 +116,7 @@ def save_final(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model_files(tmp, model, tokenizer, recipe, accelerator, state, order_policy)
+        save_model_files(tmp, model, tokenizer, recipe, accelerator, state, order_policy, edit_policy)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(content)
         _replace_dir(tmp, final)

@@ -1,6 +1,6 @@
 """The `dllm-rl` command.
 
-    dllm-rl sft RECIPE [section.key=value ...]        masked-diffusion SFT
+    dllm-rl sft RECIPE [section.key=value ...]        masked-diffusion SFT (or edit-head SFT: sft.objective=edit)
     dllm-rl train RECIPE [section.key=value ...]      the recipe's algorithm (grpo, dpo, sft, planner_sft, consensus)
     dllm-rl generate CHECKPOINT --prompt TEXT [--prompt TEXT ...] [rollout.key=value ...]
     dllm-rl eval RECIPE --checkpoint CHECKPOINT [--hybrid-axes] [section.key=value ...]
@@ -80,7 +80,7 @@ def cmd_generate(args) -> None:
 
     from .config import RolloutConfig, load_recipe, recipe_from_dict
     from .models.load import load_model
-    from .policy import order_head_for
+    from .policy import edit_head_for, order_head_for
     from .rollout import generate
     from .rundir import resolve_model_dir
 
@@ -99,6 +99,7 @@ def cmd_generate(args) -> None:
         cfg,
         generator=torch.Generator().manual_seed(args.seed),
         order_policy=order_head_for(cfg.order, model, model_dir),
+        edit_policy=edit_head_for(cfg, model, model_dir),
     )
     for prompt, completion in zip(args.prompt, out.completions):
         print(f"### prompt\n{prompt}\n### completion\n{completion}")
@@ -108,14 +109,16 @@ def cmd_eval(args) -> None:
     from .config import load_recipe
     from .evaluate import evaluate_recipe
     from .models.load import load_model
-    from .policy import order_head_for
+    from .policy import edit_head_for, order_head_for
     from .rundir import resolve_model_dir
     from .tasks import load_task
 
     recipe = load_recipe(args.recipe, args.overrides)
     model, tokenizer = load_model(recipe.model, path=args.checkpoint)
     task = load_task(recipe.data)
-    order_policy = order_head_for(recipe.rollout.order, model, resolve_model_dir(args.checkpoint))
+    model_dir = resolve_model_dir(args.checkpoint)
+    order_policy = order_head_for(recipe.rollout.order, model, model_dir)
+    edit_policy = edit_head_for(recipe.rollout, model, model_dir)
     if args.hybrid_axes:
         from .axes import hybrid_axes, print_axes
 
@@ -126,7 +129,9 @@ def cmd_eval(args) -> None:
         from .models.ar import load_planner
 
         planner = load_planner(recipe.hybrid.planner, seed=recipe.train.seed)
-    result = evaluate_recipe(model, tokenizer, task, recipe, order_policy=order_policy, planner=planner)
+    result = evaluate_recipe(
+        model, tokenizer, task, recipe, order_policy=order_policy, edit_policy=edit_policy, planner=planner
+    )
     for prompt, completion, value in result["examples"]:
         print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> {completion!r}")
     n = recipe.eval.num_samples

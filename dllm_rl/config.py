@@ -162,6 +162,15 @@ class RolloutConfig:
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     stop_at_eos: bool = True
     batch_size: Count = 64  # prompts decoded together in eval / generate
+    # any-process decoding (rollout/anyprocess.py, arXiv 2510.06190): a learned edit head (edit_policy) also
+    # decides, each step, to remask committed tokens (remask), or to remask, delete and insert masks (any)
+    edit: Literal["none", "remask", "any"] = "none"
+    edit_temperature: NonNegative = 1.0  # the edit decisions are drawn from softmax(logits / this); 0 = argmax
+    edit_max_per_step: Count = 2  # edits per row and step (non-KEEP ops + non-zero insert counts)
+    edit_max_insert: Count = 1  # masks opened after one position in one step (1: AP-MDM's expansion)
+    edit_initial_length: Optional[Count] = None  # the canvas starts this long; empty = max_completion_length,
+    # which is the most the completion can grow to under edits
+    edit_extra_steps: Annotated[int, Check(ge=0)] = 0  # forwards beyond rollout.steps to review and edit the canvas
 
 
 @dataclass
@@ -169,6 +178,14 @@ class SFTConfig:
     t_min: Annotated[float, Check(ge=0, lt=1, ignored_by=("grpo",))] = (
         1e-3  # masking ratio t ~ U(t_min, 1]; prompt clean
     )
+    # mdm: masked-diffusion SFT; edit: the edit head of rollout.edit (and the model) on corrupted drafts
+    # (trainers/edit_sft.py; tasks/edit_drafts.py), each rate below the most a draft gets (0 in half of them)
+    objective: Literal["mdm", "edit"] = "mdm"
+    edit_substitute: Unit = 0.2  # shown tokens replaced by wrong ones (to remask)
+    edit_missing: Unit = 0.3  # hidden target tokens without a mask (to insert)
+    edit_spurious: Unit = 0.3  # extra masks and wrong tokens (to delete)
+    edit_wrong_length: Unit = 0.3  # share of drafts that are all masks of a random length (rollout.edit=any)
+    edit_vocab: Optional[str] = None  # the text wrong tokens are drawn from; empty = the targets' tokens
 
 
 @dataclass
@@ -309,6 +326,17 @@ class ConsensusConfig:
 
 
 @dataclass
+class EditPolicyConfig:
+    """The edit head (policy.EditHead) of any-process decoding, built when rollout.edit is remask or any."""
+
+    width: Count = 64
+    heads: Count = 4
+    init_bias: float = 4.0  # KEEP and insert-0 start this many logits above the other choices
+    lr: LearningRate = 1e-3  # its own learning rate (same scheduler as the model)
+    train_model: bool = True  # false: only the edit head (and an order head) learn; the model stays as loaded
+
+
+@dataclass
 class RewardSpec:
     # a built-in name, path/to/file.py:function, or an installed entry point (checked by validate.validate_recipe)
     name: Annotated[str, Check(why="a built-in reward name, path/to/file.py:function or an entry point")] = ""
@@ -364,6 +392,7 @@ class EvalConfig:
     temperature: NonNegative = 0.0  # decoding temperature for evaluation (the rest of `rollout` applies)
     order_temperature: Optional[NonNegative] = None  # unmasking-order temperature; empty = rollout.order_temperature
     majority: bool = False  # with num_samples > 1: accuracy = majority vote over the samples' answers (maj@n)
+    edit_temperature: Optional[NonNegative] = None  # edit decisions' temperature; empty = rollout.edit_temperature
 
 
 @dataclass
@@ -377,6 +406,10 @@ class Recipe:
     dpo: Annotated[DPOConfig, NOT_DPO_READERS] = field(default_factory=DPOConfig)
     estimator: Annotated[EstimatorConfig, NOT_SFT] = field(default_factory=EstimatorConfig)
     order_policy: Annotated[OrderPolicyConfig, NOT_SFT_DPO] = field(default_factory=OrderPolicyConfig)
+    # read by GRPO and edit SFT (rollout.edit)
+    edit_policy: Annotated[EditPolicyConfig, Check(ignored_by=("dpo", "planner_sft", "consensus"))] = field(
+        default_factory=EditPolicyConfig
+    )
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     consensus: Annotated[ConsensusConfig, Check(ignored_by=("sft", "grpo", "dpo", "planner_sft"))] = field(
         default_factory=ConsensusConfig

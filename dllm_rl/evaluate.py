@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from .config import HybridConfig, Recipe, RolloutConfig
+from .errors import ConfigError
 from .evalstats import maj_at_k, per_question
 from .rewards.plugins import Reward, compute_rewards, resolve_reward
 from .rollout import generate
@@ -42,11 +43,13 @@ def evaluate(
     hybrid: HybridConfig | None = None,
     planner=None,
     majority: bool = False,
+    edit_policy=None,
 ) -> dict:
     """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt.
     reward_name: the verifier's name, or a list of Rewards whose weighted sum scores instead (a task without
     a verifier). order_policy: the learned order head, for rollout.order=policy. hybrid / planner: decode with
-    plans (rollout.hybrid) when hybrid.plan is not none. majority: accuracy = maj@num_samples."""
+    plans (rollout.hybrid) when hybrid.plan is not none. majority: accuracy = maj@num_samples. edit_policy: the
+    edit head, for rollout.edit (any-process decoding; not with plans)."""
     verifier = reward_name if isinstance(reward_name, list) else [Reward(reward_name, resolve_reward(reward_name))]
     batch_size = batch_size or rollout.batch_size
     to_answer = answer_key(task_name or (reward_name if isinstance(reward_name, str) else ""))
@@ -60,11 +63,15 @@ def evaluate(
         chunk = [r for r in rows[start : start + batch_size] for _ in range(num_samples)]
         prompts = [r["prompt"] for r in chunk]
         if planned:
+            if edit_policy is not None:
+                raise ConfigError("hybrid.plan with rollout.edit: plans and edit heads do not combine yet; drop one")
             out = hybrid_generate(
                 model, tokenizer, prompts, chunk, rollout, hybrid, planner, task_name or "", g, order_policy
             )
         else:
-            out = generate(model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy)
+            out = generate(
+                model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy, edit_policy=edit_policy
+            )
         forwards += out.stats["forwards"]
         columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != "other"}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
@@ -102,16 +109,20 @@ def evaluate(
     return result
 
 
-def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None, rewards=None, planner=None) -> dict:
+def evaluate_recipe(
+    model, tokenizer, task, recipe: Recipe, order_policy=None, rewards=None, planner=None, edit_policy=None
+) -> dict:
     """Held-out accuracy as a recipe defines it: eval.size prompts, eval.num_samples each, decoded with the
-    recipe's rollout section at eval.temperature (and eval.order_temperature when set), after the recipe's
-    plan (hybrid.plan; `planner` for real plans) when it has one; eval.majority: majority-vote accuracy. A task
-    without a verifier is scored by `rewards` (a list of Rewards: their weighted sum)."""
+    recipe's rollout section at eval.temperature (and eval.order_temperature, eval.edit_temperature when set),
+    after the recipe's plan (hybrid.plan; `planner` for real plans) when it has one; eval.majority: majority-vote
+    accuracy. A task without a verifier is scored by `rewards` (a list of Rewards: their weighted sum)."""
     e = recipe.eval
     data = task.eval.select(range(min(e.size or len(task.eval), len(task.eval))))
     rollout = replace(recipe.rollout, temperature=e.temperature)
     if e.order_temperature is not None:
         rollout = replace(rollout, order_temperature=e.order_temperature)
+    if e.edit_temperature is not None:
+        rollout = replace(rollout, edit_temperature=e.edit_temperature)
     return evaluate(
         model,
         tokenizer,
@@ -125,4 +136,5 @@ def evaluate_recipe(model, tokenizer, task, recipe: Recipe, order_policy=None, r
         hybrid=recipe.hybrid,
         planner=planner,
         majority=e.majority,
+        edit_policy=edit_policy,
     )

@@ -61,9 +61,10 @@ class Estimate:
     (SPG). Summed over the positions a sequence counts they give the sequence estimate (block_elbo: at SPG's
     scale, the bound divided by the completion length; each estimator's docstring states its expectation).
 
-    mask: [N, Lc] bool, the positions the estimator scored, when it decides them itself (the trajectory
-    estimator: every position the sampler committed, EOS and tokens after it included). None: the positions
-    are the batch's completion_mask (up to and including the first EOS, d1's convention)."""
+    mask: which entries count, when the estimator decides them itself. The trajectory estimator: [N, Lc] bool,
+    every position the sampler committed (EOS and tokens after it included); of an any-process rollout, [N, K]
+    with logps [N, K], one entry per step, since edits move tokens around. None: the entries are the completion's
+    positions and the batch's completion_mask applies (up to and including the first EOS, d1's convention)."""
 
     logps: torch.Tensor
     upper: torch.Tensor | None = None

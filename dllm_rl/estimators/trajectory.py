@@ -47,6 +47,9 @@ of block b only sees clean blocks < b and itself, so one forward scores round r 
 number of forwards is the number of steps per block, not the total. This needs the rollout block length to
 equal the model's attention block (otherwise a block's queries saw a partially decoded neighbour that the
 packed layout cannot show).
+
+Any-process rollouts (rollout.edit: remask | any), whose canvases change length, are scored step by step by
+estimators/anyprocess.py: every decision, edits included, one estimate per step (Estimate.mask).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from ..batches import COMMIT, REMASK, Decoding
 from ..errors import ConfigError
 from ..policy.orders import ORDERS
 from ..policy.plackett_luce import plackett_luce_logprob
+from . import anyprocess
 from .base import Estimate, Estimator, Noise, each_view, score
 
 
@@ -84,7 +88,9 @@ def build(cfg, tr) -> Estimator:
     from each batch's trace."""
     return Estimator(
         lambda batch, generator=None: draw(batch, cfg.merge_steps, tr),
-        lambda model, batch, noise, order_policy=None, **extra: estimate(model, batch, noise, tr, order_policy),
+        lambda model, batch, noise, order_policy=None, edit_policy=None, **extra: estimate(
+            model, batch, noise, tr, order_policy, edit_policy
+        ),
         views=lambda steps: -(-steps // max(1, cfg.merge_steps)),
         check=lambda decoding: check(decoding, cfg.merge_steps, tr),
         replays_orders=True,
@@ -94,6 +100,11 @@ def build(cfg, tr) -> Estimator:
 def check(d: Decoding, merge_steps: int, tr) -> list[str]:
     """Refuse rollouts whose decisions this estimator cannot replay; notes for the ones it replays inexactly."""
     block_causal = tr is not None and tr.attention == "block_causal"
+    if d.edit != "none" and merge_steps > 1:  # any-process rollouts: estimators/anyprocess.py
+        raise ConfigError(
+            f"estimator.name=trajectory scores each step of a rollout.edit={d.edit} rollout from the canvas "
+            f"before it: set estimator.merge_steps=1"
+        )
     if block_causal and d.block_length != tr.block_size:
         raise ConfigError(
             f"estimator.name=trajectory on a block-causal model needs rollout.block_length "
@@ -137,6 +148,8 @@ def draw(batch, merge_steps: int, tr) -> Noise:
             "rollouts); pick one_step, elbo or block_elbo for other data"
         )
     check(trace.decoding, merge_steps, tr)
+    if trace.edit_on is not None:  # any-process rollouts: every decision, step by step
+        return anyprocess.draw(batch)
     N, Lc = batch.completion_ids.shape
     block = trace.decoding.block_length if tr.attention == "block_causal" else None
     ev_local, _ = _local_steps(trace, Lc, block)
@@ -179,10 +192,14 @@ def draw(batch, merge_steps: int, tr) -> Noise:
     )
 
 
-def estimate(model, batch, noise: Noise, tr, order_policy=None) -> Estimate:
-    """order_policy: the learned order head the rollout was decoded with (rollout.order=policy).
+def estimate(model, batch, noise: Noise, tr, order_policy=None, edit_policy=None) -> Estimate:
+    """order_policy: the learned order head the rollout was decoded with (rollout.order=policy); edit_policy: its
+    edit head (rollout.edit).
 
-    Estimate.mask marks the positions the sampler committed (every scored token): the loss counts them all."""
+    Estimate.mask marks the positions the sampler committed (every scored token): the loss counts them all; of an
+    any-process rollout, one entry per step (estimators.anyprocess)."""
+    if batch.trace.edit_on is not None:
+        return anyprocess.estimate(model, batch, noise, tr, order_policy, edit_policy)
     d = batch.trace.decoding
     temperature = d.temperature if d.temperature > 0 else 1.0
     replay = ORDERS[d.order].replay

@@ -47,8 +47,10 @@ def plackett_luce_logprob(
     """
     s = scores.float().masked_fill(~available, NEG)  # [n, m]
     picked = s.gather(-1, chosen).masked_fill(~valid, NEG)  # [n, kmax]
-    unchosen = available.clone()
-    unchosen.scatter_(-1, chosen, ~valid & unchosen.gather(-1, chosen))  # chosen -> False
+    # chosen -> False. Summed, not overwritten: a padding entry (valid False) may repeat a chosen index, and a
+    # scatter_ of both would let the padding's write win
+    hit = torch.zeros_like(available, dtype=torch.long).scatter_add_(-1, chosen, valid.long()) > 0
+    unchosen = available & ~hit
     lse_rest = s.masked_fill(~unchosen, NEG).logsumexp(-1, keepdim=True)  # [n, 1]
     tail = picked.flip(-1).logcumsumexp(-1).flip(-1)  # [n, kmax]: log sum_{j >= i} e^{picked_j}
     denom = torch.logaddexp(lse_rest.expand_as(tail), tail)

@@ -28,6 +28,7 @@ from ..models.base import ModelTraits, traits, unwrap
 from ..models.masks import block_ids, mask_from_block_ids, padding_positions
 from ..policy.orders import ORDERS, OrderInputs
 from ..policy.plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
+from .anyprocess import generate as any_process
 from .cache_plans import CACHE_PLANS
 from .commit import COMMIT_RULES
 from .remask import self_correction
@@ -138,6 +139,7 @@ def generate(
     generator: torch.Generator | None = None,
     order_policy: OrderPolicy | None = None,
     record_states: bool = False,
+    edit_policy=None,
 ) -> RolloutBatch:
     """Decode a batch of prompts (chat messages, text, or ids) into completions with a full commit trace.
 
@@ -149,7 +151,10 @@ def generate(
         generator: the only source of randomness (same prompt + same generator state = same completion).
         order_policy: the learned unmasking policy (policy.OrderHead) for rules that need one (rollout.order=policy).
         record_states: also return every intermediate completion canvas (stats["states"]; for tests).
+        edit_policy: the edit head (policy.EditHead) of any-process decoding (rollout.edit: remask | any).
     """
+    if cfg.edit != "none":  # any-process decoding: remask / insert / delete decided by the edit head
+        return any_process(model, tokenizer, prompts, cfg, generator, order_policy, record_states, edit_policy)
     tr = traits(model, tokenizer)
     ids = encode_prompts(tokenizer, prompts)
     check_config(cfg, tr, model, max(len(p) for p in ids), order_policy is not None)

@@ -8,7 +8,7 @@ import importlib
 from ..errors import lookup
 
 TRAINERS = {
-    "sft": "sft:SFTTrainer",
+    "sft": "sft:sft_trainer",  # SFTTrainer, or EditSFTTrainer for sft.objective=edit
     "grpo": "grpo:GRPOTrainer",
     "dpo": "dpo:DPOTrainer",
     "planner_sft": "planner:PlannerSFTTrainer",  # the autoregressive planner of the hybrid, by TRL's SFTTrainer

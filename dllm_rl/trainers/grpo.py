@@ -31,7 +31,7 @@ from ..errors import ConfigError, DllmRlError, lookup
 from ..estimators import build_estimator
 from ..evaluate import evaluate_recipe
 from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
-from ..policy import ORDERS, order_head_for
+from ..policy import ORDERS, edit_head_for, order_head_for
 from ..rewards.plugins import RewardLog, build_rewards, compute_rewards, verifier_scores
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
@@ -104,11 +104,18 @@ class GRPOTrainer:
         if self.order_policy is not None and not r.order_policy.train_model or not r.hybrid.train_executor:
             run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
         self.planner = planner_phase(r, self.task.name)  # NoPlanner unless hybrid.plan is set
+        # any-process decoding (rollout.edit): the edit head, built and trained like the order head
+        self.edit_policy = edit_head_for(r.rollout, run.model, r.model.path, r.edit_policy, r.train.seed)
+        if self.edit_policy is not None and not r.edit_policy.train_model:
+            run.model.requires_grad_(False)
         params = [{"params": [p for p in run.model.parameters() if p.requires_grad]}]
         if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
             params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
+        if self.edit_policy is not None:
+            params.append({"params": list(self.edit_policy.parameters()), "lr": r.edit_policy.lr})
         params += self.planner.param_groups()
-        checkpointed = (() if self.order_policy is None else (self.order_policy,)) + self.planner.checkpointed()
+        heads = tuple(h for h in (self.order_policy, self.edit_policy) if h is not None)
+        checkpointed = heads + self.planner.checkpointed()
         checkpointed += (self.ref,) if self.ref_sync is not None else ()  # a reference that moves is state
         run.prepare(params, r.train.max_steps * r.grpo.num_iterations * self.geometry.chunks, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
@@ -151,6 +158,13 @@ class GRPOTrainer:
             raise ConfigError("grpo.top_entropy_quantile masks a per-token policy loss: not wd1 or spg")
         learned = lookup(ORDERS, r.rollout.order, "rollout.order").needs_hidden
         check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=learned)
+        if r.rollout.edit != "none" and (
+            not self.estimator.replays_orders or self.acc.num_processes > 1 or r.train.deepspeed
+        ):
+            raise ConfigError(
+                f"rollout.edit={r.rollout.edit} trains the edit head by the trajectory likelihood of its decisions: "
+                f"set estimator.name=trajectory, and run one process without DeepSpeed for now"
+            )
         if not r.order_policy.train_model and not learned:
             raise ConfigError(
                 "order_policy.train_model=false trains only a learned unmasking order: set "
@@ -193,6 +207,8 @@ class GRPOTrainer:
             return None, "none"
         if self.recipe.rollout.order == "policy" and not self.recipe.order_policy.train_model:
             return None, "none"  # the model cannot move from its reference: the KL (same head) is 0
+        if self.recipe.rollout.edit != "none" and not self.recipe.edit_policy.train_model:
+            return None, "none"  # likewise with an edit head
         return reference_model(self.recipe, model, mode, "grpo.reference")
 
     # ------------------------------------------------------------------------------------------ phases
@@ -218,6 +234,7 @@ class GRPOTrainer:
                 self.recipe.rollout,
                 generator=step_generator(self.recipe.train.seed, step, "rollout"),
                 order_policy=self.order_policy,
+                edit_policy=self.edit_policy,
             )
         return batch, prompts
 
@@ -261,7 +278,9 @@ class GRPOTrainer:
 
     def _estimate(self, model, batch, noise, grad: bool):
         with torch.set_grad_enabled(grad):
-            return self.estimator.estimate(model, batch, noise.to(self.acc.device), order_policy=self.order_policy)
+            return self.estimator.estimate(
+                model, batch, noise.to(self.acc.device), order_policy=self.order_policy, edit_policy=self.edit_policy
+            )
 
     def _ref_estimate(self, batch, noise):
         if self.ref_mode == "adapter_disabled":
@@ -413,6 +432,10 @@ class GRPOTrainer:
                     stats["order_policy/grad_norm"].append(
                         float(torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm))
                     )
+                if self.edit_policy is not None:
+                    stats["edit_policy/grad_norm"].append(
+                        float(torch.nn.utils.clip_grad_norm_(self.edit_policy.parameters(), max_norm))
+                    )
                 for k, v in self.planner.clip(max_norm).items():
                     stats[k].append(v)
             self.optimizer.step()
@@ -509,6 +532,7 @@ class GRPOTrainer:
                 order_policy=self.order_policy,
                 rewards=self.rewards,
                 planner=self.planner.planner,
+                edit_policy=self.edit_policy,
             )
         return {self.eval_key: result["accuracy"]}
 
@@ -543,13 +567,13 @@ class GRPOTrainer:
             self.step,
             self.evaluate if before is not None else None,
             postfix=self._postfix,
-            extra_state={"order_policy": self.order_policy},
+            extra_state={"order_policy": self.order_policy, "edit_policy": self.edit_policy},
         )
         after = None
         if before is not None:
             after = self.evaluate()[key]
             self.log.log(self.recipe.train.max_steps, {key: after})
-        final = run.finish(order_policy=self.order_policy)
+        final = run.finish(order_policy=self.order_policy, edit_policy=self.edit_policy)
         self.planner.save(final)  # a trained planner: final/planner
         if self.acc.is_main_process:
             title = f"GRPO on {self.task.name}"

@@ -131,8 +131,10 @@ class NoPlanner:
 
     planner = None
 
-    def decode(self, model, tokenizer, prompts, rows, cfg, generator, order_policy=None):
-        return generate(model, tokenizer, prompts, cfg, generator=generator, order_policy=order_policy)
+    def decode(self, model, tokenizer, prompts, rows, cfg, generator, order_policy=None, edit_policy=None):
+        return generate(
+            model, tokenizer, prompts, cfg, generator=generator, order_policy=order_policy, edit_policy=edit_policy
+        )
 
     def param_groups(self) -> list[dict]:
         return []
@@ -159,8 +161,10 @@ class PlannerPhase(NoPlanner):
         needs_planner = h.plan == "real" or (h.plan in ("other_problem", "corrupted") and h.planner.path)
         self.planner = load_planner(h.planner, seed=recipe.train.seed, trainable=self.trains) if needs_planner else None
 
-    def decode(self, model, tokenizer, prompts, rows, cfg, generator, order_policy=None):
+    def decode(self, model, tokenizer, prompts, rows, cfg, generator, order_policy=None, edit_policy=None):
         """The hybrid rollout: plans (the planner's, for plan=real), placed in the executor's prompts."""
+        if edit_policy is not None:
+            raise ConfigError("hybrid.plan with rollout.edit: plans and edit heads do not combine yet; drop one")
         return hybrid_generate(
             model, tokenizer, prompts, rows, cfg, self.cfg, self.planner, self.task_name, generator, order_policy
         )

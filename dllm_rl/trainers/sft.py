@@ -17,7 +17,7 @@ import torch
 
 from ..batches import SequenceBatch
 from ..config import Recipe
-from ..errors import ConfigError, DllmRlError
+from ..errors import ConfigError, DllmRlError, lookup
 from ..estimators import draw_elbo, score
 from ..evaluate import evaluate_recipe
 from ..rollout import encode_prompts
@@ -141,3 +141,10 @@ class SFTTrainer:
         final = run.finish()
         self.acc.print(f"held-out accuracy {result['accuracy']:.3f} over {result['n']} puzzles; model in {final}")
         return {"eval_accuracy": result["accuracy"], "final": str(final)}
+
+
+def sft_trainer(recipe: Recipe, **kwargs):
+    """The trainer of the recipe's sft.objective: SFTTrainer (mdm) or EditSFTTrainer (edit)."""
+    from .edit_sft import EditSFTTrainer
+
+    return lookup({"mdm": SFTTrainer, "edit": EditSFTTrainer}, recipe.sft.objective, "sft.objective")(recipe, **kwargs)
