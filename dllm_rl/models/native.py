@@ -146,7 +146,7 @@ class NativeDiffusionLM(PreTrainedModel):
         kv_len: int | None = None,
         cache_rows: torch.Tensor | None = None,
         logits_range: tuple[int, int] | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | str = False,
         logits_index: torch.Tensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
@@ -160,7 +160,8 @@ class NativeDiffusionLM(PreTrainedModel):
             logits_index: compute logits only for these query positions ([m] long tensor; after
                 logits_range): the positions are data, so one captured graph serves every block.
         Returns MaskedLMOutput with logits [B, Lq or b - a, V]; hidden_states (embeddings, every block, the
-        last one after the final norm) when output_hidden_states.
+        last one after the final norm) when output_hidden_states, only the last one when it is "last" (the other
+        layers' outputs are then not kept alive).
         """
         B, L = input_ids.shape
         if position_ids is None and torch.is_tensor(cache_start):
@@ -171,14 +172,15 @@ class NativeDiffusionLM(PreTrainedModel):
         rope = self.rotary(position_ids, torch.float32 if self.rope_fp32 else x.dtype)
         mask = default_mask(self.config, attention_mask, position_ids, L, kv_cache is not None)
         mask = additive_mask(mask, x.dtype)  # once, not in every layer
-        hidden = [x] if output_hidden_states else None
+        every_layer = output_hidden_states is True
+        hidden = [x] if every_layer else []
         for block in self._blocks():
             x = block(x, rope, mask, kv_cache, cache_start, kv_len, cache_rows)
-            if output_hidden_states:
+            if every_layer:
                 hidden.append(x)
         x = self._final_norm(x)
         if output_hidden_states:
-            hidden[-1] = x
+            hidden[-1:] = [x]
         if logits_range is not None:
             x = x[:, logits_range[0] : logits_range[1]]
         if logits_index is not None:

@@ -243,7 +243,7 @@ class Workspace:
             cache_start=start,
             kv_len=self.L,
             logits_index=lidx,
-            output_hidden_states=want_hidden,
+            output_hidden_states="last" if want_hidden else False,
         )
         return out.logits, (out.hidden_states[-1].index_select(1, lidx) if want_hidden else None)
 
