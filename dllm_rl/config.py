@@ -103,7 +103,8 @@ class RolloutConfig:
     # block and rollout (rollout.graphs); without CUDA, torch.compile(fullgraph=True) of the step
     compile: Literal["none", "default", "reduce-overhead", "max-autotune", "graphs"] = "none"
     # compile=graphs: the torch.compile backend that traces the step first ("auto": none on CUDA, i.e. capture
-    # the eager step, seconds for an 8B model; inductor on CPU. inductor on CUDA fuses more, compiles minutes)
+    # the eager step, seconds for an 8B model; inductor on CPU. inductor on CUDA fuses more, compiles minutes;
+    # none on CPU runs the step eagerly with the buckets and shapes graphs replay)
     compile_backend: str = "auto"
     stop_at_eos: bool = True
     batch_size: int = 64  # prompts decoded together in eval / generate

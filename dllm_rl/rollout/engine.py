@@ -281,7 +281,12 @@ def _workspace(model, tr: ModelTraits, cfg: RolloutConfig, N: int, P: int, order
         _GRAPHS.pop("last", None)  # free the previous shape's buffers and graphs first
         ws = Workspace(model, tr, cfg, capacity, P, order_policy)
         cuda = ws.device.type == "cuda"
-        run = CudaGraphSteps(ws, cfg.compile_backend) if cuda else CompiledSteps(ws, cfg.compile_backend)
+        if cuda:
+            run = CudaGraphSteps(ws, cfg.compile_backend)
+        elif cfg.compile_backend == "none":  # the replayed step's buckets and shapes, run eagerly (tests)
+            run = EagerSteps(ws)
+        else:
+            run = CompiledSteps(ws, cfg.compile_backend)
         hit = _GRAPHS["last"] = (key, model, ws, run)
     return hit[2], hit[3], batch_bucket
 

@@ -64,7 +64,7 @@ class CompiledSteps:
 
     def __init__(self, ws: Workspace, backend: str = "auto"):
         self.ws = ws
-        self.fn = _compile(ws, "inductor" if backend in ("auto", "none") else backend, cuda=False)
+        self.fn = _compile(ws, "inductor" if backend == "auto" else backend, cuda=False)
         self.seen: set = set()
         self.seconds = 0.0
 
