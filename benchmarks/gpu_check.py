@@ -10,7 +10,8 @@ section reuses it. Sections:
 2. Rollout, prompt 128, gen 256, block 32, 2 tokens per step, greedy (the H200 table's shape): LLaDA's
    generate (the reference, timed over 2 of 8 blocks) and the engine eager and with CUDA graphs
    (rollout.compile=graphs), dual cache and exact block cache (the same weights, block-causal attention),
-   at batch 1 and 64; the trainer's sampled decoding (T 0.9) at batch 64 against greedy; capture seconds.
+   at batch 1 and 64; the trainer's sampled decoding (T 0.9) at batch 64 against greedy; capture seconds;
+   where a batch-64 step's device time goes (matmuls, attention, fused kernels, copies, the rest).
 3. One GRPO step (the real GRPOTrainer) of recipes/llada-8b/gsm8k-diffu-grpo.yaml on this model with LoRA
    r=128, as measured on the H200 (bf16 base, no DeepSpeed, dual cache, 8 prompts x 8, mu=2, micro-batch
    16, random rewards): seconds per phase and peak memory next to `dllm-rl plan`.
@@ -274,6 +275,49 @@ class Check:
                         f"{capture:.1f} | |"
                     )
 
+    def where_time_goes(self, batch: int, P: int, gen: int) -> None:
+        """Device time of one dual-cache block step by kind of kernel (torch.profiler, eager step, 8 steps)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from dllm_rl.counter_rng import row_seeds
+        from dllm_rl.models.base import traits
+        from dllm_rl.rollout.step import step_kind
+
+        self.attention("bidirectional")
+        cfg = RolloutConfig(max_completion_length=gen, steps=gen // 2, block_length=32, cache="dual", stop_at_eos=False)
+        prompts = self.prompts(batch, P)
+        tr = traits(self.model, self.tok)
+        ws, _, _ = engine._workspace(self.model, tr, cfg, batch, P, None)
+        ws.load(prompts, row_seeds(prompts, torch.Generator().manual_seed(0)), 0)
+        ws.start_block(0)
+        kinds = [step_kind(cfg, tr, ws.L, ws.P, 0, first) for first in (True, False)]
+        steps = 8
+        with torch.no_grad():
+            ws.step(kinds[0])
+            ws.step(kinds[1])
+            self.sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    ws.step(kinds[1])
+                self.sync()
+        totals = dict.fromkeys(CATEGORIES, 0.0)
+        attr = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        for ev in prof.key_averages():
+            us = getattr(ev, attr, 0.0)
+            if us and (ev.key.startswith("aten::") != self.cuda):  # kernels on CUDA, aten ops on CPU
+                totals[_category(ev.key)] += us
+        total = sum(totals.values())
+        self.out(
+            f"\nwhere the time goes: one dual-cache block step at batch {batch}, eager, "
+            f"{'device' if self.cuda else 'CPU'} time per step (torch.profiler, {steps} steps)\n"
+        )
+        self.out("| kernels | ms / step | share |")
+        self.out("|---|---|---|")
+        for name, us in totals.items():
+            self.out(f"| {name} | {us / 1e3 / steps:.2f} | {us / max(total, 1e-9):.0%} |")
+        engine._GRAPHS.clear()
+
     # ------------------------------------------------------------------------------------- 3. GRPO step
 
     def grpo_step(self, P: int) -> None:
@@ -351,6 +395,29 @@ class Check:
             self.out(line)
 
 
+CATEGORIES = (
+    "matmuls (linear layers, LM head)",
+    "attention",
+    "Triton: liger RMSNorm / RoPE / SiLU gate, sampling",
+    "KV-cache writes, gathers, copies",
+    "other elementwise and reductions",
+)
+
+
+def _category(name: str) -> str:
+    """The kind of a profiled CUDA kernel (or aten op, on CPU) by its name."""
+    n = name.lower()
+    if any(k in n for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")):
+        return CATEGORIES[0]
+    if any(k in n for k in ("fmha", "flash", "attention", "efficient")):
+        return CATEGORIES[1]
+    if "::" not in n and not n.startswith(("memcpy", "memset")):  # Triton kernels carry their function's name
+        return CATEGORIES[2]
+    if any(k in n for k in ("index", "copy", "gather", "scatter", "cat")):
+        return CATEGORIES[3]
+    return CATEGORIES[4]
+
+
 class _Lines:
     def __init__(self, buf):
         self.buf = buf
@@ -365,7 +432,9 @@ class _Lines:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="dry run on CPU with a tiny model")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: correctness,rollout,grpo,kernels")
+    p.add_argument(
+        "--skip", default="", help="sections to skip, comma-separated: correctness,rollout,profile,grpo,kernels"
+    )
     args = p.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device (or --tiny for a CPU dry run)")
@@ -378,6 +447,7 @@ def main() -> None:
     sections = [
         ("correctness", lambda: check.correctness(P, gen)),
         ("rollout", lambda: check.rollout((1, 4) if args.tiny else (1, 64), P, gen)),
+        ("profile", lambda: check.where_time_goes(4 if args.tiny else 64, P, gen)),
         ("kernels", check.kernels),
         ("grpo", lambda: check.grpo_step(P)),
     ]

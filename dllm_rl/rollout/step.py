@@ -30,7 +30,7 @@ from ..config import RolloutConfig
 from ..counter_rng import ORDER_STREAM, TOKEN_STREAM, uniform
 from ..kernels import choose_tokens  # fused Triton on CUDA, kernels.sampling.choose_tokens elsewhere
 from ..models.base import ModelTraits, unwrap
-from ..models.masks import mask_from_block_ids
+from ..models.masks import block_ids, mask_from_block_ids, padding_positions
 from ..policy.orders import ORDERS, OrderInputs
 from ..policy.plackett_luce import gumbel_keys, order_keys, plackett_luce_logprob, rank_positions
 from .cache_plans import CACHE_PLANS
@@ -149,8 +149,6 @@ class Workspace:
             attn[i, P - len(ids) :] = 1
         attn[N:, P - 1 :] = 1  # padding rows: a one-token prompt, done from the start
         x[:, P:] = self.tr.mask_token_id
-        from ..models.masks import block_ids, padding_positions
-
         self.n = R
         self._views()
         r = self.rows
