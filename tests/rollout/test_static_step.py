@@ -208,3 +208,25 @@ def test_fused_ops_cut_kernels_with_the_same_numerics(model_factory, tokenizer):
             b = m(x).logits
     assert torch.equal(a, b)
     assert fused.kernels <= 0.6 * plain.kernels, (fused.kernels, plain.kernels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache", ["dual", "block"])
+def test_cuda_graphs_decode_like_eager(model_factory, tokenizer, cache):
+    """CUDA graphs captured in the first rollout replay every block of later rollouts, after a weight update
+    too (new bucket sizes are captured when finished rows shrink the batch), with the eager engine's decisions."""
+    m = eos_prone(model_factory, tokenizer, "block_causal" if cache == "block" else "bidirectional").cuda()
+    base = dict(max_completion_length=24, steps=12, block_length=8, cache=cache, temperature=1.0)
+    try:
+        for round_ in range(2):
+            out = generate(
+                m, tokenizer, PROMPTS, RolloutConfig(**base, compile="graphs"), torch.Generator().manual_seed(0)
+            )
+            ref = generate(m, tokenizer, PROMPTS, RolloutConfig(**base), torch.Generator().manual_seed(0))
+            assert_same(out, ref)
+            assert out.stats["compile_seconds"] > 0 or round_  # captured in the first rollout
+            with torch.no_grad():
+                m.lm_head.weight.add_(0.5 * torch.randn_like(m.lm_head.weight))
+    finally:
+        engine._GRAPHS.clear()
