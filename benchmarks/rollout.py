@@ -76,11 +76,16 @@ class _Tok:
 
 
 @torch.no_grad()
-def reference(model, prompts: torch.Tensor, gen: int, block: int, k: int, mask_id: int) -> int:
-    """LLaDA's generate, batched over equal-length prompts (full forward, full logits every step)."""
+def reference(
+    model, prompts: torch.Tensor, gen: int, block: int, k: int, mask_id: int, blocks: int | None = None
+) -> int:
+    """LLaDA's generate, batched over equal-length prompts (full forward, full logits every step); `blocks`:
+    decode only the first ones (every step costs the same, so tokens/s over a few blocks is the whole decode's).
+    Returns the tokens committed."""
     B, P = prompts.shape
     x = torch.cat([prompts, torch.full((B, gen), mask_id, device=prompts.device)], 1)
-    for b in range(gen // block):
+    blocks = gen // block if blocks is None else blocks
+    for b in range(blocks):
         lo, hi = P + b * block, P + (b + 1) * block
         for _ in range(block // k):
             logits = model(x).logits.float()  # [B, L, V]
@@ -91,7 +96,7 @@ def reference(model, prompts: torch.Tensor, gen: int, block: int, k: int, mask_i
             conf[:, lo:hi] = torch.where(x[:, lo:hi] == mask_id, p[:, lo:hi], conf[:, lo:hi])
             pick = conf.topk(k, dim=-1).indices
             x.scatter_(1, pick, x0.gather(1, pick))
-    return B * gen
+    return B * blocks * block
 
 
 def run_mode(args, name: str) -> dict:

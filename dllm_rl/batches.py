@@ -56,7 +56,7 @@ class Trace:
     token_logprob: torch.Tensor  # [N, Lc] sampler log-prob of the final token at its commit step
     order_logprob: torch.Tensor  # [N, S] log-prob of each step's unmasking decision (0 when not sampled)
     num_steps: torch.Tensor  # [N] steps taken per row
-    events: torch.Tensor  # [E, 5] long: (row, step, position, token, kind), in the order applied
+    events: torch.Tensor  # [E, 5] long: (row, step, position, token, kind), row by row in the order applied
     event_logprob: torch.Tensor  # [E] sampler log-prob of committed tokens (0 for remask / fill)
     mask_token_id: int
     decoding: Decoding = field(default_factory=lambda: Decoding())  # how the decisions were made

@@ -50,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("recipe")
     pl.add_argument("--gpus", type=int, default=1)
     pl.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (default: a guess, 256)")
-    pl.add_argument("--fused-logprobs", action="store_true", help="what-if: log-probs by the fused kernel")
+    pl.add_argument(
+        "--fused-logprobs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="log-probs by the fused kernel (default: as the estimators do on a GPU)",
+    )
     pl.add_argument("overrides", nargs="*")
     return p
 

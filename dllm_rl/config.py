@@ -157,9 +157,15 @@ class RolloutConfig:
     correction_threshold: Unit = 0.1
     correction_max_per_step: Count = 1
     cache: Literal["none", "prefix", "dual", "block"] = "none"
-    # torch.compile the sampler's model call (mode name; dynamic shapes, so the growing KV length does not
-    # recompile every block). reduce-overhead adds CUDA graphs (GPU only); the KV cache is marked static for it
-    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    # torch.compile the sampler's model call (mode name; dynamic shapes). reduce-overhead adds CUDA graphs (GPU
+    # only); the KV cache is marked static for it. graphs: the whole denoising step (model, sampler, commit
+    # rule, order, trace) captured once per batch bucket and step kind as a CUDA graph and replayed for every
+    # block and rollout (rollout.graphs); without CUDA, torch.compile(fullgraph=True) of the step
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune", "graphs"] = "none"
+    # compile=graphs: the torch.compile backend that traces the step first ("auto": none on CUDA, i.e. capture
+    # the eager step, seconds for an 8B model; inductor on CPU. inductor on CUDA fuses more, compiles minutes;
+    # none on CPU runs the step eagerly with the buckets and shapes graphs replay)
+    compile_backend: str = "auto"
     stop_at_eos: bool = True
     batch_size: Count = 64  # prompts decoded together in eval / generate
     # any-process decoding (rollout/anyprocess.py, arXiv 2510.06190): a learned edit head (edit_policy) also

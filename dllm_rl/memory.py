@@ -2,8 +2,11 @@
 
 Every figure is an ESTIMATE from the formulas below, not a measurement. The formulas were checked against
 measured peaks on CPU for the tiny model (tests/test_memory.py: parameter, gradient and optimizer bytes exactly;
-activations and logits within a factor), never on a GPU: confirm a plan there with
-`torch.cuda.max_memory_allocated()` after a few steps before trusting a tight verdict.
+activations and logits within a factor) and against one GPU measurement: a GRPO step of the 8B LLaDA shape
+with LoRA r=128 (bf16 base, autocast, one_step, micro-batch 16 x 384 tokens) peaked at 72.6 GiB on an H200
+and is planned at 71.9 GiB (the plan before the LoRA terms below were corrected said 96.3: it counted the
+frozen base's linear and norm inputs, and LoRA's saved inputs in float32 where autocast keeps bf16 copies).
+Confirm a plan with `torch.cuda.max_memory_allocated()` after a few steps before trusting a tight verdict.
 
 The model's shape comes from its config, instantiated on the meta device (no weights are read): the recipe's
 `model.tiny` for the built-in model, a local directory's config.json, or, for the known hub ids of LLaDA-8B /
@@ -38,21 +41,31 @@ Static (held for the whole run):
 Update phase (one estimator view alive: estimators checkpoint each view when there are several, so the peak
 is one view's forward + backward whatever the view count):
     activations per token and layer (tensors autograd saves; SDPA keeps no L x L matrix):
+      all weights train:
         per_layer = 2 (4 + a) D   RMSNorms: fp32 input + normalised output
                   + 3a (Dq + Dkv)  q, k before and after RoPE, v, attention output, o_proj input
                   + 4H             log-sum-exp
                   + 4aF            gate, up, silu, product
-    LoRA extra per token (lora), summed over targeted linears: r t (lora_A output), + 4 fan_in when fp32
-        adapters see a half input (peft casts a copy), + fan_in (t + 1) when lora dropout > 0 (output, mask)
-    tail = n L (4 + a) D (final norm) + n Lc D a (head input)
+      LoRA (the base's linears and norms are frozen, so they save none of their inputs):
+        per_layer = 2 * 4 D        RMSNorms: fp32 input
+                  + a (2Dq + 2Dkv) q, k, v after RoPE, attention output (SDPA's saved tensors)
+                  + 4H + 3aF       log-sum-exp; gate, silu, up (the product feeds a frozen ff_out)
+    LoRA extra per token (lora), summed over targeted linears, with w = a under autocast (accelerate's mixed
+        precision without DeepSpeed: lora_A's input is saved as autocast's half copy) else t: r w (lora_A
+        output); + fan_in (w + 1) when lora dropout > 0 (lora_A's input and the dropout mask: one byte, CUDA's
+        bool mask); else + w fan_in when it is a cast copy (fp32 adapters on a half input, or autocast)
+    tail = n L (4 + a) D (final norm) + n Lc D a (head input); LoRA: n L 4 D (both frozen)
     without gradient checkpointing: n L (l per_layer + lora) + tail
     with model.gradient_checkpointing: n L (l a D + per_layer + lora / l) + tail (one layer recomputed)
-    block-causal: + l n L^2 a (the [n, 1, L, L] mask as an additive bias; one layer's with checkpointing)
+    block-causal: + n L^2 a (the [n, 1, L, L] mask as an additive bias, built once per forward)
     logits       = n Lc V (a + 8): the model-dtype logits plus two fp32 [n, Lc, V] tensors alive at the
                    peak (forward: upcast copy and log-softmax; backward: saved log-softmax and its gradient;
-                   estimators.base.token_logprobs). --fused-logprobs (kernels.linear_token_logprobs): ~3
-                   chunks of 256 MiB (+ fp32 [V, D] when the head trains) instead; a what-if, since the
-                   estimators do not call the kernel yet.
+                   estimators.base.token_logprobs). Fused (the default when the estimators take that path:
+                   on CUDA, a native model, views without a sampled order's scores; `--no-fused-logprobs`
+                   plans the logits path): liger-kernel's fused linear cross-entropy, whose transient is one
+                   chunk of logits rows x V x a (rows: liger's rule, the next power of two of n Lc / ceil(V /
+                   D)) + the input gradient it keeps from the forward (n Lc D a) + the per-row loss
+                   (+ a V D when the head trains).
     ZeRO-3       = min(P, stage3_max_live_parameters) w gathered at once (an upper bound; default 1e9)
 Rollout phase (no grad; the batch_size * G sequences of a process decode together, canvas C = prompt + Lc; DPO:
 G = dpo.num_generations for on-policy pairs, no rollout phase for offline pairs):
@@ -71,6 +84,7 @@ states.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -125,6 +139,7 @@ class ModelShape:
     linears: list[Linear]  # every nn.Linear except the output head
     head: Linear | None
     adapter: LoraConfig | None = None  # model.path is a LoRA checkpoint: its adapter trains
+    native: bool = True  # a dllm_rl model (estimators can take the fused log-prob path on CUDA)
 
 
 def _hub_config(path: str):
@@ -210,6 +225,7 @@ def model_shape(mcfg) -> ModelShape:
         linears=linears,
         head=head,
         adapter=adapter,
+        native=hasattr(model, "_geometry"),
     )
 
 
@@ -284,6 +300,7 @@ class Precision:
     trainable: int  # bytes per trainable parameter as stored
     optimizer: int  # bytes per trainable parameter of optimizer state (incl. fp32 master)
     act: int  # activation bytes
+    autocast: bool = False  # forwards run under torch.autocast (accelerate's mixed precision without DeepSpeed)
 
 
 def precision(recipe: Recipe, zero: Zero, lora: bool) -> Precision:
@@ -291,7 +308,8 @@ def precision(recipe: Recipe, zero: Zero, lora: bool) -> Precision:
     w = 2 if zero.half else dt
     act = 2 if (zero.half or dt == 2 or recipe.train.mixed_precision != "no") else 4
     trainable = (2 if zero.half else 4) if lora else w
-    return Precision(w, trainable, 12 if zero.half else 2 * trainable, act)
+    autocast = recipe.train.mixed_precision != "no" and not zero.half
+    return Precision(w, trainable, 12 if zero.half else 2 * trainable, act, autocast)
 
 
 # ------------------------------------------------------------------------------------------- components
@@ -337,28 +355,40 @@ def activation_bytes(
     targets: list[Linear],
     lora: LoraConfig,
     t: int,
+    autocast: bool = False,
 ) -> float:
     """Saved activations of one estimator view's forward (see the module docstring)."""
     D = s.hidden
-    per_layer = 2 * (4 + a) * D + 3 * a * (s.q_dim + s.kv_dim) + 4 * s.heads + 4 * a * s.ffn
+    if targets:  # LoRA: frozen linears and norms save none of their inputs (no weight gradient to form)
+        per_layer = 2 * 4 * D + a * (2 * s.q_dim + 2 * s.kv_dim) + 4 * s.heads + 3 * a * s.ffn
+    else:
+        per_layer = 2 * (4 + a) * D + 3 * a * (s.q_dim + s.kv_dim) + 4 * s.heads + 4 * a * s.ffn
+    w = a if autocast else t  # bytes per element of what lora_A saves (autocast casts its input to half)
     extra = 0
     for lin in targets:
-        extra += lora.r * t
+        extra += lora.r * w
         if lora.dropout > 0:
-            extra += lin.fan_in * (t + 1)
-        elif t > a:
-            extra += 4 * lin.fan_in
-    tail = n * L * (4 + a) * D + n * Lc * D * a
-    mask = n * L * L * a if s.block_causal else 0
+            extra += lin.fan_in * (w + 1)  # lora_A's input (the dropout output, cast) + the dropout mask
+        elif w > a or autocast:
+            extra += w * lin.fan_in  # a cast copy of the input: fp32 adapters on a half input, or autocast's
+    if targets and lora.dropout == 0 and not autocast and t == a:
+        extra += (2 * D + s.ffn) * a * s.layers  # lora_A saves the layer inputs themselves: 2 norm outputs, product
+    head_input = 0 if targets else n * Lc * D * a  # a frozen head saves no input
+    tail = n * L * (4 + (0 if targets else a)) * D + head_input
+    mask = n * L * L * a if s.block_causal else 0  # the additive mask, built once per forward (models.layers)
     if checkpointing:
         return n * L * (s.layers * a * D + per_layer + extra / s.layers) + tail + mask
-    return n * L * (s.layers * per_layer + extra) + tail + s.layers * mask
+    return n * L * (s.layers * per_layer + extra) + tail + mask
 
 
 def logits_bytes(n: int, Lc: int, V: int, a: int, fused: bool, head_trains: bool, D: int) -> float:
+    """The LM head's transient: n Lc V (a + 8) for logits + float32 log-softmax and its gradient; fused:
+    liger-kernel's fused linear cross-entropy (kernels.linear_token_logprobs on CUDA), which builds the
+    logits one chunk of rows at a time in the input dtype (rows = next power of two of n Lc / ceil(V / D),
+    liger's rule), keeps the input gradient it computes in the forward (n Lc D a) and the per-row loss."""
     if fused:
-        rows = max(1, CHUNK_BYTES // (4 * V))
-        return 3 * min(n * Lc, rows) * V * 4 + (4 * V * D if head_trains else 0)
+        rows = 1 << max(0, math.ceil(math.log2(max(1, -(-n * Lc // -(-V // D))))))
+        return rows * V * a + n * Lc * D * a + 4 * n * Lc + (a * V * D if head_trains else 0)
     return n * Lc * V * (a + 8)
 
 
@@ -412,12 +442,12 @@ def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused) -
     L = prompt_len + (2 * Lc if s.block_causal else Lc)
     gc = recipe.model.gradient_checkpointing
     args = (s, n, L, Lc, p.act)
-    act = activation_bytes(*args, gc, targets, lora_cfg, p.trainable)
-    other = activation_bytes(*args, not gc, targets, lora_cfg, p.trainable)
+    act = activation_bytes(*args, gc, targets, lora_cfg, p.trainable, p.autocast)
+    other = activation_bytes(*args, not gc, targets, lora_cfg, p.trainable, p.autocast)
     plan.add("activations", f"activations (one view; checkpointing {'on' if gc else 'off'})", act, "update")
     plan.add(
         "logits",
-        "logits + log-softmax" + (" (fused kernel)" if fused else " (fp32 [n, Lc, V])"),
+        "log-probs" + (" (fused linear cross-entropy)" if fused else ": logits + fp32 log-softmax"),
         logits_bytes(n, Lc, s.vocab, p.act, fused, not targets and s.head is not None, s.hidden),
         "update",
     )
@@ -445,10 +475,14 @@ def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
     C, Lb = prompt_len + r.max_completion_length, r.block_length or r.max_completion_length
     kv_bytes = 2 if (z.half or recipe.model.dtype != "float32") else 4
     kv = 0 if r.cache == "none" else s.layers * 2 * s.kv_dim * kv_bytes * C * rows
-    plan.add("kv_cache", f"rollout KV cache (cache={r.cache})", kv, "rollout")
     a, D = p.act, s.hidden
     transient = rows * C * a * (3 * s.ffn + 2 * D + 2 * s.q_dim + 2 * s.kv_dim) + rows * Lb * s.vocab * (a + 8)
-    plan.add("rollout_forward", "rollout forward transient", transient, "rollout")
+    if r.compile == "graphs":  # the engine keeps its buffers and the graphs' memory pool between rollouts
+        plan.add("kv_cache", f"rollout KV cache (cache={r.cache}; kept by rollout.compile=graphs)", kv, "static")
+        plan.add("rollout_forward", "CUDA-graph pool (one step's transient, kept)", transient, "static")
+    else:
+        plan.add("kv_cache", f"rollout KV cache (cache={r.cache})", kv, "rollout")
+        plan.add("rollout_forward", "rollout forward transient", transient, "rollout")
     if z.stage == 3:
         plan.add(
             "zero3_rollout",
@@ -467,8 +501,27 @@ def _views(recipe: Recipe) -> str:
     return f"{e.name}: {k} view(s) per estimate" + (", one alive at a time (per-view checkpointing)" if k > 1 else "")
 
 
-def plan_memory(recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool = False) -> Plan:
-    """Per-GPU memory estimate of a recipe on `gpus` processes (see the module docstring)."""
+def estimators_fuse(recipe: Recipe, s: ModelShape, targets: list[Linear]) -> bool:
+    """Whether the estimators take per-token log-probs through the fused kernel on a GPU
+    (estimators.base.fused_head): a native model whose head LoRA leaves alone, and views that need no logits
+    (only a trajectory replaying a sampled order scored by the model or a learned head needs them)."""
+    from .estimators import build_estimator
+    from .policy.orders import ORDERS
+
+    r = recipe.rollout
+    scores_orders = (
+        build_estimator(recipe.estimator, None).replays_orders
+        and r.order_temperature > 0
+        and ORDERS[r.order].replay in ("model", "learned")
+    )
+    return s.native and not scores_orders and not any(t is s.head for t in targets)
+
+
+def plan_memory(
+    recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool | None = None
+) -> Plan:
+    """Per-GPU memory estimate of a recipe on `gpus` processes (see the module docstring). fused_logprobs:
+    None = as the estimators do on a GPU (`estimators_fuse`); True / False forces the fused / logits path."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
     s = model_shape(recipe.model)
@@ -505,6 +558,8 @@ def plan_memory(recipe: Recipe, gpus: int = 1, prompt_length: int | None = None,
     base = _weights(plan, s, recipe, p, z, trainable, lora)
     _reference(plan, recipe, lora, base, z)
     _optimizer(plan, p, z, trainable)
+    if fused_logprobs is None:
+        fused_logprobs = estimators_fuse(recipe, s, targets)
     _update(plan, s, recipe, p, z, targets, lora_cfg, prompt_length, fused_logprobs)
     _rollout(plan, s, recipe, p, z, prompt_length)
     if guessed:
@@ -552,6 +607,8 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def print_plan(recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool = False) -> None:
+def print_plan(
+    recipe: Recipe, gpus: int = 1, prompt_length: int | None = None, fused_logprobs: bool | None = None
+) -> None:
     """Print the per-GPU memory plan of a recipe (the `dllm-rl plan` command)."""
     print(format_plan(plan_memory(recipe, gpus, prompt_length, fused_logprobs)))

@@ -102,7 +102,11 @@ def test_llada_8b_full_finetune_hand_computed():
     assert plan.get("reference") == LLADA_PARAMS * 2  # beta > 0 without LoRA: a frozen copy
     n, Lc, V = 6, 256, 126464  # 2 prompts x 6 generations / 2 accumulation steps
     assert micro_batch(_llada()) == n
-    assert plan.get("logits") == n * Lc * V * (2 + 8)  # 1.94 GB
+    logits_path = plan_memory(_llada(), gpus=1, prompt_length=200, fused_logprobs=False)
+    assert logits_path.get("logits") == n * Lc * V * (2 + 8)  # 1.94 GB
+    # the default: liger's fused linear cross-entropy (what the estimators run on a GPU): one chunk of 64 rows
+    # (next power of two of 1536 / ceil(V / D) = 50), the input gradient, the loss, and the head's gradient
+    assert plan.get("logits") == 64 * V * 2 + n * Lc * 4096 * 2 + 4 * n * Lc + 2 * V * 4096
     assert plan.get("kv_cache") == 0  # rollout.cache none
     cached = plan_memory(_llada(rollout__cache="dual"), gpus=1, prompt_length=200)
     assert cached.get("kv_cache") == 32 * 2 * 4096 * 2 * (200 + 256) * 12  # 0.5 MiB per token, 12 sequences
@@ -210,11 +214,63 @@ def _forward_backward(model, tok, n, P, Lc, estimator="one_step"):
 @pytest.mark.parametrize("dtype,r,checkpointing", [("float32", 0, False), ("float32", 0, True), ("bfloat16", 8, False)])
 def test_tiny_update_peak_matches_measurement(dtype, r, checkpointing, one_thread):
     recipe = _recipe(dtype=dtype, lora={"r": r}, gradient_checkpointing=checkpointing)
-    plan = plan_memory(recipe, gpus=1, prompt_length=40)
+    plan = plan_memory(recipe, gpus=1, prompt_length=40, fused_logprobs=False)  # the CPU path: logits
     model, tok = load_model(recipe.model)
     measured = _forward_backward(model, tok, micro_batch(recipe), 40, 60)
     predicted = plan.get("activations") + plan.get("logits") + plan.get("gradients")
     assert 0.8 < predicted / measured < 1.5, (predicted, measured)
+
+
+def test_tiny_lora_peak_under_autocast_matches_measurement(one_thread):
+    """LoRA on a frozen float32 base under bf16 autocast (accelerate's mixed precision, the 8B GRPO step's
+    setting): the frozen linears and norms save no inputs, lora_A saves autocast's bf16 copy of its input."""
+    recipe = recipe_from_dict(
+        {
+            "algorithm": "grpo",
+            "model": {"tiny": TINY, "lora": {"r": 16}},
+            "rollout": {"max_completion_length": 60},
+            "grpo": {"num_generations": 8},
+            "train": {"batch_size": 2, "mixed_precision": "bf16"},
+        }
+    )
+    plan = plan_memory(recipe, gpus=1, prompt_length=40, fused_logprobs=False)
+    model, tok = load_model(recipe.model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured = _forward_backward(model, tok, micro_batch(recipe), 40, 60)
+    predicted = plan.get("activations") + plan.get("logits") + plan.get("gradients")
+    assert 0.85 < predicted / measured < 1.15, (predicted, measured)
+
+
+def test_plan_within_15_percent_of_the_measured_8b_grpo_step():
+    """The one GPU measurement (an H200, 2026-12-04): a GRPOTrainer step on the LLaDA-8B shape, LoRA r=128
+    (dropout 0.05) on a bf16 base, no DeepSpeed, mixed precision bf16, 64 completions x 256 (micro-batch 16),
+    prompt 128, dual cache, one_step, the logits path, peaked at 72.6 GiB. The plan must land within 15%; the
+    fused log-probs (the estimators' CUDA path) plan less."""
+    recipe = load_recipe(
+        ROOT / "recipes/llada-8b/gsm8k-diffu-grpo.yaml",
+        [
+            "model.load_in_4bit=false",
+            "rollout.cache=dual",
+            "grpo.num_generations=8",
+            "grpo.num_iterations=2",
+            "train.batch_size=8",
+            "train.gradient_accumulation_steps=4",
+            "train.deepspeed=null",
+        ],
+    )
+    logits_path = plan_memory(recipe, gpus=1, prompt_length=128, fused_logprobs=False)
+    assert abs(logits_path.total / 2**30 / 72.6 - 1) < 0.15, logits_path.total / 2**30
+    fused = plan_memory(recipe, gpus=1, prompt_length=128)
+    assert fused.get("logits") < logits_path.get("logits") / 4 and fused.total < logits_path.total
+
+
+def test_graphs_keep_the_rollout_buffers():
+    """rollout.compile=graphs keeps the KV cache and the graphs' pool between rollouts: static memory."""
+    eager = plan_memory(_llada(rollout__cache="dual"), gpus=1, prompt_length=200)
+    graphs = plan_memory(_llada(rollout__cache="dual", rollout__compile="graphs"), gpus=1, prompt_length=200)
+    kv = eager.get("kv_cache")
+    assert kv > 0 and graphs.get("kv_cache") == kv
+    assert graphs.phase("static") == eager.phase("static") + kv + eager.get("rollout_forward")
 
 
 def test_logits_term_matches_measurement(one_thread):

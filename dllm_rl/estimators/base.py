@@ -6,6 +6,11 @@ view and returns the weighted per-token estimate [N, Lc]. Because the noise is a
 a `torch.Generator`, the old policy, the reference and the current policy are scored under the same
 corruption (antithetic in VRPO's sense, arXiv 2505.19223), and a batch can be shuffled safely.
 
+On CUDA the per-token log-probs of a native model come straight from its final hidden states through
+liger-kernel's fused linear cross-entropy (kernels.linear_token_logprobs; `fused_head`): the [N, Lc, V]
+logits and their float32 log-softmax, the largest tensors of an update, are never built. On CPU, and for
+views that also need the logits (a sampled order's scores), the logits path.
+
 Block-causal models (block diffusion) are scored in the two-stream layout of BD3-LM (arXiv 2503.09573) and
 TraceRL: [clean prompt + completion | noisy completion]; a noisy token of block b attends to clean blocks
 < b and to its own noisy block, which is exactly what it saw at inference.
@@ -13,13 +18,16 @@ TraceRL: [clean prompt + completion | noisy completion]; a noisy token of block 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.utils.checkpoint
+from torch import nn
 
-from ..models.base import ModelTraits
+from ..kernels import linear_token_logprobs, use_fast_path
+from ..models.base import ModelTraits, unwrap
 from ..models.masks import block_ids, padding_positions
 from ..policy.order_head import stats_from_logits
 from ..policy.orders import model_order_scores
@@ -147,6 +155,18 @@ def view_logprobs(
         lo = P + Lc
     else:
         ids, mask, lo = torch.cat([prompt, noisy], 1), attn, P
+    head = fused_head(model, tr, ids) if order is None else None
+    if head is not None:  # CUDA: log-probs straight from the final hidden states, no [N, Lc, V] logits
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            logits_range=(lo - shift, lo - shift),  # no logits
+            output_hidden_states="last",
+        )
+        return head_logprobs(
+            out.hidden_states[-1][:, lo - shift : lo + Lc - shift], head, batch.completion_ids, tr, temperature
+        )
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -166,6 +186,36 @@ def view_logprobs(
         logits = logits / temperature
     lp = token_logprobs(logits, batch.completion_ids if targets_k is None else targets_k, mask_id)  # [N, Lc]
     return lp if order is None else (lp, scores)
+
+
+def fused_head(model, tr: ModelTraits, like: torch.Tensor):
+    """(weight [V, D], bias [V] | None, logit scale) of the LM head when `view_logprobs` takes per-token
+    log-probs from the final hidden states through kernels.linear_token_logprobs (liger-kernel's fused linear
+    cross-entropy: the [n, V] logits exist one chunk at a time, in forward and backward alike); else None.
+
+    That is on CUDA (kernels.use_fast_path, so DLLM_RL_KERNELS=0 turns it off) for a native model (its forward
+    returns the final-norm hidden states: models.base traits().static_shapes) whose head is a plain linear
+    layer or tied embedding (not adapted by LoRA, not partitioned by ZeRO-3). Elsewhere, on CPU included, the
+    logits path runs as before."""
+    if not (use_fast_path(like) and tr.static_shapes):
+        return None
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    if type(head) not in (nn.Linear, nn.Embedding) or hasattr(head.weight, "ds_id"):
+        return None
+    scale = math.sqrt(base.config.d_model) if getattr(base.config, "scale_logits", False) else 1.0  # LLaDA's option
+    return head.weight, getattr(head, "bias", None), scale
+
+
+def head_logprobs(h: torch.Tensor, head, targets: torch.Tensor, tr: ModelTraits, temperature: float = 1.0):
+    """log p(target) [N, Lc] from the final hidden states h [N, Lc, D] and `fused_head`'s (weight, bias, scale):
+    what `token_logprobs` computes from logits = (h W^T + b) / scale, [MASK] excluded, at `temperature`."""
+    N, Lc, D = h.shape
+    weight, bias, scale = head
+    flat = linear_token_logprobs(
+        h.reshape(N * Lc, D), weight, targets.reshape(-1), bias, tr.mask_token_id, temperature * scale
+    )
+    return flat.view(N, Lc)
 
 
 def two_stream_mask(clean_bid: torch.Tensor, noisy_bid: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ Public ops (dispatching):
 - `linear_token_logprobs(hidden, weight, targets, bias=None, mask_token_id=None, temperature=1.0) -> [n]`
   fast: liger-kernel's fused linear cross-entropy; reference: a chunked torch.autograd.Function
   (dllm_rl/kernels/logprobs.py, where the docstring shows how an estimator calls it).
+- `rms_norm`, `rotary`, `silu_mul`: the native models' RMSNorm, RoPE (q and k in one kernel) and SwiGLU gate;
+  fast: liger-kernel's Triton kernels; reference: the models' torch maths (dllm_rl/kernels/fused.py).
 
 Dispatch rule: the fast path runs when the tensor is on CUDA, `torch.cuda.is_available()`, and triton (for
 logprobs: liger-kernel >= 0.8.2, and hidden/weight of one dtype) is installed; otherwise the reference.
@@ -25,6 +27,7 @@ import os
 
 import torch
 
+from .fused import one_op_per_kernel, rms_norm, rotary, silu_mul
 from .logprobs import liger_usable, linear_token_logprobs_liger, linear_token_logprobs_torch
 from .sampling import TokenChoice
 from .sampling import choose_tokens as choose_tokens_reference
@@ -53,7 +56,8 @@ def choose_tokens(
     repetition_penalty: float = 1.0,
     context: torch.Tensor | None = None,
 ) -> TokenChoice:
-    """logits: [n, V]; u: [n] uniforms in (0, 1) -> TokenChoice. See kernels.sampling.choose_tokens."""
+    """logits: [n, V]; u: [n] uniforms in (0, 1) (unread when greedy) -> TokenChoice.
+    See kernels.sampling.choose_tokens."""
     if use_fast_path(logits) and min_p == 0 and repetition_penalty == 1.0:
         from .sampling_triton import choose_tokens_triton  # imports triton: only on the CUDA path
 
@@ -84,5 +88,9 @@ __all__ = [
     "linear_token_logprobs",
     "linear_token_logprobs_liger",
     "linear_token_logprobs_torch",
+    "one_op_per_kernel",
+    "rms_norm",
+    "rotary",
+    "silu_mul",
     "use_fast_path",
 ]

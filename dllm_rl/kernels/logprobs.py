@@ -22,7 +22,8 @@ temperature=1.0) -> [n]`:
   would give logit 0, not -inf). Needs liger-kernel >= 0.8.2: older releases returned silently wrong
   weight gradients for reduction="none" with a per-token upstream gradient (linkedin/Liger-Kernel#1298).
 
-How an estimator uses it (instead of `model(...).logits` + `token_logprobs`), for `view_logprobs`:
+How an estimator uses it (instead of `model(...).logits` + `token_logprobs`); `estimators.base.view_logprobs`
+does this on CUDA (`fused_head`, `head_logprobs`):
 
     base = unwrap(model)                                  # models.base.unwrap
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos,

@@ -224,7 +224,8 @@ def fused_choose_tokens(
     part = [torch.empty(n, splits, device=dev, dtype=torch.float32) for _ in range(6)]  # 6 x [n, S]
     m_p, s_p, w_p, st_p, t1_p, t2_p = part
     t1i_p = torch.empty(n, splits, device=dev, dtype=torch.int32)  # [n, S]
-    u32 = (u.to(torch.float32) if sample else torch.zeros(1)).to(dev).contiguous()  # [n] as the reference
+    # [n] as the reference; created on the device (a pageable host->device copy cannot be captured in a CUDA graph)
+    u32 = u.to(device=dev, dtype=torch.float32).contiguous() if sample else torch.zeros(1, device=dev)
     inv_t = 1.0 / temperature if sample else 1.0
     mask_id = -1 if mask_token_id is None else int(mask_token_id)
     token = torch.empty(n, device=dev, dtype=torch.long)

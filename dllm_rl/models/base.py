@@ -6,13 +6,17 @@ The protocol is the forward signature of the native models (tiny, LLaDA, Dream):
           kv_cache=KVCache | None, cache_start=int, kv_len=int | None, cache_rows=[b] | None,
           logits_range=(a, b) | None, output_hidden_states=bool) -> output with .logits [B, *, V]
 
-plus `model.new_cache(batch_size, length)` when the model can cache. Models that only exist as remote code
+plus `model.new_cache(batch_size, length)` when the model can cache. The native models also take
+`cache_start` as a [Lq] long tensor of canvas positions and `logits_index=[m]` (logits of those query positions
+only): with positions as data rather than Python ints, one captured decoding step serves every block
+(`traits().static_shapes`). Models that only exist as remote code
 are adapted to it by `models.hf.HFDiffusionLM` (their own forward, no cache). `traits()` reads the rest:
 mask token, attention kind, block size, cache support, and the logits shift of Dream-style models.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -27,6 +31,7 @@ class ModelTraits:
     block_size: int | None  # block length of block-causal attention
     supports_cache: bool
     logits_shift: int  # 0: logits[i] predicts token i; 1 (Dream): logits[i-1] predicts token i
+    static_shapes: bool = False  # takes tensor cache positions and `logits_index` (native models)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -60,4 +65,5 @@ def traits(model: nn.Module, tokenizer=None) -> ModelTraits:
         block_size=getattr(cfg, "block_size", None) if attention == "block_causal" else None,
         supports_cache=hasattr(base, "new_cache"),
         logits_shift=int(getattr(cfg, "logits_shift", 0) or 0),
+        static_shapes="logits_index" in inspect.signature(base.forward).parameters,
     )

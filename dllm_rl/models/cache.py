@@ -46,17 +46,31 @@ class KVCache:
         return self.keys[0].shape[0]
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, kv_len: int, rows: torch.Tensor | None = None
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int | torch.Tensor,
+        kv_len: int,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [b, H, Lq, D] at canvas positions [start, start+Lq) and return keys/values over [0, kv_len).
 
+        `start` may instead be a long tensor [Lq] of canvas positions (static-shape decoding: the positions
+        are data, so one captured graph serves every block; written with index_copy_, all rows).
         `rows` (b,) selects which cache rows the b query rows belong to (a subset of the batch that is
         still decoding); None means all rows in order.
         """
+        K, V = self.keys[layer], self.values[layer]
+        if torch.is_tensor(start):
+            if rows is not None:
+                raise ValueError("cache positions given as a tensor write every row (rows must be None)")
+            K.index_copy_(2, start, k)
+            V.index_copy_(2, start, v)
+            return K[:, :, :kv_len], V[:, :, :kv_len]
         end = start + k.shape[2]
         if end > self.length or kv_len > self.length:
             raise ValueError(f"cache write [{start}, {end}) / read {kv_len} beyond canvas length {self.length}")
-        K, V = self.keys[layer], self.values[layer]
         if rows is None:
             K[:, :, start:end] = k
             V[:, :, start:end] = v
@@ -64,6 +78,14 @@ class KVCache:
         K[rows, :, start:end] = k
         V[rows, :, start:end] = v
         return K[rows, :, :kv_len], V[rows, :, :kv_len]
+
+    def prefix(self, rows: int) -> "KVCache":
+        """The cache of the first `rows` batch rows, sharing this one's storage (a smaller batch bucket)."""
+        view = object.__new__(KVCache)
+        view.keys = [k[:rows] for k in self.keys]
+        view.values = [v[:rows] for v in self.values]
+        view.length = self.length
+        return view
 
     def mark_static(self) -> None:
         """Tell torch.compile the storage never moves, so CUDA graphs can write it in place (as transformers'

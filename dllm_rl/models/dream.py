@@ -33,11 +33,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..kernels import silu_mul
 from .layers import RotaryEmbedding
 from .native import NativeDiffusionLM, RMSNorm, attend, check_attention
 
@@ -130,7 +130,7 @@ class DreamMLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DreamDecoderLayer(GradientCheckpointingLayer):

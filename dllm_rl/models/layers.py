@@ -1,5 +1,5 @@
-"""Building blocks shared by the native diffusion LMs (tiny, LLaDA, Dream): rotary embeddings and the
-cache-aware attention core.
+"""Building blocks shared by the native diffusion LMs (tiny, LLaDA, Dream): rotary embeddings (cos, sin; the
+rotation itself is `kernels.rotary`) and the cache-aware attention core.
 
 Written here rather than borrowed from transformers' Llama modules because the attention must read and
 rewrite a diffusion KV cache in place (see cache.py) and take arbitrary block masks; transformers' cache
@@ -33,16 +33,19 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, L, D]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 def expand_mask(attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
     """A 2-D key mask [B, Lk] (1 = attend) becomes [B, 1, 1, Lk] bool; a 4-D bool mask passes through."""
     if attention_mask is None or attention_mask.dim() == 4:
         return attention_mask
     return attention_mask.bool()[:, None, None, :]
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool mask as the additive float mask (0 / -inf) SDPA builds from it: built once per forward instead of
+    by every layer (3 kernels a layer; the same values, so the same attention)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), float("-inf"))
 
 
 def attention(
@@ -52,17 +55,19 @@ def attention(
     mask: torch.Tensor | None,
     layer: int,
     cache: KVCache | None,
-    cache_start: int,
+    cache_start: int | torch.Tensor,
     kv_len: int | None,
     cache_rows: torch.Tensor | None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with an optional in-place diffusion cache.
 
-    q: [B, H, Lq, D]; k, v: [B, H_kv, Lq, D]; mask: bool [B, 1, Lq, Lk] or None (all keys). With a cache the
-    fresh k, v are written at [cache_start, cache_start + Lq) and attention reads keys [0, kv_len).
+    q: [B, H, Lq, D]; k, v: [B, H_kv, Lq, D]; mask: bool or additive [B, 1, Lq, Lk], or None (all keys). With a
+    cache the fresh k, v are written at [cache_start, cache_start + Lq) (or at the positions of a [Lq] tensor
+    cache_start) and attention reads keys [0, kv_len).
     """
     if cache is not None:
-        kv_len = cache_start + q.shape[2] if kv_len is None else kv_len
+        if kv_len is None:
+            kv_len = cache.length if torch.is_tensor(cache_start) else cache_start + q.shape[2]
         k, v = cache.update(layer, k, v, cache_start, kv_len, cache_rows)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     return out  # [B, H, Lq, D]

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..kernels import silu_mul
 from .layers import RotaryEmbedding
 from .native import NativeDiffusionLM, RMSNorm, attend, check_attention
 
@@ -173,7 +174,7 @@ class LLaDABlock(GradientCheckpointingLayer):
         )
         x = x + self.attn_out(h)
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x + self.ff_out(silu_mul(self.ff_proj(h), self.up_proj(h)))
 
 
 class LLaDABackbone(nn.Module):

@@ -38,13 +38,12 @@ def mask_from_block_ids(q_blocks: torch.Tensor, k_blocks: torch.Tensor, causal_b
     else:
         allowed = valid.expand(-1, q_blocks.shape[1], -1)
     empty = ~allowed.any(-1, keepdim=True)  # [B, Lq, 1]
-    if empty.any():
-        fallback = torch.zeros_like(allowed)
-        fallback[..., 0] = True
-        if q_blocks.shape[1] == k_blocks.shape[1]:
-            fallback = torch.eye(q_blocks.shape[1], dtype=torch.bool, device=allowed.device).expand_as(allowed)
-        allowed = torch.where(empty, fallback, allowed)
-    return allowed[:, None]  # [B, 1, Lq, Lk]
+    # applied whether or not any row is empty: reading `empty.any()` on the host would stall a GPU every step
+    if q_blocks.shape[1] == k_blocks.shape[1]:
+        fallback = torch.eye(q_blocks.shape[1], dtype=torch.bool, device=allowed.device)  # [Lq, Lk]
+    else:
+        fallback = torch.arange(k_blocks.shape[1], device=allowed.device) == 0  # [Lk]
+    return torch.where(empty, fallback, allowed)[:, None]  # [B, 1, Lq, Lk]
 
 
 def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from ..errors import DllmRlError
+from ..kernels import rms_norm, rotary
 from .cache import KVCache
-from .layers import apply_rotary, attention, expand_mask
+from .layers import additive_mask, attention, expand_mask
 
 ATTENTION_KINDS = ("bidirectional", "block_causal")
 
@@ -47,9 +48,7 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(size)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        h = self.weight * h
+        h = rms_norm(x, self.weight, self.eps)  # one liger kernel on CUDA (kernels.fused)
         return h if self.bias is None else h + self.bias
 
     def extra_repr(self) -> str:
@@ -80,9 +79,7 @@ def attend(
     q = q_proj(x).view(B, L, heads, -1).transpose(1, 2)  # [B, H, L, D]
     k = k_proj(x).view(B, L, kv_heads, -1).transpose(1, 2)  # [B, H_kv, L, D]
     v = v_proj(x).view(B, L, kv_heads, -1).transpose(1, 2)
-    cos, sin = rope
-    q = apply_rotary(q.to(cos.dtype), cos, sin).to(v.dtype)
-    k = apply_rotary(k.to(cos.dtype), cos, sin).to(v.dtype)
+    q, k = rotary(q, k, *rope)  # q and k in one liger kernel on CUDA (kernels.fused)
     out = attention(q, k, v, mask, layer, cache, cache_start, kv_len, cache_rows)  # [B, H, L, D]
     return out.transpose(1, 2).reshape(B, L, -1)
 
@@ -145,37 +142,48 @@ class NativeDiffusionLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        cache_start: int = 0,
+        cache_start: int | torch.Tensor = 0,
         kv_len: int | None = None,
         cache_rows: torch.Tensor | None = None,
         logits_range: tuple[int, int] | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | str = False,
+        logits_index: torch.Tensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         """Args:
             input_ids: [B, Lq] tokens (masked positions hold `config.mask_token_id`).
             attention_mask: [B, Lk] 1 = attend, or bool [B, 1, Lq, Lk] (models.masks), or None.
             position_ids: [B, Lq] RoPE positions; default cache_start .. cache_start + Lq - 1.
-            kv_cache / cache_start / kv_len / cache_rows: see models.cache.KVCache.update.
+            kv_cache / cache_start / kv_len / cache_rows: see models.cache.KVCache.update (cache_start may be
+                a [Lq] long tensor of canvas positions: static-shape decoding).
             logits_range: compute logits only for query positions [a, b) (the LM head is the costly part).
+            logits_index: compute logits only for these query positions ([m] long tensor; after
+                logits_range): the positions are data, so one captured graph serves every block.
         Returns MaskedLMOutput with logits [B, Lq or b - a, V]; hidden_states (embeddings, every block, the
-        last one after the final norm) when output_hidden_states.
+        last one after the final norm) when output_hidden_states, only the last one when it is "last" (the other
+        layers' outputs are then not kept alive).
         """
         B, L = input_ids.shape
-        if position_ids is None:
+        if position_ids is None and torch.is_tensor(cache_start):
+            position_ids = cache_start.expand(B, L)
+        elif position_ids is None:
             position_ids = torch.arange(cache_start, cache_start + L, device=input_ids.device).expand(B, L)
         x = self._embed(input_ids)  # [B, L, D]
         rope = self.rotary(position_ids, torch.float32 if self.rope_fp32 else x.dtype)
         mask = default_mask(self.config, attention_mask, position_ids, L, kv_cache is not None)
-        hidden = [x] if output_hidden_states else None
+        mask = additive_mask(mask, x.dtype)  # once, not in every layer
+        every_layer = output_hidden_states is True
+        hidden = [x] if every_layer else []
         for block in self._blocks():
             x = block(x, rope, mask, kv_cache, cache_start, kv_len, cache_rows)
-            if output_hidden_states:
+            if every_layer:
                 hidden.append(x)
         x = self._final_norm(x)
         if output_hidden_states:
-            hidden[-1] = x
+            hidden[-1:] = [x]
         if logits_range is not None:
             x = x[:, logits_range[0] : logits_range[1]]
+        if logits_index is not None:
+            x = x.index_select(1, logits_index)
         logits = self._head(x)  # [B, L, V]
         return MaskedLMOutput(logits=logits, hidden_states=tuple(hidden) if hidden else None)

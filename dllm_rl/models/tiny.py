@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..kernels import silu_mul
 from .layers import RotaryEmbedding
 from .native import NativeDiffusionLM, RMSNorm, attend, check_attention
 
@@ -88,7 +89,7 @@ class TinyMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class TinyBlock(GradientCheckpointingLayer):

@@ -1,9 +1,11 @@
 """The rollout engine: `generate(model, tokenizer, prompts, RolloutConfig(...), generator=g)`.
 
-engine.py (the denoising loop), commit.py (commit rules), cache_plans.py (what each step forwards per cache
-mode), remask.py (self-correction), trace.py (recording the commit trace), reference.py (LLaDA's plain
-sampler: the test oracle and benchmark baseline). Ordering rules live in policy.orders, token choice in
-kernels.
+engine.py (blocks and the host's one look per block), step.py (the denoising step: static shapes, no host
+synchronisation), graphs.py (running the step eagerly, compiled, or as CUDA graphs), commit.py (commit rules),
+cache_plans.py (what each step forwards per cache mode), remask.py (self-correction), trace.py (building the
+commit trace), eager_loop.py (the host-driven loop the step replaced: the engine's oracle), reference.py
+(LLaDA's plain sampler: the test oracle and benchmark baseline). Ordering rules live in policy.orders, token
+choice in kernels.
 """
 
 from ..batches import Trace

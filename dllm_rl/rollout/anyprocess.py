@@ -61,7 +61,7 @@ from ..policy.edits import DELETE_OP, KEEP, REMASK_OP, EditState, decision_logpr
 from ..policy.orders import ORDERS, OrderInputs
 from ..policy.plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
 from .commit import COMMIT_RULES
-from .trace import TraceRecorder
+from .trace import TraceRecorder, by_row
 
 EDIT_STREAM, INSERT_STREAM = 5, 6  # counter_rng streams of the edit decisions (1-3 are the fill-only engine's)
 
@@ -169,6 +169,7 @@ class _Recorder(TraceRecorder):
         # the same events, event log-probs and order log-probs here, and take the tracked per-position fields
         events = torch.cat(self._events) if self._events else torch.zeros(0, 5, dtype=torch.long)
         ev_lp = torch.cat(self._logprobs) if self._logprobs else torch.zeros(0)
+        events, ev_lp = by_row(events, ev_lp)
         S = int(c.step.max())
         order_lp = torch.zeros(c.N, S)
         if self._order:

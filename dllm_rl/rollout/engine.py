@@ -1,38 +1,46 @@
-"""The one denoising loop: prompts -> completions + commit trace.
+"""The rollout engine: prompts -> completions + commit trace, decided on the device.
 
-Semi-autoregressive blocks (LLaDA arXiv 2502.09992) decoded in lockstep across the batch: every row works
-on block b; a row that finished the block waits without being forwarded; a row whose finished blocks
-contain EOS stops and is never forwarded again (its later blocks are filled with EOS). Each step forwards
-the slice its cache plan asks for (cache_plans.CACHE_PLANS), draws a token for every masked position of the
-active block in one pass over those positions' logits (kernels.choose_tokens), asks the commit rule (commit.py) how
-many to commit and the ordering rule (policy.orders) which, optionally takes back low-probability commits, and records
-everything in the trace.
+Semi-autoregressive blocks (LLaDA arXiv 2502.09992) decoded in lockstep across the batch. Each step forwards
+the slice its cache plan asks for (cache_plans.CACHE_PLANS), draws a token for every position of the active
+block in one pass over its logits (kernels.choose_tokens), asks the commit rule (commit.py) how many to commit
+and the ordering rule (policy.orders) which, optionally takes back low-probability commits (remask.py), and
+records everything in the trace. A row whose finished blocks contain EOS stops (its later blocks are filled
+with EOS).
+
+The step is `rollout.step.Workspace.step`: static shapes and no host synchronisation, over buffers allocated
+once per batch shape, so the host only enqueues work. The host looks at the device once per block (which
+rows are done: finished rows leave the working set, which shrinks to the next batch bucket), plus, for the
+data-dependent commit rules (threshold, factor, prophet), whether the block is finished, read from pinned
+memory two steps late on a GPU so the device never waits. `rollout.compile` picks how the step runs: eager;
+with the model call compiled (default / reduce-overhead / max-autotune); or `graphs`, the whole step captured
+once per batch bucket and step kind as a CUDA graph (rollout.graphs) and replayed for every block and every
+rollout of the run, with the weights of the moment.
 
 Randomness comes from the caller's generator through counter-based hashing (counter_rng.py): batch-invariant.
+The decisions are those of the host-driven loop this replaced (rollout.eager_loop, the tests' oracle).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from ..batches import COMMIT, FILL, REMASK, Decoding, RolloutBatch, StepStats
+from ..batches import Decoding, RolloutBatch, Trace
 from ..config import RolloutConfig
-from ..counter_rng import ORDER_STREAM, TOKEN_STREAM, row_seeds, uniform
+from ..counter_rng import row_seeds
 from ..errors import ConfigError, DllmRlError, lookup
-from ..kernels import choose_tokens  # fused Triton on CUDA, kernels.sampling.choose_tokens elsewhere
-from ..kernels.sampling import repetition_context
 from ..models.base import ModelTraits, traits, unwrap
-from ..models.masks import block_ids, mask_from_block_ids, padding_positions
-from ..policy.orders import ORDERS, OrderInputs
-from ..policy.plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
+from ..policy.orders import ORDERS
 from .anyprocess import generate as any_process
-from .cache_plans import CACHE_PLANS
 from .commit import COMMIT_RULES
-from .remask import self_correction
-from .trace import TraceRecorder
+from .graphs import CompiledSteps, CudaGraphSteps, EagerSteps, batch_bucket
+from .step import Workspace, step_kind
+from .trace import trace_from_buffers
+
+PROMPT_ALIGN = 64  # rollout.compile=graphs: prompts are left-padded to a multiple of this (fewer graph shapes)
 
 OrderPolicy = Callable[..., torch.Tensor]  # (hidden [n, Lb, D], stats, offsets [1, Lb]) -> scores [n, Lb]
 
@@ -56,6 +64,12 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
         else:
             out.append(tokenizer(str(p)).input_ids)
     return out
+
+
+def host_loop(cfg: RolloutConfig) -> bool:
+    """Whether the settings need the host-driven loop (rollout.eager_loop): TRL's min_p and repetition_penalty,
+    whose token choice reads each row's canvas, are not in the static step yet."""
+    return cfg.min_p != 0 or cfg.repetition_penalty != 1.0
 
 
 def check_config(cfg: RolloutConfig, tr: ModelTraits, model, prompt_len: int, has_policy: bool) -> None:
@@ -85,6 +99,11 @@ def check_config(cfg: RolloutConfig, tr: ModelTraits, model, prompt_len: int, ha
         )
     if cfg.repetition_penalty <= 0:
         raise ConfigError(f"rollout.repetition_penalty must be > 0 (1 = off), got {cfg.repetition_penalty}")
+    if cfg.compile == "graphs" and not tr.static_shapes:
+        raise ConfigError(
+            f"rollout.compile=graphs needs a native dllm_rl model (tensor cache positions); "
+            f"{type(unwrap(model)).__name__} runs through its own forward: use rollout.compile=none"
+        )
     if cfg.cache != "none" and not tr.supports_cache:
         raise ConfigError(
             f"{type(unwrap(model)).__name__} runs through its own forward and cannot use a KV "
@@ -108,26 +127,6 @@ def check_config(cfg: RolloutConfig, tr: ModelTraits, model, prompt_len: int, ha
             f"model's context of {max_pos} positions; shorten the prompt or lower "
             f"rollout.max_completion_length"
         )
-
-
-class _Canvas:
-    """The batch state: canvas tokens, masks and positions, and the per-row counters."""
-
-    def __init__(self, prompt_ids: list[list[int]], Lc: int, tr: ModelTraits, pad_id: int, device):
-        self.N, self.P, self.Lc = len(prompt_ids), max(len(p) for p in prompt_ids), Lc
-        self.L = self.P + Lc
-        x = torch.full((self.N, self.L), pad_id, dtype=torch.long)
-        attn = torch.zeros(self.N, self.L, dtype=torch.long)
-        for i, ids in enumerate(prompt_ids):
-            x[i, self.P - len(ids) : self.P] = torch.tensor(ids, dtype=torch.long)
-            attn[i, self.P - len(ids) :] = 1
-        x[:, self.P :] = tr.mask_token_id
-        self.x, self.attn = x.to(device), attn.to(device)
-        self.pos = padding_positions(self.attn)  # [N, L]
-        self.causal = tr.attention == "block_causal"
-        self.bid = block_ids(self.attn, self.P, tr.block_size) if self.causal else None
-        self.step = torch.zeros(self.N, dtype=torch.long, device=device)  # per-row step counter
-        self.done = torch.zeros(self.N, dtype=torch.bool, device=device)
 
 
 @torch.no_grad()
@@ -155,65 +154,125 @@ def generate(
     """
     if cfg.edit != "none":  # any-process decoding: remask / insert / delete decided by the edit head
         return any_process(model, tokenizer, prompts, cfg, generator, order_policy, record_states, edit_policy)
+    if host_loop(cfg):
+        from .eager_loop import generate_host_loop  # imports this module: at call time
+
+        return generate_host_loop(model, tokenizer, prompts, cfg, generator, order_policy, record_states)
     tr = traits(model, tokenizer)
     ids = encode_prompts(tokenizer, prompts)
-    check_config(cfg, tr, model, max(len(p) for p in ids), order_policy is not None)
-    device = next(unwrap(model).parameters()).device
+    P = max(len(p) for p in ids)
+    check_config(cfg, tr, model, P, order_policy is not None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    c = _Canvas(ids, cfg.max_completion_length, tr, pad_id, device)
-    seeds = row_seeds(ids, generator).to(device)
-    rec = TraceRecorder(c.N, c.Lc, tr.mask_token_id, decoding(cfg))
-    states: list[list[torch.Tensor]] = [[] for _ in range(c.N)]
-    Lb = cfg.block_length or c.Lc
-    steps_per_block = cfg.steps // (c.Lc // Lb)
-    cache = unwrap(model).new_cache(c.N, c.L) if cfg.cache != "none" else None
-    forward = _compiled(model, cfg.compile)
-    if cache is not None and cfg.compile != "none":
-        cache.mark_static()
+    ws, run, bucket = _workspace(model, tr, cfg, len(ids), P, order_policy)
+    ws.load(ids, row_seeds(ids, generator), pad_id)
     stats = {"forwards": 0, "query_tokens": 0}
+    states: list[list[torch.Tensor]] | None = [[] for _ in ids] if record_states else None
+    eos = tokenizer.eos_token_id
+    nb = ws.Lc // ws.Lb
     was_training = model.training
     model.eval()
-    t0 = time.perf_counter()
+    t0, captured = time.perf_counter(), run.seconds
     try:
         prev_bs = 0
-        for bs in range(c.P, c.L, Lb):
-            _decode_block(
-                forward,
-                c,
-                cfg,
-                tr,
-                bs,
-                bs + Lb,
-                prev_bs,
-                steps_per_block,
-                seeds,
-                cache,
-                rec,
-                states if record_states else None,
-                order_policy,
-                stats,
-            )
-            if cfg.stop_at_eos and tokenizer.eos_token_id is not None:
-                _stop_finished_rows(c, bs + Lb, tokenizer.eos_token_id, rec, states if record_states else None)
+        for b in range(nb):
+            bs = ws.P + b * ws.Lb
+            ws.start_block(b)
+            _decode_block(ws, run, cfg, tr, bs, prev_bs, stats, states)
+            if cfg.stop_at_eos and eos is not None:
+                ws.stop_rows(eos)
+                _record(ws, states, replace_last=True)
             prev_bs = bs
-            if c.done.all():
+            if b + 1 < nb and not _next_rows(ws, bucket):
                 break
     finally:
         model.train(was_training)
     stats["seconds"] = time.perf_counter() - t0
-    return _finish(c, tokenizer, rec, stats, states if record_states else None)
+    stats["compile_seconds"] = run.seconds - captured  # graphs captured / steps compiled by this call
+    return _finish(ws, ids, tokenizer, cfg, stats, states)
 
+
+def _decode_block(ws: Workspace, run, cfg, tr, bs: int, prev_bs: int, stats: dict, states) -> None:
+    """The steps of one block: a fixed count for top_k (no host look at all), else until the block is done."""
+    kinds = [step_kind(cfg, tr, ws.L, bs, prev_bs, first) for first in (True, False)]
+    if cfg.commit == "top_k":
+        limit, pending = ws.spb, None  # top_k finishes every row's block in exactly its steps
+    else:
+        limit, pending = ws.S // (ws.Lc // ws.Lb), _Pending(ws.pending)
+    for j in range(limit):
+        kind = kinds[min(j, 1)]
+        run(kind)
+        stats["forwards"] += 1
+        stats["query_tokens"] += ws.n * kind.length
+        _record(ws, states)
+        if pending is not None and not pending.after_step(j + 1):
+            return
+
+
+class _Pending:
+    """Whether any row still has masked positions in the block, read by the host without stalling the device.
+
+    On CUDA each step's flag is copied to pinned memory and read `lag` steps later: the device always has
+    steps queued, and the steps enqueued after the block finished are exact no-ops (nothing is masked, so
+    nothing is committed or counted). Elsewhere the flag is read at once."""
+
+    def __init__(self, flag: torch.Tensor, lag: int = 2):
+        self.flag, self.lag = flag, lag
+        if flag.is_cuda:
+            self.host = torch.zeros(lag + 1, dtype=torch.bool, pin_memory=True)
+            self.events = [torch.cuda.Event() for _ in range(lag + 1)]
+
+    def after_step(self, n: int) -> bool:
+        if not self.flag.is_cuda:
+            return bool(self.flag)
+        i = n % (self.lag + 1)
+        self.host[i].copy_(self.flag, non_blocking=True)
+        self.events[i].record()
+        if n <= self.lag:
+            return True
+        j = (n - self.lag) % (self.lag + 1)
+        self.events[j].synchronize()  # the step `lag` steps back: the device has `lag` steps queued meanwhile
+        return bool(self.host[j])
+
+
+def _next_rows(ws: Workspace, bucket: Callable[[int], int]) -> bool:
+    """The host's one look per block: False when every row is done; else rows that finished leave the
+    working set when the live ones fit a smaller bucket (done rows fill it up)."""
+    done = ws.done.tolist()
+    live = [i for i, d in enumerate(done) if not d]
+    if not live:
+        return False
+    n = bucket(len(live))
+    if n < ws.n:
+        ws.compact(live + [i for i, d in enumerate(done) if d][: n - len(live)], n)
+    return True
+
+
+def _record(ws: Workspace, states, replace_last: bool = False) -> None:
+    """record_states: the completion canvas of each row that moved (debugging and tests only: reads the device)."""
+    if states is None:
+        return
+    moved, rows, comp = ws.active.tolist(), ws.row_id.tolist(), ws.x[:, ws.P :].cpu()
+    for i, (m, r) in enumerate(zip(moved, rows)):
+        if m and r < len(states):
+            if replace_last:
+                states[r][-1] = comp[i].clone()
+            else:
+                states[r].append(comp[i].clone())
+
+
+# ------------------------------------------------------------------------------------- how steps run
 
 _COMPILED: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}  # mode -> (model, its compiled wrapper)
+_GRAPHS: dict[str, tuple] = {}  # "last" -> (key, model, workspace, runner): compile=graphs keeps one shape
 
 
 def _compiled(model, mode: str):
-    """The model call the sampler uses: the model itself, or (rollout.compile) a torch.compile wrapper of it,
-    reused while the same model decodes (one entry per mode: a wrapper holds its model, so a cache keyed by
-    every model would keep them all alive). The wrapper shares the parameters, so training updates are seen,
-    while training forwards stay eager. Dynamic shapes: the KV length grows every block and the active rows
-    shrink as rows finish, and a graph per value would hit dynamo's recompile limit."""
-    if mode == "none":
+    """The model call the step uses: the model itself, or (rollout.compile default / reduce-overhead /
+    max-autotune) a torch.compile wrapper of it, reused while the same model decodes (one entry per mode: a
+    wrapper holds its model, so a cache keyed by every model would keep them all alive). The wrapper shares
+    the parameters, so training updates are seen, while training forwards stay eager. Dynamic shapes: the
+    query length differs between step kinds and the working set shrinks as rows finish."""
+    if mode in ("none", "graphs"):
         return model
     hit = _COMPILED.get(mode)
     if hit is None or hit[0] is not model:
@@ -221,142 +280,57 @@ def _compiled(model, mode: str):
     return hit[1]
 
 
-def _forward(model, c: _Canvas, rows, plan, cache, lo: int, hi: int, want_hidden: bool):
-    sub = lambda t: t if rows is None else t[rows]
-    qs, qe, kv = plan.q_start, plan.q_end, plan.kv_len
-    if c.causal:
-        bid = sub(c.bid)
-        mask = mask_from_block_ids(bid[:, qs:qe], bid[:, :kv], causal_blocks=True)
-    else:
-        mask = sub(c.attn)[:, :kv]
-    out = model(
-        input_ids=sub(c.x)[:, qs:qe],
-        attention_mask=mask,
-        position_ids=sub(c.pos)[:, qs:qe],
-        kv_cache=cache if plan.use_cache else None,
-        cache_start=qs,
-        kv_len=kv,
-        cache_rows=rows if plan.use_cache else None,
-        logits_range=(lo - qs, hi - qs),
-        output_hidden_states=want_hidden,
-    )
-    hidden = out.hidden_states[-1][:, lo - qs : hi - qs] if want_hidden else None
-    return out.logits, hidden  # [n, Lb, V], [n, Lb, D]
+def _workspace(model, tr: ModelTraits, cfg: RolloutConfig, N: int, P: int, order_policy):
+    """(workspace, step runner, batch bucket function) for a batch of N prompts of length <= P.
 
-
-def _decode_block(
-    model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, seeds, cache, rec, states, order_policy, stats
-):
-    shift = tr.logits_shift
-    offsets = torch.arange(bs - c.P, be - c.P, device=c.x.device)[None, :]  # [1, Lb] completion offsets
-    block_step = torch.zeros(c.N, dtype=torch.long, device=c.x.device)
-    first = True
-    while True:
-        masked_all = c.x[:, bs:be] == tr.mask_token_id  # [N, Lb]
-        active = ~c.done & masked_all.any(-1)
-        if not active.any():
-            return
-        rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
-        r_idx = torch.arange(c.N, device=c.x.device) if rows is None else rows
-        plan = CACHE_PLANS[cfg.cache](c.L, bs, be, prev_bs, first)
-        if plan.q_start > bs - shift:  # logits-shifted models read the position before the block
-            plan = type(plan)(bs - shift, plan.q_end, plan.kv_len, plan.use_cache)
-        logits, hidden = _forward(model, c, rows, plan, cache, bs - shift, be - shift, ORDERS[cfg.order].needs_hidden)
-        stats["forwards"] += 1
-        stats["query_tokens"] += len(r_idx) * (plan.q_end - plan.q_start)
-        first = False
-
-        m = masked_all[r_idx]  # [n, Lb]
-        step = c.step[r_idx]
-        u_tok = uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), TOKEN_STREAM)
-        choice = choose_tokens(
-            logits[m],
-            u_tok[m],
-            cfg.temperature,
-            cfg.top_k,
-            cfg.top_p,
-            tr.mask_token_id,
-            cfg.min_p,
-            cfg.repetition_penalty,
-            repetition_context(c.x[r_idx], c.attn[r_idx], tr.mask_token_id, m) if cfg.repetition_penalty != 1 else None,
-        )
-        st = _dense_stats(choice, m, tr.mask_token_id)
-        st.steps_left = (steps_per_block - block_step[r_idx]).clamp(min=1)
-        st.progress = (c.x[r_idx, c.P :] != tr.mask_token_id).float().mean(-1)
-
-        k = COMMIT_RULES[cfg.commit](st, cfg).clamp(max=m.sum(-1))  # [n]
-        u_ord = uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), ORDER_STREAM)
-        scores = ORDERS[cfg.order].scores(OrderInputs(st, offsets, u_ord, hidden, order_policy))
-        temp = cfg.order_temperature
-        if temp > 0:
-            u_g = uniform(seeds[r_idx], step, offsets.expand(len(r_idx), -1), ORDER_STREAM + 1)
-            chosen, valid = gumbel_topk(scores / temp, m, k, u_g)
-            rec.add_order(r_idx, step, plackett_luce_logprob(scores / temp, m, chosen, valid))
+    Eager and model-compiled modes allocate a workspace per call, sized to the batch (the bucket of n live
+    rows is n). compile=graphs keeps the last workspace and its graphs while the shape, the settings, the
+    model and its parameters' storage stay the same (optimizer steps update parameters in place; anything
+    that moves them, such as a ZeRO-3 gather or `model.to()`, means a new capture)."""
+    if cfg.compile != "graphs":
+        ws = Workspace(model, tr, cfg, N, P, order_policy, forward=_compiled(model, cfg.compile))
+        if ws.cache is not None and cfg.compile != "none":
+            ws.cache.mark_static()
+        return ws, EagerSteps(ws), lambda n: n
+    capacity, P = batch_bucket(N), -(-P // PROMPT_ALIGN) * PROMPT_ALIGN
+    params = [*model.parameters(), *(order_policy.parameters() if hasattr(order_policy, "parameters") else ())]
+    key = (capacity, P, repr(replace(cfg, batch_size=0)), id(order_policy), tuple(p.data_ptr() for p in params))
+    hit = _GRAPHS.get("last")
+    if hit is None or hit[0] != key or hit[1] is not model:
+        _GRAPHS.pop("last", None)  # free the previous shape's buffers and graphs first
+        ws = Workspace(model, tr, cfg, capacity, P, order_policy)
+        cuda = ws.device.type == "cuda"
+        if cuda:
+            run = CudaGraphSteps(ws, cfg.compile_backend)
+        elif cfg.compile_backend == "none":  # the replayed step's buckets and shapes, run eagerly (tests)
+            run = EagerSteps(ws)
         else:
-            chosen, valid = topk_positions(scores, m, k)
-        sel = torch.zeros_like(m).scatter_(1, chosen, valid)  # [n, Lb] positions committed now
-
-        blk = c.x[r_idx, bs:be]
-        new_blk = torch.where(sel, st.token, blk)
-        # commits are recorded in draw order (row by row): a sampled order's Plackett-Luce log-prob depends on
-        # it, and the trajectory estimator reads it back from the trace
-        rr = torch.arange(len(r_idx), device=chosen.device)[:, None].expand_as(chosen)[valid]
-        cc = chosen[valid]
-        rec.add(r_idx[rr], step[rr], offsets[0, cc], st.token[rr, cc], COMMIT, st.logprob[rr, cc])
-        if cfg.self_correction:
-            committed_before = ~m & (blk != tr.mask_token_id)
-            prob = logits.float().log_softmax(-1).gather(-1, blk.clamp(min=0)[..., None]).squeeze(-1).exp()
-            back = self_correction(prob, committed_before, cfg.correction_threshold, cfg.correction_max_per_step)
-            back &= (st.steps_left > 1)[:, None]
-            new_blk = torch.where(back, torch.full_like(new_blk, tr.mask_token_id), new_blk)
-            rr, cc = back.nonzero(as_tuple=True)
-            rec.add(r_idx[rr], step[rr], offsets[0, cc], torch.full_like(rr, tr.mask_token_id), REMASK)
-        c.x[r_idx, bs:be] = new_blk
-        c.step[r_idx] += 1
-        block_step[r_idx] += 1
-        if states is not None:
-            for r in r_idx.tolist():
-                states[r].append(c.x[r, c.P :].cpu().clone())
+            run = CompiledSteps(ws, cfg.compile_backend)
+        hit = _GRAPHS["last"] = (key, model, ws, run)
+    return hit[2], hit[3], batch_bucket
 
 
-def _dense_stats(choice, m: torch.Tensor, mask_id: int) -> StepStats:
-    def dense(values, fill):
-        out = torch.full(m.shape, fill, dtype=values.dtype, device=m.device)
-        out[m] = values
-        return out
-
-    return StepStats(
-        masked=m,
-        token=dense(choice.token, mask_id),
-        logprob=dense(choice.logprob, 0.0),
-        confidence=dense(choice.confidence, 0.0),
-        top_prob=dense(choice.top_prob, 0.0),
-        margin=dense(choice.margin, 0.0),
-        gap=dense(choice.gap, 0.0),
-        entropy=dense(choice.entropy, 0.0),
-        steps_left=None,
-        progress=None,
+def _finish(ws: Workspace, ids: list[list[int]], tokenizer, cfg, stats: dict, states) -> RolloutBatch:
+    ws.save_rows()
+    N, P = len(ids), max(len(p) for p in ids)
+    trace = trace_from_buffers(
+        ws.trace,
+        ws.final_step[:N],
+        ws.P,
+        ws.Lc,
+        ws.tr.mask_token_id,
+        tokenizer.eos_token_id,
+        decoding(cfg),
+        remasks=cfg.self_correction,
     )
+    x = ws.final[:N].clone()  # the workspace may be reused by the next rollout
+    prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in ids], device=x.device)
+    # prompts come back left-padded to the longest (compile=graphs pads further, to PROMPT_ALIGN)
+    return finish_batch(x[:, ws.P - P : ws.P], prompt_mask, x[:, ws.P :], tokenizer, trace, stats, states)
 
 
-def _stop_finished_rows(c: _Canvas, be: int, eos_id: int, rec: TraceRecorder, states) -> None:
-    """Rows with an EOS among their committed tokens stop: later blocks are filled with EOS, not decoded."""
-    stop = ~c.done & (c.x[:, c.P : be] == eos_id).any(-1)
-    c.done |= stop
-    if be == c.L or not stop.any():
-        return
-    rows = stop.nonzero().squeeze(-1)
-    c.x[rows, be:] = eos_id
-    rr = rows.repeat_interleave(c.L - be)
-    pos = torch.arange(be - c.P, c.Lc, device=c.x.device).repeat(len(rows))
-    rec.add(rr, c.step[rr] - 1, pos, torch.full_like(rr, eos_id), FILL)
-    if states is not None:
-        for r in rows.tolist():
-            states[r][-1] = c.x[r, c.P :].cpu().clone()
-
-
-def _finish(c: _Canvas, tokenizer, rec: TraceRecorder, stats: dict, states) -> RolloutBatch:
-    comp = c.x[:, c.P :]
+def finish_batch(prompt_ids, prompt_mask, comp, tokenizer, trace: Trace, stats: dict, states) -> RolloutBatch:
+    """The RolloutBatch of decoded canvases: completion masks (up to and including the first EOS) and texts."""
     eos = tokenizer.eos_token_id
     if eos is not None:
         is_eos = (comp == eos).long()
@@ -368,13 +342,12 @@ def _finish(c: _Canvas, tokenizer, rec: TraceRecorder, stats: dict, states) -> R
     texts = [
         tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(comp.cpu(), text_mask.cpu())
     ]
-    trace = rec.finish(c.step)
     stats["committed_tokens"] = int((trace.commit_step >= 0).sum())
     if states is not None:
         stats["states"] = states
     return RolloutBatch(
-        prompt_ids=c.x[:, : c.P],
-        prompt_mask=c.attn[:, : c.P],
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
         completion_ids=comp,
         completion_mask=completion_mask,
         completions=texts,

@@ -16,7 +16,7 @@ def self_correction(
 ) -> torch.Tensor:
     """Positions to remask: [n, Lb] bool. token_prob: current model probability of each committed token."""
     low = committed_before & (token_prob < threshold)
-    if max_per_step <= 0 or not low.any():
+    if max_per_step <= 0:  # (no `low.any()` shortcut: reading it would stall a GPU every step)
         return torch.zeros_like(low)
     keys = torch.where(low, -token_prob, torch.full_like(token_prob, float("-inf")))
     k = min(max_per_step, low.shape[-1])

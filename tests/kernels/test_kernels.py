@@ -92,6 +92,7 @@ def test_import_is_light():
         "dllm_rl.kernels": K.__file__,
         "dllm_rl.kernels.logprobs": K.logprobs.__file__,
         "dllm_rl.kernels.sampling": K.sampling.__file__,
+        "dllm_rl.kernels.fused": K.fused.__file__,
     }
     for name, path in eager.items():
         with open(path) as f:
