@@ -11,7 +11,7 @@ Stages (each skipped when its output is already in the work directory, so the sc
 Every command is a `dllm-rl` command line (printed), run in its own process with one thread.
 
     python benchmarks/hybrid_axes.py --work outputs/hybrid-bench            # hours on a shared 2-core machine
-    python benchmarks/hybrid_axes.py --work outputs/hybrid-bench --stages 1   # the start's axes only (minutes)
+    python benchmarks/hybrid_axes.py --work outputs/hybrid-bench --stages 1   # the start's axes (~20 min, busy CPU)
 """
 
 from __future__ import annotations
