@@ -29,7 +29,7 @@ def evaluate(
     verifier = [Reward(reward_name, resolve_reward(reward_name))]
     batch_size = batch_size or rollout.batch_size
     g = torch.Generator().manual_seed(seed)
-    scores, examples, forwards = [], [], 0
+    scores, examples, forwards, row_forwards = [], [], 0, []
     rows = dataset.to_list()
     for start in range(0, len(rows), batch_size):
         chunk = [r for r in rows[start : start + batch_size] for _ in range(num_samples)]
@@ -38,6 +38,7 @@ def evaluate(
             model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy, edit_policy=edit_policy
         )
         forwards += out.stats["forwards"]
+        row_forwards += out.trace.num_steps.tolist()  # a row's steps are its forwards (batches.Trace)
         columns = {k: [r[k] for r in chunk] for k in chunk[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
@@ -48,8 +49,10 @@ def evaluate(
         "n": len(scores),
         "examples": examples,
         "scores": scores,  # per sample, num_samples consecutive ones per prompt
-        "forwards": forwards,
-    }  # denoising forwards of the whole evaluation
+        "forwards": forwards,  # denoising forwards of the whole evaluation (batched)
+        "forwards_per_sample": sum(row_forwards) / max(len(row_forwards), 1),  # mean forwards each row took
+        "max_forwards_per_sample": max(row_forwards, default=0),
+    }
     if num_samples > 1:
         # pass@n: share of prompts with at least one solved sample (score 1.0 = solved). A prompt no sample
         # solves gives GRPO with groups of n no solve signal, so with sampling, pass@n minus the greedy accuracy
