@@ -18,7 +18,9 @@ Countdown (recipes/tiny/countdown-edit-sft.yaml's rollout): an answer has 5-10 c
 writes into a canvas of a length fixed in advance: the shipped checkpoints/tiny/countdown-sft pads a 12-slot canvas
 with EOS; the edit-SFT model (trained with its head on canvases of the answer's own length) must be given a length
 to fill, so it is decoded fill-only at several guesses, and any-process (rollout.edit=any) from a canvas of 8 slots
-that its head grows and shrinks. Rows whose checkpoint is missing are skipped.
+that its head grows and shrinks. Countdown rows also give the solve rate by the length of the reference answer.
+`--sudoku-grpo` and `--countdown-grpo` take several run directories (one row each); rows whose checkpoint is
+missing are skipped.
 
 Prints markdown for benchmarks/RESULTS.md ("Any-process decoding").
 """
@@ -97,46 +99,63 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", choices=["sudoku", "countdown"], default=["sudoku", "countdown"])
     ap.add_argument("--sudoku-base", default="checkpoints/tiny/sudoku-sft-multi", help="fill-only model")
     ap.add_argument("--sudoku-edit", default="outputs/tiny-sudoku-edit-sft/final", help="edit SFT's output")
-    ap.add_argument("--sudoku-grpo", default="outputs/tiny-sudoku-edit-grpo/final", help="GRPO on the edit head")
+    ap.add_argument("--sudoku-grpo", nargs="*", default=["outputs/tiny-sudoku-edit-grpo/final"], help="GRPO runs")
     ap.add_argument("--countdown-base", default="checkpoints/tiny/countdown-sft", help="fill-only model")
     ap.add_argument("--countdown-edit", default="outputs/tiny-countdown-edit-sft/final", help="edit SFT's output")
-    ap.add_argument("--countdown-grpo", default="outputs/tiny-countdown-edit-grpo/final", help="GRPO after it")
+    ap.add_argument("--countdown-grpo", nargs="*", default=["outputs/tiny-countdown-edit-grpo/final"], help="GRPO")
     ap.add_argument("--eval-size", type=int, default=200, help="held-out examples per task (the recipes' 200)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     set_threads(args.threads)
 
-    print("| task | configuration | checkpoint | forwards per example: mean (max) | held-out accuracy (n) | seconds |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| task | configuration | checkpoint | forwards per example: mean (max) | held-out accuracy (n) | "
+        "by answer length: 5-6 / 7 / 8-10 characters (n) | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|")
     plan = {"sudoku": (SUDOKU_RECIPE, SUDOKU_ROWS), "countdown": (COUNTDOWN_RECIPE, COUNTDOWN_ROWS)}
     models, skipped = {}, []
     for name in args.tasks:
         recipe_path, rows = plan[name]
         size = [f"data.eval_size={args.eval_size}", f"eval.size={args.eval_size}"]
         task = load_task(load_recipe(ROOT / recipe_path, size).data)
+        answer = [len(c) for c in task.eval["completion"]]
         for label, option, overrides in rows:
-            path = getattr(args, option)
-            path = str(ROOT / path) if not Path(path).is_absolute() and (ROOT / path).exists() else path
-            if not Path(path).exists():
-                skipped.append(f"{name}: {label} (no checkpoint at {getattr(args, option)})")
-                continue
-            recipe = load_recipe(ROOT / recipe_path, size + overrides)
-            if path not in models:
-                models[path] = load_model(recipe.model, path=path)
-            model, tok = models[path]
-            head = edit_head_for(recipe.rollout, model, resolve_model_dir(path))
-            t0 = time.perf_counter()
-            res = evaluate_recipe(
-                model, tok, task, replace(recipe, model=replace(recipe.model, path=path)), edit_policy=head
-            )
-            print(
-                f"| {name} | {label} | `{getattr(args, option)}` | {res['forwards_per_sample']:.2f} "
-                f"({res['max_forwards_per_sample']}) | {res['accuracy']:.3f} ({res['n']}) | "
-                f"{time.perf_counter() - t0:.0f} |",
-                flush=True,
-            )
+            given = getattr(args, option)
+            for shown in [given] if isinstance(given, str) else given:
+                path = str(ROOT / shown) if not Path(shown).is_absolute() and (ROOT / shown).exists() else shown
+                if not Path(path).exists():
+                    skipped.append(f"{name}: {label} (no checkpoint at {shown})")
+                    continue
+                recipe = load_recipe(ROOT / recipe_path, size + overrides)
+                if path not in models:
+                    models[path] = load_model(recipe.model, path=path)
+                model, tok = models[path]
+                head = edit_head_for(recipe.rollout, model, resolve_model_dir(path))
+                t0 = time.perf_counter()
+                res = evaluate_recipe(
+                    model, tok, task, replace(recipe, model=replace(recipe.model, path=path)), edit_policy=head
+                )
+                print(
+                    f"| {name} | {label} | `{shown}` | {res['forwards_per_sample']:.2f} "
+                    f"({res['max_forwards_per_sample']}) | {res['accuracy']:.3f} ({res['n']}) | "
+                    f"{by_length(res['scores'], answer)} | {time.perf_counter() - t0:.0f} |",
+                    flush=True,
+                )
     for line in skipped:
         print(f"\nskipped: {line}")
+
+
+def by_length(scores: list[float], answer: list[int]) -> str:
+    """Solve rates of the examples whose reference answer has 5-6, 7 and 8-10 characters (Countdown's lengths
+    vary; Sudoku's grid has one length: "-")."""
+    if len(set(answer)) == 1:
+        return "-"
+    cells = []
+    for lo, hi in ((0, 6), (7, 7), (8, 99)):
+        got = [s >= 1.0 for s, n in zip(scores, answer) if lo <= n <= hi]
+        cells.append(f"{sum(got) / max(len(got), 1):.2f} ({len(got)})")
+    return " / ".join(cells)
 
 
 if __name__ == "__main__":
