@@ -54,7 +54,7 @@ def evaluate(
     batch_size = batch_size or rollout.batch_size
     to_answer = answer_key(task_name or (reward_name if isinstance(reward_name, str) else ""))
     g = torch.Generator().manual_seed(seed)
-    scores, answers, examples, forwards, completions, plans = [], [], [], 0, [], []
+    scores, answers, examples, forwards, completions, plans, row_forwards = [], [], [], 0, [], [], []
     rows = dataset.to_list()
     planned = hybrid is not None and hybrid.plan != "none"
     if planned:
@@ -73,6 +73,7 @@ def evaluate(
                 model, tokenizer, prompts, rollout, generator=g, order_policy=order_policy, edit_policy=edit_policy
             )
         forwards += out.stats["forwards"]
+        row_forwards += out.trace.num_steps.tolist()  # a row's steps are its forwards (batches.Trace)
         columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != "other"}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
         values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
@@ -91,8 +92,10 @@ def evaluate(
         "answers": answers,  # normalised final answers (tasks.answers), None when unreadable
         "completions": completions,
         "plans": plans,  # the plan placed in each sample's prompt ("" without one)
-        "forwards": forwards,
-    }  # denoising forwards of the whole evaluation
+        "forwards": forwards,  # denoising forwards of the whole evaluation (batched)
+        "forwards_per_sample": sum(row_forwards) / max(len(row_forwards), 1),  # mean forwards each row took
+        "max_forwards_per_sample": max(row_forwards, default=0),
+    }
     if num_samples > 1:
         # pass@n: share of prompts with at least one solved sample (score 1.0 = solved). A prompt no sample
         # solves gives GRPO with groups of n no solve signal, so with sampling, pass@n minus the greedy accuracy

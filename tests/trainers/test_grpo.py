@@ -382,6 +382,7 @@ def test_main_job_start_mixes_solutions_under_the_fast_sampler():
         )
     )
     assert evaluate_recipe(model, tok, task, main, order_policy=untrained)["scores"] == fast["scores"]
+    assert fast["forwards_per_sample"] == fast["max_forwards_per_sample"] == 5  # each puzzle: 5 forwards
     fast = fast["accuracy"]
     slow = evaluate_recipe(model, tok, task, replace(r, rollout=replace(r.rollout, steps=20)))["accuracy"]
     sampled = evaluate_recipe(model, tok, task, replace(r, eval=replace(r.eval, num_samples=8, temperature=1.0)))
