@@ -80,18 +80,22 @@ def offsets(Lc: int, tr) -> torch.Tensor:
 
 def draw(batch, tr, k: int = 1) -> Noise:
     """Views for left-to-right scoring (deterministic: nothing is drawn). View j masks completion positions
-    whose reveal index is >= j*k and weights those in [j*k, (j+1)*k) that count (completion_mask)."""
+    whose reveal index is >= j*k and weights those in [j*k, (j+1)*k) that count: every position the sampler
+    committed (the first EOS and the tokens sampled after it, as the trajectory estimator scores them; the EOS
+    filled after a row stopped was not sampled and is not scored), or the completion_mask without a trace."""
     N, Lc = batch.completion_ids.shape
     off = offsets(Lc, tr)  # [Lc]
     K = -(-(int(off.max()) + 1) // k)
     j = torch.arange(K)[:, None]  # [K, 1]
     masks = (off[None, :] >= j * k)[:, None, :].expand(K, N, Lc)  # [K, N, Lc]
     here = ((off[None, :] >= j * k) & (off[None, :] < (j + 1) * k))[:, None, :]  # [K, 1, Lc]
-    weights = (here & batch.completion_mask.bool().cpu()[None]).float()  # [K, N, Lc]
+    trace = getattr(batch, "trace", None)
+    counted = batch.completion_mask.bool().cpu() if trace is None else trace.commit_step.cpu() >= 0
+    weights = (here & counted[None]).float()  # [K, N, Lc]
     return Noise(masks.clone(), None, weights)
 
 
 def estimate(model, batch, noise: Noise, tr) -> Estimate:
     trace = getattr(batch, "trace", None)
     t = trace.decoding.temperature if trace is not None and trace.decoding.temperature > 0 else 1.0
-    return Estimate(score(model, batch, noise, tr, t))
+    return Estimate(score(model, batch, noise, tr, t), mask=(noise.weights.sum(0) > 0).to(batch.completion_ids.device))

@@ -148,7 +148,8 @@ def test_edit_sft_lowers_its_loss(tmp_path):
 
     r = recipe(tmp_path / "sft", train__max_steps=20, train__batch_size=16, optim__lr=1e-3)
     r.algorithm, r.sft.objective, r.sft.edit_vocab, r.sft.edit_substitute = "sft", "edit", "1234", 0.5
-    r.rollout.edit, r.rollout.steps = "remask", 5
+    r.rollout.edit, r.rollout.steps, r.rollout.temperature = "remask", 5, 0.0  # SFT decodes at eval.temperature
+    r.rewards = []
     r.edit_policy.train_model, r.edit_policy.lr = False, 3e-3
     tr = sft_trainer(r)
     probe = tr.drafts(list(range(32)), step=10**6)  # drafts no training step draws
