@@ -175,6 +175,29 @@ class StepStats:
     steps_left: torch.Tensor  # [n] planned steps left in this block, >= 1
     progress: torch.Tensor  # [n] fraction of the completion already committed
 
+    @classmethod
+    def scatter(cls, choice, m: torch.Tensor, mask_id: int) -> "StepStats":
+        """Token choices at the masked positions (kernels.TokenChoice, [m.sum()] each) -> StepStats [n, Lb], filled
+        where not masked (steps_left and progress are left to the caller)."""
+
+        def dense(values, fill):
+            out = torch.full(m.shape, fill, dtype=values.dtype, device=m.device)
+            out[m] = values
+            return out
+
+        return cls(
+            masked=m,
+            token=dense(choice.token, mask_id),
+            logprob=dense(choice.logprob, 0.0),
+            confidence=dense(choice.confidence, 0.0),
+            top_prob=dense(choice.top_prob, 0.0),
+            margin=dense(choice.margin, 0.0),
+            gap=dense(choice.gap, 0.0),
+            entropy=dense(choice.entropy, 0.0),
+            steps_left=None,
+            progress=None,
+        )
+
 
 @dataclass
 class SequenceBatch:

@@ -290,7 +290,7 @@ def _step(model, c: _Canvas, cfg, d, tr, seeds, cache, rec, states, order_policy
     cand = is_mask & (ops == KEEP)  # masks kept this step: the ones that may be filled now
     u_tok = uniform(seeds[r_idx], step, offsets.expand(n, -1), TOKEN_STREAM)
     choice = choose_tokens(logits[cand], u_tok[cand], cfg.temperature, cfg.top_k, cfg.top_p, mask_id)
-    st = _dense_stats(choice, cand, mask_id)
+    st = StepStats.scatter(choice, cand, mask_id)
     st.steps_left = (cfg.steps - step).clamp(min=1)
     st.progress = state.committed.float().sum(-1) / state.length.float()
     k = COMMIT_RULES[cfg.commit](st, cfg).clamp(max=cand.sum(-1))
@@ -380,26 +380,6 @@ def _compact(tokens, valid, ops, counts, mask_id: int, pad_id: int, carried):
         return out
 
     return move(tokens, mask_id, pad_id), length, [move(t, f, f) for t, f in carried]
-
-
-def _dense_stats(choice, m: torch.Tensor, mask_id: int) -> StepStats:
-    def dense(values, fill):
-        out = torch.full(m.shape, fill, dtype=values.dtype, device=m.device)
-        out[m] = values
-        return out
-
-    return StepStats(
-        masked=m,
-        token=dense(choice.token, mask_id),
-        logprob=dense(choice.logprob, 0.0),
-        confidence=dense(choice.confidence, 0.0),
-        top_prob=dense(choice.top_prob, 0.0),
-        margin=dense(choice.margin, 0.0),
-        gap=dense(choice.gap, 0.0),
-        entropy=dense(choice.entropy, 0.0),
-        steps_left=None,
-        progress=None,
-    )
 
 
 def _finish(c: _Canvas, tokenizer, trace: Trace, stats: dict, states) -> RolloutBatch:

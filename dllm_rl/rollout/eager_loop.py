@@ -185,7 +185,7 @@ def _decode_block(
             cfg.repetition_penalty,
             repetition_context(c.x[r_idx], c.attn[r_idx], tr.mask_token_id, m) if cfg.repetition_penalty != 1 else None,
         )
-        st = _dense_stats(choice, m, tr.mask_token_id)
+        st = StepStats.scatter(choice, m, tr.mask_token_id)
         st.steps_left = (steps_per_block - block_step[r_idx]).clamp(min=1)
         st.progress = (c.x[r_idx, c.P :] != tr.mask_token_id).float().mean(-1)
 
@@ -222,26 +222,6 @@ def _decode_block(
         if states is not None:
             for r in r_idx.tolist():
                 states[r].append(c.x[r, c.P :].cpu().clone())
-
-
-def _dense_stats(choice, m: torch.Tensor, mask_id: int) -> StepStats:
-    def dense(values, fill):
-        out = torch.full(m.shape, fill, dtype=values.dtype, device=m.device)
-        out[m] = values
-        return out
-
-    return StepStats(
-        masked=m,
-        token=dense(choice.token, mask_id),
-        logprob=dense(choice.logprob, 0.0),
-        confidence=dense(choice.confidence, 0.0),
-        top_prob=dense(choice.top_prob, 0.0),
-        margin=dense(choice.margin, 0.0),
-        gap=dense(choice.gap, 0.0),
-        entropy=dense(choice.entropy, 0.0),
-        steps_left=None,
-        progress=None,
-    )
 
 
 def _stop_finished_rows(c: _Canvas, be: int, eos_id: int, rec: TraceRecorder, states) -> None:
