@@ -223,6 +223,31 @@ class Run:
             return history
         return rows if rows[: len(history)] == history else history
 
+    def train_to_accuracy(
+        self, name: str, step_fn, evaluate, unit: str, kept: str = "model", extra_state=None, **final_extra
+    ) -> dict:
+        """The whole run of a trainer scored by held-out accuracy (SFT, edit SFT): the loop with an evaluation
+        every train.eval_steps and at the end, then final/. `evaluate() -> dict` with accuracy and n; a finished
+        run reports what it recorded. `unit` names what was scored and `kept` what final/ holds, in the report."""
+        r = self.recipe.train
+        if self.finished:
+            accuracy = self.recorded("eval_accuracy")
+            self.acc.print(f"held-out accuracy {accuracy:.3f}, as recorded in {r.output_dir}")
+            return {"eval_accuracy": accuracy, "final": f"{r.output_dir}/final"}
+        result = {}
+
+        def accuracy():
+            result.update(evaluate())
+            return result["accuracy"]
+
+        postfix = lambda w: {"loss": f"{w['loss'][-1]:.3f}"}
+        self.loop(name, step_fn, accuracy, postfix, eval_at_end=True, extra_state=extra_state)
+        if not result:  # resumed after the last step, or no evaluation at the end: score it again
+            result = evaluate()
+        final = self.finish(**final_extra)
+        self.acc.print(f"held-out accuracy {result['accuracy']:.3f} over {result['n']} {unit}; {kept} in {final}")
+        return {"eval_accuracy": result["accuracy"], "final": str(final)}
+
     def loop(self, name: str, step_fn, evaluate, postfix, eval_at_end: bool = False, extra_state=None) -> None:
         """Steps start_step..max_steps: `step_fn(step) -> metrics`, averaged over logging windows; `evaluate()`
         -> held-out accuracy (or a dict of held-out metrics; evaluate None: no held-out set) every

@@ -169,32 +169,15 @@ class EditSFTTrainer:
             return evaluate_recipe(model, self.tokenizer, self.task, self.recipe, edit_policy=self.head)
 
     def train(self) -> dict:
-        run, r = self.run, self.recipe.train
-        if run.finished:
-            accuracy = run.recorded("eval_accuracy")
-            self.acc.print(f"held-out accuracy {accuracy:.3f}, as recorded in {r.output_dir}")
-            return {"eval_accuracy": accuracy, "final": f"{r.output_dir}/final"}
-        result = {}
-
-        def evaluate():
-            result.update(self.evaluate())
-            return result["accuracy"]
-
-        run.loop(
+        return self.run.train_to_accuracy(
             "edit-sft",
             self.training_step,
-            evaluate,
-            postfix=lambda w: {"loss": f"{w['loss'][-1]:.3f}"},
-            eval_at_end=True,
+            self.evaluate,
+            "examples",
+            kept="model and head",
             extra_state={"edit_policy": self.head},
+            edit_policy=self.head,
         )
-        if not result:
-            result = self.evaluate()
-        final = run.finish(edit_policy=self.head)
-        self.acc.print(
-            f"held-out accuracy {result['accuracy']:.3f} over {result['n']} examples; model and head in {final}"
-        )
-        return {"eval_accuracy": result["accuracy"], "final": str(final)}
 
 
 def collate_drafts(prompts: list[list[int]], drafts, capacity: int, pad_id: int, mask_id: int) -> dict:

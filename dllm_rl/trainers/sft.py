@@ -122,25 +122,7 @@ class SFTTrainer:
             return evaluate_recipe(model, self.tokenizer, self.task, self.recipe)
 
     def train(self) -> dict:
-        run, r = self.run, self.recipe.train
-        if run.finished:
-            accuracy = run.recorded("eval_accuracy")
-            self.acc.print(f"held-out accuracy {accuracy:.3f}, as recorded in {r.output_dir}")
-            return {"eval_accuracy": accuracy, "final": f"{r.output_dir}/final"}
-        result = {}
-
-        def evaluate():
-            result.update(self.evaluate())
-            return result["accuracy"]
-
-        run.loop(
-            "sft", self.training_step, evaluate, postfix=lambda w: {"loss": f"{w['loss'][-1]:.3f}"}, eval_at_end=True
-        )
-        if not result:  # resumed after the last step, or no evaluation at the end: score it again
-            result = self.evaluate()
-        final = run.finish()
-        self.acc.print(f"held-out accuracy {result['accuracy']:.3f} over {result['n']} puzzles; model in {final}")
-        return {"eval_accuracy": result["accuracy"], "final": str(final)}
+        return self.run.train_to_accuracy("sft", self.training_step, self.evaluate, "puzzles")
 
 
 def sft_trainer(recipe: Recipe, **kwargs):
