@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import make_model
 
 from dllm_rl.batches import COMMIT, DELETE, INSERT, REMASK, edit_canvas
 from dllm_rl.config import EstimatorConfig, RolloutConfig
@@ -25,7 +26,6 @@ from dllm_rl.policy.orders import model_order_scores
 from dllm_rl.rollout import generate
 from dllm_rl.rollout.anyprocess import edit_decoding
 from dllm_rl.rollout.engine import decoding
-from tests.conftest import make_model
 
 PROMPT = [3, 0, 3]  # token ids of a 4-token vocabulary: pad 0, mask 1, eos 2, bos 3
 

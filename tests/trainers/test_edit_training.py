@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_grpo import recipe
 
 from dllm_rl.batches import DELETE, INSERT, REMASK, edit_canvas
 from dllm_rl.config import recipe_from_dict
@@ -17,7 +18,6 @@ from dllm_rl.policy import EditHead
 from dllm_rl.policy.edits import DELETE_OP, KEEP, REMASK_OP
 from dllm_rl.tasks.edit_drafts import IGNORE, DraftRates, corrupt
 from dllm_rl.trainers.grpo import GRPOTrainer
-from tests.trainers.test_grpo import recipe
 
 EDIT = dict(
     estimator__name="trajectory",
