@@ -146,8 +146,12 @@ def estimate(model, batch, noise: Noise, tr, order_policy=None, edit_policy=None
             total = total + torch.where(on, a.sum(-1) + b.sum(-1), torch.zeros_like(total))
         steps.append(torch.where(took, total, torch.zeros_like(total)))
     logps = torch.stack(steps, -1)  # [N, S]
-    mask = (noise.weights.sum(-1) > 0).T.to(device)  # [N, S]
-    return Estimate(logps, mask=mask)
+    return Estimate(logps, mask=counted(noise).to(device))
+
+
+def counted(noise: Noise) -> torch.Tensor:
+    """[N, S]: the steps each row took (the entries of its Estimate)."""
+    return (noise.weights.sum(-1) > 0).T
 
 
 def _order_logprob(logits, hidden, valid, candidates, rows, pos, N: int, d, order_policy, mask_id: int):

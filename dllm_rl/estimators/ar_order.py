@@ -54,6 +54,7 @@ def build(cfg, tr) -> Estimator:
         lambda model, batch, noise, **extra: estimate(model, batch, noise, tr),
         views=views,
         check=lambda decoding: check(decoding, k),
+        counted=counted,
     )
 
 
@@ -98,4 +99,9 @@ def draw(batch, tr, k: int = 1) -> Noise:
 def estimate(model, batch, noise: Noise, tr) -> Estimate:
     trace = getattr(batch, "trace", None)
     t = trace.decoding.temperature if trace is not None and trace.decoding.temperature > 0 else 1.0
-    return Estimate(score(model, batch, noise, tr, t), mask=(noise.weights.sum(0) > 0).to(batch.completion_ids.device))
+    return Estimate(score(model, batch, noise, tr, t), mask=counted(batch, noise).to(batch.completion_ids.device))
+
+
+def counted(batch, noise: Noise) -> torch.Tensor:
+    """Estimate.mask: [N, Lc] every position the sampler committed (EOS and what follows it too)."""
+    return noise.weights.sum(0) > 0

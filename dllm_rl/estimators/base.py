@@ -90,6 +90,9 @@ class Estimator:
     views(steps) -> int: forwards per estimate for a rollout of `steps` denoising steps (the memory planner).
     check(decoding) -> list of notes: refuse (ConfigError) rollout settings the estimator cannot score, before
         anything is built; the notes are printed.
+    counted(batch, noise) -> bool tensor or None: the entries the loss counts when the estimator decides them
+        itself (its Estimate.mask, known from the noise before any forward, so a trainer can count a step's loss
+        tokens up front: dapo's normaliser); None: the batch's completion_mask.
     """
 
     draw: Callable
@@ -97,6 +100,7 @@ class Estimator:
     views: Callable[[int], int]
     check: Callable = field(default=lambda decoding: [])
     replays_orders: bool = False  # scores a sampled unmasking order's log-prob (what trains a learned order)
+    counted: Callable = field(default=lambda batch, noise: None)
 
 
 def scored(tr: ModelTraits, temperature: float = 1.0) -> Callable:

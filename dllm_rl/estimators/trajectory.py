@@ -94,7 +94,16 @@ def build(cfg, tr) -> Estimator:
         views=lambda steps: -(-steps // max(1, cfg.merge_steps)),
         check=lambda decoding: check(decoding, cfg.merge_steps, tr),
         replays_orders=True,
+        counted=counted,
     )
+
+
+def counted(batch, noise: Noise) -> torch.Tensor:
+    """Estimate.mask: [N, Lc] every position the sampler committed; of an any-process rollout [N, S], every step
+    a row took."""
+    if batch.trace.edit_on is not None:
+        return anyprocess.counted(noise)
+    return noise.weights.sum(0) > 0
 
 
 def check(d: Decoding, merge_steps: int, tr) -> list[str]:
@@ -215,7 +224,7 @@ def estimate(model, batch, noise: Noise, tr, order_policy=None, edit_policy=None
     if replay == "uniform":  # greedy or sampled, uniform keys draw every order of k positions alike
         N, Lc = batch.completion_ids.shape
         logps = logps + _uniform_order_logprob(batch.trace, N, Lc, d.block_length).to(logps.device)
-    return Estimate(logps, mask=(noise.weights.sum(0) > 0).to(logps.device))
+    return Estimate(logps, mask=counted(batch, noise).to(logps.device))
 
 
 def _uniform_order_logprob(trace, N: int, Lc: int, Lb: int) -> torch.Tensor:

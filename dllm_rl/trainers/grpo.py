@@ -367,11 +367,13 @@ class GRPOTrainer:
         plan_loss, plan_stats = self.planner.loss(mb, self.loss_fn, self.recipe.grpo)  # (0, {}) without a planner
         return loss + plan_loss, {**loss_stats, **stats, **plan_stats}
 
-    def _token_normalizer(self, batch, rows) -> float:
+    def _token_normalizer(self, batch, rows, noise) -> float:
         """dapo over the accumulated batch (TRL): this optimizer step's loss tokens on every process, divided by
         processes x micro-batches (accelerate divides each micro-batch's loss by the accumulation steps and DDP
-        averages the processes, so the step's gradient is the token mean over all of them)."""
-        tokens = self.loss_mask(batch.select(rows)).sum().to(self.acc.device)
+        averages the processes, so the step's gradient is the token mean over all of them). The tokens are those
+        the loss sums: the estimator's own entries where it decides them (Estimator.counted)."""
+        mb = batch.select(rows)
+        tokens = self.loss_mask(mb, self.estimator.counted(mb, noise.select(rows))).sum().to(self.acc.device)
         if self.acc.num_processes > 1:
             tokens = self.acc.reduce(tokens, reduction="sum")
         return max(float(tokens), 1.0) / (self.acc.num_processes * self.recipe.train.gradient_accumulation_steps)
@@ -402,7 +404,7 @@ class GRPOTrainer:
         stats = defaultdict(list)
         for it, (noise, old, ref) in enumerate(estimates):
             for k, rows in enumerate(self._optimizer_steps(len(batch))):
-                tokens = self._token_normalizer(batch, rows)
+                tokens = self._token_normalizer(batch, rows, noise)
                 for mb_rows in self._micro_batches_of(rows):
                     self._micro_step(batch, mb_rows, noise, old, ref, tokens, stats)
                 self.scheduler.step()

@@ -30,10 +30,20 @@ def length_reward(prompts, completions, **kw):
 
 
 def trainer(
-    tmp_path, model_factory, tokenizer, grpo=None, train=None, rollout=None, reward=length_reward, optim=None, **kw
+    tmp_path,
+    model_factory,
+    tokenizer,
+    grpo=None,
+    train=None,
+    rollout=None,
+    reward=length_reward,
+    optim=None,
+    estimator=None,
+    **kw,
 ):
     data = {
         "algorithm": "grpo",
+        "estimator": estimator or {},
         "rollout": {"max_completion_length": 8, "steps": 4, "temperature": 1.0, **(rollout or {})},
         "grpo": {"num_generations": 4, **(grpo or {})},
         "optim": {"lr": 1e-2, "lr_scheduler": "constant", **(optim or {})},
@@ -219,3 +229,24 @@ def test_dapo_is_one_token_mean_over_the_accumulated_batch(tmp_path, model_facto
     assert ga == 2 and len(set(tokens)) == 2  # the two micro-batches hold different numbers of tokens
     same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(after[1], after[2]))
     assert same == (loss_type == "dapo")
+
+
+def test_dapo_counts_the_tokens_the_trajectory_estimator_scores(tmp_path, model_factory, tokenizer):
+    """The trajectory estimator scores every decision, EOS and what follows it too (Estimate.mask): dapo's
+    normaliser counts those entries, not the completion up to its first EOS, so its loss is their token mean."""
+    tr = trainer(
+        tmp_path,
+        model_factory,
+        tokenizer,
+        grpo={"loss_type": "dapo"},
+        rollout={"order": "top_prob", "max_completion_length": 12, "steps": 12},
+        estimator={"name": "trajectory"},
+        model=model_factory(hidden=32, seed=1),
+    )
+    batch = rollout_batch(tr)
+    noise = tr.estimator.draw(batch, torch.Generator().manual_seed(0))
+    est = tr.estimator.estimate(tr.model, batch, noise)
+    rows = torch.arange(len(batch))
+    assert batch.completion_mask.sum() < est.mask.sum()  # some completions end before the canvas does
+    assert torch.equal(tr.estimator.counted(batch, noise), est.mask)
+    assert tr._token_normalizer(batch, rows, noise) == est.mask.sum().item()
