@@ -24,7 +24,8 @@ from .models.base import unwrap
 from .rundir import COMPLETE, checkpoints
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory `tmp` to `final` by renames only (an older `final` is set aside first)."""
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -83,7 +84,7 @@ def save_checkpoint(
         save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict, order_policy, edit_policy)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         (tmp / COMPLETE).write_text("")
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         for old in checkpoints(run)[:-keep] if keep > 0 else []:
             doomed = old.with_name(old.name + ".deleting")  # out of the listing at once, then deleted
             shutil.rmtree(doomed, ignore_errors=True)
@@ -108,8 +109,11 @@ def save_final(
     extra: dict | None = None,
     order_policy=None,
     edit_policy=None,
+    write=(),
 ) -> Path:
-    """Atomically write run_dir/final: model files + recipe (no optimizer state)."""
+    """Atomically write run_dir/final: model files + recipe (no optimizer state). write: callables(directory)
+    that add their own files (a trained planner, the reward curve) before the directory is renamed into place,
+    so a finished run's final/ is whole or absent."""
     run = Path(run_dir)
     final, tmp = run / "final", run / "final.tmp"
     state = accelerator.get_state_dict(model)  # collective under DeepSpeed ZeRO-3: every rank calls it
@@ -119,6 +123,8 @@ def save_final(
         save_model_files(tmp, model, tokenizer, recipe, accelerator, state, order_policy, edit_policy)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(content)
-        _replace_dir(tmp, final)
+        for fn in write:
+            fn(tmp)
+        replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final

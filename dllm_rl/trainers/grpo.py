@@ -18,6 +18,7 @@ log-probs to the objective with the same advantages.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections import defaultdict
 
 import torch
@@ -575,11 +576,14 @@ class GRPOTrainer:
         if before is not None:
             after = self.evaluate()[key]
             self.log.log(self.recipe.train.max_steps, {key: after})
-        final = run.finish(order_policy=self.order_policy, edit_policy=self.edit_policy)
-        self.planner.save(final)  # a trained planner: final/planner
+        title = f"GRPO on {self.task.name}"
+        final = run.finish(
+            order_policy=self.order_policy,
+            edit_policy=self.edit_policy,
+            write=(self.planner.save, lambda d: plot_curves(self.log.history, [d / "reward_curve.png"], title)),
+        )  # a trained planner (final/planner) and the curve go in before final/ is renamed into place
         if self.acc.is_main_process:
-            title = f"GRPO on {self.task.name}"
-            plot_curves(self.log.history, [final / "reward_curve.png", f"{out}/reward_curve.png"], title)
+            shutil.copyfile(final / "reward_curve.png", f"{out}/reward_curve.png")
         report = self._report(before, after, str(final))
         self.acc.print(report if before is None else f"{report}; model and reward curve in {final}")
         return {"before": before, "after": after, "final": str(final)}

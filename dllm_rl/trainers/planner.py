@@ -17,12 +17,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..algorithms import LossInputs
+from ..checkpoint import replace_dir
 from ..config import Recipe, save_recipe
 from ..errors import ConfigError
 from ..models.ar import ARPlanner, load_planner
@@ -109,9 +111,11 @@ class PlannerSFTTrainer:
         trainer.train(resume_from_checkpoint=True if resume else None)
         self.planner.model.eval()
         accuracy = self.plan_accuracy(self.task.eval.to_list())
-        final = out / "final"
-        self.planner.save(final)
-        save_recipe(r, final / "recipe.yaml")
+        final, tmp = out / "final", out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.planner.save(tmp)
+        save_recipe(r, tmp / "recipe.yaml")
+        replace_dir(tmp, final)  # final/ is whole or absent
         logged = [
             {"step": h.get("step", 0), **{k: v for k, v in h.items() if k != "step"}} for h in trainer.state.log_history
         ]

@@ -116,3 +116,27 @@ def test_a_planner_with_nothing_to_learn_is_refused(tmp_path):
         GRPOTrainer(recipe(tmp_path, plan="content_free", train_planner=True), reward_funcs=[record_prompts])
     with pytest.raises(ConfigError, match="nothing to train"):
         GRPOTrainer(recipe(tmp_path, train_executor=False), reward_funcs=[record_prompts])
+
+
+def test_a_jointly_trained_planner_is_saved_inside_the_atomic_final(tmp_path, monkeypatch):
+    """final/ holds the trained planner and the reward curve when it appears; a failure while writing them leaves
+    no final/ (the run is then not taken as finished)."""
+    import dllm_rl.trainers.planner as planner_module
+
+    trainer = GRPOTrainer(
+        recipe(tmp_path / "ok", train_planner=True, train_executor=False), reward_funcs=[record_prompts]
+    )
+    final = Path(trainer.train()["final"])
+    assert (final / "planner" / "config.json").is_file() and (final / "reward_curve.png").is_file()
+    assert (tmp_path / "ok" / "reward_curve.png").read_bytes() == (final / "reward_curve.png").read_bytes()
+
+    def broken_save(self, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(planner_module.PlannerPhase, "save", broken_save)
+    trainer = GRPOTrainer(
+        recipe(tmp_path / "bad", train_planner=True, train_executor=False), reward_funcs=[record_prompts]
+    )
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert not (tmp_path / "bad" / "final").exists()
