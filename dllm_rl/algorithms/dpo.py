@@ -15,6 +15,10 @@ the losses per pair are the ones TRL 1.16's DPOTrainer computes under the same n
     robust        (-(1 - e) log sigmoid(beta delta) + e log sigmoid(-beta delta)) / (1 - 2e)
                   with e = label_smoothing in [0, 0.5): rDPO, arXiv 2403.00409
     sigmoid_norm  -log sigmoid(beta * delta_bar)
+    sft           -logpi_w / |w|: the chosen completion's negative log-likelihood per token (no reference).
+                  With sigmoid it is RPO (arXiv 2404.19733; TRL: loss_type [sigmoid, sft], loss_weights
+                  [1, rpo_alpha]), which keeps DPO from lowering the chosen completion's likelihood. TRL averages
+                  over the batch's chosen tokens, this over each pair's; the two agree for equal lengths.
 
 `label_smoothing` is read by `robust` only, as in TRL 1.16 (whose `sigmoid` no longer mixes in cDPO's flipped
 term). Where TRL ignores a nonzero label_smoothing silently, `check` here refuses it with the fix.
@@ -76,7 +80,18 @@ def sigmoid_norm(x: PreferenceInputs, beta: float, label_smoothing: float) -> to
     return -F.logsigmoid(beta * x.delta_per_token())
 
 
-DPO_LOSSES = {"sigmoid": sigmoid, "hinge": hinge, "ipo": ipo, "robust": robust, "sigmoid_norm": sigmoid_norm}
+def sft(x: PreferenceInputs, beta: float, label_smoothing: float) -> torch.Tensor:
+    return -x.chosen / x.chosen_tokens.clamp(min=1)
+
+
+DPO_LOSSES = {
+    "sigmoid": sigmoid,
+    "hinge": hinge,
+    "ipo": ipo,
+    "robust": robust,
+    "sigmoid_norm": sigmoid_norm,
+    "sft": sft,
+}
 USES_LABEL_SMOOTHING = {"robust"}
 
 

@@ -201,11 +201,19 @@ class DPOTrainer:
 
     # ----------------------------------------------------------------------------------------- scoring
 
+    def counted(self, batch, noise) -> torch.Tensor:
+        """[N, *] the entries a sequence estimate sums: those the estimator scores where it decides them (the
+        trajectory estimator: every decision of the rollout, EOS padding included, so the estimate is the rollout's
+        probability), else each completion's tokens up to its first EOS."""
+        mask = self.estimator.counted(batch, noise)
+        return batch.completion_mask if mask is None else mask
+
     def sequence_scores(self, model, batch, noise, grad: bool) -> torch.Tensor:
-        """Sequence estimates [N]: the estimator's per-token estimate summed over each completion's tokens."""
+        """Sequence estimates [N]: the estimator's per-token estimates summed over the entries it counts."""
         with torch.set_grad_enabled(grad):
-            est = self.estimator.estimate(model, batch, noise.to(self.acc.device)).logps
-            return (est * batch.completion_mask.to(est.device)).sum(-1)
+            est = self.estimator.estimate(model, batch, noise.to(self.acc.device))
+            mask = batch.completion_mask if est.mask is None else est.mask
+            return (est.logps * mask.to(est.logps.device)).sum(-1)
 
     def reference_scores(self, batch, noise) -> torch.Tensor:
         """The reference's sequence estimates [N], without gradient."""
@@ -294,7 +302,7 @@ class DPOTrainer:
         """(loss to backward, per-pair metrics [m]) of one micro-batch of m pairs out of the step's n."""
         seq = self.sequence_scores(self.model, mb, noise, grad=True)  # [2m]
         m = len(seq) // 2
-        tokens = mb.completion_mask.sum(-1).float().to(seq.device)
+        tokens = self.counted(mb, noise).sum(-1).float().to(seq.device)
         ref = ref.to(seq.device)
         x = PreferenceInputs(seq[:m], seq[m:], ref[:m], ref[m:], tokens[:m], tokens[m:])
         per_pair = dpo_loss(x, self.d)

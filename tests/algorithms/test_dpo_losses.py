@@ -42,6 +42,8 @@ BY_HAND = {
     "robust": [0.1882617, 1.8889133],
     # -log sigmoid(beta * delta per token): -log sigmoid(0.375), -log sigmoid(-0.25)
     "sigmoid_norm": [0.5231233, 0.8259394],
+    # -logpi_w / |w| (RPO's NLL term, no reference): 10 / 4, 20 / 5
+    "sft": [2.5, 4.0],
 }
 
 
@@ -77,12 +79,15 @@ def test_metrics_are_trls():
 
 
 def test_gradient_pushes_chosen_up_and_rejected_down():
+    """Every preference loss raises the chosen and lowers the rejected estimate; sft (RPO's NLL term) raises the
+    chosen one only."""
     chosen, rejected = torch.tensor([-10.0], requires_grad=True), torch.tensor([-12.0], requires_grad=True)
     x = PreferenceInputs(chosen, rejected, torch.tensor([-11.0]), torch.tensor([-11.0]), torch.ones(1), torch.ones(1))
     for name in DPO_LOSSES:
         chosen.grad = rejected.grad = None
         dpo_loss(x, cfg(loss_type=name, beta=0.1)).sum().backward()
-        assert chosen.grad.item() < 0 < rejected.grad.item(), name
+        assert chosen.grad.item() < 0, name
+        assert rejected.grad is None if name == "sft" else rejected.grad.item() > 0, name
 
 
 @pytest.mark.parametrize(

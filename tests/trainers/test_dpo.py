@@ -260,3 +260,36 @@ def test_cli_dispatches_algorithm_dpo_and_refuses_bad_settings(tmp_path, capsys)
     assert "dpo.pairs=offline needs preference data" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="replays a rollout's trace"):
         DPOTrainer(recipe(tmp_path / "y", estimator__name="trajectory"))
+
+
+def test_the_trajectory_score_of_a_pair_sums_every_decision_of_its_rollout(tmp_path):
+    """With the trajectory estimator a pair's sequence score is its rollout's log-probability
+    (tests/estimators/test_trajectory_exact.py): every decision, the EOS padding after the first EOS included,
+    and the token counts the per-token losses divide by are those decisions. The shipped Countdown model ends its
+    expressions early and pads the 12-slot canvas with EOS."""
+
+    def any_order(prompts, completions, **kw):  # distinct completions of a prompt get distinct rewards
+        return [float(sum(map(ord, c[0]["content"]))) for c in completions]
+
+    r = recipe(
+        tmp_path,
+        model__path=str(ROOT / "checkpoints" / "tiny" / "countdown-sft"),
+        data__task="countdown",
+        dpo__pairs="on_policy",
+        dpo__num_generations=4,
+        dpo__dataset_name=None,
+        estimator__name="trajectory",
+        rollout__temperature=1.0,
+        rollout__order="top_prob",
+        rollout__max_completion_length=12,
+        rollout__steps=12,
+    )
+    tr = DPOTrainer(r, reward_funcs=[any_order])
+    batch, keys, _, _ = tr.on_policy_pairs(0)
+    noise = tr.draw_noise(batch, tr.noise_keys(keys, "policy"))
+    est = tr.estimator.estimate(tr.model, batch, noise)
+    assert len(keys) > 0 and (batch.completion_mask.sum(-1) < est.mask.sum(-1)).all()  # all end before slot 12
+    scores = tr.sequence_scores(tr.model, batch, noise, grad=False)
+    torch.testing.assert_close(scores, (est.logps * est.mask).sum(-1))
+    assert (scores < (est.logps * batch.completion_mask).sum(-1)).all()  # the EOS padding has its probability
+    assert torch.equal(tr.counted(batch, noise), est.mask)
