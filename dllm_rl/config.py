@@ -667,8 +667,8 @@ def _rules(r: Recipe, trainer: Optional[str]):
             )
     if trainer is None:
         return
-    if trainer == "grpo" and r.grpo.loss_type == "spg" and r.grpo.beta != 0:
-        yield f"grpo.beta: {r.grpo.beta} with grpo.loss_type=spg, which has no KL term (as SPG); set grpo.beta=0"
+    if trainer == "grpo":
+        yield from _grpo_rules(r)
     if trainer == "sft" and ro.order == "policy":
         yield "rollout.order: 'policy' needs a learned order head, which SFT does not train; pick another order"
     o, d = r.optim, OptimConfig()
@@ -678,6 +678,24 @@ def _rules(r: Recipe, trainer: Optional[str]):
         for name in ("betas", "eps"):
             if getattr(o, name) != getattr(d, name):
                 yield f"optim.{name}: {getattr(o, name)!r} is read by optim.name=adamw only; remove it for sgd"
+
+
+def _grpo_rules(r: Recipe):
+    g, h = r.grpo, r.hybrid
+    if g.loss_type == "spg" and g.beta != 0:
+        yield f"grpo.beta: {g.beta} with grpo.loss_type=spg, which has no KL term (as SPG); set grpo.beta=0"
+    if g.top_entropy_quantile < 1 and g.loss_type in ("wd1", "spg"):
+        yield (
+            f"grpo.top_entropy_quantile: {g.top_entropy_quantile} masks a per-token policy loss, which "
+            f"grpo.loss_type={g.loss_type} does not have; set it to 1 or pick another loss"
+        )
+    if h.planner.train and h.plan != "real":
+        yield (
+            f"hybrid.planner.train: true trains the planner on its own sampled plans; set hybrid.plan=real "
+            f"(now {h.plan})"
+        )
+    if not h.train_executor and not h.planner.train:
+        yield "hybrid.train_executor: false leaves nothing to train; set hybrid.planner.train=true"
 
 
 def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:

@@ -68,6 +68,16 @@ def schedulers() -> tuple[str, ...]:
     return tuple(usable)
 
 
+def _check_orders(recipe: Recipe) -> None:
+    from .policy import ORDERS
+
+    if not recipe.order_policy.train_model and not ORDERS[recipe.rollout.order].needs_hidden:
+        raise ConfigError(
+            f"order_policy.train_model: false trains only a learned unmasking order, and rollout.order="
+            f"{recipe.rollout.order} has none; set rollout.order=policy (or drop the key to train the model)"
+        )
+
+
 def _check_scheduler(recipe: Recipe) -> None:
     o = recipe.optim
     valid = schedulers()
@@ -183,6 +193,8 @@ def validate_recipe(
     losses = recipe.dpo.loss_type
     for name in [losses] if isinstance(losses, str) else losses:
         lookup(DPO_LOSSES, name, "dpo.loss_type")
+    if trainer == "grpo":
+        _check_orders(recipe)
     _check_scheduler(recipe)
     _check_trackers(recipe)
     _check_rewards(recipe)

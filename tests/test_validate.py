@@ -259,6 +259,10 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["optim.momentum=0.9"], "optim.momentum"),  # adamw never reads it
         (["optim.name=sgd", "optim.betas=[0.8, 0.9]"], "optim.betas"),
         (["grpo.loss_type=spg", "grpo.beta=0.04"], "grpo.beta"),
+        (["grpo.loss_type=wd1", "grpo.top_entropy_quantile=0.2"], "grpo.top_entropy_quantile"),
+        (["hybrid.planner.train=true"], "hybrid.planner.train"),  # hybrid.plan is none
+        (["hybrid.train_executor=false"], "hybrid.train_executor"),
+        (["order_policy.train_model=false"], "order_policy.train_model"),  # rollout.order=top_prob has no head
         (["train.resume=maybe"], "train.resume"),
         (["data.path=no/such/file.jsonl"], "data.path"),
     ],
