@@ -17,12 +17,13 @@ Every command is a `dllm-rl` command line (printed), run in its own process with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dllm_rl.metrics import training_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "recipes/tiny/sudoku-prefix-lora.yaml"
@@ -72,25 +73,14 @@ def train(work: Path, name: str, recipe: str, *over: str) -> Path:
     return run
 
 
-def curve(run: Path) -> list[tuple[int, float, float]]:
-    """(step, cumulative training seconds, held-out accuracy) at each evaluation of a GRPO run."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    seconds, last, out = 0.0, 0, []
-    for r in rows:
-        if "seconds/update" in r:
-            seconds += sum(v for k, v in r.items() if k.startswith("seconds/")) * (r["step"] - last)
-            last = r["step"]
-        if "eval_accuracy" in r:
-            out.append((r["step"], seconds, r["eval_accuracy"]))
-    return out
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="outputs/hybrid-bench")
     p.add_argument("--stages", default="1,2,3")
     p.add_argument("--samples", type=int, default=8, help="samples per question for the diversity axis")
     p.add_argument("--rl-steps", type=int, default=60)
+    p.add_argument("--lora", help="stage 3's start (default: WORK/lora, stage 2's prefix LoRA)")
+    p.add_argument("--rl-override", action="append", default=[], help="a recipe override for every RL variant")
     a = p.parse_args()
     work = (ROOT / a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -107,11 +97,12 @@ def main():
             axes(work, "lora-plain", LORA, str(plain), a.samples),
         ]
     if 3 in stages:
-        lora = work / "lora"
+        lora = a.lora or work / "lora"
         curves = {}
         for i, (name, over) in enumerate(RL_VARIANTS.items()):
+            over = [*a.rl_override, *over]
             run = train(work, f"rl{i}", GRPO, f"model.path={lora}", f"train.max_steps={a.rl_steps}", *over)
-            curves[name] = curve(run)
+            curves[name] = training_curve(run)
             report += [f"## After {name}", axes(work, f"rl{i}", GRPO, str(run), a.samples, *over)]
         report += ["## Held-out accuracy against training seconds (each in its own plan condition)", ""]
         report += ["| variant | (step, seconds, held-out) at each evaluation |", "|---|---|"]

@@ -178,3 +178,19 @@ def throughput_metrics(seconds: dict[str, float], committed: float, tokens: floa
         "tokens_per_s/update": tokens * passes / max(seconds.get("update", 0.0), 1e-9),
         **{f"seconds/{k}": v for k, v in seconds.items()},
     }
+
+
+def training_curve(run_dir, key: str = "eval_accuracy") -> list[tuple[int, float, float]]:
+    """(step, training seconds so far, held-out value) at each evaluation of a run, from its metrics.jsonl.
+    Training seconds are the logged `seconds/<phase>` (window means) times the steps of their window, so
+    evaluations, checkpoints and start-up are not counted: the clock on which runs compare at equal wall time."""
+    seconds, last, out = 0.0, 0, []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        phases = [v for k, v in row.items() if k.startswith("seconds/")]
+        if phases:
+            seconds += sum(phases) * (row["step"] - last)
+            last = row["step"]
+        if key in row:
+            out.append((row["step"], seconds, row[key]))
+    return out

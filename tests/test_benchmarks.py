@@ -1,6 +1,7 @@
 """The prepared GPU check runs end to end: `benchmarks/gpu_check.sh --tiny` dry-runs every section (correctness,
 rollout table, kernels, a GRPO step) on CPU with a tiny model and prints the report's sections."""
 
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,19 @@ def test_gpu_check_dry_run(tmp_path):
         assert heading in report
     assert "FAILED" not in report, report
     assert "same tokens True" in report and "| whole step |" in report
+
+
+def test_training_curve_counts_each_window_at_its_mean_and_skips_evaluations(tmp_path):
+    """The equal-wall-time clock (benchmarks/equal_time.py, hybrid_axes.py): each logged window's mean seconds
+    per phase times the steps of the window; evaluations add no time."""
+    from dllm_rl.metrics import training_curve
+
+    rows = [
+        {"step": 0, "eval_accuracy": 0.5},
+        {"step": 10, "seconds/rollout": 1.0, "seconds/update": 2.0, "loss": 0.1},
+        {"step": 10, "eval_accuracy": 0.6},
+        {"step": 15, "seconds/rollout": 0.5, "seconds/update": 0.5},
+        {"step": 15, "eval_accuracy": 0.7},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert training_curve(tmp_path) == [(0, 0.0, 0.5), (10, 30.0, 0.6), (15, 35.0, 0.7)]

@@ -1,0 +1,72 @@
+"""Two or more training recipes at equal wall time: each runs as `dllm-rl train` on one thread, all at once (so
+they share the machine's load alike), and the table gives each run's held-out accuracy against its own training
+seconds (the logged seconds of its phases: evaluations, checkpoints and start-up excluded), its whole-run seconds
+per step, and each run's held-out accuracy at the training time of the shortest run.
+
+    python benchmarks/equal_time.py --work outputs/equal-time \
+        "recipes/tiny/sudoku-dpo.yaml train.eval_steps=25" \
+        "recipes/tiny/sudoku-tokens-grpo.yaml train.max_steps=50 train.eval_steps=10"
+
+A run whose final/ is already in WORK is not run again (the table is rebuilt from its metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from dllm_rl.metrics import training_curve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help='"RECIPE [override ...]", one quoted argument per run')
+    p.add_argument("--work", default="outputs/equal-time")
+    a = p.parse_args()
+    work = (ROOT / a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs, procs = [], []
+    for i, spec in enumerate(a.runs):
+        recipe, *over = shlex.split(spec)
+        out = work / f"run{i}"
+        runs.append((spec, out))
+        if (out / "final").is_dir():
+            continue
+        cmd = [
+            sys.executable,
+            "-m",
+            "dllm_rl",
+            "train",
+            recipe,
+            *over,
+            f"train.output_dir={out}",
+            "train.num_threads=1",
+        ]
+        print("$ dllm-rl " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+        log = open(work / f"run{i}.log", "w")
+        procs.append((spec, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    for spec, proc in procs:
+        if proc.wait():
+            raise SystemExit(f"{spec} failed (exit {proc.returncode}); see its log in {work}")
+    curves = {spec: training_curve(out) for spec, out in runs}
+    budget = min(c[-1][1] for c in curves.values())
+    print(
+        "| run | held-out at (step, training seconds) | seconds per step, whole run | at the shortest run's "
+        f"{budget:.0f} s |"
+    )
+    print("|---|---|---|---|")
+    for spec, c in curves.items():
+        at = [x for x in c if x[1] <= budget * 1.02] or c[:1]
+        points = "; ".join(f"{acc:.3f} ({s}, {t:.0f} s)" for s, t, acc in c)
+        print(f"| `{spec}` | {points} | {c[-1][1] / max(c[-1][0], 1):.2f} | {at[-1][2]:.3f} (step {at[-1][0]}) |")
+
+
+if __name__ == "__main__":
+    main()
