@@ -586,7 +586,7 @@ def _problems(value, tp, key: str, default, trainer: Optional[str]):
                 )
             if len(value) < c.min_items:
                 yield f"{key}: {_show(value)} has {len(value)} items; give at least {c.min_items} (e.g. {default})"
-        (item,) = typing.get_args(tp) or (Any,)
+        item = _list_item(tp)
         item_default = field_checks(item)[0]() if dataclasses.is_dataclass(field_checks(item)[0]) else None
         for i, v in enumerate(value):
             yield from _problems(v, item, f"{key}[{i}]", item_default, trainer)
@@ -678,6 +678,14 @@ def _rules(r: Recipe, trainer: Optional[str]):
         for name in ("betas", "eps"):
             if getattr(o, name) != getattr(d, name):
                 yield f"optim.{name}: {getattr(o, name)!r} is read by optim.name=adamw only; remove it for sgd"
+
+
+def _list_item(tp):
+    """The item type of a list annotation, also inside a union (Union[str, list[str]]: dpo.loss_type)."""
+    if typing.get_origin(tp) is not list:
+        tp = next((a for a in typing.get_args(tp) if typing.get_origin(a) is list), list)
+    (item,) = typing.get_args(tp) or (Any,)
+    return item
 
 
 def _grpo_rules(r: Recipe):

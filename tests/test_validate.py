@@ -377,3 +377,12 @@ def test_cli_reports_each_in_one_line_with_exit_code_2(tmp_path, capsys, at_root
         err = capsys.readouterr().err
         lines = [ln for ln in err.splitlines() if ln.startswith("dllm-rl: error:")]
         assert len(lines) == 1 and "Traceback" not in err, (args, err)
+
+
+def test_a_list_of_dpo_losses_loads_and_a_wrong_name_in_it_is_named(at_root):
+    """dpo.loss_type takes a name or a list of names (TRL's list-valued loss_type, e.g. RPO's [sigmoid, sft])."""
+    dpo = ROOT / "recipes/tiny/sudoku-dpo.yaml"
+    r = load_and_validate(dpo, ["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0, 0.5]"])
+    assert r.dpo.loss_type == ["sigmoid", "sft"] and r.dpo.loss_weights == [1.0, 0.5]
+    with pytest.raises(ConfigError, match=r"dpo.loss_type 'sfft' \(did you mean 'sft'\?\)"):
+        load_and_validate(dpo, ["dpo.loss_type=[sigmoid, sfft]"])
