@@ -19,7 +19,10 @@ by axes.py). So what goes in the prompt is one recipe value, `hybrid.plan` (PLAN
 still see the original prompt (the caller keeps it: trainers/grpo.py, evaluate.py). The returned
 RolloutBatch is the executor's (its prompt_ids are what it saw, its trace every decision) and carries the
 plans in `batch.plan` (batches.PlanBatch: texts, the planner's tokens and exact log-probs, the executor's
-prompts). Randomness: one draw from the caller's generator seeds the plans, the next the executor (plan=none
+prompts). A plan that leaves the executor no room for its completion (a planner sampling at temperature 1 may
+write past its usual length) is cut to the longest prefix that fits the executor's context; its log-probs stay
+those of what the planner sampled (the cut belongs to the environment), and `batch.stats["plans_cut"]` counts
+the cut plans. Randomness: one draw from the caller's generator seeds the plans, the next the executor (plan=none
 draws nothing for plans: the rollout is then exactly `generate`'s); both are counter-based, so the rollout
 is batch-invariant.
 """
@@ -34,8 +37,9 @@ import torch
 from ..batches import PlanBatch, RolloutBatch
 from ..config import HybridConfig, RolloutConfig
 from ..errors import ConfigError, lookup
+from ..models.base import unwrap
 from ..tasks.plans import TaskPlans, task_plans
-from .engine import generate
+from .engine import encode_prompts, generate
 
 
 @dataclass
@@ -169,10 +173,33 @@ def hybrid_generate(
     empty PlanBatch) and `.plan.executor_prompts` the prompts it decoded."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     plans, executor_prompts = make_plans(prompts, rows, cfg, planner, task, generator)
+    cut = 0
+    max_pos = getattr(unwrap(model).config, "max_position_embeddings", None)
+    if plans is not None and max_pos:
+        executor_prompts, cut = fit_plans(
+            tokenizer, prompts, plans.texts, cfg.template, max_pos - rollout.max_completion_length
+        )
     batch = generate(model, tokenizer, executor_prompts, rollout, generator=generator, order_policy=order_policy)
     batch.plan = plans if plans is not None else _texts_only([""] * len(prompts), "none")
     batch.plan.executor_prompts = executor_prompts
+    batch.stats["plans_cut"] = cut
     return batch
+
+
+def fit_plans(tokenizer, prompts, texts: list[str], template: str, room: int) -> tuple[list, int]:
+    """(the executor's prompts with each plan cut to the longest prefix whose prompt fits in `room` tokens, how
+    many were cut). A prompt too long even with an empty plan is left for the engine to refuse."""
+    length = lambda p, t: len(encode_prompts(tokenizer, [place(p, t, template)])[0])
+    out, cut = [], 0
+    for prompt, text in zip(prompts, texts):
+        if length(prompt, text) > room and length(prompt, "") <= room:
+            lo, hi = 0, len(text)  # the longest prefix that fits: lo fits, hi does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if length(prompt, text[:mid]) <= room else (lo, mid)
+            text, cut = text[:lo], cut + 1
+        out.append(place(prompt, text, template))
+    return out, cut
 
 
 def scaffold_rows(rows: list[dict], cfg: HybridConfig, task: str, planner=None, seed: int = 0) -> list[dict]:

@@ -118,3 +118,24 @@ def test_template_and_kind_errors(executor, tokenizer):
     with pytest.raises(ConfigError, match="hybrid.plan"):
         run(executor, tokenizer, ROWS, "oracel")
     assert place("text prompt", "p", "Plan: {plan}\n{question}") == "Plan: p\ntext prompt"
+
+
+def test_a_plan_that_leaves_no_room_is_cut_to_fit_the_executors_context(model_factory, tokenizer):
+    """The oracle plan (a 19-character grid) placed before the puzzle overflows an executor whose context keeps
+    room for the puzzle and 8 completion tokens plus 5 plan characters: the plan is cut to its longest prefix
+    that fits, the rollout runs, and the cut plans are counted."""
+    from dllm_rl.rollout.engine import encode_prompts
+
+    executor = model_factory(seed=0)
+    bare = [place(r["prompt"], "", CFG.template) for r in ROWS]
+    longest = max(len(ids) for ids in encode_prompts(tokenizer, bare))
+    executor.config.max_position_embeddings = longest + 5 + ROLLOUT.max_completion_length
+    batch = run(executor, tokenizer, ROWS, "oracle")
+    assert batch.stats["plans_cut"] == 3 and batch.plan.texts == [sudoku_oracle(r) for r in ROWS]
+    room = executor.config.max_position_embeddings - ROLLOUT.max_completion_length
+    for r, prompt in enumerate(batch.plan.executor_prompts):
+        kept = prompt[0]["content"][: -len(ROWS[r]["puzzle"]) - 1]
+        assert batch.plan.texts[r].startswith(kept) and len(kept) < len(batch.plan.texts[r])
+        assert len(encode_prompts(tokenizer, [prompt])[0]) <= room
+    executor.config.max_position_embeddings = 128
+    assert run(executor, tokenizer, ROWS, "oracle").stats["plans_cut"] == 0
