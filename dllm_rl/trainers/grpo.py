@@ -458,6 +458,7 @@ class GRPOTrainer:
                 self.reward_log.extra(len(prompts)),
             )
         committed = float(batch.stats.get("committed_tokens", 0))
+        cut = batch.stats.get("plans_cut")  # hybrid rollouts: plans cut to fit the executor's context
         clipped = truncated(batch.completion_ids, self.tokenizer.eos_token_id).float()  # before any filter
         if r.grpo.filter_zero_std:  # groups whose rewards are all equal carry no signal
             batch = batch.select((~zero_std_groups(rewards, r.grpo.num_generations)).nonzero().squeeze(-1))
@@ -476,6 +477,7 @@ class GRPOTrainer:
             **stats,
             **call_weighted_means(self.acc, self.reward_log.metrics()),
             "completions/clipped_ratio": gather_rows(self.acc, clipped).mean().item(),  # TRL's: never ended
+            **({} if cut is None else {"plans/cut_fraction": cut / len(clipped)}),
             **throughput_metrics(
                 timer.seconds, committed, float(batch.completion_mask.sum()), len(batch), r.grpo.num_iterations
             ),

@@ -4,6 +4,7 @@ joint objective's gradient reaches the executor and the planner, and only the un
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,9 @@ def test_a_jointly_trained_planner_is_saved_inside_the_atomic_final(tmp_path, mo
     final = Path(trainer.train()["final"])
     assert (final / "planner" / "config.json").is_file() and (final / "reward_curve.png").is_file()
     assert (tmp_path / "ok" / "reward_curve.png").read_bytes() == (final / "reward_curve.png").read_bytes()
+    logged = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in logged if "reward" in row]
+    assert steps and all(0 <= row["plans/cut_fraction"] <= 1 for row in steps)  # logged with every step's
 
     def broken_save(self, directory):
         raise OSError("disk full")
