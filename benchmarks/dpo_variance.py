@@ -23,6 +23,7 @@ estimator's bias on these completions (L = rollout.max_completion_length canvas 
 (GDPO's) and the budget: against 10 nodes, exact for L <= 20, on the reference.
 
     python benchmarks/dpo_variance.py [--recipe recipes/tiny/sudoku-dpo.yaml] [--budget 4] [--pairs 8] [--draws 32]
+    python benchmarks/dpo_variance.py --bias-only --pairs 48 --bias-masks 512      # the bias alone
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=10, help="DPO steps that move the policy off the reference")
     ap.add_argument("--bias-masks", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bias-only", action="store_true", help="only the quadrature bias (no training, no table)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -152,6 +154,10 @@ def main() -> None:
         r = load_recipe(args.recipe, [f"train.output_dir={out}", "train.resume=false", "dpo.score_std_draws=0"])
         trainer = DPOTrainer(r)
         batch, keys = pairs_of(trainer, args.pairs)
+        if args.bias_only:
+            print_bias(trainer, batch, args)
+            print(f"\n{time.time() - t0:.0f} s")
+            return
         base = trainer.estimator, trainer.d
         label, est, switches = configurations(args.budget)[2]  # VRPO: allocation + antithetic
         trainer.estimator = build_estimator(EstimatorConfig(**est), trainer.traits)
@@ -179,14 +185,18 @@ def main() -> None:
                 f"{ratio:.3f} (x/ {spread:.2f}) | {s.mean().item():+.4f} |"
             )
         trainer.estimator, trainer.d = base
-        nodes = sorted({3, args.budget})
-        bias, size = quadrature_bias(trainer, batch, nodes, args.bias_masks)
-        for n, (b, se) in bias.items():
-            print(
-                f"quadrature bias, {n} nodes vs 10 (exact for L <= 20), L = {batch.completion_ids.shape[1]}, "
-                f"{len(batch)} completions: {b:+.4f} +- {se:.4f} nats per sequence (mean |ELBO| {size:.2f})"
-            )
+        print_bias(trainer, batch, args)
     print(f"\n{time.time() - t0:.0f} s")
+
+
+def print_bias(trainer: DPOTrainer, batch, args) -> None:
+    bias, size = quadrature_bias(trainer, batch, sorted({3, args.budget}), args.bias_masks)
+    for n, (b, se) in bias.items():
+        print(
+            f"quadrature bias, {n} nodes vs 10 (exact for L <= 20), L = {batch.completion_ids.shape[1]}, "
+            f"{len(batch)} completions, {args.bias_masks} masks per node: {b:+.4f} +- {se:.4f} nats per sequence "
+            f"(mean |ELBO| {size:.2f})"
+        )
 
 
 if __name__ == "__main__":
