@@ -239,9 +239,8 @@ class DPOConfig:
     the estimate itself is configured in `estimator` (quadrature, elbo with VRPO's allocation, ...)."""
 
     beta: Positive = 0.1
-    loss_type: Union[str, list[str]] = (
-        "sigmoid"  # sigmoid | hinge | ipo | robust | sigmoid_norm | sft; a list sums them
-    )
+    # sigmoid | hinge | ipo | robust | sigmoid_norm | sft (algorithms.dpo.DPO_LOSSES); a list sums them
+    loss_type: Union[str, list[str]] = "sigmoid"
     loss_weights: Optional[list[float]] = None  # one per loss_type (default 1 each)
     label_smoothing: Annotated[float, Check(ge=0, lt=0.5)] = 0.0  # robust: assumed rate of flipped labels
     precompute_ref_log_probs: bool = False  # score the reference once per example, cached beside the run
