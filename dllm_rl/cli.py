@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from .errors import ConfigError, DllmRlError
 
@@ -124,6 +126,11 @@ def cmd_eval(args) -> None:
     model_dir = resolve_model_dir(args.checkpoint)
     order_policy = order_head_for(recipe.rollout.order, model, model_dir)
     edit_policy = edit_head_for(recipe.rollout, model, model_dir)
+    trained = Path(model_dir) / "planner"  # a planner trained jointly with the model (GRPO's final/planner)
+    if trained.is_dir():
+        h = recipe.hybrid
+        recipe = replace(recipe, hybrid=replace(h, planner=replace(h.planner, path=str(trained))))
+        print(f"planner: {trained} (trained with this checkpoint), not {h.planner.path}")
     if args.hybrid_axes:
         from .axes import hybrid_axes, print_axes
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dllm_rl.cli import main
 from dllm_rl.config import recipe_from_dict
 from dllm_rl.errors import ConfigError
 from dllm_rl.trainers.grpo import GRPOTrainer
@@ -119,9 +120,9 @@ def test_a_planner_with_nothing_to_learn_is_refused(tmp_path):
         GRPOTrainer(recipe(tmp_path, train_executor=False), reward_funcs=[record_prompts])
 
 
-def test_a_jointly_trained_planner_is_saved_inside_the_atomic_final(tmp_path, monkeypatch):
-    """final/ holds the trained planner and the reward curve when it appears; a failure while writing them leaves
-    no final/ (the run is then not taken as finished)."""
+def test_a_jointly_trained_planner_is_saved_inside_the_atomic_final(tmp_path, monkeypatch, capsys):
+    """final/ holds the trained planner and the reward curve when it appears, and `dllm-rl eval` of the checkpoint
+    plans with that planner; a failure while writing them leaves no final/ (the run is then not finished)."""
     import dllm_rl.trainers.planner as planner_module
 
     trainer = GRPOTrainer(
@@ -133,6 +134,8 @@ def test_a_jointly_trained_planner_is_saved_inside_the_atomic_final(tmp_path, mo
     logged = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in logged if "reward" in row]
     assert steps and all(0 <= row["plans/cut_fraction"] <= 1 for row in steps)  # logged with every step's
+    main(["eval", str(final / "recipe.yaml"), "--checkpoint", str(tmp_path / "ok")])  # plans by the trained planner
+    assert f"planner: {final / 'planner'} (trained with this checkpoint)" in capsys.readouterr().out
 
     def broken_save(self, directory):
         raise OSError("disk full")
