@@ -6,8 +6,8 @@ Stages (each skipped when its output is already in the work directory, so the sc
   2. the prefix-robustness LoRA (recipes/tiny/sudoku-prefix-lora.yaml) and its control (the same SFT on bare
      prompts only), and the axes of both
   3. GRPO from the prefix LoRA (recipes/tiny/sudoku-hybrid-grpo.yaml): executor-only (no plan), with the
-     frozen planner's plans, and jointly with the planner; held-out accuracy against training seconds, and the
-     axes after each
+     frozen planner's plans, and jointly with the planner, trained side by side (one load for the three clocks);
+     held-out accuracy against training seconds, and the axes after each
 Every command is a `dllm-rl` command line (printed), run in its own process with one thread.
 
     python benchmarks/hybrid_axes.py --work outputs/hybrid-bench            # hours on a shared 2-core machine
@@ -38,24 +38,29 @@ RL_VARIANTS = {
 }
 
 
-def dllm_rl(log: Path, *args: str) -> float:
-    """Run one dllm-rl command (stdout to `log`); returns its wall seconds."""
+def start(log: Path, *args: str) -> tuple[subprocess.Popen, Path, Path, float]:
+    """Start one dllm-rl command on one thread (stdout and stderr to `log`.part, renamed into place on success:
+    a failed stage is rerun)."""
     print("$ dllm-rl " + " ".join(args), file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    part = log.with_name(log.name + ".part")  # renamed into place on success: a failed stage is rerun
+    part = log.with_name(log.name + ".part")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with open(part, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dllm_rl", *args],
-            cwd=ROOT,
-            stdout=f,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        )
-    if proc.returncode:
-        raise SystemExit(f"dllm-rl {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        proc = subprocess.Popen([sys.executable, "-m", "dllm_rl", *args], cwd=ROOT, stdout=f, stderr=f, env=env)
+    return proc, part, log, time.perf_counter()
+
+
+def finish(started) -> float:
+    """Wait for a started command; its wall seconds."""
+    proc, part, log, t0 = started
+    if proc.wait():
+        raise SystemExit(f"{' '.join(proc.args)} failed:\n{part.read_text()[-3000:]}")
     part.rename(log)
     return time.perf_counter() - t0
+
+
+def dllm_rl(log: Path, *args: str) -> float:
+    """Run one dllm-rl command (output to `log`); returns its wall seconds."""
+    return finish(start(log, *args))
 
 
 def axes(work: Path, name: str, recipe: str, checkpoint: str, samples: int, *over: str) -> str:
@@ -98,22 +103,31 @@ def main():
         ]
     if 3 in stages:
         lora = a.lora or work / "lora"
+        variants = {name: [*a.rl_override, *over] for name, over in RL_VARIANTS.items()}
+        started = {}  # the RL runs train side by side, so that their training seconds share one load
+        for i, (name, over) in enumerate(variants.items()):
+            run = work / f"rl{i}"
+            if not (run / "final").is_dir():
+                steps = f"train.max_steps={a.rl_steps}"
+                started[i] = start(work / f"train-rl{i}.log", "train", GRPO, f"train.output_dir={run}",
+                                   f"model.path={lora}", steps, *over)  # fmt: skip
+        for i, s in started.items():
+            (work / f"train-rl{i}.seconds").write_text(f"{finish(s):.1f}")
         curves = {}
-        for i, (name, over) in enumerate(RL_VARIANTS.items()):
-            over = [*a.rl_override, *over]
-            run = train(work, f"rl{i}", GRPO, f"model.path={lora}", f"train.max_steps={a.rl_steps}", *over)
-            curves[name] = training_curve(run)
-            report += [f"## After {name}", axes(work, f"rl{i}", GRPO, str(run), a.samples, *over)]
-        report += ["## Held-out accuracy against training seconds (each in its own plan condition)", ""]
-        report += ["| variant | (step, seconds, held-out) at each evaluation |", "|---|---|"]
-        report += [
+        for i, (name, over) in enumerate(variants.items()):
+            curves[name] = training_curve(work / f"rl{i}")
+            report += [f"## After {name}", axes(work, f"rl{i}", GRPO, str(work / f"rl{i}"), a.samples, *over)]
+        table = ["| variant | (step, seconds, held-out) at each evaluation |", "|---|---|"]
+        table += [
             f"| {n} | " + "; ".join(f"{s}, {t:.0f} s, {acc:.3f}" for s, t, acc in c) + " |" for n, c in curves.items()
         ]
         budget = min(c[-1][1] for c in curves.values())
-        report += ["", f"At equal wall time ({budget:.0f} s of training, the shortest run's): "]
+        at = [f"At equal wall time ({budget:.0f} s of training, the shortest run's):"]
         for n, c in curves.items():
             best = [x for x in c if x[1] <= budget * 1.05] or c[:1]
-            report.append(f"- {n}: {best[-1][2]:.3f} (step {best[-1][0]})")
+            at.append(f"- {n}: {best[-1][2]:.3f} (step {best[-1][0]})")
+        report += ["## Held-out accuracy against training seconds (each in its own plan condition)"]
+        report += ["\n".join(table), "\n".join(at)]
     text = "\n\n".join(report)
     (work / "report.md").write_text(text)
     print(text)
