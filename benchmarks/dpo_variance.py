@@ -122,8 +122,13 @@ def quadrature_bias(trainer: DPOTrainer, batch, nodes: list[int], masks: int) ->
     def node(t: float) -> torch.Tensor:  # [masks, N]
         g = torch.Generator().manual_seed(0)  # the same uniforms at every node
         mask = torch.rand(1, masks * N, Lc, generator=g) < t
-        est = score(model, big, Noise(mask, None, mask.float() / t), trainer.traits)
-        return (est * cmask).sum(-1).double().view(masks, N)
+        out = []
+        for rows in torch.arange(masks * N).split(64 * N):  # 64 masks per forward: bounded memory
+            part = big.select(rows)
+            m = mask[:, rows]
+            est = score(model, part, Noise(m, None, m.float() / t), trainer.traits)
+            out.append((est * cmask[rows]).sum(-1).double())
+        return torch.cat(out).view(masks, N)
 
     def rule(k: int) -> torch.Tensor:  # [masks, N] draws of sum_i w_i (1/t_i) sum over masked log p
         t, w = gauss_legendre(k)
