@@ -185,6 +185,21 @@ class StepStats:
             out[m] = values
             return out
 
+        return cls._filled(choice, m, mask_id, dense)
+
+    @classmethod
+    def where(cls, choice, m: torch.Tensor, mask_id: int) -> "StepStats":
+        """Token choices of every position ([m.numel()] each) -> StepStats [n, Lb], filled where not masked; no
+        boolean indexing, so shapes stay static (rollout/step.py, CUDA graphs)."""
+
+        def dense(values, fill):
+            values = values.view(m.shape)
+            return torch.where(m, values, torch.full_like(values, fill))
+
+        return cls._filled(choice, m, mask_id, dense)
+
+    @classmethod
+    def _filled(cls, choice, m: torch.Tensor, mask_id: int, dense) -> "StepStats":
         return cls(
             masked=m,
             token=dense(choice.token, mask_id),

@@ -259,7 +259,7 @@ class Workspace:
         # greedy choice reads no uniform: none is drawn (the counter-based stream stays the same)
         u_tok = uniform(self.seeds, self.row_step, where, TOKEN_STREAM).reshape(-1) if cfg.temperature > 0 else None
         choice = choose_tokens(logits.reshape(n * Lb, -1), u_tok, cfg.temperature, cfg.top_k, cfg.top_p, mask_id)
-        st = dense_stats(choice, m, mask_id)
+        st = StepStats.where(choice, m, mask_id)
         st.steps_left = (self.spb - self.block_step).clamp(min=1)
         st.progress = (self.x[:, self.P :] != mask_id).float().mean(-1)
 
@@ -312,25 +312,3 @@ class Workspace:
         t["fill_from"][rid] = torch.where(recorded, be - self.P, t["fill_from"][rid])
         self.done |= stop
         self.active.copy_(recorded)  # which rows' last state changed (record_states)
-
-
-def dense_stats(choice, m: torch.Tensor, mask_id: int) -> StepStats:
-    """Token choices of every block position [n * Lb] -> StepStats [n, Lb], filled where not masked."""
-    shape = m.shape
-
-    def dense(values, fill):
-        values = values.view(shape)
-        return torch.where(m, values, torch.full_like(values, fill))
-
-    return StepStats(
-        masked=m,
-        token=dense(choice.token, mask_id),
-        logprob=dense(choice.logprob, 0.0),
-        confidence=dense(choice.confidence, 0.0),
-        top_prob=dense(choice.top_prob, 0.0),
-        margin=dense(choice.margin, 0.0),
-        gap=dense(choice.gap, 0.0),
-        entropy=dense(choice.entropy, 0.0),
-        steps_left=None,
-        progress=None,
-    )
