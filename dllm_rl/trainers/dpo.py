@@ -212,8 +212,7 @@ class DPOTrainer:
         """Sequence estimates [N]: the estimator's per-token estimates summed over the entries it counts."""
         with torch.set_grad_enabled(grad):
             est = self.estimator.estimate(model, batch, noise.to(self.acc.device))
-            mask = batch.completion_mask if est.mask is None else est.mask
-            return (est.logps * mask.to(est.logps.device)).sum(-1)
+            return (est.logps * self.counted(batch, noise).to(est.logps.device)).sum(-1)
 
     def reference_scores(self, batch, noise) -> torch.Tensor:
         """The reference's sequence estimates [N], without gradient."""
