@@ -44,3 +44,42 @@ def make_model(tokenizer, attention="bidirectional", block_size=4, hidden=32, la
 @pytest.fixture
 def model_factory(tokenizer):
     return lambda **kw: make_model(tokenizer, **kw)
+
+
+# small native LLaDA and Dream models (tests/models/test_native.py checks them against the released layouts)
+LLADA_SMALL = {
+    "d_model": 32,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "n_layers": 2,
+    "mlp_hidden_size": 48,
+    "vocab_size": 64,
+    "embedding_size": 64,
+    "max_sequence_length": 64,
+    "mask_token_id": 63,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+DREAM_SMALL = {
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "intermediate_size": 48,
+    "vocab_size": 64,
+    "max_position_embeddings": 64,
+    "mask_token_id": 63,
+    "pad_token_id": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+def small_native(arch: str, seed: int = 0, **overrides):
+    """A small native LLaDA ("llada") or Dream ("dream") model in eval mode, config overrides applied."""
+    cfg_cls, model_cls, small = {
+        "llada": (M.LLaDAConfig, M.LLaDAModelLM, LLADA_SMALL),
+        "dream": (M.DreamConfig, M.DreamModel, DREAM_SMALL),
+    }[arch]
+    torch.manual_seed(seed)
+    return model_cls(cfg_cls(**{**small, **overrides})).eval()

@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DREAM_SMALL, LLADA_SMALL, small_native
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
@@ -146,32 +147,6 @@ DREAM_PUBLISHED = {
     "use_sliding_window": False,
     "vocab_size": 152064,
 }
-LLADA_SMALL = {
-    "d_model": 32,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "n_layers": 2,
-    "mlp_hidden_size": 48,
-    "vocab_size": 64,
-    "embedding_size": 64,
-    "max_sequence_length": 64,
-    "mask_token_id": 63,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-}
-DREAM_SMALL = {
-    "hidden_size": 32,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 2,
-    "intermediate_size": 48,
-    "vocab_size": 64,
-    "max_position_embeddings": 64,
-    "mask_token_id": 63,
-    "pad_token_id": 0,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
 
 
 def llada_layout(c: dict) -> dict:
@@ -287,12 +262,6 @@ ARCHS = {
 }
 
 
-def small(arch, seed=0, **overrides):
-    cfg_cls, model_cls, *_ = ARCHS[arch]
-    torch.manual_seed(seed)
-    return model_cls(cfg_cls(**{**ARCHS[arch][3], **overrides})).eval()
-
-
 def published_dir(arch, path, seed=0):
     """A directory as the release ships it (config.json with auto_map, safetensors under published names),
     with small sizes and random weights; returns (params, full config dict)."""
@@ -333,7 +302,7 @@ def test_real_config_layout_matches_release(arch):
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 @pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
 def test_forward_shapes(arch, attention):
-    m = small(arch, attention=attention, block_size=4)
+    m = small_native(arch, attention=attention, block_size=4)
     x = torch.randint(2, 60, (3, 11))
     out = m(x, output_hidden_states=True)
     assert out.logits.shape == (3, 11, 64)
@@ -344,7 +313,7 @@ def test_forward_shapes(arch, attention):
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_block_causal_hides_later_blocks(arch):
-    m = small(arch, attention="block_causal", block_size=4)
+    m = small_native(arch, attention="block_causal", block_size=4)
     P = 5
     x = torch.randint(2, 60, (2, P + 12))
     bid = block_ids(torch.ones_like(x), P, 4)
@@ -358,7 +327,7 @@ def test_block_causal_hides_later_blocks(arch):
     z = x.clone()
     z[:, -1] = (z[:, -1] + 1) % 60
     torch.testing.assert_close(m(x).logits[:, :16], m(z).logits[:, :16], rtol=0, atol=0)
-    b = small(arch)
+    b = small_native(arch)
     assert not torch.allclose(b(x).logits[:, 0], b(z).logits[:, 0])
 
 
@@ -385,7 +354,7 @@ def test_matches_plain_reference_from_published_checkpoint(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_cached_block_equals_full_forward(arch):
     """Write the whole canvas into the cache, then forward one block against it: same logits."""
-    m = small(arch)
+    m = small_native(arch)
     P, L = 6, 14
     x = torch.randint(2, 60, (2, L))
     full = m(x).logits
@@ -400,7 +369,7 @@ def test_cached_block_equals_full_forward(arch):
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_block_causal_cache_equals_recompute(arch):
-    m = small(arch, attention="block_causal", block_size=4)
+    m = small_native(arch, attention="block_causal", block_size=4)
     P, Lc = 6, 8
     x = torch.randint(2, 60, (2, P + Lc))
     bid = block_ids(torch.ones_like(x), P, 4)
@@ -417,7 +386,7 @@ def test_block_causal_cache_equals_recompute(arch):
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_save_load_round_trip_is_exact(arch, tmp_path):
-    m = small(arch, attention="block_causal", block_size=4)
+    m = small_native(arch, attention="block_causal", block_size=4)
     m.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == {"llada": "llada", "dream": "Dream"}[arch]
@@ -440,7 +409,7 @@ LORA_TARGETS = {
 def test_lora_forward_backward(arch, checkpointing):
     from peft import LoraConfig, get_peft_model
 
-    base = small(arch)
+    base = small_native(arch)
     if checkpointing:  # frozen embeddings: the checkpointed blocks must still pass gradients to LoRA
         base.activation_checkpointing_enable()
     m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[arch]))
@@ -461,7 +430,7 @@ def test_gradient_checkpointing_matches_plain_backward(arch):
     x = torch.randint(2, 60, (2, 9))
     grads = []
     for ckpt in (False, True):
-        m = small(arch, seed=1).train()
+        m = small_native(arch, seed=1).train()
         if ckpt:
             m.activation_checkpointing_enable()  # transformers 5's name for gradient_checkpointing_enable
             assert all(b.gradient_checkpointing for b in m._blocks())
@@ -494,7 +463,7 @@ def test_rollout_engine_runs_native_models(arch, tokenizer):
     }
     if arch == "llada":
         over["embedding_size"] = len(tokenizer)
-    m = small(arch, **over)
+    m = small_native(arch, **over)
     prompts = ["1+2=", "hello there"]
     outs = {}
     for cache in ("none", "prefix"):
@@ -575,7 +544,7 @@ def test_remote_code_model_is_wrapped_on_load(remote_dir, caplog):
     assert [r.getMessage() for r in caplog.records if "no KV cache" in r.getMessage()]
     tr = traits(model, tok)
     assert not tr.supports_cache and tr.mask_token_id == tok.mask_token_id and tr.logits_shift == 0
-    assert wrap_if_needed(model) is model and wrap_if_needed(small("llada")).__class__ is LLaDAModelLM
+    assert wrap_if_needed(model) is model and wrap_if_needed(small_native("llada")).__class__ is LLaDAModelLM
 
 
 def test_wrapper_follows_the_protocol(remote_dir):

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import small_native
 
 from dllm_rl.batches import COMMIT, DELETE, INSERT, REMASK
 from dllm_rl.config import RolloutConfig
@@ -152,8 +153,6 @@ def test_limits_hold(model_factory, tokenizer, seed):
 def test_native_models_take_the_edit_head(tokenizer):
     """The head is an adapter over any model with hidden states: native LLaDA and Dream (logits shifted by one)
     decode with edits, and their traces replay."""
-    from tests.models.test_native import small
-
     over = {
         "vocab_size": len(tokenizer),
         "mask_token_id": tokenizer.mask_token_id,
@@ -161,7 +160,7 @@ def test_native_models_take_the_edit_head(tokenizer):
         "eos_token_id": tokenizer.eos_token_id,
     }
     for arch in ("llada", "dream"):
-        m = small(arch, **over, **({"embedding_size": len(tokenizer)} if arch == "llada" else {}))
+        m = small_native(arch, **over, **({"embedding_size": len(tokenizer)} if arch == "llada" else {}))
         cfg = RolloutConfig(max_completion_length=8, steps=4, temperature=1.0, order="top_prob", **EDITING)
         out = run(m, tokenizer, cfg, prompts=["1+2=", "hello there"], record_states=True, edit_policy=head(m, std=1.0))
         assert (out.trace.events[:, 4] != COMMIT).any()
