@@ -252,6 +252,9 @@ class DPOConfig:
     dataset_train_split: str = "train"
     # on_policy: completions sampled per prompt (G)
     num_generations: Annotated[int, Check(ge=2, why="a pair needs two samples")] = 8
+    # on_policy: the first of each prompt's candidates is its greedy decode (temperature 0, the rest of `rollout`),
+    # the others sampled; ties go to it, so a pair then sets the greedy decode against a sample that scored otherwise
+    greedy_candidate: bool = False
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"  # auto: adapter_disabled under LoRA
     antithetic: bool = True  # VRPO: policy and reference scored under the same noise (false: independent draws)
     pair_noise: Literal["independent", "shared"] = "independent"  # shared: chosen and rejected under the same noise
@@ -668,6 +671,14 @@ def _rules(r: Recipe, trainer: Optional[str]):
         return
     if trainer == "grpo":
         yield from _grpo_rules(r)
+    if trainer == "dpo" and r.dpo.greedy_candidate:
+        if r.dpo.pairs != "on_policy":
+            yield "dpo.greedy_candidate: true decodes candidates of on-policy pairs; set dpo.pairs=on_policy"
+        elif ro.temperature == 0:
+            yield (
+                "dpo.greedy_candidate: true with rollout.temperature=0 makes every candidate the greedy decode; "
+                "sample the others (rollout.temperature > 0) or set it false"
+            )
     if trainer == "sft" and ro.order == "policy":
         yield "rollout.order: 'policy' needs a learned order head, which SFT does not train; pick another order"
     o, d = r.optim, OptimConfig()

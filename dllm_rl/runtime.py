@@ -22,7 +22,7 @@ import torch
 from .config import Recipe
 from .errors import ConfigError
 
-STREAMS = {"data": 0, "noise": 1, "rollout": 2, "eval": 3}
+STREAMS = {"data": 0, "noise": 1, "rollout": 2, "eval": 3, "greedy": 4}
 
 
 def step_generator(

@@ -46,7 +46,7 @@ import torch
 from transformers import TrainerState
 
 from ..algorithms.dpo import PreferenceInputs, check, dpo_loss, preference_metrics
-from ..batches import SequenceBatch
+from ..batches import RolloutBatch, SequenceBatch
 from ..config import Recipe, RewardSpec, recipe_to_dict
 from ..errors import ConfigError, DllmRlError
 from ..estimators import Noise, build_estimator
@@ -264,20 +264,24 @@ class DPOTrainer:
         return self.collate([self.pairs[i] for i in idx]), keys, cached, {}
 
     def on_policy_pairs(self, step: int):
-        """G samples per prompt, scored by the rewards: the best and the worst of each prompt whose rewards
-        differ (ties dropped; among equal rewards the first sample is taken)."""
+        """G candidates per prompt, scored by the rewards: the best and the worst of each prompt whose rewards
+        differ (ties dropped; among equal rewards the first candidate is taken). With dpo.greedy_candidate the
+        first candidate is the prompt's greedy decode and the other G - 1 are sampled."""
         r, d = self.recipe, self.d
         G = d.num_generations
         examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size)]
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         with torch.no_grad(), generation_model(self.acc, self.model) as model:
-            batch = generate(
-                model,
-                self.tokenizer,
-                prompts,
-                r.rollout,
-                generator=step_generator(r.train.seed, step, "rollout"),
-            )
+            if d.greedy_candidate:
+                batch = self.with_greedy(model, [ex["prompt"] for ex in examples], step)
+            else:
+                batch = generate(
+                    model,
+                    self.tokenizer,
+                    prompts,
+                    r.rollout,
+                    generator=step_generator(r.train.seed, step, "rollout"),
+                )
         columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
         state = TrainerState(global_step=step, max_steps=r.train.max_steps)
@@ -296,6 +300,33 @@ class DPOTrainer:
             "committed": float(batch.stats.get("committed_tokens", 0)),
         }
         return pairs, [f"on_policy:{step}:{int(s)}" for s in slots], None, stats
+
+    def with_greedy(self, model, prompts: list[str], step: int) -> RolloutBatch:
+        """[B * G] candidates, G per prompt in order: the greedy decode (temperature 0, the rest of `rollout`: the
+        held-out evaluation's decoding at eval.temperature=0), then G - 1 samples. The greedy decode's trace is
+        recorded as the sampler's (its decoding settings), so an estimator scores it as what it is, one trajectory
+        the training sampler can take (with a state-only order such as top_prob), not as a temperature-0 one."""
+        r, G, B = self.recipe.rollout, self.d.num_generations, len(prompts)
+        sampled = generate(
+            model,
+            self.tokenizer,
+            [p for p in prompts for _ in range(G - 1)],
+            r,
+            generator=step_generator(self.recipe.train.seed, step, "rollout"),
+        )
+        greedy = generate(
+            model,
+            self.tokenizer,
+            prompts,
+            replace(r, temperature=0.0),
+            generator=step_generator(self.recipe.train.seed, step, "greedy"),  # read only by random orders
+        )
+        greedy.trace = replace(greedy.trace, decoding=sampled.trace.decoding)
+        both = RolloutBatch.concat([greedy, sampled])
+        rows = [i for b in range(B) for i in (b, *range(B + b * (G - 1), B + (b + 1) * (G - 1)))]
+        out = both.select(torch.tensor(rows))
+        out.stats = {k: v + greedy.stats.get(k, 0) for k, v in sampled.stats.items() if isinstance(v, (int, float))}
+        return out
 
     def loss(self, mb, noise, ref: torch.Tensor, n: int) -> tuple[torch.Tensor, dict]:
         """(loss to backward, per-pair metrics [m]) of one micro-batch of m pairs out of the step's n."""

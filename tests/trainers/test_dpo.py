@@ -262,6 +262,24 @@ def test_cli_dispatches_algorithm_dpo_and_refuses_bad_settings(tmp_path, capsys)
         DPOTrainer(recipe(tmp_path / "y", estimator__name="trajectory"))
 
 
+def countdown_on_policy(out, **over):
+    """On-policy pairs from the shipped Countdown model, 4 samples per prompt at temperature 1, scored by the
+    trajectory estimator (the rollout's probability under the state-only top_prob order)."""
+    settings = {
+        "model__path": str(ROOT / "checkpoints" / "tiny" / "countdown-sft"),
+        "data__task": "countdown",
+        "dpo__pairs": "on_policy",
+        "dpo__num_generations": 4,
+        "dpo__dataset_name": None,
+        "estimator__name": "trajectory",
+        "rollout__temperature": 1.0,
+        "rollout__order": "top_prob",
+        "rollout__max_completion_length": 12,
+        "rollout__steps": 12,
+    }
+    return recipe(out, **{**settings, **over})
+
+
 def test_the_trajectory_score_of_a_pair_sums_every_decision_of_its_rollout(tmp_path):
     """With the trajectory estimator a pair's sequence score is its rollout's log-probability
     (tests/estimators/test_trajectory_exact.py): every decision, the EOS padding after the first EOS included,
@@ -271,19 +289,7 @@ def test_the_trajectory_score_of_a_pair_sums_every_decision_of_its_rollout(tmp_p
     def any_order(prompts, completions, **kw):  # distinct completions of a prompt get distinct rewards
         return [float(sum(map(ord, c[0]["content"]))) for c in completions]
 
-    r = recipe(
-        tmp_path,
-        model__path=str(ROOT / "checkpoints" / "tiny" / "countdown-sft"),
-        data__task="countdown",
-        dpo__pairs="on_policy",
-        dpo__num_generations=4,
-        dpo__dataset_name=None,
-        estimator__name="trajectory",
-        rollout__temperature=1.0,
-        rollout__order="top_prob",
-        rollout__max_completion_length=12,
-        rollout__steps=12,
-    )
+    r = countdown_on_policy(tmp_path)
     tr = DPOTrainer(r, reward_funcs=[any_order])
     batch, keys, _, _ = tr.on_policy_pairs(0)
     noise = tr.draw_noise(batch, tr.noise_keys(keys, "policy"))
@@ -293,3 +299,51 @@ def test_the_trajectory_score_of_a_pair_sums_every_decision_of_its_rollout(tmp_p
     torch.testing.assert_close(scores, (est.logps * est.mask).sum(-1))
     assert (scores < (est.logps * batch.completion_mask).sum(-1)).all()  # the EOS padding has its probability
     assert torch.equal(tr.counted(batch, noise), est.mask)
+
+
+def test_greedy_candidate_is_the_greedy_decode_scored_as_a_trajectory_of_the_sampler(tmp_path):
+    """dpo.greedy_candidate: the first of each prompt's G candidates is its greedy decode (the held-out
+    evaluation's decoding), the others are the sampler's; the greedy decode is scored as one trajectory of the
+    temperature-1 sampler, so where a sample took the same path (the order is a function of the state: the same
+    tokens are the same path) the two scores agree. With a 0/1 verifier every pair holds the greedy decode, on
+    the side its reward puts it (ties go to the first candidate)."""
+    from dllm_rl.rewards.plugins import Reward, compute_rewards, resolve_reward
+    from dllm_rl.rollout import generate
+
+    r = countdown_on_policy(tmp_path, dpo__greedy_candidate=True, train__batch_size=16)
+    tr = DPOTrainer(r)
+    examples = [tr.task.train[i] for i in tr.sampler.indices(0, 16)]
+    prompts = [ex["prompt"] for ex in examples]
+    with torch.no_grad():
+        cands = tr.with_greedy(tr.model, prompts, 0)
+        greedy = generate(tr.model, tr.tokenizer, prompts, replace(r.rollout, temperature=0.0))
+    assert len(cands) == 64 and cands.trace.decoding.temperature == 1.0
+    assert torch.equal(cands.completion_ids[::4], greedy.completion_ids)
+    noise = tr.draw_noise(cands, [f"c{i}" for i in range(64)])
+    scores = tr.sequence_scores(tr.model, cands, noise, grad=False).view(16, 4)
+    assert (scores < 0).all()
+    same = [
+        (b, j)
+        for b in range(16)
+        for j in (1, 2, 3)
+        if torch.equal(cands.completion_ids[4 * b], cands.completion_ids[4 * b + j])
+    ]
+    assert len(same) >= 4  # the tiny model's greedy path is a likely sample
+    for b, j in same:
+        assert scores[b, j].item() == pytest.approx(scores[b, 0].item(), abs=1e-4)
+
+    batch, keys, _, stats = tr.on_policy_pairs(0)
+    verifier = [Reward("countdown", resolve_reward("countdown"))]
+    columns = {k: [ex[k] for ex in examples for _ in range(4)] for k in examples[0]}
+    rewards = compute_rewards(verifier, [p for p in prompts for _ in range(4)], cands.completions, [[]] * 64, columns)
+    rewards = rewards[0].view(16, 4)
+    slots = [int(k.rsplit(":", 1)[1]) for k in keys]
+    assert slots == (rewards.max(1).values > rewards.min(1).values).nonzero().squeeze(-1).tolist() and slots
+    n = len(slots)
+    for j, s in enumerate(slots):
+        side = j if rewards[s, 0] == rewards[s].max() else n + j  # chosen when greedy scores best, else rejected
+        assert batch.completions[side] == cands.completions[4 * s]
+    with pytest.raises(ConfigError, match="dpo.greedy_candidate: true decodes candidates of on-policy pairs"):
+        DPOTrainer(recipe(tmp_path / "x", dpo__greedy_candidate=True))
+    with pytest.raises(ConfigError, match="every candidate the greedy decode"):
+        DPOTrainer(countdown_on_policy(tmp_path / "y", dpo__greedy_candidate=True, rollout__temperature=0.0))
