@@ -17,11 +17,34 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dllm_rl.metrics import training_curve
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_all(runs: list[tuple[str, Path]], work: Path, workers: int | None = None) -> None:
+    """Train each (spec "RECIPE [override ...]", output dir) as `dllm-rl train` on one thread, `workers` at a time
+    (all at once when None); a run whose final/ exists is skipped. Logs go to WORK/<output dir name>.log."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    todo = [(spec, out) for spec, out in runs if not (out / "final").is_dir()]
+    running = []
+    while todo or running:
+        while todo and (workers is None or len(running) < workers):
+            spec, out = todo.pop(0)
+            recipe, *over = shlex.split(spec)
+            cmd = [sys.executable, "-m", "dllm_rl", "train", recipe, *over, f"train.output_dir={out}"]
+            cmd.append("train.num_threads=1")
+            print("$ dllm-rl " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+            log = open(work / f"{out.name}.log", "w")
+            running.append((spec, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(1)
+        for spec, proc in [x for x in running if x[1].poll() is not None]:
+            running.remove((spec, proc))
+            if proc.returncode:
+                raise SystemExit(f"{spec} failed (exit {proc.returncode}); see its log in {work}")
 
 
 def main():
@@ -31,30 +54,8 @@ def main():
     a = p.parse_args()
     work = (ROOT / a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    runs, procs = [], []
-    for i, spec in enumerate(a.runs):
-        recipe, *over = shlex.split(spec)
-        out = work / f"run{i}"
-        runs.append((spec, out))
-        if (out / "final").is_dir():
-            continue
-        cmd = [
-            sys.executable,
-            "-m",
-            "dllm_rl",
-            "train",
-            recipe,
-            *over,
-            f"train.output_dir={out}",
-            "train.num_threads=1",
-        ]
-        print("$ dllm-rl " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
-        log = open(work / f"run{i}.log", "w")
-        procs.append((spec, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
-    for spec, proc in procs:
-        if proc.wait():
-            raise SystemExit(f"{spec} failed (exit {proc.returncode}); see its log in {work}")
+    runs = [(spec, work / f"run{i}") for i, spec in enumerate(a.runs)]
+    train_all(runs, work)
     curves = {spec: training_curve(out) for spec, out in runs}
     budget = min(c[-1][1] for c in curves.values())
     print(
