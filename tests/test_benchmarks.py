@@ -45,3 +45,37 @@ def test_training_curve_counts_each_window_at_its_mean_and_skips_evaluations(tmp
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert training_curve(tmp_path) == [(0, 0.0, 0.5), (10, 30.0, 0.6), (15, 35.0, 0.7)]
+
+
+def test_seeds_table_means_standard_errors_and_difference(tmp_path):
+    """benchmarks/seeds.py on finished runs (final/ present, so nothing trains): the mean curve over seeds, each
+    seed's final accuracy, mean +- standard error, and the difference of two runs with its standard error."""
+    finals = {0: [0.5, 0.6, 0.7], 1: [0.6, 0.6, 0.9]}
+    for run, accs in finals.items():
+        for seed, acc in enumerate(accs):
+            d = tmp_path / f"run{run}-seed{seed}"
+            (d / "final").mkdir(parents=True)
+            rows = [{"step": 0, "eval_accuracy": 0.4}, {"step": 5, "eval_accuracy": acc}]
+            (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/seeds.py"),
+            "--seeds",
+            "3",
+            "--work",
+            str(tmp_path),
+            "a.yaml",
+            "b.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    out = proc.stdout
+    # run 0: mean 0.6, sd 0.1, SE 0.1/sqrt(3) = 0.0577; run 1: mean 0.7, sd 0.1732, SE 0.1
+    assert "| `a.yaml` | 0.400 (0) / 0.600 (5) | 0.500, 0.600, 0.700 | 0.600 +- 0.058 | +20.0 points |" in out
+    assert "| `b.yaml` | 0.400 (0) / 0.700 (5) | 0.600, 0.600, 0.900 | 0.700 +- 0.100 | +30.0 points |" in out
+    assert "second - first: +10.0 +- 11.5 points" in out  # hypot(5.77, 10.0) = 11.55
+    assert not proc.stderr.count("$ dllm-rl")  # finished runs are not trained again
