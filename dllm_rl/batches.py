@@ -88,13 +88,18 @@ class Trace:
         return replace(self, **{k: v.to(device) for k, v in self.__dict__.items() if torch.is_tensor(v)})
 
     def select(self, rows: torch.Tensor) -> "Trace":
-        """The trace of a subset of rows (renumbered 0..len(rows)-1)."""
+        """The trace of rows `rows` in that order, renumbered 0..len(rows)-1 (a row may be taken twice): the events
+        stay row by row, each row's in the order applied."""
         rows = rows.cpu()
-        remap = torch.full((self.commit_step.shape[0],), -1, dtype=torch.long)
-        remap[rows] = torch.arange(len(rows))
-        keep = remap[self.events[:, 0]] >= 0
-        events = self.events[keep].clone()
-        events[:, 0] = remap[events[:, 0]]
+        order = torch.argsort(self.events[:, 0], stable=True)  # row by row, each row's events in order
+        counts = torch.bincount(self.events[:, 0], minlength=self.commit_step.shape[0])
+        starts = counts.cumsum(0) - counts
+        c = counts[rows]
+        new_row = torch.repeat_interleave(torch.arange(len(rows)), c)
+        offset = torch.arange(int(c.sum())) - torch.repeat_interleave(c.cumsum(0) - c, c)
+        take = order[starts[rows][new_row] + offset]
+        events = self.events[take].clone()
+        events[:, 0] = new_row
         return replace(
             self,
             commit_step=self.commit_step[rows],
@@ -102,7 +107,7 @@ class Trace:
             order_logprob=self.order_logprob[rows],
             num_steps=self.num_steps[rows],
             events=events,
-            event_logprob=self.event_logprob[keep],
+            event_logprob=self.event_logprob[take],
             **{k: getattr(self, k)[rows] for k in self.EDIT_FIELDS if getattr(self, k) is not None},
         )
 

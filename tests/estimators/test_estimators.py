@@ -772,6 +772,18 @@ def test_trajectory_scores_a_sampled_order_with_gradient(tokenizer):
         trajectory_views(model, decoded(batch, order="low_confidence"))
 
 
+def random_head(model, seed: int = 0):
+    """An order head whose scores are not top_prob's (an untrained head reproduces top_prob), seeded: its
+    initialisation does not depend on the global generator, which other tests and imports move."""
+    from dllm_rl.policy import OrderHead, OrderHeadConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = OrderHead(OrderHeadConfig(hidden_size=model.config.hidden_size, width=16, heads=2))
+        torch.nn.init.normal_(head.out[1].weight, std=1.0)
+    return head
+
+
 def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer):
     """rollout.order=policy: the trajectory estimate adds each step's Plackett-Luce log-prob under the learned
     order head, recomputed from the replayed states block by block (equal to what the sampler recorded), and
@@ -779,8 +791,7 @@ def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer
     from dllm_rl.policy import OrderHead, OrderHeadConfig
 
     model = build(tokenizer).train()
-    head = OrderHead(OrderHeadConfig(hidden_size=model.config.hidden_size, width=16, heads=2))
-    torch.nn.init.normal_(head.out[1].weight, std=1.0)  # an untrained head reproduces top_prob: make it not
+    head = random_head(model)
     rollout = RolloutConfig(
         max_completion_length=12,
         steps=6,
@@ -815,6 +826,28 @@ def test_trajectory_scores_a_learned_order_with_gradient_into_the_head(tokenizer
     assert torch.equal(a.trace.commit_step, b.trace.commit_step) and torch.equal(a.completion_ids, b.completion_ids)
     with pytest.raises(ConfigError, match="order_policy="):
         est.estimate(model, batch, noise)
+
+
+def test_rows_selected_out_of_order_replay_and_score_as_themselves(tokenizer):
+    """A batch's rows taken in another order (one twice), as DPO's pairs take a rollout's best and worst samples:
+    each selected row replays the canvases of the row it was and has its trajectory estimate, order term included
+    (the learned head's replay reads each step's draws row by row from the events)."""
+    model = build(tokenizer).eval()
+    head = random_head(model)
+    rollout = RolloutConfig(
+        max_completion_length=12, steps=6, block_length=6, temperature=0.8, order="policy", order_temperature=0.5
+    )
+    batch = generate(model, tokenizer, PROMPTS, rollout, torch.Generator().manual_seed(0), order_policy=head)
+    rows = torch.tensor([3, 0, 2, 0, 1])
+    picked = batch.select(rows)
+    for j, i in enumerate(rows.tolist()):
+        assert all(torch.equal(a, b) for a, b in zip(picked.trace.replay(j), batch.trace.replay(i)))
+        assert len(picked.trace.replay(j)) == len(batch.trace.replay(i))
+    est = trajectory(model)
+    with torch.no_grad():
+        whole = est.estimate(model, batch, trajectory_views(model, batch), order_policy=head).logps
+        some = est.estimate(model, picked, trajectory_views(model, picked), order_policy=head).logps
+    torch.testing.assert_close(some, whole[rows], atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ gradients
