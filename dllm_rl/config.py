@@ -255,6 +255,9 @@ class DPOConfig:
     # on_policy: the first of each prompt's candidates is its greedy decode (temperature 0, the rest of `rollout`),
     # the others sampled; ties go to it, so a pair then sets the greedy decode against a sample that scored otherwise
     greedy_candidate: bool = False
+    # on_policy: up to this many disjoint pairs per prompt: candidates ranked by reward, the i-th best against the
+    # i-th worst while the first scores higher (1: the best against the worst)
+    pairs_per_prompt: Count = 1
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"  # auto: adapter_disabled under LoRA
     antithetic: bool = True  # VRPO: policy and reference scored under the same noise (false: independent draws)
     pair_noise: Literal["independent", "shared"] = "independent"  # shared: chosen and rejected under the same noise
@@ -282,13 +285,14 @@ class EstimatorConfig:
 
 @dataclass
 class OrderPolicyConfig:
-    """The learned unmasking-order head (policy.OrderHead), trained with the model when rollout.order=policy."""
+    """The learned unmasking-order head (policy.OrderHead), trained with the model when rollout.order=policy (by
+    GRPO, or by on-policy DPO)."""
 
     width: Count = 64
     heads: Count = 4
     base: Literal["top_prob", "none"] = "top_prob"  # the order an untrained head reproduces
     lr: LearningRate = 1e-3  # its own learning rate (same scheduler as the model)
-    train_model: bool = True  # false: GRPO trains the order head only; the model's weights stay as loaded
+    train_model: bool = True  # false: the trainer trains the order head only; the model's weights stay as loaded
 
 
 @dataclass
@@ -415,7 +419,7 @@ class Recipe:
     grpo: Annotated[GRPOConfig, NOT_SFT_DPO] = field(default_factory=GRPOConfig)
     dpo: Annotated[DPOConfig, NOT_DPO_READERS] = field(default_factory=DPOConfig)
     estimator: Annotated[EstimatorConfig, NOT_SFT] = field(default_factory=EstimatorConfig)
-    order_policy: Annotated[OrderPolicyConfig, NOT_SFT_DPO] = field(default_factory=OrderPolicyConfig)
+    order_policy: Annotated[OrderPolicyConfig, NOT_SFT] = field(default_factory=OrderPolicyConfig)  # GRPO and DPO
     # read by GRPO and edit SFT (rollout.edit)
     edit_policy: Annotated[EditPolicyConfig, Check(ignored_by=("dpo", "planner_sft", "consensus"))] = field(
         default_factory=EditPolicyConfig
@@ -671,6 +675,14 @@ def _rules(r: Recipe, trainer: Optional[str]):
         return
     if trainer == "grpo":
         yield from _grpo_rules(r)
+    if trainer == "dpo" and r.dpo.pairs_per_prompt > 1 and r.dpo.pairs != "on_policy":
+        yield "dpo.pairs_per_prompt > 1 mines pairs from on-policy samples; set dpo.pairs=on_policy (or drop the key)"
+    if trainer == "dpo" and r.dpo.pairs_per_prompt > r.dpo.num_generations // 2:
+        yield (
+            f"dpo.pairs_per_prompt={r.dpo.pairs_per_prompt}: {r.dpo.num_generations} samples per prompt "
+            f"(dpo.num_generations) make at most {r.dpo.num_generations // 2} disjoint pairs; lower it or raise "
+            f"dpo.num_generations"
+        )
     if trainer == "dpo" and r.dpo.greedy_candidate:
         if r.dpo.pairs != "on_policy":
             yield "dpo.greedy_candidate: true decodes candidates of on-policy pairs; set dpo.pairs=on_policy"

@@ -4,7 +4,7 @@ above config.py, and files a recipe points at.
 `load_recipe` (config.py) already checked every value against its field's constraint and the rules across
 fields. `validate_recipe(recipe)` adds what config.py cannot import: the registry names (data.task,
 rollout.commit, rollout.order, estimator.name, grpo.loss_type, grpo.advantage, dpo.loss_type; a name registered
-at run time, as examples/custom_estimator.py does, is found), for GRPO order_policy.train_model=false against an
+at run time, as examples/custom_estimator.py does, is found), for GRPO and DPO order_policy.train_model=false against an
 order with no learned head, the learning-rate scheduler (one transformers' get_scheduler builds from the recipe's
 keys alone), the trackers of train.report_to, the reward specs (a built-in, an
 existing file that defines the function, or an installed entry point; the file is read, not run), and the
@@ -194,7 +194,7 @@ def validate_recipe(
     losses = recipe.dpo.loss_type
     for name in [losses] if isinstance(losses, str) else losses:
         lookup(DPO_LOSSES, name, "dpo.loss_type")
-    if trainer == "grpo":
+    if trainer in ("grpo", "dpo"):
         _check_orders(recipe)
     _check_scheduler(recipe)
     _check_trackers(recipe)

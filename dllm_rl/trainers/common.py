@@ -75,6 +75,22 @@ def reference_model(recipe: Recipe, model, mode: str, key: str):
     return ref.eval().requires_grad_(False), mode
 
 
+def check_learned_order(recipe: Recipe, estimator, acc) -> None:
+    """The rules of training a learned unmasking order (rollout.order=policy), GRPO's and DPO's alike."""
+    if not estimator.replays_orders or recipe.rollout.order_temperature <= 0:
+        raise ConfigError(
+            "rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
+            "sampled orders: set estimator.name=trajectory and rollout.order_temperature > 0 "
+            "(e.g. 0.1; eval.order_temperature=0 evaluates the greedy order)"
+        )
+    if acc.num_processes > 1 or recipe.train.deepspeed:
+        raise ConfigError(
+            "rollout.order=policy runs on one process without DeepSpeed for now (the order "
+            "head is outside the prepared model); launch without deepspeed/accelerate "
+            "or pick another rollout.order"
+        )
+
+
 class PhaseTimer:
     """Seconds per named phase of a step: `with timer("rollout"): ...`; `timer.seconds` maps name -> seconds."""
 

@@ -26,6 +26,12 @@ depend on) and the policy sees those very masks in every epoch, so the cached va
 (tests/trainers/test_dpo.py). Noise does not depend on the batch a pair lands in, the micro-batching or the
 number of processes.
 
+On-policy pairs can also train the learned unmasking order (rollout.order=policy, policy.OrderHead, as GRPO's main
+job does): a pair's trajectory score then includes each step's Plackett-Luce order log-prob under the head, and
+the reference is the head as the run started (with order_policy.train_model=false, also the unchanged model, so
+the preference is between orders alone). dpo.pairs_per_prompt > 1 takes several disjoint pairs per prompt (the
+i-th best against the i-th worst), so more of the G samples carry signal.
+
 The reference is the adapter-disabled base under LoRA or a frozen copy of the starting model (trainers.common,
 shared with GRPO). Dropout is disabled in the policy (TRL's disable_dropout default), so that at the start the
 policy and the reference give the same estimate under the same noise and the preference score is exactly 0.
@@ -35,6 +41,7 @@ policy and the reference give the same estimate under the same noise and the pre
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -52,12 +59,13 @@ from ..errors import ConfigError, DllmRlError
 from ..estimators import Noise, build_estimator
 from ..evaluate import evaluate_recipe
 from ..metrics import throughput_metrics
+from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
 from ..rollout.engine import check_config, decoding
 from ..runtime import EpochSampler, generation_model, prepare_frozen, processes_with_non_finite, step_generator
 from ..tasks.preference import collate_pairs, load_preferences, prepare_preferences, tokenize_preferences
-from .common import PhaseTimer, Run, reference_model
+from .common import PhaseTimer, Run, check_learned_order, reference_model
 
 CACHE_FILE = "ref_logps.pt"
 
@@ -116,6 +124,15 @@ class DPOTrainer:
         self._check(run.model, train_dataset)
         if d.disable_dropout:
             disable_dropout_in_model(run.model)
+        # rollout.order=policy: the learned unmasking order (policy.OrderHead), trained by the preference between
+        # the orders of chosen and rejected rollouts; its reference is the head as the run starts
+        self.order_policy = order_head_for(r.rollout.order, run.model, r.model.path, r.order_policy, r.train.seed)
+        self.ref_order_policy = None
+        if self.order_policy is not None:
+            self.order_policy.train()  # as in GRPO: it decodes and is scored in the mode it trains in
+            self.ref_order_policy = copy.deepcopy(self.order_policy).requires_grad_(False)
+            if not r.order_policy.train_model:
+                run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
         self.pairs, self.rewards = [], []
         if d.pairs == "offline":
             where = "train_dataset" if train_dataset is not None else f"dpo.dataset_name {d.dataset_name!r}"
@@ -135,8 +152,16 @@ class DPOTrainer:
                 r.rewards or ([] if reward_funcs else [RewardSpec(self.task.reward)]), reward_funcs
             )
             self.sampler = EpochSampler(len(self.task.train), r.train.seed)
-        self.ref, self.ref_mode = reference_model(r, run.model, d.reference, "dpo.reference")
-        run.prepare([p for p in run.model.parameters() if p.requires_grad], r.train.max_steps)
+        if self.order_policy is not None and not r.order_policy.train_model:
+            self.ref, self.ref_mode = None, "same_model"  # only the head moves: the model is its own reference
+        else:
+            self.ref, self.ref_mode = reference_model(r, run.model, d.reference, "dpo.reference")
+        params = [{"params": [p for p in run.model.parameters() if p.requires_grad]}]
+        checkpointed = ()
+        if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
+            params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
+            checkpointed = (self.order_policy,)
+        run.prepare(params, r.train.max_steps, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         if self.ref is not None:
             self.ref = prepare_frozen(self.acc, self.ref)
@@ -178,7 +203,16 @@ class DPOTrainer:
                     "dpo.pairs=on_policy keeps a different number of pairs on each process, which would then run "
                     "different numbers of forwards (a hang); run one process or use dpo.pairs=offline"
                 )
-        check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=False)
+        learned = ORDERS[r.rollout.order].needs_hidden
+        if learned:  # offline pairs with estimator.name=trajectory were refused above
+            check_learned_order(r, self.estimator, self.acc)
+            if d.greedy_candidate:
+                raise ConfigError(
+                    "dpo.greedy_candidate decodes the greedy order, which the sampler (rollout.order_temperature > 0) "
+                    "scores as one of its draws only for a state-only order: set dpo.greedy_candidate=false with "
+                    "rollout.order=policy"
+                )
+        check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=learned)
         for note in self.estimator.check(decoding(r.rollout)):
             self.acc.print(f"note: {note}")
 
@@ -208,18 +242,25 @@ class DPOTrainer:
         mask = self.estimator.counted(batch, noise)
         return batch.completion_mask if mask is None else mask
 
-    def sequence_scores(self, model, batch, noise, grad: bool) -> torch.Tensor:
-        """Sequence estimates [N]: the estimator's per-token estimates summed over the entries it counts."""
+    def sequence_scores(self, model, batch, noise, grad: bool, order_policy=None) -> torch.Tensor:
+        """Sequence estimates [N]: the estimator's per-token estimates summed over the entries it counts. With an
+        order head (rollout.order=policy) the trajectory estimate includes each step's order log-prob under it."""
+        extra = {} if order_policy is None else {"order_policy": order_policy}
         with torch.set_grad_enabled(grad):
-            est = self.estimator.estimate(model, batch, noise.to(self.acc.device))
+            est = self.estimator.estimate(model, batch, noise.to(self.acc.device), **extra)
             return (est.logps * self.counted(batch, noise).to(est.logps.device)).sum(-1)
 
+    def policy_scores(self, batch, noise, grad: bool) -> torch.Tensor:
+        return self.sequence_scores(self.model, batch, noise, grad, self.order_policy)
+
     def reference_scores(self, batch, noise) -> torch.Tensor:
-        """The reference's sequence estimates [N], without gradient."""
+        """The reference's sequence estimates [N], without gradient (with the order head as the run started)."""
+        head = self.ref_order_policy
         if self.ref_mode == "adapter_disabled":
             with self.acc.unwrap_model(self.model).disable_adapter():
-                return self.sequence_scores(self.model, batch, noise, grad=False)
-        return self.sequence_scores(self.ref, batch, noise, grad=False)
+                return self.sequence_scores(self.model, batch, noise, grad=False, order_policy=head)
+        model = self.model if self.ref_mode == "same_model" else self.ref
+        return self.sequence_scores(model, batch, noise, grad=False, order_policy=head)
 
     def _chunks(self, n: int) -> list[torch.Tensor]:
         """Pair indices of each micro-batch: train.gradient_accumulation_steps parts (some empty when n is small)."""
@@ -265,8 +306,9 @@ class DPOTrainer:
 
     def on_policy_pairs(self, step: int):
         """G candidates per prompt, scored by the rewards: the best and the worst of each prompt whose rewards
-        differ (ties dropped; among equal rewards the first candidate is taken). With dpo.greedy_candidate the
-        first candidate is the prompt's greedy decode and the other G - 1 are sampled."""
+        differ (ties dropped; among equal rewards the first candidate is taken), and with dpo.pairs_per_prompt = k
+        also the i-th best against the i-th worst for i < k while the first scores higher (disjoint pairs). With
+        dpo.greedy_candidate the first candidate is the prompt's greedy decode and the other G - 1 are sampled."""
         r, d = self.recipe, self.d
         G = d.num_generations
         examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size)]
@@ -281,6 +323,7 @@ class DPOTrainer:
                     prompts,
                     r.rollout,
                     generator=step_generator(r.train.seed, step, "rollout"),
+                    order_policy=self.order_policy,
                 )
         columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
@@ -288,18 +331,31 @@ class DPOTrainer:
         rewards, per_fn = compute_rewards(self.rewards, prompts, batch.completions, ids, columns, state)
         correct = verifier_scores(self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns)
         R = rewards.view(-1, G)  # [B, G]
+        # rank i: the i-th best against the i-th worst (stable sorts: among equal rewards the first candidate)
+        down = torch.sort(R, dim=1, descending=True, stable=True).indices
+        up = torch.sort(R, dim=1, stable=True).indices
+        best, worst, keys = [], [], []
+        for i in range(d.pairs_per_prompt):
+            hi, lo = R.gather(1, down[:, i : i + 1]).squeeze(1), R.gather(1, up[:, i : i + 1]).squeeze(1)
+            for s in (hi > lo).nonzero().squeeze(-1).tolist():
+                best.append(s * G + int(down[s, i]))
+                worst.append(s * G + int(up[s, i]))
+                keys.append(f"on_policy:{step}:{s}" + (f":{i}" if i else ""))
+        order = sorted(range(len(keys)), key=lambda j: best[j])  # pairs by prompt, then rank
+        best, worst, keys = [best[j] for j in order], [worst[j] for j in order], [keys[j] for j in order]
+        pairs = batch.select(torch.tensor(best + worst, dtype=torch.long))
         usable = R.max(1).values > R.min(1).values
-        slots = usable.nonzero().squeeze(-1)
-        best, worst = slots * G + R.argmax(1)[slots], slots * G + R.argmin(1)[slots]
-        pairs = batch.select(torch.cat([best, worst]))
+        margins = (R.view(-1)[best] - R.view(-1)[worst]) if keys else torch.zeros(0)
         stats = {
             "reward": rewards.mean().item(),
             "accuracy": correct.nanmean().item(),
             "pairs/usable_fraction": usable.float().mean().item(),
-            "pairs/reward_margin": (R.max(1).values - R.min(1).values)[usable].mean().item() if len(slots) else 0.0,
+            "pairs/reward_margin": margins.mean().item() if keys else 0.0,
             "committed": float(batch.stats.get("committed_tokens", 0)),
         }
-        return pairs, [f"on_policy:{step}:{int(s)}" for s in slots], None, stats
+        if d.pairs_per_prompt > 1:
+            stats["pairs/per_prompt"] = len(keys) / len(examples)
+        return pairs, keys, None, stats
 
     def with_greedy(self, model, prompts: list[str], step: int) -> RolloutBatch:
         """[B * G] candidates, G per prompt in order: the greedy decode (temperature 0, the rest of `rollout`: the
@@ -330,7 +386,7 @@ class DPOTrainer:
 
     def loss(self, mb, noise, ref: torch.Tensor, n: int) -> tuple[torch.Tensor, dict]:
         """(loss to backward, per-pair metrics [m]) of one micro-batch of m pairs out of the step's n."""
-        seq = self.sequence_scores(self.model, mb, noise, grad=True)  # [2m]
+        seq = self.policy_scores(mb, noise, grad=True)  # [2m]
         m = len(seq) // 2
         tokens = self.counted(mb, noise).sum(-1).float().to(seq.device)
         ref = ref.to(seq.device)
@@ -360,10 +416,13 @@ class DPOTrainer:
                     self.acc.backward(loss)
                     for k, v in s.items():
                         stats[k].append(v)
-                if self.acc.sync_gradients and self.recipe.optim.max_grad_norm > 0:
-                    norms.append(
-                        float(self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm))
-                    )
+                max_norm = self.recipe.optim.max_grad_norm
+                if self.acc.sync_gradients and max_norm > 0:
+                    if any(p.requires_grad for p in self.model.parameters()):
+                        norms.append(float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm)))
+                    if self.order_policy is not None:  # clipped on its own, as GRPO does
+                        head = torch.nn.utils.clip_grad_norm_(self.order_policy.parameters(), max_norm)
+                        stats["order_policy/grad_norm"].append(torch.tensor([float(head)]))
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         self.scheduler.step()
@@ -383,7 +442,7 @@ class DPOTrainer:
             draw = f":std{step}.{r}"
             pol = self.draw_noise(mb, self.noise_keys(keys[:m], "policy", draw))
             ref = self.draw_noise(mb, self.noise_keys(keys[:m], "reference", draw))
-            p = self.sequence_scores(self.model, mb, pol, grad=False).float().cpu()
+            p = self.policy_scores(mb, pol, grad=False).float().cpu()
             q = self.reference_scores(mb, ref).float().cpu()
             scores.append(self.d.beta * ((p[:m] - q[:m]) - (p[m:] - q[m:])))
             seqs.append(p)
@@ -476,7 +535,8 @@ class DPOTrainer:
 
     def evaluate(self) -> float:
         with generation_model(self.acc, self.model) as model:
-            return evaluate_recipe(model, self.tokenizer, self.task, self.recipe)["accuracy"]
+            result = evaluate_recipe(model, self.tokenizer, self.task, self.recipe, order_policy=self.order_policy)
+        return result["accuracy"]
 
     def train(self) -> dict:
         run, out = self.run, self.recipe.train.output_dir
@@ -497,10 +557,11 @@ class DPOTrainer:
             self.step,
             self.evaluate,
             postfix=lambda w: {k: f"{w[k][-1]:.3f}" for k in ("loss", "rewards/margins") if w.get(k)},
+            extra_state={"order_policy": self.order_policy},
         )
         after = self.evaluate()
         self.log.log(self.recipe.train.max_steps, {"eval_accuracy": after})
-        final = run.finish()
+        final = run.finish(order_policy=self.order_policy)
         self.acc.print(
             f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
             f"({100 * (after - before):+.1f} points); model in {final}"

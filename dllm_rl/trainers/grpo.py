@@ -45,7 +45,7 @@ from ..runtime import (
     step_generator,
     zero_stage,
 )
-from .common import PhaseTimer, Run, reference_model
+from .common import PhaseTimer, Run, check_learned_order, reference_model
 from .grpo_options import (
     CompletionsTable,
     EntropyProbe,
@@ -153,18 +153,7 @@ class GRPOTrainer:
                 f"set estimator.name=trajectory, and run one process without DeepSpeed for now"
             )
         if learned:
-            if not self.estimator.replays_orders or r.rollout.order_temperature <= 0:
-                raise ConfigError(
-                    "rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
-                    "sampled orders: set estimator.name=trajectory and rollout.order_temperature > 0 "
-                    "(e.g. 0.1; eval.order_temperature=0 evaluates the greedy order)"
-                )
-            if self.acc.num_processes > 1 or r.train.deepspeed:
-                raise ConfigError(
-                    "rollout.order=policy runs on one process without DeepSpeed for now (the order "
-                    "head is outside the prepared model); launch without deepspeed/accelerate "
-                    "or pick another rollout.order"
-                )
+            check_learned_order(r, self.estimator, self.acc)
         h = r.hybrid
         if (h.planner.train or not h.train_executor) and (self.acc.num_processes > 1 or r.train.deepspeed):
             raise ConfigError(

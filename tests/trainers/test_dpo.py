@@ -59,7 +59,7 @@ def recipe(out, **over):
     }
     for key, value in over.items():
         section, name = key.split("__")
-        data[section][name] = value
+        data.setdefault(section, {})[name] = value
     return recipe_from_dict(data)
 
 
@@ -169,14 +169,9 @@ def test_training_separates_the_pairs(tmp_path):
         assert key in first, key
 
 
-def test_killed_run_resumes_on_the_same_trajectory(tokenizer, tmp_path, capsys):
-    """A run stopped in its fourth step (after the step-2 checkpoint) resumes from checkpoint-2 and ends with the
-    uninterrupted run's metrics and weights; its steps cross an epoch of the 24 pairs (noise keyed by epoch)."""
-    over = {"train__max_steps": 4, "train__save_steps": 2, "dpo__score_std_draws": 2}
-
-    def make(out):
-        return tiny(tokenizer, out, **over)
-
+def kill_and_resume(make, tmp_path, capsys, keys) -> tuple[dict, dict]:
+    """(uninterrupted run, resumed run): `make(out)` builds a trainer of 4 steps saving every 2; one run dies in
+    its fourth step and is resumed from checkpoint-2; both logs must agree on `keys` at every step."""
     straight = make(tmp_path / "straight").train()
     killed = make(tmp_path / "killed")
     real = killed.step
@@ -200,13 +195,38 @@ def test_killed_run_resumes_on_the_same_trajectory(tokenizer, tmp_path, capsys):
     a, b = rows("straight"), rows("killed")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "score_std", "eval_accuracy"):
+        for key in keys:
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
+    return straight, resumed
+
+
+def test_killed_run_resumes_on_the_same_trajectory(tokenizer, tmp_path, capsys):
+    """A run stopped in its fourth step (after the step-2 checkpoint) resumes from checkpoint-2 and ends with the
+    uninterrupted run's metrics and weights; its steps cross an epoch of the 24 pairs (noise keyed by epoch)."""
+    over = {"train__max_steps": 4, "train__save_steps": 2, "dpo__score_std_draws": 2}
+    keys = ("loss", "rewards/margins", "rewards/accuracies", "score_std", "eval_accuracy")
+    straight, resumed = kill_and_resume(lambda out: tiny(tokenizer, out, **over), tmp_path, capsys, keys)
     wa = load_file(Path(straight["final"]) / "model.safetensors")
     wb = load_file(Path(resumed["final"]) / "model.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+
+
+def step_zero_candidates(tr, B: int, G: int):
+    """Step 0's G candidates per prompt for B prompts, redrawn from the step's generator, and their Sudoku
+    verifier scores [B, G]: what the trainer paired, computed here independently."""
+    from dllm_rl.rewards.plugins import Reward, compute_rewards, resolve_reward
+    from dllm_rl.rollout import generate
+    from dllm_rl.runtime import step_generator
+
+    examples = [tr.task.train[i] for i in tr.sampler.indices(0, B)]
+    prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+    with torch.no_grad():
+        full = generate(tr.model, tr.tokenizer, prompts, tr.recipe.rollout, generator=step_generator(0, 0, "rollout"))
+    columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
+    verifier = [Reward("sudoku", resolve_reward("sudoku"))]
+    return full, compute_rewards(verifier, prompts, full.completions, [[]] * (B * G), columns)[0].view(B, G)
 
 
 def test_on_policy_pairs_are_best_versus_worst_with_ties_dropped(tmp_path):
@@ -214,10 +234,6 @@ def test_on_policy_pairs_are_best_versus_worst_with_ties_dropped(tmp_path):
     each prompt whose samples' rewards differ gives one pair, its best (chosen) against its worst (rejected);
     prompts whose rewards are all equal are dropped and their share is logged. The rollout is redrawn here from
     the step's generator and scored again to check the pairing."""
-    from dllm_rl.rewards.plugins import Reward, compute_rewards, resolve_reward
-    from dllm_rl.rollout import generate
-    from dllm_rl.runtime import step_generator
-
     r = recipe(
         tmp_path,
         dpo__pairs="on_policy",
@@ -228,13 +244,7 @@ def test_on_policy_pairs_are_best_versus_worst_with_ties_dropped(tmp_path):
     )
     tr = DPOTrainer(r)
     batch, keys, cached, stats = tr.on_policy_pairs(0)
-    examples = [tr.task.train[i] for i in tr.sampler.indices(0, 8)]
-    prompts = [ex["prompt"] for ex in examples for _ in range(4)]
-    with torch.no_grad():
-        full = generate(tr.model, tr.tokenizer, prompts, r.rollout, generator=step_generator(0, 0, "rollout"))
-    columns = {k: [ex[k] for ex in examples for _ in range(4)] for k in examples[0]}
-    verifier = [Reward("sudoku", resolve_reward("sudoku"))]
-    rewards = compute_rewards(verifier, prompts, full.completions, [[]] * 32, columns)[0].view(8, 4)
+    full, rewards = step_zero_candidates(tr, 8, 4)
     spread = (rewards.max(1).values > rewards.min(1).values).nonzero().squeeze(-1).tolist()
     n = len(keys)
     assert n == len(spread) and 0 < n < 8, rewards  # some prompts tie (all solved or none), some do not
@@ -246,6 +256,38 @@ def test_on_policy_pairs_are_best_versus_worst_with_ties_dropped(tmp_path):
         assert batch.completions[n + j] == full.completions[4 * s + worst] and rewards[s, worst] == 0
     out = tr.step(1)
     assert {"pairs/usable_fraction", "reward", "accuracy", "tokens_per_s/rollout", "loss"} <= set(out)
+
+
+def test_several_disjoint_pairs_per_prompt(tmp_path):
+    """dpo.pairs_per_prompt=k: the i-th best candidate against the i-th worst for i < k while the first scores
+    higher, so with the 0/1 verifier a prompt with c of G samples solved gives min(c, G - c, k) pairs, each a
+    solved sample against an unsolved one; the first of them is the k=1 pair."""
+    settings = {"dpo__pairs": "on_policy", "dpo__dataset_name": None, "rollout__temperature": 1.0}
+    r = recipe(tmp_path, dpo__num_generations=6, dpo__pairs_per_prompt=3, train__batch_size=8, **settings)
+    tr = DPOTrainer(r)
+    batch, keys, _, stats = tr.on_policy_pairs(0)
+    full, rewards = step_zero_candidates(tr, 8, 6)
+    solved = rewards.sum(1).long().tolist()
+    n = len(keys)
+    slots = [int(k.split(":")[2]) for k in keys]
+    assert [slots.count(s) for s in range(8)] == [min(c, 6 - c, 3) for c in solved] and max(
+        slots.count(s) for s in range(8)
+    ) > 1
+    assert stats["pairs/per_prompt"] == n / 8 and stats["pairs/reward_margin"] == 1.0
+    for s in set(slots):
+        rows = [j for j in range(n) if slots[j] == s]
+        chosen = [batch.completions[j] for j in rows]
+        rejected = [batch.completions[n + j] for j in rows]
+        pool = full.completions[6 * s : 6 * s + 6]
+        for side, want in ((chosen, 1.0), (rejected, 0.0)):
+            idx = [i for i in range(6) if rewards[s, i] == want]
+            assert all(any(c == pool[i] for i in idx) for c in side)
+    one = DPOTrainer(replace(r, dpo=replace(r.dpo, pairs_per_prompt=1)))
+    b1, k1, _, _ = one.on_policy_pairs(0)
+    first = [j for j, k in enumerate(keys) if k.count(":") == 2]
+    assert k1 == [keys[j] for j in first]
+    assert b1.completions[: len(k1)] == [batch.completions[j] for j in first]
+    assert b1.completions[len(k1) :] == [batch.completions[n + j] for j in first]
 
 
 def test_cli_dispatches_algorithm_dpo_and_refuses_bad_settings(tmp_path, capsys):
@@ -260,6 +302,10 @@ def test_cli_dispatches_algorithm_dpo_and_refuses_bad_settings(tmp_path, capsys)
     assert "dpo.pairs=offline needs preference data" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="replays a rollout's trace"):
         DPOTrainer(recipe(tmp_path / "y", estimator__name="trajectory"))
+    with pytest.raises(ConfigError, match="dpo.pairs_per_prompt > 1 mines pairs from on-policy samples"):
+        DPOTrainer(recipe(tmp_path / "z", dpo__pairs_per_prompt=2))
+    with pytest.raises(ConfigError, match="make at most 2 disjoint pairs"):
+        DPOTrainer(recipe(tmp_path / "w", dpo__pairs="on_policy", dpo__num_generations=5, dpo__pairs_per_prompt=3))
 
 
 def countdown_on_policy(out, **over):
@@ -347,3 +393,88 @@ def test_greedy_candidate_is_the_greedy_decode_scored_as_a_trajectory_of_the_sam
         DPOTrainer(recipe(tmp_path / "x", dpo__greedy_candidate=True))
     with pytest.raises(ConfigError, match="every candidate the greedy decode"):
         DPOTrainer(countdown_on_policy(tmp_path / "y", dpo__greedy_candidate=True, rollout__temperature=0.0))
+
+
+def sudoku_order(out, **over):
+    """On-policy DPO of the learned unmasking order alone (recipes/tiny/sudoku-order-dpo.yaml, small): the shipped
+    multi-solution Sudoku model decoding 4 cells per forward, orders sampled at temperature 0.1 by the head."""
+    settings = {
+        "model__path": str(ROOT / "checkpoints" / "tiny" / "sudoku-sft-multi"),
+        "data__options": {"min_empty": 10, "max_empty": 13, "unique": False},
+        "dpo__pairs": "on_policy",
+        "dpo__num_generations": 4,
+        "dpo__dataset_name": None,
+        "estimator__name": "trajectory",
+        "rollout__temperature": 1.0,
+        "rollout__steps": 5,
+        "rollout__commit": "top_k",
+        "rollout__order": "policy",
+        "rollout__order_temperature": 0.1,
+        "order_policy__lr": 3e-3,
+        "order_policy__train_model": False,
+        "eval__order_temperature": 0.0,
+    }
+    return recipe(out, **{**settings, **over})
+
+
+def test_dpo_trains_the_learned_order_alone_against_the_starting_head(tmp_path):
+    """rollout.order=policy with order_policy.train_model=false: a pair's score is its rollout's probability with
+    each step's order log-prob under the head; the reference is the head as the run started (so the score starts
+    at exactly 0), updates move the head toward the chosen orders and leave the model's weights untouched."""
+    tr = DPOTrainer(sudoku_order(tmp_path, train__batch_size=16))
+    assert tr.ref is None and tr.ref_mode == "same_model"
+    batch, keys, _, stats = tr.on_policy_pairs(0)
+    n = len(keys)
+    assert n >= 4 and stats["pairs/usable_fraction"] == n / 16
+    assert (batch.trace.order_logprob < 0).any()  # the orders were sampled, and each has its probability
+    noise = tr.draw_noise(batch, tr.noise_keys(keys, "policy"))
+    ref = tr.reference_scores(batch, noise)
+    assert torch.equal(tr.policy_scores(batch, noise, grad=False), ref)
+    weights = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    start = {k: v.clone() for k, v in tr.order_policy.state_dict().items()}
+    for _ in range(5):
+        out = tr.update(batch, noise, ref, n)
+    assert out["order_policy/grad_norm"] > 0 and "grad_norm" not in out  # no model gradient exists
+    assert all(torch.equal(v, tr.model.state_dict()[k]) for k, v in weights.items())
+    assert any(not torch.equal(v, tr.order_policy.state_dict()[k]) for k, v in start.items())
+    assert all(torch.equal(v, tr.ref_order_policy.state_dict()[k]) for k, v in start.items())
+    torch.testing.assert_close(tr.reference_scores(batch, noise), ref)
+    pol = tr.policy_scores(batch, noise, grad=False)
+    margins = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+    assert margins.mean() > 0.5 and (margins > 0).float().mean() >= 0.75, margins
+
+
+def test_a_killed_order_dpo_run_resumes_the_head_on_the_same_trajectory(tmp_path, capsys):
+    """The order head is part of the checkpoint: a run stopped in its fourth step resumes from checkpoint-2 and
+    ends with the uninterrupted run's head and metrics; final/ holds the head (order_policy.pt) beside the
+    unchanged model, and the held-out score of final/ evaluated afresh is the recorded one."""
+    from dllm_rl.evaluate import evaluate_recipe
+    from dllm_rl.models.load import load_model
+    from dllm_rl.policy import order_head_for
+    from dllm_rl.tasks import load_task
+
+    over = {"train__max_steps": 4, "train__save_steps": 2, "train__batch_size": 8}
+    keys = ("loss", "rewards/margins", "order_policy/grad_norm", "eval_accuracy")
+    make = lambda out: DPOTrainer(sudoku_order(out, **over))
+    straight, resumed = kill_and_resume(make, tmp_path, capsys, keys)
+    ha = torch.load(Path(straight["final"]) / "order_policy.pt")["state_dict"]
+    hb = torch.load(Path(resumed["final"]) / "order_policy.pt")["state_dict"]
+    assert ha.keys() == hb.keys() and all(torch.equal(v, hb[k]) for k, v in ha.items())
+    model, tokenizer = load_model(replace(sudoku_order(tmp_path).model, path=straight["final"]))
+    start = load_file(ROOT / "checkpoints" / "tiny" / "sudoku-sft-multi" / "final" / "model.safetensors")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in start.items())
+    r = sudoku_order(tmp_path / "straight", **over)
+    head = order_head_for("policy", model, straight["final"])
+    again = evaluate_recipe(model.eval(), tokenizer, load_task(r.data), r, order_policy=head)["accuracy"]
+    assert again == straight["after"]
+
+
+def test_order_dpo_refuses_settings_it_cannot_train(tmp_path):
+    with pytest.raises(ConfigError, match="rollout.order=policy trains the learned order"):
+        DPOTrainer(sudoku_order(tmp_path / "a", rollout__order_temperature=0.0))
+    with pytest.raises(ConfigError, match="rollout.order=policy trains the learned order"):
+        DPOTrainer(sudoku_order(tmp_path / "b", estimator__name="quadrature"))
+    with pytest.raises(ConfigError, match="set dpo.greedy_candidate=false with rollout.order=policy"):
+        DPOTrainer(sudoku_order(tmp_path / "c", dpo__greedy_candidate=True))
+    with pytest.raises(ConfigError, match="order_policy.train_model"):
+        DPOTrainer(sudoku_order(tmp_path / "d", rollout__order="top_prob"))
