@@ -245,9 +245,8 @@ class DPOTrainer:
     def sequence_scores(self, model, batch, noise, grad: bool, order_policy=None) -> torch.Tensor:
         """Sequence estimates [N]: the estimator's per-token estimates summed over the entries it counts. With an
         order head (rollout.order=policy) the trajectory estimate includes each step's order log-prob under it."""
-        extra = {} if order_policy is None else {"order_policy": order_policy}
-        with torch.set_grad_enabled(grad):
-            est = self.estimator.estimate(model, batch, noise.to(self.acc.device), **extra)
+        with torch.set_grad_enabled(grad):  # every estimator takes order_policy (those without an order ignore it)
+            est = self.estimator.estimate(model, batch, noise.to(self.acc.device), order_policy=order_policy)
             return (est.logps * self.counted(batch, noise).to(est.logps.device)).sum(-1)
 
     def policy_scores(self, batch, noise, grad: bool) -> torch.Tensor:
@@ -331,26 +330,21 @@ class DPOTrainer:
         rewards, per_fn = compute_rewards(self.rewards, prompts, batch.completions, ids, columns, state)
         correct = verifier_scores(self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns)
         R = rewards.view(-1, G)  # [B, G]
-        # rank i: the i-th best against the i-th worst (stable sorts: among equal rewards the first candidate)
-        down = torch.sort(R, dim=1, descending=True, stable=True).indices
-        up = torch.sort(R, dim=1, stable=True).indices
-        best, worst, keys = [], [], []
-        for i in range(d.pairs_per_prompt):
-            hi, lo = R.gather(1, down[:, i : i + 1]).squeeze(1), R.gather(1, up[:, i : i + 1]).squeeze(1)
-            for s in (hi > lo).nonzero().squeeze(-1).tolist():
-                best.append(s * G + int(down[s, i]))
-                worst.append(s * G + int(up[s, i]))
-                keys.append(f"on_policy:{step}:{s}" + (f":{i}" if i else ""))
-        order = sorted(range(len(keys)), key=lambda j: best[j])  # pairs by prompt, then rank
-        best, worst, keys = [best[j] for j in order], [worst[j] for j in order], [keys[j] for j in order]
-        pairs = batch.select(torch.tensor(best + worst, dtype=torch.long))
+        # rank i pairs the i-th best with the i-th worst (stable sorts: among equal rewards the first candidate)
+        k = d.pairs_per_prompt
+        down, up = R.argsort(dim=1, descending=True, stable=True)[:, :k], R.argsort(dim=1, stable=True)[:, :k]
+        slot, rank = (R.gather(1, down) > R.gather(1, up)).nonzero(as_tuple=True)
+        best, worst = slot * G + down[slot, rank], slot * G + up[slot, rank]
+        by_chosen = best.argsort()  # pairs by prompt, then by the chosen candidate's index
+        best, worst, slot, rank = best[by_chosen], worst[by_chosen], slot[by_chosen], rank[by_chosen]
+        keys = [f"on_policy:{step}:{s}" + (f":{i}" if i else "") for s, i in zip(slot.tolist(), rank.tolist())]
+        pairs = batch.select(torch.cat([best, worst]))
         usable = R.max(1).values > R.min(1).values
-        margins = (R.view(-1)[best] - R.view(-1)[worst]) if keys else torch.zeros(0)
         stats = {
             "reward": rewards.mean().item(),
             "accuracy": correct.nanmean().item(),
             "pairs/usable_fraction": usable.float().mean().item(),
-            "pairs/reward_margin": margins.mean().item() if keys else 0.0,
+            "pairs/reward_margin": (R.view(-1)[best] - R.view(-1)[worst]).mean().item() if keys else 0.0,
             "committed": float(batch.stats.get("committed_tokens", 0)),
         }
         if d.pairs_per_prompt > 1:
