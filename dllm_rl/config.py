@@ -691,6 +691,12 @@ def _rules(r: Recipe, trainer: Optional[str]):
                 "dpo.greedy_candidate: true with rollout.temperature=0 makes every candidate the greedy decode; "
                 "sample the others (rollout.temperature > 0) or set it false"
             )
+        elif ro.order == "policy":
+            yield (
+                "dpo.greedy_candidate decodes the greedy order, which the sampler (rollout.order_temperature > 0) "
+                "scores as one of its draws only for a state-only order: set dpo.greedy_candidate=false with "
+                "rollout.order=policy"
+            )
     if trainer == "sft" and ro.order == "policy":
         yield "rollout.order: 'policy' needs a learned order head, which SFT does not train; pick another order"
     o, d = r.optim, OptimConfig()

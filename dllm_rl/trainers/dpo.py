@@ -206,12 +206,6 @@ class DPOTrainer:
         learned = ORDERS[r.rollout.order].needs_hidden
         if learned:  # offline pairs with estimator.name=trajectory were refused above
             check_learned_order(r, self.estimator, self.acc)
-            if d.greedy_candidate:
-                raise ConfigError(
-                    "dpo.greedy_candidate decodes the greedy order, which the sampler (rollout.order_temperature > 0) "
-                    "scores as one of its draws only for a state-only order: set dpo.greedy_candidate=false with "
-                    "rollout.order=policy"
-                )
         check_config(r.rollout, self.traits, model, prompt_len=1, has_policy=learned)
         for note in self.estimator.check(decoding(r.rollout)):
             self.acc.print(f"note: {note}")
