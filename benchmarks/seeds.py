@@ -1,5 +1,5 @@
 """A recipe over several training seeds, to tell a change from run-to-run divergence: each "RECIPE [override ...]"
-runs with train.seed = 0..N-1 (`dllm-rl train`, one thread each, --workers at a time), and the table gives, per
+runs with train.seed = FIRST..FIRST+N-1 (`dllm-rl train`, one thread each, --workers at a time), and the table gives, per
 run, the held-out accuracy at each evaluation step as the mean over seeds, the final accuracy of every seed, their
 mean with its standard error, and, for two runs, the difference of the means with the standard error of that
 difference (independent seeds).
@@ -8,7 +8,9 @@ difference (independent seeds).
         "recipes/tiny/sudoku-dpo.yaml train.eval_steps=25" \\
         "recipes/tiny/sudoku-dpo.yaml train.eval_steps=25 dpo.greedy_candidate=true"
 
-A run whose final/ is already in WORK is not run again (the table is rebuilt from its metrics).
+A run whose final/ is already in WORK is not run again (the table is rebuilt from its metrics), so more seeds
+can be added later: `--first 5 --seeds 5` trains seeds 5-9 beside seeds 0-4's outputs, `--first 0 --seeds 10`
+then tabulates all ten.
 """
 
 from __future__ import annotations
@@ -29,15 +31,17 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help='"RECIPE [override ...]", one quoted argument per run')
-    p.add_argument("--seeds", type=int, default=5, help="train.seed = 0 .. seeds-1")
+    p.add_argument("--seeds", type=int, default=5, help="how many seeds: train.seed = first .. first+seeds-1")
+    p.add_argument("--first", type=int, default=0, help="the first train.seed")
     p.add_argument("--workers", type=int, default=2, help="trainings at a time (one thread each)")
     p.add_argument("--work", default="outputs/seeds")
     a = p.parse_args()
     work = (ROOT / a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    outs = {spec: [work / f"run{i}-seed{s}" for s in range(a.seeds)] for i, spec in enumerate(a.runs)}
+    seeds = range(a.first, a.first + a.seeds)
+    outs = {spec: [work / f"run{i}-seed{s}" for s in seeds] for i, spec in enumerate(a.runs)}
     # seed-major order: the runs' seed s train side by side, so each run meets the same loads
-    train_all([(f"{spec} train.seed={s}", outs[spec][s]) for s in range(a.seeds) for spec in a.runs], work, a.workers)
+    train_all([(f"{spec} train.seed={s}", outs[spec][k]) for k, s in enumerate(seeds) for spec in a.runs], work, a.workers)
     finals = {}
     print("| run | held-out at step (mean over seeds) | final, per seed | final: mean +- SE | gain over the start |")
     print("|---|---|---|---|---|")
