@@ -2,16 +2,17 @@
 above config.py, and files a recipe points at.
 
 `load_recipe` (config.py) already checked every value against its field's constraint and the rules across
-fields. `validate_recipe(recipe)` adds what config.py cannot import: the registry names (data.task,
-rollout.commit, rollout.order, estimator.name, grpo.loss_type, grpo.advantage, dpo.loss_type; a name registered
-at run time, as examples/custom_estimator.py does, is found), for GRPO and DPO order_policy.train_model=false against an
-order with no learned head, the learning-rate scheduler (one transformers' get_scheduler builds from the recipe's
-keys alone), the trackers of train.report_to, the reward specs (a built-in, an
-existing file that defines the function, or an installed entry point; the file is read, not run), and the
-files and directories named by model.path, data.path / data.eval_path and train.deepspeed. With the trainer
-named, it also rejects keys that trainer would silently ignore (config.validate). The CLI calls it right after
-loading a recipe to train, and `trainers.common.Run` calls it before it builds any model or data, so every
-mistake it knows stops the run in one line (ConfigError, exit code 2) instead of a traceback minutes later.
+fields. `validate_recipe(recipe)` adds what config.py cannot import: the registry names (data.task, rollout.commit,
+rollout.order, estimator.name, grpo.loss_type, grpo.advantage, dpo.loss_type; a name registered at run time, as
+examples/custom_estimator.py does, is found), for GRPO and DPO order_policy.train_model=false against an order with
+no learned head and the rules of training the learned order (trainers.common.learned_order_problem), the learning-
+rate scheduler (one transformers' get_scheduler builds from the recipe's keys alone), the trackers of
+train.report_to, the reward specs (a built-in, an existing file that defines the function, or an installed entry
+point; the file is read, not run), and the files and directories named by model.path, data.path / data.eval_path
+and train.deepspeed. With the trainer named, it also rejects keys that trainer would silently ignore
+(config.validate). The CLI calls it right after loading a recipe to train, and `trainers.common.Run` calls it
+before it builds any model or data, so every mistake it knows stops the run in one line (ConfigError, exit code 2)
+instead of a traceback minutes later.
 """
 
 from __future__ import annotations
@@ -71,12 +72,15 @@ def schedulers() -> tuple[str, ...]:
 
 def _check_orders(recipe: Recipe) -> None:
     from .policy import ORDERS
+    from .trainers.common import learned_order_problem
 
     if not recipe.order_policy.train_model and not ORDERS[recipe.rollout.order].needs_hidden:
         raise ConfigError(
             f"order_policy.train_model: false trains only a learned unmasking order, and rollout.order="
             f"{recipe.rollout.order} has none; set rollout.order=policy (or drop the key to train the model)"
         )
+    if ORDERS[recipe.rollout.order].needs_hidden and (problem := learned_order_problem(recipe, num_processes=1)):
+        raise ConfigError(problem)
 
 
 def _check_scheduler(recipe: Recipe) -> None:

@@ -386,3 +386,30 @@ def test_a_list_of_dpo_losses_loads_and_a_wrong_name_in_it_is_named(at_root):
     assert r.dpo.loss_type == ["sigmoid", "sft"] and r.dpo.loss_weights == [1.0, 0.5]
     with pytest.raises(ConfigError, match=r"dpo.loss_type 'sfft' \(did you mean 'sft'\?\)"):
         load_and_validate(dpo, ["dpo.loss_type=[sigmoid, sfft]"])
+
+
+@pytest.mark.parametrize("recipe", ["sudoku-diffu-grpo.yaml", "sudoku-order-dpo.yaml"])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("rollout.order_temperature=0", "rollout.order=policy trains the learned order"),
+        ("estimator.name=quadrature", "rollout.order=policy trains the learned order"),
+        ("train.deepspeed=recipes/deepspeed/zero2.json", "without DeepSpeed"),
+    ],
+)
+def test_learned_order_rules_stop_the_cli_before_any_model_is_built(
+    at_root, capsys, monkeypatch, recipe, override, words
+):
+    """GRPO and DPO train the learned order head under the same rules (trainers.common.learned_order_problem); the
+    recipe alone decides them, so `dllm-rl train` stops with exit code 2 before loading the model."""
+    import dllm_rl.trainers.common as common
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recipe was refused")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    with pytest.raises(ConfigError, match=words):
+        load_and_validate(ROOT / "recipes/tiny" / recipe, [override])
+    capsys.readouterr()
+    assert main(["train", str(ROOT / "recipes/tiny" / recipe), override]) == 2
+    assert words in capsys.readouterr().err

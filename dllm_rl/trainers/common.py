@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from tqdm.auto import tqdm
@@ -75,20 +76,33 @@ def reference_model(recipe: Recipe, model, mode: str, key: str):
     return ref.eval().requires_grad_(False), mode
 
 
-def check_learned_order(recipe: Recipe, estimator, acc) -> None:
-    """The rules of training a learned unmasking order (rollout.order=policy), GRPO's and DPO's alike."""
+def learned_order_problem(recipe: Recipe, num_processes: int, estimator=None) -> Optional[str]:
+    """What stops GRPO or DPO from training the learned unmasking order (rollout.order=policy) with this recipe on
+    `num_processes` processes, or None. Needs the recipe alone (without `estimator`, the recipe's is built without a
+    model), so the recipe rules (validate.py) ask it before any model is loaded; the trainers ask again with their
+    estimator and the real process count."""
+    from ..estimators import build_estimator
+
+    estimator = estimator or build_estimator(recipe.estimator, None)
     if not estimator.replays_orders or recipe.rollout.order_temperature <= 0:
-        raise ConfigError(
+        return (
             "rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
             "sampled orders: set estimator.name=trajectory and rollout.order_temperature > 0 "
             "(e.g. 0.1; eval.order_temperature=0 evaluates the greedy order)"
         )
-    if acc.num_processes > 1 or recipe.train.deepspeed:
-        raise ConfigError(
+    if num_processes > 1 or recipe.train.deepspeed:
+        return (
             "rollout.order=policy runs on one process without DeepSpeed for now (the order "
             "head is outside the prepared model); launch without deepspeed/accelerate "
             "or pick another rollout.order"
         )
+    return None
+
+
+def check_learned_order(recipe: Recipe, estimator, acc) -> None:
+    """The rules of training a learned unmasking order (rollout.order=policy), GRPO's and DPO's alike."""
+    if problem := learned_order_problem(recipe, acc.num_processes, estimator):
+        raise ConfigError(problem)
 
 
 class PhaseTimer:
