@@ -1,5 +1,5 @@
-"""A recipe over several training seeds, to tell a change from run-to-run divergence: each "RECIPE [override ...]"
-runs with train.seed = FIRST..FIRST+N-1 (`dllm-rl train`, one thread each, --workers at a time), and the table gives, per
+"""A recipe over several training seeds, to tell a change from run-to-run divergence: each "RECIPE [override ...]" runs
+with train.seed = FIRST..FIRST+N-1 (`dllm-rl train`, one thread each, --workers at a time), and the table gives, per
 run, the held-out accuracy at each evaluation step as the mean over seeds, the final accuracy of every seed, their
 mean with its standard error, and, for two runs, the difference of the means with the standard error of that
 difference (independent seeds).
@@ -41,7 +41,9 @@ def main():
     seeds = range(a.first, a.first + a.seeds)
     outs = {spec: [work / f"run{i}-seed{s}" for s in seeds] for i, spec in enumerate(a.runs)}
     # seed-major order: the runs' seed s train side by side, so each run meets the same loads
-    train_all([(f"{spec} train.seed={s}", outs[spec][k]) for k, s in enumerate(seeds) for spec in a.runs], work, a.workers)
+    train_all(
+        [(f"{spec} train.seed={s}", outs[spec][k]) for k, s in enumerate(seeds) for spec in a.runs], work, a.workers
+    )
     finals = {}
     print("| run | held-out at step (mean over seeds) | final, per seed | final: mean +- SE | gain over the start |")
     print("|---|---|---|---|---|")

@@ -5,7 +5,7 @@ above config.py, and files a recipe points at.
 fields. `validate_recipe(recipe)` adds what config.py cannot import: the registry names (data.task, rollout.commit,
 rollout.order, estimator.name, grpo.loss_type, grpo.advantage, dpo.loss_type; a name registered at run time, as
 examples/custom_estimator.py does, is found), for GRPO and DPO order_policy.train_model=false against an order with
-no learned head and the rules of training the learned order (trainers.common.learned_order_problem), the learning-
+no learned head and the rules of training the learned order (`learned_order_problem`), the learning-
 rate scheduler (one transformers' get_scheduler builds from the recipe's keys alone), the trackers of
 train.report_to, the reward specs (a built-in, an existing file that defines the function, or an installed entry
 point; the file is read, not run), and the files and directories named by model.path, data.path / data.eval_path
@@ -70,9 +70,31 @@ def schedulers() -> tuple[str, ...]:
     return tuple(usable)
 
 
+def learned_order_problem(recipe: Recipe, num_processes: int, estimator=None) -> Optional[str]:
+    """What stops GRPO or DPO from training the learned unmasking order (rollout.order=policy) with this recipe on
+    `num_processes` processes, or None. Needs the recipe alone (without `estimator`, the recipe's is built without a
+    model), so the recipe rules (`_check_orders`) ask it before any model is loaded; the trainers ask again with their
+    estimator and the real process count."""
+    from .estimators import build_estimator
+
+    estimator = estimator or build_estimator(recipe.estimator, None)
+    if not estimator.replays_orders or recipe.rollout.order_temperature <= 0:
+        return (
+            "rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
+            "sampled orders: set estimator.name=trajectory and rollout.order_temperature > 0 "
+            "(e.g. 0.1; eval.order_temperature=0 evaluates the greedy order)"
+        )
+    if num_processes > 1 or recipe.train.deepspeed:
+        return (
+            "rollout.order=policy runs on one process without DeepSpeed for now (the order "
+            "head is outside the prepared model); launch without deepspeed/accelerate "
+            "or pick another rollout.order"
+        )
+    return None
+
+
 def _check_orders(recipe: Recipe) -> None:
     from .policy import ORDERS
-    from .trainers.common import learned_order_problem
 
     if not recipe.order_policy.train_model and not ORDERS[recipe.rollout.order].needs_hidden:
         raise ConfigError(

@@ -400,7 +400,7 @@ def test_a_list_of_dpo_losses_loads_and_a_wrong_name_in_it_is_named(at_root):
 def test_learned_order_rules_stop_the_cli_before_any_model_is_built(
     at_root, capsys, monkeypatch, recipe, override, words
 ):
-    """GRPO and DPO train the learned order head under the same rules (trainers.common.learned_order_problem); the
+    """GRPO and DPO train the learned order head under the same rules (validate.learned_order_problem); the
     recipe alone decides them, so `dllm-rl train` stops with exit code 2 before loading the model."""
     import dllm_rl.trainers.common as common
 

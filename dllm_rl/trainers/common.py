@@ -22,7 +22,6 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import yaml
 from tqdm.auto import tqdm
@@ -37,7 +36,7 @@ from ..models.load import load_model
 from ..rundir import latest_checkpoint, tidy
 from ..runtime import make_accelerator, make_optimizer, set_threads
 from ..tasks import load_task
-from ..validate import validate_recipe
+from ..validate import learned_order_problem, validate_recipe
 
 # recipe keys that may differ between a checkpoint and the run that resumes it: they change how a run is
 # watched and stored, not what it trains
@@ -74,29 +73,6 @@ def reference_model(recipe: Recipe, model, mode: str, key: str):
     else:
         ref = copy.deepcopy(unwrap(model))
     return ref.eval().requires_grad_(False), mode
-
-
-def learned_order_problem(recipe: Recipe, num_processes: int, estimator=None) -> Optional[str]:
-    """What stops GRPO or DPO from training the learned unmasking order (rollout.order=policy) with this recipe on
-    `num_processes` processes, or None. Needs the recipe alone (without `estimator`, the recipe's is built without a
-    model), so the recipe rules (validate.py) ask it before any model is loaded; the trainers ask again with their
-    estimator and the real process count."""
-    from ..estimators import build_estimator
-
-    estimator = estimator or build_estimator(recipe.estimator, None)
-    if not estimator.replays_orders or recipe.rollout.order_temperature <= 0:
-        return (
-            "rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
-            "sampled orders: set estimator.name=trajectory and rollout.order_temperature > 0 "
-            "(e.g. 0.1; eval.order_temperature=0 evaluates the greedy order)"
-        )
-    if num_processes > 1 or recipe.train.deepspeed:
-        return (
-            "rollout.order=policy runs on one process without DeepSpeed for now (the order "
-            "head is outside the prepared model); launch without deepspeed/accelerate "
-            "or pick another rollout.order"
-        )
-    return None
 
 
 def check_learned_order(recipe: Recipe, estimator, acc) -> None:
