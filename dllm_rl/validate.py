@@ -77,7 +77,8 @@ def learned_order_problem(recipe: Recipe, num_processes: int, estimator=None) ->
     estimator and the real process count."""
     from .estimators import build_estimator
 
-    estimator = estimator or build_estimator(recipe.estimator, None)
+    if estimator is None:
+        estimator = build_estimator(recipe.estimator, None)
     if not estimator.replays_orders or recipe.rollout.order_temperature <= 0:
         return (
             "rollout.order=policy trains the learned order by the Plackett-Luce log-prob of "
