@@ -423,25 +423,50 @@ def test_dpo_trains_the_learned_order_alone_against_the_starting_head(tmp_path):
     at exactly 0), updates move the head toward the chosen orders and leave the model's weights untouched."""
     tr = DPOTrainer(sudoku_order(tmp_path, train__batch_size=16))
     assert tr.ref is None and tr.ref_mode == "same_model"
-    batch, keys, _, stats = tr.on_policy_pairs(0)
-    n = len(keys)
-    assert n >= 4 and stats["pairs/usable_fraction"] == n / 16
-    assert (batch.trace.order_logprob < 0).any()  # the orders were sampled, and each has its probability
-    noise = tr.draw_noise(batch, tr.noise_keys(keys, "policy"))
-    ref = tr.reference_scores(batch, noise)
-    assert torch.equal(tr.policy_scores(batch, noise, grad=False), ref)
     weights = {k: v.clone() for k, v in tr.model.state_dict().items()}
     start = {k: v.clone() for k, v in tr.order_policy.state_dict().items()}
-    for _ in range(5):
-        out = tr.update(batch, noise, ref, n)
+    out, stats, batch, n = train_on_first_pairs(tr)
+    assert stats["pairs/usable_fraction"] == n / 16
+    assert (batch.trace.order_logprob < 0).any()  # the orders were sampled, and each has its probability
     assert out["order_policy/grad_norm"] > 0 and "grad_norm" not in out  # no model gradient exists
     assert all(torch.equal(v, tr.model.state_dict()[k]) for k, v in weights.items())
     assert any(not torch.equal(v, tr.order_policy.state_dict()[k]) for k, v in start.items())
     assert all(torch.equal(v, tr.ref_order_policy.state_dict()[k]) for k, v in start.items())
+
+
+def train_on_first_pairs(tr, updates: int = 5):
+    """The first step's on-policy pairs (at least 4): the score starts at exactly 0 (the policy is its reference),
+    then `updates` updates on them; the reference's scores stay put and the chosen gain on the rejected.
+    Returns (the last update's metrics, the pairs' stats, the pairs, their number)."""
+    batch, keys, _, stats = tr.on_policy_pairs(0)
+    n = len(keys)
+    assert n >= 4
+    noise = tr.draw_noise(batch, tr.noise_keys(keys, "policy"))
+    ref = tr.reference_scores(batch, noise)
+    assert torch.equal(tr.policy_scores(batch, noise, grad=False), ref)
+    for _ in range(updates):
+        out = tr.update(batch, noise, ref, n)
     torch.testing.assert_close(tr.reference_scores(batch, noise), ref)
     pol = tr.policy_scores(batch, noise, grad=False)
     margins = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
     assert margins.mean() > 0.5 and (margins > 0).float().mean() >= 0.75, margins
+    return out, stats, batch, n
+
+
+def test_dpo_trains_the_order_and_the_model_together_against_both_starting_points(tmp_path):
+    """order_policy.train_model=true (recipes/tiny/sudoku-order-dpo.yaml with it): the reference is a frozen copy of the
+    starting model with the starting head, so the score starts at exactly 0; updates move both the model and the
+    head, the reference keeps both where they started, and the chosen orders-and-tokens gain on the rejected."""
+    tr = DPOTrainer(sudoku_order(tmp_path, train__batch_size=16, order_policy__train_model=True))
+    assert tr.ref is not None and tr.ref is not tr.model
+    weights = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    head = {k: v.clone() for k, v in tr.order_policy.state_dict().items()}
+    out, *_ = train_on_first_pairs(tr)
+    assert out["order_policy/grad_norm"] > 0 and out["grad_norm"] > 0
+    assert any(not torch.equal(v, tr.model.state_dict()[k]) for k, v in weights.items())
+    assert any(not torch.equal(v, tr.order_policy.state_dict()[k]) for k, v in head.items())
+    assert all(torch.equal(v, tr.ref.state_dict()[k]) for k, v in weights.items())
+    assert all(torch.equal(v, tr.ref_order_policy.state_dict()[k]) for k, v in head.items())
 
 
 def test_a_killed_order_dpo_run_resumes_the_head_on_the_same_trajectory(tmp_path, capsys):
