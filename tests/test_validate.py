@@ -388,7 +388,7 @@ def test_a_list_of_dpo_losses_loads_and_a_wrong_name_in_it_is_named(at_root):
         load_and_validate(dpo, ["dpo.loss_type=[sigmoid, sfft]"])
 
 
-@pytest.mark.parametrize("recipe", ["sudoku-diffu-grpo.yaml", "sudoku-order-dpo.yaml"])
+@pytest.mark.parametrize("recipe", ["sudoku-diffu-grpo.yaml", "sudoku-order-dpo.yaml", "sudoku-joint-dpo.yaml"])
 @pytest.mark.parametrize(
     "override, words",
     [
