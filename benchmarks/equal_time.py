@@ -27,8 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_all(runs: list[tuple[str, Path]], work: Path, workers: int | None = None) -> None:
     """Train each (spec "RECIPE [override ...]", output dir) as `dllm-rl train` on one thread, `workers` at a time
-    (all at once when None); a run whose final/ exists is skipped. Logs go to WORK/<output dir name>.log."""
+    (all at once when None); a run whose final/ exists is skipped. Logs go to WORK/<output dir name>.log, the spec
+    to WORK/<output dir name>.spec, so that a folder holding another spec's run is refused, not taken as done."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for spec, out in runs:
+        held = work / f"{out.name}.spec"
+        if held.is_file() and held.read_text() != spec:
+            print(
+                f"{out} holds a run of {held.read_text()!r}, not of {spec!r}: pick another --work folder "
+                f"(or remove {out} and {held})",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
     todo = [(spec, out) for spec, out in runs if not (out / "final").is_dir()]
     running = []
     while todo or running:
@@ -38,6 +48,7 @@ def train_all(runs: list[tuple[str, Path]], work: Path, workers: int | None = No
             cmd = [sys.executable, "-m", "dllm_rl", "train", recipe, *over, f"train.output_dir={out}"]
             cmd.append("train.num_threads=1")
             print("$ dllm-rl " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+            (work / f"{out.name}.spec").write_text(spec)
             log = open(work / f"{out.name}.log", "w")
             running.append((spec, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(1)

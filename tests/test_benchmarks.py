@@ -79,3 +79,22 @@ def test_seeds_table_means_standard_errors_and_difference(tmp_path):
     assert "| `b.yaml` | 0.400 (0) / 0.700 (5) | 0.600, 0.600, 0.900 | 0.700 +- 0.100 | +30.0 points |" in out
     assert "second - first: +10.0 +- 11.5 points" in out  # hypot(5.77, 10.0) = 11.55
     assert not proc.stderr.count("$ dllm-rl")  # finished runs are not trained again
+    (tmp_path / "run1-seed0.spec").write_text("b.yaml optim.lr=1e-3")  # the folder holds another spec's run
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/seeds.py"),
+            "--seeds",
+            "3",
+            "--work",
+            str(tmp_path),
+            "a.yaml",
+            "b.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        again.returncode == 2 and "holds a run of 'b.yaml optim.lr=1e-3', not of 'b.yaml train.seed=0'" in again.stderr
+    )
