@@ -57,22 +57,8 @@ def test_seeds_table_means_standard_errors_and_difference(tmp_path):
             (d / "final").mkdir(parents=True)
             rows = [{"step": 0, "eval_accuracy": 0.4}, {"step": 5, "eval_accuracy": acc}]
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks/seeds.py"),
-            "--seeds",
-            "3",
-            "--work",
-            str(tmp_path),
-            "a.yaml",
-            "b.yaml",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
+    seeds = [sys.executable, str(ROOT / "benchmarks/seeds.py"), "--seeds", "3", "--work", str(tmp_path)]
+    proc = subprocess.run([*seeds, "a.yaml", "b.yaml"], capture_output=True, text=True, check=True, timeout=120)
     out = proc.stdout
     # run 0: mean 0.6, sd 0.1, SE 0.1/sqrt(3) = 0.0577; run 1: mean 0.7, sd 0.1732, SE 0.1
     assert "| `a.yaml` | 0.400 (0) / 0.600 (5) | 0.500, 0.600, 0.700 | 0.600 +- 0.058 | +20.0 points |" in out
@@ -80,21 +66,7 @@ def test_seeds_table_means_standard_errors_and_difference(tmp_path):
     assert "second - first: +10.0 +- 11.5 points" in out  # hypot(5.77, 10.0) = 11.55
     assert not proc.stderr.count("$ dllm-rl")  # finished runs are not trained again
     (tmp_path / "run1-seed0.spec").write_text("b.yaml optim.lr=1e-3")  # the folder holds another spec's run
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks/seeds.py"),
-            "--seeds",
-            "3",
-            "--work",
-            str(tmp_path),
-            "a.yaml",
-            "b.yaml",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = subprocess.run([*seeds, "a.yaml", "b.yaml"], capture_output=True, text=True, timeout=120)
     assert (
         again.returncode == 2 and "holds a run of 'b.yaml optim.lr=1e-3', not of 'b.yaml train.seed=0'" in again.stderr
     )
