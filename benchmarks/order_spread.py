@@ -46,22 +46,22 @@ def main() -> None:
         f"{args.prompts} training prompts x {args.samples} rollouts, order temperature {r.rollout.order_temperature}, "
         f"{r.rollout.steps} steps\n"
     )
+    rows = task.train.select(range(args.prompts)).to_list()
+    columns = {k: [row[k] for row in rows for _ in range(args.samples)] for k in rows[0]}
+    verifier = resolve_reward(task.reward)
     print("| checkpoint | head | order log-prob per trajectory: mean | reward |")
     print("|---|---|---|---|")
     for path in args.checkpoints:
         model, tokenizer = load_model(replace(r.model, path=path), seed=0)
         head = order_head_for("policy", model, path, r.order_policy, r.train.seed)
-        saved = (Path(path) / "order_policy.pt").is_file() or (Path(path) / "final" / "order_policy.pt").is_file()
+        saved = not head.training  # order_head_for: a saved head comes in eval mode, a fresh one in training mode
         head.train()  # as the trainers sample with it
         with torch.no_grad():
             batch = generate(
                 model, tokenizer, prompts, r.rollout, generator=torch.Generator().manual_seed(0), order_policy=head
             )
         per_traj = batch.trace.order_logprob.sum(-1)
-        rows = task.train.select(range(args.prompts)).to_list()
-        reward = resolve_reward(task.reward)(
-            prompts, batch.completions, **{k: [row[k] for row in rows for _ in range(args.samples)] for k in rows[0]}
-        )
+        reward = verifier(prompts, batch.completions, **columns)
         print(
             f"| `{path}` | {'saved' if saved else 'fresh'} | {per_traj.mean():.2f} | {sum(reward) / len(reward):.3f} |"
         )
