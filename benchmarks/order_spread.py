@@ -2,6 +2,8 @@
 of the orders its head samples at the recipe's rollout.order_temperature, summed over a trajectory's steps and
 averaged over trajectories (closer to 0: fewer orders carry the probability; a checkpoint without a saved head gets
 the recipe's fresh head, which decodes like top_prob), on the same training prompts and seed for every checkpoint.
+The same mean over the rollouts the verifier solves and over the rest is printed beside it: where the solving
+rollouts' orders are the more spread, moving toward "the reference conditioned on solving" spreads the order.
 
     python benchmarks/order_spread.py checkpoints/tiny/sudoku-sft-multi RUN_A/final RUN_B/final
     python benchmarks/order_spread.py CKPT --recipe recipes/tiny/sudoku-diffu-grpo.yaml --prompts 64 --samples 16
@@ -49,8 +51,8 @@ def main() -> None:
     rows = task.train.select(range(args.prompts)).to_list()
     columns = {k: [row[k] for row in rows for _ in range(args.samples)] for k in rows[0]}
     verifier = resolve_reward(task.reward)
-    print("| checkpoint | head | order log-prob per trajectory: mean | reward |")
-    print("|---|---|---|---|")
+    print("| checkpoint | head | order log-prob per trajectory: mean | solved / unsolved trajectories | reward |")
+    print("|---|---|---|---|---|")
     for path in args.checkpoints:
         model, tokenizer = load_model(replace(r.model, path=path), seed=0)
         head = order_head_for("policy", model, path, r.order_policy, r.train.seed)
@@ -61,10 +63,10 @@ def main() -> None:
                 model, tokenizer, prompts, r.rollout, generator=torch.Generator().manual_seed(0), order_policy=head
             )
         per_traj = batch.trace.order_logprob.sum(-1)
-        reward = verifier(prompts, batch.completions, **columns)
-        print(
-            f"| `{path}` | {'saved' if saved else 'fresh'} | {per_traj.mean():.2f} | {sum(reward) / len(reward):.3f} |"
-        )
+        reward = torch.tensor(verifier(prompts, batch.completions, **columns))
+        solved = reward == 1
+        split = " / ".join(f"{per_traj[m].mean():.2f}" if m.any() else "-" for m in (solved, ~solved))
+        print(f"| `{path}` | {'saved' if saved else 'fresh'} | {per_traj.mean():.2f} | {split} | {reward.mean():.3f} |")
 
 
 if __name__ == "__main__":
