@@ -70,3 +70,18 @@ def test_seeds_table_means_standard_errors_and_difference(tmp_path):
     assert (
         again.returncode == 2 and "holds a run of 'b.yaml optim.lr=1e-3', not of 'b.yaml train.seed=0'" in again.stderr
     )
+
+
+def test_order_spread_splits_the_mean_into_solved_and_unsolved_rollouts():
+    """benchmarks/order_spread.py on the shipped Sudoku model: the mean order log-prob over all rollouts is the
+    reward-weighted mix of its solved and unsolved means (the 0/1 verifier's mean reward is the solved share)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/order_spread.py"), str(ROOT / "checkpoints/tiny/sudoku-sft-multi")]
+    proc = subprocess.run([*cmd, "--prompts", "4", "--samples", "8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    assert len(row) == 1, proc.stdout
+    _, head, everything, split, reward = [c.strip() for c in row[0].strip("|").split("|")]
+    solved, unsolved = (float(x) for x in split.split(" / "))  # this model solves some of 32 rollouts, not all
+    p = float(reward)
+    assert head == "fresh" and 0 < p < 1 and solved < 0 and unsolved < 0
+    assert float(everything) == pytest.approx(p * solved + (1 - p) * unsolved, abs=0.011)
