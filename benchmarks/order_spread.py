@@ -63,7 +63,7 @@ def main() -> None:
                 model, tokenizer, prompts, r.rollout, generator=torch.Generator().manual_seed(0), order_policy=head
             )
         per_traj = batch.trace.order_logprob.sum(-1)
-        reward = torch.tensor(verifier(prompts, batch.completions, **columns))
+        reward = torch.tensor(verifier(prompts, batch.completions, **columns), dtype=torch.float)
         solved = reward == 1
         split = " / ".join(f"{per_traj[m].mean():.2f}" if m.any() else "-" for m in (solved, ~solved))
         print(f"| `{path}` | {'saved' if saved else 'fresh'} | {per_traj.mean():.2f} | {split} | {reward.mean():.3f} |")
