@@ -360,7 +360,9 @@ def test_block_elbo_bounds_sandwich_the_log_likelihood(tokenizer, layout):
             assert lower == pytest.approx(ref.elbo, abs=1e-4) and lower <= ref.logp + 1e-6
             for beta in betas:
                 assert upper[beta] == pytest.approx(ref.eubo(beta), abs=1e-4)
-            assert all(upper[a] <= upper[b] + 1e-6 for a, b in zip(betas, betas[1:]))
+            # nondecreasing up to float32 rounding: where the exact EUBO is flat in beta (it moved by 3e-8 over
+            # beta 1-3.5 on one case here) the float32 sums at |n * upper| ~ 16 step by ~2e-6 either way
+            assert all(upper[a] <= upper[b] + 1e-6 * max(1.0, abs(upper[b])) for a, b in zip(betas, betas[1:]))
             assert upper[float(block)] >= ref.logp - 1e-6, (seed, x, upper, ref.logp)
 
 
