@@ -43,12 +43,12 @@ def main() -> None:
     if r.rollout.order != "policy" or r.rollout.order_temperature <= 0:
         raise SystemExit(f"{args.recipe}: needs rollout.order=policy with rollout.order_temperature > 0")
     task = load_task(r.data)
-    prompts = [task.train[i]["prompt"] for i in range(args.prompts) for _ in range(args.samples)]
+    rows = task.train.select(range(args.prompts)).to_list()
+    prompts = [row["prompt"] for row in rows for _ in range(args.samples)]
     print(
         f"{args.prompts} training prompts x {args.samples} rollouts, order temperature {r.rollout.order_temperature}, "
         f"{r.rollout.steps} steps\n"
     )
-    rows = task.train.select(range(args.prompts)).to_list()
     columns = {k: [row[k] for row in rows for _ in range(args.samples)] for k in rows[0]}
     verifier = resolve_reward(task.reward)
     print("| checkpoint | head | order log-prob per trajectory: mean | solved / unsolved trajectories | reward |")
