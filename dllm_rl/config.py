@@ -124,6 +124,10 @@ class DataConfig:
     train_size: Count = 20000  # procedural tasks: number of generated training examples
     eval_size: Count = 200  # held-out examples (disjoint from training by construction)
     seed: Seed = 0
+    # generated tasks (sudoku, countdown, reasoning_gym/NAME): which held-out set. 0 = the one every recipe shares
+    # (its stream seed is fixed, 10**6); k > 0 draws the k-th independent one (stream seed 10**6 * (k + 1)), still
+    # disjoint from training where the task's split is, to check a result that was chosen on set 0
+    eval_seed: Annotated[int, Check(ge=0, le=4000, why="the stream seed 10**6 * (k + 1) must fit 32 bits")] = 0
     options: dict = field(default_factory=dict)  # task options (min_empty; reasoning-gym config; load_dataset kwargs)
     path: Optional[str] = None  # dataset tasks: hub name, or a local .json/.jsonl/.parquet file
     eval_path: Optional[str] = None
@@ -653,6 +657,12 @@ def _rules(r: Recipe, trainer: Optional[str]):
                 f"rollout.max_completion_length: {Lc} leaves no room for the prompt in the tiny model's "
                 f"{t.max_position_embeddings} positions; raise model.tiny.max_position_embeddings"
             )
+    generated = r.data.dataset is None and (r.data.task in ("sudoku", "countdown") or "/" in r.data.task)
+    if r.data.eval_seed and not generated:
+        yield (
+            f"data.eval_seed: {r.data.dataset or r.data.task} has a fixed held-out split; only generated tasks "
+            f"(sudoku, countdown, reasoning_gym/NAME) draw another: drop data.eval_seed"
+        )
     if r.eval.size is not None and r.eval.size > r.data.eval_size:
         yield (
             f"eval.size: {r.eval.size} is more than the {r.data.eval_size} held-out examples (data.eval_size); "

@@ -85,3 +85,25 @@ def test_order_spread_splits_the_mean_into_solved_and_unsolved_rollouts():
     p = float(reward)
     assert head == "fresh" and 0 < p < 1 and solved < 0 and unsolved < 0
     assert float(everything) == pytest.approx(p * solved + (1 - p) * unsolved, abs=0.011)
+
+
+def test_heldout_sets_scores_each_set_and_the_paired_gain():
+    """benchmarks/heldout_sets.py: per-set accuracies of two shipped Sudoku models on independent held-out sets,
+    'all' is their mean (equal sizes) and the gain is the difference of the 'all' columns."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/heldout_sets.py"), str(ROOT / "recipes/tiny/sudoku-dpo.yaml")]
+    ckpts = [str(ROOT / "checkpoints/tiny/sudoku-sft"), str(ROOT / "checkpoints/tiny/sudoku-sft-multi")]
+    proc = subprocess.run(
+        [*cmd, *ckpts, "--sets", "1", "2", "--size", "24", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines() if "checkpoints/" in line
+    ]
+    assert [r[0] for r in rows] == ckpts and rows[0][4] == ""
+    (a1, a2, a_all), (b1, b2, b_all) = ([float(x) for x in r[1:4]] for r in rows)
+    assert a_all == pytest.approx((a1 + a2) / 2, abs=1e-3) and b_all == pytest.approx((b1 + b2) / 2, abs=1e-3)
+    gain, se = rows[1][4].rstrip(")").split(" (")
+    assert float(gain) == pytest.approx(100 * (b_all - a_all), abs=0.11) and float(se) >= 0

@@ -265,6 +265,8 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["order_policy.train_model=false"], "order_policy.train_model"),  # rollout.order=top_prob has no head
         (["train.resume=maybe"], "train.resume"),
         (["data.path=no/such/file.jsonl"], "data.path"),
+        (["data.task=gsm8k", "data.eval_seed=2"], "data.eval_seed"),  # a fixed split has no other held-out set
+        (["data.eval_seed=-1"], "data.eval_seed"),
     ],
 )
 def test_each_bad_value_names_its_key(at_root, overrides, key):

@@ -35,10 +35,17 @@ def held_out(key: str, fraction: float, salt: str) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
+def eval_stream_seed(cfg: DataConfig) -> int:
+    """The held-out stream's seed: fixed (10**6) for data.eval_seed 0, so every recipe is scored on the same
+    puzzles; 10**6 * (k + 1) for the k-th other set. Item i of a reasoning-gym stream comes from Random(seed + i),
+    so streams a few seeds apart would share items; 10**6 apart they share none for any eval_size up to ~5000."""
+    return 10**6 * (cfg.eval_seed + 1)
+
+
 def procedural_task(name: str, cfg: DataConfig, defaults: dict, rows_fn) -> Task:
     """A generated task: validate data.options against `defaults`, then draw the train stream (data.seed)
-    and the held-out stream (a fixed seed: the held-out set depends only on the options, so runs with
-    different seeds, and SFT and RL recipes, are scored on the same puzzles).
+    and the held-out stream (a fixed seed unless data.eval_seed asks for another set: the held-out set depends
+    only on the options, so runs with different seeds, and SFT and RL recipes, are scored on the same puzzles).
 
     rows_fn(cfg, opts, want_eval, size, seed) -> list of rows; the task's reward is named like the task.
     """
@@ -47,5 +54,5 @@ def procedural_task(name: str, cfg: DataConfig, defaults: dict, rows_fn) -> Task
         raise ConfigError(f"data.options: unknown {name} option(s) {sorted(unknown)}; valid: {sorted(defaults)}")
     opts = {**defaults, **cfg.options}
     train = rows_fn(cfg, opts, False, cfg.train_size, cfg.seed * 1000 + 1)
-    evals = rows_fn(cfg, opts, True, cfg.eval_size, 10**6)
+    evals = rows_fn(cfg, opts, True, cfg.eval_size, eval_stream_seed(cfg))
     return Task(name, datasets.Dataset.from_list(train), datasets.Dataset.from_list(evals), name)

@@ -6,9 +6,10 @@ Prompts are the task's questions as a user message after reasoning-gym's "defaul
 fields (reasoning_gym.create_dataset(NAME, **options)); `size` and `seed` are set here, always (reasoning-gym
 draws a random seed when none is given): training entries from seed data.seed * 1000 + 1, data.train_size of
 them, generated lazily as they are drawn (some tasks take tens of milliseconds per entry); held-out entries
-from a fixed seed (10**6), so they do not move with data.seed. The two streams are independent draws, not
-disjoint by construction: a task with a small space of questions can repeat a training question in the
-held-out set. `answer` is None for tasks with several valid answers (their scorer checks a proposal).
+from a fixed seed (10**6; data.eval_seed k > 0 draws another set: base.eval_stream_seed), so they do not move
+with data.seed. The two streams are independent draws, not disjoint by construction: a task with a small space
+of questions can repeat a training question in the held-out set. `answer` is None for tasks with several valid
+answers (their scorer checks a proposal).
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import datasets
 
 from ..config import DataConfig
 from ..errors import ConfigError, did_you_mean
-from .base import Task, user_prompt
-
-EVAL_SEED = 10**6
+from .base import Task, eval_stream_seed, user_prompt
 
 
 class LazyRows:
@@ -102,5 +101,5 @@ def load(cfg: DataConfig, name: str) -> Task:
         return LazyRows(size, row)
 
     train = rows(cfg.seed * 1000 + 1, cfg.train_size)
-    held_out = rows(EVAL_SEED, cfg.eval_size)
+    held_out = rows(eval_stream_seed(cfg), cfg.eval_size)
     return Task(f"reasoning_gym/{name}", train, held_out.select(range(len(held_out))), "reasoning_gym")

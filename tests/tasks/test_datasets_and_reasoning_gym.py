@@ -3,6 +3,7 @@ verifier (data.task: reasoning_gym/NAME)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import datasets
@@ -89,6 +90,8 @@ def test_reasoning_gym_rows_are_seeded_and_the_held_out_set_does_not_follow_the_
     a, b, c = load_task(cfg(0)), load_task(cfg(0)), load_task(cfg(1))
     assert a.train.to_list() == b.train.to_list() and a.train.to_list() != c.train.to_list()
     assert a.eval.to_list() == c.eval.to_list()
+    other = load_task(dataclasses.replace(cfg(0), eval_seed=1))
+    assert other.eval.to_list() != a.eval.to_list() and other.train.to_list() == a.train.to_list()
 
 
 def test_answer_none_tasks_and_scorers_that_raise_score_instead_of_failing():

@@ -36,6 +36,20 @@ def test_procedural_tasks_split_and_verify(name):
     assert other.train.to_list() != task.train.to_list()
 
 
+@pytest.mark.parametrize("name", ["sudoku", "countdown"])
+def test_eval_seed_draws_another_held_out_set_still_disjoint_from_training(name):
+    """data.eval_seed 0 is the shared held-out set; k > 0 an independent one that training still never sees."""
+    cfg = lambda k: DataConfig(task=name, train_size=300, eval_size=40, seed=3, eval_seed=k)
+    base, other = load_task(cfg(0)), load_task(cfg(1))
+    assert base.eval.to_list() == load_task(DataConfig(task=name, train_size=300, eval_size=40, seed=3)).eval.to_list()
+    assert other.train.to_list() == base.train.to_list()  # only the held-out set moves
+    key = (lambda r: r["answer"]) if name == "sudoku" else (lambda r: (tuple(sorted(r["numbers"])), r["target"]))
+    new = [key(r) for r in other.eval]
+    assert new != [key(r) for r in base.eval]
+    assert not set(new) & {key(r) for r in other.train}
+    assert other.eval.to_list() == load_task(cfg(1)).eval.to_list()  # seeded
+
+
 def test_sudoku_with_several_solutions_per_puzzle():
     """data.options unique: false blanks cells at random (up to 16): the target is one valid solution of its
     puzzle, many puzzles have several, the `sudoku` reward accepts any of them and `sudoku_cells` scores each
