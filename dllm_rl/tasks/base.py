@@ -38,7 +38,8 @@ def held_out(key: str, fraction: float, salt: str) -> bool:
 def eval_stream_seed(cfg: DataConfig) -> int:
     """The held-out stream's seed: fixed (10**6) for data.eval_seed 0, so every recipe is scored on the same
     puzzles; 10**6 * (k + 1) for the k-th other set. Item i of a reasoning-gym stream comes from Random(seed + i),
-    so streams a few seeds apart would share items; 10**6 apart they share none for any eval_size up to ~5000."""
+    so streams a few seeds apart would share items; 10**6 apart they share none unless one set takes more than
+    10**6 draws (a set takes at least eval_size / eval_fraction: 5x eval_size for sudoku, 10x for countdown)."""
     return 10**6 * (cfg.eval_seed + 1)
 
 
