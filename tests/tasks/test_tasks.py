@@ -19,11 +19,16 @@ def verify(task, rows, completions):
     return compute_rewards(reward, [r["prompt"] for r in rows], completions, [[]] * len(rows), columns)[0].tolist()
 
 
+def content_key(name):
+    """What the train / held-out split is disjoint by: the solution grid (sudoku), the instance (countdown)."""
+    return (lambda r: r["answer"]) if name == "sudoku" else (lambda r: (tuple(sorted(r["numbers"])), r["target"]))
+
+
 @pytest.mark.parametrize("name", ["sudoku", "countdown"])
 def test_procedural_tasks_split_and_verify(name):
     task = load_task(DataConfig(task=name, train_size=300, eval_size=40, seed=3))
     assert len(task.train) == 300 and len(task.eval) == 40
-    key = (lambda r: r["answer"]) if name == "sudoku" else (lambda r: (tuple(sorted(r["numbers"])), r["target"]))
+    key = content_key(name)
     assert not {key(r) for r in task.train} & {key(r) for r in task.eval}  # disjoint by content
     rows = task.eval.to_list()[:10]
     assert verify(task, rows, [r["completion"] for r in rows]) == [1.0] * 10  # targets are correct
@@ -43,7 +48,7 @@ def test_eval_seed_draws_another_held_out_set_still_disjoint_from_training(name)
     base, other = load_task(cfg(0)), load_task(cfg(1))
     assert base.eval.to_list() == load_task(DataConfig(task=name, train_size=300, eval_size=40, seed=3)).eval.to_list()
     assert other.train.to_list() == base.train.to_list()  # only the held-out set moves
-    key = (lambda r: r["answer"]) if name == "sudoku" else (lambda r: (tuple(sorted(r["numbers"])), r["target"]))
+    key = content_key(name)
     new = [key(r) for r in other.eval]
     assert new != [key(r) for r in base.eval]
     assert not set(new) & {key(r) for r in other.train}
