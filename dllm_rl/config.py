@@ -263,6 +263,11 @@ class DPOConfig:
     # i-th worst while the first scores higher (1: the best against the worst)
     pairs_per_prompt: Count = 1
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"  # auto: adapter_disabled under LoRA
+    # TRL's (TR-DPO, arXiv 2404.09656): ref <- alpha * policy + (1 - alpha) * ref every ref_model_sync_steps
+    # optimizer steps; the reference order head too (rollout.order=policy)
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: Unit = 0.6
+    ref_model_sync_steps: Count = 512
     antithetic: bool = True  # VRPO: policy and reference scored under the same noise (false: independent draws)
     pair_noise: Literal["independent", "shared"] = "independent"  # shared: chosen and rejected under the same noise
     # noise draws for the logged std of the preference score (0: not logged)
@@ -706,6 +711,20 @@ def _rules(r: Recipe, trainer: Optional[str]):
                 "dpo.greedy_candidate decodes the greedy order, which the sampler (rollout.order_temperature > 0) "
                 "scores as one of its draws only for a state-only order: set dpo.greedy_candidate=false with "
                 "rollout.order=policy"
+            )
+    if trainer in ("grpo", "dpo") and getattr(r, trainer).sync_ref_model:
+        sec = getattr(r, trainer)
+        head_only = trainer == "dpo" and ro.order == "policy" and not r.order_policy.train_model  # syncs the head
+        lora_base = sec.reference == "adapter_disabled" or (sec.reference == "auto" and r.model.lora.r > 0)
+        if lora_base and not head_only:
+            yield (
+                f"{trainer}.sync_ref_model: the reference under LoRA is the base with the adapter disabled, which "
+                f"cannot move (TRL refuses it too); set {trainer}.reference=frozen_copy or drop sync_ref_model"
+            )
+        if trainer == "dpo" and sec.precompute_ref_log_probs:
+            yield (
+                "dpo.sync_ref_model moves the reference, so reference log-probs precomputed once go stale (TRL "
+                "refuses the two together too); set dpo.precompute_ref_log_probs=false or dpo.sync_ref_model=false"
             )
     if trainer == "sft" and ro.order == "policy":
         yield "rollout.order: 'policy' needs a learned order head, which SFT does not train; pick another order"

@@ -267,6 +267,7 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["data.path=no/such/file.jsonl"], "data.path"),
         (["data.task=gsm8k", "data.eval_seed=2"], "data.eval_seed"),  # a fixed split has no other held-out set
         (["data.eval_seed=-1"], "data.eval_seed"),
+        (["grpo.beta=0.04", "grpo.sync_ref_model=true", "model.lora.r=8"], "grpo.sync_ref_model"),  # LoRA's base
     ],
 )
 def test_each_bad_value_names_its_key(at_root, overrides, key):
@@ -388,6 +389,24 @@ def test_a_list_of_dpo_losses_loads_and_a_wrong_name_in_it_is_named(at_root):
     assert r.dpo.loss_type == ["sigmoid", "sft"] and r.dpo.loss_weights == [1.0, 0.5]
     with pytest.raises(ConfigError, match=r"dpo.loss_type 'sfft' \(did you mean 'sft'\?\)"):
         load_and_validate(dpo, ["dpo.loss_type=[sigmoid, sfft]"])
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["dpo.sync_ref_model=true", "model.lora.r=8"], "set dpo.reference=frozen_copy or drop sync_ref_model"),
+        (["dpo.sync_ref_model=true", "dpo.precompute_ref_log_probs=true"], "precomputed once go stale"),
+    ],
+)
+def test_a_dpo_reference_that_cannot_move_is_refused_before_any_model_is_built(at_root, capsys, overrides, words):
+    """TR-DPO (dpo.sync_ref_model) needs a reference copy to move: LoRA's adapter-disabled base cannot, and
+    precomputed reference log-probs would go stale; `dllm-rl train` stops with exit code 2 naming the fix."""
+    dpo = str(ROOT / "recipes/tiny/sudoku-dpo.yaml")
+    with pytest.raises(ConfigError, match=words):
+        load_and_validate(dpo, overrides)
+    capsys.readouterr()
+    assert main(["train", dpo, *overrides]) == 2
+    assert words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", ["sudoku-diffu-grpo.yaml", "sudoku-order-dpo.yaml", "sudoku-joint-dpo.yaml"])

@@ -33,8 +33,11 @@ the preference is between orders alone). dpo.pairs_per_prompt > 1 takes several 
 i-th best against the i-th worst), so more of the G samples carry signal.
 
 The reference is the adapter-disabled base under LoRA or a frozen copy of the starting model (trainers.common,
-shared with GRPO). Dropout is disabled in the policy (TRL's disable_dropout default), so that at the start the
-policy and the reference give the same estimate under the same noise and the preference score is exactly 0.
+shared with GRPO). With dpo.sync_ref_model (TRL's TR-DPO, arXiv 2404.09656) it trails the policy: after
+every ref_model_sync_steps-th optimizer step, ref <- alpha * policy + (1 - alpha) * ref (the model copy and the
+reference order head alike), and it is checkpointed, so a resumed run continues from where it had moved. Dropout
+is disabled in the policy (TRL's disable_dropout default), so that at the start the policy and the reference give
+the same estimate under the same noise and the preference score is exactly 0.
 
     dllm-rl train recipes/tiny/sudoku-dpo.yaml [dpo.beta=0.2 estimator.name=quadrature ...]
 """
@@ -66,6 +69,7 @@ from ..rollout.engine import check_config, decoding
 from ..runtime import EpochSampler, generation_model, prepare_frozen, processes_with_non_finite, step_generator
 from ..tasks.preference import collate_pairs, load_preferences, prepare_preferences, tokenize_preferences
 from .common import PhaseTimer, Run, check_learned_order, reference_model
+from .grpo_options import ReferenceSync
 
 CACHE_FILE = "ref_logps.pt"
 
@@ -156,11 +160,17 @@ class DPOTrainer:
             self.ref, self.ref_mode = None, "same_model"  # only the head moves: the model is its own reference
         else:
             self.ref, self.ref_mode = reference_model(r, run.model, d.reference, "dpo.reference")
+        self.ref_sync = None
+        if d.sync_ref_model:  # TR-DPO: the reference (model copy and head) trails the policy
+            movable = ("frozen_copy", "same_model") if self.order_policy is not None else ("frozen_copy",)
+            self.ref_sync = ReferenceSync(d, self.ref_mode, "dpo", movable)
         params = [{"params": [p for p in run.model.parameters() if p.requires_grad]}]
         checkpointed = ()
         if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
             params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
             checkpointed = (self.order_policy,)
+        if self.ref_sync is not None:  # a reference that moves is state
+            checkpointed += tuple(m for m in (self.ref, self.ref_order_policy) if m is not None)
         run.prepare(params, r.train.max_steps, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         if self.ref is not None:
@@ -384,9 +394,10 @@ class DPOTrainer:
         scale = self.recipe.train.gradient_accumulation_steps / n
         return per_pair.sum() * scale, {"loss": per_pair.detach(), **preference_metrics(x, self.d.beta)}
 
-    def update(self, batch, noise, ref: torch.Tensor, n: int) -> dict:
-        """One optimizer step over the n pairs, in train.gradient_accumulation_steps micro-batches; the step's
-        metrics are means over its pairs."""
+    def update(self, batch, noise, ref: torch.Tensor, n: int, step: int = 0) -> dict:
+        """One optimizer step (the run's step-th) over the n pairs, in train.gradient_accumulation_steps
+        micro-batches; the step's metrics are means over its pairs. With dpo.sync_ref_model the reference then
+        moves toward the policy when the step count calls for it."""
         self.model.train()
         stats, norms = defaultdict(list), []
         for pairs in self._chunks(n):
@@ -414,6 +425,12 @@ class DPOTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         self.scheduler.step()
+        if (
+            self.ref_sync is not None
+        ):  # one optimizer step per trainer step: step + 1 of them so far, after a resume too
+            self.ref_sync.after_optimizer_step(
+                step + 1, (self.model, self.ref), (self.order_policy, self.ref_order_policy)
+            )
         self.model.eval()
         out = {k: torch.cat(v).float().mean().item() for k, v in stats.items()}
         return {**out, **({"grad_norm": sum(norms) / len(norms)} if norms else {})}
@@ -514,7 +531,7 @@ class DPOTrainer:
         if self.d.score_std_draws > 1 and (step + 1) % self.recipe.train.logging_steps == 0:
             stats.update(self.score_std(batch, keys, step))  # the policy that computes this step's loss
         with timer("update"):
-            stats.update(self.update(batch, noise, ref, n))
+            stats.update(self.update(batch, noise, ref, n, step))
         tokens = float(batch.completion_mask.sum())
         out = {**stats, **throughput_metrics(timer.seconds, committed, tokens, 2 * n, 1)}
         if self.d.pairs == "offline":

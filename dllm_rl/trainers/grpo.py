@@ -374,7 +374,7 @@ class GRPOTrainer:
                 self.scheduler.step()
                 if self.ref_sync is not None:  # optimizer steps so far, counted the same way after a resume
                     done = (step * len(estimates) + it) * self.geometry.chunks + k + 1
-                    self.ref_sync.after_optimizer_step(done, self.model, self.ref)
+                    self.ref_sync.after_optimizer_step(done, (self.model, self.ref))
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
 

@@ -19,7 +19,8 @@ implement them); where a diffusion LM changes the meaning it is said here.
 - `ReferenceSync` (sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps): TRL's SyncRefModelCallback:
   after every ref_model_sync_steps-th optimizer step, ref <- alpha * policy + (1 - alpha) * ref, parameter by
   parameter (trl's own sync_target_model does it). Needs beta != 0 and a reference copy (not LoRA's disabled
-  adapter), as TRL requires. The reference is checkpointed then, so a resumed run continues from it.
+  adapter), as TRL requires. The reference is checkpointed then, so a resumed run continues from it. DPO's
+  dpo.sync_ref_model (TR-DPO) uses the same component, on the model copy and the reference order head.
 - `CompletionsTable` (log_completions, num_completions_to_print, report_to): the latest rollout's prompts,
   completions, each reward, the advantage and the columns rewards added with log_extra, gathered from every
   process; at each log: TRL's console panel (print_prompt_completions_sample) and the parquet file
@@ -149,29 +150,38 @@ def high_entropy_mask(accelerator, entropies: torch.Tensor, mask: torch.Tensor, 
 
 
 class ReferenceSync:
-    """TRL's sync_ref_model: ref <- alpha * policy + (1 - alpha) * ref after every tau-th optimizer step."""
+    """TRL's sync_ref_model: ref <- alpha * policy + (1 - alpha) * ref after every tau-th optimizer step. `section`
+    names the recipe section in errors (grpo, dpo); `ref_mode` is the trainer's reference ("same_model": only the
+    learned order head moves, so only its reference is synced)."""
 
-    def __init__(self, cfg, ref_mode: str):
+    def __init__(self, cfg, ref_mode: str, section: str = "grpo", movable=("frozen_copy",)):
         self.alpha, self.every = cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps
         if cfg.beta == 0:
-            raise ConfigError("grpo.sync_ref_model needs a reference: set grpo.beta != 0 (TRL refuses it too)")
-        if ref_mode != "frozen_copy":
             raise ConfigError(
-                f"grpo.sync_ref_model needs a reference copy of the model (grpo.reference={ref_mode} has none: "
-                f"with LoRA the reference is the base model, which TRL cannot sync either); set "
-                f"grpo.reference=frozen_copy or drop sync_ref_model"
+                f"{section}.sync_ref_model needs a reference: set {section}.beta != 0 (TRL refuses it too)"
+            )
+        if ref_mode not in movable:
+            raise ConfigError(
+                f"{section}.sync_ref_model needs a reference copy of the model ({section}.reference={ref_mode} has "
+                f"none: with LoRA the reference is the base model, which TRL cannot sync either); set "
+                f"{section}.reference=frozen_copy or drop sync_ref_model"
             )
         if not 0 <= self.alpha <= 1 or self.every <= 0:
-            raise ConfigError("grpo.ref_model_mixup_alpha must be in [0, 1] and grpo.ref_model_sync_steps > 0")
+            raise ConfigError(
+                f"{section}.ref_model_mixup_alpha must be in [0, 1] and {section}.ref_model_sync_steps > 0"
+            )
 
-    def after_optimizer_step(self, count: int, policy, ref) -> bool:
-        """Mix the reference toward the policy when `count` (optimizer steps so far) is a multiple of tau."""
+    def after_optimizer_step(self, count: int, *pairs) -> bool:
+        """Mix each (policy, reference) pair's reference toward its policy when `count` (optimizer steps so far) is
+        a multiple of tau; a pair whose reference is None (the policy is its own reference) is skipped."""
         if count % self.every:
             return False
         from trl.trainer.callbacks import SyncRefModelCallback
 
         with torch.no_grad():
-            SyncRefModelCallback.sync_target_model(unwrap(policy), unwrap(ref), self.alpha)
+            for policy, ref in pairs:
+                if ref is not None:
+                    SyncRefModelCallback.sync_target_model(unwrap(policy), unwrap(ref), self.alpha)
         return True
 
 

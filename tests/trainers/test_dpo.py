@@ -494,6 +494,45 @@ def test_a_killed_order_dpo_run_resumes_the_head_on_the_same_trajectory(tmp_path
     assert again == straight["after"]
 
 
+@pytest.mark.parametrize("train_model", [True, False])
+def test_tr_dpo_moves_the_reference_by_the_mix_up_rule_every_tau_steps(tmp_path, train_model):
+    """dpo.sync_ref_model (TRL's, TR-DPO): after every ref_model_sync_steps-th optimizer step the reference becomes
+    alpha * policy + (1 - alpha) * reference, the frozen model copy and the starting head alike; between syncs it
+    stays put. With the head alone trained (the model is its own reference) only the head's reference moves."""
+    sync = {"dpo__sync_ref_model": True, "dpo__ref_model_mixup_alpha": 0.6, "dpo__ref_model_sync_steps": 2}
+    tr = DPOTrainer(sudoku_order(tmp_path, train__batch_size=16, order_policy__train_model=train_model, **sync))
+    snap = lambda m: [p.detach().clone() for p in m.parameters()]
+    pairs = [(tr.order_policy, tr.ref_order_policy)] + ([(tr.model, tr.ref)] if train_model else [])
+    assert (tr.ref is None) == (not train_model)
+    start = [snap(ref) for _, ref in pairs]
+    weights = snap(tr.model)
+    assert "skipped" not in tr.step(0)  # optimizer step 1: no sync
+    for (policy, ref), r0 in zip(pairs, start):
+        assert all(torch.equal(a, b) for a, b in zip(r0, snap(ref)))
+        assert any(not torch.equal(a, b) for a, b in zip(r0, snap(policy)))  # the policy moved away
+    assert "skipped" not in tr.step(1)  # optimizer step 2: ref <- 0.6 policy + 0.4 ref
+    for (policy, ref), r0 in zip(pairs, start):
+        for a, pol, b in zip(r0, snap(policy), snap(ref)):
+            torch.testing.assert_close(b, 0.6 * pol + 0.4 * a)
+    if not train_model:
+        assert all(torch.equal(a, b) for a, b in zip(weights, snap(tr.model)))
+
+
+def test_a_killed_tr_dpo_run_resumes_its_moved_reference(tmp_path, capsys):
+    """With dpo.sync_ref_model the reference (model copy and head) is training state: a run stopped in its fourth
+    step resumes from checkpoint-2 with the reference as it had moved, so its losses and final weights are the
+    uninterrupted run's (a reference reset to the start would change both)."""
+    over = {"train__max_steps": 4, "train__save_steps": 2, "train__batch_size": 8, "order_policy__train_model": True}
+    over |= {"dpo__sync_ref_model": True, "dpo__ref_model_mixup_alpha": 0.5, "dpo__ref_model_sync_steps": 1}
+    keys = ("loss", "rewards/margins", "rewards/chosen", "order_policy/grad_norm", "eval_accuracy")
+    make = lambda out: DPOTrainer(sudoku_order(out, **over))
+    straight, resumed = kill_and_resume(make, tmp_path, capsys, keys)
+    wa = load_file(Path(straight["final"]) / "model.safetensors")
+    wb = load_file(Path(resumed["final"]) / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_order_dpo_refuses_settings_it_cannot_train(tmp_path):
     with pytest.raises(ConfigError, match="rollout.order=policy trains the learned order"):
         DPOTrainer(sudoku_order(tmp_path / "a", rollout__order_temperature=0.0))
