@@ -54,9 +54,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--head", action="append", default=[], help="a trained order_policy.pt to start each step from")
+    ap.add_argument("--dpo-beta", type=float, default=None, help="DPO's beta (default: the recipe's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     geometry = ["dpo.num_generations=16", "train.batch_size=16"]
+    geometry += [] if args.dpo_beta is None else [f"dpo.beta={args.dpo_beta}"]
     with tempfile.TemporaryDirectory() as out:
         grpo = GRPOTrainer(load_recipe(GRPO, [f"train.output_dir={out}/g"]))
         one = DPOTrainer(load_recipe(DPO, [f"train.output_dir={out}/d1", *geometry, "dpo.pairs_per_prompt=1"]))
