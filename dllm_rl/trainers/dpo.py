@@ -425,12 +425,10 @@ class DPOTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         self.scheduler.step()
-        if (
-            self.ref_sync is not None
-        ):  # one optimizer step per trainer step: step + 1 of them so far, after a resume too
-            self.ref_sync.after_optimizer_step(
-                step + 1, (self.model, self.ref), (self.order_policy, self.ref_order_policy)
-            )
+        if self.ref_sync is not None:
+            # one optimizer step per trainer step: step + 1 of them so far, counted the same way after a resume
+            pairs = (self.model, self.ref), (self.order_policy, self.ref_order_policy)
+            self.ref_sync.after_optimizer_step(step + 1, *pairs)
         self.model.eval()
         out = {k: torch.cat(v).float().mean().item() for k, v in stats.items()}
         return {**out, **({"grad_norm": sum(norms) / len(norms)} if norms else {})}
