@@ -161,9 +161,8 @@ class DPOTrainer:
         else:
             self.ref, self.ref_mode = reference_model(r, run.model, d.reference, "dpo.reference")
         self.ref_sync = None
-        if d.sync_ref_model:  # TR-DPO: the reference (model copy and head) trails the policy
-            movable = ("frozen_copy", "same_model") if self.order_policy is not None else ("frozen_copy",)
-            self.ref_sync = ReferenceSync(d, self.ref_mode, "dpo", movable)
+        if d.sync_ref_model:  # TR-DPO: the reference (model copy and head; the head alone when same_model) trails
+            self.ref_sync = ReferenceSync(d, self.ref_mode, "dpo", movable=("frozen_copy", "same_model"))
         params = [{"params": [p for p in run.model.parameters() if p.requires_grad]}]
         checkpointed = ()
         if self.order_policy is not None:  # its own parameter group: a fresh head wants a larger step
