@@ -721,6 +721,8 @@ def _rules(r: Recipe, trainer: Optional[str]):
                 f"{trainer}.sync_ref_model: the reference under LoRA is the base with the adapter disabled, which "
                 f"cannot move (TRL refuses it too); set {trainer}.reference=frozen_copy or drop sync_ref_model"
             )
+        if sec.beta == 0:  # GRPO's beta 0 loads no reference at all
+            yield f"{trainer}.sync_ref_model needs a reference: set {trainer}.beta != 0 (TRL refuses it too)"
         if trainer == "dpo" and sec.precompute_ref_log_probs:
             yield (
                 "dpo.sync_ref_model moves the reference, so reference log-probs precomputed once go stale (TRL "

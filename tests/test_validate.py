@@ -268,6 +268,7 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["data.task=gsm8k", "data.eval_seed=2"], "data.eval_seed"),  # a fixed split has no other held-out set
         (["data.eval_seed=-1"], "data.eval_seed"),
         (["grpo.beta=0.04", "grpo.sync_ref_model=true", "model.lora.r=8"], "grpo.sync_ref_model"),  # LoRA's base
+        (["grpo.beta=0", "grpo.sync_ref_model=true"], r"set grpo.beta != 0"),  # beta 0 loads no reference
     ],
 )
 def test_each_bad_value_names_its_key(at_root, overrides, key):
