@@ -20,8 +20,9 @@ the losses per pair are the ones TRL 1.16's DPOTrainer computes under the same n
                   [1, rpo_alpha]), which keeps DPO from lowering the chosen completion's likelihood. TRL averages
                   over the batch's chosen tokens, this over each pair's; the two agree for equal lengths.
 
-`label_smoothing` is read by `robust` only, as in TRL 1.16 (whose `sigmoid` no longer mixes in cDPO's flipped
-term). Where TRL ignores a nonzero label_smoothing silently, `check` here refuses it with the fix.
+Of the losses here only `robust` reads `label_smoothing`; TRL 1.16's `sigmoid` no longer mixes in cDPO's flipped
+term either (TRL also reads it for its exo_pair and aot losses, which are not offered here). Where TRL
+ignores a nonzero label_smoothing silently, `check` here refuses it with the fix.
 Several loss types are summed with weights, as TRL's list-valued loss_type with loss_weights.
 
 The metrics are TRL's: rewards/chosen = mean beta (logpi_w - logref_w), rewards/rejected likewise,
@@ -120,8 +121,8 @@ def check(cfg) -> None:
         raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5) (got {cfg.label_smoothing})")
     if cfg.label_smoothing > 0 and not USES_LABEL_SMOOTHING & set(names):
         raise ConfigError(
-            f"dpo.label_smoothing={cfg.label_smoothing} is read only by loss_type robust (as in TRL 1.16, whose "
-            f"sigmoid loss no longer smooths labels); set dpo.loss_type=robust or dpo.label_smoothing=0"
+            f"dpo.label_smoothing={cfg.label_smoothing} is read only by loss_type robust of the losses here (TRL "
+            f"1.16's sigmoid no longer smooths labels); set dpo.loss_type=robust or dpo.label_smoothing=0"
         )
 
 

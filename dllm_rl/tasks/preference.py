@@ -17,10 +17,12 @@ Where a diffusion LM differs:
   last tokens;
 - rows TRL would train on silently but that carry no preference (chosen identical to rejected, an empty
   completion) or lack a column are refused with the row and the fix.
+A row's `tools` (a list, or its JSON text) and `chat_template_kwargs` columns reach the chat template, as in TRL.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -79,14 +81,21 @@ def prepare_preferences(dataset: datasets.Dataset, where: str) -> datasets.Datas
         )
     if len(dataset) == 0:
         raise ConfigError(f"{where}: the dataset has no rows")
-    if "prompt" not in dataset.column_names:  # implicit prompt, as TRL 1.16's DPOTrainer
+    implicit = "prompt" not in dataset.column_names
+    for i, row in enumerate(dataset):  # a null cell (a row without the column in a json file) would read as "None"
+        for col in ("chosen", "rejected") if implicit else ("prompt", "chosen", "rejected"):
+            if not isinstance(row[col], (str, list)):
+                raise ConfigError(
+                    f"{where}: row {i} has no {col} (got {row[col]!r}); give it text or a list of chat messages, "
+                    f"or drop the row"
+                )
+    if implicit:  # implicit prompt, as TRL 1.16's DPOTrainer
         dataset = dataset.map(extract_prompt)
+    after = " (after the prompt TRL's extract_prompt split off as chosen and rejected's common start)" * implicit
     for i, row in enumerate(dataset):
         for side in ("chosen", "rejected"):
             if not _text(row[side]).strip():
-                raise ConfigError(
-                    f"{where}: row {i} has an empty {side} completion (after the prompt); drop the row or fill it in"
-                )
+                raise ConfigError(f"{where}: row {i} has an empty {side} completion{after}; drop the row or fill it in")
         if row["chosen"] == row["rejected"]:
             raise ConfigError(
                 f"{where}: row {i} has chosen identical to rejected, which carries no preference; drop the row "
@@ -95,12 +104,20 @@ def prepare_preferences(dataset: datasets.Dataset, where: str) -> datasets.Datas
     return dataset
 
 
-def _encode(tokenizer, prompt, completion=None) -> list[int]:
+def _template_kwargs(row) -> dict:
+    """TRL's per-row arguments of the chat template: `tools` (a list or its JSON text) and `chat_template_kwargs`."""
+    tools = row.get("tools")
+    return {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
+
+
+def _encode(tokenizer, prompt, completion=None, template_kwargs=None) -> list[int]:
     """Token ids of the prompt (with the generation prompt) or of prompt + completion, as the rollout encodes
     prompts (rollout.encode_prompts: the chat template rendered, then tokenized without special tokens)."""
     if isinstance(prompt, list):
         messages = list(prompt) + (list(completion) if completion is not None else [])
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=completion is None, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=completion is None, tokenize=False, **(template_kwargs or {})
+        )
         return tokenizer(text, add_special_tokens=False).input_ids
     return tokenizer(str(prompt) + (str(completion) if completion is not None else "")).input_ids
 
@@ -118,8 +135,9 @@ def tokenize_preferences(dataset: datasets.Dataset, tokenizer, canvas: int, cfg,
                 f"{where}: row {i} mixes a conversational and a plain prompt/completion; make both lists of "
                 f"messages or both strings"
             )
-        prompt = _encode(tokenizer, row["prompt"])
-        full = [_encode(tokenizer, row["prompt"], row[side]) for side in ("chosen", "rejected")]
+        kw = _template_kwargs(row)
+        prompt = _encode(tokenizer, row["prompt"], template_kwargs=kw)
+        full = [_encode(tokenizer, row["prompt"], row[side], kw) for side in ("chosen", "rejected")]
         start = min(common_prefix_length(prompt, f) for f in full)
         prompt, completions = prompt[:start], []
         for side, ids in zip(("chosen", "rejected"), full):
@@ -156,12 +174,12 @@ def _truncate(prompt: list[int], completions: list[list[int]], cfg, where: str, 
             )
         return prompt, [c[: m - len(prompt)] for c in completions]
     keep = m - max(len(c) for c in completions)  # keep_end: one prompt cut for both sequences
-    if keep < 1:
+    if keep < 0 or (keep == 0 and prompt):
         raise ConfigError(
-            f"{where}: row {i}: a completion alone has {max(len(c) for c in completions)} tokens, at least "
-            f"dpo.max_length={m}; raise dpo.max_length or drop the row"
+            f"{where}: row {i}: a completion alone has {max(len(c) for c in completions)} tokens, which leaves no "
+            f"room for its prompt within dpo.max_length={m}; raise dpo.max_length or drop the row"
         )
-    return prompt[-keep:], completions
+    return prompt[max(len(prompt) - keep, 0) :], completions
 
 
 def collate_pairs(

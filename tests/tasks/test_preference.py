@@ -79,6 +79,44 @@ def test_truncation(tokenizer):
     assert cut == 1 and text(tokenizer, p.chosen_ids) == "012345" and p.rejected_ids[-1] == tokenizer.eos_token_id
 
 
+def test_keep_end_fits_a_completion_of_max_length_tokens_when_there_is_no_prompt(tokenizer):
+    (p,), _ = tokenized(
+        [{"prompt": "", "chosen": "bcdefg", "rejected": "c"}], tokenizer, max_length=7, truncation_mode="keep_end"
+    )
+    assert p.prompt_ids == [] and text(tokenizer, p.chosen_ids) == "bcdefg" + tokenizer.eos_token
+
+
+def test_a_rows_tools_and_chat_template_kwargs_reach_the_chat_template(tokenizer):
+    """TRL renders each row with its `tools` (a list or its JSON text) and `chat_template_kwargs`."""
+    import dllm_rl.models as M
+
+    tok = M.build_char_tokenizer()
+    tok.chat_template = (
+        "{% if tools %}T{{ tools | length }}|{% endif %}{% if terse %}!{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    user = [{"role": "user", "content": "q"}]
+    rows = [
+        {
+            "prompt": user,
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+            "tools": None,
+            "chat_template_kwargs": None,
+        },
+        {
+            "prompt": user,
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+            "tools": '[{"name": "f"}, {"name": "g"}]',
+            "chat_template_kwargs": {"terse": True},
+        },
+    ]
+    pairs, _ = tokenized(rows, tok)
+    assert [text(tok, p.prompt_ids) for p in pairs] == ["q", "T2|!q"]
+    assert text(tok, pairs[1].chosen_ids) == "a" + tok.eos_token
+
+
 def test_collate_lays_out_chosen_then_rejected_on_the_canvas(tokenizer):
     pairs, _ = tokenized(DATA / "preferences_plain.jsonl", tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -115,6 +153,17 @@ def test_collate_lays_out_chosen_then_rejected_on_the_canvas(tokenizer):
             ],
             {},
             "row 0 has an empty chosen",
+        ),
+        (
+            [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": None, "chosen": "b", "rejected": "c"}],
+            {},
+            r"row 1 has no prompt \(got None\)",  # a json row without the column: not the text "None"
+        ),
+        ([{"chosen": "yes ", "rejected": "no"}], {}, "row 0 has an empty chosen completion \\(after the prompt TRL's"),
+        (
+            [{"prompt": "a", "chosen": "bcdefg", "rejected": "c"}],
+            {"max_length": 7, "truncation_mode": "keep_end"},
+            "row 0: a completion alone has 7 tokens, which leaves no room for its prompt",
         ),
         (
             [{"prompt": "a" * 10, "chosen": "b", "rejected": "c"}],
