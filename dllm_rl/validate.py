@@ -36,10 +36,8 @@ def _registries() -> list[tuple[str, dict]]:
     from .estimators import ESTIMATORS
     from .policy.orders import ORDERS
     from .rollout.commit import COMMIT_RULES
-    from .tasks import TASKS
 
     return [
-        ("data.task", TASKS),
         ("rollout.commit", COMMIT_RULES),
         ("rollout.order", ORDERS),
         ("estimator.name", ESTIMATORS),
@@ -155,10 +153,17 @@ def _defines(path: Path, name: str) -> bool:
 
 def _check_rewards(recipe: Recipe) -> None:
     from .rewards import REWARDS
+    from .rewards.plugins import _from_module, _is_file_reference
 
     for i, spec in enumerate(recipe.rewards):
         key, name = f"rewards[{i}].name", spec.name
         if name in REWARDS:
+            continue
+        if ":" in name and not _is_file_reference(name.rpartition(":")[0]):  # package.module:function
+            try:
+                _from_module(name, *name.rsplit(":", 1))
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from None
             continue
         if ":" in name:
             file, _, fn = name.rpartition(":")
@@ -176,7 +181,8 @@ def _check_rewards(recipe: Recipe) -> None:
             continue
         raise ConfigError(
             f"{key}: unknown reward {name!r}{did_you_mean(name, REWARDS)}; use a built-in "
-            f"({', '.join(sorted(REWARDS))}), path/to/file.py:function, or an entry point in group {REWARD_GROUP!r}"
+            f"({', '.join(sorted(REWARDS))}), path/to/file.py:function, package.module:function, or an entry point "
+            f"in group {REWARD_GROUP!r}"
         )
 
 
@@ -214,6 +220,9 @@ def validate_recipe(
     whether model.path / data paths will be loaded (not when the caller hands the trainer its own)."""
     trainer = trainer or recipe.algorithm
     validate(recipe, trainer)  # the field checks again: a recipe built or changed in Python did not pass load
+    from .tasks import check_task_name
+
+    check_task_name(recipe.data)
     for key, table in _registries():
         lookup(table, attrgetter(key)(recipe), key)
     from .algorithms.dpo import DPO_LOSSES

@@ -6,6 +6,7 @@ check the activation / logits formulas at 8B scale."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -332,6 +333,17 @@ def test_every_big_recipe_plans_and_fits_on_8_gpus(path, monkeypatch):
     assert recipe.model.path and recipe.train.deepspeed == "recipes/deepspeed/zero2.json"
     plan = plan_memory(recipe, gpus=8)
     assert "fits on one 80 GB H100" in format_plan(plan), format_plan(plan)
+
+
+@pytest.mark.parametrize("path", BIG_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_recipes_one_gpu_estimate_in_its_header_is_what_plan_computes(path, monkeypatch):
+    """The header's "`dllm-rl plan` estimates N GB" (one GPU, no DeepSpeed) is the current plan, rounded."""
+    monkeypatch.chdir(ROOT)
+    said = re.search(r"`dllm-rl plan` estimates (\d+) GB", path.read_text())
+    if said is None:
+        pytest.skip("no one-GPU estimate in this recipe's header")
+    plan = plan_memory(load_recipe(path, ["train.deepspeed=null"]), gpus=1)
+    assert round(plan.total / 1e9) == int(said.group(1)), format_plan(plan)
 
 
 def test_cli_plan_runs():

@@ -269,6 +269,11 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["data.eval_seed=-1"], "data.eval_seed"),
         (["grpo.beta=0.04", "grpo.sync_ref_model=true", "model.lora.r=8"], "grpo.sync_ref_model"),  # LoRA's base
         (["grpo.beta=0", "grpo.sync_ref_model=true"], r"set grpo.beta != 0"),  # beta 0 loads no reference
+        (["data.task=reasoning_gym/mini_sudokku"], r"data.task: reasoning-gym has no task 'mini_sudokku'"),
+        (["data.task=reasoning_gym/mini_sudoku"], r"data.options: \['unique'\] are not options"),  # a sudoku knob
+        (["data.task=gym/mini_sudoku"], r"data.task \(FAMILY/NAME\) 'gym'"),
+        (["rewards=[{name: 'trl.rewards:no_such_reward'}]"], r"rewards\[0\].name: .*has no function 'no_such_reward'"),
+        (["rewards=[{name: 'no_such_pkg.mod:fn'}]"], r"rewards\[0\].name: .*cannot import module 'no_such_pkg.mod'"),
     ],
 )
 def test_each_bad_value_names_its_key(at_root, overrides, key):
@@ -314,6 +319,17 @@ def test_a_key_sft_would_ignore_is_rejected_for_sft_and_accepted_for_grpo(at_roo
         validate(dataclasses.replace(grpo, **{section: dataclasses.replace(getattr(grpo, section), **{name: value})}))
     except ConfigError as e:  # a rule across fields may still object (t_min vs t_max); never the trainer rule
         assert "never reads it" not in str(e), e
+
+
+def test_a_reasoning_gym_task_and_a_module_reward_pass_the_recipe_checks(at_root):
+    """data.task FAMILY/NAME and rewards named package.module:function are what the runtime loads, so the checks
+    that run before any model is built accept them (they used to look data.task up among the built-in tasks only
+    and read every NAME:function as a file)."""
+    r = load_and_validate(
+        BASES["grpo"],
+        ["data.task=reasoning_gym/mini_sudoku", "data.options={}", "rewards=[{name: 'trl.rewards:accuracy_reward'}]"],
+    )
+    assert r.data.task == "reasoning_gym/mini_sudoku" and r.rewards[0].name == "trl.rewards:accuracy_reward"
 
 
 def test_rewards_in_an_sft_recipe_are_rejected(at_root):

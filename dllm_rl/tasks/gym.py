@@ -54,7 +54,8 @@ class LazyRows:
         return list(self[0])
 
 
-def _check(name: str, options: dict) -> None:
+def check(name: str, options: dict) -> None:
+    """That reasoning-gym has task `name` and `options` are its config fields, without generating anything."""
     from reasoning_gym.factory import DATASETS
 
     if name not in DATASETS:
@@ -75,7 +76,7 @@ def load(cfg: DataConfig, name: str) -> Task:
 
     from ..rewards.gym import gym_dataset, gym_entry
 
-    _check(name, cfg.options)
+    check(name, cfg.options)
     options = json.dumps(cfg.options, sort_keys=True)
     system = SYSTEM_PROMPTS["default"] if cfg.system_prompt is None else cfg.system_prompt
 
