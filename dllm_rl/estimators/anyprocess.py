@@ -17,7 +17,8 @@ gradient reaches the head: it reads the hidden states detached); a learned order
 Exact (tests/estimators/test_anyprocess_likelihood.py enumerates a tiny case) when the commit count and the order do
 not depend on tokens drawn at positions that were not committed: commit=top_k with an order of the state
 (top_prob, margin, entropy, left_to_right, random, policy), as for the fill-only trajectory estimator. For
-rollout.order=random with a sampled order, each step's order term is the uniform draw order's constant.
+rollout.order=random, whose keys are uniform noise, each step's order term is the uniform draw order's constant,
+with or without order_temperature.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def estimate(model, batch, noise: Noise, tr, order_policy=None, edit_policy=None
             total = total.index_add(0, rows.to(device), lp.gather(-1, tok.to(device)[:, None])[:, 0])
         is_mask = (canvas == mask_id) & valid
         candidates = is_mask & (ops == 0)  # masks kept this step: the ones the order chose from
-        if sampled_order:
+        if sampled_order or rule.replay == "uniform":  # random: uniform draw orders, greedy or sampled alike
             total = total + _order_logprob(logits, hidden, valid, candidates, rows, pos, N, d, order_policy, mask_id)
         on = trace.edit_on[:, s].to(device)
         if on.any():

@@ -23,13 +23,18 @@ Exactness and cost (what is exact for which rollout):
   [j*k, (j+1)*k); block-causal: the same within each block): ceil(Lc / k) (ceil(block / k)) forwards. That
   is the exact likelihood of a sampler that commits the k leftmost tokens per step from one forward
   (left_to_right, rollout.steps = Lc / k); for a one-token-per-step rollout it is a surrogate.
-- For a rollout decoded in another order (low_confidence, top_prob, parallel commits) the AR-order
-  likelihood is not the sampler's probability: GRPO on it is off-policy (the first inner step's ratio is 1
-  either way, so nothing looks wrong); check() says so.
+- For a rollout decoded otherwise the AR-order likelihood is not the sampler's probability, and GRPO on it is
+  off-policy (the first inner step's ratio is 1 either way, so nothing looks wrong): another order
+  (low_confidence, top_prob, ...), a sampled order (rollout.order_temperature > 0), several commits per step
+  (rollout.steps < max_completion_length / merge_steps), self-correction, or token filters (top_k, top_p,
+  min_p, which this estimator does not apply). check() sees the order and its temperature only and notes
+  those two; the rest is the recipe's to get right.
 
 Departures from JustGRPO: the loss is the recipe's (JustGRPO: clipped ratio, no KL, Dr.GRPO-like
-normalisation), tokens after the first EOS are not scored (JustGRPO scores the whole canvas), and views go
-through the shared each_view (activation checkpointing per view) instead of one backward per token.
+normalisation); with a trace only the positions the sampler committed are scored (the first EOS and any token
+sampled after it; the EOS filled in after a row stopped is not), without one the completion_mask's (JustGRPO
+scores the whole canvas); and views go through the shared each_view (activation checkpointing per view)
+instead of one backward per token.
 """
 
 from __future__ import annotations
@@ -61,11 +66,14 @@ def build(cfg, tr) -> Estimator:
 def check(d: Decoding, k: int) -> list[str]:
     """Notes for rollouts whose probability the AR-order likelihood is not (nothing is refused: it is a
     well-defined likelihood of any completion)."""
-    if d.order != "left_to_right":
+    if d.order != "left_to_right" or d.order_temperature > 0:
+        how = f"rollout.order={d.order}" + (
+            f" sampled at order_temperature={d.order_temperature}" * (d.order_temperature > 0)
+        )
         return [
-            f"estimator.name=ar_order scores completions left to right, but rollout.order={d.order}: the AR-order "
-            "likelihood is not the rollout's probability (off-policy surrogate); rollout.order=left_to_right with "
-            f"rollout.steps = max_completion_length / {k} makes it exact"
+            f"estimator.name=ar_order scores completions left to right, but {how}: the AR-order likelihood is not "
+            "the rollout's probability (off-policy surrogate); rollout.order=left_to_right, order_temperature=0, "
+            f"with rollout.steps = max_completion_length / {k} makes it exact"
         ]
     return []
 

@@ -168,9 +168,8 @@ def view_logprobs(
             logits_range=(lo - shift, lo - shift),  # no logits
             output_hidden_states="last",
         )
-        return head_logprobs(
-            out.hidden_states[-1][:, lo - shift : lo + Lc - shift], head, batch.completion_ids, tr, temperature
-        )
+        targets = batch.completion_ids if targets_k is None else targets_k
+        return head_logprobs(out.hidden_states[-1][:, lo - shift : lo + Lc - shift], head, targets, tr, temperature)
     out = model(
         input_ids=ids,
         attention_mask=mask,

@@ -17,11 +17,14 @@ of masks in [max(1, floor(min_t * s)), floor(max_t * s)] at random positions, ea
 tokens after the first EOS are always masked; prompt tokens are masked with p_mask_prompt. The view scores
 block j's m masked tokens with weight w = n_b * s / m (Noise.weights).
 
-Bounds, per sequence and at SPG's scale: divided by the completion length n (SPG's loss multiplies them by
-n again: algorithms.losses.spg), returned as per-token contributions that sum to the sequence value.
+Bounds, per sequence and at SPG's scale, about 1/n of the sequence value (SPG's loss multiplies them by n
+again: algorithms.losses.spg), returned as per-token contributions that sum to the sequence value: the lower
+one divided by the completion length n, the upper one a mean over the tokens scored in at least one view
+(all n once the views are many; with few views and several blocks, fewer).
 - lower = (1/n) mean over views of sum_i w * log p(x_i | view). With min_t = 0, max_t = 1 (SPG's settings,
-  the defaults) its expectation is exactly ELBO(x) / n, ELBO(x) = sum_b mean over orders of block b of the
-  log of the product above <= log p(x) (Jensen): for each token, the ELBO averages its log-conditional
+  the defaults) and p_mask_prompt = 0 (the default is 0.15: last bullet) its expectation is exactly
+  ELBO(x) / n, ELBO(x) = sum_b mean over orders of block b of the log of the product above <= log p(x)
+  (Jensen): for each token, the ELBO averages its log-conditional
   uniformly over the mask sizes 1..s of its block (given that it is masked). With a narrower count range the
   average runs over the sizes in that range only, and is no bound.
 - upper (SPG's EUBO) = (1/beta) mean over tokens of log( mean over views of w * p(x_i | view)^beta ), tokens

@@ -175,6 +175,53 @@ def test_every_trajectory_has_its_probability(tokenizer):
     assert chi2 < dof + 6 * math.sqrt(2 * dof) + 10, (chi2, dof)
 
 
+def edit_rollout(order: str, order_temperature: float, **settings) -> RolloutConfig:
+    """A 12-slot any-process rollout (remask, insert, delete) at token temperature 0.9 with this order."""
+    return RolloutConfig(
+        max_completion_length=12,
+        temperature=0.9,
+        order=order,
+        order_temperature=order_temperature,
+        edit="any",
+        edit_max_insert=2,
+        **settings,
+    )
+
+
+@pytest.mark.parametrize("order_temperature", [0.0, 0.8])
+def test_a_random_order_is_scored_as_the_uniform_draw_it_is(model_factory, tokenizer, order_temperature):
+    """rollout.order=random fills in an order drawn uniformly, greedy over its uniform keys or sampled over them:
+    each step's order term is log((n - k)! / n!) for k fills among n kept masks, in both cases (as the fill-only
+    estimator counts it), so the estimate is the recorded fills and edits plus that term."""
+    m = model_factory()
+    torch.manual_seed(1)
+    head = EditHead(EditHeadConfig(hidden_size=32, width=16, heads=2, max_insert=2, init_bias=0.5))
+    cfg = edit_rollout(
+        "random", order_temperature, steps=4, edit_initial_length=6, edit_extra_steps=2, edit_max_per_step=2
+    )
+    out = generate(
+        m, tokenizer, ["hi", "a longer prompt", "x"], cfg, torch.Generator().manual_seed(0), edit_policy=head
+    )
+    t, mask_id = out.trace, tokenizer.mask_token_id
+    est = build_estimator(EstimatorConfig(name="trajectory"), traits(m))
+    with torch.no_grad():
+        e = est.estimate(m, out, est.draw(out), edit_policy=head)
+    want = t.edit_logprob.clone()
+    for r in range(len(t.num_steps)):
+        canvases = [torch.full((int(t.lengths[r, 0]),), mask_id)] + t.replay(r)
+        ev = t.events[t.events[:, 0] == r]
+        for step in range(int(t.num_steps[r])):
+            e_s = ev[ev[:, 1] == step]
+            fills = e_s[e_s[:, 4] == COMMIT]
+            edited = set(e_s[(e_s[:, 4] == REMASK) | (e_s[:, 4] == DELETE), 2].tolist())
+            n = sum(1 for i, tok in enumerate(canvases[step].tolist()) if tok == mask_id and i not in edited)
+            k = len(fills)
+            lp_fills = t.event_logprob[(t.events[:, 0] == r) & (t.events[:, 1] == step) & (t.events[:, 4] == COMMIT)]
+            want[r, step] += lp_fills.sum() + math.lgamma(n - k + 1) - math.lgamma(n + 1)
+    assert (want != t.edit_logprob).any()
+    assert torch.allclose(e.logps * e.mask, want * e.mask, atol=1e-4)
+
+
 @pytest.mark.parametrize("order,order_temperature", [("top_prob", 0.0), ("margin", 0.7), ("policy", 0.5)])
 def test_estimator_equals_the_recorded_logprobs(model_factory, tokenizer, order, order_temperature):
     """A batch of rows of different prompts and changing lengths (padded views): the estimate of each step is
@@ -187,18 +234,8 @@ def test_estimator_equals_the_recorded_logprobs(model_factory, tokenizer, order,
     torch.nn.init.normal_(head.out[1].weight, std=1.0)
     oh = OrderHead(OrderHeadConfig(hidden_size=32, width=16, heads=2))
     torch.nn.init.normal_(oh.out[1].weight)
-    cfg = RolloutConfig(
-        max_completion_length=12,
-        steps=6,
-        temperature=0.9,
-        top_k=20,
-        order=order,
-        order_temperature=order_temperature,
-        edit="any",
-        edit_max_insert=2,
-        edit_initial_length=5,
-        edit_extra_steps=3,
-        edit_max_per_step=3,
+    cfg = edit_rollout(
+        order, order_temperature, steps=6, top_k=20, edit_initial_length=5, edit_extra_steps=3, edit_max_per_step=3
     )
     prompts = ["hi", "a longer prompt here", [{"role": "user", "content": "12_4\n__3_"}], "x"]
     out = generate(m, tokenizer, prompts, cfg, torch.Generator().manual_seed(0), edit_policy=head, order_policy=oh)

@@ -173,9 +173,13 @@ def test_on_a_left_to_right_rollout_it_is_the_rollout_probability(tokenizer, att
         assert torch.allclose(est, estimate(traj, model, batch), atol=1e-5, rtol=0)
 
 
-def test_another_order_is_flagged_off_policy(tokenizer):
+@pytest.mark.parametrize("order,order_temperature", [("top_prob", 0.0), ("left_to_right", 0.5)])
+def test_another_order_is_flagged_off_policy(tokenizer, order, order_temperature):
+    """Another order, or left to right sampled (a Plackett-Luce order over it, not left to right)."""
     model = build(tokenizer)
-    cfg = RolloutConfig(max_completion_length=8, steps=8, temperature=0.8, order="top_prob")
+    cfg = RolloutConfig(
+        max_completion_length=8, steps=8, temperature=0.8, order=order, order_temperature=order_temperature
+    )
     batch = generate(model, tokenizer, [[5, 7, 4]], cfg, torch.Generator().manual_seed(0))
     notes = ar_order(model).check(batch.trace.decoding)
-    assert len(notes) == 1 and "off-policy" in notes[0]
+    assert len(notes) == 1 and "off-policy" in notes[0] and f"rollout.order={order}" in notes[0]

@@ -33,19 +33,28 @@ def test_cpu_keeps_the_logits_path(model_factory, tokenizer):
 
 
 @pytest.mark.parametrize(
-    "attention,shift,temperature", [("bidirectional", 0, 1.0), ("block_causal", 0, 0.7), ("bidirectional", 1, 0.9)]
+    "attention,shift,temperature,retargeted",
+    [
+        ("bidirectional", 0, 1.0, False),
+        ("block_causal", 0, 0.7, False),
+        ("bidirectional", 1, 0.9, False),
+        ("bidirectional", 0, 0.8, True),  # self-correction: tokens taken back are scored as they were committed
+    ],
 )
-def test_fused_branch_matches_the_logits_path(model_factory, tokenizer, monkeypatch, attention, shift, temperature):
+def test_fused_branch_matches_the_logits_path(
+    model_factory, tokenizer, monkeypatch, attention, shift, temperature, retargeted
+):
     m = model_factory(attention=attention, block_size=4).train()
     m.config.logits_shift = shift  # a Dream-style model: logits[i - 1] predicts token i
     tr = traits(m, tokenizer)
     batch, masked = _batch(tokenizer)
     args = (m, batch, masked, None, tr, temperature)
+    targets = _batch(tokenizer, seed=1)[0].completion_ids if retargeted else None
 
     def run(fused: bool):
         monkeypatch.setattr(base, "use_fast_path", lambda t: fused)
         m.zero_grad()
-        lp = base.view_logprobs(*args)
+        lp = base.view_logprobs(*args, targets_k=targets)
         (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
         return lp.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
