@@ -234,7 +234,7 @@ class GRPOConfig:
     generation_batch_size: Optional[Count] = None  # TRL's: completions per rollout on all processes (or the above)
     disable_dropout: bool = False  # TRL's: set every nn.Dropout of the policy (and reference) to p = 0
     use_bias_correction_kl: bool = False  # TRL's (its default: true): KL term x the importance ratio
-    reward_weights: Optional[list[float]] = None  # TRL's: weights of the Python reward_funcs (recipe rewards: weight)
+    reward_weights: Optional[list[float]] = None  # TRL's: one weight per reward (or each reward's own weight)
 
 
 @dataclass
@@ -728,6 +728,14 @@ def _rules(r: Recipe, trainer: Optional[str]):
                 "dpo.sync_ref_model moves the reference, so reference log-probs precomputed once go stale (TRL "
                 "refuses the two together too); set dpo.precompute_ref_log_probs=false or dpo.sync_ref_model=false"
             )
+    if trainer == "grpo" and r.grpo.reward_weights is not None and r.rewards:  # Python reward_funcs: at build
+        if len(r.grpo.reward_weights) != len(r.rewards):
+            yield (
+                f"grpo.reward_weights has {len(r.grpo.reward_weights)} weights for {len(r.rewards)} rewards; give "
+                f"one each"
+            )
+        elif any(s.weight != 1.0 for s in r.rewards):
+            yield "grpo.reward_weights and rewards[i].weight both weight the recipe's rewards; keep one"
     if trainer == "sft" and ro.order == "policy":
         yield "rollout.order: 'policy' needs a learned order head, which SFT does not train; pick another order"
     o, d = r.optim, OptimConfig()
@@ -749,8 +757,11 @@ def _list_item(tp):
 
 def _grpo_rules(r: Recipe):
     g, h = r.grpo, r.hybrid
-    if g.loss_type == "spg" and g.beta != 0:
-        yield f"grpo.beta: {g.beta} with grpo.loss_type=spg, which has no KL term (as SPG); set grpo.beta=0"
+    if g.loss_type in ("spg", "wd1") and g.beta != 0:
+        paper = "SPG" if g.loss_type == "spg" else "wd1's objective"
+        yield (
+            f"grpo.beta: {g.beta} with grpo.loss_type={g.loss_type}, which has no KL term (as {paper}); set grpo.beta=0"
+        )
     if g.top_entropy_quantile < 1 and g.loss_type in ("wd1", "spg"):
         yield (
             f"grpo.top_entropy_quantile: {g.top_entropy_quantile} masks a per-token policy loss, which "

@@ -62,6 +62,7 @@ TRL_FIELDS = {
     "report_to": ("train.report_to", _report_to),
     "deepspeed": ("train.deepspeed", lambda v: v if v is None or isinstance(v, str) else _refuse("deepspeed", v)),
     "gradient_checkpointing": ("model.gradient_checkpointing", bool),
+    "activation_checkpointing": ("model.gradient_checkpointing", bool),  # transformers' newer name, kept in sync
     "trust_remote_code": ("model.trust_remote_code", bool),
     "shuffle_dataset": ("train.shuffle_dataset", bool),
     "log_completions": ("train.log_completions", bool),
@@ -126,8 +127,8 @@ IGNORED = {
     "save_only_model", "save_on_each_node", "restore_callback_states_from_checkpoint", "resume_from_checkpoint",
     "ignore_data_skip", "tf32", "torch_empty_cache_steps", "use_liger_kernel", "liger_kernel_config",
     "ds3_gather_for_generation", "cast_lm_head_to_fp32", "pad_to_multiple_of", "num_generations_eval",
-    "log_multimodal", "log_unique_prompts", "chat_template_kwargs", "cache_implementation",
-    "gradient_checkpointing_kwargs", "include_num_input_tokens_seen", "average_tokens_across_devices",
+    "log_multimodal", "log_unique_prompts", "cache_implementation", "gradient_checkpointing_kwargs",
+    "activation_checkpointing_kwargs", "include_num_input_tokens_seen", "average_tokens_across_devices",
     "accelerator_config", "full_determinism", "data_seed", "bf16_full_eval", "fp16_full_eval", "trackio_space_id",
     "trackio_bucket_id", "trackio_static_space_id", "batch_eval_metrics", "eval_use_gather_object",
     "eval_do_concat_batches", "label_names", "include_for_metrics", "load_best_model_at_end",
@@ -188,6 +189,12 @@ def recipe_from_trl_args(args, recipe: Recipe | None = None, num_rows: int | Non
         raise ConfigError(
             f"GRPOConfig fields without a dllm-rl meaning: {', '.join(unknown)}; remove them (README 'Coming from "
             f"TRL' lists what maps to what)"
+        )
+    epochs = not _same(fields.get("num_train_epochs"), defaults.get("num_train_epochs"))
+    if epochs and num_rows is None and not (fields.get("max_steps") or -1) > 0:
+        raise ConfigError(
+            f"num_train_epochs={fields['num_train_epochs']} counts passes over the training rows, which are unknown "
+            f"until the recipe's dataset loads; pass train_dataset=, or set max_steps (TRL's) or train.max_steps"
         )
     for name, (dotted, convert) in TRL_FIELDS.items():
         if name in fields:

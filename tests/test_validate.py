@@ -259,7 +259,8 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["optim.momentum=0.9"], "optim.momentum"),  # adamw never reads it
         (["optim.name=sgd", "optim.betas=[0.8, 0.9]"], "optim.betas"),
         (["grpo.loss_type=spg", "grpo.beta=0.04"], "grpo.beta"),
-        (["grpo.loss_type=wd1", "grpo.top_entropy_quantile=0.2"], "grpo.top_entropy_quantile"),
+        (["grpo.loss_type=wd1", "grpo.top_entropy_quantile=0.2", "grpo.beta=0"], "grpo.top_entropy_quantile"),
+        (["grpo.loss_type=wd1"], r"grpo.beta: 0.04 with grpo.loss_type=wd1, which has no KL term"),  # base: 0.04
         (["hybrid.planner.train=true"], "hybrid.planner.train"),  # hybrid.plan is none
         (["hybrid.train_executor=false"], "hybrid.train_executor"),
         (["order_policy.train_model=false"], "order_policy.train_model"),  # rollout.order=top_prob has no head
@@ -274,6 +275,8 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["data.task=gym/mini_sudoku"], r"data.task \(FAMILY/NAME\) 'gym'"),
         (["rewards=[{name: 'trl.rewards:no_such_reward'}]"], r"rewards\[0\].name: .*has no function 'no_such_reward'"),
         (["rewards=[{name: 'no_such_pkg.mod:fn'}]"], r"rewards\[0\].name: .*cannot import module 'no_such_pkg.mod'"),
+        (["grpo.reward_weights=[1.0, 2.0]"], r"grpo.reward_weights has 2 weights for 1 rewards"),
+        (["grpo.reward_weights=[1.0]", "rewards=[{name: sudoku, weight: 2.0}]"], "grpo.reward_weights"),
     ],
 )
 def test_each_bad_value_names_its_key(at_root, overrides, key):

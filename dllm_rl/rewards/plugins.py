@@ -123,9 +123,20 @@ def build_rewards(
 ) -> list[Reward]:
     """The rewards of a run: the recipe's `specs`, or, when `funcs` is given, those instead (TRL's
     `reward_funcs`: one callable, a list of them or of reward names, or {name: callable}); `weights` are
-    TRL's `reward_weights` for `funcs`. Two rewards with one name are refused."""
+    TRL's `reward_weights`, one per reward (the recipe's rewards too, whose own `weight`s must then stay 1).
+    Two rewards with one name are refused."""
     if funcs is None or (isinstance(funcs, (list, tuple, dict)) and not funcs):
-        rewards = [Reward(s.name, resolve_reward(s.name), s.weight, dict(s.kwargs)) for s in specs]
+        if weights is not None:
+            if len(weights) != len(specs):
+                raise ConfigError(
+                    f"grpo.reward_weights has {len(weights)} weights for {len(specs)} rewards; give one each"
+                )
+            if any(s.weight != 1.0 for s in specs):
+                raise ConfigError(
+                    "grpo.reward_weights and rewards[i].weight both weight the recipe's rewards; keep one"
+                )
+        weights = [s.weight for s in specs] if weights is None else weights
+        rewards = [Reward(s.name, resolve_reward(s.name), w, dict(s.kwargs)) for s, w in zip(specs, weights)]
     else:
         if isinstance(funcs, dict):
             items = list(funcs.items())

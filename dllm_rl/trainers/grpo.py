@@ -207,7 +207,9 @@ class GRPOTrainer:
         G = self.recipe.grpo.num_generations
         columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
-        state = TrainerState(global_step=step, max_steps=self.recipe.train.max_steps)
+        # TRL's state counts optimizer steps: `step` rollouts so far, each feeding num_iterations x chunks of them
+        u = self.recipe.grpo.num_iterations * self.geometry.chunks
+        state = TrainerState(global_step=step * u, max_steps=self.recipe.train.max_steps * u)
         self.reward_log.clear()
         rewards, per_fn = compute_rewards(
             self.rewards,

@@ -52,7 +52,10 @@ def trainer_inputs(
     elif eval_dataset is not None:
         raise ConfigError("eval_dataset= needs train_dataset= (or a recipe's data section for both)")
     if args is not None:
-        recipe = recipe_from_trl_args(args, recipe, num_rows=len(task.train) if task is not None else None)
+        rows = len(task.train) if task is not None else None
+        if rows is None and recipe is not None and not recipe.data.dataset and recipe.data.task != "dataset":
+            rows = recipe.data.train_size  # a generated task: its training rows, known before it is built
+        recipe = recipe_from_trl_args(args, recipe, num_rows=rows)
     if recipe is None:
         raise ConfigError(
             "GRPOTrainer needs a recipe (dllm_rl.load_recipe(PATH)) or TRL's args=GRPOConfig(...) with a model"

@@ -310,3 +310,16 @@ def test_async_reward_functions_work():
 
     total, _ = compute_rewards([Reward("judge", judge)], ["p", "p"], ["4", "5"], [[1], [2]], {"answer": ["4", "4"]})
     assert total.tolist() == [1.0, 0.0]
+
+
+def test_reward_weights_weigh_the_recipes_rewards_as_trl_weighs_its_reward_funcs():
+    """TRL's reward_weights apply to every reward function; a recipe's rewards are those functions here."""
+    from dllm_rl.config import RewardSpec
+
+    specs = [RewardSpec("sudoku"), RewardSpec("format_strict")]
+    assert [r.weight for r in build_rewards(specs, None, [0.0, 2.0])] == [0.0, 2.0]
+    assert [r.weight for r in build_rewards(specs, None, None)] == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="2 weights for 1 rewards"):
+        build_rewards(specs[:1], None, [1.0, 2.0])
+    with pytest.raises(ConfigError, match="both weight the recipe's rewards"):
+        build_rewards([RewardSpec("sudoku", weight=3.0)], None, [1.0])

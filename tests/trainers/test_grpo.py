@@ -205,7 +205,7 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
     crash = {"armed": True}
 
     def tripwire(prompts, completions, trainer_state, **kwargs):
-        if crash["armed"] and trainer_state.global_step == 3:
+        if crash["armed"] and trainer_state.global_step == 6:  # the fourth rollout: 3 x 2 optimizer steps done
             raise RuntimeError("simulated kill")
         return [0.0] * len(completions)
 
@@ -453,3 +453,20 @@ def test_headroom_benchmark_tracks_each_puzzle():
     ).stdout
     on_train = evaluate_recipe(model, tok, replace(task, eval=task.train.select(range(48))), r)["accuracy"]
     assert "48 training puzzles" in out and f"| {ckpt} | {on_train:.3f} |" in out, (on_train, out)
+
+
+def test_rewards_see_trls_trainer_state_in_optimizer_steps(tmp_path):
+    """TRL hands a reward its TrainerState, which counts optimizer steps; a rollout here feeds num_iterations x
+    (steps_per_generation / gradient_accumulation_steps) of them, so a curriculum written for TRL switches at
+    the same point."""
+    seen = []
+
+    def record(prompts, completions, trainer_state, **kwargs):
+        seen.append((trainer_state.global_step, trainer_state.max_steps))
+        return [0.0] * len(completions)
+
+    r = recipe(tmp_path, train__max_steps=2, train__batch_size=2, grpo__num_iterations=2, grpo__num_generations=2)
+    tr = GRPOTrainer(r, reward_funcs=[record])
+    for step in range(2):
+        tr.step(step)
+    assert seen == [(0, 4), (2, 4)]

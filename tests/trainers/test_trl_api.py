@@ -118,7 +118,19 @@ def test_grpo_config_fields_without_a_meaning_are_refused_by_name():
         recipe_from_trl_args(args(remove_unused_columns=True, entropy_coef=0.1))
     with pytest.raises(ConfigError, match="multiple of grpo.num_generations"):
         recipe_from_trl_args(args(per_device_train_batch_size=6, gradient_accumulation_steps=2, num_generations=4))
+    with pytest.raises(ConfigError, match="chat_template_kwargs=.*enable_thinking"):  # would change the prompts
+        recipe_from_trl_args(args(chat_template_kwargs={"enable_thinking": False}))
     recipe_from_trl_args(args(run_name="x", push_to_hub=False, disable_tqdm=True))  # machinery only: accepted
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecates gradient_checkpointing
+@pytest.mark.parametrize("field", ["gradient_checkpointing", "activation_checkpointing"])
+def test_gradient_checkpointing_maps_by_either_name(field):
+    """transformers 5 keeps gradient_checkpointing and activation_checkpointing in sync; both are the recipe's
+    model.gradient_checkpointing (turning it off used to be refused as an unknown activation_checkpointing)."""
+    off, on = args(**{field: False}), args(**{field: True})
+    assert not recipe_from_trl_args(off).model.gradient_checkpointing
+    assert recipe_from_trl_args(on).model.gradient_checkpointing
 
 
 def test_args_override_a_recipe_and_epochs_become_steps():
@@ -127,6 +139,16 @@ def test_args_override_a_recipe_and_epochs_become_steps():
     assert r.estimator == base.estimator and r.rollout.steps == base.rollout.steps  # diffusion settings kept
     assert r.train.batch_size == 2 and r.train.max_steps == 40  # 2 epochs of 40 prompts, 2 per step
     assert base.train.batch_size != 2  # the recipe passed in is not modified
+
+
+def test_epochs_without_countable_rows_are_refused_not_dropped():
+    """num_train_epochs over a recipe's dataset (rows unknown until it loads) used to leave the recipe's
+    max_steps in place silently; a generated task counts data.train_size rows."""
+    data = {"algorithm": "grpo", "data": {"dataset": "my.jsonl"}, "grpo": {"num_generations": 8}}
+    with pytest.raises(ConfigError, match="num_train_epochs=2.*pass train_dataset="):
+        recipe_from_trl_args(args(num_train_epochs=2), recipe_from_dict(data))
+    assert recipe_from_trl_args(args(num_train_epochs=2, max_steps=8), recipe_from_dict(data)).train.max_steps == 8
+    assert recipe_from_trl_args(args(), recipe_from_dict(data)).train.max_steps == 100  # TRL's default: the recipe's
 
 
 def test_the_recipe_takes_trls_batch_unit_too():
