@@ -9,9 +9,11 @@ N completions, Lc completion positions. The clipped family follows TRL 1.16's `_
   aggregations: grpo = mean over each sequence's tokens then over sequences; bnpo = over all tokens of the
   micro-batch; dapo = over all tokens of the optimizer step on every process (DAPO's token-level mean over
   the accumulated batch, arXiv 2503.14476: the trainer passes the normaliser, `token_normalizer`; without it,
-  the micro-batch's tokens); dr_grpo = sum / (N * Lc) (arXiv 2503.20783). With use_bias_correction_kl (TRL's
-  default, not the recipe's) the k3 term is multiplied by the unclipped ratio (it is 1 when the rollout feeds
-  a single optimizer step).
+  the micro-batch's tokens; when one rollout feeds several optimizer steps, steps_per_generation > GA, each
+  step divides by its own tokens, where TRL divides by the rollout's tokens per step on average: the same at
+  TRL's default steps_per_generation = GA); dr_grpo = sum / (N * Lc) (arXiv 2503.20783). With
+  use_bias_correction_kl (TRL's default, not the recipe's) the k3 term is multiplied by the unclipped ratio
+  (it is 1 when the rollout feeds a single optimizer step).
 - cispo (MiniMax-M1, arXiv 2506.13585): REINFORCE weighted by the ratio clipped from above at epsilon_high
   (detached), -min(r, eps_high) * A * logp, aggregated like dapo.
 - sapo (arXiv 2511.20347): a soft gate instead of the clip, -(4 / tau) * sigmoid(tau * (r - 1)) * A, with
