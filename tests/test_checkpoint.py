@@ -64,13 +64,18 @@ def _write(tmp_path, run_dir, max_steps, keep, name="r.yaml") -> Path:
 
 
 def _launch(recipe: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dllm_rl", "sft", str(recipe)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )
+    """The run, its stderr (the progress bar: more than a pipe holds) in a file beside the recipe: proc.log()."""
+    log = recipe.with_suffix(".log")
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dllm_rl", "sft", str(recipe)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        )
+    proc.log = lambda: log.read_text(errors="replace")[-2000:]
+    return proc
 
 
 def _newest(run: Path) -> int:
@@ -81,10 +86,10 @@ def _newest(run: Path) -> int:
 @pytest.mark.slow
 def test_kill_9_at_random_moments_leaves_only_loadable_checkpoints_and_resumes(tmp_path):
     rng = random.Random(0)
-    steps, kills = 60, 12
+    steps, kills = 200, 12  # a step takes 0.03-0.1 s: twelve kills land well before the end
     straight = tmp_path / "straight"
     proc = _launch(_write(tmp_path, straight, steps, 2, "straight.yaml"))
-    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-2000:]
+    assert proc.wait(timeout=600) == 0, proc.log()
     run = tmp_path / "killed"
     killed_at = []
     for i in range(kills):
@@ -95,7 +100,7 @@ def test_kill_9_at_random_moments_leaves_only_loadable_checkpoints_and_resumes(t
         while _newest(run) == start and proc.poll() is None:  # wait until it resumed and saved once
             assert time.time() < deadline, "no checkpoint written"
             time.sleep(0.01)
-        assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read().decode()[-2000:]}"
+        assert proc.poll() is None, f"the run ended before it was killed: {proc.log()}"
         time.sleep(rng.uniform(0.0, 0.6))  # steps save and rotate every ~0.1 s: any moment of either
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -110,7 +115,7 @@ def test_kill_9_at_random_moments_leaves_only_loadable_checkpoints_and_resumes(t
                 assert p in listed, sorted(x.name for x in run.iterdir())
     assert killed_at[-1] < steps, killed_at  # every kill landed before the end
     proc = _launch(_write(tmp_path, run, steps, 2))
-    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-2000:]
+    assert proc.wait(timeout=600) == 0, proc.log()
     assert [c.name for c in checkpoints(run)] == [f"checkpoint-{steps - 1}", f"checkpoint-{steps}"]
     assert not [p.name for p in run.iterdir() if p.name.endswith((".tmp", ".old", ".deleting"))]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

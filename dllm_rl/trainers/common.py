@@ -106,6 +106,30 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def saved_recipe(recorded: Path, recipe: Recipe, check: bool = True) -> dict:
+    """The resolved recipe that `recorded` (a checkpoint, final/, or a run directory) was written with; `check`:
+    after checking that `recipe` may continue it (the same up to RESUMABLE_CHANGES, or train.resume=force)."""
+    r = recipe.train
+    if not (recorded / "recipe.yaml").is_file():
+        raise ConfigError(
+            f"train.output_dir {r.output_dir!r} holds {recorded.name}/ without its recipe.yaml, so this recipe "
+            f"cannot be checked against it: pick a new train.output_dir"
+        )
+    saved = yaml.safe_load((recorded / "recipe.yaml").read_text()) or {}
+    current = recipe_to_dict(recipe)
+    differ = recipe_differences(saved, current) if check else []
+    if differ and r.resume != "force":
+        was, now = _flat(saved), _flat(current)
+        shown = ", ".join(f"{k} ({was.get(k)!r} -> {now.get(k)!r})" for k in differ[:6])
+        raise ConfigError(
+            f"train.output_dir {r.output_dir!r} holds a run with another recipe: {shown}"
+            + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+            + ". Pick a new train.output_dir for a new run, or set train.resume=force to continue that run "
+            "with these settings"
+        )
+    return saved
+
+
 def recipe_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ between two resolved recipes, ignoring RESUMABLE_CHANGES. A key one of
     them lacks (a recipe saved before the key existed) counts as its default."""
@@ -140,11 +164,12 @@ class Run:
         self.recipe = r = validate_recipe(recipe, check_model=model is None, check_data=task is None)
         set_threads(r.train.num_threads)
         self.acc = make_accelerator(r)
+        self._ckpt, self._final_done = self._check_run_dir()  # what the run directory allows, before any model
         self.task = task or load_task(r.data)
         if model is None:
             model, tokenizer = load_model(r.model, seed=r.train.seed)
         self.model, self.tokenizer, self.traits = model, tokenizer, traits(model, tokenizer)
-        self.start_step, self.finished = 0, False
+        self.start_step, self.finished, self._window = 0, False, {}
         self.optimizer = self.scheduler = self.log = None
 
     def prepare(self, param_groups, num_training_steps: int, checkpointed=()) -> None:
@@ -166,8 +191,11 @@ class Run:
         else:
             self.log = MetricsLogger(self.acc, r.train.output_dir, history, config=recipe_to_dict(r))
 
-    def _resume(self) -> list[dict]:
-        """The metrics history to continue; loads the newest complete checkpoint when the recipe allows it."""
+    def _check_run_dir(self) -> tuple[Path | None, bool]:
+        """(newest complete checkpoint or None, whether final/ holds a run of train.max_steps steps) of the run
+        directory, after checking that this recipe may continue what it holds: the same recipe (up to
+        RESUMABLE_CHANGES, or train.resume=force), no checkpoint past train.max_steps, and no new train.max_steps
+        under a scheduler that decays over it (the resumed run would follow neither schedule)."""
         r = self.recipe.train
         if self.acc.is_main_process:
             tidy(r.output_dir)
@@ -175,43 +203,54 @@ class Run:
         ckpt = latest_checkpoint(r.output_dir)
         final = Path(r.output_dir) / "final"
         if ckpt is None and not final.is_dir():
-            return []
+            return None, False
         if r.resume is False:
             raise ConfigError(
                 f"train.output_dir {r.output_dir!r} already holds a run and train.resume is false: "
                 f"pick a new train.output_dir (or delete that directory) to start afresh"
             )
-        recorded = ckpt if ckpt is not None else final
-        if not (recorded / "recipe.yaml").is_file():
-            raise ConfigError(
-                f"train.output_dir {r.output_dir!r} holds {recorded.name}/ without its recipe.yaml, so this "
-                f"recipe cannot be checked against it: pick a new train.output_dir"
-            )
-        saved = yaml.safe_load((recorded / "recipe.yaml").read_text()) or {}
-        current = recipe_to_dict(self.recipe)
-        differ = recipe_differences(saved, current)
-        if differ and r.resume != "force":
-            was, now = _flat(saved), _flat(current)
-            shown = ", ".join(f"{k} ({was.get(k)!r} -> {now.get(k)!r})" for k in differ[:6])
-            raise ConfigError(
-                f"train.output_dir {r.output_dir!r} holds a run with another recipe: {shown}"
-                + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
-                + ". Pick a new train.output_dir for a new run, or set train.resume=force to continue that run "
-                "with these settings"
-            )
+        saved = saved_recipe(ckpt if ckpt is not None else final, self.recipe)
+        done = (saved.get("train") or {}).get("max_steps")
         if ckpt is None:  # a finished run whose checkpoints were deleted: its records stand, nothing continues
-            done = (saved.get("train") or {}).get("max_steps")
             if done != r.max_steps:
                 raise ConfigError(
                     f"train.output_dir {r.output_dir!r} holds a finished run of {done} steps without a "
                     f"checkpoint to continue it to train.max_steps={r.max_steps}: pick a new train.output_dir"
                 )
+            return None, True
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        if step > r.max_steps:
+            raise ConfigError(
+                f"train.output_dir {r.output_dir!r} holds {ckpt.name}, past train.max_steps={r.max_steps}: set "
+                f"train.max_steps >= {step} to continue it, or pick a new train.output_dir"
+            )
+        sched = self.recipe.optim.lr_scheduler
+        if done != r.max_steps and sched not in ("constant", "constant_with_warmup") and r.resume != "force":
+            raise ConfigError(
+                f"train.max_steps: {done} -> {r.max_steps} on resume, and optim.lr_scheduler={sched} decays over "
+                f"train.max_steps, so the resumed run would follow neither schedule: keep train.max_steps={done}, "
+                f"or set train.resume=force to continue on the new horizon"
+            )
+        # final/ is written once the loop reaches train.max_steps; its recipe says how many steps it holds
+        final_done = final.is_dir() and (saved_recipe(final, self.recipe, check=False).get("train") or {}).get(
+            "max_steps"
+        )
+        return ckpt, step == r.max_steps and final_done == r.max_steps
+
+    def _resume(self) -> list[dict]:
+        """The metrics history to continue; loads the checkpoint `_check_run_dir` chose."""
+        r, ckpt = self.recipe.train, self._ckpt
+        if ckpt is None and not self._final_done:
+            return []
+        final = Path(r.output_dir) / "final"
+        if ckpt is None:
             self.start_step, self.finished = r.max_steps, True
             self.acc.print(f"{final} is a finished run (the run is complete: nothing to train)")
             return self._recorded_history([])
         state = load_checkpoint(ckpt, self.acc)
         self.start_step = state["step"]
-        self.finished = self.start_step >= r.max_steps and final.is_dir()
+        self.finished = self._final_done
+        self._window = state.get("window", {})
         self.acc.print(
             f"resumed from {ckpt} at step {self.start_step}"
             + (" (the run is complete: nothing to train)" if self.finished else "")
@@ -262,7 +301,8 @@ class Run:
         r = self.recipe.train
         # a context manager closes the bar on errors too, so the CLI's error line starts on a line of its own
         with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process, desc=name) as bar:
-            window = defaultdict(list)
+            # the steps since the last logged row: saved with a checkpoint, so a resumed run logs the same means
+            self._window = window = defaultdict(list, {k: list(v) for k, v in self._window.items()})
             for step in range(self.start_step, r.max_steps):
                 for k, v in step_fn(step).items():
                     window[k].append(v)
@@ -272,7 +312,7 @@ class Run:
                 if done % r.logging_steps == 0 or done == r.max_steps:
                     means = {k: window_mean(v) for k, v in window.items()}  # NaN skipped, as TRL's log()
                     self.log.log(done, {k: v for k, v in means.items() if v is not None})
-                    window = defaultdict(list)
+                    window.clear()
                 if evaluate is not None and (
                     r.eval_steps
                     and done % r.eval_steps == 0
@@ -293,7 +333,7 @@ class Run:
             self.model,
             self.tokenizer,
             self.recipe,
-            {"history": self.log.history},
+            {"history": self.log.history, "window": dict(self._window)},
             keep=self.recipe.train.save_total_limit,
             **extra,
         )

@@ -32,6 +32,7 @@ from ..rollout import generate
 from ..rollout.hybrid import hybrid_generate, plan_kind
 from ..tasks import load_task
 from ..tasks.plans import PLANS, task_plans
+from .common import saved_recipe
 
 
 class PlannerSFTTrainer:
@@ -107,24 +108,83 @@ class PlannerSFTTrainer:
             train_dataset=self.dataset(self.task.train.to_list()),
             processing_class=self.planner.tokenizer,
         )
-        resume = t.resume is not False and any(out.glob("checkpoint-*"))
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        ckpt = self._check_run_dir(out)
+        if ckpt == "finished":
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            accuracy = [row["plan_accuracy"] for row in rows if "plan_accuracy" in row][-1]
+            print(f"held-out plan accuracy {accuracy:.3f}, as recorded in {out} (the run is complete)")
+            return {"plan_accuracy": accuracy, "final": str(out / "final")}
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "recipe.yaml", lambda path: save_recipe(r, path))  # what a resume is checked against
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         self.planner.model.eval()
         accuracy = self.plan_accuracy(self.task.eval.to_list())
+        logged = [
+            {"step": h.get("step", 0), **{k: v for k, v in h.items() if k != "step"}} for h in trainer.state.log_history
+        ]  # TRL's training log (a resumed run's history included), then the held-out plan accuracy
+        rows = logged + [{"step": t.max_steps, "plan_accuracy": accuracy}]
+        _write_atomic(out / "metrics.jsonl", lambda path: path.write_text("".join(json.dumps(x) + "\n" for x in rows)))
         final, tmp = out / "final", out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.planner.save(tmp)
         save_recipe(r, tmp / "recipe.yaml")
-        replace_dir(tmp, final)  # final/ is whole or absent
-        logged = [
-            {"step": h.get("step", 0), **{k: v for k, v in h.items() if k != "step"}} for h in trainer.state.log_history
-        ]
-        with open(out / "metrics.jsonl", "a") as f:  # TRL's training log, then the held-out plan accuracy
-            for row in logged + [{"step": t.max_steps, "plan_accuracy": accuracy}]:
-                f.write(json.dumps(row) + "\n")
+        replace_dir(tmp, final)  # final/ is whole or absent, and written last: its presence marks a finished run
         n = len(self.task.eval)
         print(f"held-out plan accuracy {accuracy:.3f} over {n} {self.task.name} examples; planner in {final}")
         return {"plan_accuracy": accuracy, "final": str(final)}
+
+    def _check_run_dir(self, out: Path):
+        """The newest complete checkpoint to resume (HF's Trainer writes trainer_state.json last), None to start,
+        or "finished"; refuses what Run refuses: a run directory under train.resume=false, another recipe
+        (train.resume=force continues it), a checkpoint past train.max_steps."""
+        t = self.recipe.train
+        shutil.rmtree(out / "final.tmp", ignore_errors=True)
+        complete = [
+            c for c in out.glob("checkpoint-*") if c.name[11:].isdigit() and (c / "trainer_state.json").is_file()
+        ]
+        ckpt = max(complete, key=lambda c: int(c.name[11:]), default=None)
+        final = out / "final"
+        if ckpt is None and not final.is_dir():
+            return None
+        if t.resume is False:
+            raise ConfigError(
+                f"train.output_dir {t.output_dir!r} already holds a run and train.resume is false: pick a new "
+                f"train.output_dir (or delete that directory) to start afresh"
+            )
+        saved = saved_recipe(out if (out / "recipe.yaml").is_file() else final, self.recipe)
+        step = int(ckpt.name[11:]) if ckpt else t.max_steps
+        if step > t.max_steps:
+            raise ConfigError(
+                f"train.output_dir {t.output_dir!r} holds {ckpt.name}, past train.max_steps={t.max_steps}: set "
+                f"train.max_steps >= {step} to continue it, or pick a new train.output_dir"
+            )
+        done = (
+            (saved_recipe(final, self.recipe, check=False).get("train") or {}).get("max_steps")
+            if final.is_dir()
+            else None
+        )
+        if done == t.max_steps == step and (out / "metrics.jsonl").is_file():
+            return "finished"
+        if ckpt is None:
+            raise ConfigError(
+                f"train.output_dir {t.output_dir!r} holds a finished run of {done} steps without a checkpoint to "
+                f"continue it to train.max_steps={t.max_steps}: pick a new train.output_dir"
+            )
+        if (saved.get("train") or {}).get("max_steps") != t.max_steps and t.resume != "force":
+            if self.recipe.optim.lr_scheduler not in ("constant", "constant_with_warmup"):
+                raise ConfigError(
+                    f"train.max_steps changed on resume and optim.lr_scheduler={self.recipe.optim.lr_scheduler} "
+                    f"decays over it, so the resumed run would follow neither schedule: keep train.max_steps, or "
+                    f"set train.resume=force to continue on the new horizon"
+                )
+        return ckpt
+
+
+def _write_atomic(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`: a killed run leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------ in GRPO

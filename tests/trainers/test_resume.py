@@ -167,3 +167,56 @@ def test_a_finished_grpo_run_reports_its_recorded_final_accuracy(tmp_path, capsy
     assert again == first
     assert f"-> after {first['after']:.3f}" in capsys.readouterr().out
     assert snapshot(tmp_path / "run") == before
+
+
+def without_timing(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("seconds", "tokens_per_s", "steps_per_s"))} for r in rows]
+
+
+def test_a_stale_final_is_rewritten_and_a_checkpoint_past_max_steps_is_refused(tmp_path, capsys):
+    """A run extended from 2 to 4 steps and killed after checkpoint-4 but before final/ was rewritten holds the
+    2-step final/: it is not a finished 4-step run. A checkpoint past train.max_steps is not published as a
+    shorter run."""
+    run = tmp_path / "run"
+    recipe = str(write_recipe(tmp_path, run))
+    assert main(["sft", recipe]) == 0
+    shutil.copytree(run / "final", tmp_path / "final-2")
+    assert main(["sft", recipe, "train.max_steps=4"]) == 0
+    four = (run / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(run / "final")
+    shutil.copytree(tmp_path / "final-2", run / "final")  # the kill: final/ still the 2-step run's
+    capsys.readouterr()
+    assert main(["sft", recipe, "train.max_steps=4"]) == 0
+    assert "nothing to train" not in capsys.readouterr().out
+    assert (run / "final" / "model.safetensors").read_bytes() == four
+    assert yaml.safe_load((run / "final" / "recipe.yaml").read_text())["train"]["max_steps"] == 4
+    before = snapshot(run)
+    assert main(["sft", recipe, "train.max_steps=3"]) == 2
+    assert "holds checkpoint-4, past train.max_steps=3" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_a_new_horizon_under_a_decaying_schedule_needs_force(tmp_path, capsys):
+    """cosine decays over train.max_steps: continuing 2 steps to 3 would follow neither schedule."""
+    run = tmp_path / "run"
+    recipe = str(write_recipe(tmp_path, run, optim={"lr_scheduler": "cosine"}))
+    assert main(["sft", recipe]) == 0
+    capsys.readouterr()
+    assert main(["sft", recipe, "train.max_steps=3"]) == 2
+    assert "optim.lr_scheduler=cosine decays over train.max_steps" in capsys.readouterr().err
+    assert main(["sft", recipe, "train.max_steps=3", "train.resume=force"]) == 0
+    assert steps_logged(run) == [1, 2, 3]
+
+
+def test_a_resumed_run_logs_the_window_it_was_killed_in(tmp_path):
+    """logging_steps 3, save_steps 2: the step-3 row averages steps 1-3 in a straight run, and in a run killed
+    after checkpoint-2 too (the steps since the last row are saved with the checkpoint)."""
+    train = {"max_steps": 4, "logging_steps": 3, "save_steps": 2}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["sft", str(write_recipe(tmp_path, straight, train=train))]) == 0
+    shutil.copytree(straight, killed)
+    for name in ("final", "checkpoint-4"):
+        shutil.rmtree(killed / name)
+    assert main(["sft", str(write_recipe(tmp_path, killed, train=train))]) == 0
+    assert without_timing(killed) == without_timing(straight)
