@@ -85,17 +85,27 @@ def cmd_train(args, force_sft: bool) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from .config import RolloutConfig, load_recipe, recipe_from_dict
+    from .config import RolloutConfig, apply_overrides, load_recipe, recipe_from_dict
     from .models.load import load_model
     from .policy import edit_head_for, order_head_for
     from .rollout import generate
     from .rundir import resolve_model_dir
+    from .validate import check_hub_model
 
     model_dir = resolve_model_dir(args.checkpoint)
+    if not os.path.isdir(model_dir):
+        check_hub_model(model_dir, "CHECKPOINT")
     recipe_file = os.path.join(model_dir, "recipe.yaml")
-    recipe = (
-        load_recipe(recipe_file, args.overrides) if os.path.isfile(recipe_file) else recipe_from_dict({"rollout": {}})
-    )
+    if os.path.isfile(recipe_file):
+        recipe = load_recipe(recipe_file, args.overrides)
+    else:  # a model without its recipe: the default decoding, with the overrides
+        recipe = recipe_from_dict(apply_overrides({"rollout": {}}, list(args.overrides)))
+    if stray := sorted({o.split("=", 1)[0] for o in args.overrides if not o.startswith(("rollout.", "model."))}):
+        raise ConfigError(
+            f"generate reads rollout.* and model.* settings only; {', '.join(stray)} would be ignored: drop them"
+        )
+    if empty := [i for i, p in enumerate(args.prompt) if not p.strip()]:
+        raise ConfigError(f"--prompt number {empty[0] + 1} is empty; give the text to complete")
     model, tokenizer = load_model(recipe.model, path=model_dir)
     prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
     cfg: RolloutConfig = recipe.rollout
@@ -119,11 +129,17 @@ def cmd_eval(args) -> None:
     from .policy import edit_head_for, order_head_for
     from .rundir import resolve_model_dir
     from .tasks import load_task
+    from .validate import check_hub_model, validate_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    model, tokenizer = load_model(recipe.model, path=args.checkpoint)
-    task = load_task(recipe.data)
+    if args.samples < 1:
+        raise ConfigError(f"--samples {args.samples}: give at least 1 sample per prompt")
+    validate_recipe(recipe, check_model=False)  # the recipe's names and paths, before the model loads
     model_dir = resolve_model_dir(args.checkpoint)
+    if not os.path.isdir(model_dir):
+        check_hub_model(model_dir, "--checkpoint")
+    task = load_task(recipe.data)
+    model, tokenizer = load_model(recipe.model, path=args.checkpoint)
     order_policy = order_head_for(recipe.rollout.order, model, model_dir)
     edit_policy = edit_head_for(recipe.rollout, model, model_dir)
     trained = Path(model_dir) / "planner"  # a planner trained jointly with the model (GRPO's final/planner)
@@ -157,8 +173,12 @@ def cmd_eval(args) -> None:
 def cmd_plan(args) -> None:
     from .config import load_recipe
     from .memory import print_plan
+    from .validate import validate_recipe
 
-    print_plan(load_recipe(args.recipe, args.overrides), args.gpus, args.prompt_length, args.fused_logprobs)
+    if args.prompt_length is not None and args.prompt_length < 1:
+        raise ConfigError(f"--prompt-length {args.prompt_length}: give the prompt's token count (at least 1)")
+    recipe = validate_recipe(load_recipe(args.recipe, args.overrides), check_model=False, check_data=False)
+    print_plan(recipe, args.gpus, args.prompt_length, args.fused_logprobs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,13 +312,13 @@ class PlannerConfig:
     backend: Literal["transformers", "vllm"] = "transformers"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     system_prompt: Optional[str] = None  # prepended to the task's prompt for the planner
-    temperature: float = 1.0  # the planner's own sampling settings (0 = greedy)
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 32  # the plan's token budget
+    temperature: NonNegative = 1.0  # the planner's own sampling settings (0 = greedy)
+    top_k: Annotated[int, Check(ge=0, why="0 = off")] = 0
+    top_p: Annotated[float, Check(gt=0, le=1)] = 1.0
+    max_new_tokens: Count = 32  # the plan's token budget
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of a fresh tiny planner (planner_sft)
     train: bool = False  # GRPO: the planner's log-probs join the objective with the same group advantage
-    lr: float = 1e-4  # its own learning rate (same scheduler as the executor)
+    lr: LearningRate = 1e-4  # its own learning rate (same scheduler as the executor)
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters only
 
 
@@ -338,12 +338,12 @@ class HybridConfig:
 class ConsensusConfig:
     """Consensus distillation (trainers/consensus.py): SFT toward the majority vote of the model's samples."""
 
-    steps_per_round: int = 50  # optimizer steps per round; targets are rebuilt at the start of each round
-    prompts_per_round: int = 256  # fresh training prompts voted on per round
-    samples: int = 8  # votes per prompt
-    temperature: float = 1.0  # the voters' sampling temperature
-    min_share: float = 0.5  # keep a prompt when its winning answer has at least this share of the votes
-    max_paths: int = 4  # distinct completions with the winning answer kept as targets per prompt
+    steps_per_round: Count = 50  # optimizer steps per round; targets are rebuilt at the start of each round
+    prompts_per_round: Count = 256  # fresh training prompts voted on per round
+    samples: Count = 8  # votes per prompt
+    temperature: NonNegative = 1.0  # the voters' sampling temperature
+    min_share: Unit = 0.5  # keep a prompt when its winning answer has at least this share of the votes
+    max_paths: Count = 4  # distinct completions with the winning answer kept as targets per prompt
     target: Literal["majority", "greedy"] = "majority"  # greedy: distil the teacher's greedy decode (no vote)
     teacher: Literal["current", "initial"] = "current"  # initial: votes of the starting model (frozen targets)
 
@@ -510,7 +510,9 @@ def _convert(value: Any, tp, key: str):
             return value
     elif tp is Any:
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    raise ConfigError(
+        f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}; write {key}=<{_type_name(tp)}>"
+    )
 
 
 def _from_dict(cls, data: Any, prefix: str = ""):
@@ -834,8 +836,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             ) from None
         node = data
         parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=1e-5)")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the YAML (`rollout:`)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = value
@@ -845,6 +851,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Load a YAML recipe with optional dotted overrides into a typed `Recipe`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"recipe file {str(path)!r} is a directory; pass a YAML file such as recipes/tiny/sudoku-sft.yaml"
+        )
     if not path.is_file():
         raise ConfigError(
             f"recipe file {str(path)!r} does not exist; pass a YAML file such as recipes/tiny/sudoku-sft.yaml"

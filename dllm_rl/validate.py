@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.metadata
+import os
 from operator import attrgetter
 from pathlib import Path
 from typing import Optional
@@ -36,9 +37,11 @@ def _registries() -> list[tuple[str, dict]]:
     from .estimators import ESTIMATORS
     from .policy.orders import ORDERS
     from .rollout.commit import COMMIT_RULES
+    from .rollout.hybrid import PLAN_KINDS
 
     return [
         ("rollout.commit", COMMIT_RULES),
+        ("hybrid.plan", PLAN_KINDS),
         ("rollout.order", ORDERS),
         ("estimator.name", ESTIMATORS),
         ("grpo.loss_type", LOSSES),
@@ -195,20 +198,70 @@ def _check_files(recipe: Recipe, model: bool, data: bool) -> None:
 
     if model and recipe.model.path:
         try:
-            resolve_model_dir(recipe.model.path)
+            resolved = resolve_model_dir(recipe.model.path)
         except DllmRlError as e:
             raise ConfigError(f"model.path: {e}") from None
+        if not Path(resolved).is_dir():
+            check_hub_model(resolved, "model.path")
+    planner = recipe.hybrid.planner.path
+    if model and recipe.hybrid.plan == "real" and planner and _looks_local(planner):
+        if not Path(planner).expanduser().is_dir():
+            raise ConfigError(
+                f"hybrid.planner.path: {planner!r} is not a directory; give a causal LM directory, a hub id, or "
+                f"pkg:<package>/<file>.gguf"
+            )
     if data:
-        for key in ("data.path", "data.eval_path"):
+        keys = ["data.path", "data.eval_path", "data.dataset"]
+        if recipe.algorithm == "dpo" and recipe.dpo.pairs == "offline":
+            keys.append("dpo.dataset_name")
+        for key in keys:
             value = attrgetter(key)(recipe)
             if value and _looks_local(value) and not Path(value).expanduser().exists():
                 raise ConfigError(
                     f"{key}: {value!r} does not exist; give a local .json/.jsonl/.parquet file or a hub name"
                 )
+    _check_output_dir(recipe.train.output_dir)
     ds = recipe.train.deepspeed
     if ds and not Path(ds).is_file():
         raise ConfigError(
             f"train.deepspeed: {ds!r} does not exist; point it at a DeepSpeed JSON such as recipes/deepspeed/zero2.json"
+        )
+
+
+def check_hub_model(repo: str, key: str) -> None:
+    """A hub model id is in the local cache or reachable: otherwise loading it would retry for minutes and then
+    blame the tokenizer."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    where = f"download it where there is a network (`hf download {repo}`) and give its directory"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ConfigError(f"{key}: {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {where}")
+    try:
+        HfApi().model_info(repo, timeout=10)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}: the hub has no model {repo!r} (or it is private: log in); check the id") from None
+    except Exception as e:  # no network, a proxy, a time-out
+        raise ConfigError(
+            f"{key}: {repo!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({type(e).__name__}); {where}"
+        ) from None
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """train.output_dir is a directory, or can be made one: its nearest existing parent is a writable directory."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"train.output_dir: {output_dir!r} is a file, not a directory; pick another train.output_dir")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"train.output_dir: {output_dir!r} cannot be created ({parent} is not a writable directory); pick "
+            f"another train.output_dir"
         )
 
 

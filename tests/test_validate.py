@@ -276,6 +276,10 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["rewards=[{name: 'trl.rewards:no_such_reward'}]"], r"rewards\[0\].name: .*has no function 'no_such_reward'"),
         (["rewards=[{name: 'no_such_pkg.mod:fn'}]"], r"rewards\[0\].name: .*cannot import module 'no_such_pkg.mod'"),
         (["grpo.reward_weights=[1.0, 2.0]"], r"grpo.reward_weights has 2 weights for 1 rewards"),
+        (["hybrid.planner.max_new_tokens=-3"], "hybrid.planner.max_new_tokens"),  # failed only at sampling
+        (["hybrid.planner.top_p=7"], "hybrid.planner.top_p"),
+        (["consensus.samples=0"], "consensus.samples"),
+        (["consensus.min_share=5"], "consensus.min_share"),
         (["grpo.reward_weights=[1.0]", "rewards=[{name: sudoku, weight: 2.0}]"], "grpo.reward_weights"),
     ],
 )

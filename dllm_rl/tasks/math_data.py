@@ -24,17 +24,38 @@ MATH_SUFFIX = "\nPut the final answer in \\boxed{}."
 def load_split(path: str, split: str, name: str | None = None, **kwargs) -> datasets.Dataset:
     """A hub dataset's split, or a local file (one split); kwargs go to datasets.load_dataset."""
     ext = os.path.splitext(path)[1].lower()
+    if kwargs:  # data.options: keyword arguments of datasets.load_dataset
+        import inspect
+
+        known = set(inspect.signature(datasets.load_dataset).parameters) | {"name"}
+        if unknown := sorted(set(kwargs) - known):
+            raise ConfigError(
+                f"data.options {unknown} are not arguments of datasets.load_dataset, which a dataset's data.options "
+                f"go to (e.g. {{name: main}}); remove them"
+            )
     if ext in _LOCAL:
         if not os.path.isfile(path):
             raise ConfigError(f"data file {path!r} does not exist; fix data.dataset / data.path / data.eval_path")
-        return datasets.load_dataset(_LOCAL[ext], data_files=path, split="train", **kwargs)
+        try:
+            return datasets.load_dataset(_LOCAL[ext], data_files=path, split="train", **kwargs)
+        except Exception as e:  # a malformed file
+            raise ConfigError(
+                f"could not read data file {path!r} as {_LOCAL[ext]} ({type(e).__name__}: "
+                f"{_first_line(e)}); fix the file (.jsonl: one JSON object per line)"
+            ) from None
     try:
         return datasets.load_dataset(path, name, split=split, **kwargs)
     except Exception as e:  # hub unreachable, unknown dataset or split
         raise ConfigError(
-            f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); give a local .jsonl/.parquet in data.path"
+            f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: {_first_line(e)}); check the "
+            f"name, split and network, or give a local .jsonl/.parquet file (data.dataset, data.path)"
         ) from None
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message, with its cause's when it has none of its own (datasets wraps)."""
+    text = str(e).strip() or str(e.__cause__ or "").strip()
+    return (text.splitlines() or [""])[0][:200]
 
 
 def _require(ds: datasets.Dataset, columns: list[str], path: str):

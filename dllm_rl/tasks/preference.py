@@ -51,7 +51,15 @@ def load_preferences(name: str, split: str = "train") -> datasets.Dataset:
     if ext in _LOCAL:
         if not os.path.isfile(name):
             raise ConfigError(f"dpo.dataset_name: file {name!r} does not exist; give a local .jsonl or a hub dataset")
-        return datasets.load_dataset(_LOCAL[ext], data_files=name, split="train")
+        try:
+            return datasets.load_dataset(_LOCAL[ext], data_files=name, split="train")
+        except Exception as e:  # a malformed file
+            from .math_data import _first_line
+
+            raise ConfigError(
+                f"dpo.dataset_name: could not read {name!r} as {_LOCAL[ext]} ({type(e).__name__}: {_first_line(e)}); "
+                f"fix the file (.jsonl: one JSON object per line)"
+            ) from None
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as e:  # hub unreachable, unknown dataset or split

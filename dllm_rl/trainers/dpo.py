@@ -121,11 +121,19 @@ class DPOTrainer:
         self.recipe = r = recipe
         self.d = d = r.dpo
         check(d)
+        self._check_recipe(train_dataset)  # what the recipe alone decides, and the preference data, before a model
+        where = "train_dataset" if train_dataset is not None else f"dpo.dataset_name {d.dataset_name!r}"
+        data = None
+        if d.pairs == "offline":
+            data = (
+                train_dataset if train_dataset is not None else load_preferences(d.dataset_name, d.dataset_train_split)
+            )
+            data = prepare_preferences(data, where)
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         self.estimator = build_estimator(r.estimator, self.traits)
         self.canvas = r.rollout.max_completion_length
-        self._check(run.model, train_dataset)
+        self._check(run.model)
         if d.disable_dropout:
             disable_dropout_in_model(run.model)
         # rollout.order=policy: the learned unmasking order (policy.OrderHead), trained by the preference between
@@ -139,11 +147,6 @@ class DPOTrainer:
                 run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
         self.pairs, self.rewards = [], []
         if d.pairs == "offline":
-            where = "train_dataset" if train_dataset is not None else f"dpo.dataset_name {d.dataset_name!r}"
-            data = (
-                train_dataset if train_dataset is not None else load_preferences(d.dataset_name, d.dataset_train_split)
-            )
-            data = prepare_preferences(data, where)
             self.pairs, cut = tokenize_preferences(data, self.tokenizer, self.canvas, d, where)
             if cut:
                 self.acc.print(
@@ -178,8 +181,8 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------------- setup
 
-    def _check(self, model, train_dataset) -> None:
-        """The cross-section rules of a DPO recipe, before anything is trained."""
+    def _check_recipe(self, train_dataset) -> None:
+        """The cross-section rules of a DPO recipe that need no model, before one is built."""
         r, d = self.recipe, self.d
         k = r.train.gradient_accumulation_steps
         if d.pairs == "offline":
@@ -194,7 +197,7 @@ class DPOTrainer:
                     f"train.batch_size ({r.train.batch_size} pairs) must be divisible by "
                     f"train.gradient_accumulation_steps ({k})"
                 )
-            if self.estimator.replays_orders:
+            if build_estimator(r.estimator, None).replays_orders:
                 raise ConfigError(
                     f"estimator.name={r.estimator.name} replays a rollout's trace, which offline pairs do not have; "
                     f"use estimator.name=quadrature or elbo (or dpo.pairs=on_policy)"
@@ -207,6 +210,12 @@ class DPOTrainer:
                     "dpo.precompute_ref_log_probs needs a fixed dataset; on-policy pairs are new every step: set it "
                     "false or use dpo.pairs=offline"
                 )
+
+    def _check(self, model) -> None:
+        """The cross-section rules of a DPO recipe that need the model or the processes, before anything is
+        trained."""
+        r, d = self.recipe, self.d
+        if d.pairs == "on_policy":
             if self.acc.num_processes > 1:
                 raise ConfigError(
                     "dpo.pairs=on_policy keeps a different number of pairs on each process, which would then run "

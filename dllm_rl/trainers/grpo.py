@@ -60,6 +60,12 @@ from .planner import planner_phase
 from .plots import plot_curves
 from .trl_inputs import trainer_inputs
 
+_NO_REWARD = "no reward: name one in the recipe (rewards: [{name: ...}]) or pass reward_funcs="
+_EDIT_NEEDS = (
+    "rollout.edit trains the edit head by the trajectory likelihood of its decisions: set "
+    "estimator.name=trajectory, and run one process without DeepSpeed for now"
+)
+
 
 class GRPOTrainer:
     """`GRPOTrainer(recipe, reward_funcs=[fn, ...]).train()`, or in TRL's form `GRPOTrainer(model, reward_funcs,
@@ -84,6 +90,7 @@ class GRPOTrainer:
             recipe, model, tokenizer, task, args, train_dataset, eval_dataset, processing_class, peft_config
         )
         self.recipe = r = recipe
+        self._check_recipe(task, reward_funcs)
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         self.estimator = build_estimator(r.estimator, self.traits)
@@ -91,7 +98,7 @@ class GRPOTrainer:
         specs = r.rewards or ([RewardSpec(self.task.reward)] if self.task.reward else [])
         self.rewards = build_rewards(specs, reward_funcs, r.grpo.reward_weights)  # reward_funcs replace specs (TRL)
         if not self.rewards:
-            raise ConfigError("no reward: name one in the recipe (rewards: [{name: ...}]) or pass reward_funcs=")
+            raise ConfigError(_NO_REWARD)
         self.loss_fn = lookup(LOSSES, r.grpo.loss_type, "grpo.loss_type")
         self.advantage_fn = lookup(ADVANTAGES, r.grpo.advantage, "grpo.advantage")
         self.ref, self.ref_mode = self._reference(run.model)
@@ -134,6 +141,16 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------- setup
 
+    def _check_recipe(self, task, reward_funcs) -> None:
+        """The rules a GRPO recipe decides alone, before a model is built (_check repeats them with the model)."""
+        r = self.recipe
+        geometry(r, 1)  # the batch geometry's own rules; the process count is checked again after launch
+        if r.rollout.edit != "none" and (not build_estimator(r.estimator, None).replays_orders or r.train.deepspeed):
+            raise ConfigError(_EDIT_NEEDS)
+        dataset_task = task is None and (r.data.dataset or r.data.task == "dataset")
+        if dataset_task and not r.rewards and not reward_funcs:  # a dataset has no verifier of its own
+            raise ConfigError(_NO_REWARD)
+
     def _check(self, model) -> None:
         """The cross-section rules of a GRPO recipe, before anything is trained."""
         r = self.recipe  # the rules a recipe alone decides ran before any model was built (config._rules, validate)
@@ -148,10 +165,7 @@ class GRPOTrainer:
         if r.rollout.edit != "none" and (
             not self.estimator.replays_orders or self.acc.num_processes > 1 or r.train.deepspeed
         ):
-            raise ConfigError(
-                f"rollout.edit={r.rollout.edit} trains the edit head by the trajectory likelihood of its decisions: "
-                f"set estimator.name=trajectory, and run one process without DeepSpeed for now"
-            )
+            raise ConfigError(_EDIT_NEEDS)
         if learned:
             check_learned_order(r, self.estimator, self.acc)
         h = r.hybrid
