@@ -53,7 +53,10 @@ def stops(capsys, *argv) -> str:
         (["train", SFT, "rollout.steps=abc"], "write rollout.steps=<int>"),
         (["train", "recipes"], "is a directory"),
         (["train", "recipes/tiny/sudoku-consensus.yaml", "consensus.samples=0"], "consensus.samples"),
-        (["train", SFT, "data.dataset=tests/data/preferences_plain.jsonl"], "not arguments of datasets.load_dataset"),
+        (
+            ["train", SFT, "data.dataset=tests/data/preferences_plain.jsonl"],
+            "are not all options of this dataset's loader",
+        ),
         (
             ["train", "recipes/tiny/sudoku-dpo.yaml", "dpo.pairs=offline", "dpo.dataset_name=no/such.jsonl"],
             "dpo.dataset_name: 'no/such.jsonl' does not exist",

@@ -24,20 +24,13 @@ MATH_SUFFIX = "\nPut the final answer in \\boxed{}."
 def load_split(path: str, split: str, name: str | None = None, **kwargs) -> datasets.Dataset:
     """A hub dataset's split, or a local file (one split); kwargs go to datasets.load_dataset."""
     ext = os.path.splitext(path)[1].lower()
-    if kwargs:  # data.options: keyword arguments of datasets.load_dataset
-        import inspect
-
-        known = set(inspect.signature(datasets.load_dataset).parameters) | {"name"}
-        if unknown := sorted(set(kwargs) - known):
-            raise ConfigError(
-                f"data.options {unknown} are not arguments of datasets.load_dataset, which a dataset's data.options "
-                f"go to (e.g. {{name: main}}); remove them"
-            )
     if ext in _LOCAL:
         if not os.path.isfile(path):
             raise ConfigError(f"data file {path!r} does not exist; fix data.dataset / data.path / data.eval_path")
         try:
             return datasets.load_dataset(_LOCAL[ext], data_files=path, split="train", **kwargs)
+        except TypeError as e:  # data.options the loader does not take (e.g. a procedural task's knobs)
+            raise _bad_options(kwargs, e) if kwargs else e from None
         except Exception as e:  # a malformed file
             raise ConfigError(
                 f"could not read data file {path!r} as {_LOCAL[ext]} ({type(e).__name__}: "
@@ -45,11 +38,20 @@ def load_split(path: str, split: str, name: str | None = None, **kwargs) -> data
             ) from None
     try:
         return datasets.load_dataset(path, name, split=split, **kwargs)
+    except TypeError as e:
+        raise _bad_options(kwargs, e) if kwargs else e from None
     except Exception as e:  # hub unreachable, unknown dataset or split
         raise ConfigError(
             f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: {_first_line(e)}); check the "
             f"name, split and network, or give a local .jsonl/.parquet file (data.dataset, data.path)"
         ) from None
+
+
+def _bad_options(options: dict, e: TypeError) -> ConfigError:
+    return ConfigError(
+        f"data.options {sorted(options)} are not all options of this dataset's loader (datasets.load_dataset: "
+        f"{_first_line(e)}); keep only the loader's keyword arguments (e.g. {{name: main}}) or remove data.options"
+    )
 
 
 def _first_line(e: Exception) -> str:
