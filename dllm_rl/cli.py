@@ -134,7 +134,7 @@ def cmd_eval(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.samples < 1:
         raise ConfigError(f"--samples {args.samples}: give at least 1 sample per prompt")
-    validate_recipe(recipe, check_model=False)  # the recipe's names and paths, before the model loads
+    validate_recipe(recipe, check_model=False, training=False)  # names and paths, before the model loads
     model_dir = resolve_model_dir(args.checkpoint)
     if not os.path.isdir(model_dir):
         check_hub_model(model_dir, "--checkpoint")
@@ -177,7 +177,9 @@ def cmd_plan(args) -> None:
 
     if args.prompt_length is not None and args.prompt_length < 1:
         raise ConfigError(f"--prompt-length {args.prompt_length}: give the prompt's token count (at least 1)")
-    recipe = validate_recipe(load_recipe(args.recipe, args.overrides), check_model=False, check_data=False)
+    recipe = validate_recipe(
+        load_recipe(args.recipe, args.overrides), check_model=False, check_data=False, training=False
+    )
     print_plan(recipe, args.gpus, args.prompt_length, args.fused_logprobs)
 
 

@@ -730,14 +730,6 @@ def _rules(r: Recipe, trainer: Optional[str]):
                 "dpo.sync_ref_model moves the reference, so reference log-probs precomputed once go stale (TRL "
                 "refuses the two together too); set dpo.precompute_ref_log_probs=false or dpo.sync_ref_model=false"
             )
-    if trainer == "grpo" and r.grpo.reward_weights is not None and r.rewards:  # Python reward_funcs: at build
-        if len(r.grpo.reward_weights) != len(r.rewards):
-            yield (
-                f"grpo.reward_weights has {len(r.grpo.reward_weights)} weights for {len(r.rewards)} rewards; give "
-                f"one each"
-            )
-        elif any(s.weight != 1.0 for s in r.rewards):
-            yield "grpo.reward_weights and rewards[i].weight both weight the recipe's rewards; keep one"
     if trainer == "sft" and ro.order == "policy":
         yield "rollout.order: 'policy' needs a learned order head, which SFT does not train; pick another order"
     o, d = r.optim, OptimConfig()

@@ -193,7 +193,7 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in (".json", ".jsonl", ".parquet", ".csv")
 
 
-def _check_files(recipe: Recipe, model: bool, data: bool) -> None:
+def _check_files(recipe: Recipe, model: bool, data: bool, training: bool = True) -> None:
     from .rundir import resolve_model_dir
 
     if model and recipe.model.path:
@@ -205,14 +205,15 @@ def _check_files(recipe: Recipe, model: bool, data: bool) -> None:
             check_hub_model(resolved, "model.path")
     planner = recipe.hybrid.planner.path
     if model and recipe.hybrid.plan == "real" and planner and _looks_local(planner):
-        if not Path(planner).expanduser().is_dir():
+        p = Path(planner).expanduser()
+        if not (p.is_dir() or (p.suffix == ".gguf" and p.is_file())):
             raise ConfigError(
-                f"hybrid.planner.path: {planner!r} is not a directory; give a causal LM directory, a hub id, or "
-                f"pkg:<package>/<file>.gguf"
+                f"hybrid.planner.path: {planner!r} is neither a directory nor a .gguf file; give a causal LM "
+                f"directory, a .gguf file, a hub id, or pkg:<package>/<file>.gguf"
             )
     if data:
         keys = ["data.path", "data.eval_path", "data.dataset"]
-        if recipe.algorithm == "dpo" and recipe.dpo.pairs == "offline":
+        if training and recipe.algorithm == "dpo" and recipe.dpo.pairs == "offline":
             keys.append("dpo.dataset_name")
         for key in keys:
             value = attrgetter(key)(recipe)
@@ -220,6 +221,8 @@ def _check_files(recipe: Recipe, model: bool, data: bool) -> None:
                 raise ConfigError(
                     f"{key}: {value!r} does not exist; give a local .json/.jsonl/.parquet file or a hub name"
                 )
+    if not training:
+        return
     _check_output_dir(recipe.train.output_dir)
     ds = recipe.train.deepspeed
     if ds and not Path(ds).is_file():
@@ -232,10 +235,15 @@ def check_hub_model(repo: str, key: str) -> None:
     """A hub model id is in the local cache or reachable: otherwise loading it would retry for minutes and then
     blame the tokenizer."""
     from huggingface_hub import HfApi, try_to_load_from_cache
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
-    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
-        return
+    try:
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return
+    except HFValidationError:
+        raise ConfigError(
+            f"{key}: {repo!r} is neither an existing path nor a hub model id (owner/name); check the path"
+        ) from None
     where = f"download it where there is a network (`hf download {repo}`) and give its directory"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise ConfigError(f"{key}: {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {where}")
@@ -266,12 +274,19 @@ def _check_output_dir(output_dir: str) -> None:
 
 
 def validate_recipe(
-    recipe: Recipe, trainer: Optional[str] = None, *, check_model: bool = True, check_data: bool = True
+    recipe: Recipe,
+    trainer: Optional[str] = None,
+    *,
+    check_model: bool = True,
+    check_data: bool = True,
+    training: bool = True,
 ) -> Recipe:
     """Raise ConfigError for the first mistake in `recipe` that loading it cannot see (module docstring); return
     the recipe. `trainer`: the algorithm about to train (default: recipe.algorithm). check_model / check_data:
-    whether model.path / data paths will be loaded (not when the caller hands the trainer its own)."""
-    trainer = trainer or recipe.algorithm
+    whether model.path / data paths will be loaded (not when the caller hands the trainer its own). training
+    false (`eval`, `plan`): what only a training run needs (its trainer's rules, the learned order's training
+    settings, train.output_dir, the DPO pairs file, the DeepSpeed JSON) is not checked."""
+    trainer = (trainer or recipe.algorithm) if training else None
     validate(recipe, trainer)  # the field checks again: a recipe built or changed in Python did not pass load
     from .tasks import check_task_name
 
@@ -288,5 +303,5 @@ def validate_recipe(
     _check_scheduler(recipe)
     _check_trackers(recipe)
     _check_rewards(recipe)
-    _check_files(recipe, check_model, check_data)
+    _check_files(recipe, check_model, check_data, training)
     return recipe

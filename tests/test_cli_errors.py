@@ -50,6 +50,19 @@ def stops(capsys, *argv) -> str:
         (["train", "recipes/tiny/sudoku-planner-sft.yaml", "hybrid.plan=reall"], "unknown hybrid.plan 'reall'"),
         (["train", SFT, "=3"], "is not of the form section.key=value"),
         (["train", SFT, "rollout..steps=3"], "is not of the form section.key=value"),
+        (
+            ["train", "recipes/tiny/sudoku-tokens-grpo.yaml", "grpo.reward_weights=[1.0, 2.0]"],
+            "2 weights for 1 rewards",
+        ),
+        (
+            [
+                "train",
+                "recipes/tiny/sudoku-tokens-grpo.yaml",
+                "grpo.reward_weights=[1.0]",
+                "rewards=[{name: sudoku, weight: 2.0}]",
+            ],
+            "both weight the recipe's rewards",
+        ),
         (["train", SFT, "rollout.steps=abc"], "write rollout.steps=<int>"),
         (["train", "recipes"], "is a directory"),
         (["train", "recipes/tiny/sudoku-consensus.yaml", "consensus.samples=0"], "consensus.samples"),

@@ -275,12 +275,11 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["data.task=gym/mini_sudoku"], r"data.task \(FAMILY/NAME\) 'gym'"),
         (["rewards=[{name: 'trl.rewards:no_such_reward'}]"], r"rewards\[0\].name: .*has no function 'no_such_reward'"),
         (["rewards=[{name: 'no_such_pkg.mod:fn'}]"], r"rewards\[0\].name: .*cannot import module 'no_such_pkg.mod'"),
-        (["grpo.reward_weights=[1.0, 2.0]"], r"grpo.reward_weights has 2 weights for 1 rewards"),
+        (["model.path=ckpt/run--1"], "neither an existing path nor a hub model id"),
         (["hybrid.planner.max_new_tokens=-3"], "hybrid.planner.max_new_tokens"),  # failed only at sampling
         (["hybrid.planner.top_p=7"], "hybrid.planner.top_p"),
         (["consensus.samples=0"], "consensus.samples"),
         (["consensus.min_share=5"], "consensus.min_share"),
-        (["grpo.reward_weights=[1.0]", "rewards=[{name: sudoku, weight: 2.0}]"], "grpo.reward_weights"),
     ],
 )
 def test_each_bad_value_names_its_key(at_root, overrides, key):
@@ -337,6 +336,32 @@ def test_a_reasoning_gym_task_and_a_module_reward_pass_the_recipe_checks(at_root
         ["data.task=reasoning_gym/mini_sudoku", "data.options={}", "rewards=[{name: 'trl.rewards:accuracy_reward'}]"],
     )
     assert r.data.task == "reasoning_gym/mini_sudoku" and r.rewards[0].name == "trl.rewards:accuracy_reward"
+
+
+def test_eval_and_plan_check_what_they_read_not_what_training_needs(at_root, tmp_path):
+    """training=False (`dllm-rl eval`, `plan`): a checkpoint is evaluated under another order, into an output_dir
+    nothing is written to, without the DPO pairs file; names and data paths are still checked."""
+    order = ROOT / "recipes/tiny/sudoku-order-dpo.yaml"
+    over = [
+        "rollout.order=low_confidence",
+        "train.output_dir=README.md/x",
+        "dpo.pairs=offline",
+        "dpo.dataset_name=x.jsonl",
+    ]
+    with pytest.raises(ConfigError):
+        validate_recipe(load_recipe(order, over), check_model=False)
+    validate_recipe(load_recipe(order, over), check_model=False, training=False)
+    with pytest.raises(ConfigError, match="unknown rollout.order"):
+        validate_recipe(load_recipe(order, ["rollout.order=low_confidense"]), check_model=False, training=False)
+
+
+def test_a_gguf_planner_file_is_a_planner(at_root, tmp_path):
+    gguf = tmp_path / "planner.gguf"
+    gguf.write_bytes(b"GGUF")
+    hybrid = ["hybrid.plan=real", "hybrid.template='{plan} {question}'"]
+    load_and_validate(BASES["grpo"], [*hybrid, f"hybrid.planner.path={gguf}"])
+    with pytest.raises(ConfigError, match="neither a directory nor a .gguf file"):
+        load_and_validate(BASES["grpo"], [*hybrid, f"hybrid.planner.path={tmp_path / 'planner.bin'}"])
 
 
 def test_rewards_in_an_sft_recipe_are_rejected(at_root):

@@ -38,9 +38,9 @@ def load_split(path: str, split: str, name: str | None = None, **kwargs) -> data
             ) from None
     try:
         return datasets.load_dataset(path, name, split=split, **kwargs)
-    except TypeError as e:
-        raise _bad_options(kwargs, e) if kwargs else e from None
-    except Exception as e:  # hub unreachable, unknown dataset or split
+    except Exception as e:  # options the loader refuses; hub unreachable, unknown dataset or split
+        if kwargs and isinstance(e, TypeError):
+            raise _bad_options(kwargs, e) from None
         raise ConfigError(
             f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: {_first_line(e)}); check the "
             f"name, split and network, or give a local .jsonl/.parquet file (data.dataset, data.path)"

@@ -54,6 +54,9 @@ RESUMABLE_CHANGES = (
     "rollout.batch_size",
 )
 
+# schedulers whose learning rate does not depend on train.max_steps: a resumed run may change it freely
+HORIZON_FREE = ("constant", "constant_with_warmup", "inverse_sqrt")
+
 
 def reference_model(recipe: Recipe, model, mode: str, key: str):
     """(frozen reference module or None, resolved mode) for a policy `model`: mode auto picks adapter_disabled for a
@@ -225,7 +228,7 @@ class Run:
                 f"train.max_steps >= {step} to continue it, or pick a new train.output_dir"
             )
         sched = self.recipe.optim.lr_scheduler
-        if done != r.max_steps and sched not in ("constant", "constant_with_warmup") and r.resume != "force":
+        if done != r.max_steps and sched not in HORIZON_FREE and r.resume != "force":
             raise ConfigError(
                 f"train.max_steps: {done} -> {r.max_steps} on resume, and optim.lr_scheduler={sched} decays over "
                 f"train.max_steps, so the resumed run would follow neither schedule: keep train.max_steps={done}, "

@@ -150,6 +150,8 @@ class GRPOTrainer:
         dataset_task = task is None and (r.data.dataset or r.data.task == "dataset")
         if dataset_task and not r.rewards and not reward_funcs:  # a dataset has no verifier of its own
             raise ConfigError(_NO_REWARD)
+        if not reward_funcs and r.rewards:  # the recipe's rewards and their weights, checked as built below
+            build_rewards(r.rewards, None, r.grpo.reward_weights)
 
     def _check(self, model) -> None:
         """The cross-section rules of a GRPO recipe, before anything is trained."""

@@ -32,7 +32,7 @@ from ..rollout import generate
 from ..rollout.hybrid import hybrid_generate, plan_kind
 from ..tasks import load_task
 from ..tasks.plans import PLANS, task_plans
-from .common import saved_recipe
+from .common import HORIZON_FREE, saved_recipe
 
 
 class PlannerSFTTrainer:
@@ -151,7 +151,14 @@ class PlannerSFTTrainer:
                 f"train.output_dir {t.output_dir!r} already holds a run and train.resume is false: pick a new "
                 f"train.output_dir (or delete that directory) to start afresh"
             )
-        saved = saved_recipe(out if (out / "recipe.yaml").is_file() else final, self.recipe)
+        recorded = next((d for d in (out, final) if (d / "recipe.yaml").is_file()), None)
+        if recorded is None and t.resume != "force":  # checkpoints of a run from before recipes were recorded
+            raise ConfigError(
+                f"train.output_dir {t.output_dir!r} holds planner checkpoints without a recorded recipe.yaml, so "
+                f"this recipe cannot be checked against them: set train.resume=force to continue them, or pick a "
+                f"new train.output_dir"
+            )
+        saved = saved_recipe(recorded, self.recipe) if recorded is not None else {}
         step = int(ckpt.name[11:]) if ckpt else t.max_steps
         if step > t.max_steps:
             raise ConfigError(
@@ -171,7 +178,7 @@ class PlannerSFTTrainer:
                 f"continue it to train.max_steps={t.max_steps}: pick a new train.output_dir"
             )
         if (saved.get("train") or {}).get("max_steps") != t.max_steps and t.resume != "force":
-            if self.recipe.optim.lr_scheduler not in ("constant", "constant_with_warmup"):
+            if self.recipe.optim.lr_scheduler not in HORIZON_FREE:
                 raise ConfigError(
                     f"train.max_steps changed on resume and optim.lr_scheduler={self.recipe.optim.lr_scheduler} "
                     f"decays over it, so the resumed run would follow neither schedule: keep train.max_steps, or "

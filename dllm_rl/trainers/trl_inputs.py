@@ -27,6 +27,9 @@ def _is_dataset(x) -> bool:
     return isinstance(x, (datasets.Dataset, datasets.IterableDataset))
 
 
+PROCEDURAL = ("sudoku", "countdown")  # tasks generated to data.train_size rows (and reasoning_gym/NAME)
+
+
 def trainer_inputs(
     recipe, model, tokenizer, task, args, train_dataset, eval_dataset, processing_class, peft_config
 ) -> tuple[Recipe, object, object, object]:
@@ -53,8 +56,9 @@ def trainer_inputs(
         raise ConfigError("eval_dataset= needs train_dataset= (or a recipe's data section for both)")
     if args is not None:
         rows = len(task.train) if task is not None else None
-        if rows is None and recipe is not None and not recipe.data.dataset and recipe.data.task != "dataset":
-            rows = recipe.data.train_size  # a generated task: its training rows, known before it is built
+        generated = recipe is not None and not recipe.data.dataset and recipe.data.task in PROCEDURAL
+        if rows is None and (generated or recipe is not None and recipe.data.task.startswith("reasoning_gym/")):
+            rows = recipe.data.train_size  # a generated task: data.train_size rows, known before it is built
         recipe = recipe_from_trl_args(args, recipe, num_rows=rows)
     if recipe is None:
         raise ConfigError(

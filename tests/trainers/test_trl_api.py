@@ -17,6 +17,7 @@ from trl import GRPOConfig
 
 from dllm_rl.config import load_recipe, recipe_from_dict
 from dllm_rl.errors import ConfigError
+from dllm_rl.trainers.trl_inputs import trainer_inputs
 from dllm_rl.trl_args import recipe_from_trl_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,6 +150,9 @@ def test_epochs_without_countable_rows_are_refused_not_dropped():
         recipe_from_trl_args(args(num_train_epochs=2), recipe_from_dict(data))
     assert recipe_from_trl_args(args(num_train_epochs=2, max_steps=8), recipe_from_dict(data)).train.max_steps == 8
     assert recipe_from_trl_args(args(), recipe_from_dict(data)).train.max_steps == 100  # TRL's default: the recipe's
+    gsm8k = load_recipe(ROOT / "recipes/llada-8b/gsm8k-diffu-grpo.yaml")  # a hub dataset: rows known when loaded
+    with pytest.raises(ConfigError, match="num_train_epochs=2"):
+        trainer_inputs(gsm8k, None, None, None, args(num_train_epochs=2), None, None, None, None)
 
 
 def test_the_recipe_takes_trls_batch_unit_too():
