@@ -47,6 +47,7 @@ class PlannerSFTTrainer:
                 f"algorithm=planner_sft needs oracle plans, which data.task={self.task.name} has none of "
                 f"(tasks.plans.PLANS: {sorted(PLANS)})"
             )
+        self.ckpt = self._check_run_dir(Path(r.train.output_dir))  # what the run directory allows, before a model
         self.planner = load_planner(r.hybrid.planner, seed=r.train.seed, trainable=True)
 
     def dataset(self, rows):
@@ -108,7 +109,7 @@ class PlannerSFTTrainer:
             train_dataset=self.dataset(self.task.train.to_list()),
             processing_class=self.planner.tokenizer,
         )
-        ckpt = self._check_run_dir(out)
+        ckpt = self.ckpt
         if ckpt == "finished":
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
             accuracy = [row["plan_accuracy"] for row in rows if "plan_accuracy" in row][-1]
