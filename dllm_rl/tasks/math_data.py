@@ -29,9 +29,9 @@ def load_split(path: str, split: str, name: str | None = None, **kwargs) -> data
             raise ConfigError(f"data file {path!r} does not exist; fix data.dataset / data.path / data.eval_path")
         try:
             return datasets.load_dataset(_LOCAL[ext], data_files=path, split="train", **kwargs)
-        except TypeError as e:  # data.options the loader does not take (e.g. a procedural task's knobs)
-            raise _bad_options(kwargs, e) if kwargs else e from None
-        except Exception as e:  # a malformed file
+        except Exception as e:  # data.options the loader does not take (a procedural task's knobs); a bad file
+            if kwargs and isinstance(e, TypeError):
+                raise _bad_options(kwargs, e) from None
             raise ConfigError(
                 f"could not read data file {path!r} as {_LOCAL[ext]} ({type(e).__name__}: "
                 f"{_first_line(e)}); fix the file (.jsonl: one JSON object per line)"
