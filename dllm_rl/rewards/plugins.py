@@ -118,6 +118,16 @@ def callable_name(fn: Callable) -> str:
     return get_callable_name(fn)
 
 
+def check_reward_weights(specs, weights: list[float] | None) -> None:
+    """TRL's reward_weights over the recipe's rewards: one each, and not besides their own `weight`s."""
+    if weights is None:
+        return
+    if len(weights) != len(specs):
+        raise ConfigError(f"grpo.reward_weights has {len(weights)} weights for {len(specs)} rewards; give one each")
+    if any(s.weight != 1.0 for s in specs):
+        raise ConfigError("grpo.reward_weights and rewards[i].weight both weight the recipe's rewards; keep one")
+
+
 def build_rewards(
     specs, funcs: dict[str, Callable] | list | Callable | str | None = None, weights: list[float] | None = None
 ) -> list[Reward]:
@@ -126,15 +136,7 @@ def build_rewards(
     TRL's `reward_weights`, one per reward (the recipe's rewards too, whose own `weight`s must then stay 1).
     Two rewards with one name are refused."""
     if funcs is None or (isinstance(funcs, (list, tuple, dict)) and not funcs):
-        if weights is not None:
-            if len(weights) != len(specs):
-                raise ConfigError(
-                    f"grpo.reward_weights has {len(weights)} weights for {len(specs)} rewards; give one each"
-                )
-            if any(s.weight != 1.0 for s in specs):
-                raise ConfigError(
-                    "grpo.reward_weights and rewards[i].weight both weight the recipe's rewards; keep one"
-                )
+        check_reward_weights(specs, weights)
         weights = [s.weight for s in specs] if weights is None else weights
         rewards = [Reward(s.name, resolve_reward(s.name), w, dict(s.kwargs)) for s, w in zip(specs, weights)]
     else:

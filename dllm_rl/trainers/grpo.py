@@ -33,7 +33,7 @@ from ..estimators import build_estimator
 from ..evaluate import evaluate_recipe
 from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
 from ..policy import ORDERS, edit_head_for, order_head_for
-from ..rewards.plugins import RewardLog, build_rewards, compute_rewards, verifier_scores
+from ..rewards.plugins import RewardLog, build_rewards, check_reward_weights, compute_rewards, verifier_scores
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
     EpochSampler,
@@ -150,8 +150,8 @@ class GRPOTrainer:
         dataset_task = task is None and (r.data.dataset or r.data.task == "dataset")
         if dataset_task and not r.rewards and not reward_funcs:  # a dataset has no verifier of its own
             raise ConfigError(_NO_REWARD)
-        if not reward_funcs and r.rewards:  # the recipe's rewards and their weights, checked as built below
-            build_rewards(r.rewards, None, r.grpo.reward_weights)
+        if not reward_funcs and r.rewards:  # the recipe's rewards and their weights (build_rewards checks again)
+            check_reward_weights(r.rewards, r.grpo.reward_weights)
 
     def _check(self, model) -> None:
         """The cross-section rules of a GRPO recipe, before anything is trained."""
