@@ -27,24 +27,18 @@ def load_split(path: str, split: str, name: str | None = None, **kwargs) -> data
     if ext in _LOCAL:
         if not os.path.isfile(path):
             raise ConfigError(f"data file {path!r} does not exist; fix data.dataset / data.path / data.eval_path")
-        try:
-            return datasets.load_dataset(_LOCAL[ext], data_files=path, split="train", **kwargs)
-        except Exception as e:  # data.options the loader does not take (a procedural task's knobs); a bad file
-            if kwargs and isinstance(e, TypeError):
-                raise _bad_options(kwargs, e) from None
-            raise ConfigError(
-                f"could not read data file {path!r} as {_LOCAL[ext]} ({type(e).__name__}: "
-                f"{_first_line(e)}); fix the file (.jsonl: one JSON object per line)"
-            ) from None
+        args, kw = (_LOCAL[ext],), {"data_files": path, "split": "train"}
+        what, fix = f"read data file {path!r} as {_LOCAL[ext]}", "fix the file (.jsonl: one JSON object per line)"
+    else:
+        args, kw = (path, name), {"split": split}
+        what = f"load dataset {path!r} split {split!r}"
+        fix = "check the name, split and network, or give a local .jsonl/.parquet file (data.dataset, data.path)"
     try:
-        return datasets.load_dataset(path, name, split=split, **kwargs)
-    except Exception as e:  # options the loader refuses; hub unreachable, unknown dataset or split
+        return datasets.load_dataset(*args, **kw, **kwargs)
+    except Exception as e:  # options the loader refuses (a procedural task's knobs); a bad file; an unreachable hub
         if kwargs and isinstance(e, TypeError):
             raise _bad_options(kwargs, e) from None
-        raise ConfigError(
-            f"could not load dataset {path!r} split {split!r} ({type(e).__name__}: {_first_line(e)}); check the "
-            f"name, split and network, or give a local .jsonl/.parquet file (data.dataset, data.path)"
-        ) from None
+        raise ConfigError(f"could not {what} ({type(e).__name__}: {_first_line(e)}); {fix}") from None
 
 
 def _bad_options(options: dict, e: TypeError) -> ConfigError:
