@@ -25,26 +25,43 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def final_answer(text: str) -> str:
-    r"""The answer a completion commits to: <answer> tags, \boxed{}, '#### x', or the last number.
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # prose inside the tags; LaTeX commands (\frac) do not count
+_NUMBER = re.compile(r"(?<![\w.)\]}])-?\d[\d,]*\.?\d*")  # a sign only where no operand precedes it (10-5: 10, 5)
+_GROUPED = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")  # 1,000 or 12,345.5
 
-    >>> final_answer("<answer> 72 </answer>")
-    '72'
+
+def final_answer(text: str) -> str:
+    r"""The answer a completion commits to: the content of its <answer> tags, \boxed{}, '#### x', or the last number.
+
+    Inside <answer> tags the whole content is the answer (a fraction, root or tuple is kept whole, for math-verify
+    to compare), unless it is prose: then, as outside tags, the last number (a minus sign counts only where no
+    operand precedes it).
+
+    >>> final_answer("<answer> 72 </answer>"), final_answer(r"<answer>\frac{3}{4}</answer>")
+    ('72', '\\frac{3}{4}')
+    >>> final_answer("<answer>so it is 72 clips</answer>"), final_answer("<answer>1,000</answer>")
+    ('72', '1000')
     >>> final_answer("Natalia sold 48 + 24 = 72 clips.")
     '72'
-    >>> final_answer("#### 1,000")
-    '1000'
+    >>> final_answer("#### 1,000"), final_answer("the answer is \u22125")
+    ('1000', '-5')
     """
+    text = text.replace("\u2212", "-")  # the Unicode minus sign
     m = re.search(r"<answer>(.*?)</answer>", text, re.S)
     if m:
-        text = m.group(1)
+        text = m.group(1).strip()
+        boxed = last_boxed(text)
+        if boxed is not None:
+            return boxed.strip()
+        if "####" not in text and not _WORD.search(text):
+            return text.replace(",", "") if _GROUPED.fullmatch(text) else text
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     m = re.search(r"####\s*(.+)", text)
     if m:
         text = m.group(1)
-    numbers = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    numbers = _NUMBER.findall(text)
     return numbers[-1].replace(",", "").rstrip(".") if numbers else text.strip()
 
 

@@ -2,8 +2,9 @@
 
 Two completions that give the same answer must map to the same key; a completion without a readable answer
 maps to None (it abstains from a vote). Sudoku: the 16 digits of the grid; countdown: the expression
-without spaces; gsm8k / math: the final answer (boxed, `####` or the last number) without spaces; other
-tasks: the stripped text.
+without spaces; gsm8k / math: the final answer (rewards.math.final_answer) without spaces; reasoning-gym tasks: the
+answer its reward scores (the last <answer> tag's content, else the whole text), stripped; other tasks: the
+stripped text.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def text_answer(text: str) -> str | None:
     return text.strip() or None
 
 
+def gym_answer(text: str) -> str | None:
+    from ..rewards.gym import extracted_answer
+
+    return extracted_answer(text).strip() or None
+
+
 ANSWERS: dict[str, Callable[[str], str | None]] = {
     "sudoku": sudoku_answer,
     "countdown": countdown_answer,
@@ -54,5 +61,5 @@ ANSWERS: dict[str, Callable[[str], str | None]] = {
 
 def answer_key(task: str) -> Callable:
     """completion (text or chat messages) -> its normalised answer or None, for task `task`."""
-    fn = ANSWERS.get(task, text_answer)
+    fn = gym_answer if task.startswith("reasoning_gym/") else ANSWERS.get(task, text_answer)
     return lambda completion: fn(completion_text(completion))

@@ -1,0 +1,44 @@
+"""The math reward's final answer: whole <answer> contents (fractions, roots, tuples) reach math-verify; prose and
+untagged text fall back to the last number, with the sign read only where it is a sign."""
+
+import pytest
+
+from dllm_rl.rewards.math import final_answer, math_reward
+from dllm_rl.tasks.answers import answer_key
+
+
+@pytest.mark.parametrize(
+    "completion, reference, reward",
+    [
+        (r"<answer>\frac{3}{4}</answer>", "0.75", 1.0),
+        (r"<answer>-\frac{1}{2}</answer>", "-0.5", 1.0),
+        (r"<answer>\frac{1}{2}</answer>", "2", 0.0),  # the last number of a fraction is not its value
+        (r"<answer>\sqrt{2}</answer>", "2", 0.0),
+        ("<answer>x^2+1</answer>", "1", 0.0),
+        ("<answer>(1, 2)</answer>", "(1, 2)", 1.0),
+        ("<answer>(1, 2)</answer>", "2", 0.0),
+        ("<answer>1,000</answer>", "1000", 1.0),
+        ("<answer>so 72 clips</answer>", "72", 1.0),
+        (r"<answer>\text{72 dollars}</answer>", "72", 1.0),
+        ("<answer>3</answer> then 7", "3", 1.0),
+        ("The answer is \u22125.", "-5", 1.0),  # the Unicode minus sign
+        ("so 10-5", "-5", 0.0),  # a minus between operands is not a sign
+        ("#### 1,000", "1000", 1.0),
+        (r"so \boxed{\frac{1}{2}}", "0.5", 1.0),
+    ],
+)
+def test_math_reward_reads_the_answer_a_completion_commits_to(completion, reference, reward):
+    assert math_reward(["q"], [completion], answer=[reference]) == [reward]
+
+
+def test_majority_keys_tell_fractions_apart():
+    key = answer_key("math")
+    assert key(r"<answer>\frac{1}{2}</answer>") != key(r"<answer>\frac{3}{2}</answer>")
+    assert key("<answer> 72 </answer>") == key("so it is 72") == "72"
+    assert final_answer("<answer></answer>") == ""
+
+
+def test_reasoning_gym_majority_keys_are_the_answers_not_the_whole_text():
+    key = answer_key("reasoning_gym/chain_sum")
+    assert key("first try <answer>7</answer>") == key("so <answer> 7 </answer>") == "7"
+    assert key("no tags at all") == "no tags at all"  # as the reward reads it: the whole stripped text
