@@ -18,7 +18,7 @@ TASKS = {
     "dataset": from_dataset.load,  # data.dataset: any dataset with a prompt column
 }
 FAMILIES = {"reasoning_gym": gym.load}  # data.task: FAMILY/NAME
-FAMILY_CHECKS = {"reasoning_gym": gym.check}  # (NAME, data.options): checked without building the task
+FAMILY_CHECKS = {"reasoning_gym": gym.check_config}  # (NAME, DataConfig): checked without building the task
 
 
 def load_task(cfg: DataConfig) -> Task:
@@ -40,7 +40,7 @@ def check_task_name(cfg: DataConfig) -> None:
     """data.task names a task (FAMILY/NAME: a task of that family, data.options its options), without building it."""
     family, _, name = cfg.task.partition("/")
     if name:
-        lookup(FAMILY_CHECKS, family, "data.task (FAMILY/NAME)")(name, cfg.options)
+        lookup(FAMILY_CHECKS, family, "data.task (FAMILY/NAME)")(name, cfg)
     else:
         lookup(TASKS, cfg.task, "data.task")
 

@@ -26,7 +26,7 @@ from ..config import DataConfig
 from ..errors import ConfigError
 from ..rewards.code import TEST_COLUMNS
 from .base import Task, user_prompt
-from .math_data import load_split
+from .math_data import load_split, split_tail
 
 PROMPT_COLUMNS = ("prompt", "question", "problem", "instruction")
 SOLUTION_COLUMNS = ("solution", "canonical_solution", "completion", "response")
@@ -92,9 +92,7 @@ def load_code(cfg: DataConfig) -> Task:
         held = held.select(range(min(cfg.eval_size, len(held))))
         train = source.select(range(min(cfg.train_size, len(source))))
     else:
-        n_eval = min(cfg.eval_size, len(source) // 2)
-        held = source.select(range(len(source) - n_eval, len(source)))
-        train = source.select(range(min(cfg.train_size, len(source) - n_eval)))
+        train, held = split_tail(source, cfg.train_size, cfg.eval_size)
     return Task(
         "code",
         _rows(train, opts, cfg.system_prompt, cfg.path),

@@ -7,8 +7,10 @@ fields (reasoning_gym.create_dataset(NAME, **options)); `size` and `seed` are se
 draws a random seed when none is given): training entries from seed data.seed * 1000 + 1, data.train_size of
 them, generated lazily as they are drawn (some tasks take tens of milliseconds per entry); held-out entries
 from a fixed seed (10**6; data.eval_seed k > 0 draws another set: base.eval_stream_seed), so they do not move
-with data.seed. The two streams are independent draws, not disjoint by construction: a task with a small space
-of questions can repeat a training question in the held-out set. `answer` is None for tasks with several valid
+with data.seed. Entry i of a stream is drawn from Random(stream seed + i), so a data.seed whose training entries
+would reach the held-out stream's seeds (data.seed near 1000 * (data.eval_seed + 1), e.g. 999 or 1000 for set 0)
+is refused. Otherwise the two streams are independent draws, not disjoint by construction: a task with a small
+space of questions can repeat a training question in the held-out set. `answer` is None for tasks with several valid
 answers (their scorer checks a proposal).
 """
 
@@ -71,6 +73,26 @@ def check(name: str, options: dict) -> None:
         )
 
 
+def stream_seeds(cfg: DataConfig) -> tuple[int, int]:
+    """(training, held-out) stream seeds; refuses a data.seed whose training entries reach the held-out ones."""
+    train_seed, eval_seed = cfg.seed * 1000 + 1, eval_stream_seed(cfg)
+    if train_seed < eval_seed + cfg.eval_size and eval_seed < train_seed + cfg.train_size:
+        at_most, at_least = (eval_seed - 1 - cfg.train_size) // 1000, -(-(eval_seed + cfg.eval_size - 1) // 1000)
+        raise ConfigError(
+            f"data.seed={cfg.seed}: reasoning-gym draws training entry i from Random({train_seed} + i), which with "
+            f"data.train_size={cfg.train_size} reaches the held-out seeds {eval_seed}..{eval_seed + cfg.eval_size - 1}"
+            f" (data.eval_seed={cfg.eval_seed}): held-out questions would be trained on; use a data.seed of at most "
+            f"{at_most} or at least {at_least}"
+        )
+    return train_seed, eval_seed
+
+
+def check_config(name: str, cfg: DataConfig) -> None:
+    """data.task=reasoning_gym/NAME with cfg's options and seeds, checked without generating anything."""
+    check(name, cfg.options)
+    stream_seeds(cfg)
+
+
 def load(cfg: DataConfig, name: str) -> Task:
     from reasoning_gym.utils import SYSTEM_PROMPTS
 
@@ -101,6 +123,7 @@ def load(cfg: DataConfig, name: str) -> Task:
 
         return LazyRows(size, row)
 
-    train = rows(cfg.seed * 1000 + 1, cfg.train_size)
-    held_out = rows(eval_stream_seed(cfg), cfg.eval_size)
+    train_seed, eval_seed = stream_seeds(cfg)
+    train = rows(train_seed, cfg.train_size)
+    held_out = rows(eval_seed, cfg.eval_size)
     return Task(f"reasoning_gym/{name}", train, held_out.select(range(len(held_out))), "reasoning_gym")

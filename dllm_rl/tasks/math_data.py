@@ -3,7 +3,9 @@
 `data.path` is a hub name (default `openai/gsm8k` / `HuggingFaceH4/MATH-500`) or a local `.json`, `.jsonl`,
 `.parquet` or `.csv` file (how the tests and offline machines use them). GSM8K rows need `question` and
 `answer` (`... #### 72`); MATH rows need `problem` and `solution` (the answer is the last \\boxed{} unless an
-`answer` column exists).
+`answer` column exists). The held-out set is `data.eval_path` at `data.eval_split` (by default the hub dataset's
+test split); a local `data.path` without `data.eval_path` is one split, so its last `data.eval_size` rows (at most
+half of the file) are held out and training draws from the rows before them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def load_split(path: str, split: str, name: str | None = None, **kwargs) -> data
         if kwargs and isinstance(e, TypeError):
             raise _bad_options(kwargs, e) from None
         raise ConfigError(f"could not {what} ({type(e).__name__}: {_first_line(e)}); {fix}") from None
+
+
+def split_tail(source: datasets.Dataset, train_size: int, eval_size: int):
+    """(train, held_out) from one split: the last eval_size rows (at most half) held out, training from the rest."""
+    n_eval = min(eval_size, len(source) // 2)
+    held = source.select(range(len(source) - n_eval, len(source)))
+    return source.select(range(min(train_size, len(source) - n_eval))), held
 
 
 def _bad_options(options: dict, e: TypeError) -> ConfigError:
@@ -85,15 +94,23 @@ def _math_row(row, system):
 
 def _load(cfg: DataConfig, default_path: str, name, columns, fn, task: str, eval_default: str | None) -> Task:
     path = cfg.path or default_path
-    eval_path = cfg.eval_path or (eval_default if not cfg.path else path)
-    out = []
-    for p, split, size in [(path, cfg.split, cfg.train_size), (eval_path, cfg.eval_split, cfg.eval_size)]:
-        ds = load_split(p, split, name)
-        _require(ds, columns, p)
-        ds = ds.select(range(min(size, len(ds))))
-        out.append(
-            ds.map(lambda r: fn(r, cfg.system_prompt), remove_columns=[c for c in ds.column_names if c != "answer"])
+    source = load_split(path, cfg.split, name)
+    _require(source, columns, path)
+    one_file = cfg.path is not None and cfg.eval_path is None and os.path.splitext(path)[1].lower() in _LOCAL
+    if one_file:  # a local file is one split: hold out its tail, never rows training sees
+        train, held = split_tail(source, cfg.train_size, cfg.eval_size)
+    else:
+        eval_path = cfg.eval_path or (eval_default if not cfg.path else path)
+        held = load_split(eval_path, cfg.eval_split, name)
+        _require(held, columns, eval_path)
+        train, held = (
+            source.select(range(min(cfg.train_size, len(source)))),
+            held.select(range(min(cfg.eval_size, len(held)))),
         )
+    out = [
+        ds.map(lambda r: fn(r, cfg.system_prompt), remove_columns=[c for c in ds.column_names if c != "answer"])
+        for ds in (train, held)
+    ]
     return Task(task, out[0], out[1], "math")
 
 

@@ -13,7 +13,7 @@ from dllm_rl.config import DataConfig, recipe_from_dict
 from dllm_rl.errors import ConfigError
 from dllm_rl.rewards import REWARDS
 from dllm_rl.rewards.plugins import Reward, compute_rewards
-from dllm_rl.tasks import load_task
+from dllm_rl.tasks import check_task_name, load_task
 from dllm_rl.tasks.from_dataset import dataset_task
 
 ROWS = [
@@ -92,6 +92,24 @@ def test_reasoning_gym_rows_are_seeded_and_the_held_out_set_does_not_follow_the_
     assert a.eval.to_list() == c.eval.to_list()
     other = load_task(dataclasses.replace(cfg(0), eval_seed=1))
     assert other.eval.to_list() != a.eval.to_list() and other.train.to_list() == a.train.to_list()
+
+
+def test_a_training_seed_that_would_replay_the_held_out_stream_is_refused():
+    # entry i of a reasoning-gym stream comes from Random(seed + i): data.seed 999 trains on seeds 999001..1001000,
+    # the held-out set's 1000000..1000199 among them (200 of 200 questions would be trained on)
+    cfg = lambda seed, k=0: DataConfig(
+        task="reasoning_gym/chain_sum", train_size=2000, eval_size=200, seed=seed, eval_seed=k
+    )
+    for seed, k in [(998, 0), (999, 0), (1000, 0), (1999, 1)]:
+        with pytest.raises(
+            ConfigError, match=f"data.seed={seed}:.*at most {997 + 1000 * k} or at least {1001 + 1000 * k}"
+        ):
+            check_task_name(cfg(seed, k))
+    for seed in (997, 1001):  # just outside: the training stream ends before, or starts after, the held-out one
+        check_task_name(cfg(seed))
+        task = load_task(cfg(seed))
+        drawn = lambda rows, n: {rows[i]["rg_seed"] + rows[i]["rg_index"] for i in range(0, n, 7)}
+        assert not drawn(task.train, 2000) & drawn(task.eval, 200)
 
 
 def test_answer_none_tasks_and_scorers_that_raise_score_instead_of_failing():

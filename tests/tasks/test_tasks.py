@@ -100,20 +100,26 @@ def test_task_options_are_checked():
 
 
 def test_gsm8k_from_a_local_file():
-    task = load_task(DataConfig(task="gsm8k", path=str(DATA / "gsm8k_tiny.jsonl"), train_size=3, eval_size=3))
+    # one file is one split: its tail is held out and training never sees those rows
+    task = load_task(DataConfig(task="gsm8k", path=str(DATA / "gsm8k_tiny.jsonl"), train_size=3, eval_size=1))
     row = task.train[0]
     assert row["answer"] == "72" and row["prompt"][-1]["role"] == "user"
-    assert task.train[2]["answer"] == "950"  # "1,200" style answers are normalised
+    assert len(task.train) == 2 and task.eval["answer"] == ["950"]  # "1,200" style answers are normalised
+    assert task.eval["prompt"][0] not in task.train["prompt"]
+    # an explicit held-out file is read whole, as given
+    path = str(DATA / "gsm8k_tiny.jsonl")
+    task = load_task(DataConfig(task="gsm8k", path=path, eval_path=path, train_size=3, eval_size=3))
     rows = task.eval.to_list()
-    assert verify(task, rows, [r["completion"] for r in rows]) == [1.0] * 3
+    assert len(task.train) == 3 and verify(task, rows, [r["completion"] for r in rows]) == [1.0] * 3
     assert verify(task, rows, ["<answer>71</answer>"] * 3) == [0.0] * 3
 
 
 def test_math_from_a_local_file():
     task = load_task(DataConfig(task="math", path=str(DATA / "math_tiny.jsonl"), train_size=2, eval_size=2))
-    assert task.train[0]["answer"] == "\\frac{3}{4}" and task.train[1]["answer"] == "9"
+    assert task.train["answer"] == ["\\frac{3}{4}"] and task.eval["answer"] == ["9"]  # at most half held out
     rows = task.eval.to_list()
-    assert verify(task, rows, ["so \\boxed{0.75}", "\\boxed{9}"]) == [1.0, 1.0]
+    assert verify(task, rows, ["\\boxed{9}"]) == [1.0]
+    assert verify(task, task.train.to_list(), ["so \\boxed{0.75}"]) == [1.0]
 
 
 def test_dataset_errors_name_the_fix(tmp_path):
