@@ -14,13 +14,22 @@ Test columns (the first one present and not None in a row is used; a row with no
   one test), a list of `{"input", "output"}` stdin/stdout pairs, or an APPS dict `{"inputs", "outputs"}` with
   an optional `fn_name` (call-based tests: `fn(*args) == expected`);
 - `input_output` (APPS, TACO): that dict as a JSON string;
-- `test` (KodCode, HumanEval): test code. Its top-level asserts, its top-level `test*` functions (called with
-  no arguments: pytest fixtures and parametrize are not supported) and, with an `entry_point` column,
-  HumanEval's `check(candidate)` are the tests; a file with none of these is one test. The solution is
-  importable as `solution` (`from solution import f`) and its names are also visible directly.
+- `test` (KodCode, HumanEval): test code, run with `__name__ == "dllm_rl_tests"`. Its tests are its top-level
+  asserts; its top-level `test*` functions (called with no arguments: pytest fixtures and parametrize are not
+  supported); the `test*` methods defined in the body of its top-level test classes: pytest's (named `Test*`,
+  no `__init__`: a fresh instance per test, with `setup_method`/`teardown_method` around it) and unittest's
+  (a class whose base is named `TestCase`, or such a class of the same file: unittest runs each method, with
+  `setUp`/`tearDown` and the class fixtures; a skipped test fails, since the solution can raise `SkipTest`);
+  and, with an `entry_point` column, HumanEval's `check(candidate)`. A file with a `check` function but no
+  other test and no `entry_point` cannot be run: the row scores None (with a warning, once). A file with no
+  test at all is one test: it runs as `__main__` (so its `if __name__ == "__main__":` block runs) and passes
+  when it finishes, or exits with status 0. The solution is importable as `solution` (`from solution import
+  f`) and its names are also visible directly.
 
 Any of these may also be a JSON string. Stdin/stdout outputs match when their stripped lines are equal or
-their whitespace-separated tokens are.
+their whitespace-separated tokens are. A test passes when it returns; an `exit()` inside a test (the solution's function
+calling it) fails it, while a whole program (a stdin/stdout case, a test file run as `__main__`, the solution's
+own top level) may exit with status 0.
 
 What the sandbox guarantees (each run):
 
@@ -125,20 +134,66 @@ def _io_cases(inputs, outputs, fn_name: str | None) -> dict:
     return {"kind": "stdio", "cases": [[_text(i), _text(o)] for i, o in zip(inputs, outputs)]}
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _is_testcase(cls: ast.ClassDef, testcases: set[str]) -> bool:
+    """Whether a base of `cls` is named `TestCase` (`TestCase`, `unittest.TestCase`) or is a TestCase subclass
+    defined earlier in the file."""
+    return any(
+        (isinstance(b, ast.Name) and (b.id == "TestCase" or b.id in testcases))
+        or (isinstance(b, ast.Attribute) and b.attr == "TestCase")
+        for b in cls.bases
+    )
+
+
+def _test_classes(tree: ast.Module) -> dict[str, list[str]]:
+    """The top-level test classes pytest or unittest would collect, each with the `test*` methods defined in
+    its body (inherited ones are not seen), in file order; a name defined twice keeps its last definition."""
+    classes: dict[str, list[str]] = {}
+    testcases: set[str] = set()
+    for s in tree.body:
+        if not isinstance(s, ast.ClassDef):
+            continue
+        methods = [m.name for m in s.body if isinstance(m, ast.FunctionDef)]
+        if _is_testcase(s, testcases):
+            testcases.add(s.name)
+        elif not (s.name.startswith("Test") and "__init__" not in methods):  # pytest skips classes with __init__
+            classes.pop(s.name, None)
+            continue
+        classes[s.name] = list(dict.fromkeys(m for m in methods if m.startswith("test")))
+    return {name: methods for name, methods in classes.items() if methods}
+
+
 def _module_tests(test_code: str, entry_point: str | None) -> dict:
     tree = ast.parse(test_code)  # the parent counts the tests, so a child that stops reporting fails them
     funcs = list(
         dict.fromkeys(s.name for s in tree.body if isinstance(s, ast.FunctionDef) and s.name.startswith("test"))
     )
-    check = bool(entry_point) and any(isinstance(s, ast.FunctionDef) and s.name == "check" for s in tree.body)
-    n = sum(isinstance(s, ast.Assert) for s in tree.body) + len(funcs) + check
+    classes = _test_classes(tree)
+    has_check = any(isinstance(s, ast.FunctionDef) and s.name == "check" for s in tree.body)
+    check = bool(entry_point) and has_check
+    n = sum(isinstance(s, ast.Assert) for s in tree.body) + len(funcs) + sum(map(len, classes.values())) + check
+    if n == 0 and has_check:  # HumanEval's check(candidate) without the name of the candidate: nothing to run
+        _warn_once(
+            "code reward: a `test` file whose only test is HumanEval's check(candidate) needs an `entry_point` "
+            "column naming the function to check; such rows score None"
+        )
     return {
         "kind": "module",
         "test_code": test_code,
         "entry_point": entry_point,
         "test_functions": funcs,
+        "test_classes": [[name, methods] for name, methods in classes.items()],
         "check": check,
-        "n": max(n, 1),
+        "as_main": n == 0 and not has_check,  # no test in it: the file, run as a script, is the one test
+        "n": 1 if n == 0 and not has_check else n,
     }
 
 

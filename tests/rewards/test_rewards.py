@@ -61,6 +61,107 @@ def test_test_files_kodcode_humaneval_and_call_based():
     assert code_reward(["p"] * 2, [solution, leetcode], tests=[call] * 2) == [1.0, 1.0]
 
 
+def test_an_exit_inside_a_test_fails_it_and_a_whole_program_may_exit_cleanly():
+    # a solution that exits with status 0 when called must not pass the tests it stops (reward hacking)
+    quitter = "def add(a, b):\n    raise SystemExit(0)\n"
+    assert run_tests(quitter, ["assert add(1, 2) == 3"]).passed == [False]
+    assert run_tests(quitter, "from solution import add\ndef test_one():\n    assert add(1, 2) == 3\n").passed == [
+        False
+    ]
+    pytest_class = "class TestAdd:\n    def test_one(self):\n        assert add(1, 2) == 3\n"
+    assert run_tests(quitter, pytest_class).passed == [False]
+    call = {"inputs": [[1, 2]], "outputs": [3], "fn_name": "add"}
+    assert code_reward(["p"], [quitter], tests=[call]) == [0.0]
+    # a program run as __main__ (stdin/stdout) that prints its answer and exits 0 passes, as a process would
+    program = "import sys\nprint(2 * int(input()))\nsys.exit(0)\nprint('unreached')\n"
+    assert code_reward(["p"], [program], test_cases=[[{"input": "3", "output": "6"}]]) == [1.0]
+
+
+def test_a_program_that_runs_main_in_a_thread_passes_every_stdin_case():
+    # the competitive-programming idiom: the interpreter joins the thread at exit, and so does each case
+    threaded = (
+        "import threading, sys\ndef main():\n    n = int(input()); print(n * 2)\n"
+        "threading.Thread(target=main).start()\n"
+    )
+    cases = [{"input": str(n), "output": str(2 * n)} for n in (3, 4, 5)]
+    completions = [f"{threaded}# variant {k}\n" for k in range(3)]  # distinct, so none is deduplicated
+    assert code_reward(["p"] * 3, completions, test_cases=[cases] * 3) == [1.0, 1.0, 1.0]
+    # threads started by threads are joined too; a thread still running at the per-test timeout fails its case
+    nested = "import threading\ndef main():\n    threading.Thread(target=lambda: print(2 * int(input()))).start()\n"
+    stuck = "import threading\ndef main():\n    n = int(input())\n    while n == 4:\n        pass\n    print(2 * n)\n"
+    start = time.monotonic()
+    assert run_tests(nested + "threading.Thread(target=main).start()", cases).passed == [True] * 3
+    assert run_tests(stuck + "threading.Thread(target=main).start()", cases, timeout=0.5).passed == [True, False, True]
+    assert time.monotonic() - start < 4.0
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [
+        "class TestAdd:\n    def test_one(self):\n        assert add(1, 2) == 3\n",
+        "import unittest\nclass T(unittest.TestCase):\n    def test_one(self):\n        self.assertEqual(add(1, 2), 3)",
+        "if __name__ == '__main__':\n    assert add(1, 2) == 3\n",
+    ],
+    ids=["pytest-class", "unittest-class", "main-block"],
+)
+def test_test_classes_and_main_blocks_in_a_test_file_are_run(tests):
+    right, wrong = "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a - b\n"
+    assert code_reward(["p"] * 2, [right, wrong], test=[tests] * 2) == [1.0, 0.0]
+
+
+def test_test_class_methods_run_with_their_fixtures_each_one_test():
+    solution = "def add(a, b):\n    return a + b\n"
+    pytest_style = (
+        "class TestAdd:\n"
+        "    def setup_method(self, method):\n        self.name = method.__name__\n"
+        "    def teardown_method(self):\n        assert self.name\n"
+        "    def test_one(self):\n        assert self.name == 'test_one' and add(1, 2) == 3\n"
+        "    def test_wrong(self):\n        assert add(2, 2) == 5\n"
+        "class TestSkipped:\n    def __init__(self):\n        pass\n    def test_never(self):\n        assert False\n"
+        "def test_function():\n    assert add(0, 0) == 0\n"
+    )
+    # functions first, then the classes' methods in file order; pytest does not collect a class with __init__
+    assert run_tests(solution, pytest_style).passed == [True, True, False]
+    unittest_style = (
+        "import unittest\nclass Base(unittest.TestCase):\n"
+        "    @classmethod\n    def setUpClass(cls):\n        cls.expected = 3\n"
+        "    def setUp(self):\n        self.got = add(1, 2)\n"
+        "    def test_ok(self):\n        self.assertEqual(self.got, self.expected)\n"
+        "    @unittest.skip('a skip counts as a failure')\n    def test_skipped(self):\n        pass\n"
+        "    def test_wrong(self):\n        self.assertEqual(self.got, 4)\n"
+        "class Derived(Base):\n    def test_derived(self):\n        self.assertEqual(self.got, 3)\n"
+        "if __name__ == '__main__':\n    unittest.main()\n"
+    )
+    assert run_tests(solution, unittest_style).passed == [True, False, False, True]
+    # the solution cannot turn a failing unittest test into a pass by skipping it
+    skips = "import unittest\ndef add(a, b):\n    raise unittest.SkipTest('no')\n"
+    assert run_tests(skips, unittest_style).passed == [False] * 4
+
+
+def test_a_test_file_without_tests_runs_as_a_script_and_passes_on_a_clean_exit():
+    solution = "def add(a, b):\n    return a + b\n"
+    exits = [f"import sys\nif __name__ == '__main__':\n    sys.exit({status})\n" for status in (0, 1)]
+    assert [run_tests(solution, tests).passed for tests in exits] == [[True], [False]]
+    assert run_tests(solution, "x = add(1, 2)\nif x != 3:\n    raise SystemExit('wrong')\n").passed == [True]
+
+
+def test_a_check_function_without_an_entry_point_scores_none_with_one_warning(monkeypatch):
+    import warnings
+
+    from dllm_rl.rewards import code
+
+    monkeypatch.setattr(code, "_WARNED", set())
+    check = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+    right, wrong = "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a - b\n"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert code_reward(["p"] * 2, [right, wrong], test=[check] * 2) == [None, None]
+        assert code_reward(["p"], [wrong], test=[check]) == [None]
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "entry_point" in messages[0]  # one warning, however many rows
+    assert code_reward(["p"] * 2, [right, wrong], test=[check] * 2, entry_point=["add"] * 2) == [1.0, 0.0]
+
+
 def test_rows_without_tests_or_in_another_language_score_none():
     cpp = {"language": "cpp", "test_cases": [{"input": "", "output": ""}]}
     out = code_reward(["p"] * 3, ["x = 1"] * 3, test_cases=[None, [], None], verification_info=[None, None, cpp])
