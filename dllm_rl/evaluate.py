@@ -44,12 +44,14 @@ def evaluate(
     planner=None,
     majority: bool = False,
     edit_policy=None,
+    trainer_state=None,
 ) -> dict:
     """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt.
     reward_name: the verifier's name, or a list of Rewards whose weighted sum scores instead (a task without
     a verifier). order_policy: the learned order head, for rollout.order=policy. hybrid / planner: decode with
     plans (rollout.hybrid) when hybrid.plan is not none. majority: accuracy = maj@num_samples. edit_policy: the
-    edit head, for rollout.edit (any-process decoding; not with plans)."""
+    edit head, for rollout.edit (any-process decoding; not with plans). trainer_state: what the rewards get as
+    `trainer_state` (TRL passes its state in evaluation too; None outside training)."""
     verifier = reward_name if isinstance(reward_name, list) else [Reward(reward_name, resolve_reward(reward_name))]
     batch_size = batch_size or rollout.batch_size
     to_answer = answer_key(task_name or (reward_name if isinstance(reward_name, str) else ""))
@@ -76,7 +78,7 @@ def evaluate(
         row_forwards += out.trace.num_steps.tolist()  # a row's steps are its forwards (batches.Trace)
         columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != "other"}
         ids = [row[m.bool()].tolist() for row, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
-        values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns)
+        values, _ = compute_rewards(verifier, prompts, out.completions, ids, columns, trainer_state)
         values = values.nan_to_num(nan=0.0)  # a completion the verifier cannot score is not solved
         scores += values.tolist()
         answers += [to_answer(c) for c in out.completions]
@@ -113,12 +115,21 @@ def evaluate(
 
 
 def evaluate_recipe(
-    model, tokenizer, task, recipe: Recipe, order_policy=None, rewards=None, planner=None, edit_policy=None
+    model,
+    tokenizer,
+    task,
+    recipe: Recipe,
+    order_policy=None,
+    rewards=None,
+    planner=None,
+    edit_policy=None,
+    trainer_state=None,
 ) -> dict:
     """Held-out accuracy as a recipe defines it: eval.size prompts, eval.num_samples each, decoded with the
     recipe's rollout section at eval.temperature (and eval.order_temperature, eval.edit_temperature when set),
     after the recipe's plan (hybrid.plan; `planner` for real plans) when it has one; eval.majority: majority-vote
-    accuracy. A task without a verifier is scored by `rewards` (a list of Rewards: their weighted sum)."""
+    accuracy. A task without a verifier is scored by `rewards` (a list of Rewards: their weighted sum), which get
+    `trainer_state` (the trainer's state during training)."""
     e = recipe.eval
     data = task.eval.select(range(min(e.size or len(task.eval), len(task.eval))))
     rollout = replace(recipe.rollout, temperature=e.temperature)
@@ -140,4 +151,5 @@ def evaluate_recipe(
         planner=planner,
         majority=e.majority,
         edit_policy=edit_policy,
+        trainer_state=trainer_state,
     )

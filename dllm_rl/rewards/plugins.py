@@ -35,6 +35,7 @@ import math
 import numbers
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -247,9 +248,12 @@ def _run(coroutine):
 def reward_values(reward: Reward, out, prompts) -> list[float]:
     """A reward function's return value as floats, NaN for None, in the forms TRL accepts: a list or tuple,
     a numpy array or a torch tensor, of floats, ints, bools, numpy or 0-d torch scalars, or None (TRL converts
-    them with torch.tensor(..., dtype=float32), grpo_trainer.py `_calculate_rewards`). TRL also lets +-inf
+    them with torch.tensor(..., dtype=float32), grpo_trainer.py `_calculate_rewards`); a generator or other
+    iterator (`map(...)`) is read once into a list, as TRL's list comprehension over it does. TRL also lets +-inf
     through, which would turn every advantage of the group into NaN; here that is an error."""
     n = len(prompts)
+    if isinstance(out, Iterator):
+        out = list(out)
     if torch.is_tensor(out) or (hasattr(out, "tolist") and hasattr(out, "dtype")):  # torch / numpy arrays
         out = out.tolist() if not torch.is_tensor(out) else out.detach().cpu().tolist()
     if not isinstance(out, (list, tuple)) or len(out) != n:

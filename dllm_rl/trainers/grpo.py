@@ -130,7 +130,7 @@ class GRPOTrainer:
         if self.ref is not None:
             self.ref = prepare_frozen(self.acc, self.ref)  # sharded like the policy under ZeRO-3
         self.sampler = EpochSampler(len(self.task.train), r.train.seed, shuffle=r.train.shuffle_dataset)
-        self.start_step = run.start_step
+        self.start_step = self.steps_done = run.start_step
         self.reward_log = RewardLog()  # what reward functions record through TRL's log_metric / log_extra
         self.completions = CompletionsTable(r.train, r.train.output_dir)
         self.entropy = None
@@ -218,14 +218,18 @@ class GRPOTrainer:
             )
         return batch, prompts
 
+    def trainer_state(self, steps: int) -> TrainerState:
+        """The `trainer_state` rewards get after `steps` rollouts: TRL's counts optimizer steps, and each rollout
+        feeds num_iterations x chunks of them."""
+        u = self.recipe.grpo.num_iterations * self.geometry.chunks
+        return TrainerState(global_step=steps * u, max_steps=self.recipe.train.max_steps * u)
+
     def reward(self, batch, prompts, examples, step: int):
         """(weighted rewards [N], per-function rewards [F, N], the task verifier's scores [N])."""
         G = self.recipe.grpo.num_generations
         columns = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0]}
         ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
-        # TRL's state counts optimizer steps: `step` rollouts so far, each feeding num_iterations x chunks of them
-        u = self.recipe.grpo.num_iterations * self.geometry.chunks
-        state = TrainerState(global_step=step * u, max_steps=self.recipe.train.max_steps * u)
+        state = self.trainer_state(step)
         self.reward_log.clear()
         rewards, per_fn = compute_rewards(
             self.rewards,
@@ -440,6 +444,7 @@ class GRPOTrainer:
     # -------------------------------------------------------------------------------------------- loop
 
     def step(self, step: int) -> dict:
+        self.steps_done = step + 1  # what an evaluation after this step tells the rewards (trainer_state)
         r, timer = self.recipe, PhaseTimer()
         rank, world = self.acc.process_index, self.acc.num_processes
         indices = self.sampler.indices(step, self.geometry.prompts_per_rollout, rank, world)
@@ -519,6 +524,7 @@ class GRPOTrainer:
                 rewards=self.rewards,
                 planner=self.planner.planner,
                 edit_policy=self.edit_policy,
+                trainer_state=self.trainer_state(self.steps_done),
             )
         return {self.eval_key: result["accuracy"]}
 

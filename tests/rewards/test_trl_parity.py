@@ -55,6 +55,12 @@ def test_every_return_form_trl_accepts_is_read_as_trl_reads_it(form):
     torch.testing.assert_close(per_fn[0], trl_conversion(out), equal_nan=True)
 
 
+@pytest.mark.parametrize("make", [lambda: (v for v in [1.0, None, 0, True]), lambda: map(float, [1, 0, 0, 1])])
+def test_a_generator_or_map_is_read_once_as_trls_list_comprehension_reads_it(make):
+    _, per_fn = compute_rewards([Reward("r", lambda prompts, completions, **kw: make())], PROMPTS, TEXTS, IDS, {})
+    torch.testing.assert_close(per_fn[0], trl_conversion(make()), equal_nan=True)
+
+
 def trl_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, G: int, scale_rewards: str):
     """grpo_trainer.py `_generate_and_score_completions`, multi_objective_aggregation="sum_then_normalize":
     weighted nansum, unscorable rows NaN, group nanmean, group (or batch) nanstd, nan_to_num."""

@@ -207,3 +207,39 @@ def test_a_model_object_with_its_tokenizer_and_trl_args(tmp_path, tokenizer, mod
     assert all(isinstance(c, str) for c in seen["completions"])  # plain prompts give plain completions (TRL)
     with pytest.raises(ConfigError, match="needs a recipe"):
         GRPOTrainer(reward_funcs=exact, train_dataset=ds)
+
+
+def test_rewards_get_the_trainer_state_in_evaluation_too(tmp_path, tokenizer, model_factory):
+    # TRL passes its state to rewards when it scores an eval_dataset, as in training; a reward that reads it (a
+    # curriculum) must not fail on the held-out set of a task without a verifier
+    from dllm_rl import GRPOTrainer
+
+    ds = datasets.Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)])
+    steps = []
+
+    def curriculum(prompts, completions, answer, trainer_state, **kw):
+        steps.append((len(prompts), trainer_state.global_step, trainer_state.max_steps))
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    trainer = GRPOTrainer(
+        model=model_factory(hidden=32),
+        reward_funcs=curriculum,
+        args=args(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=4,
+            save_strategy="no",
+            eval_strategy="steps",
+            eval_steps=1,
+        ),
+        train_dataset=ds,
+        eval_dataset=ds.select(range(3)),
+        processing_class=tokenizer,
+    )
+    result = trainer.train()
+    assert result["before"] is not None and result["after"] is not None
+    # held-out calls (3 prompts) at steps 0, 1 and the end; training calls (4 completions) before steps 1 and 2
+    assert [s for s in steps if s[0] == 3] == [(3, 0, 2), (3, 1, 2), (3, 2, 2)]
+    assert [s for s in steps if s[0] == 4] == [(4, 0, 2), (4, 1, 2)]
