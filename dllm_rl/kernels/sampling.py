@@ -51,10 +51,8 @@ def without_mask_token(logits: torch.Tensor, mask_token_id: int | None) -> torch
 
 def filter_logits(z: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
     """Top-k, top-p (nucleus) then min-p filtering of [n, V] logits (already divided by the temperature, as
-    transformers' warpers see them); filtered entries become -inf."""
-    if min_p > 0:  # transformers' MinPLogitsWarper: p >= min_p * p_max (it keeps at least one token)
-        probs = z.softmax(-1)
-        z = z.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    transformers' warpers see them), in transformers' order (generation/utils.py `_get_logits_processor`:
+    TopK, TopP, MinP); filtered entries become -inf."""
     if top_k and top_k < z.shape[-1]:
         kth = z.topk(top_k, dim=-1).values[:, -1:]  # [n, 1]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -63,6 +61,9 @@ def filter_logits(z: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0)
         probs = sorted_z.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
         z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    if min_p > 0:  # transformers' MinPLogitsWarper: p >= min_p * p_max (it keeps at least one token)
+        probs = z.softmax(-1)
+        z = z.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return z
 
 

@@ -27,7 +27,7 @@ Design (two kernels, about 1 + 1/S passes over the logits):
 Departures from the reference, all at rounding level: fp32 sums are blocked rather than sequential, so a
 uniform within ~1e-6 of a CDF boundary can pick the neighbouring token; ties for the maximum logit resolve to
 the lowest index (torch.topk leaves the order of ties unspecified). The entropy is the true entropy of the
-[MASK]-free distribution (the reference currently returns NaN when mask_token_id is given: 0 * -inf).
+[MASK]-free distribution, as the reference's.
 
 Top-k / top-p filtering is not fused: with top_k > 0 (and < V) or top_p < 1 this falls back to the torch
 reference (it needs a sort). Importing this module imports triton; `dllm_rl.kernels` imports it lazily.

@@ -69,7 +69,8 @@ def trace_steps(cfg: RolloutConfig, Lc: int, Lb: int) -> int:
     spb = cfg.steps // nb
     if cfg.commit == "top_k":
         return cfg.steps
-    extra = (spb - 1) * (1 + max(0, cfg.correction_max_per_step)) if cfg.self_correction else 0
+    remasks = min(max(0, cfg.correction_max_per_step), Lb)  # remask.py picks at most Lb positions a step
+    extra = (spb - 1) * (1 + remasks) if cfg.self_correction else 0
     return nb * (Lb + extra)
 
 

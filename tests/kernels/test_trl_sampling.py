@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from dllm_rl.config import RolloutConfig
 from dllm_rl.kernels import choose_tokens
@@ -21,6 +26,22 @@ def test_min_p_keeps_what_transformers_min_p_keeps(min_p):
     ours = sampling_logprobs(logits, temperature=0.7, min_p=min_p)
     warped = MinPLogitsWarper(min_p)(None, logits / 0.7)
     torch.testing.assert_close(ours, warped.log_softmax(-1))
+
+
+def test_top_k_top_p_and_min_p_together_filter_in_transformers_order():
+    # p = [0.5, 0.2, 10 x 0.03]: top-p 0.65 keeps the first two; min-p 0.3 of the kept two's max keeps both. Min-p
+    # first (0.3 x 0.5 drops the 0.03s, the two left renormalise to 0.71 / 0.29) would leave top-p only the first
+    probs = torch.tensor([[0.5, 0.2] + [0.03] * 10])
+    logits = probs.log()
+    ours = sampling_logprobs(logits, temperature=1.0, top_p=0.65, min_p=0.3)
+    assert torch.isfinite(ours[0]).tolist() == [True, True] + [False] * 10
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(4)) * 3
+    for k, p, m in [(0, 0.9, 0.2), (10, 0.8, 0.1), (25, 0.95, 0.5)]:
+        z = logits / 0.7
+        if k:
+            z = TopKLogitsWarper(k)(None, z)
+        warped = MinPLogitsWarper(m)(None, TopPLogitsWarper(p)(None, z))
+        torch.testing.assert_close(sampling_logprobs(logits, 0.7, k, p, min_p=m), warped.log_softmax(-1))
 
 
 def test_repetition_penalty_matches_transformers_processor():

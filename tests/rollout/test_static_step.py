@@ -230,3 +230,26 @@ def test_cuda_graphs_decode_like_eager(model_factory, tokenizer, cache):
                 m.lm_head.weight.add_(0.5 * torch.randn_like(m.lm_head.weight))
     finally:
         engine._GRAPHS.clear()
+
+
+def test_the_trace_bound_caps_remasks_per_step_at_the_block(model_factory, tokenizer):
+    """remask.py remasks at most Lb positions a step, so a larger correction_max_per_step must not grow the trace
+    buffers (at Lc 256, Lb 32, 256 steps, 1000 per step would have asked for 248,504 steps); the bound still
+    holds for a decode that remasks a whole block a step."""
+    from dllm_rl.rollout.step import trace_steps
+
+    big = RolloutConfig(max_completion_length=256, steps=256, block_length=32, commit="threshold")
+    big = RolloutConfig(**{**big.__dict__, "self_correction": True})
+    at = lambda n: trace_steps(RolloutConfig(**{**big.__dict__, "correction_max_per_step": n}), 256, 32)
+    assert at(1) == 752 and at(1000) == at(32) == 8440  # 8 blocks x (32 + 31 steps x (1 + 32))
+    cfg = RolloutConfig(
+        max_completion_length=8,
+        steps=8,
+        block_length=4,
+        temperature=1.0,
+        self_correction=True,
+        correction_threshold=1.0,  # every committed token is a candidate
+        correction_max_per_step=1000,
+    )
+    out = generate(model_factory(), tokenizer, PROMPTS, cfg, generator=torch.Generator().manual_seed(0))
+    assert (out.trace.num_steps <= trace_steps(cfg, 8, 4)).all() and (out.completion_ids >= 0).all()
