@@ -633,6 +633,13 @@ def _problems(value, tp, key: str, default, trainer: Optional[str]):
         yield f"{key}: the empty string is not a value here; {fix}"
 
 
+EDIT_SAMPLER = (
+    "rollout.min_p and rollout.repetition_penalty are samplers of the fill-only engine; any-process decoding "
+    "(rollout.edit) samples with temperature, top_k and top_p only: set rollout.min_p=0 and "
+    "rollout.repetition_penalty=1.0, or rollout.edit=none"
+)
+
+
 def _rules(r: Recipe, trainer: Optional[str]):
     """Messages for rules that tie several keys together; with `trainer`, also what that trainer would ignore."""
     ro, est, t = r.rollout, r.estimator, r.model.tiny
@@ -648,6 +655,8 @@ def _rules(r: Recipe, trainer: Optional[str]):
             f"rollout.steps: {ro.steps} is not a multiple of the number of blocks ({nb} = {Lc} / {Lb}); "
             f"set e.g. rollout.steps={nb * max(1, round(ro.steps / nb))}"
         )
+    if ro.edit != "none" and (ro.min_p > 0 or ro.repetition_penalty != 1.0):
+        yield EDIT_SAMPLER
     if r.train.batch_size % r.train.gradient_accumulation_steps:
         yield (
             f"train.batch_size: {r.train.batch_size} is not divisible by train.gradient_accumulation_steps "

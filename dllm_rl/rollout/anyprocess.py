@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..batches import COMMIT, DELETE, INSERT, REMASK, Decoding, RolloutBatch, StepStats, Trace
-from ..config import RolloutConfig
+from ..config import EDIT_SAMPLER, RolloutConfig
 from ..counter_rng import ORDER_STREAM, TOKEN_STREAM, row_seeds, uniform
 from ..errors import ConfigError
 from ..kernels import choose_tokens
@@ -100,6 +100,8 @@ def check_edit_config(cfg: RolloutConfig, tr: ModelTraits, edit_policy) -> None:
         )
     if cfg.cache not in ("none", "prefix", "dual"):
         raise ConfigError(f"rollout.cache={cfg.cache} cannot follow edits; use rollout.cache=none (exact) or prefix")
+    if cfg.min_p > 0 or cfg.repetition_penalty != 1.0:
+        raise ConfigError(EDIT_SAMPLER)
     if cfg.self_correction:
         raise ConfigError(
             "rollout.self_correction is the fixed-rule remasking of the fill-only engine; with rollout.edit the "
@@ -212,10 +214,10 @@ def generate(
     edit_policy=None,
 ) -> RolloutBatch:
     """rollout.engine.generate for rollout.edit = remask | any (same arguments, plus the edit head)."""
-    from .engine import check_config, decoding, encode_prompts  # engine dispatches here: import at call time
+    from .engine import check_config, decode_ids, decoding  # engine dispatches here: import at call time
 
     tr = traits(model, tokenizer)
-    ids = encode_prompts(tokenizer, prompts)
+    ids = decode_ids(tokenizer, prompts, tr)
     check_config(cfg, tr, model, max(len(p) for p in ids), order_policy is not None)
     check_edit_config(cfg, tr, edit_policy)
     device = next(unwrap(model).parameters()).device

@@ -31,7 +31,7 @@ from ..policy.orders import ORDERS, OrderInputs
 from ..policy.plackett_luce import gumbel_topk, plackett_luce_logprob, topk_positions
 from .cache_plans import CACHE_PLANS
 from .commit import COMMIT_RULES
-from .engine import OrderPolicy, _compiled, check_config, decoding, encode_prompts, finish_batch
+from .engine import OrderPolicy, _compiled, check_config, decode_ids, decoding, finish_batch
 from .remask import self_correction
 from .trace import TraceRecorder
 
@@ -78,7 +78,7 @@ def generate_host_loop(
         record_states: also return every intermediate completion canvas (stats["states"]; for tests).
     """
     tr = traits(model, tokenizer)
-    ids = encode_prompts(tokenizer, prompts)
+    ids = decode_ids(tokenizer, prompts, tr)
     check_config(cfg, tr, model, max(len(p) for p in ids), order_policy is not None)
     device = next(unwrap(model).parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

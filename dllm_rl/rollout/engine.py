@@ -56,7 +56,7 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     for p in prompts:
         if torch.is_tensor(p):
             out.append(p.tolist())
-        elif isinstance(p, (list, tuple)) and p and isinstance(p[0], int):
+        elif isinstance(p, (list, tuple)) and (not p or isinstance(p[0], int)):  # ids ([]: no tokens)
             out.append(list(p))
         elif isinstance(p, (list, tuple)):  # chat messages
             text = tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
@@ -64,6 +64,21 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
         else:
             out.append(tokenizer(str(p)).input_ids)
     return out
+
+
+def decode_ids(tokenizer, prompts, tr: ModelTraits) -> list[list[int]]:
+    """encode_prompts for a decode: at least one prompt, and each as long as the model's logits shift (a
+    shifted model, Dream, predicts a token from the position before it: an empty prompt has none)."""
+    ids = encode_prompts(tokenizer, prompts)
+    if not ids:
+        raise ConfigError("generate() got no prompts: pass a non-empty list of prompts")
+    short = [i for i, p in enumerate(ids) if len(p) < tr.logits_shift]
+    if short:
+        raise ConfigError(
+            f"prompt {short[0]} has {len(ids[short[0]])} tokens, but this model predicts each token from the position "
+            f"before it and needs at least {tr.logits_shift}: give it text, a BOS token or the chat template"
+        )
+    return ids
 
 
 def host_loop(cfg: RolloutConfig) -> bool:
@@ -159,7 +174,7 @@ def generate(
 
         return generate_host_loop(model, tokenizer, prompts, cfg, generator, order_policy, record_states)
     tr = traits(model, tokenizer)
-    ids = encode_prompts(tokenizer, prompts)
+    ids = decode_ids(tokenizer, prompts, tr)
     P = max(len(p) for p in ids)
     check_config(cfg, tr, model, P, order_policy is not None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

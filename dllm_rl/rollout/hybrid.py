@@ -29,6 +29,7 @@ is batch-invariant.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,19 +130,27 @@ def plan_kind(name: str):
 
 
 def place(prompt, plan: str, template: str):
-    """The executor's prompt: the prompt's last user message (or the text) rendered through the template.
+    """The executor's prompt: the prompt's last user message (or the text) rendered through the template, both
+    fields in one pass (a plan or question that contains "{question}" is left as it is).
 
     >>> place([{"role": "user", "content": "1___"}], "4___", "Plan: {plan}\\n{question}")
     [{'role': 'user', 'content': 'Plan: 4___\\n1___'}]
+    >>> place("What is 2+2?", "use {question} twice", "Plan: {plan} / {question}")
+    'Plan: use {question} twice / What is 2+2?'
     """
     if "{plan}" not in template or "{question}" not in template:
         raise ConfigError(f"hybrid.template {template!r} must contain {{plan}} and {{question}}")
-    render = lambda q: template.replace("{plan}", plan).replace("{question}", q)
+    render = lambda q: re.sub(r"\{(plan|question)\}", lambda m: plan if m.group(1) == "plan" else q, template)
     if isinstance(prompt, str):
         return render(prompt)
+    users = [i for i, m in enumerate(prompt) if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise ConfigError(
+            f"hybrid.plan places a plan in a prompt's text or its last user message; got {str(prompt)[:80]!r} "
+            f"(token ids, or messages without a user turn): give prompts as text or chat messages with a user turn"
+        )
     messages = [dict(m) for m in prompt]
-    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
-    messages[last]["content"] = render(messages[last]["content"])
+    messages[users[-1]]["content"] = render(messages[users[-1]]["content"])
     return messages
 
 

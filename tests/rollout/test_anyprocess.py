@@ -12,10 +12,11 @@ import torch
 from conftest import small_native
 
 from dllm_rl.batches import COMMIT, DELETE, INSERT, REMASK
-from dllm_rl.config import RolloutConfig
+from dllm_rl.config import RolloutConfig, recipe_from_dict
 from dllm_rl.errors import ConfigError
 from dllm_rl.policy import EditHead, EditHeadConfig, OrderHead, OrderHeadConfig
 from dllm_rl.rollout import generate
+from dllm_rl.validate import validate_recipe
 
 PROMPTS = ["hi", "a longer prompt here", [{"role": "user", "content": "12_4\n__3_"}], "x"]
 
@@ -180,6 +181,12 @@ def test_errors_name_the_fix(model_factory, tokenizer):
         run(m, tokenizer, replace(cfg, block_length=4), edit_policy=head(m))
     with pytest.raises(ConfigError, match="rollout.self_correction=false"):
         run(m, tokenizer, replace(cfg, self_correction=True), edit_policy=head(m))
+    for sampler in ({"min_p": 0.9}, {"repetition_penalty": 50.0}):  # samplers edits do not apply: refused
+        with pytest.raises(ConfigError, match="rollout.min_p=0 and rollout.repetition_penalty=1.0"):
+            run(m, tokenizer, replace(cfg, **sampler), edit_policy=head(m))
+        recipe = {"rollout": {"max_completion_length": 8, "steps": 4, "edit": "remask", **sampler}}
+        with pytest.raises(ConfigError, match="any-process decoding"):
+            validate_recipe(recipe_from_dict(recipe))
     with pytest.raises(ConfigError, match="rollout.edit_initial_length"):
         run(m, tokenizer, replace(cfg, edit_initial_length=9), edit_policy=head(m))
     with pytest.raises(ConfigError, match="rollout.edit_max_insert"):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import small_native
 
 from dllm_rl import counter_rng as noise
 from dllm_rl.batches import FILL, REMASK
@@ -276,3 +277,21 @@ def test_errors_name_the_fix(model_factory, tokenizer):
     tok = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|eos|>", pad_token="<|pad|>")
     with pytest.raises(DllmRlError, match="no mask token"):
         run(m, tok, RolloutConfig(max_completion_length=8, steps=8))
+
+
+def test_empty_prompts_are_refused_where_nothing_can_predict_the_first_token(model_factory, tokenizer):
+    """A logits-shifted model (Dream) predicts a token from the position before it: an empty prompt has none
+    (it crashed in an index, or read a padding position beside longer prompts). No prompts at all is an error
+    too; empty ids are ids, not a conversation. A model without the shift decodes an empty prompt."""
+    over = {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id}
+    over |= {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    dream = small_native("dream", **over)
+    cfg = RolloutConfig(max_completion_length=4, steps=4)
+    for cache in ("none", "prefix"):
+        for prompts in ([""], ["", "ab"], [[]]):
+            with pytest.raises(ConfigError, match="prompt 0 has 0 tokens.*needs at least 1"):
+                run(dream, tokenizer, RolloutConfig(**{**cfg.__dict__, "cache": cache}), prompts=prompts)
+    assert run(dream, tokenizer, cfg, prompts=["ab"]).completion_ids.shape == (1, 4)
+    with pytest.raises(ConfigError, match="no prompts"):
+        run(model_factory(), tokenizer, cfg, prompts=[])
+    assert run(model_factory(), tokenizer, cfg, prompts=[[]]).completion_ids.shape == (1, 4)

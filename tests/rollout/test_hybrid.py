@@ -118,6 +118,11 @@ def test_template_and_kind_errors(executor, tokenizer):
     with pytest.raises(ConfigError, match="hybrid.plan"):
         run(executor, tokenizer, ROWS, "oracel")
     assert place("text prompt", "p", "Plan: {plan}\n{question}") == "Plan: p\ntext prompt"
+    # the two fields are filled in one pass: a plan that says "{question}" keeps it
+    assert place("What is 2+2?", "use {question}", "{plan} / {question}") == "use {question} / What is 2+2?"
+    for prompt in ([5, 6, 7], [{"role": "system", "content": "s"}]):  # token ids; messages without a user turn
+        with pytest.raises(ConfigError, match="a user turn"):
+            place(prompt, "p", CFG.template)
 
 
 def test_a_plan_that_leaves_no_room_is_cut_to_fit_the_executors_context(model_factory, tokenizer):
