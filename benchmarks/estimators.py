@@ -34,7 +34,7 @@ VARIANTS = {  # name: overrides on top of the token-GRPO recipe
         "grpo.loss_type=spg",
         "grpo.beta=0",
     ],
-    "trajectory, merge 1 (the recipe's own)": ["estimator.name=trajectory", "estimator.merge_steps=1"],
+    "trajectory, merge 1": ["estimator.name=trajectory", "estimator.merge_steps=1"],
     "trajectory, merge 2 (TraceRL)": ["estimator.name=trajectory", "estimator.merge_steps=2"],
     "one_step + wd1 loss": ["estimator.name=one_step", "grpo.loss_type=wd1", "grpo.beta=0"],
 }
@@ -101,10 +101,13 @@ def main():
     a = p.parse_args()
     recipe = a.recipe.resolve()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="dllm-rl-estimators-"))
+    est = load_recipe(recipe).estimator
     rows = []
     for i, (name, overrides) in enumerate(VARIANTS.items()):
         if a.only and not any(s in name for s in a.only.split(",")):
             continue
+        if name == f"trajectory, merge {est.merge_steps}" and est.name == "trajectory":
+            name += " (the recipe's own)"
         rows.append(run(recipe, name, overrides, a.steps, work / str(i)))
         print(f"{name}: {rows[-1]}", file=sys.stderr)
     print(f"\n{a.steps} GRPO steps, recipe {recipe.relative_to(ROOT)} (its checkpoint, seed and data order)\n")

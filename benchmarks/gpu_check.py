@@ -17,6 +17,9 @@ section reuses it. Sections:
    16, random rewards): seconds per phase and peak memory next to `dllm-rl plan`.
 4. The kernels table of benchmarks/kernel_ops.py at LLaDA's vocabulary.
 
+Section 4 runs before section 3 (the report prints them in that order): the GRPO step is the longest and the
+likeliest to meet the time limit, and the kernels' figures should come back even then.
+
     python benchmarks/gpu_check.py            # on a CUDA machine
     python benchmarks/gpu_check.py --tiny     # a dry run of every section on CPU with a tiny model (seconds)
 """

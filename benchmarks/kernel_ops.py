@@ -5,7 +5,8 @@ fused linear cross-entropy vs the naive `token_logprobs(lm_head(h))`).
     python benchmarks/kernel_ops.py            # CUDA if present (LLaDA-8B shapes), else small CPU shapes (< 1 min)
     python benchmarks/kernel_ops.py --cpu      # force CPU
 
-Peak memory is the extra memory a call needs above its inputs: torch.cuda.max_memory_allocated on CUDA; on
+Peak memory is the extra memory a call needs above its inputs (for log-probs with gradient, the gradients it
+writes into h.grad and W.grad included: every variant writes the same ones): torch.cuda.max_memory_allocated on CUDA; on
 CPU (Linux) the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap
 threshold pinned so that freed tensors go back to the OS. On CPU the Triton sampling kernel cannot run (the
 Triton interpreter is a correctness tool, not a speed one), so its rows read n/a.
@@ -146,6 +147,7 @@ def bench_logprobs(meter: Meter, shapes, dtype, reps: int) -> list[dict]:
                 fn(h, W, t, None, mask_id, 0.9).sum().backward()
 
             ms = meter.time_ms(call, reps)
+            h.grad = W.grad = None  # the baseline holds the inputs only: the gradients a call writes count as its own
             row.update(ms=ms, tok_s=n / ms * 1e3, peak=meter.peak_mib(call))
             base = base or row
             rows.append(_ratios(row, base))

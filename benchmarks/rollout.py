@@ -1,7 +1,7 @@
 """Rollout speed and memory: every engine mode against the reference sampler, in the same run.
 
 The reference is LLaDA's `generate` (arXiv 2502.09992) as published: one full forward of [prompt | canvas]
-per step with logits for every position, one token committed per step, no cache, greedy low-confidence
+per step with logits for every position, k tokens committed per step (`--k`), no cache, greedy low-confidence
 selection, batched over equal-length prompts. Each mode decodes the same prompts with the same model; the
 table reports tokens/s (committed completion tokens per second), the speedup over the reference, and the
 peak memory of the decoding call (CUDA: max_memory_allocated; CPU: peak RSS growth of a fresh subprocess).

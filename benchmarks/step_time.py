@@ -5,6 +5,10 @@ A, B, ...) gives both the same conditions, so the ratio holds even when the abso
 a DPO run and a GRPO run from the same start on one wall-clock axis (RESULTS.md, "DPO").
 
     python benchmarks/step_time.py recipes/tiny/sudoku-dpo.yaml recipes/tiny/sudoku-tokens-grpo.yaml [--steps 6]
+    python benchmarks/step_time.py "recipes/tiny/sudoku-dpo.yaml dpo.loss_type=sigmoid" \\
+        recipes/tiny/sudoku-diffu-grpo.yaml
+
+Each recipe argument is a path, optionally followed (in the same quoted argument) by KEY=VALUE overrides.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from dllm_rl.trainers import trainer_class
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("recipes", nargs=2)
+    ap.add_argument("recipes", nargs=2, help='"RECIPE [KEY=VALUE ...]", twice')
     ap.add_argument("--steps", type=int, default=6, help="steps of each, after one warm-up step each")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out:
         trainers = []
-        for i, path in enumerate(args.recipes):
-            r = load_recipe(path, [f"train.output_dir={out}/{i}", "train.resume=false"])
+        for i, spec in enumerate(args.recipes):
+            path, *overrides = spec.split()
+            r = load_recipe(path, [*overrides, f"train.output_dir={out}/{i}", "train.resume=false"])
             trainers.append(trainer_class(r.algorithm)(r))
         seconds = [[], []]
         for step in range(args.steps + 1):
