@@ -35,6 +35,8 @@ class Decoding:
     edit_max_per_step: int = 0  # the limits the edit decisions were drawn under (policy.edits.EditLimits)
     edit_max_insert: int = 0
     edit_max_length: int = 0  # the completion's capacity
+    min_p: float = 0.0  # TRL's samplers (the host loop): recorded so an estimator can say it does not replay them
+    repetition_penalty: float = 1.0
 
 
 @dataclass

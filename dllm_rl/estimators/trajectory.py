@@ -31,7 +31,9 @@ a bidirectional model (the packed block-causal views score several steps of diff
 tests/estimators/test_trajectory_exact.py enumerates every trajectory of a tiny sampler (EOS anywhere, with
 and without stop_at_eos, greedy, Plackett-Luce and random orders): these probabilities sum to 1 and match
 the sampler's frequencies (commit rule top_k). Not exact: rollout.top_k / top_p (the trace does not record
-them, and the estimate scores the untruncated distribution at the rollout temperature), and, at temperature
+them, and the estimate scores the untruncated distribution at the rollout temperature); rollout.min_p and
+rollout.repetition_penalty (recorded, with a note when a run uses them: the estimate scores, and the learned or
+model-scored order reads, the distribution before them); and, at temperature
 > 0, commit rules that count the sampled tokens' confidences (threshold, factor): how many positions a step
 commits then depends on tokens drawn at positions it did not commit, as with low_confidence below.
 
@@ -133,14 +135,22 @@ def check(d: Decoding, merge_steps: int, tr) -> list[str]:
                 "scores each step's order from the state before it: set estimator.merge_steps=1, "
                 "and use a bidirectional model (block-causal packing scores several steps at once)"
             )
+    notes = []
+    if d.min_p > 0 or d.repetition_penalty != 1.0:
+        notes.append(
+            f"estimator.name=trajectory with rollout.min_p={d.min_p} / rollout.repetition_penalty="
+            f"{d.repetition_penalty}: the replay scores tokens and orders under the model's distribution before "
+            "these samplers, so the likelihood is not the rollout's probability; set min_p=0 and "
+            "repetition_penalty=1.0 for an exact one"
+        )
     if rule.replay == "tokens" and d.temperature > 0:
-        return [
+        return notes + [
             f"estimator.name=trajectory with rollout.order={d.order} and temperature > 0: positions are picked "
             "by their sampled token, so the replayed likelihood is not the rollout's probability and its "
             "gradient is not the policy gradient (estimators/trajectory.py); rollout.order=top_prob decodes "
             "the same when greedy and keeps it exact"
         ]
-    return []
+    return notes
 
 
 def draw(batch, merge_steps: int, tr) -> Noise:

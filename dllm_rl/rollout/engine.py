@@ -47,7 +47,14 @@ OrderPolicy = Callable[..., torch.Tensor]  # (hidden [n, Lb, D], stats, offsets 
 
 def decoding(cfg: RolloutConfig) -> Decoding:
     """What a rollout with these settings records about how it decided (Trace.decoding)."""
-    return Decoding(cfg.temperature, cfg.order, cfg.order_temperature, cfg.block_length or cfg.max_completion_length)
+    return Decoding(
+        cfg.temperature,
+        cfg.order,
+        cfg.order_temperature,
+        cfg.block_length or cfg.max_completion_length,
+        min_p=cfg.min_p,
+        repetition_penalty=cfg.repetition_penalty,
+    )
 
 
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:

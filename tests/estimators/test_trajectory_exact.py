@@ -260,3 +260,18 @@ def test_random_order_constant_in_merged_views(tokenizer):
         without = est.estimate(model, left_to_right, est.draw(left_to_right)).logps.sum(-1)
     # one position at a time out of 4, 3, 2, 1: log(1/4!) per row
     assert torch.allclose(with_order - without, torch.full((8,), -math.log(24.0)), atol=1e-5)
+
+
+def test_min_p_and_repetition_penalty_are_recorded_and_noted_as_not_replayed():
+    """The host loop's samplers reshape the distribution the rollout drew from, and the replay scores the model's
+    distribution before them: the trace records them and the estimator's check says so (GRPO and DPO print it)."""
+    from dllm_rl.estimators.trajectory import check
+    from dllm_rl.rollout.engine import decoding
+
+    base = RolloutConfig(max_completion_length=8, steps=8, temperature=1.0, order="top_prob")
+    assert check(decoding(base), 1, None) == []
+    for sampler in ({"min_p": 0.1}, {"repetition_penalty": 1.5}):
+        d = decoding(RolloutConfig(**{**base.__dict__, **sampler}))
+        assert (d.min_p, d.repetition_penalty) == (sampler.get("min_p", 0.0), sampler.get("repetition_penalty", 1.0))
+        (note,) = check(d, 1, None)
+        assert "not the rollout's probability" in note and "repetition_penalty=1.0" in note
