@@ -8,7 +8,8 @@ function + one dict entry (rollout.hybrid.PLAN_KINDS): here `first_row`, the sol
 grid. Each kind's held-out solve rate is printed; the verifier always sees the bare puzzle.
 
 The shipped executor (checkpoints/tiny/sudoku-sft) was never shown a prefix and breaks on any plan (the first of
-the three axes). Train the prefix-robustness LoRA and pass it to see plans help:
+the three axes). The prefix-robustness LoRA makes plans harmless, not helpful: with it every kind scores about
+what no plan does (benchmarks/RESULTS.md, "Hybrid planner -> executor: the three axes": content gain +0.0):
 
     dllm-rl train recipes/tiny/sudoku-prefix-lora.yaml
     python examples/hybrid_planner.py --executor outputs/tiny-sudoku-prefix-lora
@@ -22,7 +23,7 @@ from dllm_rl.config import DataConfig, HybridConfig, ModelConfig, PlannerConfig,
 from dllm_rl.evaluate import evaluate
 from dllm_rl.models.ar import load_planner
 from dllm_rl.models.load import load_model
-from dllm_rl.rollout.hybrid import PLAN_KINDS, PlanContext, _texts_only, hybrid_generate
+from dllm_rl.rollout.hybrid import PLAN_KINDS, PlanContext, hybrid_generate, plans_from_texts
 from dllm_rl.tasks import load_task
 from dllm_rl.tasks.plans import hint_grid
 
@@ -30,7 +31,7 @@ from dllm_rl.tasks.plans import hint_grid
 def first_row(ctx: PlanContext):
     """The first row of each row's reference solution, as a hint grid (a plan kind of your own)."""
     grids = [[c for c in row["answer"] if c != "\n"] for row in ctx.rows]
-    return _texts_only([hint_grid({i: int(g[i]) for i in range(4)}) for g in grids], "first_row")
+    return plans_from_texts([hint_grid({i: int(g[i]) for i in range(4)}) for g in grids], "first_row")
 
 
 PLAN_KINDS["first_row"] = first_row  # the one dict entry: `hybrid.plan: first_row` works now

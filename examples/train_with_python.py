@@ -1,7 +1,10 @@
 """The Python trainer API: GRPO from a recipe, a reward function of your own, one override.
 
     python examples/train_with_python.py                 # 4 steps on the tiny Sudoku task (CPU, ~1 minute)
-    python examples/train_with_python.py --steps 150     # the recipe's full run
+    python examples/train_with_python.py --steps 150     # the recipe's step count (batch 4, 16 held-out puzzles)
+
+It overrides the recipe's batch (4 prompts), held-out set (16 puzzles) and evaluation schedule to stay small,
+and its own reward replaces the recipe's `sudoku`, so even at 150 steps it is not the recipe's run.
 
 A reward has TRL's signature, `fn(prompts, completions, **columns) -> list[float]`; every dataset column
 (here the task's `puzzle` and `answer`) arrives as a keyword argument, one value per completion.

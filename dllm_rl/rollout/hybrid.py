@@ -68,8 +68,9 @@ class PlanContext:
         return [self.plans.oracle(r) for r in rows]
 
 
-def _texts_only(texts: list[str], kind: str) -> PlanBatch:
-    """A PlanBatch of plans that were not sampled by the planner (nothing to train: plan_mask 0)."""
+def plans_from_texts(texts: list[str], kind: str) -> PlanBatch:
+    """A PlanBatch of plans that were not sampled by the planner (nothing to train: plan_mask 0): what a plan
+    kind of your own returns (examples/hybrid_planner.py)."""
     n = len(texts)
     empty = torch.zeros(n, 0, dtype=torch.long)
     return PlanBatch(empty, empty, empty, empty, torch.zeros(n, 0), list(texts), kind)
@@ -90,7 +91,7 @@ def _other(ctx: PlanContext) -> tuple[list[dict], list]:
 
 def _content_free(ctx: PlanContext) -> PlanBatch:
     text = ctx.cfg.content_free if ctx.cfg.content_free is not None else ctx.plans.content_free
-    return _texts_only([text] * len(ctx.prompts), "content_free")
+    return plans_from_texts([text] * len(ctx.prompts), "content_free")
 
 
 def _real(ctx: PlanContext) -> PlanBatch:
@@ -102,16 +103,16 @@ def _real(ctx: PlanContext) -> PlanBatch:
 def _oracle(ctx: PlanContext) -> PlanBatch:
     if ctx.plans.oracle is None:
         raise ConfigError("hybrid.plan=oracle: this task has no oracle plans (tasks.plans.PLANS)")
-    return _texts_only([ctx.plans.oracle(r) for r in ctx.rows], "oracle")
+    return plans_from_texts([ctx.plans.oracle(r) for r in ctx.rows], "oracle")
 
 
 def _other_problem(ctx: PlanContext) -> PlanBatch:
     rows, prompts = _other(ctx)
-    return _texts_only(ctx.source_texts(rows, prompts), "other_problem")
+    return plans_from_texts(ctx.source_texts(rows, prompts), "other_problem")
 
 
 def _corrupted(ctx: PlanContext) -> PlanBatch:
-    return _texts_only([ctx.plans.corrupt(t) for t in ctx.source_texts(ctx.rows, ctx.prompts)], "corrupted")
+    return plans_from_texts([ctx.plans.corrupt(t) for t in ctx.source_texts(ctx.rows, ctx.prompts)], "corrupted")
 
 
 PLAN_KINDS: dict[str, Callable[[PlanContext], PlanBatch] | None] = {
@@ -189,7 +190,7 @@ def hybrid_generate(
             tokenizer, prompts, plans.texts, cfg.template, max_pos - rollout.max_completion_length
         )
     batch = generate(model, tokenizer, executor_prompts, rollout, generator=generator, order_policy=order_policy)
-    batch.plan = plans if plans is not None else _texts_only([""] * len(prompts), "none")
+    batch.plan = plans if plans is not None else plans_from_texts([""] * len(prompts), "none")
     batch.plan.executor_prompts = executor_prompts
     batch.stats["plans_cut"] = cut
     return batch
