@@ -67,8 +67,10 @@ is one view's forward + backward whatever the view count):
                    D)) + the input gradient it keeps from the forward (n Lc D a) + the per-row loss
                    (+ a V D when the head trains).
     ZeRO-3       = min(P, stage3_max_live_parameters) w gathered at once (an upper bound; default 1e9)
-Rollout phase (no grad; the batch_size * G sequences of a process decode together, canvas C = prompt + Lc; DPO:
-G = dpo.num_generations for on-policy pairs, no rollout phase for offline pairs):
+Rollout phase (no grad; the B G sequences of a process decode together, canvas C = prompt + Lc; B: the prompts
+of one rollout, train.batch_size times the optimizer steps it feeds when grpo.steps_per_generation or
+grpo.generation_batch_size asks for more; DPO: G = dpo.num_generations for on-policy pairs, no rollout phase for
+offline pairs):
     KV cache     = l 2 Dkv w_kv C B G   (rollout.cache != none; w_kv = the embedding dtype)
     transient    = B G C a (3F + 2D + 2Dq + 2Dkv) + B G Lb V (a + 8)   (one forward + the block's logits)
     ZeRO-3       = the full weights (the trainer gathers them for the whole rollout) minus the shard
@@ -175,7 +177,10 @@ def _build_meta(mcfg):
     if os.path.isdir(path) and Path(resolve_model_dir(path), "adapter_config.json").is_file():
         path, adapter = _adapter_lora(resolve_model_dir(path))  # plan the base it adapts
     if os.path.isdir(path):
-        config = AutoConfig.from_pretrained(resolve_model_dir(path), trust_remote_code=mcfg.trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_dir(path), trust_remote_code=mcfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(_cannot_plan(path, e)) from None
         source = f"{path} (local config.json)"
     elif path.lower() in KNOWN_MODELS:
         config, source = _hub_config(path)
@@ -184,9 +189,20 @@ def _build_meta(mcfg):
             f"cannot plan model.path {path!r}: it is not a local directory and not a "
             f"known hub id ({', '.join(sorted(KNOWN_MODELS))}); download it and pass its directory"
         )
-    with torch.device("meta"):
-        model = AutoModel.from_config(config, trust_remote_code=mcfg.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(config, trust_remote_code=mcfg.trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:  # a config its class refuses; remote code not trusted
+        raise ConfigError(_cannot_plan(path, e)) from None
     return model, source, adapter
+
+
+def _cannot_plan(path: str, e: Exception) -> str:
+    return (
+        f"cannot plan model.path {path!r}: building its model from config.json failed ({type(e).__name__}: "
+        f"{(str(e).strip().splitlines() or [''])[0][:200]}); fix the config, or set model.trust_remote_code=true "
+        f"for a remote-code model"
+    )
 
 
 def model_shape(mcfg) -> ModelShape:
@@ -194,7 +210,7 @@ def model_shape(mcfg) -> ModelShape:
     from torch import nn
 
     model, source, adapter = _build_meta(mcfg)
-    c = model.config
+    c = model.config.get_text_config()  # a composite config (DiffusionGemma: text + vision) plans its text model
     head_module = model.get_output_embeddings()
     linears, head = [], None
     for name, mod in model.named_modules():
@@ -275,7 +291,9 @@ def read_zero(recipe: Recipe) -> Zero:
             note=f"ZeRO-{stage} GUESSED from the name: {path} not found; half precision from "
             f"train.mixed_precision={mixed}",
         )
-    ds = json.loads(Path(path).read_text())
+    from .validate import read_deepspeed_json
+
+    ds = read_deepspeed_json(path)
     zo = ds.get("zero_optimization", {})
     stage = zo.get("stage", 0)
     stage = 0 if stage == "auto" else int(stage)
@@ -469,7 +487,12 @@ def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused) -
 def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
     r = recipe.rollout
     group = {"grpo": recipe.grpo.num_generations, "dpo": recipe.dpo.num_generations}.get(recipe.algorithm, 1)
-    rows = recipe.train.batch_size * group
+    prompts = recipe.train.batch_size
+    if recipe.algorithm == "grpo":  # one generate call decodes every prompt of a rollout (grpo.steps_per_generation)
+        from .trainers.grpo_options import geometry
+
+        prompts = geometry(recipe, plan.gpus).prompts_per_rollout
+    rows = prompts * group
     if recipe.algorithm == "dpo" and recipe.dpo.pairs == "offline":
         rows = 0  # offline pairs: nothing is decoded while training (held-out evaluation aside)
     C, Lb = prompt_len + r.max_completion_length, r.block_length or r.max_completion_length

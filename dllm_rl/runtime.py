@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import os
 
 import torch
 
 from .config import Recipe
 from .errors import ConfigError
+from .validate import read_deepspeed_json
 
 STREAMS = {"data": 0, "noise": 1, "rollout": 2, "eval": 3, "greedy": 4}
 
@@ -139,8 +139,7 @@ def deepspeed_plugin(recipe: Recipe, micro_batch_size: int, world: int):
             f"train.deepspeed: {t.deepspeed!r} does not exist; point it at a DeepSpeed JSON "
             f"such as recipes/deepspeed/zero2.json"
         )
-    with open(t.deepspeed) as f:
-        config = json.load(f)
+    config = read_deepspeed_json(t.deepspeed)
     decided = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.metadata
+import json
 import os
 from operator import attrgetter
 from pathlib import Path
@@ -229,6 +230,33 @@ def _check_files(recipe: Recipe, model: bool, data: bool, training: bool = True)
         raise ConfigError(
             f"train.deepspeed: {ds!r} does not exist; point it at a DeepSpeed JSON such as recipes/deepspeed/zero2.json"
         )
+    if ds:
+        zero = read_deepspeed_json(ds)["zero_optimization"]
+        offload = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower()
+        if recipe.optim.name != "adamw" and offload not in ("none", "auto"):
+            raise ConfigError(
+                f"optim.name={recipe.optim.name} with {ds!r}, which offloads the optimizer to {offload}: accelerate "
+                f"then swaps in DeepSpeed's CPU Adam, so the run would not be {recipe.optim.name}; use "
+                f"optim.name=adamw or a DeepSpeed file without offload_optimizer (recipes/deepspeed/zero3.json)"
+            )
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """A DeepSpeed config file as a dict, refused with the fix when it is not JSON or has no zero_optimization
+    section (accelerate's DeepSpeed plugin requires one)."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"train.deepspeed: {path!r} is not a readable JSON file ({type(e).__name__}: {e}); fix it (JSON has no "
+            f"trailing commas or comments), or start from recipes/deepspeed/zero2.json"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization"), dict):
+        raise ConfigError(
+            f"train.deepspeed: {path!r} has no zero_optimization section; add one, e.g. "
+            f'"zero_optimization": {{"stage": 2}} (recipes/deepspeed/zero2.json)'
+        )
+    return config
 
 
 def check_hub_model(repo: str, key: str) -> None:

@@ -274,6 +274,30 @@ def test_graphs_keep_the_rollout_buffers():
     assert graphs.phase("static") == eager.phase("static") + kv + eager.get("rollout_forward")
 
 
+def test_a_rollout_that_feeds_several_optimizer_steps_decodes_all_its_prompts_at_once():
+    """grpo.steps_per_generation = k x gradient accumulation: one generate call decodes k optimizer steps' prompts
+    (the trainer's rollout of geometry().prompts_per_rollout prompts), and the rollout phase is planned so."""
+    one = plan_memory(_llada(rollout__cache="dual"), gpus=1, prompt_length=200)
+    four = plan_memory(_llada(rollout__cache="dual", grpo__steps_per_generation=8), gpus=1, prompt_length=200)
+    assert four.get("kv_cache") == 4 * one.get("kv_cache")
+    assert "48 sequences x canvas" in format_plan(four) and "12 sequences x canvas" in format_plan(one)
+
+
+def test_configs_it_cannot_build_and_bad_deepspeed_files_are_errors_naming_the_fix(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llada", "block_type": "sequential"}))
+    with pytest.raises(ConfigError, match="cannot plan model.path.*building its model from config.json failed"):
+        plan_memory(recipe_from_dict({"algorithm": "grpo", "model": {"path": str(bad)}}))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(ConfigError, match="not a readable JSON file.*trailing commas"):
+        plan_memory(_llada(deepspeed=str(broken)))
+    (tmp_path / "nozero.json").write_text('{"bf16": {"enabled": true}}')
+    with pytest.raises(ConfigError, match="no zero_optimization section"):
+        plan_memory(_llada(deepspeed=str(tmp_path / "nozero.json")))
+
+
 def test_logits_term_matches_measurement(one_thread):
     """A large vocabulary makes the [n, Lc, V] terms dominate the peak."""
     V, D, n, P, Lc = 16384, 32, 8, 8, 64

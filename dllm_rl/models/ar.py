@@ -118,7 +118,7 @@ def load_planner(cfg, seed: int = 0, trainable: bool = False) -> "ARPlanner":
     elif cfg.lora.r > 0:
         from .load import apply_lora
 
-        model = apply_lora(model, cfg)  # peft freezes the base weights
+        model = apply_lora(model, cfg, seed)  # peft freezes the base weights
     cls = {"transformers": ARPlanner, "vllm": VLLMPlanner}[cfg.backend]
     return cls(model.eval(), tok, cfg)
 

@@ -45,6 +45,20 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def peft_of(model: nn.Module) -> nn.Module | None:
+    """The peft model holding `model`'s adapters (the one whose `disable_adapter()` turns them off), looking
+    through DeepSpeed / DDP and the protocol wrappers (HFDiffusionLM, DiffusionGemmaLM run a `.model`), or None."""
+    while True:
+        if hasattr(model, "disable_adapter"):
+            return model
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DeepSpeed, DDP
+            model = model.module
+        elif getattr(model, "wraps_transformers_model", False):  # models.hf.ProtocolWrapper
+            model = model.model
+        else:
+            return None
+
+
 def traits(model: nn.Module, tokenizer=None) -> ModelTraits:
     """Read the engine-relevant facts of a model (and its tokenizer, for the mask token)."""
     base = unwrap(model)

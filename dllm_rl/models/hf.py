@@ -72,6 +72,8 @@ class ProtocolWrapper(nn.Module):
     gathered from the wrapper loses its `model.` prefix, so the checkpoint reloads into the bare model),
     gradient checkpointing, embeddings."""
 
+    wraps_transformers_model = True  # models.base.peft_of looks inside for adapters
+
     @property
     def config(self):
         return unwrap(self.model).config

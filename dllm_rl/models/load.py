@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import DllmRlError
 from ..rundir import resolve_model_dir
-from .base import traits, unwrap
+from .base import peft_of, traits, unwrap
 from .diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma, model_class, sentinel_id
 from .hf import HFDiffusionLM, follows_protocol
 from .tiny import TinyMDM, TinyMDMConfig
@@ -90,7 +90,8 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
                 f"check model.path, or set model.trust_remote_code=true for remote-code "
                 f"models"
             ) from None
-    model.to(DTYPES[cfg.dtype])
+    if getattr(model, "quantization_method", None) is None:  # a 4-bit model is loaded in its dtype and cannot be cast
+        model.to(DTYPES[cfg.dtype])
     if is_diffusion_gemma(model):  # uniform noise, no [MASK]: the adapter's sentinel stands for undecided tokens
         model.config.mask_token_id = sentinel_id(model.config)
     elif getattr(model.config, "mask_token_id", None) is None and tokenizer.mask_token_id is not None:
@@ -101,7 +102,7 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     if cfg.lora.r > 0:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, seed)
     return wrap_if_needed(model), tokenizer  # remote-code models get the protocol through HFDiffusionLM
 
 
@@ -117,25 +118,28 @@ def given_model(model: nn.Module, tokenizer):
     return wrap_if_needed(model)
 
 
-def apply_peft_config(model: nn.Module, peft_config):
+def apply_peft_config(model: nn.Module, peft_config, seed: int = 0):
     """TRL's `peft_config=`: peft.get_peft_model(model, peft_config) (the wrapped transformers model for
-    models run through their own forward); a model that already has adapters is refused, as TRL does."""
-    from peft import PeftConfig, PeftModel, get_peft_model
+    models run through their own forward), initialised from `seed`; a model that already has adapters is
+    refused, as TRL does."""
+    from peft import PeftConfig, PeftModel
 
     if not isinstance(peft_config, PeftConfig):
         raise DllmRlError(
             f"peft_config: expected a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}"
         )
     inner = model.model if isinstance(model, (HFDiffusionLM, DiffusionGemmaLM)) else model
-    if isinstance(inner, PeftModel) or hasattr(model, "disable_adapter"):
+    if isinstance(inner, PeftModel) or peft_of(model) is not None:
         raise DllmRlError("peft_config was given for a model that already has adapters: pass one or the other")
     if inner is model:
-        return get_peft_model(model, peft_config)
-    return type(model)(get_peft_model(inner, peft_config))
+        return seeded_peft(model, peft_config, seed)
+    return type(model)(seeded_peft(inner, peft_config, seed))
 
 
-def apply_lora(model, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model
+def apply_lora(model, cfg: ModelConfig, seed: int = 0):
+    """peft's LoRA adapters on `model`, their initialisation (lora_A is random) drawn from `seed`, not from the
+    global generator: a run's train.seed fixes it, and every process of a distributed run starts alike."""
+    from peft import LoraConfig
 
     targets = cfg.lora.target_modules
     lora = LoraConfig(
@@ -144,7 +148,18 @@ def apply_lora(model, cfg: ModelConfig):
         lora_dropout=cfg.lora.dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
     )
-    return get_peft_model(model, lora)
+    return seeded_peft(model, lora, seed)
+
+
+def seeded_peft(model: nn.Module, peft_config, seed: int):
+    """peft.get_peft_model with the adapters' random initialisation drawn from `seed` (the global generators are
+    left as they were)."""
+    from peft import get_peft_model
+
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_config)
 
 
 def _load_adapter(cfg: ModelConfig, adapter_dir: str):

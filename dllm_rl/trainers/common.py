@@ -31,7 +31,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint, save_final
 from ..config import Recipe, recipe_to_dict
 from ..errors import ConfigError
 from ..metrics import MetricsLogger, window_mean
-from ..models.base import traits, unwrap
+from ..models.base import peft_of, traits, unwrap
 from ..models.load import load_model
 from ..rundir import latest_checkpoint, tidy
 from ..runtime import make_accelerator, make_optimizer, set_threads
@@ -62,7 +62,7 @@ def reference_model(recipe: Recipe, model, mode: str, key: str):
     """(frozen reference module or None, resolved mode) for a policy `model`: mode auto picks adapter_disabled for a
     LoRA (peft) model, whose base with the adapter disabled is the reference (None: no second copy exists), and
     frozen_copy otherwise. `key` names the recipe key in errors (grpo.reference, dpo.reference)."""
-    is_peft = hasattr(model, "disable_adapter")
+    is_peft = peft_of(model) is not None
     if mode == "auto":
         mode = "adapter_disabled" if is_peft else "frozen_copy"
     if mode == "adapter_disabled":

@@ -62,6 +62,7 @@ from ..errors import ConfigError, DllmRlError
 from ..estimators import Noise, build_estimator
 from ..evaluate import evaluate_recipe
 from ..metrics import throughput_metrics
+from ..models.base import peft_of
 from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
@@ -268,7 +269,7 @@ class DPOTrainer:
         """The reference's sequence estimates [N], without gradient (with the order head as the run started)."""
         head = self.ref_order_policy
         if self.ref_mode == "adapter_disabled":
-            with self.acc.unwrap_model(self.model).disable_adapter():
+            with peft_of(self.acc.unwrap_model(self.model)).disable_adapter():
                 return self.sequence_scores(self.model, batch, noise, grad=False, order_policy=head)
         model = self.model if self.ref_mode == "same_model" else self.ref
         return self.sequence_scores(model, batch, noise, grad=False, order_policy=head)

@@ -32,6 +32,7 @@ from ..errors import ConfigError, DllmRlError, lookup
 from ..estimators import build_estimator
 from ..evaluate import evaluate_recipe
 from ..metrics import call_weighted_means, reward_metrics, throughput_metrics
+from ..models.base import peft_of
 from ..policy import ORDERS, edit_head_for, order_head_for
 from ..rewards.plugins import RewardLog, build_rewards, check_reward_weights, compute_rewards, verifier_scores
 from ..rollout.engine import check_config, decoding
@@ -270,7 +271,7 @@ class GRPOTrainer:
 
     def _ref_estimate(self, batch, noise):
         if self.ref_mode == "adapter_disabled":
-            with self.acc.unwrap_model(self.model).disable_adapter():
+            with peft_of(self.acc.unwrap_model(self.model)).disable_adapter():
                 return self._estimate(self.model, batch, noise, grad=False).logps
         return self._estimate(self.ref, batch, noise, grad=False).logps
 

@@ -73,7 +73,7 @@ def trainer_inputs(
             raise ConfigError("peft_config= and model.lora.r > 0 both ask for LoRA: keep one")
         if model is None:
             model, tokenizer = load_model(recipe.model, seed=recipe.train.seed)
-        model = apply_peft_config(model, peft_config)
+        model = apply_peft_config(model, peft_config, recipe.train.seed)
         recipe.model.lora = lora_from_peft(peft_config) or recipe.model.lora
     if model is not None:
         model = given_model(model, tokenizer)

@@ -340,3 +340,39 @@ def test_lora_through_load_model_round_trips(saved, tmp_path):
         a = lora(input_ids=ids, attention_mask=attn, logits_range=(5, ids.shape[1])).logits
         b = back(input_ids=ids, attention_mask=attn, logits_range=(5, ids.shape[1])).logits
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_lora_reference_is_the_adapter_disabled_base_through_the_adapter(saved, tok):
+    """peft wraps the transformers model inside DiffusionGemmaLM: the reference is still that model with its
+    adapters off (no second copy), and GRPO's KL reads it so: 0 before the first update."""
+    from dllm_rl.config import LoraConfig
+    from dllm_rl.trainers.common import reference_model
+    from dllm_rl.trainers.grpo import GRPOTrainer
+
+    lora, _ = load_model(ModelConfig(path=str(saved), lora=LoraConfig(r=4)))
+    recipe = recipe_from_dict({"algorithm": "grpo", "grpo": {"beta": 0.04}})
+    assert reference_model(recipe, lora, "auto", "grpo.reference") == (None, "adapter_disabled")
+    assert reference_model(recipe, lora, "adapter_disabled", "grpo.reference") == (None, "adapter_disabled")
+    rows = [{"prompt": p} for p in PROMPTS]
+    task = Task("tiny", datasets.Dataset.from_list(rows), None, "xml_count")
+    recipe = recipe_from_dict(
+        {
+            "algorithm": "grpo",
+            "rollout": {"max_completion_length": 8, "steps": 4, "temperature": 1.0},
+            "grpo": {"num_generations": 2, "beta": 0.04},
+            "train": {"max_steps": 1, "batch_size": 2, "save_steps": 0, "eval_steps": 0, "logging_steps": 1},
+        }
+    )
+    recipe.train.output_dir = str(saved.parent / "lora-grpo")
+    spread = lambda prompts, completions, completion_ids, **kw: [float(i % 2) for i in range(len(prompts))]
+    trainer = GRPOTrainer(recipe, reward_funcs=[spread], model=lora, tokenizer=tok, task=task)
+    assert trainer.ref is None and trainer.ref_mode == "adapter_disabled"
+    assert trainer.step(0)["kl"] == 0.0  # the adapters start at B = 0: the policy is the reference
+
+
+def test_plan_reads_the_text_model_of_the_composite_config(saved):
+    from dllm_rl.memory import format_plan, plan_memory
+
+    recipe = recipe_from_dict({"algorithm": "grpo", "model": {"path": str(saved)}})
+    text = format_plan(plan_memory(recipe))
+    assert "total per GPU" in text and str(saved) in text

@@ -95,3 +95,53 @@ def test_lora_grpo_reference_update_and_reload(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
         assert not torch.equal(base(input_ids=ids).logits, model(input_ids=ids).logits)  # the adapter matters
+
+
+def test_lora_initialisation_follows_the_seed_not_the_global_generator(monkeypatch):
+    """lora_A is random: it is drawn from the run's seed, so a rerun (or every process of a distributed run, whose
+    global generators have been used differently) starts from the same adapters."""
+    monkeypatch.chdir(ROOT)
+    cfg = _recipe("unused").model
+
+    def lora_a(global_seed, seed):
+        torch.manual_seed(global_seed)
+        model, _ = load_model(cfg, seed=seed)
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+
+    a = lora_a(global_seed=1, seed=0)
+    assert torch.equal(a, lora_a(global_seed=2, seed=0)) and not torch.equal(a, lora_a(global_seed=1, seed=1))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_model(cfg, seed=0)
+    assert torch.equal(torch.rand(3), expected)  # the global generator is left as it was
+
+
+def test_a_four_bit_model_is_not_cast_after_loading(monkeypatch):
+    """transformers refuses to cast a bitsandbytes model to another dtype: load_model loads it in the recipe's
+    dtype and leaves it. bitsandbytes needs a GPU, so the quantized load is stood in for by marking a real
+    load as transformers' bitsandbytes quantizer marks it."""
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    import dllm_rl.models.load as L
+
+    monkeypatch.chdir(ROOT)
+    real = L.model_class
+
+    def marked(path, trust_remote_code):
+        cls = real(path, trust_remote_code)
+
+        class Marked:
+            @staticmethod
+            def from_pretrained(path, quantization_config=None, **kwargs):
+                model = cls.from_pretrained(path, **kwargs)
+                model.quantization_method = QuantizationMethod.BITS_AND_BYTES
+                return model
+
+        return Marked
+
+    monkeypatch.setattr(L, "model_class", marked)
+    monkeypatch.setattr(L, "_four_bit", lambda: None)
+    cfg = recipe_from_dict({"model": {"path": BASE, "dtype": "bfloat16", "load_in_4bit": True}}).model
+    model, _ = load_model(cfg)
+    assert next(model.parameters()).dtype == torch.bfloat16  # loaded in its dtype (from_pretrained's dtype=)
