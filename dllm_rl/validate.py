@@ -204,6 +204,12 @@ def _check_files(recipe: Recipe, model: bool, data: bool, training: bool = True)
             raise ConfigError(f"model.path: {e}") from None
         if not Path(resolved).is_dir():
             check_hub_model(resolved, "model.path")
+        adapter = Path(resolved, "adapter_config.json").is_file()  # a LoRA checkpoint trains its own adapters
+        if training and recipe.model.load_in_4bit and recipe.model.lora.r == 0 and not adapter:
+            raise ConfigError(
+                "model.load_in_4bit: 4-bit weights cannot be trained, only LoRA adapters over them; set "
+                "model.lora.r (e.g. 64) or model.load_in_4bit=false"
+            )
     planner = recipe.hybrid.planner.path
     if model and recipe.hybrid.plan == "real" and planner and _looks_local(planner):
         p = Path(planner).expanduser()

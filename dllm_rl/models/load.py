@@ -133,7 +133,8 @@ def apply_peft_config(model: nn.Module, peft_config, seed: int = 0):
         raise DllmRlError("peft_config was given for a model that already has adapters: pass one or the other")
     if inner is model:
         return seeded_peft(model, peft_config, seed)
-    return type(model)(seeded_peft(inner, peft_config, seed))
+    model.model = seeded_peft(inner, peft_config, seed)  # in place: the wrapper keeps its settings (mask format, ...)
+    return model
 
 
 def apply_lora(model, cfg: ModelConfig, seed: int = 0):

@@ -37,7 +37,8 @@ shared with GRPO). With dpo.sync_ref_model (TRL's TR-DPO, arXiv 2404.09656) it t
 every ref_model_sync_steps-th optimizer step, ref <- alpha * policy + (1 - alpha) * ref (the model copy and the
 reference order head alike), and it is checkpointed, so a resumed run continues from where it had moved. Dropout
 is disabled in the policy (TRL's disable_dropout default), so that at the start the policy and the reference give
-the same estimate under the same noise and the preference score is exactly 0.
+the same estimate under the same noise and the preference score is exactly 0 (not when model.path is a LoRA
+checkpoint: its reference is the base the adapters were trained from, where the run starts from the adapters).
 
     dllm-rl train recipes/tiny/sudoku-dpo.yaml [dpo.beta=0.2 estimator.name=quadrature ...]
 """

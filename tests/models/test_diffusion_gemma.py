@@ -376,3 +376,17 @@ def test_plan_reads_the_text_model_of_the_composite_config(saved):
     recipe = recipe_from_dict({"algorithm": "grpo", "model": {"path": str(saved)}})
     text = format_plan(plan_memory(recipe))
     assert "total per GPU" in text and str(saved) in text
+
+
+def test_a_peft_config_keeps_the_adapters_settings(tok):
+    """TRL's peft_config= on a wrapped model puts the adapters inside it and keeps its settings (here the
+    two-pass self-conditioning); the adapters are the only trainable weights."""
+    from peft import LoraConfig as PeftLora
+
+    from dllm_rl.models.base import peft_of
+    from dllm_rl.models.load import apply_peft_config
+
+    model = DiffusionGemmaLM(build_raw(), self_conditioning="two_pass")
+    out = apply_peft_config(model, PeftLora(r=4, target_modules="all-linear"), seed=0)
+    assert out is model and out.self_conditioning == "two_pass" and peft_of(out) is out.model
+    assert all("lora_" in n for n, p in out.named_parameters() if p.requires_grad)
