@@ -4,6 +4,7 @@ equivalence: 1/2 == 0.5 == \\frac{1}{2}), not by string matching."""
 from __future__ import annotations
 
 import re
+import threading
 
 from ._text import completion_text
 
@@ -73,12 +74,17 @@ def answers_match(predicted: str, reference: str) -> bool:
     """
     from math_verify import parse, verify  # imported lazily: antlr grammar load
 
+    # math-verify times out with signal.alarm, which only the main thread may set: elsewhere (an async or
+    # threaded reward) it raises, which would score every answer by string equality; there it runs untimed
+    main = threading.current_thread() is threading.main_thread()
+    limit = {} if main else {"parsing_timeout": None}
+
     def _parse(s):
         s = s.strip()
-        return parse(s if s.startswith("$") else f"${s}$")
+        return parse(s if s.startswith("$") else f"${s}$", **limit)
 
     try:
-        return bool(verify(_parse(reference), _parse(predicted)))
+        return bool(verify(_parse(reference), _parse(predicted), **({} if main else {"timeout_seconds": None})))
     except Exception:  # math-verify raises on unparsable input; that is simply a wrong answer
         return predicted.strip() == reference.strip()
 

@@ -9,7 +9,8 @@ from ._text import completion_text
 
 
 def parse_grid(text: str) -> list[int] | None:
-    """The first 16 digits 1-4 of `text`, or None if there are fewer.
+    """The first 16 digits of `text` (any digit 0-9: a grid holding others is simply not a solution), or None if
+    there are fewer.
 
     >>> parse_grid("1234\\n3412\\n2143\\n4321")[:5]
     [1, 2, 3, 4, 3]
@@ -21,17 +22,20 @@ def parse_grid(text: str) -> list[int] | None:
 
 
 def is_valid_solution(grid: list[int], puzzle: str) -> bool:
-    """Rows, columns and 2x2 boxes hold 1-4 once each, and the puzzle's givens are kept.
+    """Rows, columns and 2x2 boxes hold 1-4 once each, and the puzzle's givens (its digits 1-4) are kept; any
+    other character is a blank (`_`, or d1's `0`).
 
     >>> is_valid_solution([1,2,3,4, 3,4,1,2, 2,1,4,3, 4,3,2,1], "12__\\n____\\n____\\n___1")
     True
     >>> is_valid_solution([1,2,3,4, 3,4,1,2, 2,1,4,3, 4,3,1,2], "________________")
     False
+    >>> is_valid_solution([1,2,3,4, 3,4,1,2, 2,1,4,3, 4,3,2,1], "1200\\n0000\\n0000\\n0001")  # d1 writes 0 for blanks
+    True
     """
     cells = [c for c in puzzle if c not in "\n "]
     if len(grid) != 16 or len(cells) != 16:
         return False
-    if any(c.isdigit() and int(c) != g for c, g in zip(cells, grid)):
+    if any(c in "1234" and int(c) != g for c, g in zip(cells, grid)):
         return False
     groups = [[4 * r + c for c in range(4)] for r in range(4)]
     groups += [[4 * r + c for r in range(4)] for c in range(4)]
@@ -111,7 +115,7 @@ def sudoku_cells_reward(prompts, completions, puzzle, **kwargs) -> list[float]:
     out = []
     for completion, given in zip(completions, puzzle):
         grid = parse_grid(completion_text(completion)) or []
-        blanks = [i for i, c in enumerate(c for c in given if c not in "\n ") if not c.isdigit()]
+        blanks = [i for i, c in enumerate(c for c in given if c not in "\n ") if c not in "1234"]
         if not blanks:
             out.append(float(any(list(s) == grid for s in solutions(given))))
             continue

@@ -169,7 +169,8 @@ def generate(
         tokenizer: its tokenizer (chat template, pad/eos/mask tokens).
         prompts: list of prompts of any lengths.
         cfg: the `rollout:` section of a recipe.
-        generator: the only source of randomness (same prompt + same generator state = same completion).
+        generator: the only source of randomness (same prompt + same generator state = same completion; None: one
+            draw from torch's global generator).
         order_policy: the learned unmasking policy (policy.OrderHead) for rules that need one (rollout.order=policy).
         record_states: also return every intermediate completion canvas (stats["states"]; for tests).
         edit_policy: the edit head (policy.EditHead) of any-process decoding (rollout.edit: remask | any).

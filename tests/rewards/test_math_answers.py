@@ -42,3 +42,16 @@ def test_reasoning_gym_majority_keys_are_the_answers_not_the_whole_text():
     key = answer_key("reasoning_gym/chain_sum")
     assert key("first try <answer>7</answer>") == key("so <answer> 7 </answer>") == "7"
     assert key("no tags at all") == "no tags at all"  # as the reward reads it: the whole stripped text
+
+
+def test_answers_match_off_the_main_thread():
+    # math-verify's timeouts use signal.alarm, main thread only: elsewhere the comparison must still be symbolic
+    import threading
+
+    from dllm_rl.rewards.math import answers_match
+
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(ok=answers_match("0.5", "\\frac{1}{2}")))
+    worker.start()
+    worker.join()
+    assert out == {"ok": True}
