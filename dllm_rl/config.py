@@ -278,7 +278,7 @@ class DPOConfig:
 @dataclass
 class EstimatorConfig:
     name: str = "one_step"  # one_step | elbo | block_elbo | trajectory | quadrature | ar_order (estimators.ESTIMATORS)
-    p_mask_prompt: Unit = 0.15
+    p_mask_prompt: Unit = 0.15  # one_step, block_elbo: prompt tokens masked at this rate; the others keep it clean
     num_samples: Count = 1  # Monte Carlo timesteps n_t (elbo) / Gauss-Legendre nodes (quadrature) / masked views
     masks_per_timestep: Count = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1); quadrature: per node
     t_min: Unit = 0.0  # masking-ratio range (elbo; block_elbo: fraction of the chosen block)
@@ -692,6 +692,11 @@ def _rules(r: Recipe, trainer: Optional[str]):
             )
         if est.t_min >= est.t_max:
             yield f"estimator.t_min: {est.t_min} is not below estimator.t_max ({est.t_max}); set t_min < t_max"
+        if est.name == "quadrature" and (est.t_min, est.t_max) != (0.0, 1.0):
+            yield (
+                f"estimator.t_min / t_max ({est.t_min}, {est.t_max}): the quadrature estimator integrates the "
+                f"masking ratio over [0, 1] at its Gauss-Legendre nodes; remove them (elbo and block_elbo read them)"
+            )
         if r.order_policy.width % r.order_policy.heads:
             yield (
                 f"order_policy.heads: {r.order_policy.heads} does not divide order_policy.width "
@@ -769,6 +774,12 @@ def _grpo_rules(r: Recipe):
         yield (
             f"grpo.top_entropy_quantile: {g.top_entropy_quantile} masks a per-token policy loss, which "
             f"grpo.loss_type={g.loss_type} does not have; set it to 1 or pick another loss"
+        )
+    if g.loss_type == "dr_grpo" and r.rollout.edit != "none":
+        yield (
+            "grpo.loss_type=dr_grpo divides by a constant (N x the completion length); with rollout.edit the "
+            "any-process likelihood is per step and a batch's step count varies, so no constant exists: use "
+            "grpo.loss_type=dapo or grpo"
         )
     if h.planner.train and h.plan != "real":
         yield (

@@ -257,6 +257,8 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["train.deepspeed=recipes/deepspeed/zero9.json"], "train.deepspeed"),
         (["optim.name=sgd", "train.deepspeed=recipes/deepspeed/zero3_offload.json"], "DeepSpeed's CPU Adam"),
         (["model.load_in_4bit=true"], "model.load_in_4bit: 4-bit weights cannot be trained"),  # no LoRA
+        (["estimator.name=quadrature", "estimator.t_min=0.1"], "integrates the masking ratio over"),
+        (["rollout.edit=remask", "grpo.loss_type=dr_grpo"], "grpo.loss_type=dr_grpo divides by a constant"),
         (["sft.t_min=0.01"], "sft.t_min"),  # GRPO never reads it
         (["optim.momentum=0.9"], "optim.momentum"),  # adamw never reads it
         (["optim.name=sgd", "optim.betas=[0.8, 0.9]"], "optim.betas"),

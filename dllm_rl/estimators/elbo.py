@@ -2,7 +2,8 @@
 
 One draw: a timestep t ~ U(t_min, t_max), each completion position masked independently with probability t
 (mask M), and the estimate (1/t) sum_{i in M} log p(x_i | x with M masked) (per token: weight 1/t on M, 0
-elsewhere). Its expectation, over the whole canvas x (every position, the tokens after an EOS included):
+elsewhere). The prompt stays clean (estimator.p_mask_prompt is read by one_step and block_elbo only). Its
+expectation, over the whole canvas x (every position, the tokens after an EOS included):
 - t_min = 0, t_max = 1: the ELBO,
       ELBO(x) = E_t E_M [(1/t) sum_{i in M} log p(x_i | x_M)]
               = mean over orders sigma of sum_k log p(x_sigma_k | x_sigma_<k)
