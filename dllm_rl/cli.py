@@ -163,11 +163,11 @@ def cmd_eval(args) -> None:
     for prompt, completion, value in result["examples"]:
         print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> {completion!r}")
     n = recipe.eval.num_samples
-    passk = ""
-    if n > 1:
-        votes = f"maj@{n} {result[f'maj@{n}']:.4f}"
-        passk = f"; pass@{n} {result[f'pass@{n}']:.4f}, {votes} over {result['n'] // n} prompts"
-    print(f"accuracy {result['accuracy']:.4f} over {result['n']} held-out {task.name} examples{passk}")
+    how = passk = ""
+    if n > 1:  # result["n"] counts samples; the accuracy is their mean, or the majority vote of each example's n
+        how = f" (maj@{n})" if recipe.eval.majority else f" (the mean of {n} samples each)"
+        passk = f"; pass@{n} {result[f'pass@{n}']:.4f}, maj@{n} {result[f'maj@{n}']:.4f}"
+    print(f"accuracy {result['accuracy']:.4f} over {result['n'] // n} held-out {task.name} examples{how}{passk}")
 
 
 def cmd_plan(args) -> None:

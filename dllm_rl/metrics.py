@@ -32,8 +32,13 @@ class MetricsLogger:
             # rewrite from the resumed history: drop lines a killed run wrote after its last checkpoint
             self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
         if accelerator.log_with:
+            names = {str(getattr(t, "value", t)) for t in accelerator.log_with}
+            kwargs = {}
+            if self.history and "tensorboard" in names:
+                # a resumed run: TensorBoard drops what the killed run logged after the checkpoint, as the file does
+                kwargs["tensorboard"] = {"purge_step": max(h["step"] for h in self.history) + 1}
             try:
-                accelerator.init_trackers(project, config=hparams(config or {}))
+                accelerator.init_trackers(project, config=hparams(config or {}), init_kwargs=kwargs)
             except Exception as e:  # e.g. W&B online without a login: say so now, not as a traceback
                 from .errors import ConfigError
 
@@ -166,18 +171,21 @@ def reward_metrics(rewards, per_fn, names: list[str], correct, group_size: int) 
     return out
 
 
-def throughput_metrics(seconds: dict[str, float], committed: float, tokens: float, rows: int, passes: int) -> dict:
-    """Seconds and tokens/s per phase: rollout (committed tokens), estimate and update (completion tokens
-    scored, `passes` times), and the mean completion length."""
-    passes = max(1, passes)
-    est = seconds.get("estimate", 0.0)
-    return {
-        "completion_length": tokens / max(rows, 1),
+def throughput_metrics(
+    seconds: dict[str, float], committed: float, tokens: float, length: float, estimate_passes: int, update_passes: int
+) -> dict:
+    """Seconds and tokens/s per phase: rollout (committed tokens), estimate (completion tokens scored, times the
+    scoring passes the phase ran: old policy, reference; no key when it ran none) and update (times its passes),
+    and `length`: the mean completion length."""
+    out = {
+        "completion_length": length,
         "tokens_per_s/rollout": committed / max(seconds.get("rollout", 0.0), 1e-9),
-        "tokens_per_s/estimate": tokens * passes / max(est, 1e-9) if est > 1e-3 else 0.0,
-        "tokens_per_s/update": tokens * passes / max(seconds.get("update", 0.0), 1e-9),
+        "tokens_per_s/update": tokens * update_passes / max(seconds.get("update", 0.0), 1e-9),
         **{f"seconds/{k}": v for k, v in seconds.items()},
     }
+    if estimate_passes:
+        out["tokens_per_s/estimate"] = tokens * estimate_passes / max(seconds.get("estimate", 0.0), 1e-9)
+    return out
 
 
 def training_curve(run_dir, key: str = "eval_accuracy") -> list[tuple[int, float, float]]:

@@ -10,7 +10,8 @@
 
 A kill -9 at any moment leaves only complete checkpoints under their real names; `tidy` (run when a trainer
 starts) removes the leftovers and puts back a <name>.old whose replacement never arrived. A checkpoint-<step>
-without COMPLETE is never listed (and never deleted: it is not ours to judge).
+without COMPLETE is never listed and never deleted (it is not ours to judge): a trainer refuses to start in a
+directory that holds one, rather than overwrite it.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..metrics import MetricsLogger, window_mean
 from ..models.base import peft_of, traits, unwrap
 from ..models.load import load_model
-from ..rundir import latest_checkpoint, tidy
+from ..rundir import COMPLETE, is_complete, latest_checkpoint, tidy
 from ..runtime import make_accelerator, make_optimizer, set_threads
 from ..tasks import load_task
 from ..validate import learned_order_problem, validate_recipe
@@ -203,6 +203,15 @@ class Run:
         if self.acc.is_main_process:
             tidy(r.output_dir)
         self.acc.wait_for_everyone()
+        foreign = sorted(
+            p.name for p in Path(r.output_dir).glob("checkpoint-*") if p.is_dir() and not is_complete(p)
+        )  # not written by a trainer (ours are renamed into place complete): a save would replace it
+        if foreign:
+            raise ConfigError(
+                f"train.output_dir {r.output_dir!r} holds {foreign[0]} without the {COMPLETE} marker a trainer "
+                f"writes last, so not a checkpoint of a run; move it out of the directory, or pick a new "
+                f"train.output_dir"
+            )
         ckpt = latest_checkpoint(r.output_dir)
         final = Path(r.output_dir) / "final"
         if ckpt is None and not final.is_dir():
@@ -293,7 +302,8 @@ class Run:
         if not result:  # resumed after the last step, or no evaluation at the end: score it again
             result = evaluate()
         final = self.finish(**final_extra)
-        self.acc.print(f"held-out accuracy {result['accuracy']:.3f} over {result['n']} {unit}; {kept} in {final}")
+        examples = result["n"] // max(1, self.recipe.eval.num_samples)  # result["n"] counts samples
+        self.acc.print(f"held-out accuracy {result['accuracy']:.3f} over {examples} {unit}; {kept} in {final}")
         return {"eval_accuracy": result["accuracy"], "final": str(final)}
 
     def loop(self, name: str, step_fn, evaluate, postfix, eval_at_end: bool = False, extra_state=None) -> None:

@@ -541,7 +541,8 @@ class DPOTrainer:
         with timer("update"):
             stats.update(self.update(batch, noise, ref, n, step))
         tokens = float(batch.completion_mask.sum())
-        out = {**stats, **throughput_metrics(timer.seconds, committed, tokens, 2 * n, 1)}
+        scored = 0 if cached is not None else 1  # the reference's pass (none when its scores were precomputed)
+        out = {**stats, **throughput_metrics(timer.seconds, committed, tokens, tokens / (2 * n), scored, 1)}
         if self.d.pairs == "offline":
             out.pop("tokens_per_s/rollout")
         return out

@@ -95,7 +95,6 @@ class EditSFTTrainer:
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         self.sampler = EpochSampler(len(self.pairs), r.train.seed)
         self.start_step = run.start_step
-        self._t0 = time.perf_counter()
 
     def drafts(self, idx: list[int], step: int):
         """A batch of drafts for examples `idx`, drawn from the step's generator (a resumed run draws the same)."""
@@ -144,6 +143,7 @@ class EditSFTTrainer:
         return total, {k: v.item() for k, v in parts.items()}
 
     def training_step(self, step: int) -> dict:
+        t0 = time.perf_counter()  # the step alone: evaluations and checkpoints between steps are not in it
         r = self.recipe.train
         idx = self.sampler.indices(step, r.batch_size, 0, 1)
         self.model.train()
@@ -161,7 +161,7 @@ class EditSFTTrainer:
         self.optimizer.zero_grad()
         self.scheduler.step()
         self.model.eval()
-        dt, self._t0 = time.perf_counter() - self._t0, time.perf_counter()
+        dt = time.perf_counter() - t0
         return {"loss": loss.item(), **parts, "steps_per_s": 1 / max(dt, 1e-9)}
 
     def evaluate(self) -> dict:

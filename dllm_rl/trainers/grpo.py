@@ -473,6 +473,7 @@ class GRPOTrainer:
         committed = float(batch.stats.get("committed_tokens", 0))
         cut = batch.stats.get("plans_cut")  # hybrid rollouts: plans cut to fit the executor's context
         clipped = truncated(batch.completion_ids, self.tokenizer.eos_token_id).float()  # before any filter
+        length = batch.completion_mask.sum(-1).float().mean().item()  # of every completion, as clipped_ratio
         if r.grpo.filter_zero_std:  # groups whose rewards are all equal carry no signal
             batch = batch.select((~zero_std_groups(rewards, r.grpo.num_generations)).nonzero().squeeze(-1))
         with timer("estimate"):
@@ -492,7 +493,12 @@ class GRPOTrainer:
             "completions/clipped_ratio": gather_rows(self.acc, clipped).mean().item(),  # TRL's: never ended
             **({} if cut is None else {"plans/cut_fraction": cut / len(clipped)}),
             **throughput_metrics(
-                timer.seconds, committed, float(batch.completion_mask.sum()), len(batch), r.grpo.num_iterations
+                timer.seconds,
+                committed,
+                float(batch.completion_mask.sum()),
+                length,
+                sum(x is not None for _, old, ref in estimates for x in (old, ref)),  # the passes that ran
+                r.grpo.num_iterations if len(batch) else 0,
             ),
         }
         if len(batch) and (step + 1) % r.train.logging_steps == 0:

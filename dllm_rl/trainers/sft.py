@@ -72,7 +72,6 @@ class SFTTrainer:
         run.prepare([p for p in run.model.parameters() if p.requires_grad], r.train.max_steps)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         self.start_step = run.start_step
-        self._t0 = time.perf_counter()
 
     def loss(self, batch: SequenceBatch, noise) -> torch.Tensor:
         """The masked-diffusion ELBO loss of one micro-batch (mean over sequences)."""
@@ -80,6 +79,7 @@ class SFTTrainer:
         return -(est.sum(-1) / batch.completion_ids.shape[1]).mean()
 
     def training_step(self, step: int) -> dict:
+        t0 = time.perf_counter()  # the step alone: evaluations and checkpoints between steps are not in it
         r = self.recipe.train
         rank, world = self.acc.process_index, self.acc.num_processes
         idx = self.sampler.indices(step, r.batch_size, rank, world)  # this rank's slice of the global batch
@@ -114,7 +114,7 @@ class SFTTrainer:
             total += loss.item() / r.gradient_accumulation_steps
         self.scheduler.step()
         self.model.eval()
-        dt, self._t0 = time.perf_counter() - self._t0, time.perf_counter()
+        dt = time.perf_counter() - t0
         return {"loss": total, "lr": self.scheduler.get_last_lr()[0], "steps_per_s": 1 / max(dt, 1e-9)}
 
     def evaluate(self) -> dict:

@@ -138,6 +138,16 @@ def test_resume_false_refuses_a_directory_that_holds_a_run(tmp_path, capsys):
     assert snapshot(run) == before
 
 
+def test_a_checkpoint_directory_a_trainer_did_not_write_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "notes.txt").write_text("mine")
+    assert main(["sft", str(write_recipe(tmp_path, run))]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-2 without the COMPLETE marker" in err and "move it out" in err, err
+    assert (run / "checkpoint-2" / "notes.txt").read_text() == "mine" and not (run / "final").exists()
+
+
 def test_a_finished_grpo_run_reports_its_recorded_final_accuracy(tmp_path, capsys):
     """GRPO logs the held-out accuracy after the last checkpoint; asked again, the finished run reports that
     value (not an earlier one) and leaves its metrics.jsonl as it was."""

@@ -218,8 +218,10 @@ def test_eval_reports_pass_at_n_over_prompts():
     least the mean accuracy (and on the shipped checkpoint strictly more: some puzzles are solved by only some
     samples)."""
     acc, passn, line = _eval_line("eval.num_samples=3")
-    assert "over 48 held-out" in line and "pass@3" in line and "over 16 prompts" in line, line
+    assert "over 16 held-out" in line and "(the mean of 3 samples each)" in line and "pass@3" in line, line
     assert passn == acc > 0, line
     acc, passn, line = _eval_line("eval.num_samples=4", "eval.temperature=1.0")
     assert passn > acc, line
     assert _eval_line()[1] is None  # one sample: no pass@n
+    acc, passn, line = _eval_line("eval.num_samples=4", "eval.temperature=1.0", "eval.majority=true")
+    assert "over 16 held-out" in line and "(maj@4)" in line and f"maj@4 {acc:.4f}" in line, line

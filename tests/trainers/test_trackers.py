@@ -25,7 +25,7 @@ def judged(prompts, completions, answer, log_extra, log_metric, **kw):
     return [len(c) / 8 for c in completions]
 
 
-def run(tmp_path, model_factory, tokenizer, report_to):
+def run(tmp_path, model_factory, tokenizer, report_to, **train):
     from dllm_rl.trainers.grpo import GRPOTrainer
 
     recipe = recipe_from_dict(
@@ -40,6 +40,7 @@ def run(tmp_path, model_factory, tokenizer, report_to):
                 "logging_steps": 1,
                 "save_steps": 0,
                 "report_to": report_to,
+                **train,
             },
         }
     )
@@ -69,6 +70,23 @@ def test_tensorboard_gets_every_metric_and_the_completions_table(tmp_path, model
     assert lines[0] == "| step | prompt | completion | judged | gold | advantage |"
     assert len(lines) == 2 + 4  # header, rule, 2 prompts x 2 generations
     assert "\\|" in lines[2]  # a | in a cell is escaped, not a column break
+
+
+def test_a_resumed_run_leaves_tensorboard_one_value_per_step(tmp_path, model_factory, tokenizer):
+    """A run killed after logging steps 3-4 but before checkpointing them resumes from checkpoint 2: TensorBoard
+    drops the killed run's steps 3-4 (purge_step), as metrics.jsonl does, instead of showing them twice."""
+    import shutil
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, model_factory, tokenizer, ["tensorboard"], max_steps=4, save_steps=2)
+    for gone in ("checkpoint-4", "final"):  # as if killed after step 4 was logged, before it was saved
+        shutil.rmtree(tmp_path / gone)
+    rows = run(tmp_path, model_factory, tokenizer, ["tensorboard"], max_steps=4, save_steps=2)
+    events = EventAccumulator(str(tmp_path / "dllm-rl"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward")] == [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4]
 
 
 def wandb_records(path):
