@@ -175,14 +175,15 @@ def throughput_metrics(
     seconds: dict[str, float], committed: float, tokens: float, length: float, estimate_passes: int, update_passes: int
 ) -> dict:
     """Seconds and tokens/s per phase: rollout (committed tokens), estimate (completion tokens scored, times the
-    scoring passes the phase ran: old policy, reference; no key when it ran none) and update (times its passes),
-    and `length`: the mean completion length."""
+    scoring passes the phase ran: old policy, reference; no key when it ran none) and update (times its passes;
+    no key when it was skipped), and `length`: the mean completion length."""
     out = {
         "completion_length": length,
         "tokens_per_s/rollout": committed / max(seconds.get("rollout", 0.0), 1e-9),
-        "tokens_per_s/update": tokens * update_passes / max(seconds.get("update", 0.0), 1e-9),
         **{f"seconds/{k}": v for k, v in seconds.items()},
     }
+    if update_passes:  # a skipped update (nothing to learn from) has no rate, rather than a 0 in the window mean
+        out["tokens_per_s/update"] = tokens * update_passes / max(seconds.get("update", 0.0), 1e-9)
     if estimate_passes:
         out["tokens_per_s/estimate"] = tokens * estimate_passes / max(seconds.get("estimate", 0.0), 1e-9)
     return out

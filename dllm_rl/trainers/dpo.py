@@ -539,7 +539,7 @@ class DPOTrainer:
         if self.d.score_std_draws > 1 and (step + 1) % self.recipe.train.logging_steps == 0:
             stats.update(self.score_std(batch, keys, step))  # the policy that computes this step's loss
         with timer("update"):
-            stats.update(self.update(batch, noise, ref, n, step))
+            stats.update(self.update(batch, noise, ref, n, step), skipped=0.0)  # its window mean: the share skipped
         tokens = float(batch.completion_mask.sum())
         scored = 0 if cached is not None else 1  # the reference's pass (none when its scores were precomputed)
         out = {**stats, **throughput_metrics(timer.seconds, committed, tokens, tokens / (2 * n), scored, 1)}

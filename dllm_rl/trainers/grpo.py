@@ -58,7 +58,7 @@ from .grpo_options import (
     truncated,
 )
 from .planner import planner_phase
-from .plots import plot_curves
+from .plots import held_out_decoding, plot_curves
 from .trl_inputs import trainer_inputs
 
 _NO_REWARD = "no reward: name one in the recipe (rewards: [{name: ...}]) or pass reward_funcs="
@@ -479,7 +479,8 @@ class GRPOTrainer:
         with timer("estimate"):
             estimates = self.estimates(batch, g) if len(batch) else []
         with timer("update"):
-            stats = self.update(batch, estimates, step) if len(batch) else {"skipped": 1.0}
+            # skipped: 1 when filter_zero_std left nothing to learn from, else 0, so its window mean is the share
+            stats = {**self.update(batch, estimates, step), "skipped": 0.0} if len(batch) else {"skipped": 1.0}
         out = {
             **reward_metrics(
                 everyone,
@@ -576,7 +577,12 @@ class GRPOTrainer:
         final = run.finish(
             order_policy=self.order_policy,
             edit_policy=self.edit_policy,
-            write=(self.planner.save, lambda d: plot_curves(self.log.history, [d / "reward_curve.png"], title)),
+            write=(
+                self.planner.save,
+                lambda d: plot_curves(
+                    self.log.history, [d / "reward_curve.png"], title, held_out_decoding(self.recipe.eval)
+                ),
+            ),
         )  # a trained planner (final/planner) and the curve go in before final/ is renamed into place
         if self.acc.is_main_process:
             shutil.copyfile(final / "reward_curve.png", f"{out}/reward_curve.png")

@@ -14,17 +14,28 @@ def _series(history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(h["step"], h[key]) for h in history if key in h]
 
 
-def reward_figure(history: list[dict], title: str = "GRPO"):
-    """The figure (not saved): a title, both axes labelled, one line per distinct series."""
+def held_out_decoding(eval_cfg) -> str:
+    """How the held-out score is taken (a recipe's eval section), for the legend."""
+    n, T = eval_cfg.num_samples, eval_cfg.temperature
+    if n > 1 and eval_cfg.majority:
+        return f"maj@{n}, T {T:g}"
+    if n > 1:
+        return f"mean of {n} samples, T {T:g}"
+    return "greedy" if T == 0 else f"T {T:g}"
+
+
+def reward_figure(history: list[dict], title: str = "GRPO", decoding: str = "greedy"):
+    """The figure (not saved): a title, both axes labelled, one line per distinct series; `decoding`: how the
+    held-out score was taken (held_out_decoding)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train, acc = _series(history, "reward"), _series(history, "accuracy")
-    held, held_label = _series(history, "eval_accuracy"), "held-out solve rate (greedy)"
+    held, held_label = _series(history, "eval_accuracy"), f"held-out solve rate ({decoding})"
     if not held:
-        held, held_label = _series(history, "eval_reward"), "held-out reward (greedy)"
+        held, held_label = _series(history, "eval_reward"), f"held-out reward ({decoding})"
     same = len(train) == len(acc) and all(s == t and abs(a - b) < 1e-9 for (s, a), (t, b) in zip(train, acc))
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
@@ -49,10 +60,10 @@ def reward_figure(history: list[dict], title: str = "GRPO"):
     return fig
 
 
-def plot_curves(history: list[dict], paths: list, title: str = "GRPO") -> None:
+def plot_curves(history: list[dict], paths: list, title: str = "GRPO", decoding: str = "greedy") -> None:
     import matplotlib.pyplot as plt
 
-    fig = reward_figure(history, title)
+    fig = reward_figure(history, title, decoding)
     for p in paths:
         Path(p).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(p, dpi=100)

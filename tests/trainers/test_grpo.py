@@ -470,3 +470,25 @@ def test_rewards_see_trls_trainer_state_in_optimizer_steps(tmp_path):
     for step in range(2):
         tr.step(step)
     assert seen == [(0, 4), (2, 4)]
+
+
+def test_filter_zero_std_skips_groups_without_signal_and_the_metrics_say_so(tmp_path):
+    """TRL's filter_zero_std drops groups whose rewards are all equal: a step where every group is equal updates
+    nothing (skipped 1, no update rate), one with spread updates (skipped 0), so the window mean of `skipped` is
+    the share of skipped steps; completion_length and clipped_ratio describe every completion, filtered or not;
+    the estimate phase reports a rate only for the scoring passes it ran (none at beta 0, one iteration)."""
+    flat = lambda prompts, completions, **kw: [1.0] * len(completions)
+    spread = lambda prompts, completions, **kw: [float(i % 2) for i in range(len(completions))]
+    r = recipe(tmp_path, train__max_steps=2, train__batch_size=2, grpo__num_generations=2, grpo__filter_zero_std=True)
+    before = [p.detach().clone() for p in GRPOTrainer(r, reward_funcs=[flat]).model.parameters()]
+    tr = GRPOTrainer(r, reward_funcs=[flat])
+    out = tr.step(0)
+    assert out["skipped"] == 1.0 and "tokens_per_s/update" not in out and "tokens_per_s/estimate" not in out
+    assert out["completion_length"] > 0 and all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    out = GRPOTrainer(r, reward_funcs=[spread]).step(0)
+    assert out["skipped"] == 0.0 and out["tokens_per_s/update"] > 0 and "tokens_per_s/estimate" not in out
+    two = recipe(tmp_path / "b", train__batch_size=2, grpo__num_generations=2, grpo__num_iterations=2, grpo__beta=0.04)
+    out = GRPOTrainer(two, reward_funcs=[spread]).step(0)
+    # 2 iterations x (old policy + reference) passes of the same tokens
+    tokens = out["completion_length"] * 4
+    assert out["tokens_per_s/estimate"] == pytest.approx(4 * tokens / out["seconds/estimate"], rel=1e-6)

@@ -41,3 +41,20 @@ def test_distinct_series_each_get_a_line_and_rewards_outside_0_1_are_not_cut(tmp
     plt.close(fig)
     plot_curves(negative, [tmp_path / "a" / "curve.png"])
     assert (tmp_path / "a" / "curve.png").stat().st_size > 1000
+
+
+def test_the_legend_says_how_the_held_out_score_was_taken():
+    from dllm_rl.config import EvalConfig
+    from dllm_rl.trainers.plots import held_out_decoding
+
+    cases = [
+        ({}, "greedy"),
+        ({"temperature": 1.0}, "T 1"),
+        ({"temperature": 1.0, "num_samples": 8}, "mean of 8 samples, T 1"),
+        ({"temperature": 0.7, "num_samples": 8, "majority": True}, "maj@8, T 0.7"),
+    ]
+    for cfg, said in cases:
+        assert held_out_decoding(EvalConfig(**cfg)) == said
+    fig = reward_figure(history(same=True), decoding="maj@8, T 0.7")
+    assert "held-out solve rate (maj@8, T 0.7)" in lines(fig)
+    plt.close(fig)
