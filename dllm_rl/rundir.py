@@ -69,8 +69,9 @@ def _is_hub_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~", "/"))
 
 
-def resolve_model_dir(path: str) -> str:
-    """A directory with config.json (itself, its final/, or its newest checkpoint), or a hub id as given."""
+def resolve_model_dir(path: str, key: str = "model.path (or the CHECKPOINT argument)") -> str:
+    """A directory with config.json (itself, its final/, or its newest checkpoint), or a hub id as given; `key`:
+    the setting errors name."""
     p = Path(path).expanduser()
     if p.is_dir():
         for candidate in [p, p / "final"]:
@@ -84,5 +85,5 @@ def resolve_model_dir(path: str) -> str:
             f"inside); pass a directory written by `dllm-rl sft/train` or a hub model id"
         )
     if not _is_hub_id(path) or p.exists():
-        raise DllmRlError(f"model path {path!r} does not exist; check model.path (or the CHECKPOINT argument)")
+        raise DllmRlError(f"model path {path!r} does not exist; check {key}")
     return path  # a hub id such as GSAI-ML/LLaDA-8B-Instruct

@@ -59,7 +59,7 @@ def resolve_path(path: str) -> tuple[str, str | None]:
         if not os.path.isfile(path):
             raise DllmRlError(f"hybrid.planner.path: no GGUF file at {path!r}")
         return os.path.dirname(path), os.path.basename(path)
-    return resolve_model_dir(path), None  # a run directory stands for its final/
+    return resolve_model_dir(path, key="hybrid.planner.path"), None  # a run directory stands for its final/
 
 
 def build_tiny_planner(cfg, tokenizer=None, seed: int = 0):

@@ -135,3 +135,13 @@ def test_vllm_backend_smoke(tmp_path):
     assert torch.allclose(planner.logprobs(plan), plan.logprobs, atol=1e-3, rtol=0)
     again = planner.sample(PROMPTS[:1], torch.Generator().manual_seed(0))
     assert again.texts[0] == plan.texts[0]  # per-request seeds from the row seeds: batch-invariant
+
+
+def test_a_missing_planner_path_names_the_planners_key():
+    from dllm_rl.errors import DllmRlError
+    from dllm_rl.models.ar import resolve_path
+
+    with pytest.raises(DllmRlError, match=r"does not exist; check hybrid.planner.path$"):
+        resolve_path("./no/such/planner")
+    with pytest.raises(DllmRlError, match="no GGUF file"):
+        resolve_path("./no/such/planner.gguf")
