@@ -10,9 +10,10 @@ rate scheduler (one transformers' get_scheduler builds from the recipe's keys al
 train.report_to, the reward specs (a built-in, an existing file that defines the function, or an installed entry
 point; the file is read, not run), and the files and directories named by model.path, data.path / data.eval_path
 and train.deepspeed. With the trainer named, it also rejects keys that trainer would silently ignore
-(config.validate). The CLI calls it right after loading a recipe to train, and `trainers.common.Run` calls it
-before it builds any model or data, so every mistake it knows stops the run in one line (ConfigError, exit code 2)
-instead of a traceback minutes later.
+(config.validate), and for consensus distillation a task without a verifier (data.dataset) and a
+train.save_steps that would put a checkpoint mid-round (`_check_consensus`). The CLI calls it right after loading
+a recipe to train, and `trainers.common.Run` calls it before it builds any model or data, so every mistake it knows
+stops the run in one line (ConfigError, exit code 2) instead of a traceback minutes later.
 """
 
 from __future__ import annotations
@@ -106,6 +107,24 @@ def _check_orders(recipe: Recipe) -> None:
         )
     if ORDERS[recipe.rollout.order].needs_hidden and (problem := learned_order_problem(recipe, num_processes=1)):
         raise ConfigError(problem)
+
+
+def _check_consensus(recipe: Recipe) -> None:
+    """Consensus distillation votes with the task's verifier (a data.dataset has none), and its checkpoints fall on
+    round boundaries, where a resumed run rebuilds the round's targets exactly (trainers/consensus.py)."""
+    c, t = recipe.consensus, recipe.train
+    if recipe.data.dataset:
+        raise ConfigError(
+            f"data.dataset: algorithm=consensus votes with the task's verifier, and data.dataset "
+            f"({recipe.data.dataset!r}) has none; set data.task to a task with a verifier (sudoku, countdown, gsm8k, "
+            f"math, code, reasoning_gym/NAME), or train this dataset with algorithm=sft or algorithm=grpo and rewards"
+        )
+    if t.save_steps % c.steps_per_round:
+        multiple = max(t.save_steps // c.steps_per_round, 1) * c.steps_per_round
+        raise ConfigError(
+            f"train.save_steps={t.save_steps} is not a multiple of consensus.steps_per_round={c.steps_per_round}: a "
+            f"checkpoint mid-round could not resume to the same targets; set train.save_steps={multiple} (or 0)"
+        )
 
 
 def _check_scheduler(recipe: Recipe) -> None:
@@ -334,6 +353,8 @@ def validate_recipe(
         lookup(DPO_LOSSES, name, "dpo.loss_type")
     if trainer in ("grpo", "dpo"):
         _check_orders(recipe)
+    if trainer == "consensus":
+        _check_consensus(recipe)
     _check_scheduler(recipe)
     _check_trackers(recipe)
     _check_rewards(recipe)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -144,6 +145,13 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
         if a.get(k, default.get(k)) != b.get(k, default.get(k))
         and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
     ]
+
+
+def loss_postfix(window) -> dict:
+    """The progress bar of an SFT-like run: the window's last finite training loss (a step that trained nothing,
+    such as a consensus round whose vote kept no prompt, logs NaN), or nothing when the window has none."""
+    losses = [v for v in window.get("loss", ()) if not math.isnan(v)]
+    return {"loss": f"{losses[-1]:.3f}"} if losses else {}
 
 
 class RecordedLog:
@@ -297,8 +305,7 @@ class Run:
             result.update(evaluate())
             return result["accuracy"]
 
-        postfix = lambda w: {"loss": f"{w['loss'][-1]:.3f}"}
-        self.loop(name, step_fn, accuracy, postfix, eval_at_end=True, extra_state=extra_state)
+        self.loop(name, step_fn, accuracy, loss_postfix, eval_at_end=True, extra_state=extra_state)
         if not result:  # resumed after the last step, or no evaluation at the end: score it again
             result = evaluate()
         final = self.finish(**final_extra)

@@ -8,7 +8,16 @@ consensus.max_paths *distinct* completions with that answer (consensus.target=gr
 teacher's own greedy decode, no vote). Then masked-diffusion SFT (trainers/sft.py's loss) on those pairs.
 No gold label is used for training; held-out accuracy (eval_steps) is the gold-labelled stop, and every
 round logs the vote: kept share, mean winning share, distinct answers per prompt, pass@k of the samples and,
-for monitoring only, how often the distilled answer is right (target_accuracy).
+for monitoring only, how often the distilled answer is right (target_accuracy). A step of a round whose vote
+kept no prompt trains nothing: it logs loss NaN (left out of the logged means) and skipped 1 (0 on a step that
+trained, so the logged skipped is the share of skipped steps), and the learning-rate schedule still advances.
+
+Resume: a round's targets are a function of the teacher's weights at the round's start and of the round's
+number (its prompts and its sampling generator), so a checkpoint taken at a round boundary holds all a resumed
+run needs to rebuild them exactly: validate_recipe requires train.save_steps to be a multiple of
+consensus.steps_per_round, and a resume from a checkpoint mid-round (the last step of a run whose train.max_steps
+is not such a multiple, continued to a longer one) is refused unless train.resume=force. The frozen teacher
+(consensus.teacher=initial) is the recipe's starting model, loaded again on resume, never the resumed weights.
 
 This follows LMSI (arXiv 2210.11610: keep the majority answer's sampled paths, fine-tune on them) with the
 online votes that SRT (arXiv 2505.21444) and TTRL (arXiv 2504.16084) find necessary; the design errors that
@@ -19,12 +28,16 @@ recipe value away, so they can be measured (benchmarks/RESULTS.md, "Consensus di
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import replace
 
 import torch
 
 from ..config import Recipe
+from ..errors import ConfigError
 from ..evalstats import distinct_answers, pass_at_k, vote
+from ..models.base import unwrap
+from ..models.load import load_model
 from ..rewards.plugins import Reward, compute_rewards, resolve_reward
 from ..rollout import encode_prompts, generate
 from ..runtime import EpochSampler, generation_model, step_generator
@@ -36,17 +49,42 @@ class ConsensusTrainer(SFTTrainer):
     """`ConsensusTrainer(recipe).train()`: SFT whose pairs are rebuilt each round from the teacher's votes.
 
     It is an SFT run (the same loss, optimizer, checkpoints and held-out evaluation) whose training pairs are
-    not the task's completions but the round's consensus targets; a resumed run rebuilds the current round's
-    targets from the resumed model.
+    not the task's completions but the round's consensus targets; a resumed run starts at a round boundary
+    (module docstring) and rebuilds that round's targets from the checkpoint, the very targets of a run never
+    stopped.
     """
 
+    uses_completions = False  # the targets are the votes' winners, never the task's completions
+
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
-        super().__init__(recipe, model, tokenizer, task)
+        if task is not None and task.reward is None:  # validate_recipe refuses a recipe's data.dataset the same way
+            raise ConfigError(
+                "algorithm=consensus votes with the task's verifier and this task has none; train it with "
+                "algorithm=sft (its completions) or algorithm=grpo (rewards)"
+            )
         c = recipe.consensus
+        # the frozen teacher is the model the run starts from: copied before Run resumes a checkpoint into it
+        initial = copy.deepcopy(model) if c.teacher == "initial" and model is not None else None
+        super().__init__(recipe, model, tokenizer, task)
+        r = self.recipe
+        mid_round = self.start_step % c.steps_per_round and self.start_step < r.train.max_steps  # a step to train
+        if mid_round and r.train.resume != "force":
+            raise ConfigError(
+                f"train.output_dir {r.train.output_dir!r} holds a checkpoint at step {self.start_step}, mid-way "
+                f"through a round of consensus.steps_per_round={c.steps_per_round} steps, whose targets cannot be "
+                f"rebuilt exactly; pick a new train.output_dir, or set train.resume=force to continue with that "
+                f"round's targets voted by the resumed model"
+            )
         self.to_answer = answer_key(self.task.name)
         self.verifier = [Reward(self.task.reward, resolve_reward(self.task.reward))]
-        self.prompts = EpochSampler(len(self.task.train), recipe.train.seed + 1)
-        self.teacher = copy.deepcopy(self.run.acc.unwrap_model(self.model)).eval() if c.teacher == "initial" else None
+        self.prompts = EpochSampler(len(self.task.train), r.train.seed + 1, shuffle=r.train.shuffle_dataset)
+        self.teacher = None
+        if c.teacher == "initial" and not self.run.finished:
+            if initial is None:  # the recipe's starting model: Run's model holds the resumed weights
+                initial = load_model(r.model, seed=r.train.seed)[0]
+            if getattr(unwrap(initial), "quantization_method", None) is None:  # 4-bit: placed when loaded, no .to
+                initial = initial.to(self.acc.device)
+            self.teacher = initial.eval().requires_grad_(False)
         self.round = None
         self.pairs = []  # never the task's reference completions: targets come from the votes only
 
@@ -120,7 +158,12 @@ class ConsensusTrainer(SFTTrainer):
             pairs, stats = self.targets(r)
             self.round = r
             self.pairs = self._tokenized(pairs)
-            self.sampler = EpochSampler(max(len(self.pairs), 1), self.recipe.train.seed + r)
-        if not self.pairs:  # no prompt passed the vote this round: nothing to distil (no update)
-            return {"skipped": 1.0, **stats}
-        return {**super().training_step(step), **stats}
+            shuffle = self.recipe.train.shuffle_dataset
+            self.sampler = EpochSampler(max(len(self.pairs), 1), self.recipe.train.seed + r, shuffle=shuffle)
+        if not self.pairs:  # no prompt passed the vote this round: nothing to distil (no update), the schedule goes on
+            with warnings.catch_warnings():  # torch warns when a schedule's first step comes before any update
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                self.scheduler.step()
+            lr = self.scheduler.get_last_lr()[0]
+            return {"loss": float("nan"), "lr": lr, "skipped": 1.0, **stats}
+        return {**super().training_step(step), "skipped": 0.0, **stats}

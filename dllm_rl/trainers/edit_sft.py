@@ -10,7 +10,9 @@ forwards the model once on each draft, and minimises
       scored by policy.edits over its legal set given the labelled decisions before it (the very
       distribution the rollout draws from, so SFT and GRPO train one policy),
 each averaged over its positions (AP-MDM weights its terms 1:1). With edit_policy.train_model the head reads
-the model's hidden states with gradient (AP-MDM's joint training); without, the model is frozen.
+the model's hidden states with gradient (AP-MDM's joint training); without, the model is frozen. As in SFT
+(trainers/sft.py), a data.dataset needs a completion column, and without a held-out set or a verifier the run
+has no held-out evaluations.
 
     dllm-rl sft recipes/tiny/countdown-edit-sft.yaml
 """
@@ -34,6 +36,7 @@ from ..rollout import encode_prompts
 from ..runtime import EpochSampler, generation_model, processes_with_non_finite, step_generator
 from ..tasks.edit_drafts import IGNORE, DraftRates, corrupt
 from .common import Run
+from .sft import supervised_task, train_unscored, unscored
 
 
 class EditSFTTrainer:
@@ -51,6 +54,7 @@ class EditSFTTrainer:
                 "sft.objective=edit runs on one process without gradient accumulation or DeepSpeed for now; set "
                 "train.gradient_accumulation_steps=1 and leave train.deepspeed empty"
             )
+        task = supervised_task(r, task)
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         if self.acc.num_processes > 1:
@@ -93,7 +97,7 @@ class EditSFTTrainer:
         params.append({"params": list(self.head.parameters()), "lr": r.edit_policy.lr})
         run.prepare(params, r.train.max_steps, checkpointed=(self.head,))
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
-        self.sampler = EpochSampler(len(self.pairs), r.train.seed)
+        self.sampler = EpochSampler(len(self.pairs), r.train.seed, shuffle=r.train.shuffle_dataset)
         self.start_step = run.start_step
 
     def drafts(self, idx: list[int], step: int):
@@ -164,11 +168,26 @@ class EditSFTTrainer:
         dt = time.perf_counter() - t0
         return {"loss": loss.item(), **parts, "steps_per_s": 1 / max(dt, 1e-9)}
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
+        """Held-out accuracy decoded with the head (evaluate_recipe's dict), or None when the task cannot be scored
+        (sft.unscored)."""
+        if unscored(self.task):
+            return None
         with generation_model(self.acc, self.model) as model:
             return evaluate_recipe(model, self.tokenizer, self.task, self.recipe, edit_policy=self.head)
 
     def train(self) -> dict:
+        """The run; {"eval_accuracy": held-out accuracy, or None when the task cannot be scored, "final": path}."""
+        if why := unscored(self.task):
+            return train_unscored(
+                self.run,
+                "edit-sft",
+                self.training_step,
+                why,
+                kept="model and head",
+                extra_state={"edit_policy": self.head},
+                edit_policy=self.head,
+            )
         return self.run.train_to_accuracy(
             "edit-sft",
             self.training_step,

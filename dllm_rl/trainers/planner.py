@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..models.ar import ARPlanner, load_planner
 from ..rollout import generate
 from ..rollout.hybrid import hybrid_generate, plan_kind
+from ..runtime import set_threads
 from ..tasks import load_task
 from ..tasks.plans import PLANS, task_plans
 from .common import HORIZON_FREE, saved_recipe
@@ -40,6 +41,7 @@ class PlannerSFTTrainer:
 
     def __init__(self, recipe: Recipe):
         self.recipe = r = recipe
+        set_threads(r.train.num_threads)  # as Run does for the other trainers
         self.task = load_task(r.data)
         self.plans = task_plans(self.task.name)
         if self.plans.oracle is None:
@@ -248,14 +250,16 @@ class PlannerPhase(NoPlanner):
 
     def loss(self, mb, loss_fn, grpo_cfg):
         """(the planner's policy-gradient loss on micro-batch `mb`, stats): the recipe's loss over the plan
-        tokens with each row's group advantage; old log-probs = the sampler's (exact); no KL term. (0, {})
-        for a frozen planner."""
+        tokens with each row's group advantage; old log-probs = the sampler's (exact); no KL term. Each row has
+        its own sampled plan and the rows come in groups of grpo.num_generations per prompt (whole groups per
+        micro-batch), the groups a group-wise loss such as wd1 weighs within. (0, {}) for a frozen planner."""
         if not self.trains:
             return 0.0, {}
         plan = mb.plan
         self.planner.model.train()
         lp = self.planner.logprobs(plan)  # [n, T] with gradient
-        inputs = LossInputs(lp, plan.logprobs.to(lp.device), None, mb.advantages, plan.plan_mask.float(), 1)
+        G = grpo_cfg.num_generations
+        inputs = LossInputs(lp, plan.logprobs.to(lp.device), None, mb.advantages, plan.plan_mask.float(), G)
         loss, stats = loss_fn(inputs, replace(grpo_cfg, beta=0.0))
         stats = {f"planner/{k}": v for k, v in stats.items()}
         stats["planner/logprob"] = float((lp.detach() * plan.plan_mask).sum(-1).mean())

@@ -6,6 +6,10 @@ completion length; the prompt stays clean. This is `estimators.elbo` with one sa
 repeated here. With hybrid.sft_plans the training prompts carry plans of those kinds in turn, the targets
 unchanged (a prefix-robustness fine-tune: rollout.hybrid.scaffold_rows).
 
+The training rows need a `completion` column (every built-in task has one; a `data.dataset` without one is
+refused before any model is built). The held-out accuracy needs a held-out set and a verifier: a `data.dataset`
+has no verifier, so such a run trains without held-out evaluations and its final line says so.
+
     dllm-rl sft recipes/tiny/sudoku-sft.yaml [train.max_steps=400 ...]
 """
 
@@ -23,7 +27,10 @@ from ..evaluate import evaluate_recipe
 from ..rollout import encode_prompts
 from ..rollout.hybrid import scaffold_dataset
 from ..runtime import EpochSampler, generation_model, processes_with_non_finite, step_generator
-from .common import Run
+from ..tasks import load_task
+from ..tasks.base import Task
+from ..validate import validate_recipe
+from .common import Run, loss_postfix
 
 
 def tokenize_pairs(dataset, tokenizer, length: int) -> list[tuple[list[int], list[int]]]:
@@ -41,6 +48,49 @@ def tokenize_pairs(dataset, tokenizer, length: int) -> list[tuple[list[int], lis
     return pairs
 
 
+def supervised_task(recipe: Recipe, task: Task | None) -> Task | None:
+    """The task of an SFT run, checked to have completions to learn: `task` when given; for a data.dataset, loaded
+    here (after the checks Run makes first, so a bad path is still one line) so that a dataset without a
+    completion column is refused before any model is built; otherwise None (Run loads the task: every built-in
+    task has completions)."""
+    where = "the training dataset"
+    if task is None and recipe.data.dataset:
+        validate_recipe(recipe, check_model=False)
+        task, where = load_task(recipe.data), f"data.dataset {recipe.data.dataset!r}"
+    columns = getattr(task.train, "column_names", None) if task is not None else None
+    if columns is not None and "completion" not in columns:
+        raise ConfigError(
+            f"{where} has no 'completion' column (columns: {columns}), and SFT learns completions: add the target "
+            f"text as a 'completion' column, or train on this dataset with algorithm=grpo and rewards"
+        )
+    return task
+
+
+def unscored(task: Task) -> str | None:
+    """Why the held-out accuracy of `task` cannot be measured (no held-out set, or no verifier to score it: a
+    data.dataset has none), or None when it can."""
+    if task.eval is None or len(task.eval) == 0:
+        return "no held-out set (data.eval_path), so no held-out accuracy"
+    if task.reward is None:
+        return "no verifier to score the held-out set (a data.dataset has none), so no held-out accuracy"
+    return None
+
+
+def train_unscored(run: Run, name: str, step_fn, why: str, kept: str = "model", extra_state=None, **final_extra):
+    """`Run.train_to_accuracy` for a task whose held-out accuracy cannot be measured (`why`, from `unscored`): the
+    loop without evaluations, then final/; the report says why there is no accuracy and gives the last logged
+    training loss. A finished run reports what it recorded."""
+    out = run.recipe.train.output_dir
+    last = lambda: "last training loss " + ("none logged" if (x := run.recorded("loss")) is None else f"{x:.4f}")
+    if run.finished:
+        run.acc.print(f"{why}; {last()}, as recorded in {out}")
+        return {"eval_accuracy": None, "final": f"{out}/final"}
+    run.loop(name, step_fn, None, loss_postfix, extra_state=extra_state)
+    final = run.finish(**final_extra)
+    run.acc.print(f"{why}; {last()}; {kept} in {final}")
+    return {"eval_accuracy": None, "final": str(final)}
+
+
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
     P = max(len(p) for p, _ in pairs)
     prompt = torch.full((len(pairs), P), pad_id, dtype=torch.long)
@@ -55,6 +105,8 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBa
 class SFTTrainer:
     """`SFTTrainer(recipe).train()`: masked-diffusion SFT of the recipe's model on its task's completions."""
 
+    uses_completions = True  # the task's completions are the targets (consensus: False, its targets are voted)
+
     def __init__(self, recipe: Recipe, model=None, tokenizer=None, task=None):
         self.recipe = r = recipe
         if r.train.batch_size % r.train.gradient_accumulation_steps:
@@ -62,12 +114,16 @@ class SFTTrainer:
                 f"train.batch_size ({r.train.batch_size}) must be divisible by "
                 f"train.gradient_accumulation_steps ({r.train.gradient_accumulation_steps})"
             )
+        if self.uses_completions:
+            task = supervised_task(r, task)
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
-        train = self.task.train
-        if r.hybrid.sft_plans:  # prefix robustness: prompts rendered with these plan kinds in turn, same targets
-            train = scaffold_dataset(train, r.hybrid, self.task.name, r.train.seed)
-        self.pairs = tokenize_pairs(train, self.tokenizer, r.rollout.max_completion_length)
+        self.pairs = []
+        if self.uses_completions:
+            train = self.task.train
+            if r.hybrid.sft_plans:  # prefix robustness: prompts rendered with these plan kinds in turn, same targets
+                train = scaffold_dataset(train, r.hybrid, self.task.name, r.train.seed)
+            self.pairs = tokenize_pairs(train, self.tokenizer, r.rollout.max_completion_length)
         self.sampler = EpochSampler(len(self.pairs), r.train.seed, shuffle=r.train.shuffle_dataset)
         run.prepare([p for p in run.model.parameters() if p.requires_grad], r.train.max_steps)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
@@ -117,11 +173,17 @@ class SFTTrainer:
         dt = time.perf_counter() - t0
         return {"loss": total, "lr": self.scheduler.get_last_lr()[0], "steps_per_s": 1 / max(dt, 1e-9)}
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
+        """Held-out accuracy (evaluate_recipe's dict), or None when the task cannot be scored (`unscored`)."""
+        if unscored(self.task):
+            return None
         with generation_model(self.acc, self.model) as model:  # ZeRO-3: parameters gathered once
             return evaluate_recipe(model, self.tokenizer, self.task, self.recipe)
 
     def train(self) -> dict:
+        """The run; {"eval_accuracy": held-out accuracy, or None when the task cannot be scored, "final": path}."""
+        if why := unscored(self.task):
+            return train_unscored(self.run, "sft", self.training_step, why)
         return self.run.train_to_accuracy("sft", self.training_step, self.evaluate, "puzzles")
 
 

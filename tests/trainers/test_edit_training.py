@@ -140,18 +140,23 @@ def test_draft_labels_fix_the_draft(remask_only):
             assert all(t == y[i] or t == mask or y[i] in vocab for i, t in enumerate(d.tokens))
 
 
+def edit_sft_recipe(out, **over):
+    """sft.objective=edit on the shipped Sudoku model, remask-only, the model frozen."""
+    r = recipe(out, **{"train__num_threads": 1, **over})
+    r.algorithm, r.sft.objective, r.sft.edit_vocab, r.sft.edit_substitute = "sft", "edit", "1234", 0.5
+    r.rollout.edit, r.rollout.steps, r.rollout.temperature = "remask", 5, 0.0  # SFT decodes at eval.temperature
+    r.rewards = []
+    r.edit_policy.train_model, r.edit_policy.lr = False, 3e-3
+    return r
+
+
 def test_edit_sft_lowers_its_loss(tmp_path):
     """sft.objective=edit on the shipped Sudoku model (frozen: edit_policy.train_model=false; remask-only): the
     head's loss on a fixed batch of held-back drafts falls within a few steps (from the untrained head's, which
     keeps everything with probability ~0.98 and so misses every wrong cell). Measured: 0.48 -> 0.36 nats."""
     from dllm_rl.trainers.sft import sft_trainer
 
-    r = recipe(tmp_path / "sft", train__max_steps=20, train__batch_size=16, optim__lr=1e-3)
-    r.algorithm, r.sft.objective, r.sft.edit_vocab, r.sft.edit_substitute = "sft", "edit", "1234", 0.5
-    r.rollout.edit, r.rollout.steps, r.rollout.temperature = "remask", 5, 0.0  # SFT decodes at eval.temperature
-    r.rewards = []
-    r.edit_policy.train_model, r.edit_policy.lr = False, 3e-3
-    tr = sft_trainer(r)
+    tr = sft_trainer(edit_sft_recipe(tmp_path / "sft", train__max_steps=20, train__batch_size=16, optim__lr=1e-3))
     probe = tr.drafts(list(range(32)), step=10**6)  # drafts no training step draws
     with torch.no_grad():
         before = tr.loss(probe)[1]["op_nll"]
@@ -160,3 +165,32 @@ def test_edit_sft_lowers_its_loss(tmp_path):
     with torch.no_grad():
         after = tr.loss(probe)[1]["op_nll"]
     assert after < 0.85 * before, (before, after)
+
+
+def test_edit_sft_takes_the_rows_in_order_without_shuffle_dataset(tmp_path):
+    from dllm_rl.trainers.sft import sft_trainer
+
+    tr = sft_trainer(edit_sft_recipe(tmp_path / "sft", train__shuffle_dataset=False))
+    assert tr.sampler.indices(0, 4) == [0, 1, 2, 3] and tr.sampler.indices(1, 4) == [4, 5, 6, 7]
+
+
+def test_edit_sft_on_a_dataset_without_a_verifier_finishes(tmp_path, capsys):
+    """A data.dataset (no verifier) with no held-out set: edit SFT trains, writes final/ with its head and says
+    why there is no held-out accuracy (it used to stop with a traceback before final/); a dataset without a
+    completion column is refused in one line."""
+    import json
+
+    from dllm_rl.trainers.sft import sft_trainer
+
+    grid = "1234\n3412\n2143\n4321"
+    path = tmp_path / "grids.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"grid {i}", "completion": grid}) + "\n" for i in range(8)))
+    r = edit_sft_recipe(tmp_path / "sft", train__max_steps=2, train__batch_size=4, train__save_steps=1)
+    r.data.dataset = str(path)
+    result = sft_trainer(r).train()
+    assert result["eval_accuracy"] is None and (Path(result["final"]) / "edit_policy.pt").is_file()
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("no held-out set")
+    path.write_text(json.dumps({"prompt": "grid", "answer": grid}) + "\n")
+    r.train.output_dir = str(tmp_path / "other")
+    with pytest.raises(ConfigError, match="has no 'completion' column"):
+        sft_trainer(r)

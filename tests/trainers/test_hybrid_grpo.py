@@ -113,6 +113,17 @@ def test_the_joint_gradient_reaches_the_unfrozen_models(
         assert any(g["lr"] == 1e-3 and g["params"] for g in groups)
 
 
+def test_wd1_weighs_the_plans_within_their_groups(tmp_path):
+    """grpo.loss_type=wd1 softmaxes the advantages over each prompt's group of num_generations rows: the planner's
+    rows (one sampled plan each, grouped as the completions are) are weighed within the same groups, so its loss has
+    a gradient (with groups of one every weight is 1 and the loss is 0)."""
+    r = recipe(tmp_path, train_planner=True, train_executor=False)
+    r.grpo.loss_type = "wd1"
+    trainer = GRPOTrainer(r, reward_funcs=[record_prompts])
+    _, planner_grad, stats = grads_after_one_loss(trainer)
+    assert planner_grad > 0 and 0.25 <= stats["planner/wd1_weight_max"] < 1  # a softmax over 4 rows
+
+
 def test_a_planner_with_nothing_to_learn_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="hybrid.plan=real"):
         GRPOTrainer(recipe(tmp_path, plan="content_free", train_planner=True), reward_funcs=[record_prompts])

@@ -51,6 +51,19 @@ def recipe(out, lr=1e-3, **train):
     )
 
 
+def test_planner_sft_runs_on_train_num_threads(tmp_path):
+    """train.num_threads sets torch's thread count, as in the other trainers."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        PlannerSFTTrainer(recipe(tmp_path / "run", num_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+
+
 def weights(run):
     return load_file(next((run / "final").glob("*.safetensors")))
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from dllm_rl.config import recipe_from_dict
-from dllm_rl.errors import DllmRlError
+from dllm_rl.errors import ConfigError, DllmRlError
 from dllm_rl.trainers.sft import SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +79,55 @@ def test_a_non_finite_loss_stops_sft_before_it_reaches_the_weights(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     saved = load_file(tmp_path / "run" / "checkpoint-10" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values()) and not (tmp_path / "run" / "checkpoint-20").exists()
+
+
+def dataset_recipe(tmp_path, columns=("prompt", "completion"), **data):
+    """TINY on a local prompt/completion jsonl (no verifier), four steps with an evaluation due every two."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [dict(zip(columns, (f"add {a} {b}", str(a + b)))) for a in range(5) for b in range(4)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = json.loads(json.dumps(TINY))
+    spec["data"] = {"dataset": str(path), **data}
+    spec["rollout"] = {"max_completion_length": 8, "steps": 4}
+    spec["train"].update(
+        {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 4, "eval_steps": 2, "save_steps": 2}
+    )
+    spec["train"]["num_threads"] = 1
+    return recipe_from_dict(spec), path
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_sft_on_a_dataset_without_a_verifier_finishes_and_says_why_there_is_no_accuracy(tmp_path, capsys, held_out):
+    """data.dataset has no verifier: without data.eval_path there is no held-out set, with it nothing to score the
+    set with; either way the run trains, writes final/ and its last line says why there is no accuracy (it used to
+    stop with a traceback at the first evaluation, before final/)."""
+    r, path = dataset_recipe(tmp_path)
+    if held_out:
+        r.data.eval_path = str(path)
+    result = SFTTrainer(r).train()
+    assert result["eval_accuracy"] is None and (Path(result["final"]) / "model.safetensors").is_file()
+    assert sorted(losses(r.train.output_dir)) == [4]  # logging_steps 5: the last step's row
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    why = "no verifier to score the held-out set" if held_out else "no held-out set"
+    assert line.startswith(why) and "last training loss" in line and str(result["final"]) in line, line
+    rows = [json.loads(x) for x in (Path(r.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert not any("eval_accuracy" in row for row in rows)
+    again = SFTTrainer(r).train()  # a finished run: reported as recorded
+    assert again == {"eval_accuracy": None, "final": f"{r.train.output_dir}/final"}
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(why)
+
+
+def test_a_dataset_without_completions_is_refused_before_a_model_is_built(tmp_path, monkeypatch):
+    import dllm_rl.trainers.common as common
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    r, _ = dataset_recipe(tmp_path, columns=("prompt", "answer"))
+    with pytest.raises(ConfigError, match=r"data.dataset '.*pairs.jsonl' has no 'completion' column.*'answer'"):
+        SFTTrainer(r)
+    assert not (tmp_path / "run").exists()
 
 
 def test_sgd_optimizer_steps_along_the_gradient(tmp_path):
