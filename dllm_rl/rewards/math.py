@@ -48,17 +48,14 @@ def final_answer(text: str) -> str:
     ('1000', '-5')
     """
     text = text.replace("\u2212", "-")  # the Unicode minus sign
-    m = re.search(r"<answer>(.*?)</answer>", text, re.S)
-    if m:
-        text = m.group(1).strip()
-        boxed = last_boxed(text)
-        if boxed is not None:
-            return boxed.strip()
-        if "####" not in text and not _WORD.search(text):
-            return text.replace(",", "") if _GROUPED.fullmatch(text) else text
+    tagged = re.search(r"<answer>(.*?)</answer>", text, re.S)
+    if tagged:
+        text = tagged.group(1).strip()
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
+    if tagged and "####" not in text and not _WORD.search(text):
+        return text.replace(",", "") if _GROUPED.fullmatch(text) else text
     m = re.search(r"####\s*(.+)", text)
     if m:
         text = m.group(1)
@@ -77,14 +74,14 @@ def answers_match(predicted: str, reference: str) -> bool:
     # math-verify times out with signal.alarm, which only the main thread may set: elsewhere (an async or
     # threaded reward) it raises, which would score every answer by string equality; there it runs untimed
     main = threading.current_thread() is threading.main_thread()
-    limit = {} if main else {"parsing_timeout": None}
+    parse_kw, verify_kw = ({}, {}) if main else ({"parsing_timeout": None}, {"timeout_seconds": None})
 
     def _parse(s):
         s = s.strip()
-        return parse(s if s.startswith("$") else f"${s}$", **limit)
+        return parse(s if s.startswith("$") else f"${s}$", **parse_kw)
 
     try:
-        return bool(verify(_parse(reference), _parse(predicted), **({} if main else {"timeout_seconds": None})))
+        return bool(verify(_parse(reference), _parse(predicted), **verify_kw))
     except Exception:  # math-verify raises on unparsable input; that is simply a wrong answer
         return predicted.strip() == reference.strip()
 

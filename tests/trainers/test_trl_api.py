@@ -178,65 +178,67 @@ def test_the_recipe_takes_trls_batch_unit_too():
         )
 
 
+ADDITION = datasets.Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)])
+
+
+def tiny_trainer(tmp_path, model_factory, tokenizer, reward, max_steps=1, eval_dataset=None, **config):
+    """TRL's call on a tiny model object: GRPOTrainer(model=, reward_funcs=, args=GRPOConfig, processing_class=),
+    4 completions per step in groups of 4; `config`: further GRPOConfig fields."""
+    from dllm_rl import GRPOTrainer
+
+    return GRPOTrainer(
+        model=model_factory(hidden=32),
+        reward_funcs=reward,
+        args=args(
+            output_dir=str(tmp_path),
+            max_steps=max_steps,
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=4,
+            save_strategy="no",
+            **config,
+        ),
+        train_dataset=ADDITION,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+
+
 def test_a_model_object_with_its_tokenizer_and_trl_args(tmp_path, tokenizer, model_factory):
     from dllm_rl import GRPOTrainer
 
-    ds = datasets.Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)])
     seen = {}
 
     def exact(prompts, completions, answer, **kw):
         seen["completions"] = completions
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
 
-    trainer = GRPOTrainer(
-        model=model_factory(hidden=32),
-        reward_funcs=exact,
-        args=args(
-            output_dir=str(tmp_path),
-            max_steps=1,
-            per_device_train_batch_size=4,
-            num_generations=4,
-            max_completion_length=4,
-            save_strategy="no",
-        ),
-        train_dataset=ds,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(tmp_path, model_factory, tokenizer, exact)
     assert trainer.recipe.data.task == "dataset" and trainer.recipe.model.path is None
     trainer.train()
     assert all(isinstance(c, str) for c in seen["completions"])  # plain prompts give plain completions (TRL)
     with pytest.raises(ConfigError, match="needs a recipe"):
-        GRPOTrainer(reward_funcs=exact, train_dataset=ds)
+        GRPOTrainer(reward_funcs=exact, train_dataset=ADDITION)
 
 
 def test_rewards_get_the_trainer_state_in_evaluation_too(tmp_path, tokenizer, model_factory):
     # TRL passes its state to rewards when it scores an eval_dataset, as in training; a reward that reads it (a
     # curriculum) must not fail on the held-out set of a task without a verifier
-    from dllm_rl import GRPOTrainer
-
-    ds = datasets.Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)])
     steps = []
 
     def curriculum(prompts, completions, answer, trainer_state, **kw):
         steps.append((len(prompts), trainer_state.global_step, trainer_state.max_steps))
         return [float(c.strip() == a) for c, a in zip(completions, answer)]
 
-    trainer = GRPOTrainer(
-        model=model_factory(hidden=32),
-        reward_funcs=curriculum,
-        args=args(
-            output_dir=str(tmp_path),
-            max_steps=2,
-            per_device_train_batch_size=4,
-            num_generations=4,
-            max_completion_length=4,
-            save_strategy="no",
-            eval_strategy="steps",
-            eval_steps=1,
-        ),
-        train_dataset=ds,
-        eval_dataset=ds.select(range(3)),
-        processing_class=tokenizer,
+    trainer = tiny_trainer(
+        tmp_path,
+        model_factory,
+        tokenizer,
+        curriculum,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        eval_dataset=ADDITION.select(range(3)),
     )
     result = trainer.train()
     assert result["before"] is not None and result["after"] is not None
