@@ -342,7 +342,7 @@ class ConsensusConfig:
     prompts_per_round: Count = 256  # fresh training prompts voted on per round
     samples: Count = 8  # votes per prompt
     temperature: NonNegative = 1.0  # the voters' sampling temperature
-    min_share: Unit = 0.5  # keep a prompt when its winning answer has at least this share of the votes
+    min_share: Unit = 0.5  # keep a prompt when its winning answer has this share of the samples (unreadable ones count)
     max_paths: Count = 4  # distinct completions with the winning answer kept as targets per prompt
     target: Literal["majority", "greedy"] = "majority"  # greedy: distil the teacher's greedy decode (no vote)
     teacher: Literal["current", "initial"] = "current"  # initial: votes of the starting model (frozen targets)

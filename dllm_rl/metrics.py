@@ -174,9 +174,10 @@ def reward_metrics(rewards, per_fn, names: list[str], correct, group_size: int) 
 def throughput_metrics(
     seconds: dict[str, float], committed: float, tokens: float, length: float, estimate_passes: int, update_passes: int
 ) -> dict:
-    """Seconds and tokens/s per phase: rollout (committed tokens), estimate (completion tokens scored, times the
-    scoring passes the phase ran: old policy, reference; no key when it ran none) and update (times its passes;
-    no key when it was skipped), and `length`: the mean completion length."""
+    """Seconds and tokens/s per phase: rollout (committed tokens), estimate (`tokens`: the entries one scoring
+    pass computes, i.e. the completions up to EOS, or every committed decision for the trajectory estimator; times
+    the scoring passes the phase ran: old policy, reference; no key when it ran none) and update (times its
+    passes; no key when it was skipped), and `length`: the mean completion length."""
     out = {
         "completion_length": length,
         "tokens_per_s/rollout": committed / max(seconds.get("rollout", 0.0), 1e-9),

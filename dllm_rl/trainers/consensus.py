@@ -3,9 +3,10 @@
 Each round (consensus.steps_per_round optimizer steps): the teacher (consensus.teacher: the current model, or
 the initial one for frozen votes) samples consensus.samples completions for each of consensus.prompts_per_round
 fresh training prompts at consensus.temperature; their answers vote (tasks.answers, evalstats.vote); a prompt
-whose winning answer has at least consensus.min_share of the votes is kept, and its targets are up to
-consensus.max_paths *distinct* completions with that answer (consensus.target=greedy instead distils the
-teacher's own greedy decode, no vote). Then masked-diffusion SFT (trainers/sft.py's loss) on those pairs.
+whose winning answer has at least consensus.min_share of the samples (an unreadable sample votes for no answer
+but counts in the share, so a prompt whose samples mostly cannot be read is dropped) is kept, and its targets
+are up to consensus.max_paths *distinct* completions with that answer (consensus.target=greedy instead distils
+the teacher's own greedy decode, no vote). Then masked-diffusion SFT (trainers/sft.py's loss) on those pairs.
 No gold label is used for training; held-out accuracy (eval_steps) is the gold-labelled stop, and every
 round logs the vote: kept share, mean winning share, distinct answers per prompt, pass@k of the samples and,
 for monitoring only, how often the distilled answer is right (target_accuracy). A step of a round whose vote

@@ -540,9 +540,10 @@ class DPOTrainer:
             stats.update(self.score_std(batch, keys, step))  # the policy that computes this step's loss
         with timer("update"):
             stats.update(self.update(batch, noise, ref, n, step), skipped=0.0)  # its window mean: the share skipped
-        tokens = float(batch.completion_mask.sum())
+        tokens = float(self.counted(batch, noise).sum())  # what a scoring pass computes (trajectory: every decision)
+        length = float(batch.completion_mask.sum()) / (2 * n)
         scored = 0 if cached is not None else 1  # the reference's pass (none when its scores were precomputed)
-        out = {**stats, **throughput_metrics(timer.seconds, committed, tokens, tokens / (2 * n), scored, 1)}
+        out = {**stats, **throughput_metrics(timer.seconds, committed, tokens, length, scored, 1)}
         if self.d.pairs == "offline":
             out.pop("tokens_per_s/rollout")
         return out

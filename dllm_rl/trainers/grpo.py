@@ -113,6 +113,8 @@ class GRPOTrainer:
         if self.order_policy is not None and not r.order_policy.train_model or not r.hybrid.train_executor:
             run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
         self.planner = planner_phase(r, self.task.name)  # NoPlanner unless hybrid.plan is set
+        if r.grpo.disable_dropout and self.planner.planner is not None:
+            disable_dropout(self.planner.planner.model)
         # any-process decoding (rollout.edit): the edit head, built and trained like the order head
         self.edit_policy = edit_head_for(r.rollout, run.model, r.model.path, r.edit_policy, r.train.seed)
         if self.edit_policy is not None and not r.edit_policy.train_model:
@@ -496,7 +498,7 @@ class GRPOTrainer:
             **throughput_metrics(
                 timer.seconds,
                 committed,
-                float(batch.completion_mask.sum()),
+                self._scored_tokens(batch, estimates),
                 length,
                 sum(x is not None for _, old, ref in estimates for x in (old, ref)),  # the passes that ran
                 r.grpo.num_iterations if len(batch) else 0,
@@ -507,6 +509,12 @@ class GRPOTrainer:
         if self._logs_at(step):
             self.completions.write(step + 1, self.log)
         return out
+
+    def _scored_tokens(self, batch, estimates) -> float:
+        """The entries one scoring pass computes (Estimator.counted under the first iteration's noise: every
+        committed decision for the trajectory estimator, EOS padding included; else the completions up to EOS)."""
+        scored = self.estimator.counted(batch, estimates[0][0]) if estimates else None
+        return float((batch.completion_mask if scored is None else scored).sum())
 
     def _logs_at(self, step: int) -> bool:
         """Run.loop logs after this step (every train.logging_steps, and the last)."""

@@ -27,7 +27,8 @@ implement them); where a diffusion LM changes the meaning it is said here.
   output_dir/completions/completions_{step:05d}.parquet (columns step, prompt, completion, rewards, extras,
   advantage) when log_completions, and a table to every tracker of train.report_to.
 - `disable_dropout`: TRL's disable_dropout_in_model on the policy and the reference (for ELBO estimators,
-  dropout would add noise on top of the masks').
+  dropout would add noise on top of the masks'), and on a hybrid planner (its plans are sampled without dropout
+  and its loss then agrees with the sampler's log-probs).
 """
 
 from __future__ import annotations

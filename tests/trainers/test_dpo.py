@@ -347,6 +347,19 @@ def test_the_trajectory_score_of_a_pair_sums_every_decision_of_its_rollout(tmp_p
     assert torch.equal(tr.counted(batch, noise), est.mask)
 
 
+def test_the_trajectory_rates_count_every_decision_and_the_length_stops_at_eos(tmp_path):
+    """tokens_per_s/estimate and /update count what a scoring pass computes (all 12 decisions of each of the 2 x 2
+    sequences); completion_length stays the completions' own length, up to their first EOS."""
+
+    def any_order(prompts, completions, **kw):
+        return [float(sum(map(ord, c[0]["content"]))) for c in completions]
+
+    out = DPOTrainer(countdown_on_policy(tmp_path, train__batch_size=2), reward_funcs=[any_order]).step(0)
+    assert out["pairs/usable_fraction"] == 1.0 and out["completion_length"] < 12
+    for phase in ("estimate", "update"):
+        assert out[f"tokens_per_s/{phase}"] * out[f"seconds/{phase}"] == pytest.approx(2 * 2 * 12, rel=1e-6)
+
+
 def test_greedy_candidate_is_the_greedy_decode_scored_as_a_trajectory_of_the_sampler(tmp_path):
     """dpo.greedy_candidate: the first of each prompt's G candidates is its greedy decode (the held-out
     evaluation's decoding), the others are the sampler's; the greedy decode is scored as one trajectory of the

@@ -139,6 +139,24 @@ def test_the_trajectory_loss_counts_every_sampled_position(tmp_path):
     assert torch.allclose(loss, expected(est.mask)) and not torch.allclose(loss, expected(batch.completion_mask))
 
 
+def test_the_trajectory_estimate_rate_counts_every_scored_position(tmp_path):
+    """tokens_per_s/estimate counts what a scoring pass computes: for the trajectory estimator every committed
+    position (24 per completion here), EOS padding included, not the completions up to their first EOS."""
+    r = recipe(
+        tmp_path,
+        estimator__name="trajectory",
+        grpo__num_generations=4,
+        grpo__beta=0.04,  # one reference pass
+        train__batch_size=1,
+        rollout__max_completion_length=24,
+        rollout__steps=12,
+        rollout__order="top_prob",
+    )
+    out = GRPOTrainer(r, reward_funcs=[first_cell_is_1]).step(0)
+    assert out["completion_length"] < 24  # EOS before the last position
+    assert out["tokens_per_s/estimate"] * out["seconds/estimate"] == pytest.approx(4 * 24, rel=1e-6)
+
+
 def first_cell_first_rate(trainer: GRPOTrainer, steps: range) -> float:
     """Share of rollouts (the trainer's own, at the given steps) that commit the first cell at the first step."""
     hits = n = 0

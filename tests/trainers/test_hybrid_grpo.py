@@ -158,3 +158,27 @@ def test_a_jointly_trained_planner_is_saved_inside_the_atomic_final(tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     assert not (tmp_path / "bad" / "final").exists()
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_reaches_a_trained_planner(tmp_path, disable):
+    """grpo.disable_dropout (TRL's) also zeroes a trained planner's dropout: its loss then scores each plan as the
+    sampler did (log-probs equal, ratio 1); with dropout left on (p 0.5 here) the loss sees other log-probs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dllm_rl.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.5, embd_pdrop=0.5)
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "planner")
+    tok.save_pretrained(tmp_path / "planner")
+    r = recipe(tmp_path / "run", train_planner=True, train_executor=False)
+    r.hybrid.planner.path, r.grpo.disable_dropout = str(tmp_path / "planner"), disable
+    trainer = GRPOTrainer(r, reward_funcs=[record_prompts])
+    batch, _ = rollout_and_reward(trainer)
+    batch.advantages = torch.ones(len(batch))
+    _, stats = trainer.planner.loss(batch, trainer.loss_fn, r.grpo)
+    sampled = float((batch.plan.logprobs * batch.plan.plan_mask).sum(-1).mean())
+    assert (abs(stats["planner/logprob"] - sampled) < 1e-4) == disable, (stats["planner/logprob"], sampled)
