@@ -9,7 +9,8 @@
     <name>.deleting      a checkpoint being rotated out (renamed first, then deleted)
 
 A kill -9 at any moment leaves only complete checkpoints under their real names; `tidy` (run when a trainer
-starts) removes the leftovers and puts back a <name>.old whose replacement never arrived. A checkpoint-<step>
+starts) removes the leftovers and puts back a <name>.old whose replacement never arrived (only for the names
+above: final and checkpoint-<step>; other directories are left as they are). A checkpoint-<step>
 without COMPLETE is never listed and never deleted (it is not ours to judge): a trainer refuses to start in a
 directory that holds one, rather than overwrite it.
 """
@@ -25,7 +26,9 @@ from .errors import DllmRlError
 
 COMPLETE = "COMPLETE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-_LEFTOVER = (".tmp", ".deleting")
+# what a writer here leaves half-done (checkpoint.py, trainers/planner.py); anything else in a run directory,
+# a user's "notes.tmp/" or "data.old/", is not ours to remove or rename
+_OURS = re.compile(r"^(final|checkpoint-\d+)\.(tmp|old|deleting)$")
 
 
 def is_complete(path: str | os.PathLike) -> bool:
@@ -52,15 +55,12 @@ def tidy(run_dir: str | os.PathLike) -> None:
     if not run.is_dir():
         return
     for p in run.iterdir():
-        if not p.is_dir():
+        if not p.is_dir() or not (m := _OURS.match(p.name)):
             continue
-        if p.name.endswith(".old"):
-            live = p.with_name(p.name[: -len(".old")])
-            if live.exists():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.replace(p, live)
-        elif p.name.endswith(_LEFTOVER):
+        live = p.with_name(m.group(1))
+        if m.group(2) == "old" and not live.exists():
+            os.replace(p, live)
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 

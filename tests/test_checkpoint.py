@@ -192,3 +192,15 @@ def test_a_save_stopped_at_any_file_operation_leaves_only_loadable_checkpoints(t
         save(run, 3)  # and the next save works
         assert [c.name for c in checkpoints(run)][-1] == "checkpoint-3"
         shutil.rmtree(run)
+
+
+def test_tidy_touches_only_what_a_run_writes(tmp_path):
+    """tidy removes final.tmp / checkpoint-N.tmp / checkpoint-N.deleting and puts back a final.old whose
+    replacement never arrived; a user's own directories with those endings stay as they are."""
+    names = ["final.old", "checkpoint-3.tmp", "checkpoint-2.deleting", "notes.tmp", "data.old", "x.deleting"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+    tidy(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.old", "final", "notes.tmp", "x.deleting"]
+    assert (tmp_path / "final" / "f").read_text() == "final.old"
