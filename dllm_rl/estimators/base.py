@@ -101,6 +101,9 @@ class Estimator:
     check: Callable = field(default=lambda decoding: [])
     replays_orders: bool = False  # scores a sampled unmasking order's log-prob (what trains a learned order)
     counted: Callable = field(default=lambda batch, noise: None)
+    # the per-token estimates sum to the sequence value divided by the completion length (block_elbo: SPG's
+    # scale); a trainer that needs the sequence value itself (DPO) multiplies by the length
+    per_token_mean: bool = False
 
 
 def scored(tr: ModelTraits, temperature: float = 1.0) -> Callable:

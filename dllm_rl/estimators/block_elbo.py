@@ -62,6 +62,7 @@ def build(cfg, tr) -> Estimator:
         lambda batch, generator: draw(batch, cfg, generator),
         lambda model, batch, noise, **extra: estimate(model, batch, noise, tr, cfg.eubo_beta),
         views=lambda steps: cfg.num_samples,
+        per_token_mean=True,
     )
 
 

@@ -48,13 +48,17 @@ def build_tiny(cfg: ModelConfig, tokenizer, seed: int = 0) -> TinyMDM:
         return TinyMDM(config)
 
 
-def load_tokenizer(path: str | None, trust_remote_code: bool = False):
+def load_tokenizer(path: str | None, trust_remote_code: bool = False, key: str = "model.path"):
+    """The tokenizer at `path` (a model, run or tokenizer directory, or a hub id); the character tokenizer of the
+    tiny models for None. `key`: the setting errors name."""
     from transformers import AutoTokenizer
 
     if path is None:
         return build_char_tokenizer()
+    p = Path(path).expanduser()
+    directory = str(p) if p.is_dir() and any(p.glob("tokenizer*")) else resolve_model_dir(path, key=key)
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_dir(path), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise DllmRlError(
             f"could not load a tokenizer from {path!r} ({str(e).splitlines()[0][:160]}); set "
@@ -70,7 +74,7 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
     `seed` draws the initialisation of a model built from scratch."""
     path = path or cfg.path
     if path is None:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer, key="model.tokenizer")
         model = build_tiny(cfg, tokenizer, seed)
     else:
         model_dir = resolve_model_dir(path)
@@ -78,7 +82,7 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
             model_dir = str(Path(model_dir).resolve())
         if Path(model_dir, "adapter_config.json").is_file():
             return _load_adapter(cfg, model_dir)
-        tokenizer = load_tokenizer(cfg.tokenizer or model_dir, cfg.trust_remote_code)
+        tokenizer = _tokenizer_of(cfg, model_dir)
         kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
         if cfg.load_in_4bit:
             kwargs["quantization_config"] = _four_bit()
@@ -163,15 +167,36 @@ def seeded_peft(model: nn.Module, peft_config, seed: int):
         return get_peft_model(model, peft_config)
 
 
-def _load_adapter(cfg: ModelConfig, adapter_dir: str):
-    """A LoRA checkpoint: the base model named in adapter_config.json plus the trained adapter."""
+def _tokenizer_of(cfg: ModelConfig, model_dir: str):
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code, key="model.tokenizer")
+    return load_tokenizer(model_dir, cfg.trust_remote_code)
+
+
+def _adapter_base(cfg: ModelConfig, adapter_dir: str) -> ModelConfig:
+    """The model section of the base a LoRA checkpoint names in adapter_config.json."""
     import json
 
+    base_path = json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+    return ModelConfig(**{**cfg.__dict__, "path": base_path, "lora": type(cfg.lora)()})
+
+
+def recipe_tokenizer(cfg: ModelConfig):
+    """The tokenizer load_model gives for this model section, without building the model, so that data can be
+    checked against it first."""
+    if cfg.path is None:
+        return load_tokenizer(cfg.tokenizer, key="model.tokenizer")
+    model_dir = resolve_model_dir(cfg.path)
+    if Path(model_dir).is_dir() and Path(model_dir, "adapter_config.json").is_file():
+        return recipe_tokenizer(_adapter_base(cfg, model_dir))
+    return _tokenizer_of(cfg, model_dir)
+
+
+def _load_adapter(cfg: ModelConfig, adapter_dir: str):
+    """A LoRA checkpoint: the base model named in adapter_config.json plus the trained adapter."""
     from peft import PeftModel
 
-    base_path = json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
-    base_cfg = ModelConfig(**{**cfg.__dict__, "path": base_path, "lora": type(cfg.lora)()})
-    base, tokenizer = load_model(base_cfg)
+    base, tokenizer = load_model(_adapter_base(cfg, adapter_dir))
     if isinstance(base, (HFDiffusionLM, DiffusionGemmaLM)):  # peft wraps the transformers model, the protocol peft
         return type(base)(PeftModel.from_pretrained(base.model, adapter_dir, is_trainable=True)), tokenizer
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), tokenizer

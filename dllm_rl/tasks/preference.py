@@ -2,7 +2,9 @@
 
 Rows hold `prompt`, `chosen` and `rejected`, either plain text or conversational (lists of chat messages), or
 only `chosen` and `rejected` with the prompt implicit in both (TRL's `extract_prompt` takes their longest common
-prefix, as TRL 1.16's DPOTrainer does). `dpo.dataset_name` is a hub name or a local .json / .jsonl / .parquet
+prefix, as TRL 1.16's DPOTrainer does). A text `prompt` beside conversational `chosen` / `rejected` that contain
+it (argilla/ultrafeedback-binarized-preferences-cleaned) is treated as implicit too, as TRL's maybe_extract_prompt
+does. `dpo.dataset_name` is a hub name or a local .json / .jsonl / .parquet
 file. Tokenization follows TRL's: the prompt with the chat template's generation prompt, prompt + completion in
 full, the completion = what follows their common prefix (`trl.data_utils.common_prefix_length`).
 
@@ -89,18 +91,40 @@ def prepare_preferences(dataset: datasets.Dataset, where: str) -> datasets.Datas
         )
     if len(dataset) == 0:
         raise ConfigError(f"{where}: the dataset has no rows")
-    implicit = "prompt" not in dataset.column_names
+    given = "prompt" in dataset.column_names
+    extract = []  # per row: is its prompt the common start of chosen and rejected?
     for i, row in enumerate(dataset):  # a null cell (a row without the column in a json file) would read as "None"
-        for col in ("chosen", "rejected") if implicit else ("prompt", "chosen", "rejected"):
+        for col in ("prompt", "chosen", "rejected") if given else ("chosen", "rejected"):
             if not isinstance(row[col], (str, list)):
                 raise ConfigError(
                     f"{where}: row {i} has no {col} (got {row[col]!r}); give it text or a list of chat messages, "
                     f"or drop the row"
                 )
-    if implicit:  # implicit prompt, as TRL 1.16's DPOTrainer
-        dataset = dataset.map(extract_prompt)
-    after = " (after the prompt TRL's extract_prompt split off as chosen and rejected's common start)" * implicit
+        for side in ("chosen", "rejected"):  # before extract_prompt, which fails on an empty side
+            if not _text(row[side]).strip():
+                raise ConfigError(f"{where}: row {i} has an empty {side} completion; drop the row or fill it in")
+        if isinstance(row["chosen"], list) != isinstance(row["rejected"], list):
+            raise ConfigError(
+                f"{where}: row {i} has one of chosen and rejected as chat messages and the other as text; make "
+                f"both lists of messages or both strings"
+            )
+        if given and isinstance(row["prompt"], list) and not isinstance(row["chosen"], list):
+            raise ConfigError(
+                f"{where}: row {i} mixes a conversational prompt with plain-text completions; make all three lists "
+                f"of messages or all three strings"
+            )
+        # TRL's maybe_extract_prompt: a text prompt beside conversations that hold it (as the user turn) is
+        # redundant, and the prompt is their common start (argilla/ultrafeedback-binarized-preferences-cleaned)
+        extract.append(not given or (isinstance(row["chosen"], list) and not isinstance(row["prompt"], list)))
+    if any(extract):  # implicit prompt, as TRL 1.16's DPOTrainer
+        dataset = dataset.map(lambda row, i: extract_prompt(row) if extract[i] else row, with_indices=True)
     for i, row in enumerate(dataset):
+        after = " (after the prompt TRL's extract_prompt split off as chosen and rejected's common start)" * extract[i]
+        if extract[i] and isinstance(row["prompt"], list) and not row["prompt"]:
+            raise ConfigError(
+                f"{where}: row {i}: chosen and rejected share no first message, so there is no implicit prompt "
+                f"(their common start); give the row a conversational prompt column or drop it"
+            )
         for side in ("chosen", "rejected"):
             if not _text(row[side]).strip():
                 raise ConfigError(f"{where}: row {i} has an empty {side} completion{after}; drop the row or fill it in")

@@ -22,7 +22,8 @@ Noise is seeded per example, deterministically: the generator of a row is a hash
 its role, the draw), where the key is the dataset row (offline) or (step, prompt slot) (on-policy) and the draw is
 the epoch in which an offline pair is seen. With dpo.precompute_ref_log_probs the draw is always 0: the reference
 is scored once per pair (cached in train.output_dir/ref_logps.pt with a fingerprint of everything the values
-depend on) and the policy sees those very masks in every epoch, so the cached values equal the on-the-fly ones
+depend on: the pairs, the model section and its weights (weights_identity), precision, estimator and noise) and
+the policy sees those very masks in every epoch, so the cached values equal the on-the-fly ones
 (tests/trainers/test_dpo.py). Noise does not depend on the batch a pair lands in, the micro-batching or the
 number of processes.
 
@@ -64,6 +65,7 @@ from ..estimators import Noise, build_estimator
 from ..evaluate import evaluate_recipe
 from ..metrics import throughput_metrics
 from ..models.base import peft_of
+from ..models.load import recipe_tokenizer
 from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
@@ -112,6 +114,33 @@ def concat_noise(parts: list[Noise], P: int) -> Noise:
     return Noise(masks, prompt, weights, tokens)
 
 
+def weights_identity(model, cfg, passed: bool) -> str:
+    """What identifies the starting weights (hence the reference's): for a model passed in Python, or the tiny
+    model built from the recipe, a checksum of its parameters; for a local directory (a LoRA checkpoint's base
+    too) the names, sizes and modification times of its files; for a hub id the commit transformers loaded."""
+    from ..rundir import resolve_model_dir
+
+    h = hashlib.sha256()
+    if passed or cfg.path is None:
+        for name, p in sorted(model.state_dict().items()):
+            t = p.detach().double()
+            h.update(f"{name}:{tuple(t.shape)}:{t.sum().item():.12e}:{t.square().sum().item():.12e}".encode())
+        return h.hexdigest()
+    directory = Path(resolve_model_dir(cfg.path))
+    dirs = [directory] if directory.is_dir() else []
+    if (directory / "adapter_config.json").is_file():
+        base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+        dirs += [Path(b)] if (b := resolve_model_dir(base)) and Path(b).is_dir() else []
+    for d in dirs:
+        for f in sorted(d.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    config = getattr(model, "config", None)
+    h.update(str(getattr(config, "_commit_hash", None)).encode())  # a hub model's revision
+    return h.hexdigest()
+
+
 class DPOTrainer:
     """`DPOTrainer(recipe, train_dataset=None, reward_funcs=None).train()`: DPO of the recipe's model on offline
     pairs (dpo.dataset_name, or `train_dataset` in TRL's format) or on-policy pairs (dpo.pairs=on_policy, scored by
@@ -125,16 +154,20 @@ class DPOTrainer:
         check(d)
         self._check_recipe(train_dataset)  # what the recipe alone decides, and the preference data, before a model
         where = "train_dataset" if train_dataset is not None else f"dpo.dataset_name {d.dataset_name!r}"
-        data = None
+        self.canvas = r.rollout.max_completion_length
+        data, self.pairs = None, None
         if d.pairs == "offline":
             data = (
                 train_dataset if train_dataset is not None else load_preferences(d.dataset_name, d.dataset_train_split)
             )
             data = prepare_preferences(data, where)
+            if tokenizer is not None or model is None:  # tokenized (and every row checked) before a model is built
+                self._tokenize(data, tokenizer or recipe_tokenizer(r.model), where)
         self.run = run = Run(r, model, tokenizer, task)
+        if d.precompute_ref_log_probs:  # what the cached reference estimates were computed from, before prepare
+            self._weights = weights_identity(run.model, r.model, passed=model is not None)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         self.estimator = build_estimator(r.estimator, self.traits)
-        self.canvas = r.rollout.max_completion_length
         self._check(run.model)
         if d.disable_dropout:
             disable_dropout_in_model(run.model)
@@ -147,20 +180,22 @@ class DPOTrainer:
             self.ref_order_policy = copy.deepcopy(self.order_policy).requires_grad_(False)
             if not r.order_policy.train_model:
                 run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
-        self.pairs, self.rewards = [], []
+        self.rewards = []
         if d.pairs == "offline":
-            self.pairs, cut = tokenize_preferences(data, self.tokenizer, self.canvas, d, where)
-            if cut:
+            if self.pairs is None:  # a model passed in without its tokenizer: the run's
+                self._tokenize(data, self.tokenizer, where)
+            if self._cut:
                 self.acc.print(
-                    f"note: {cut} of {len(self.pairs)} pairs have a completion longer than the canvas "
+                    f"note: {self._cut} of {len(self.pairs)} pairs have a completion longer than the canvas "
                     f"(rollout.max_completion_length={self.canvas}); they are cut there (keep_start)"
                 )
-            self.sampler = EpochSampler(len(self.pairs), r.train.seed)
+            self.sampler = EpochSampler(len(self.pairs), r.train.seed, shuffle=r.train.shuffle_dataset)
         else:
+            self.pairs = []
             self.rewards = build_rewards(
                 r.rewards or ([] if reward_funcs else [RewardSpec(self.task.reward)]), reward_funcs
             )
-            self.sampler = EpochSampler(len(self.task.train), r.train.seed)
+            self.sampler = EpochSampler(len(self.task.train), r.train.seed, shuffle=r.train.shuffle_dataset)
         if self.order_policy is not None and not r.order_policy.train_model:
             self.ref, self.ref_mode = None, "same_model"  # only the head moves: the model is its own reference
         else:
@@ -182,6 +217,9 @@ class DPOTrainer:
         self.ref_cache = self.precompute() if d.precompute_ref_log_probs and not run.finished else None
 
     # ------------------------------------------------------------------------------------------- setup
+
+    def _tokenize(self, data, tokenizer, where: str) -> None:
+        self.pairs, self._cut = tokenize_preferences(data, tokenizer, self.canvas, self.d, where)
 
     def _check_recipe(self, train_dataset) -> None:
         """The cross-section rules of a DPO recipe that need no model, before one is built."""
@@ -257,11 +295,15 @@ class DPOTrainer:
         return batch.completion_mask if mask is None else mask
 
     def sequence_scores(self, model, batch, noise, grad: bool, order_policy=None) -> torch.Tensor:
-        """Sequence estimates [N]: the estimator's per-token estimates summed over the entries it counts. With an
-        order head (rollout.order=policy) the trajectory estimate includes each step's order log-prob under it."""
+        """Sequence estimates [N]: the estimator's per-token estimates summed over the entries it counts (times the
+        completion length for block_elbo, whose estimates are at SPG's per-token scale: never length-normalised).
+        With an order head (rollout.order=policy) the trajectory estimate includes each step's order log-prob."""
         with torch.set_grad_enabled(grad):  # every estimator takes order_policy (those without an order ignore it)
             est = self.estimator.estimate(model, batch, noise.to(self.acc.device), order_policy=order_policy)
-            return (est.logps * self.counted(batch, noise).to(est.logps.device)).sum(-1)
+            seq = (est.logps * self.counted(batch, noise).to(est.logps.device)).sum(-1)
+            if self.estimator.per_token_mean:
+                seq = seq * batch.completion_mask.sum(-1).clamp(min=1).to(seq.device)
+            return seq
 
     def policy_scores(self, batch, noise, grad: bool) -> torch.Tensor:
         return self.sequence_scores(self.model, batch, noise, grad, self.order_policy)
@@ -473,6 +515,8 @@ class DPOTrainer:
                 json.dumps([(p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in self.pairs]).encode()
             ).hexdigest(),
             "model": r["model"],
+            "weights": self._weights,
+            "precision": self.recipe.train.mixed_precision,
             "estimator": r["estimator"],
             "seed": self.recipe.train.seed,
             "canvas": self.canvas,
@@ -491,7 +535,7 @@ class DPOTrainer:
                 self.acc.print(f"reference estimates of {len(self.pairs)} pairs read from {path}")
                 return cached
         n, world, rank = len(self.pairs), self.acc.num_processes, self.acc.process_index
-        mine = list(range(rank, n, world))
+        mine = list(range(rank, n, world)) or [n - 1]  # a rank without a pair of its own repeats the last one
         mine += mine[-1:] * (-(-n // world) - len(mine))  # equal counts on every rank (ZeRO-3 forwards together)
         per = max(1, self.recipe.train.batch_size // self.recipe.train.gradient_accumulation_steps)
         values = []

@@ -51,6 +51,29 @@ def test_implicit_conversational_prompt_is_extracted_and_templated(tokenizer):
     assert text(tokenizer, pairs[1].rejected_ids) == "In the sea." + tokenizer.eos_token
 
 
+def test_a_text_prompt_beside_conversations_that_hold_it_is_implicit(tokenizer):
+    """argilla/ultrafeedback-binarized-preferences-cleaned's layout: a text prompt column, and chosen / rejected
+    conversations that start with it as the user turn. As TRL's maybe_extract_prompt, the prompt is their common
+    start, so the pair tokenizes as the implicit conversational file does."""
+    rows = [
+        {
+            "prompt": "What color is the sky?",
+            "chosen": [
+                {"role": "user", "content": "What color is the sky?"},
+                {"role": "assistant", "content": "It is blue."},
+            ],
+            "rejected": [
+                {"role": "user", "content": "What color is the sky?"},
+                {"role": "assistant", "content": "It is green."},
+            ],
+        }
+    ]
+    (p,), _ = tokenized(rows, tokenizer)
+    (q, *_), _ = tokenized(DATA / "preferences_implicit.jsonl", tokenizer)
+    assert p.prompt_ids == q.prompt_ids and p.chosen_ids == q.chosen_ids
+    assert text(tokenizer, p.rejected_ids) == "It is green." + tokenizer.eos_token
+
+
 def test_implicit_plain_prompt_keeps_the_space_with_the_completion(tokenizer):
     rows = [{"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"}]
     (p,), _ = tokenized(rows, tokenizer)
@@ -160,6 +183,33 @@ def test_collate_lays_out_chosen_then_rejected_on_the_canvas(tokenizer):
             r"row 1 has no prompt \(got None\)",  # a json row without the column: not the text "None"
         ),
         ([{"chosen": "yes ", "rejected": "no"}], {}, "row 0 has an empty chosen completion \\(after the prompt TRL's"),
+        ([{"chosen": "", "rejected": "xyz"}], {}, "row 0 has an empty chosen completion; drop"),  # implicit prompt
+        (
+            [
+                {
+                    "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}],
+                    "rejected": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "c"}],
+                }
+            ],
+            {},
+            "row 0: chosen and rejected share no first message, so there is no implicit prompt",
+        ),
+        (
+            [
+                {
+                    "prompt": [{"role": "user", "content": "a"}],
+                    "chosen": [{"role": "assistant", "content": "b"}],
+                    "rejected": "c",
+                }
+            ],
+            {},
+            "row 0 has one of chosen and rejected as chat messages and the other as text",
+        ),
+        (
+            [{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}],
+            {},
+            "row 0 mixes a conversational prompt with plain-text completions",
+        ),
         (
             [{"prompt": "a", "chosen": "bcdefg", "rejected": "c"}],
             {"max_length": 7, "truncation_mode": "keep_end"},

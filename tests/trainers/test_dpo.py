@@ -98,6 +98,17 @@ def test_start_is_a_zero_score_and_precomputed_reference_equals_on_the_fly(token
     assert abs(indep["rewards/margins"]) > 1e-3  # independent noise: the scores no longer cancel
 
 
+def test_the_reference_cache_follows_the_weights(tokenizer, tmp_path, capsys):
+    """Cached reference estimates are read back only for the weights they were computed from: another model in
+    the same run directory (here passed in Python; new files at the same model.path likewise) recomputes them."""
+    first = tiny(tokenizer, tmp_path, dpo__precompute_ref_log_probs=True)
+    r = replace(recipe(tmp_path, dpo__precompute_ref_log_probs=True), model=replace(first.recipe.model, path=None))
+    other = DPOTrainer(r, model=make_model(tokenizer, hidden=32, seed=1).train(), tokenizer=tokenizer)
+    out = capsys.readouterr().out
+    assert out.count("computed and cached") == 2 and "read from" not in out
+    assert not torch.allclose(other.ref_cache["chosen"], first.ref_cache["chosen"])
+
+
 @pytest.mark.parametrize("name", ["one_step", "elbo", "block_elbo", "quadrature"])
 def test_every_estimator_scores_pairs_and_starts_from_a_zero_score(tokenizer, tmp_path, name):
     """Each estimator that draws its noise from shapes (prompt masks included: one_step) runs a DPO step; at the
@@ -106,6 +117,30 @@ def test_every_estimator_scores_pairs_and_starts_from_a_zero_score(tokenizer, tm
     out = tr.step(0)
     assert out["loss"] == pytest.approx(math.log(2), abs=1e-6) and out["rewards/margins"] == 0.0, out
     assert out["score_std"] == 0.0 and out["estimator_std"] > 0 and math.isfinite(out["grad_norm"])
+
+
+def test_block_elbo_scores_are_on_the_sequence_scale(tokenizer, tmp_path):
+    """DPO's scores are sequence log-likelihood estimates, never length-normalised: with one block (and no prompt
+    masking) block_elbo's expectation is the same ELBO as elbo's, so their means over 512 views agree (block_elbo's
+    own estimates are at SPG's scale, 1/n of that, and the trainer scales them back)."""
+    means = {}
+    for name in ("elbo", "block_elbo"):
+        extra = {"estimator__block_length": 20} if name == "block_elbo" else {}
+        tr = tiny(
+            tokenizer,
+            tmp_path / name,
+            estimator__name=name,
+            estimator__num_samples=512,
+            estimator__p_mask_prompt=0.0,
+            **extra,
+        )
+        pairs = tr.pairs[:3]
+        batch = tr.collate(pairs)
+        noise = tr.draw_noise(batch, tr.noise_keys([f"pair:{p.index}:0" for p in pairs], "policy"))
+        with torch.no_grad():
+            means[name] = tr.sequence_scores(tr.model, batch, noise, grad=False)
+    assert (means["elbo"] < -20).all()  # a tiny random model: about log(vocabulary) nats a token, 20 tokens
+    torch.testing.assert_close(means["block_elbo"], means["elbo"], rtol=0.05, atol=0)
 
 
 def test_noise_is_per_example_and_batch_invariant(tokenizer, tmp_path):
@@ -555,3 +590,25 @@ def test_order_dpo_refuses_settings_it_cannot_train(tmp_path):
         DPOTrainer(sudoku_order(tmp_path / "c", dpo__greedy_candidate=True))
     with pytest.raises(ConfigError, match="order_policy.train_model"):
         DPOTrainer(sudoku_order(tmp_path / "d", rollout__order="top_prob"))
+
+
+def test_bad_pairs_and_the_dataset_order_are_settled_before_a_model_is_built(tmp_path, monkeypatch):
+    """A row that cannot be tokenized within dpo.max_length is refused from the recipe's tokenizer alone, before a
+    model is loaded (an 8B load, and its frozen copy, would come first otherwise); train.shuffle_dataset=false
+    keeps the file's order, as in TRL."""
+    import dllm_rl.trainers.common as common
+
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()][:4]
+    rows[2]["prompt"] = rows[2]["prompt"] * 20
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the data was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(common, "load_model", no_model)
+        with pytest.raises(ConfigError, match="row 2: the prompt has"):
+            DPOTrainer(recipe(tmp_path / "a", dpo__dataset_name=str(path), dpo__max_length=200))
+    tr = DPOTrainer(recipe(tmp_path / "b", train__shuffle_dataset=False, train__batch_size=4))
+    assert tr.sampler.indices(0, 4) == [0, 1, 2, 3] and tr.sampler.indices(1, 4) == [4, 5, 6, 7]
