@@ -14,6 +14,27 @@ from pathlib import Path
 from .algorithms import zero_std_groups
 from .algorithms.advantages import nanstd
 
+TRACKER_IDS = "trackers.json"
+
+
+def tracker_init_kwargs(run_dir, names, history: list[dict]) -> dict:
+    """accelerate's init_kwargs for a run's trackers. A resumed run (history) continues where its checkpoint
+    stopped: TensorBoard purges what the killed run logged after it (as metrics.jsonl drops those lines), and W&B
+    continues the same run (its id is kept in run_dir/trackers.json; a fresh run draws a new one)."""
+    kwargs = {}
+    if history and "tensorboard" in names:
+        kwargs["tensorboard"] = {"purge_step": max(h["step"] for h in history) + 1}
+    if "wandb" in names:
+        path = Path(run_dir) / TRACKER_IDS
+        ids = json.loads(path.read_text()) if history and path.is_file() else {}
+        if "wandb" not in ids:
+            import secrets
+
+            ids["wandb"] = secrets.token_hex(4)  # W&B run ids: 8 characters, letters and digits
+            path.write_text(json.dumps(ids))
+        kwargs["wandb"] = {"id": ids["wandb"], "resume": "allow", "name": Path(run_dir).resolve().name}
+    return kwargs
+
 
 class MetricsLogger:
     def __init__(
@@ -33,10 +54,7 @@ class MetricsLogger:
             self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
         if accelerator.log_with:
             names = {str(getattr(t, "value", t)) for t in accelerator.log_with}
-            kwargs = {}
-            if self.history and "tensorboard" in names:
-                # a resumed run: TensorBoard drops what the killed run logged after the checkpoint, as the file does
-                kwargs["tensorboard"] = {"purge_step": max(h["step"] for h in self.history) + 1}
+            kwargs = tracker_init_kwargs(run_dir, names, self.history) if accelerator.is_main_process else {}
             try:
                 accelerator.init_trackers(project, config=hparams(config or {}), init_kwargs=kwargs)
             except Exception as e:  # e.g. W&B online without a login: say so now, not as a traceback

@@ -130,6 +130,8 @@ def test_wandb_offline_gets_every_metric_and_the_completions_table(tmp_path, mod
         monkeypatch.setenv(key, value)
     rows = run(tmp_path / "run", model_factory, tokenizer, ["wandb"])
     (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    wandb_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb"]  # what a resume continues
+    assert run_file.endswith(f"run-{wandb_id}.wandb")
     history = []
     for rec in wandb_records(run_file):
         if rec.WhichOneof("record_type") == "history":
@@ -157,3 +159,16 @@ def test_a_tracker_that_cannot_start_is_a_config_error():
         check_trackers([missing[0]])
     assert check_trackers(["none"]) == []
     assert os.environ.get("WANDB_MODE") != "offline"  # the W&B test's settings did not leak
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_does_not(tmp_path):
+    """W&B gets the same run id when a run resumes (kept in the run directory), a new one when it starts afresh;
+    TensorBoard purges from the step after the resumed history."""
+    from dllm_rl.metrics import tracker_init_kwargs
+
+    first = tracker_init_kwargs(tmp_path, {"wandb", "tensorboard"}, [])
+    assert "tensorboard" not in first and first["wandb"]["resume"] == "allow" and len(first["wandb"]["id"]) == 8
+    resumed = tracker_init_kwargs(tmp_path, {"wandb", "tensorboard"}, [{"step": 10}, {"step": 20}])
+    assert resumed["wandb"]["id"] == first["wandb"]["id"] and resumed["tensorboard"] == {"purge_step": 21}
+    again = tracker_init_kwargs(tmp_path, {"wandb"}, [])  # train.resume=false after the directory was cleared
+    assert again["wandb"]["id"] != first["wandb"]["id"]
