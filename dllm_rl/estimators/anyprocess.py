@@ -57,7 +57,8 @@ def draw(batch) -> Noise:
 
 
 def _view(model, prompt, prompt_mask, canvas, valid, shift: int, hidden: bool):
-    """Logits at the completion [N, C, V] and (hidden) its last hidden states [N, C, D] for one view."""
+    """Logits at the completion [N, C, V] and (hidden) the last hidden states they are read from [N, C, D] (the
+    position before each slot for logits-shifted models, as the sampler shows them to the heads) for one view."""
     P, C = prompt.shape[1], canvas.shape[1]
     attn = torch.cat([prompt_mask, valid.long()], 1)
     out = model(
@@ -67,7 +68,7 @@ def _view(model, prompt, prompt_mask, canvas, valid, shift: int, hidden: bool):
         logits_range=(P - shift, P + C - shift),
         output_hidden_states=hidden,
     )
-    return out.logits, out.hidden_states[-1][:, P : P + C] if hidden else None
+    return out.logits, out.hidden_states[-1][:, P - shift : P + C - shift] if hidden else None
 
 
 def _step_events(events: torch.Tensor, step: int, N: int, C: int):

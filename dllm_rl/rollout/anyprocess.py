@@ -244,9 +244,10 @@ def generate(
 
 
 def _forward(model, c: _Canvas, rows, cache, first: bool, shift: int):
-    """Logits at the completion [n, C, V], last hidden states there [n, C, D], and the number of query positions.
-    With a cache, as the fill-only engine's prefix plan: the first forward writes every position, later ones
-    re-forward the completion (from the position before it for logits-shifted models)."""
+    """Logits at the completion [n, C, V], the last hidden states they are read from [n, C, D] (for
+    logits-shifted models the position before each slot, as the fill-only engine shows the order head), and the
+    number of query positions. With a cache, as the fill-only engine's prefix plan: the first forward writes every
+    position, later ones re-forward the completion (from the position before it for logits-shifted models)."""
     sub = lambda t: t[rows]
     attn = c.attn()
     q0 = 0 if cache is None or first else c.P - shift
@@ -261,7 +262,7 @@ def _forward(model, c: _Canvas, rows, cache, first: bool, shift: int):
         logits_range=(c.P - shift - q0, c.W - shift - q0),
         output_hidden_states=True,
     )
-    return out.logits, out.hidden_states[-1][:, c.P - q0 :], c.W - q0
+    return out.logits, out.hidden_states[-1][:, c.P - shift - q0 : c.W - shift - q0], c.W - q0
 
 
 def _step(model, c: _Canvas, cfg, d, tr, seeds, cache, rec, states, order_policy, edit_policy, stats) -> bool:

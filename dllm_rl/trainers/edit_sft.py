@@ -123,7 +123,8 @@ class EditSFTTrainer:
             logits_range=(P - shift, P + C - shift),
             output_hidden_states=True,
         )
-        logits, hidden = out.logits, out.hidden_states[-1][:, P : P + C]
+        # the head reads the hidden states the slots' logits come from, as in decoding (rollout/anyprocess.py)
+        logits, hidden = out.logits, out.hidden_states[-1][:, P - shift : P + C - shift]
         parts = {}
         total = torch.zeros((), device=logits.device)
         wanted = b["targets"] != IGNORE

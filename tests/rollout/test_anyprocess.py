@@ -153,20 +153,46 @@ def test_limits_hold(model_factory, tokenizer, seed):
 
 def test_native_models_take_the_edit_head(tokenizer):
     """The head is an adapter over any model with hidden states: native LLaDA and Dream (logits shifted by one)
-    decode with edits, and their traces replay."""
+    decode with edits, their traces replay, and the trajectory estimator gives each step the log-prob the sampler
+    recorded. The head reads the hidden state the slot's logits come from (Dream: the position before it), as the
+    fill-only engine shows the order head."""
+    from dllm_rl.config import EstimatorConfig
+    from dllm_rl.estimators import build_estimator
+    from dllm_rl.models.base import traits
+    from dllm_rl.rollout import encode_prompts
+
     over = {
         "vocab_size": len(tokenizer),
         "mask_token_id": tokenizer.mask_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    for arch in ("llada", "dream"):
+    for arch, shift in (("llada", 0), ("dream", 1)):
         m = small_native(arch, **over, **({"embedding_size": len(tokenizer)} if arch == "llada" else {}))
+        assert traits(m).logits_shift == shift
         cfg = RolloutConfig(max_completion_length=8, steps=4, temperature=1.0, order="top_prob", **EDITING)
-        out = run(m, tokenizer, cfg, prompts=["1+2=", "hello there"], record_states=True, edit_policy=head(m, std=1.0))
+        h = head(m, std=1.0)
+        seen = []
+        hook = h.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+        out = run(m, tokenizer, cfg, prompts=["1+2="], record_states=True, edit_policy=h)
+        hook.remove()
         assert (out.trace.events[:, 4] != COMMIT).any()
-        for row in range(2):
-            assert all(torch.equal(a, b) for a, b in zip(out.trace.replay(row), out.stats["states"][row]))
+        assert all(torch.equal(a, b) for a, b in zip(out.trace.replay(0), out.stats["states"][0]))
+        prompt = torch.tensor(encode_prompts(tokenizer, ["1+2="]))
+        P, C = prompt.shape[1], cfg.edit_initial_length
+        first = torch.cat([prompt, torch.full((1, C), tokenizer.mask_token_id)], 1)  # the canvas of step 0
+        with torch.no_grad():
+            states = m(input_ids=first, output_hidden_states=True).hidden_states[-1]
+        # the canvas holds max_completion_length slots, the first edit_initial_length of them valid
+        torch.testing.assert_close(seen[0][:, :C], states[:, P - shift : P + C - shift], rtol=1e-4, atol=1e-5)
+        est = build_estimator(EstimatorConfig(name="trajectory"), traits(m))
+        with torch.no_grad():
+            e = est.estimate(m, out, est.draw(out), edit_policy=h)
+        t, fills = out.trace, out.trace.events[:, 4] == COMMIT
+        per_step = (t.order_logprob + t.edit_logprob).index_put(
+            (t.events[fills, 0], t.events[fills, 1]), t.event_logprob[fills], accumulate=True
+        )
+        assert torch.allclose(e.logps * e.mask, per_step, atol=1e-4)
 
 
 def test_errors_name_the_fix(model_factory, tokenizer):

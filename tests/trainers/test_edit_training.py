@@ -194,3 +194,35 @@ def test_edit_sft_on_a_dataset_without_a_verifier_finishes(tmp_path, capsys):
     r.train.output_dir = str(tmp_path / "other")
     with pytest.raises(ConfigError, match="has no 'completion' column"):
         sft_trainer(r)
+
+
+def test_edit_sft_shows_the_head_the_states_decoding_shows_it(tmp_path, tokenizer):
+    """On a logits-shifted model (native Dream) the head reads, in edit SFT as in any-process decoding, the
+    hidden state each slot's logits come from: the position before the slot."""
+    from conftest import small_native
+
+    from dllm_rl.trainers.sft import sft_trainer
+
+    r = edit_sft_recipe(tmp_path, train__batch_size=2)
+    r.model.path = None
+    m = small_native(
+        "dream",
+        vocab_size=len(tokenizer),
+        mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    tr = sft_trainer(r, model=m, tokenizer=tokenizer)
+    seen = []
+    hook = tr.head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    batch = tr.drafts([0], step=0)
+    with torch.no_grad():
+        tr.loss(batch)
+    hook.remove()
+    P, C = batch["prompt_len"], batch["canvas"].shape[1]
+    ids = torch.cat([batch["prompt"], batch["canvas"]], 1)
+    attn = torch.cat([batch["prompt_mask"], batch["valid"].long()], 1)
+    with torch.no_grad():
+        states = m(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
+    valid = batch["valid"][0]
+    torch.testing.assert_close(seen[0][0][valid], states[0, P - 1 : P + C - 1][valid], rtol=1e-4, atol=1e-5)
