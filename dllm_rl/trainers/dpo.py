@@ -570,7 +570,8 @@ class DPOTrainer:
             )
         committed = stats.pop("committed", 0.0)
         n = len(keys)
-        if n == 0:
+        if n == 0:  # no usable pair: nothing to learn, but the learning-rate schedule keeps its pace with the steps
+            self.scheduler.step()
             return {**stats, "skipped": 1.0}
         self.model.eval()
         noise = self.draw_noise(batch, self.noise_keys(keys, "policy"))

@@ -612,3 +612,18 @@ def test_bad_pairs_and_the_dataset_order_are_settled_before_a_model_is_built(tmp
             DPOTrainer(recipe(tmp_path / "a", dpo__dataset_name=str(path), dpo__max_length=200))
     tr = DPOTrainer(recipe(tmp_path / "b", train__shuffle_dataset=False, train__batch_size=4))
     assert tr.sampler.indices(0, 4) == [0, 1, 2, 3] and tr.sampler.indices(1, 4) == [4, 5, 6, 7]
+
+
+def test_a_step_without_a_usable_pair_changes_nothing_but_the_schedule(tmp_path):
+    """On-policy samples that all score the same give no pair: the step trains nothing (skipped 1) and the
+    learning-rate schedule still advances, so a cosine or linear schedule ends where train.max_steps says."""
+
+    def flat(prompts, completions, **kw):
+        return [1.0] * len(completions)
+
+    r = countdown_on_policy(tmp_path, train__batch_size=2, optim__lr_scheduler="linear", train__max_steps=4)
+    tr = DPOTrainer(r, reward_funcs=[flat])
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    out = tr.step(0)
+    assert out["skipped"] == 1.0 and all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    assert tr.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 3 / 4)
