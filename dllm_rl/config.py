@@ -765,6 +765,13 @@ def _list_item(tp):
 
 def _grpo_rules(r: Recipe):
     g, h = r.grpo, r.hybrid
+    if g.filter_zero_std and r.train.gradient_accumulation_steps > 1:
+        yield (
+            f"grpo.filter_zero_std leaves a varying number of groups per optimizer step, which "
+            f"train.gradient_accumulation_steps={r.train.gradient_accumulation_steps} micro-batches would weigh "
+            f"unevenly; set train.gradient_accumulation_steps=1 (grpo.steps_per_generation still splits a rollout "
+            f"into several optimizer steps) or drop grpo.filter_zero_std"
+        )
     if g.loss_type in ("spg", "wd1") and g.beta != 0:
         paper = "SPG" if g.loss_type == "spg" else "wd1's objective"
         yield (

@@ -48,6 +48,18 @@ def micro_batch_size(recipe: Recipe) -> int:
     return len(micro_batch_rows(recipe.train.batch_size * group, group, recipe.train.gradient_accumulation_steps)[0])
 
 
+def advance_schedule(scheduler, steps: int = 1) -> None:
+    """Advance the learning-rate schedule by `steps` optimizer steps that had nothing to train (a step that kept
+    no sample), so the schedule keeps its pace with train.max_steps; without torch's warning that a scheduler
+    stepped before its optimizer, which is intended here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
+
+
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     """optim.name: AdamW (the default, as TRL) or plain SGD. SGD's step is proportional to the gradient, which
     matters when the useful step is shorter than one Adam step (Adam moves every parameter by ~lr whatever

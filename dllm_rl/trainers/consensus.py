@@ -29,7 +29,6 @@ recipe value away, so they can be measured (benchmarks/RESULTS.md, "Consensus di
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import replace
 
 import torch
@@ -41,7 +40,7 @@ from ..models.base import unwrap
 from ..models.load import load_model
 from ..rewards.plugins import Reward, compute_rewards, resolve_reward
 from ..rollout import encode_prompts, generate
-from ..runtime import EpochSampler, generation_model, step_generator
+from ..runtime import EpochSampler, advance_schedule, generation_model, step_generator
 from ..tasks.answers import answer_key
 from .sft import SFTTrainer
 
@@ -162,9 +161,7 @@ class ConsensusTrainer(SFTTrainer):
             shuffle = self.recipe.train.shuffle_dataset
             self.sampler = EpochSampler(max(len(self.pairs), 1), self.recipe.train.seed + r, shuffle=shuffle)
         if not self.pairs:  # no prompt passed the vote this round: nothing to distil (no update), the schedule goes on
-            with warnings.catch_warnings():  # torch warns when a schedule's first step comes before any update
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-                self.scheduler.step()
+            advance_schedule(self.scheduler)
             lr = self.scheduler.get_last_lr()[0]
             return {"loss": float("nan"), "lr": lr, "skipped": 1.0, **stats}
         return {**super().training_step(step), "skipped": 0.0, **stats}

@@ -70,7 +70,14 @@ from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
 from ..rollout.engine import check_config, decoding
-from ..runtime import EpochSampler, generation_model, prepare_frozen, processes_with_non_finite, step_generator
+from ..runtime import (
+    EpochSampler,
+    advance_schedule,
+    generation_model,
+    prepare_frozen,
+    processes_with_non_finite,
+    step_generator,
+)
 from ..tasks.preference import collate_pairs, load_preferences, prepare_preferences, tokenize_preferences
 from .common import PhaseTimer, Run, check_learned_order, reference_model
 from .grpo_options import ReferenceSync
@@ -571,7 +578,7 @@ class DPOTrainer:
         committed = stats.pop("committed", 0.0)
         n = len(keys)
         if n == 0:  # no usable pair: nothing to learn, but the learning-rate schedule keeps its pace with the steps
-            self.scheduler.step()
+            advance_schedule(self.scheduler)
             return {**stats, "skipped": 1.0}
         self.model.eval()
         noise = self.draw_noise(batch, self.noise_keys(keys, "policy"))

@@ -38,6 +38,7 @@ from ..rewards.plugins import RewardLog, build_rewards, check_reward_weights, co
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
     EpochSampler,
+    advance_schedule,
     gather_rows,
     generation_model,
     micro_batch_rows,
@@ -282,13 +283,21 @@ class GRPOTrainer:
         G, GA = self.recipe.grpo.num_generations, self.recipe.train.gradient_accumulation_steps
         return micro_batch_rows(n, G, GA * self.geometry.chunks)
 
+    def _group_parts(self, rows: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        """`rows` (whole groups) in exactly `parts` parts of whole groups, as even as can be, some empty when there
+        are fewer groups than parts (grpo.filter_zero_std): every pass then takes the same number of optimizer
+        steps and every optimizer step the same number of micro-batches, which is what accelerate's accumulation
+        counter and the learning-rate schedule count on."""
+        G = self.recipe.grpo.num_generations
+        groups = rows.view(-1, G) if len(rows) else rows.view(0, G)
+        return [part.reshape(-1) for part in groups.tensor_split(parts)]
+
     def _optimizer_steps(self, n: int):
         """The rows of each optimizer step of one pass over a rollout of n rows (steps_per_generation / GA)."""
-        return micro_batch_rows(n, self.recipe.grpo.num_generations, self.geometry.chunks)
+        return self._group_parts(torch.arange(n), self.geometry.chunks)
 
     def _micro_batches_of(self, rows: torch.Tensor):
-        G, GA = self.recipe.grpo.num_generations, self.recipe.train.gradient_accumulation_steps
-        return [rows[part] for part in micro_batch_rows(len(rows), G, GA)]
+        return self._group_parts(rows, self.recipe.train.gradient_accumulation_steps)
 
     def _no_grad(self, fn, batch, noise):
         """fn(micro-batch, its noise) -> [n, Lc] over the batch in micro-batches, without gradient."""
@@ -405,18 +414,20 @@ class GRPOTrainer:
 
     def _micro_step(self, batch, rows, noise, old, ref, tokens, stats) -> None:
         max_norm = self.recipe.optim.max_grad_norm
-        mb = batch.select(rows).to(self.acc.device)
         with self.acc.accumulate(self.model):
-            loss, s = self.loss(
-                mb,
-                noise.select(rows),
-                None if old is None else old[rows.to(old.device)],
-                None if ref is None else ref[rows.to(ref.device)],
-                tokens,
-            )
-            self._check_finite(loss, s)
-            self.acc.backward(loss)
-            if self.acc.sync_gradients and max_norm > 0:
+            loss = None
+            if len(rows):  # an empty micro-batch (filter_zero_std kept few groups) still counts as one
+                loss, s = self.loss(
+                    batch.select(rows).to(self.acc.device),
+                    noise.select(rows),
+                    None if old is None else old[rows.to(old.device)],
+                    None if ref is None else ref[rows.to(ref.device)],
+                    tokens,
+                )
+                self._check_finite(loss, s)
+                self.acc.backward(loss)
+            stepped = any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
+            if self.acc.sync_gradients and max_norm > 0 and stepped:  # an empty optimizer step has no norm
                 if any(p.requires_grad for p in self.model.parameters()):
                     stats["grad_norm"].append(float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm)))
                 if self.order_policy is not None:
@@ -431,6 +442,8 @@ class GRPOTrainer:
                     stats[k].append(v)
             self.optimizer.step()
             self.optimizer.zero_grad()
+        if loss is None:
+            return
         stats["loss"].append(loss.item())
         for k, v in s.items():
             stats[k].append(v)
@@ -482,7 +495,11 @@ class GRPOTrainer:
             estimates = self.estimates(batch, g) if len(batch) else []
         with timer("update"):
             # skipped: 1 when filter_zero_std left nothing to learn from, else 0, so its window mean is the share
-            stats = {**self.update(batch, estimates, step), "skipped": 0.0} if len(batch) else {"skipped": 1.0}
+            if len(batch):
+                stats = {**self.update(batch, estimates, step), "skipped": 0.0}
+            else:  # nothing to learn from; the learning-rate schedule keeps its pace with the steps
+                advance_schedule(self.scheduler, r.grpo.num_iterations * self.geometry.chunks)
+                stats = {"skipped": 1.0}
         out = {
             **reward_metrics(
                 everyone,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dllm_rl.config import load_recipe, recipe_from_dict
-from dllm_rl.errors import DllmRlError
+from dllm_rl.errors import ConfigError, DllmRlError
 from dllm_rl.evaluate import evaluate_recipe
 from dllm_rl.models.load import load_model
 from dllm_rl.rewards import REWARDS
@@ -106,6 +106,26 @@ def test_the_policy_moves_toward_what_is_rewarded_and_away_from_what_is_not(tmp_
     assert b_up == b_down and 0.2 < b_up < 0.5, rates  # same model, same rollouts before training
     assert a_up > b_up + 0.3, rates
     assert a_down < b_down - 0.2, rates
+
+
+def test_filter_zero_std_keeps_the_steps_and_the_schedule_of_the_rollout(tmp_path):
+    """With grpo.steps_per_generation = 2 optimizer steps per rollout and one group of two left by the filter,
+    the rollout still takes exactly 2 optimizer steps (one of them empty: no update, no grad norm), so the
+    schedule advances by 2 as without the filter; a rollout the filter empties advances it by 2 too.
+    gradient_accumulation_steps > 1 with the filter is refused (its micro-batches would weigh groups unevenly)."""
+    one = lambda prompts, completions, **kw: [float(i == 0) for i in range(len(completions))]  # group 0 spreads
+    flat = lambda prompts, completions, **kw: [1.0] * len(completions)
+    over = dict(train__batch_size=2, grpo__num_generations=2, grpo__filter_zero_std=True, optim__lr_scheduler="linear")
+    r = recipe(tmp_path, grpo__steps_per_generation=2, train__max_steps=4, **over)
+    tr = GRPOTrainer(r, reward_funcs=[one])
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    out = tr.step(0)
+    assert out["skipped"] == 0.0 and not all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    assert tr.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 6 / 8) and out["grad_norm"] > 0
+    tr = GRPOTrainer(recipe(tmp_path / "flat", grpo__steps_per_generation=2, train__max_steps=4, **over), [flat])
+    assert tr.step(0)["skipped"] == 1.0 and tr.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 6 / 8)
+    with pytest.raises(ConfigError, match="set train.gradient_accumulation_steps=1"):
+        GRPOTrainer(recipe(tmp_path / "ga", train__gradient_accumulation_steps=2, **over), reward_funcs=[one])
 
 
 def test_the_trajectory_loss_counts_every_sampled_position(tmp_path):
