@@ -233,16 +233,25 @@ async def _await_all(pending: dict[int, tuple[Reward, object]], prompts) -> dict
     return dict(zip(pending, done))
 
 
-def _run(coroutine):
-    """asyncio.run, also from a thread that already runs an event loop (a notebook)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    from concurrent.futures import ThreadPoolExecutor
+_LOOP = None  # (thread, loop): the one event loop of this process's async rewards, started on first use
 
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
+
+def _run(coroutine):
+    """Run the rewards' coroutine on one event loop that lives as long as the process, in a daemon thread, as TRL's
+    GRPOTrainer does (trl.trainer.utils.start_event_loop_in_daemon; run_coroutine_threadsafe per step): state a
+    reward binds to its loop (an asyncio.Semaphore, an async HTTP client) stays valid from one step to the next,
+    and it works from a thread that already runs a loop (a notebook) too."""
+    global _LOOP
+    if _LOOP is None:
+        import atexit
+
+        from trl.trainer.utils import shutdown_event_loop_in_daemon, start_event_loop_in_daemon
+
+        thread, loop, ready = start_event_loop_in_daemon(name="dllm-rl-rewards")
+        ready.wait()
+        _LOOP = (thread, loop)
+        atexit.register(shutdown_event_loop_in_daemon, thread, loop)
+    return asyncio.run_coroutine_threadsafe(coroutine, _LOOP[1]).result()
 
 
 def reward_values(reward: Reward, out, prompts) -> list[float]:

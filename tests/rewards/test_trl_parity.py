@@ -205,6 +205,25 @@ def test_async_rewards_of_one_call_run_concurrently():
     assert total.tolist() == [2.0] * N
 
 
+def test_async_reward_state_lives_from_one_step_to_the_next():
+    """TRL runs every step's async rewards on one event loop, so a reward may keep loop-bound state (a rate limit,
+    an async client) across steps; here a semaphore made on the first call is used at every call."""
+    state = {}
+
+    async def one(completion):
+        async with state["limit"]:  # two calls at once: the second waits, which binds the semaphore to the loop
+            await asyncio.sleep(0)
+        return 1.0
+
+    async def throttled(prompts, completions, **kw):
+        state.setdefault("limit", asyncio.Semaphore(1))
+        return list(await asyncio.gather(*(one(c) for c in completions)))
+
+    for _ in range(3):  # three steps
+        total, _ = compute_rewards([Reward("throttled", throttled)], PROMPTS, TEXTS, IDS, {})
+        assert total.tolist() == [1.0] * N
+
+
 def test_strings_and_infinities_are_errors_naming_the_reward():
     from dllm_rl.errors import DllmRlError
 
