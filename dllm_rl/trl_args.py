@@ -199,7 +199,7 @@ def recipe_from_trl_args(args, recipe: Recipe | None = None, num_rows: int | Non
     for name, (dotted, convert) in TRL_FIELDS.items():
         if name in fields:
             _set(r, dotted, convert(fields[name]))
-    _combined(r, fields, num_rows)
+    _combined(r, fields, num_rows, max(1, int(getattr(args, "world_size", 1) or 1)))
     if recipe is None:  # what GRPOConfig cannot say: decode as d1 does (2 tokens per step, blocks of 32)
         Lc = r.rollout.max_completion_length
         r.rollout.block_length = 32 if Lc > 32 and Lc % 32 == 0 else None
@@ -214,8 +214,9 @@ def _same(a, b) -> bool:
         return False
 
 
-def _combined(r: Recipe, f: dict, num_rows: int | None) -> None:
-    """The fields whose dllm-rl meaning takes arithmetic or several fields."""
+def _combined(r: Recipe, f: dict, num_rows: int | None, world: int = 1) -> None:
+    """The fields whose dllm-rl meaning takes arithmetic or several fields; `world`: the processes (each rollout
+    draws train.batch_size prompts on each of them)."""
     GA = r.train.gradient_accumulation_steps
     if f.get("per_device_train_batch_size") is not None:
         r.train.per_device_train_batch_size = int(f["per_device_train_batch_size"])
@@ -232,9 +233,9 @@ def _combined(r: Recipe, f: dict, num_rows: int | None) -> None:
     max_steps = f.get("max_steps", -1)
     if max_steps is not None and max_steps > 0:
         r.train.max_steps = max(1, math.ceil(max_steps / updates_per_rollout))
-    elif num_rows:
+    elif num_rows:  # an epoch is one pass over the rows by all processes together, as in TRL
         epochs = float(f.get("num_train_epochs", 1.0))
-        r.train.max_steps = max(1, math.ceil(epochs * num_rows / (r.train.batch_size * chunks)))
+        r.train.max_steps = max(1, math.ceil(epochs * num_rows / (r.train.batch_size * chunks * world)))
     total_updates = r.train.max_steps * updates_per_rollout
     warmup = f.get("warmup_steps", 0) or 0
     r.optim.warmup_steps = int(round(warmup * total_updates)) if 0 < warmup < 1 else int(warmup)

@@ -142,6 +142,15 @@ def test_args_override_a_recipe_and_epochs_become_steps():
     assert base.train.batch_size != 2  # the recipe passed in is not modified
 
 
+def test_an_epoch_is_one_pass_by_all_processes_together(monkeypatch):
+    """TRL's epoch is a pass over the dataset by every process together: on 2 processes each rollout draws twice
+    the prompts, so 2 epochs of 40 prompts take half the steps."""
+    base = load_recipe(ROOT / "recipes/tiny/sudoku-tokens-grpo.yaml")
+    a = args(num_train_epochs=2, per_device_train_batch_size=16, num_generations=8)
+    monkeypatch.setattr(type(a), "world_size", property(lambda self: 2))
+    assert recipe_from_trl_args(a, base, 40).train.max_steps == 20
+
+
 def test_epochs_without_countable_rows_are_refused_not_dropped():
     """num_train_epochs over a recipe's dataset (rows unknown until it loads) used to leave the recipe's
     max_steps in place silently; a generated task counts data.train_size rows."""
