@@ -511,6 +511,7 @@ class GRPOTrainer:
             **stats,
             **call_weighted_means(self.acc, self.reward_log.metrics()),
             "completions/clipped_ratio": gather_rows(self.acc, clipped).mean().item(),  # TRL's: never ended
+            "learning_rate": self.scheduler.get_last_lr()[0],  # TRL's: after the step's updates
             **({} if cut is None else {"plans/cut_fraction": cut / len(clipped)}),
             **throughput_metrics(
                 timer.seconds,

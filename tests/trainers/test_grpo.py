@@ -300,6 +300,7 @@ def test_killed_run_resumes_on_the_same_trajectory_and_leaves_the_promised_outpu
         "clip_fraction",
         "estimator_std",
         "completion_length",
+        "learning_rate",
         "rewards/sudoku_cells/mean",
         "rewards/sudoku_cells/std",
         "tokens_per_s/rollout",
