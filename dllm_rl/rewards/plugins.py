@@ -16,7 +16,8 @@ The call and the handling of what comes back follow TRL 1.16's `GRPOTrainer._cal
 - a completion for which *every* function returns None is unscorable: its reward is NaN (with a warning, as
   TRL logs one), so the advantages leave it out of its group's mean and std and give it advantage 0
   (algorithms.advantages);
-- async functions of one call run concurrently (TRL gathers them on an event loop as well);
+- async functions of one call run concurrently (asyncio.gather), on one event loop per process that every
+  call reuses (TRL: one per trainer, in a daemon thread), so a reward's loop-bound state lasts from step to step;
 - `log_metric(name, value)` values are averaged over every call of a rollout (on every process: sum and
   count are reduced together) and then over the logging window, NaN skipped (`RewardLog`); `log_extra(column,
   values)` columns join the completions table.
@@ -240,7 +241,7 @@ def _run(coroutine):
     """Run the rewards' coroutine on one event loop that lives as long as the process, in a daemon thread, as TRL's
     GRPOTrainer does (trl.trainer.utils.start_event_loop_in_daemon; run_coroutine_threadsafe per step): state a
     reward binds to its loop (an asyncio.Semaphore, an async HTTP client) stays valid from one step to the next,
-    and it works from a thread that already runs a loop (a notebook) too."""
+    and it works from a thread that already runs a loop (a notebook) too. The loop is stopped at exit."""
     global _LOOP
     if _LOOP is None:
         import atexit
