@@ -18,6 +18,7 @@ log-probs to the objective with the same advantages.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 from collections import defaultdict
 
@@ -224,9 +225,17 @@ class GRPOTrainer:
 
     def trainer_state(self, steps: int) -> TrainerState:
         """The `trainer_state` rewards get after `steps` rollouts: TRL's counts optimizer steps, and each rollout
-        feeds num_iterations x chunks of them."""
-        u = self.recipe.grpo.num_iterations * self.geometry.chunks
-        return TrainerState(global_step=steps * u, max_steps=self.recipe.train.max_steps * u)
+        feeds num_iterations x chunks of them; `epoch` is the passes over the training prompts so far (all
+        processes together, as TRL counts them)."""
+        r = self.recipe
+        u = r.grpo.num_iterations * self.geometry.chunks
+        per_pass = max(len(self.task.train), 1) / (r.train.batch_size * self.acc.num_processes)
+        return TrainerState(
+            global_step=steps * u,
+            max_steps=r.train.max_steps * u,
+            epoch=steps / per_pass,
+            num_train_epochs=math.ceil(r.train.max_steps / per_pass),
+        )
 
     def reward(self, batch, prompts, examples, step: int):
         """(weighted rewards [N], per-function rewards [F, N], the task verifier's scores [N])."""

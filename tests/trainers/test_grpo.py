@@ -497,18 +497,18 @@ def test_headroom_benchmark_tracks_each_puzzle():
 def test_rewards_see_trls_trainer_state_in_optimizer_steps(tmp_path):
     """TRL hands a reward its TrainerState, which counts optimizer steps; a rollout here feeds num_iterations x
     (steps_per_generation / gradient_accumulation_steps) of them, so a curriculum written for TRL switches at
-    the same point."""
+    the same point; its epoch counts passes over the training prompts (64 here, 2 a rollout)."""
     seen = []
 
     def record(prompts, completions, trainer_state, **kwargs):
-        seen.append((trainer_state.global_step, trainer_state.max_steps))
+        seen.append((trainer_state.global_step, trainer_state.max_steps, trainer_state.epoch))
         return [0.0] * len(completions)
 
     r = recipe(tmp_path, train__max_steps=2, train__batch_size=2, grpo__num_iterations=2, grpo__num_generations=2)
     tr = GRPOTrainer(r, reward_funcs=[record])
     for step in range(2):
         tr.step(step)
-    assert seen == [(0, 4), (2, 4)]
+    assert seen == [(0, 4, 0.0), (2, 4, 2 / 64)]
 
 
 def test_filter_zero_std_skips_groups_without_signal_and_the_metrics_say_so(tmp_path):
