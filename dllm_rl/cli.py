@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         help="log-probs by the fused kernel (default: as the estimators do on a GPU)",
     )
     pl.add_argument("overrides", nargs="*")
+    for command in sub.choices.values():  # also after the command (`dllm-rl train R --traceback`); SUPPRESS: unset
+        command.add_argument(  # unless given there, so `dllm-rl --traceback train R` still counts
+            "--traceback", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors"
+        )
     return p
 
 
@@ -90,13 +95,20 @@ def cmd_generate(args) -> None:
     from .policy import edit_head_for, order_head_for
     from .rollout import generate
     from .rundir import resolve_model_dir
-    from .validate import check_hub_model
+    from .validate import check_context, check_hub_model
 
-    model_dir = resolve_model_dir(args.checkpoint)
+    model_dir = resolve_model_dir(args.checkpoint, key="CHECKPOINT")
     if not os.path.isdir(model_dir):
         check_hub_model(model_dir, "CHECKPOINT")
     recipe_file = os.path.join(model_dir, "recipe.yaml")
     if os.path.isfile(recipe_file):
+        try:  # the saved recipe alone first: its own mistakes are not the overrides'
+            load_recipe(recipe_file)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{recipe_file} (the recipe saved with CHECKPOINT): {e}; fix or delete that file (without it "
+                f"generate decodes with the default rollout settings and the overrides)"
+            ) from None
         recipe = load_recipe(recipe_file, args.overrides)
     else:  # a model without its recipe: the default decoding, with the overrides
         recipe = recipe_from_dict(apply_overrides({"rollout": {}}, list(args.overrides)))
@@ -106,6 +118,7 @@ def cmd_generate(args) -> None:
         )
     if empty := [i for i, p in enumerate(args.prompt) if not p.strip()]:
         raise ConfigError(f"--prompt number {empty[0] + 1} is empty; give the text to complete")
+    check_context(recipe, model_dir, "CHECKPOINT")
     model, tokenizer = load_model(recipe.model, path=model_dir)
     prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
     cfg: RolloutConfig = recipe.rollout
@@ -129,15 +142,16 @@ def cmd_eval(args) -> None:
     from .policy import edit_head_for, order_head_for
     from .rundir import resolve_model_dir
     from .tasks import load_task
-    from .validate import check_hub_model, validate_recipe
+    from .validate import check_context, check_hub_model, validate_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.samples < 1:
         raise ConfigError(f"--samples {args.samples}: give at least 1 sample per prompt")
     validate_recipe(recipe, check_model=False, training=False)  # names and paths, before the model loads
-    model_dir = resolve_model_dir(args.checkpoint)
+    model_dir = resolve_model_dir(args.checkpoint, key="--checkpoint")
     if not os.path.isdir(model_dir):
         check_hub_model(model_dir, "--checkpoint")
+    check_context(recipe, model_dir, "--checkpoint")
     task = load_task(recipe.data)
     model, tokenizer = load_model(recipe.model, path=args.checkpoint)
     order_policy = order_head_for(recipe.rollout.order, model, model_dir)
@@ -203,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan":
             cmd_plan(args)
     except DllmRlError as e:
-        if show_tb:
-            raise
+        if show_tb:  # the traceback, then the same one line and exit code as without it
+            traceback.print_exc()
         print(f"dllm-rl: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -451,6 +451,24 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _sample(tp) -> str:
+    """A value of type `tp` as a command-line override writes it, for messages (`optim.betas=[0.5]`)."""
+    tp = field_checks(tp)[0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return str(args[0]).lower() if isinstance(args[0], bool) else str(args[0])
+    if origin in (Union, types.UnionType):
+        return _sample(next(a for a in args if a is not type(None)))
+    if origin is list:
+        return f"[{_sample(args[0] if args else str)}]"
+    if dataclasses.is_dataclass(tp):
+        first = dataclasses.fields(tp)[0]
+        return f"{{{first.name}: {_sample(typing.get_type_hints(tp)[first.name])}}}"
+    if tp is dict or origin is dict:
+        return "{name: value}"
+    return {bool: "true", int: "1", float: "0.5", str: "text"}.get(tp, "...")
+
+
 def _convert(value: Any, tp, key: str):
     """Convert a YAML value to type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -469,22 +487,32 @@ def _convert(value: Any, tp, key: str):
         wanted = " or ".join(
             repr(list(typing.get_args(a))) if typing.get_origin(a) is Literal else _type_name(a) for a in args
         )
-        raise ConfigError(f"{key}: expected {wanted}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {wanted}, got {type(value).__name__} {value!r}; e.g. {key}={_sample(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}{did_you_mean(value, choices)}")
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {list(choices)}{did_you_mean(value, choices)}; "
+                f"e.g. {key}={_sample(tp)}"
+            )
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            example = _sample(tp)
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):  # the value given, in a list
+                item = field_checks(typing.get_args(tp)[0])[0]
+                first = dataclasses.fields(item)[0].name if dataclasses.is_dataclass(item) else None
+                example = f"[{{{first}: {value}}}]" if first else f"[{value}]"
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}; e.g. {key}={example}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping, got {type(value).__name__} {value!r}; e.g. {key}={_sample(tp)}"
+            )
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -633,6 +661,8 @@ def _problems(value, tp, key: str, default, trainer: Optional[str]):
         yield f"{key}: the empty string is not a value here; {fix}"
 
 
+DATASET_KEYS = ("path", "split", "eval_path", "eval_split")  # the data.* keys of the dataset tasks
+PLACEHOLDERS = ("{plan}", "{question}")  # the fields of hybrid.template (rollout.hybrid.place)
 EDIT_SAMPLER = (
     "rollout.min_p and rollout.repetition_penalty are samplers of the fill-only engine; any-process decoding "
     "(rollout.edit) samples with temperature, top_k and top_p only: set rollout.min_p=0 and "
@@ -657,6 +687,17 @@ def _rules(r: Recipe, trainer: Optional[str]):
         )
     if ro.edit != "none" and (ro.min_p > 0 or ro.repetition_penalty != 1.0):
         yield EDIT_SAMPLER
+    if ro.edit != "none" and not 1 <= (ro.edit_initial_length or Lc) <= Lc:
+        yield (
+            f"rollout.edit_initial_length: {ro.edit_initial_length} must be between 1 and "
+            f"rollout.max_completion_length ({Lc}); lower it or raise the canvas"
+        )
+    h = r.hybrid  # the template places a plan: hybrid.plan's (eval, GRPO) and hybrid.sft_plans' (SFT) but none
+    if any(kind != "none" for kind in [h.plan, *h.sft_plans]) and not all(f in h.template for f in PLACEHOLDERS):
+        yield (
+            f"hybrid.template: {h.template!r} must contain {{plan}} and {{question}} (where each goes in the "
+            f"executor's prompt); add both, or leave hybrid.template out for the default {HybridConfig.template!r}"
+        )
     if r.train.batch_size % r.train.gradient_accumulation_steps:
         yield (
             f"train.batch_size: {r.train.batch_size} is not divisible by train.gradient_accumulation_steps "
@@ -673,12 +714,45 @@ def _rules(r: Recipe, trainer: Optional[str]):
                 f"rollout.max_completion_length: {Lc} leaves no room for the prompt in the tiny model's "
                 f"{t.max_position_embeddings} positions; raise model.tiny.max_position_embeddings"
             )
+        # the decoder's rule for the exact block cache (rollout.engine.check_config), on the model built from here
+        if ro.cache == "block" and t.attention != "block_causal":
+            yield (
+                f"rollout.cache=block is exact only for block-causal models (block diffusion), and the tiny model "
+                f"attends {t.attention}ly (model.tiny.attention); use rollout.cache=prefix or dual, or set "
+                f"model.tiny.attention=block_causal"
+            )
+        elif ro.cache == "block" and Lb % t.block_size:
+            yield (
+                f"rollout.block_length ({Lb}) must be a multiple of the model's attention block size "
+                f"(model.tiny.block_size={t.block_size}) for the exact block cache (rollout.cache=block); set "
+                f"rollout.block_length to a multiple of {t.block_size} that divides {Lc}, or change "
+                f"model.tiny.block_size"
+            )
+        if r.model.load_in_4bit:
+            yield (
+                "model.load_in_4bit: the tiny model (model.path empty) is built in full precision and never "
+                "quantized; drop model.load_in_4bit, or set model.path to the model to load in 4 bits"
+            )
     generated = r.data.dataset is None and (r.data.task in ("sudoku", "countdown") or "/" in r.data.task)
     if r.data.eval_seed and not generated:
         yield (
             f"data.eval_seed: {r.data.dataset or r.data.task} has a fixed held-out split; only generated tasks "
             f"(sudoku, countdown, reasoning_gym/NAME) draw another: drop data.eval_seed"
         )
+    # the dataset keys: read by gsm8k, math and code (path, split, eval_path, eval_split) and by data.dataset (split,
+    # eval_path, eval_split: its training data is data.dataset itself); a generated task reads none of them
+    read = () if generated else ("split", "eval_path", "eval_split") if r.data.dataset else DATASET_KEYS
+    for name in DATASET_KEYS:
+        value, default = getattr(r.data, name), getattr(DataConfig, name)
+        if name not in read and value != default:
+            yield (
+                f"data.path: set to {value!r}, but the training rows come from data.dataset ({r.data.dataset!r}), "
+                f"so it is never read (data.path is the source of gsm8k, math and code); remove it"
+                if r.data.dataset
+                else f"data.{name}: set to {value!r}, but data.task={r.data.task} generates its examples and never "
+                f"reads it (only gsm8k, math, code and data.dataset read data.path / eval_path / split / eval_split); "
+                f"remove it"
+            )
     if r.eval.size is not None and r.eval.size > r.data.eval_size:
         yield (
             f"eval.size: {r.eval.size} is more than the {r.data.eval_size} held-out examples (data.eval_size); "
@@ -702,6 +776,11 @@ def _rules(r: Recipe, trainer: Optional[str]):
                 f"order_policy.heads: {r.order_policy.heads} does not divide order_policy.width "
                 f"({r.order_policy.width}); pick a divisor"
             )
+    if r.edit_policy.width % r.edit_policy.heads:
+        yield (
+            f"edit_policy.heads: {r.edit_policy.heads} does not divide edit_policy.width ({r.edit_policy.width}); "
+            f"pick a divisor"
+        )
     if trainer is None:
         return
     if trainer == "grpo":
@@ -819,26 +898,62 @@ def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:
 
 
 def resolve_batch_size(recipe: Recipe, batch_size_given: bool = False) -> None:
-    """train.per_device_train_batch_size (TRL's: completions per process and micro-batch) -> train.batch_size
-    (prompts, or sequences for SFT, per process and optimizer step), in place; both given must agree."""
+    """train.per_device_train_batch_size (TRL's: completions per process and micro-batch; pairs for DPOConfig)
+    -> train.batch_size (per process and optimizer step: sequences for SFT, pairs for offline DPO, prompts for
+    GRPO and on-policy DPO, each sampled num_generations times), in place; both given must agree."""
     t = recipe.train
     per_device = t.per_device_train_batch_size
     if per_device is None:
         return
-    G = 1 if recipe.algorithm == "sft" else recipe.grpo.num_generations
-    if per_device <= 0 or per_device % G:
+    if recipe.algorithm == "sft":
+        G, group, unit, each = 1, "", "sequences", "sequences"
+    elif recipe.algorithm == "dpo" and recipe.dpo.pairs == "offline":  # TRL's DPOConfig counts pairs
+        G, group, unit, each = 1, "", "pairs", "pairs"
+    elif recipe.algorithm == "dpo":  # on-policy: each prompt's dpo.num_generations samples
+        G, group, unit, each = recipe.dpo.num_generations, "dpo.num_generations", "prompts", "samples"
+    else:
+        G, group, unit, each = recipe.grpo.num_generations, "grpo.num_generations", "prompts", "completions"
+    if per_device % G:
         raise ConfigError(
-            f"train.per_device_train_batch_size ({per_device} completions per micro-batch) must be a positive "
-            f"multiple of grpo.num_generations ({G}): dllm-rl keeps each prompt's group in one micro-batch"
+            f"train.per_device_train_batch_size ({per_device} {each} per micro-batch) must be a multiple of "
+            f"{group} ({G}): dllm-rl keeps each prompt's group in one micro-batch; set e.g. "
+            f"train.per_device_train_batch_size={G * max(1, round(per_device / G))}"
         )
-    prompts = per_device * t.gradient_accumulation_steps // G
-    if batch_size_given and t.batch_size != prompts:
+    size = per_device * t.gradient_accumulation_steps // G
+    if batch_size_given and t.batch_size != size:
+        per_group = f" / {group} ({G})" if G > 1 else ""
         raise ConfigError(
-            f"train.batch_size ({t.batch_size} prompts) disagrees with train.per_device_train_batch_size "
-            f"({per_device} completions) x gradient_accumulation_steps ({t.gradient_accumulation_steps}) / "
-            f"num_generations ({G}) = {prompts} prompts; give only one of them"
+            f"train.batch_size ({t.batch_size} {unit}) disagrees with train.per_device_train_batch_size "
+            f"({per_device} {each}) x gradient_accumulation_steps ({t.gradient_accumulation_steps}){per_group} = "
+            f"{size} {unit}; give only one of them"
         )
-    t.batch_size = prompts
+    t.batch_size = size
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one silently: a
+    second `rollout:` section would drop the first). Keys brought in by a merge (`<<: *base`) may be overridden,
+    as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: construct_mapping below names it
+                    continue
+                if first is not None:
+                    where = f"both on line {line}" if first == line else f"lines {first} and {line}"
+                    raise ConfigError(
+                        f"key {key!r} is given twice in one mapping ({where}); YAML would keep only the last "
+                        f"one silently: merge the two into one"
+                    )
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -848,7 +963,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=1e-5)")
         dotted, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml.load(raw, Loader=RecipeLoader) if raw != "" else None
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(
                 f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote or fix it"
@@ -886,7 +1003,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except UnicodeDecodeError:
         raise ConfigError(f"recipe file {str(path)!r} is not a text file; pass a YAML recipe") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if data is None:

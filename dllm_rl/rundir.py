@@ -84,6 +84,11 @@ def resolve_model_dir(path: str, key: str = "model.path (or the CHECKPOINT argum
             f"{path!r} is not a model directory (no config.json, final/ or checkpoint-*/ "
             f"inside); pass a directory written by `dllm-rl sft/train` or a hub model id"
         )
-    if not _is_hub_id(path) or p.exists():
+    if p.exists():
+        raise DllmRlError(
+            f"{key}: {path!r} is a file, not a model directory (a directory with config.json, a run directory, or "
+            f"a hub id); give one of those"
+        )
+    if not _is_hub_id(path):
         raise DllmRlError(f"model path {path!r} does not exist; check {key}")
     return path  # a hub id such as GSAI-ML/LLaDA-8B-Instruct

@@ -142,6 +142,22 @@ def _check_scheduler(recipe: Recipe) -> None:
         )
 
 
+def _check_compile_backend(recipe: Recipe) -> None:
+    """rollout.compile_backend: auto, none, or a torch.compile backend (rollout.engine._workspace hands any other
+    name to torch.compile, which would fail at the first decode)."""
+    backend = recipe.rollout.compile_backend
+    if backend in ("auto", "none"):
+        return
+    from torch._dynamo import list_backends
+
+    if backend not in list_backends(exclude_tags=()):  # the debug ones too (eager, aot_eager)
+        valid = ["auto", "none", *list_backends(), "eager", "aot_eager"]
+        raise ConfigError(
+            f"rollout.compile_backend: {backend!r} is not a torch.compile backend{did_you_mean(backend, valid)}; "
+            f"valid: {', '.join(valid)}"
+        )
+
+
 def _check_trackers(recipe: Recipe) -> None:
     from accelerate.utils import LoggerType
 
@@ -174,6 +190,25 @@ def _defines(path: Path, name: str) -> bool:
     return False
 
 
+# what every reward is called with (rewards.plugins: TRL's keywords), not a recipe setting
+CALL_KEYWORDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
+
+
+def _check_reward_kwargs(i: int, name: str, fn, kwargs: dict) -> None:
+    """A built-in reward's kwargs are parameters it names: anything else would vanish into its **kwargs unread.
+    A built-in that names none (it takes **kwargs only) and the user's own functions are not checked."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in CALL_KEYWORDS]
+    unknown = [str(k) for k in kwargs if k not in named]
+    if named and unknown:
+        raise ConfigError(
+            f"rewards[{i}].kwargs: {unknown[0]!r}{did_you_mean(unknown[0], named)} is not a parameter of the built-in "
+            f"reward {name!r}, which would ignore it; valid: {', '.join(named)} (or remove it)"
+        )
+
+
 def _check_rewards(recipe: Recipe) -> None:
     from .rewards import REWARDS
     from .rewards.plugins import _from_module, _is_file_reference
@@ -181,6 +216,7 @@ def _check_rewards(recipe: Recipe) -> None:
     for i, spec in enumerate(recipe.rewards):
         key, name = f"rewards[{i}].name", spec.name
         if name in REWARDS:
+            _check_reward_kwargs(i, name, REWARDS[name], spec.kwargs)
             continue
         if ":" in name and not _is_file_reference(name.rpartition(":")[0]):  # package.module:function
             try:
@@ -218,11 +254,12 @@ def _check_files(recipe: Recipe, model: bool, data: bool, training: bool = True)
 
     if model and recipe.model.path:
         try:
-            resolved = resolve_model_dir(recipe.model.path)
+            resolved = resolve_model_dir(recipe.model.path, key="model.path")
         except DllmRlError as e:
-            raise ConfigError(f"model.path: {e}") from None
+            raise ConfigError(str(e) if str(e).startswith("model.path") else f"model.path: {e}") from None
         if not Path(resolved).is_dir():
             check_hub_model(resolved, "model.path")
+        check_context(recipe, resolved, "model.path")
         adapter = Path(resolved, "adapter_config.json").is_file()  # a LoRA checkpoint trains its own adapters
         if training and recipe.model.load_in_4bit and recipe.model.lora.r == 0 and not adapter:
             raise ConfigError(
@@ -264,6 +301,26 @@ def _check_files(recipe: Recipe, model: bool, data: bool, training: bool = True)
                 f"then swaps in DeepSpeed's CPU Adam, so the run would not be {recipe.optim.name}; use "
                 f"optim.name=adamw or a DeepSpeed file without offload_optimizer (recipes/deepspeed/zero3.json)"
             )
+
+
+def check_context(recipe: Recipe, model_dir: str, key: str) -> None:
+    """The canvas (rollout.max_completion_length) against the context of the model at `model_dir` (`key` names
+    where it came from), read from its config.json before the model is built. The decoder refuses prompt tokens
+    + rollout.max_completion_length > max_position_embeddings (rollout.engine.check_config), and a prompt has
+    at least one token. A hub id, a directory without config.json (a LoRA adapter) or a config without
+    max_position_embeddings is left to that check."""
+    try:
+        max_pos = json.loads(Path(model_dir, "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return
+    Lc = recipe.rollout.max_completion_length
+    if isinstance(max_pos, int) and not isinstance(max_pos, bool) and Lc >= max_pos:
+        raise ConfigError(
+            f"rollout.max_completion_length: {Lc} + a prompt (at least 1 token) exceeds the model's context of "
+            f"{max_pos} positions ({key} {model_dir}: max_position_embeddings in its config.json); the decoder "
+            f"needs prompt tokens + rollout.max_completion_length <= {max_pos}: lower rollout.max_completion_length "
+            f"(to at most {max_pos} minus the longest prompt's tokens)"
+        )
 
 
 def read_deepspeed_json(path: str) -> dict:
@@ -346,6 +403,9 @@ def validate_recipe(
     check_task_name(recipe.data)
     for key, table in _registries():
         lookup(table, attrgetter(key)(recipe), key)
+    plan_kinds = dict(_registries())["hybrid.plan"]
+    for i, kind in enumerate(recipe.hybrid.sft_plans):  # each a hybrid.plan kind (rollout.hybrid.scaffold_rows)
+        lookup(plan_kinds, kind, f"hybrid.sft_plans[{i}]")
     from .algorithms.dpo import DPO_LOSSES
 
     losses = recipe.dpo.loss_type
@@ -356,6 +416,7 @@ def validate_recipe(
     if trainer == "consensus":
         _check_consensus(recipe)
     _check_scheduler(recipe)
+    _check_compile_backend(recipe)
     _check_trackers(recipe)
     _check_rewards(recipe)
     _check_files(recipe, check_model, check_data, training)

@@ -115,3 +115,74 @@ def test_offline_dpo_with_a_replaying_estimator_stops_before_any_model(capsys):
         "estimator.name=trajectory",
     )
     assert "replays a rollout's trace, which offline pairs do not have" in line
+
+
+GRPO = "recipes/tiny/sudoku-tokens-grpo.yaml"
+LONG = ["rollout.max_completion_length=100", "rollout.steps=100"]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        # a canvas past a checkpoint's context, read from its config.json (it used to fail at the final evaluation)
+        (
+            ["train", SFT, f"model.path={CKPT}", *LONG, "optim.lr_scheduler=constant", "optim.warmup_steps=0"],
+            "rollout.max_completion_length: 100 + a prompt (at least 1 token) exceeds the model's context of 64 "
+            "positions (model.path checkpoints/tiny/sudoku-sft/final",
+        ),
+        (
+            ["eval", SFT, "--checkpoint", CKPT, f"model.path={CKPT}", *LONG],
+            "context of 64 positions (--checkpoint checkpoints/tiny/sudoku-sft/final",
+        ),
+        (["generate", CKPT, "--prompt", "hi", *LONG], "rollout.max_completion_length: 100 leaves no room"),
+        # engine.py's rule for the exact block cache, on the tiny model the recipe builds
+        (["train", SFT, "rollout.cache=block"], "rollout.cache=block is exact only for block-causal models"),
+        (
+            ["train", SFT, "rollout.cache=block", "model.tiny.attention=block_causal", "rollout.block_length=4"],
+            "must be a multiple of the model's attention block size (model.tiny.block_size=8)",
+        ),
+        (["train", SFT, "hybrid.plan=content_free", "hybrid.template=nothing"], "hybrid.template: 'nothing' must"),
+        (["train", SFT, "rollout.edit=any", "rollout.edit_initial_length=100"], "rollout.edit_initial_length: 100"),
+        (
+            ["train", SFT, "rollout.compile=graphs", "rollout.compile_backend=foo"],
+            "rollout.compile_backend: 'foo' is not a torch.compile backend",
+        ),
+        (["train", SFT, "hybrid.sft_plans=[content_free, foo]"], "unknown hybrid.sft_plans[1] 'foo'; valid:"),
+        (["train", GRPO, "edit_policy.heads=3"], "edit_policy.heads: 3 does not divide edit_policy.width (64)"),
+        (["train", SFT, "model.path=README.md"], "model.path: 'README.md' is a file, not a model directory"),
+        (["eval", SFT, "--checkpoint", "README.md"], "--checkpoint: 'README.md' is a file, not a model directory"),
+        (["generate", "README.md", "--prompt", "hi"], "CHECKPOINT: 'README.md' is a file, not a model directory"),
+        (["train", SFT, "model.load_in_4bit=true"], "model.load_in_4bit: the tiny model (model.path empty)"),
+        (["train", SFT, "data.path=train.jsonl"], "data.path: set to 'train.jsonl', but data.task=sudoku generates"),
+        (["train", SFT, "data.eval_split=validation"], "data.eval_split: set to 'validation', but data.task=sudoku"),
+        (["train", GRPO, "rewards=[{name: sudoku, kwargs: {foo: 1}}]"], "rewards[0].kwargs: 'foo' is not a parameter"),
+        (["train", SFT, "rollout={steps: 4, steps: 8}"], "key 'steps' is given twice in one mapping"),
+    ],
+)
+def test_settings_that_failed_after_a_model_stop_before_it(capsys, argv, words):
+    assert words in stops(capsys, *argv)
+
+
+def test_a_checkpoints_own_bad_recipe_is_named_with_the_fix(capsys, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((ROOT / CKPT / "final" / "config.json").read_text())
+    (ckpt / "recipe.yaml").write_text("rollout:\n  foo: 1\n")
+    line = stops(capsys, "generate", str(ckpt), "--prompt", "hi")
+    assert f"{ckpt / 'recipe.yaml'} (the recipe saved with CHECKPOINT): unknown key 'rollout.foo'" in line
+    assert "fix or delete that file" in line
+    (ckpt / "recipe.yaml").write_text("rollout:\n  steps: 4\n")  # the overrides' own mistakes are not the file's
+    line = stops(capsys, "generate", str(ckpt), "--prompt", "hi", "rollout.top_p=2")
+    assert line.startswith("dllm-rl: error: rollout.top_p: 2") and "recipe.yaml" not in line
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_traceback_before_or_after_the_command_shows_it_and_still_exits_2(capsys, where):
+    argv = ["train", SFT, "rollout.steps=abc"]
+    argv = ["--traceback", *argv] if where == "before" else [*argv[:2], "--traceback", *argv[2:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ConfigError" in err
+    assert err.rstrip().splitlines()[-1].startswith("dllm-rl: error: rollout.steps:")
+    assert main(["train", SFT, "rollout.steps=abc"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from dllm_rl.cli import main
 from dllm_rl.config import Check, Recipe, RewardSpec, field_checks, load_recipe, recipe_from_dict, validate
-from dllm_rl.errors import ConfigError
+from dllm_rl.errors import ConfigError, DllmRlError
 from dllm_rl.validate import schedulers, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -487,3 +487,93 @@ def test_learned_order_rules_stop_the_cli_before_any_model_is_built(
     capsys.readouterr()
     assert main(["train", str(ROOT / "recipes/tiny" / recipe), override]) == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["rollout.edit=any", "rollout.edit_initial_length=100"], "rollout.edit_initial_length: 100 must be between"),
+        (["hybrid.plan=content_free", "hybrid.template=nothing"], "hybrid.template: 'nothing' must contain"),
+        (["hybrid.sft_plans=[content_free]", "hybrid.template=just text"], "must contain {plan} and {question}"),
+    ],
+)
+def test_settings_the_decoder_refuses_are_refused_with_the_recipe(overrides, match):
+    """Refused when the recipe is read, not when an SFT run first decodes (its final evaluation, after training)."""
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(ROOT / "recipes/tiny/sudoku-sft.yaml", overrides)
+
+
+def test_an_sft_run_checks_its_evaluation_decoding_before_training(tmp_path):
+    """A canvas past the model's context (read from the checkpoint) or an exact block cache on a bidirectional
+    model stops an SFT run before its first step, not after training at its final evaluation."""
+    from dllm_rl.trainers.sft import SFTTrainer
+
+    base = [f"train.output_dir={tmp_path / 'a'}", "train.num_threads=1", "data.train_size=16", "eval.size=4"]
+    long = ["model.path=" + str(ROOT / "checkpoints/tiny/sudoku-sft"), "rollout.max_completion_length=100"]
+    long += ["rollout.steps=100", "optim.lr_scheduler=constant", "optim.warmup_steps=0"]
+    with pytest.raises(DllmRlError, match="exceeds the model's context of 64 positions"):
+        SFTTrainer(load_recipe(ROOT / "recipes/tiny/sudoku-sft.yaml", base + long))
+    with pytest.raises(ConfigError, match="rollout.cache=block is exact only for block-causal models"):
+        SFTTrainer(load_recipe(ROOT / "recipes/tiny/sudoku-sft.yaml", base + ["rollout.cache=block"]))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+def test_what_the_new_early_checks_leave_alone(tmp_path):
+    """The checks of settings that used to fail after a model was built accept what the decoder accepts: user
+    reward functions' kwargs, the debug compile backends, an exact block cache on a block-causal tiny model,
+    a model directory whose config.json has no max_position_embeddings."""
+    grpo, sft = BASES["grpo"], BASES["sft"]
+    out = f"train.output_dir={tmp_path / 'out'}"
+    load_and_validate(grpo, [out, "rewards=[{name: examples/reward_plugin.py:short, kwargs: {anything: 1}}]"])
+    load_and_validate(grpo, [out, "rewards=[{name: format_strict, kwargs: {tag: think}}]"])
+    load_and_validate(grpo, [out, "rollout.compile=graphs", "rollout.compile_backend=eager"])
+    load_and_validate(
+        sft,
+        [out, "rollout.cache=block", "model.tiny.attention=block_causal", "rollout.block_length=4"]
+        + ["model.tiny.block_size=4", "rollout.max_completion_length=20", "rollout.steps=20"],
+    )
+    model = tmp_path / "model"
+    model.mkdir()
+    config = json.loads((ROOT / "checkpoints/tiny/sudoku-sft/final/config.json").read_text())
+    (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "max_position_embeddings"}))
+    recipe = load_recipe(sft, [out, f"model.path={model}", "rollout.max_completion_length=100", "rollout.steps=100"])
+    validate_recipe(recipe, check_data=False)
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"rollout.max_completion_length: 100 .* prompt tokens \+ rollout"):
+        validate_recipe(recipe, check_data=False)
+    ok = load_recipe(sft, [out, f"model.path={model}", "rollout.max_completion_length=63", "rollout.steps=63"])
+    validate_recipe(ok, check_data=False)  # one position is left for a one-token prompt, as the decoder allows
+
+
+def test_a_file_given_as_a_model_is_called_a_file():
+    from dllm_rl.rundir import resolve_model_dir
+
+    with pytest.raises(DllmRlError, match=r"^--checkpoint: '.*README.md' is a file, not a model directory \(a dir"):
+        resolve_model_dir(str(ROOT / "README.md"), key="--checkpoint")
+    with pytest.raises(DllmRlError, match="does not exist"):
+        resolve_model_dir(str(ROOT / "no-such-file"), key="--checkpoint")
+
+
+def test_filter_zero_std_with_gradient_accumulation_is_refused_before_any_model(tmp_path, capsys):
+    """grpo.filter_zero_std leaves a rollout a varying number of groups, so with gradient_accumulation_steps > 1 an
+    optimizer step would get fewer micro-batches than accelerate counts (its step skipped, the gradient carried into
+    the next rollout): refused from a recipe, from the CLI (exit 2, no run directory written) and when a GRPOConfig's
+    gradient_accumulation_steps meets a recipe's filter_zero_std."""
+    from trl import GRPOConfig
+
+    from dllm_rl import GRPOTrainer
+
+    out = tmp_path / "out"
+    both = [f"train.output_dir={out}", "grpo.filter_zero_std=true", "train.gradient_accumulation_steps=2"]
+    fix = r"gradient_accumulation_steps=2 .*set train.gradient_accumulation_steps=1 .*or drop grpo.filter_zero_std"
+    with pytest.raises(ConfigError, match=r"^grpo.filter_zero_std .*" + fix):
+        load_and_validate(BASES["grpo"], both)
+    capsys.readouterr()
+    assert main(["train", str(BASES["grpo"]), *both]) == 2
+    assert "or drop grpo.filter_zero_std" in capsys.readouterr().err and not out.exists()
+    recipe = load_and_validate(BASES["grpo"], both[:2])  # the filter alone, one micro-batch per step: accepted
+    trl = dict(per_device_train_batch_size=8, num_generations=8, max_steps=2, bf16=False, report_to="none")
+    args = GRPOConfig(output_dir=str(out), gradient_accumulation_steps=2, **trl)
+    with pytest.raises(ConfigError, match=fix):
+        GRPOTrainer(recipe, args=args)
+    assert not out.exists()

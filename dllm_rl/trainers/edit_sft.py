@@ -36,7 +36,7 @@ from ..rollout import encode_prompts
 from ..runtime import EpochSampler, generation_model, processes_with_non_finite, step_generator
 from ..tasks.edit_drafts import IGNORE, DraftRates, corrupt
 from .common import Run
-from .sft import supervised_task, train_unscored, unscored
+from .sft import check_eval_decoding, supervised_task, train_unscored, unscored
 
 
 class EditSFTTrainer:
@@ -59,6 +59,7 @@ class EditSFTTrainer:
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
         if self.acc.num_processes > 1:
             raise ConfigError("sft.objective=edit runs on one process for now; launch without torchrun/deepspeed")
+        check_eval_decoding(r, run)
         C = r.rollout.max_completion_length
         eos = self.tokenizer.eos_token_id
         prompts = encode_prompts(self.tokenizer, self.task.train["prompt"])

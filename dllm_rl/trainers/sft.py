@@ -66,6 +66,19 @@ def supervised_task(recipe: Recipe, task: Task | None) -> Task | None:
     return task
 
 
+def check_eval_decoding(recipe: Recipe, run) -> None:
+    """The held-out evaluation's decoding checked against the loaded model now: an SFT-family run decodes only
+    when it evaluates, the last time after training, and a setting the model cannot decode with (a canvas past
+    its context, an exact block cache on a bidirectional model, ...) would otherwise stop the finished run
+    before its final/ is written."""
+    if unscored(run.task) is not None:
+        return
+    from ..rollout.engine import check_config
+
+    prompts = encode_prompts(run.tokenizer, [row["prompt"] for row in run.task.eval])
+    check_config(recipe.rollout, run.traits, run.model, max(map(len, prompts), default=1), has_policy=False)
+
+
 def unscored(task: Task) -> str | None:
     """Why the held-out accuracy of `task` cannot be measured (no held-out set, or no verifier to score it: a
     data.dataset has none), or None when it can."""
@@ -118,6 +131,7 @@ class SFTTrainer:
             task = supervised_task(r, task)
         self.run = run = Run(r, model, tokenizer, task)
         self.acc, self.task, self.tokenizer, self.traits = run.acc, run.task, run.tokenizer, run.traits
+        check_eval_decoding(r, run)
         self.pairs = []
         if self.uses_completions:
             train = self.task.train
