@@ -413,7 +413,7 @@ class GRPOTrainer:
             for k, rows in enumerate(self._optimizer_steps(len(batch))):
                 tokens = self._token_normalizer(batch, rows, noise)
                 for mb_rows in self._micro_batches_of(rows):
-                    self._micro_step(batch, mb_rows, noise, old, ref, tokens, stats)
+                    self._micro_step(batch, mb_rows, noise, old, ref, tokens, stats, stepped=len(rows) > 0)
                 self.scheduler.step()
                 if self.ref_sync is not None:  # optimizer steps so far, counted the same way after a resume
                     done = (step * len(estimates) + it) * self.geometry.chunks + k + 1
@@ -421,7 +421,9 @@ class GRPOTrainer:
         self.model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
-    def _micro_step(self, batch, rows, noise, old, ref, tokens, stats) -> None:
+    def _micro_step(self, batch, rows, noise, old, ref, tokens, stats, stepped: bool = True) -> None:
+        """One micro-batch's forward and backward, then, at the optimizer step's last, clipping and the step;
+        `stepped`: the optimizer step has rows (an empty one, left by filter_zero_std, has no grad norm)."""
         max_norm = self.recipe.optim.max_grad_norm
         with self.acc.accumulate(self.model):
             loss = None
@@ -435,8 +437,7 @@ class GRPOTrainer:
                 )
                 self._check_finite(loss, s)
                 self.acc.backward(loss)
-            stepped = any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
-            if self.acc.sync_gradients and max_norm > 0 and stepped:  # an empty optimizer step has no norm
+            if self.acc.sync_gradients and max_norm > 0 and stepped:
                 if any(p.requires_grad for p in self.model.parameters()):
                     stats["grad_norm"].append(float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm)))
                 if self.order_policy is not None:
