@@ -129,9 +129,10 @@ def weights_identity(model, cfg, passed: bool) -> str:
 
     h = hashlib.sha256()
     if passed or cfg.path is None:
-        for name, p in sorted(model.state_dict().items()):
-            t = p.detach().double()
-            h.update(f"{name}:{tuple(t.shape)}:{t.sum().item():.12e}:{t.square().sum().item():.12e}".encode())
+        for name, p in sorted(model.state_dict().items()):  # float64 sums without a float64 copy of the tensor
+            t = p.detach() if p.is_floating_point() else p.detach().double()  # integer buffers are small
+            total, norm = t.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(t, dtype=torch.float64).item()
+            h.update(f"{name}:{tuple(t.shape)}:{total:.12e}:{norm:.12e}".encode())
         return h.hexdigest()
     directory = Path(resolve_model_dir(cfg.path))
     dirs = [directory] if directory.is_dir() else []
