@@ -521,7 +521,7 @@ class GRPOTrainer:
             **stats,
             **call_weighted_means(self.acc, self.reward_log.metrics()),
             "completions/clipped_ratio": gather_rows(self.acc, clipped).mean().item(),  # TRL's: never ended
-            "learning_rate": self.scheduler.get_last_lr()[0],  # TRL's: after the step's updates
+            "learning_rate": self._learning_rate(),
             **({} if cut is None else {"plans/cut_fraction": cut / len(clipped)}),
             **throughput_metrics(
                 timer.seconds,
@@ -537,6 +537,12 @@ class GRPOTrainer:
         if self._logs_at(step):
             self.completions.write(step + 1, self.log)
         return out
+
+    def _learning_rate(self) -> float:
+        """TRL's learning_rate after the step's updates: that of the first parameter group that trains (the
+        model's, or the order / edit head's when the model is frozen, as in the main job)."""
+        groups = self.optimizer.param_groups
+        return next((g["lr"] for g in groups if g["params"]), groups[0]["lr"])
 
     def _scored_tokens(self, batch, estimates) -> float:
         """The entries one scoring pass computes (Estimator.counted under the first iteration's noise: every

@@ -227,9 +227,10 @@ def test_the_learned_order_policy_learns_the_rewarded_order_with_the_model_froze
         weights = {k: v.clone() for k, v in tr.model.state_dict().items()}
         before = first_cell_first_rate(tr, range(100, 104))
         for step in range(8):
-            tr.step(step)
+            out = tr.step(step)
         rates[fn.__name__] = (before, first_cell_first_rate(tr, range(100, 104)))
         assert all(torch.equal(weights[k], v) for k, v in tr.model.state_dict().items())
+        assert out["learning_rate"] == 1e-2  # the head's: the frozen model's group trains nothing
     (b_up, a_up), (b_down, a_down) = rates["first_first"], rates["first_not_first"]
     assert b_up == b_down and 0.1 < b_up < 0.6, rates
     assert a_up > b_up + 0.3, rates
