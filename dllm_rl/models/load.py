@@ -173,12 +173,16 @@ def _tokenizer_of(cfg: ModelConfig, model_dir: str):
     return load_tokenizer(model_dir, cfg.trust_remote_code)
 
 
-def _adapter_base(cfg: ModelConfig, adapter_dir: str) -> ModelConfig:
-    """The model section of the base a LoRA checkpoint names in adapter_config.json."""
+def adapter_base_path(adapter_dir) -> str:
+    """The base model a LoRA checkpoint names in its adapter_config.json."""
     import json
 
-    base_path = json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
-    return ModelConfig(**{**cfg.__dict__, "path": base_path, "lora": type(cfg.lora)()})
+    return json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def _adapter_base(cfg: ModelConfig, adapter_dir: str) -> ModelConfig:
+    """The model section of the base a LoRA checkpoint names in adapter_config.json."""
+    return ModelConfig(**{**cfg.__dict__, "path": adapter_base_path(adapter_dir), "lora": type(cfg.lora)()})
 
 
 def recipe_tokenizer(cfg: ModelConfig):

@@ -92,7 +92,6 @@ def prepare_preferences(dataset: datasets.Dataset, where: str) -> datasets.Datas
     if len(dataset) == 0:
         raise ConfigError(f"{where}: the dataset has no rows")
     given = "prompt" in dataset.column_names
-    extract = []  # per row: is its prompt the common start of chosen and rejected?
     for i, row in enumerate(dataset):  # a null cell (a row without the column in a json file) would read as "None"
         for col in ("prompt", "chosen", "rejected") if given else ("chosen", "rejected"):
             if not isinstance(row[col], (str, list)):
@@ -113,14 +112,16 @@ def prepare_preferences(dataset: datasets.Dataset, where: str) -> datasets.Datas
                 f"{where}: row {i} mixes a conversational prompt with plain-text completions; make all three lists "
                 f"of messages or all three strings"
             )
-        # TRL's maybe_extract_prompt: a text prompt beside conversations that hold it (as the user turn) is
-        # redundant, and the prompt is their common start (argilla/ultrafeedback-binarized-preferences-cleaned)
-        extract.append(not given or (isinstance(row["chosen"], list) and not isinstance(row["prompt"], list)))
-    if any(extract):  # implicit prompt, as TRL 1.16's DPOTrainer
-        dataset = dataset.map(lambda row, i: extract_prompt(row) if extract[i] else row, with_indices=True)
+    # implicit prompt, as TRL 1.16's DPOTrainer; and, as TRL's maybe_extract_prompt, a text prompt beside
+    # conversations that hold it (as the user turn) is redundant: the prompt is their common start
+    # (argilla/ultrafeedback-binarized-preferences-cleaned). A column holds one kind, so the first row tells.
+    first = dataset[0]
+    extract = not given or (isinstance(first["chosen"], list) and not isinstance(first["prompt"], list))
+    if extract:
+        dataset = dataset.map(extract_prompt)
+    after = " (after the prompt TRL's extract_prompt split off as chosen and rejected's common start)" * extract
     for i, row in enumerate(dataset):
-        after = " (after the prompt TRL's extract_prompt split off as chosen and rejected's common start)" * extract[i]
-        if extract[i] and isinstance(row["prompt"], list) and not row["prompt"]:
+        if extract and isinstance(row["prompt"], list) and not row["prompt"]:
             raise ConfigError(
                 f"{where}: row {i}: chosen and rejected share no first message, so there is no implicit prompt "
                 f"(their common start); give the row a conversational prompt column or drop it"
@@ -155,18 +156,14 @@ def _encode(tokenizer, prompt, completion=None, template_kwargs=None) -> list[in
 
 
 def tokenize_preferences(dataset: datasets.Dataset, tokenizer, canvas: int, cfg, where: str):
-    """(PreferencePair list, number of completions cut at the canvas) for a prepared dataset. cfg: the `dpo`
-    section (max_length, max_prompt_length, truncation_mode)."""
+    """(PreferencePair list, number of completions cut at the canvas) for a dataset prepare_preferences checked
+    (its rows' prompt and completions are all text or all messages). cfg: the `dpo` section (max_length,
+    max_prompt_length, truncation_mode)."""
     from trl.data_utils import common_prefix_length
 
     eos = tokenizer.eos_token_id
     pairs, cut = [], 0
     for i, row in enumerate(dataset):
-        if isinstance(row["prompt"], list) != isinstance(row["chosen"], list):
-            raise ConfigError(
-                f"{where}: row {i} mixes a conversational and a plain prompt/completion; make both lists of "
-                f"messages or both strings"
-            )
         kw = _template_kwargs(row)
         prompt = _encode(tokenizer, row["prompt"], template_kwargs=kw)
         full = [_encode(tokenizer, row["prompt"], row[side], kw) for side in ("chosen", "rejected")]

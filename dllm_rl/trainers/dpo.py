@@ -65,7 +65,7 @@ from ..estimators import Noise, build_estimator
 from ..evaluate import evaluate_recipe
 from ..metrics import throughput_metrics
 from ..models.base import peft_of
-from ..models.load import recipe_tokenizer
+from ..models.load import adapter_base_path, recipe_tokenizer
 from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
@@ -137,8 +137,7 @@ def weights_identity(model, cfg, passed: bool) -> str:
     directory = Path(resolve_model_dir(cfg.path))
     dirs = [directory] if directory.is_dir() else []
     if (directory / "adapter_config.json").is_file():
-        base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
-        dirs += [Path(b)] if (b := resolve_model_dir(base)) and Path(b).is_dir() else []
+        dirs += [Path(b)] if Path(b := resolve_model_dir(adapter_base_path(directory))).is_dir() else []
     for d in dirs:
         for f in sorted(d.iterdir()):
             if f.is_file():
