@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..checkpoint import load_checkpoint, save_checkpoint, save_final
-from ..config import Recipe, recipe_to_dict
+from ..config import Recipe, RecipeLoader, recipe_to_dict
 from ..errors import ConfigError
 from ..metrics import MetricsLogger, window_mean
 from ..models.base import peft_of, traits, unwrap
@@ -119,7 +119,18 @@ def saved_recipe(recorded: Path, recipe: Recipe, check: bool = True) -> dict:
             f"train.output_dir {r.output_dir!r} holds {recorded.name}/ without its recipe.yaml, so this recipe "
             f"cannot be checked against it: pick a new train.output_dir"
         )
-    saved = yaml.safe_load((recorded / "recipe.yaml").read_text()) or {}
+    try:
+        saved = yaml.load((recorded / "recipe.yaml").read_text(), Loader=RecipeLoader) or {}
+    except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{recorded / 'recipe.yaml'} cannot be read ({str(e).splitlines()[0]}), so this recipe cannot be "
+            f"checked against that run: restore the file, or pick a new train.output_dir"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"{recorded / 'recipe.yaml'} is not a recipe (a YAML mapping), so this recipe cannot be checked against "
+            f"that run: restore the file, or pick a new train.output_dir"
+        )
     current = recipe_to_dict(recipe)
     differ = recipe_differences(saved, current) if check else []
     if differ and r.resume != "force":
