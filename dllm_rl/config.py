@@ -899,13 +899,14 @@ def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:
 
 def resolve_batch_size(recipe: Recipe, batch_size_given: bool = False) -> None:
     """train.per_device_train_batch_size (TRL's: completions per process and micro-batch; pairs for DPOConfig)
-    -> train.batch_size (per process and optimizer step: sequences for SFT, pairs for offline DPO, prompts for
-    GRPO and on-policy DPO, each sampled num_generations times), in place; both given must agree."""
+    -> train.batch_size (per process and optimizer step: sequences for SFT, planner SFT and consensus, pairs for
+    offline DPO, prompts for GRPO and on-policy DPO, each sampled num_generations times), in place; both given
+    must agree."""
     t = recipe.train
     per_device = t.per_device_train_batch_size
     if per_device is None:
         return
-    if recipe.algorithm == "sft":
+    if recipe.algorithm in ("sft", "planner_sft", "consensus"):  # these train on sequences (SFTConfig's count)
         G, group, unit, each = 1, "", "sequences", "sequences"
     elif recipe.algorithm == "dpo" and recipe.dpo.pairs == "offline":  # TRL's DPOConfig counts pairs
         G, group, unit, each = 1, "", "pairs", "pairs"

@@ -103,6 +103,12 @@ def test_per_device_batch_size_under_dpo_counts_pairs_or_samples():
         dpo("on_policy", 6, num_generations=4)
 
 
+@pytest.mark.parametrize("algorithm", ["sft", "planner_sft", "consensus"])
+def test_per_device_batch_size_of_the_sft_trainers_counts_sequences(algorithm):
+    data = {"algorithm": algorithm, "train": {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2}}
+    assert recipe_from_dict(data).train.batch_size == 6  # not divided by grpo.num_generations, which none reads
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
