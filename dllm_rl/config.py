@@ -672,7 +672,7 @@ EDIT_SAMPLER = (
 
 def _rules(r: Recipe, trainer: Optional[str]):
     """Messages for rules that tie several keys together; with `trainer`, also what that trainer would ignore."""
-    ro, est, t = r.rollout, r.estimator, r.model.tiny
+    ro, est = r.rollout, r.estimator
     Lc, Lb = ro.max_completion_length, ro.block_length or ro.max_completion_length
     if Lc % Lb:
         yield (
@@ -703,36 +703,6 @@ def _rules(r: Recipe, trainer: Optional[str]):
             f"train.batch_size: {r.train.batch_size} is not divisible by train.gradient_accumulation_steps "
             f"({r.train.gradient_accumulation_steps}); make it a multiple"
         )
-    if r.model.path is None:  # the tiny model is built from model.tiny
-        if t.hidden_size % t.num_heads or (t.hidden_size // t.num_heads) % 2:
-            yield (
-                f"model.tiny.num_heads: {t.num_heads} heads do not split model.tiny.hidden_size ({t.hidden_size}) "
-                f"into even head sizes (rotary embeddings); pick a divisor with an even quotient"
-            )
-        if Lc >= t.max_position_embeddings:
-            yield (
-                f"rollout.max_completion_length: {Lc} leaves no room for the prompt in the tiny model's "
-                f"{t.max_position_embeddings} positions; raise model.tiny.max_position_embeddings"
-            )
-        # the decoder's rule for the exact block cache (rollout.engine.check_config), on the model built from here
-        if ro.cache == "block" and t.attention != "block_causal":
-            yield (
-                f"rollout.cache=block is exact only for block-causal models (block diffusion), and the tiny model "
-                f"attends {t.attention}ly (model.tiny.attention); use rollout.cache=prefix or dual, or set "
-                f"model.tiny.attention=block_causal"
-            )
-        elif ro.cache == "block" and Lb % t.block_size:
-            yield (
-                f"rollout.block_length ({Lb}) must be a multiple of the model's attention block size "
-                f"(model.tiny.block_size={t.block_size}) for the exact block cache (rollout.cache=block); set "
-                f"rollout.block_length to a multiple of {t.block_size} that divides {Lc}, or change "
-                f"model.tiny.block_size"
-            )
-        if r.model.load_in_4bit:
-            yield (
-                "model.load_in_4bit: the tiny model (model.path empty) is built in full precision and never "
-                "quantized; drop model.load_in_4bit, or set model.path to the model to load in 4 bits"
-            )
     generated = r.data.dataset is None and (r.data.task in ("sudoku", "countdown") or "/" in r.data.task)
     if r.data.eval_seed and not generated:
         yield (
@@ -874,6 +844,44 @@ def _grpo_rules(r: Recipe):
         )
     if not h.train_executor and not h.planner.train:
         yield "hybrid.train_executor: false leaves nothing to train; set hybrid.planner.train=true"
+
+
+def tiny_model_problems(r: Recipe):
+    """Messages for the tiny model a run builds from model.tiny (model.path empty); nothing when model.path is set.
+    Checked by validate.validate_recipe when the run builds its model (not when a model is passed to a trainer)."""
+    if r.model.path is not None:
+        return
+    ro, t = r.rollout, r.model.tiny
+    Lc, Lb = ro.max_completion_length, ro.block_length or ro.max_completion_length
+    if t.hidden_size % t.num_heads or (t.hidden_size // t.num_heads) % 2:
+        yield (
+            f"model.tiny.num_heads: {t.num_heads} heads do not split model.tiny.hidden_size ({t.hidden_size}) "
+            f"into even head sizes (rotary embeddings); pick a divisor with an even quotient"
+        )
+    if Lc >= t.max_position_embeddings:
+        yield (
+            f"rollout.max_completion_length: {Lc} leaves no room for the prompt in the tiny model's "
+            f"{t.max_position_embeddings} positions; raise model.tiny.max_position_embeddings"
+        )
+    # the decoder's rule for the exact block cache (rollout.engine.check_config), on the model built from here
+    if ro.cache == "block" and t.attention != "block_causal":
+        yield (
+            f"rollout.cache=block is exact only for block-causal models (block diffusion), and the tiny model "
+            f"attends {t.attention}ly (model.tiny.attention); use rollout.cache=prefix or dual, or set "
+            f"model.tiny.attention=block_causal"
+        )
+    elif ro.cache == "block" and Lb % t.block_size:
+        yield (
+            f"rollout.block_length ({Lb}) must be a multiple of the model's attention block size "
+            f"(model.tiny.block_size={t.block_size}) for the exact block cache (rollout.cache=block); set "
+            f"rollout.block_length to a multiple of {t.block_size} that divides {Lc}, or change "
+            f"model.tiny.block_size"
+        )
+    if r.model.load_in_4bit:
+        yield (
+            "model.load_in_4bit: the tiny model (model.path empty) is built in full precision and never "
+            "quantized; drop model.load_in_4bit, or set model.path to the model to load in 4 bits"
+        )
 
 
 def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:

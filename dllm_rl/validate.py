@@ -27,7 +27,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Optional
 
-from .config import Recipe, validate
+from .config import Recipe, tiny_model_problems, validate
 from .errors import ConfigError, DllmRlError, did_you_mean, lookup
 
 REWARD_GROUP = "dllm_rl.rewards"  # entry-point group of installed reward plugins (rewards.plugins)
@@ -393,11 +393,15 @@ def validate_recipe(
 ) -> Recipe:
     """Raise ConfigError for the first mistake in `recipe` that loading it cannot see (module docstring); return
     the recipe. `trainer`: the algorithm about to train (default: recipe.algorithm). check_model / check_data:
-    whether model.path / data paths will be loaded (not when the caller hands the trainer its own). training
+    whether the model (model.path, or the tiny model built from model.tiny) / data paths will be loaded (not when
+    the caller hands the trainer its own). training
     false (`eval`, `plan`): what only a training run needs (its trainer's rules, the learned order's training
     settings, train.output_dir, the DPO pairs file, the DeepSpeed JSON) is not checked."""
     trainer = (trainer or recipe.algorithm) if training else None
     validate(recipe, trainer)  # the field checks again: a recipe built or changed in Python did not pass load
+    if check_model:  # the tiny model built from model.tiny, not a model handed to the trainer
+        for problem in tiny_model_problems(recipe):
+            raise ConfigError(problem)
     from .tasks import check_task_name
 
     check_task_name(recipe.data)

@@ -532,3 +532,23 @@ def test_filter_zero_std_skips_groups_without_signal_and_the_metrics_say_so(tmp_
     # 2 iterations x (old policy + reference) passes of the same tokens
     tokens = out["completion_length"] * 4
     assert out["tokens_per_s/estimate"] == pytest.approx(4 * tokens / out["seconds/estimate"], rel=1e-6)
+
+
+def test_a_model_passed_in_python_is_not_held_to_model_tiny(tokenizer, tmp_path):
+    """rollout.cache=block needs a block-causal model. The tiny model a recipe builds (model.path empty) is checked
+    against model.tiny before it is built; a model passed to the trainer is the decoder's to check, not model.tiny's:
+    a block-causal one trains under the exact block cache although model.tiny says bidirectional, and a
+    bidirectional one is refused by the decoder."""
+    from conftest import make_model
+
+    flat = [lambda prompts, completions, **kw: [1.0] * len(prompts)]
+    r = recipe(tmp_path / "run", grpo__num_generations=2, train__max_steps=1, train__batch_size=2)
+    r = replace(r, model=replace(r.model, path=None), rollout=replace(r.rollout, cache="block", block_length=4))
+    with pytest.raises(ConfigError, match="rollout.cache=block is exact only for block-causal models"):
+        GRPOTrainer(r, reward_funcs=flat)
+    model = make_model(tokenizer, attention="block_causal", block_size=4)
+    GRPOTrainer(r, reward_funcs=flat, model=model, tokenizer=tokenizer).train()
+    assert (tmp_path / "run" / "final").is_dir()
+    r = replace(r, train=replace(r.train, output_dir=str(tmp_path / "bidirectional")))
+    with pytest.raises(ConfigError, match=r"rollout.cache=block is exact only for block-causal models \(block diff"):
+        GRPOTrainer(r, reward_funcs=flat, model=make_model(tokenizer), tokenizer=tokenizer).train()  # the decoder's
