@@ -95,6 +95,28 @@ def truncated(completion_ids: torch.Tensor, eos_token_id: int | None) -> torch.T
     return ~(completion_ids == eos_token_id).any(-1)
 
 
+def length_metrics(lengths: torch.Tensor, clipped: torch.Tensor) -> dict:
+    """TRL's completion-length metrics over the global batch: `lengths` [N] tokens up to and including the first
+    EOS, `clipped` [N] bool (never ended, `truncated`). Terminated lengths are those of the completions that
+    ended; 0 when none did (TRL's edge case).
+
+    >>> m = length_metrics(torch.tensor([3.0, 5.0, 8.0]), torch.tensor([False, False, True]))
+    >>> m["completions/mean_length"], m["completions/max_length"], m["completions/mean_terminated_length"]
+    (5.333333492279053, 8.0, 4.0)
+    """
+    lengths = lengths.float()
+    ended = lengths[~clipped.bool()]
+    ended = ended if len(ended) else torch.zeros(1)
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/mean_terminated_length": ended.mean().item(),
+        "completions/min_terminated_length": ended.min().item(),
+        "completions/max_terminated_length": ended.max().item(),
+    }
+
+
 def disable_dropout(*models) -> None:
     from trl.trainer.utils import disable_dropout_in_model
 

@@ -525,6 +525,12 @@ def test_filter_zero_std_skips_groups_without_signal_and_the_metrics_say_so(tmp_
     out = tr.step(0)
     assert out["skipped"] == 1.0 and "tokens_per_s/update" not in out and "tokens_per_s/estimate" not in out
     assert out["completion_length"] > 0 and all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    # TRL's names for the same lengths (to the first EOS, included), over every completion; the terminated ones
+    # over those that ended (an untrained model's canvas may hold no EOS: then TRL's 0)
+    assert out["completions/mean_length"] == pytest.approx(out["completion_length"])
+    assert out["completions/min_length"] <= out["completions/mean_length"] <= out["completions/max_length"] <= 20
+    ended = out["completions/clipped_ratio"] < 1
+    assert (out["completions/max_terminated_length"] > 0) == ended
     out = GRPOTrainer(r, reward_funcs=[spread]).step(0)
     assert out["skipped"] == 0.0 and out["tokens_per_s/update"] > 0 and "tokens_per_s/estimate" not in out
     two = recipe(tmp_path / "b", train__batch_size=2, grpo__num_generations=2, grpo__num_iterations=2, grpo__beta=0.04)
