@@ -70,11 +70,11 @@ def filter_logits(z: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0)
 def penalize_repetition(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor on [n, V] logits: for every token id in row i of
     `context` [n, C] (negative ids: none), a logit < 0 is multiplied by `penalty`, else divided by it."""
-    ids = context.clamp(min=0)
-    picked = logits.gather(-1, ids)  # [n, C]
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    keep = logits.gather(-1, ids)
-    return logits.scatter(-1, ids, torch.where(context >= 0, picked, keep))
+    # a presence mask, not a scatter of penalised values: the -1 entries would write token 0's own (unpenalised)
+    # logit at index 0 too, and which of two writes to one index lands is undefined (CPU: the last one)
+    counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    present = counts.scatter_add_(-1, context.clamp(min=0), (context >= 0).float()) > 0
+    return torch.where(present, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def repetition_context(x: torch.Tensor, attn: torch.Tensor, mask_token_id: int, masked: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,20 @@ def test_repetition_penalty_matches_transformers_processor():
     assert choose_tokens(logits, u, 0.0, repetition_penalty=1.7, context=padded).token.tolist() == greedy.token.tolist()
 
 
+def test_repetition_penalty_reaches_token_0_beside_padding():
+    """-1 entries (padding, still-masked positions) are no token: token 0 in the context is penalised as any other,
+    and absent from it is left alone, exactly as transformers' processor does on the context without the -1s."""
+    from dllm_rl.kernels.sampling import penalize_repetition
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [2.0, 1.0, 0.5, -1.0]])
+    context = torch.tensor([[0, 2, -1, -1], [-1, 3, 2, -1]])
+    expected = [
+        RepetitionPenaltyLogitsProcessor(2.0)(c[c >= 0][None], z[None].clone())[0] for c, z in zip(context, logits)
+    ]
+    torch.testing.assert_close(penalize_repetition(logits, context, 2.0), torch.stack(expected), rtol=0, atol=0)
+    assert penalize_repetition(logits, context, 2.0)[0, 0] == 1.0  # 2.0 / 2: token 0 was written, so penalised
+
+
 def test_a_strong_repetition_penalty_keeps_a_greedy_rollout_from_repeating(tokenizer, model_factory):
     """One token per step, greedy: a token already in the prompt or on the canvas has its logit divided by 1e6
     (to ~0) or multiplied by it (to -huge), below any unseen token with a positive logit, which this random
