@@ -13,9 +13,13 @@ The model's shape comes from its config, instantiated on the meta device (no wei
 LLaDA-1.5 / Dream-7B / DiffuCoder-7B (which cannot be downloaded offline), dllm_rl's native config classes
 whose defaults are the released shapes (DiffuCoder-7B is assumed to have Dream-7B's Qwen2.5-7B shape).
 
+Algorithms: sft, grpo, dpo and consensus (SFT whose targets are voted by decodes of the model); planner_sft
+(TRL's SFTTrainer on hybrid.planner, an autoregressive model) is refused.
+
 Notation: P params (P_t trainable), N GPUs (processes), n completions per micro-batch
 (= train.batch_size * num_generations / gradient_accumulation_steps, whole groups; DPO: 2 rows per pair, chosen
-and rejected, = 2 * train.batch_size / gradient_accumulation_steps), L tokens per scored
+and rejected, = 2 * train.batch_size / gradient_accumulation_steps; SFT and consensus: train.batch_size /
+gradient_accumulation_steps sequences), L tokens per scored
 sequence (prompt + completion; prompt + 2 * completion for block-causal models, the two-stream layout),
 Lc completion length, V vocab, D hidden, Dq = heads * head_dim, Dkv = kv_heads * head_dim, F MLP width,
 H heads, l layers, a activation bytes (2 under bf16/fp16 weights, autocast or a DeepSpeed half engine, else
@@ -29,14 +33,19 @@ Static (held for the whole run):
     LoRA P_t     = sum over targeted linears of r (fan_in + fan_out)
                    ("all-linear" = every linear but the output head, peft's rule)
     gradients    = P_t t; / N under ZeRO-2/3; 0 on the GPU with offload_optimizer
-    optimizer    = P_t 2t (AdamW m, v in the parameter dtype, plain torch), or P_t 12 (fp32 master + m + v,
-                   DeepSpeed bf16/fp16; Rajbhandari et al. arXiv 1910.02054); / N under ZeRO-1/2/3;
-                   0 on the GPU with offload_optimizer
+    optimizer    = P_t s t, s the states per trained parameter (runtime.make_optimizer: AdamW m, v: s = 2; SGD:
+                   s = 1 with optim.momentum > 0 (its momentum buffer), else 0), in the parameter dtype (plain
+                   torch); under DeepSpeed the states are fp32 (4 s) beside an fp32 master copy (+ 4) with a
+                   bf16/fp16 engine (Rajbhandari et al. arXiv 1910.02054), with ZeRO-1/2 in any dtype (its
+                   optimizer clones the partition to fp32) and with ZeRO-3 on non-fp32 parameters; / N under
+                   ZeRO-1/2/3; 0 on the GPU with offload_optimizer
     reference    = 0 when grpo.beta = 0 or reference none; 0 for LoRA with the adapter disabled (the base is
                    the reference); else a frozen copy of the base weights at w, placed like the policy
                    (runtime.prepare_frozen): / N under ZeRO-3, 0 on the GPU with param offload. DPO always
                    has one (dpo.reference), whose estimates are computed without gradient before the update
-                   (so their activations never coexist with the policy's)
+                   (so their activations never coexist with the policy's). Consensus with
+                   consensus.teacher=initial: the starting model loaded again at model.dtype (4-bit linears
+                   at 0.5159 B; LoRA adapters in fp32), whole on every GPU (moved with .to, not through DeepSpeed)
     CUDA context = 1.0 GB allowance (context, cuBLAS workspaces)
 Update phase (one estimator view alive: estimators checkpoint each view when there are several, so the peak
 is one view's forward + backward whatever the view count):
@@ -67,20 +76,37 @@ is one view's forward + backward whatever the view count):
                    D)) + the input gradient it keeps from the forward (n Lc D a) + the per-row loss
                    (+ a V D when the head trains).
     ZeRO-3       = min(P, stage3_max_live_parameters) w gathered at once (an upper bound; default 1e9)
-Rollout phase (no grad; the B G sequences of a process decode together, canvas C = prompt + Lc; B: the prompts
-of one rollout, train.batch_size times the optimizer steps it feeds when grpo.steps_per_generation or
-grpo.generation_batch_size asks for more; DPO: G = dpo.num_generations for on-policy pairs, no rollout phase for
-offline pairs):
-    KV cache     = l 2 Dkv w_kv C B G   (rollout.cache != none; w_kv = the embedding dtype)
-    transient    = B G C a (3F + 2D + 2Dq + 2Dkv) + B G Lb V (a + 8)   (one forward + the block's logits)
-    ZeRO-3       = the full weights (the trainer gathers them for the whole rollout) minus the shard
-Optimizer step (plain torch AdamW, foreach): one state-sized temporary = P_t t
+Decoding (no grad; R rows of a process decode together in one generate call, canvas C = prompt + Lc, block Lb):
+    KV cache     = l 2 Dkv w_kv C R   (rollout.cache != none; w_kv = the embedding dtype)
+    transient    = R C a (3F + 2D + 2Dq + 2Dkv) + R Lb V (a + 8)   (one forward + the block's logits)
+    ZeRO-3       = the full weights (the trainer gathers them for the whole decode) minus the shard
+Rollout phase (decoding while training), R = B G: B the prompts of one rollout, train.batch_size times the
+    optimizer steps it feeds when grpo.steps_per_generation or grpo.generation_batch_size asks for more; DPO:
+    G = dpo.num_generations for on-policy pairs, R = 0 for offline pairs; consensus: R =
+    consensus.prompts_per_round x consensus.samples (every process votes on all of them); SFT: R = 0
+Evaluation phase (held-out decoding, evaluate.evaluate_recipe, with the weights, gradients and optimizer states
+    still on the GPU): R = min(rollout.batch_size, eval.size or data.eval_size) x eval.num_samples. Every
+    trainer planned here evaluates whatever train.eval_steps says (GRPO and DPO before and after training, SFT
+    and consensus after it, each also every train.eval_steps), so it is always planned; a task without a
+    held-out set (or, for SFT, without a verifier) skips it, and the held-out set may be smaller than the
+    bound. With rollout.compile=graphs the engine keeps the last decode's buffers between calls, so the larger
+    of the rollout's and the evaluation's KV cache + transient is static instead of either phase
+Optimizer step, with T one state-sized temporary of the optimizer's foreach step (AdamW: 1; SGD: 1 with
+    optim.weight_decay > 0 (the decayed gradient), else 0):
+    plain torch: P_t t T
+    DeepSpeed (deepspeed/runtime/zero/stage_1_and_2.py and stage3.py, step): over the process's partition of
+    S = P_t / N trained parameters (ZeRO-0: P_t; ZeRO-3: at most zero_optimization.sub_group_size at a time,
+    default 1e9) the gradients are flattened and cast to an fp32 copy, on which the client optimizer steps:
+    S 4 (the fp32 gradient partition) + S max(t for half gradients (the flattened half copy, freed once
+    cast), 4 T); 0 on the GPU with offload_optimizer
 
-    total per GPU = static + max(update, rollout, optimizer step)
+    total per GPU = static + max(update, rollout, evaluation, optimizer step)
 
 Not counted: allocator fragmentation (the verdict keeps 10% headroom), DeepSpeed communication buckets, the
 old and reference log-probs ([mu, n, Lc] fp32, small), logits / temperature copies, CPU memory of offloaded
-states.
+states, a hybrid recipe's planner and its plans (longer prompts), that plain torch frees the gradients after
+each optimizer step (they are counted as held throughout) and that ZeRO-1 frees those outside its partition
+before its step.
 """
 
 from __future__ import annotations
@@ -94,9 +120,10 @@ from pathlib import Path
 
 from .config import LoraConfig, Recipe
 from .errors import ConfigError
-from .runtime import micro_batch_size
+from .runtime import micro_batch_rows, micro_batch_size
 
 GB = 1e9
+ALGORITHMS = ("sft", "grpo", "dpo", "consensus")  # what plan_memory plans (planner_sft trains another model)
 H100_BYTES = int(79.1 * 2**30)  # what torch reports for an "80GB" H100 (84.9 GB)
 CUDA_CONTEXT_BYTES = int(1.0e9)
 HEADROOM = 0.9  # fraction of the card a plan may use and still "fit" (fragmentation, buckets)
@@ -268,6 +295,7 @@ class Zero:
     offload_param: bool = False
     half: bool = False  # DeepSpeed bf16/fp16 engine: module cast to half, fp32 master weights
     live_params: float = 1e9  # ZeRO-3 stage3_max_live_parameters (DeepSpeed's default 1e9)
+    sub_group: float = 1e9  # ZeRO-3 sub_group_size: parameters the optimizer steps at a time (DeepSpeed's 1e9)
     note: str = "no DeepSpeed (accelerate DDP)"
 
 
@@ -305,6 +333,8 @@ def read_zero(recipe: Recipe) -> Zero:
     z = Zero(True, stage, dev("offload_optimizer"), dev("offload_param") and stage == 3, half)
     live = zo.get("stage3_max_live_parameters", 1e9)
     z.live_params = float(live) if isinstance(live, (int, float)) else 1e9
+    sub = zo.get("sub_group_size", 1e9)
+    z.sub_group = float(sub) if isinstance(sub, (int, float)) else 1e9
     extras = [s for s, on in [("optimizer offload", z.offload_optimizer), ("param offload", z.offload_param)] if on]
     z.note = f"DeepSpeed ZeRO-{stage} ({path}), {'bf16/fp16 engine' if half else 'fp32'}" + (
         f", {', '.join(extras)}" if extras else ""
@@ -327,7 +357,36 @@ def precision(recipe: Recipe, zero: Zero, lora: bool) -> Precision:
     act = 2 if (zero.half or dt == 2 or recipe.train.mixed_precision != "no") else 4
     trainable = (2 if zero.half else 4) if lora else w
     autocast = recipe.train.mixed_precision != "no" and not zero.half
-    return Precision(w, trainable, 12 if zero.half else 2 * trainable, act, autocast)
+    return Precision(w, trainable, optimizer_state_bytes(recipe.optim, trainable, zero), act, autocast)
+
+
+def optimizer_states(optim) -> int:
+    """States the optimizer keeps per trained parameter (runtime.make_optimizer): AdamW m and v; SGD its
+    momentum buffer when optim.momentum > 0, else none."""
+    return 2 if optim.name == "adamw" else int(optim.momentum > 0)
+
+
+def fp32_master(zero: Zero, t: int) -> bool:
+    """Whether DeepSpeed keeps an fp32 master copy of the trained parameters: with a bf16/fp16 engine, with
+    ZeRO-1/2 whatever the dtype (stage_1_and_2 clones its partition to fp32), with ZeRO-3 unless the parameters
+    are fp32 already (stage3 then steps them in place)."""
+    return zero.enabled and (zero.half or zero.stage in (1, 2) or (zero.stage == 3 and t != 4))
+
+
+def optimizer_state_bytes(optim, t: int, zero: Zero) -> int:
+    """Bytes of optimizer state per trained parameter (before ZeRO sharding): the states in the parameter dtype
+    t under plain torch; under DeepSpeed fp32 states (on the fp32 partition), with the fp32 master copy."""
+    states = optimizer_states(optim)
+    if not zero.enabled:
+        return states * t
+    return 4 * fp32_master(zero, t) + 4 * states
+
+
+def step_temporaries(optim) -> int:
+    """State-sized temporaries of the optimizer's foreach step: AdamW's sqrt(v) (torch.optim.adam
+    _multi_tensor_adam); SGD's decayed gradient when optim.weight_decay > 0 (torch.optim.sgd _multi_tensor_sgd:
+    momentum and the update are in place)."""
+    return 1 if optim.name == "adamw" or optim.weight_decay > 0 else 0
 
 
 # ------------------------------------------------------------------------------------------- components
@@ -338,7 +397,10 @@ class Component:
     key: str
     label: str
     bytes: float
-    phase: str  # static | update | rollout | step
+    phase: str  # static | update | rollout | eval | step
+
+
+PEAK_PHASES = ("update", "rollout", "eval", "step")  # the phases that never coexist: the peak is the largest
 
 
 @dataclass
@@ -360,7 +422,7 @@ class Plan:
 
     @property
     def total(self) -> float:
-        return self.phase("static") + max(self.phase(p) for p in ("update", "rollout", "step"))
+        return self.phase("static") + max(self.phase(p) for p in PEAK_PHASES)
 
 
 def activation_bytes(
@@ -410,12 +472,16 @@ def logits_bytes(n: int, Lc: int, V: int, a: int, fused: bool, head_trains: bool
     return n * Lc * V * (a + 8)
 
 
-def _weights(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, trainable: int, lora: bool) -> float:
+def _base_bytes(s: ModelShape, recipe: Recipe, w: int) -> float:
+    """The base model's weights at w bytes a parameter (4-bit linears at NF4_BYTES)."""
     linear_params = sum(lin.fan_in * lin.fan_out for lin in s.linears)
     if recipe.model.load_in_4bit:
-        base = linear_params * NF4_BYTES + (s.params - linear_params) * p.weight
-    else:
-        base = s.params * p.weight
+        return linear_params * NF4_BYTES + (s.params - linear_params) * w
+    return s.params * w
+
+
+def _weights(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, trainable: int, lora: bool) -> float:
+    base = _base_bytes(s, recipe, p.weight)
     full = base + (trainable * p.trainable if lora else 0)
     plan.full_weights = full
     shard = 0 if z.offload_param else (full / plan.gpus if z.stage == 3 else full)
@@ -428,10 +494,16 @@ def _weights(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, t
     return base
 
 
-def _reference(plan: Plan, recipe: Recipe, lora: bool, base: float, z: Zero) -> None:
+def _reference(plan: Plan, s: ModelShape, recipe: Recipe, lora: bool, base: float, z: Zero, trainable: int) -> None:
     g = recipe.grpo
     mode = recipe.dpo.reference if recipe.algorithm == "dpo" else g.reference  # DPO always has a reference
-    if recipe.algorithm == "sft" or (recipe.algorithm == "grpo" and (g.beta == 0 or g.reference == "none")):
+    if recipe.algorithm == "consensus":
+        if recipe.consensus.teacher == "current":
+            plan.add("reference", "consensus teacher (the current model: no copy)", 0, "static")
+        else:  # trainers.consensus: the starting model loaded again and moved with .to (never DeepSpeed's)
+            teacher = _base_bytes(s, recipe, DTYPE_BYTES[recipe.model.dtype]) + (trainable * 4 if lora else 0)
+            plan.add("reference", "consensus teacher (initial model, whole)", teacher, "static")
+    elif recipe.algorithm == "sft" or (recipe.algorithm == "grpo" and (g.beta == 0 or g.reference == "none")):
         plan.add("reference", "reference model (none: beta = 0)", 0, "static")
     elif lora and mode in ("auto", "adapter_disabled"):
         plan.add("reference", "reference model (adapter disabled: no copy)", 0, "static")
@@ -440,7 +512,7 @@ def _reference(plan: Plan, recipe: Recipe, lora: bool, base: float, z: Zero) -> 
         plan.add("reference", "reference model (frozen copy of the base)", shard, "static")
 
 
-def _optimizer(plan: Plan, p: Precision, z: Zero, trainable: int) -> None:
+def _optimizer(plan: Plan, recipe: Recipe, p: Precision, z: Zero, trainable: int) -> None:
     N = plan.gpus
     grads = 0 if z.offload_optimizer else trainable * p.trainable / (N if z.stage >= 2 else 1)
     plan.add(
@@ -450,13 +522,34 @@ def _optimizer(plan: Plan, p: Precision, z: Zero, trainable: int) -> None:
         "static",
     )
     opt = 0 if z.offload_optimizer else trainable * p.optimizer / (N if z.stage >= 1 else 1)
-    plan.add("optimizer", "AdamW states" + (" + fp32 master" if z.half else ""), opt, "static")
+    name = {"adamw": "AdamW states", "sgd": "SGD momentum" if recipe.optim.momentum > 0 else "SGD (no state)"}
+    master = fp32_master(z, p.trainable)
+    plan.add("optimizer", name[recipe.optim.name] + (" + fp32 master" if master else ""), opt, "static")
     plan.add("cuda", "CUDA context + workspaces (allowance)", CUDA_CONTEXT_BYTES, "static")
-    plan.add("step", "AdamW foreach temporaries", 0 if z.enabled else trainable * p.trainable, "step")
+    temps, what = step_temporaries(recipe.optim), "AdamW" if recipe.optim.name == "adamw" else "SGD"
+    if not z.enabled:
+        plan.add("step", f"{what} foreach temporaries", trainable * p.trainable * temps, "step")
+        return
+    # DeepSpeed's step (zero/stage_1_and_2.py, stage3.py): the partition's gradients flattened, cast to fp32,
+    # and the client optimizer stepped on the fp32 partition; ZeRO-3 steps sub_group_size parameters at a time
+    part = 0 if z.offload_optimizer else trainable / (N if z.stage >= 1 else 1)
+    if z.stage == 3:
+        part = min(part, z.sub_group)
+    plan.add("step_grad32", "ZeRO step: fp32 gradient partition", part * 4, "step")
+    flat = p.trainable if p.trainable < 4 else 0  # half gradients: flattened, then cast to a new fp32 tensor
+    label = f"ZeRO step: max({what} temporary, flat half grads)" if flat else f"ZeRO step: {what} foreach temporary"
+    plan.add("step", label, part * max(flat, 4 * temps), "step")
+
+
+def micro_batch(recipe: Recipe) -> int:
+    """Rows per forward/backward on one process (runtime.micro_batch_size; consensus trains as SFT does)."""
+    if recipe.algorithm == "consensus":
+        return len(micro_batch_rows(recipe.train.batch_size, 1, recipe.train.gradient_accumulation_steps)[0])
+    return micro_batch_size(recipe)
 
 
 def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused) -> None:
-    n, Lc = micro_batch_size(recipe), recipe.rollout.max_completion_length
+    n, Lc = micro_batch(recipe), recipe.rollout.max_completion_length
     L = prompt_len + (2 * Lc if s.block_causal else Lc)
     gc = recipe.model.gradient_checkpointing
     args = (s, n, L, Lc, p.act)
@@ -484,36 +577,69 @@ def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused) -
     plan.info.append(("update", text))
 
 
-def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
+def decode_bytes(s: ModelShape, recipe: Recipe, p: Precision, z: Zero, rows: int, prompt_len: int):
+    """(KV cache, forward transient) of `rows` sequences decoded together (see the module docstring)."""
     r = recipe.rollout
-    group = {"grpo": recipe.grpo.num_generations, "dpo": recipe.dpo.num_generations}.get(recipe.algorithm, 1)
-    prompts = recipe.train.batch_size
-    if recipe.algorithm == "grpo":  # one generate call decodes every prompt of a rollout (grpo.steps_per_generation)
-        from .trainers.grpo_options import geometry
-
-        prompts = geometry(recipe, plan.gpus).prompts_per_rollout
-    rows = prompts * group
-    if recipe.algorithm == "dpo" and recipe.dpo.pairs == "offline":
-        rows = 0  # offline pairs: nothing is decoded while training (held-out evaluation aside)
     C, Lb = prompt_len + r.max_completion_length, r.block_length or r.max_completion_length
     kv_bytes = 2 if (z.half or recipe.model.dtype != "float32") else 4
     kv = 0 if r.cache == "none" else s.layers * 2 * s.kv_dim * kv_bytes * C * rows
     a, D = p.act, s.hidden
     transient = rows * C * a * (3 * s.ffn + 2 * D + 2 * s.q_dim + 2 * s.kv_dim) + rows * Lb * s.vocab * (a + 8)
-    if r.compile == "graphs":  # the engine keeps its buffers and the graphs' memory pool between rollouts
-        plan.add("kv_cache", f"rollout KV cache (cache={r.cache}; kept by rollout.compile=graphs)", kv, "static")
-        plan.add("rollout_forward", "CUDA-graph pool (one step's transient, kept)", transient, "static")
+    return kv, transient
+
+
+def rollout_rows(recipe: Recipe, gpus: int) -> int:
+    """Sequences one process decodes in one generate call while training (0: it decodes none)."""
+    a = recipe.algorithm
+    if a == "grpo":  # one generate call decodes every prompt of a rollout (grpo.steps_per_generation)
+        from .trainers.grpo_options import geometry
+
+        return geometry(recipe, gpus).prompts_per_rollout * recipe.grpo.num_generations
+    if a == "dpo":  # offline pairs: nothing is decoded while training
+        return 0 if recipe.dpo.pairs == "offline" else recipe.train.batch_size * recipe.dpo.num_generations
+    if a == "consensus":  # every process samples all of a round's prompts (trainers.consensus.targets)
+        return recipe.consensus.prompts_per_round * recipe.consensus.samples
+    return 0  # sft: trains on the task's completions
+
+
+def eval_rows(recipe: Recipe) -> int:
+    """Sequences one held-out decode holds (evaluate.evaluate: rollout.batch_size prompts of the held-out set,
+    eval.num_samples rows each; the set is eval.size or data.eval_size examples, at most)."""
+    size = recipe.eval.size or recipe.data.eval_size
+    return min(recipe.rollout.batch_size, size) * recipe.eval.num_samples
+
+
+def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
+    r = recipe.rollout
+    C = prompt_len + r.max_completion_length
+    rows, held_out = rollout_rows(recipe, plan.gpus), eval_rows(recipe)
+    kv, transient = decode_bytes(s, recipe, p, z, rows, prompt_len)
+    eval_kv, eval_transient = decode_bytes(s, recipe, p, z, held_out, prompt_len)
+    if r.compile == "graphs":  # the engine keeps the last decode's buffers and graph pool: the larger is static
+        kept = "evaluation" if eval_kv + eval_transient > kv + transient else "rollout"
+        if kept == "evaluation":
+            kv, transient = eval_kv, eval_transient
+        plan.add("kv_cache", f"{kept} KV cache (cache={r.cache}; kept by rollout.compile=graphs)", kv, "static")
+        plan.add("rollout_forward", f"CUDA-graph pool ({kept} step's transient, kept)", transient, "static")
     else:
         plan.add("kv_cache", f"rollout KV cache (cache={r.cache})", kv, "rollout")
         plan.add("rollout_forward", "rollout forward transient", transient, "rollout")
-    if z.stage == 3:
-        plan.add(
-            "zero3_rollout",
-            "ZeRO-3 weights gathered for the rollout",
-            plan.full_weights - plan.get("weights"),
-            "rollout",
+        plan.add("eval_kv_cache", f"evaluation KV cache (cache={r.cache})", eval_kv, "eval")
+        plan.add("eval_forward", "evaluation forward transient", eval_transient, "eval")
+    if z.stage == 3:  # the trainers decode under runtime.generation_model: the whole policy gathered
+        gathered = plan.full_weights - plan.get("weights")
+        plan.add("zero3_rollout", "ZeRO-3 weights gathered for the rollout", gathered if rows else 0, "rollout")
+        plan.add("zero3_eval", "ZeRO-3 weights gathered for the evaluation", gathered, "eval")
+    what = f"{rows} sequences x canvas {C} (prompt {prompt_len} + {r.max_completion_length})" if rows else "none"
+    plan.info.append(("rollout", what))
+    plan.info.append(
+        (
+            "eval",
+            f"{held_out} sequences x canvas {C}: min(rollout.batch_size {r.batch_size}, held-out "
+            f"{recipe.eval.size or recipe.data.eval_size}) x eval.num_samples {recipe.eval.num_samples}; before "
+            f"and/or after training and every train.eval_steps",
         )
-    plan.info.append(("rollout", f"{rows} sequences x canvas {C} (prompt {prompt_len} + {r.max_completion_length})"))
+    )
 
 
 def _views(recipe: Recipe) -> str:
@@ -547,6 +673,15 @@ def plan_memory(
     None = as the estimators do on a GPU (`estimators_fuse`); True / False forces the fused / logits path."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    if recipe.algorithm not in ALGORITHMS:
+        why = ""
+        if recipe.algorithm == "planner_sft":
+            why = " (it fine-tunes hybrid.planner, an autoregressive model, with TRL's SFTTrainer)"
+        raise ConfigError(
+            f"dllm-rl plan does not model algorithm={recipe.algorithm}{why}; "
+            f"plan a recipe whose algorithm is {', '.join(ALGORITHMS[:-1])} or {ALGORITHMS[-1]}, or measure this "
+            f"run's peak on the GPU with torch.cuda.max_memory_allocated()"
+        )
     s = model_shape(recipe.model)
     lora_cfg = s.adapter or recipe.model.lora
     targets = lora_targets(s, lora_cfg)
@@ -579,8 +714,8 @@ def plan_memory(
     if recipe.model.load_in_4bit and not lora:
         plan.notes.append("model.load_in_4bit without LoRA: quantized weights cannot train; set model.lora.r")
     base = _weights(plan, s, recipe, p, z, trainable, lora)
-    _reference(plan, recipe, lora, base, z)
-    _optimizer(plan, p, z, trainable)
+    _reference(plan, s, recipe, lora, base, z, trainable)
+    _optimizer(plan, recipe, p, z, trainable)
     if fused_logprobs is None:
         fused_logprobs = estimators_fuse(recipe, s, targets)
     _update(plan, s, recipe, p, z, targets, lora_cfg, prompt_length, fused_logprobs)
@@ -605,7 +740,7 @@ def verdict(total: float, budget: float = H100_BYTES) -> str:
     return f"does NOT fit on an 80 GB H100 ({share:.0%} of {budget / GB:.1f} GB)"
 
 
-PHASES = {"static": "all", "update": "update", "rollout": "rollout", "step": "opt step"}
+PHASES = {"static": "all", "update": "update", "rollout": "rollout", "eval": "eval", "step": "opt step"}
 
 
 def format_plan(plan: Plan) -> str:
@@ -621,7 +756,7 @@ def format_plan(plan: Plan) -> str:
     for c in plan.components:
         lines.append(f"{c.label:<52}{c.bytes / GB:>9.2f}  {PHASES[c.phase]}")
     lines.append("-" * 70)
-    peaks = ", ".join(f"{p} {plan.phase(p) / GB:.2f}" for p in ("update", "rollout", "step"))
+    peaks = ", ".join(f"{p} {plan.phase(p) / GB:.2f}" for p in PEAK_PHASES)
     lines.append(
         f"{'total per GPU':<52}{plan.total / GB:>9.2f}  = static {plan.phase('static') / GB:.2f} + max({peaks})"
     )

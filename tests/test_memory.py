@@ -4,6 +4,7 @@ hand-computed LLaDA-8B / Dream-7B figures, and the `dllm-rl plan` command on eve
 Only CPU measurements are possible here: a GPU run (torch.cuda.max_memory_allocated) is still needed to
 check the activation / logits formulas at 8B scale."""
 
+import dataclasses
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from dllm_rl.errors import ConfigError
 from dllm_rl.estimators import ESTIMATORS
 from dllm_rl.memory import (
     NF4_BYTES,
+    Linear,
     ModelShape,
     activation_bytes,
     format_plan,
@@ -30,6 +32,7 @@ from dllm_rl.memory import (
 )
 from dllm_rl.models.base import traits
 from dllm_rl.models.load import load_model
+from dllm_rl.runtime import make_optimizer
 from dllm_rl.runtime import micro_batch_size as micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +83,7 @@ def _llada(deepspeed=None, **over):
     }
     for key, value in over.items():
         section, name = key.split("__")
-        data[section][name] = value
+        data.setdefault(section, {})[name] = value
     return recipe_from_dict(data)
 
 
@@ -144,6 +147,120 @@ def test_zero3_shards_weights_and_gathers_for_rollout(tmp_path):
     assert off.get("weights") == off.get("optimizer") == off.get("gradients") == 0
 
 
+def test_zero1_shards_only_the_optimizer_and_zero2_offload_moves_it_to_the_cpu(tmp_path):
+    P = LLADA_PARAMS
+    one = plan_memory(_llada(_zero_json(tmp_path, 1)), gpus=8, prompt_length=200)
+    assert one.get("weights") == P * 2 and one.get("gradients") == P * 2  # ZeRO-1 keeps whole gradients
+    assert one.get("optimizer") == P * 12 / 8
+    off = plan_memory(
+        _llada(_zero_json(tmp_path, 2, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})),
+        gpus=8,
+        prompt_length=200,
+    )
+    assert off.get("optimizer") == off.get("gradients") == off.phase("step") == 0  # the step runs on the CPU
+    assert off.get("weights") == P * 2  # offload_param is a ZeRO-3 option: ZeRO-2 keeps the weights
+
+
+def test_zero_step_holds_an_fp32_copy_of_the_gradient_partition(tmp_path):
+    """DeepSpeed's step (zero/stage_1_and_2.py) flattens the partition's bf16 gradients, casts them to fp32 and steps
+    the client optimizer on the fp32 partition: 4 bytes + max(the flat bf16 copy 2, AdamW's temporary 4) per
+    trained parameter of the partition; ZeRO-3 steps sub_group_size parameters at a time."""
+    P = LLADA_PARAMS
+    two = plan_memory(_llada(_zero_json(tmp_path, 2)), gpus=8, prompt_length=200)
+    assert two.get("step_grad32") == P * 4 / 8 and two.get("step") == P * 4 / 8
+    assert two.phase("step") == P
+    sgd = plan_memory(_llada(_zero_json(tmp_path, 2), optim__name="sgd"), gpus=8, prompt_length=200)
+    assert sgd.phase("step") == P * (4 + 2) / 8  # no optimizer temporary: the flat bf16 copy is the larger
+    three = plan_memory(_llada(_zero_json(tmp_path, 3, sub_group_size=10**8)), gpus=8, prompt_length=200)
+    assert three.phase("step") == 10**8 * 8
+    assert plan_memory(_llada(), gpus=1, prompt_length=200).phase("step") == P * 2  # plain torch AdamW foreach
+
+
+def test_fp32_zero2_clones_an_fp32_master_and_fp32_zero3_does_not(tmp_path):
+    """stage_1_and_2 clones its partition to fp32 whatever the dtype; stage3 reuses an fp32 partition (and makes
+    an fp32 copy of bf16 parameters that no bf16 engine casts)."""
+    P = LLADA_PARAMS
+    for stage, dtype, master in [(2, "float32", 4), (3, "float32", 0), (3, "bfloat16", 4)]:
+        recipe = _llada(_zero_json(tmp_path, stage), model__dtype=dtype, train__mixed_precision="no")
+        assert plan_memory(recipe, gpus=8, prompt_length=200).get("optimizer") == P * (master + 8) / 8
+
+
+@pytest.mark.parametrize("momentum,states", [(0.0, 0), (0.9, 1)])
+def test_sgd_keeps_a_momentum_buffer_or_nothing(tmp_path, momentum, states):
+    P = LLADA_PARAMS
+    plain = plan_memory(_llada(optim__name="sgd", optim__momentum=momentum), gpus=1, prompt_length=200)
+    assert plain.get("optimizer") == P * 2 * states  # in the bf16 parameter dtype
+    assert plain.phase("step") == 0  # no weight decay: SGD's foreach step is in place
+    decayed = _llada(optim__name="sgd", optim__momentum=momentum, optim__weight_decay=0.1)
+    assert plan_memory(decayed, gpus=1, prompt_length=200).phase("step") == P * 2  # the decayed gradient
+    ds = plan_memory(_llada(_zero_json(tmp_path, 2), optim__name="sgd", optim__momentum=momentum), gpus=8)
+    assert ds.get("optimizer") == P * (4 + 4 * states) / 8  # the fp32 master stays, states in fp32
+
+
+def _eval_recipe(**over):
+    return _llada(rollout__cache="dual", **over)
+
+
+def test_held_out_evaluation_is_planned_with_the_training_state():
+    """The trainers decode the held-out set (evaluate_recipe) with weights, gradients and optimizer states on the
+    GPU: rollout.batch_size prompts x eval.num_samples rows at once, capped by the held-out set."""
+    plan = plan_memory(_eval_recipe(), gpus=1, prompt_length=200)
+    C, rows = 200 + 256, 64  # rollout.batch_size 64 of data.eval_size 200, one sample each
+    assert plan.get("eval_kv_cache") == 32 * 2 * 4096 * 2 * C * rows
+    per_token = 2 * (3 * 12288 + 2 * 4096 + 2 * 4096 + 2 * 4096)
+    assert plan.get("eval_forward") == rows * C * per_token + rows * 32 * 126464 * (2 + 8)
+    assert plan.phase("eval") == plan.get("eval_kv_cache") + plan.get("eval_forward")
+    capped = plan_memory(_eval_recipe(eval__size=20, eval__num_samples=2), gpus=1, prompt_length=200)
+    assert capped.get("eval_kv_cache") == 32 * 2 * 4096 * 2 * C * 40  # 20 prompts x 2 samples
+    big = plan_memory(_eval_recipe(rollout__batch_size=200, eval__num_samples=4), gpus=1, prompt_length=200)
+    assert big.phase("eval") > big.phase("update") and big.total == big.phase("static") + big.phase("eval")
+
+
+def test_zero3_gathers_the_weights_for_the_evaluation(tmp_path):
+    plan = plan_memory(_eval_recipe(train__deepspeed=_zero_json(tmp_path, 3)), gpus=8, prompt_length=200)
+    assert plan.get("zero3_eval") == pytest.approx(LLADA_PARAMS * 2 * 7 / 8)
+
+
+def test_the_vrpo_recipe_header_states_its_plan(monkeypatch):
+    """ultrafeedback-vrpo decodes nothing while training (offline pairs) but its evaluation decodes
+    rollout.batch_size prompts of 1024-token canvases with a dual cache: the header's figures are the plan's."""
+    monkeypatch.chdir(ROOT)
+    path = ROOT / "recipes/llada-8b/ultrafeedback-vrpo.yaml"
+    said = re.search(r"(\d+\.\d) GB per GPU.*?(\d+\.\d) GB with train.deepspeed=(\S+)\)", path.read_text(), re.S)
+    two = plan_memory(load_recipe(path), gpus=8, prompt_length=512)
+    three = plan_memory(load_recipe(path, [f"train.deepspeed={said.group(3)}"]), gpus=8, prompt_length=512)
+    assert (f"{two.total / 1e9:.1f}", f"{three.total / 1e9:.1f}") == said.group(1, 2)
+    assert two.phase("eval") > two.phase("update") and "fits on one 80 GB H100" in format_plan(two)
+
+
+def test_consensus_plans_as_sft_with_a_voting_rollout(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(ROOT / "recipes/tiny/sudoku-consensus.yaml")
+    plan = plan_memory(recipe, gpus=1, prompt_length=44)
+    text = format_plan(plan)
+    assert "micro-batch 32 completions" in text  # train.batch_size 32 sequences, no accumulation
+    assert "512 sequences x canvas 64" in text  # consensus.prompts_per_round 64 x consensus.samples 8
+    assert plan.get("reference") == 0  # consensus.teacher current
+    frozen = plan_memory(load_recipe(ROOT / "recipes/tiny/sudoku-consensus.yaml", ["consensus.teacher=initial"]))
+    assert frozen.get("reference") == frozen.get("weights")  # the starting model again, float32
+    sft = plan_memory(load_recipe(ROOT / "recipes/tiny/sudoku-sft.yaml"), gpus=1)
+    assert sft.phase("rollout") == 0 and sft.phase("eval") > 0  # SFT decodes only to evaluate
+
+
+def test_plan_refuses_planner_sft_and_plans_consensus_from_the_cli(capsys, monkeypatch):
+    from dllm_rl.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()
+    assert main(["plan", "recipes/tiny/sudoku-planner-sft.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "does not model algorithm=planner_sft" in err and "sft, grpo, dpo or consensus" in err
+    assert "Traceback" not in err
+    assert main(["plan", "recipes/tiny/sudoku-consensus.yaml", "--prompt-length", "44"]) == 0
+    assert "512 sequences x canvas 64" in capsys.readouterr().out
+
+
 def test_dream_7b_shape():
     recipe = recipe_from_dict(
         {"algorithm": "grpo", "model": {"path": "Dream-org/Dream-v0-Instruct-7B", "dtype": "bfloat16"}}
@@ -156,6 +273,38 @@ def test_dream_7b_shape():
 def test_unknown_model_is_refused():
     with pytest.raises(ConfigError, match="known hub id"):
         plan_memory(recipe_from_dict({"model": {"path": "someone/unknown-7b"}}))
+
+
+# ----------------------------------------------------------------- activation formulas, hand-computed bytes
+
+MADE_UP = ModelShape("made-up", 1000, 2, 8, 8, 4, 2, 16, 32, 64, False, [], None)  # l 2, D 8, Dq 8, Dkv 4, H 2, F 16
+MADE_UP_TARGETS = [Linear("layers.0.q", 8, 8), Linear("layers.1.gate", 8, 16)]
+
+
+def test_full_finetune_activations_hand_computed():
+    """n 1, L 3, Lc 2, a 2. per_layer = 2 (4 + 2) 8 + 3 2 (8 + 4) + 4 2 + 4 2 16 = 96 + 72 + 8 + 128 = 304;
+    tail = 3 (4 + 2) 8 + 2 8 2 = 176. Without checkpointing 3 (2 304) + 176; with it 3 (2 2 8 + 304) + 176
+    (the checkpointed layer inputs l a D); block-causal adds the mask n L^2 a = 18."""
+    args = (1, 3, 2, 2)
+    assert activation_bytes(MADE_UP, *args, False, [], LoraConfig(), 2) == 2000
+    assert activation_bytes(MADE_UP, *args, True, [], LoraConfig(), 2) == 1184
+    block = dataclasses.replace(MADE_UP, block_causal=True)
+    assert activation_bytes(block, *args, False, [], LoraConfig(), 2) == 2018
+
+
+def test_lora_activations_hand_computed():
+    """LoRA r 2 on two linears of fan_in 8. per_layer = 2 4 8 + 2 (2 8 + 2 4) + 4 2 + 3 2 16 = 64 + 48 + 8 + 96
+    = 216 (3aF: gate, silu, up); tail = 3 4 8 = 96 (frozen norm and head)."""
+    args = (MADE_UP, 1, 3, 2, 2)
+    # fp32 adapters (t 4) on a bf16 input: lora_A's output r t = 8 and its cast input 4 8 = 32, per target
+    lora = LoraConfig(r=2, dropout=0.0)
+    assert activation_bytes(*args, False, MADE_UP_TARGETS, lora, 4) == 3 * (2 * 216 + 80) + 96 == 1632
+    assert activation_bytes(*args, True, MADE_UP_TARGETS, lora, 4) == 3 * (2 * 2 * 8 + 216 + 80 / 2) + 96 == 960
+    # autocast with dropout: r a = 4 and the input with its mask 8 (2 + 1) = 24, per target
+    dropout = LoraConfig(r=2, dropout=0.1)
+    assert activation_bytes(*args, False, MADE_UP_TARGETS, dropout, 4, True) == 3 * (2 * 216 + 56) + 96 == 1560
+    # bf16 adapters, no dropout: r a = 4 per target, and lora_A saves the layer inputs (2 D + F) a l = 128
+    assert activation_bytes(*args, False, MADE_UP_TARGETS, lora, 2) == 3 * (2 * 216 + 8 + 128) + 96 == 1800
 
 
 # --------------------------------------------------------------------------- tiny model: exact and measured
@@ -177,6 +326,23 @@ def test_tiny_parameter_gradient_optimizer_bytes_exact(dtype, r):
     states = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
     assert plan.get("optimizer") == nbytes(states)
     assert plan.get("step") == nbytes(trainable)  # foreach AdamW: one state-sized temporary
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_tiny_sgd_state_bytes_exact(momentum):
+    recipe = recipe_from_dict(
+        {"algorithm": "grpo", "model": {"tiny": TINY}, "optim": {"name": "sgd", "momentum": momentum}}
+    )
+    plan = plan_memory(recipe, gpus=1)
+    model, _ = load_model(recipe.model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(trainable, recipe.optim)
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert plan.get("optimizer") == sum(t.numel() * t.element_size() for t in states)
+    assert ("SGD momentum" if momentum else "SGD (no state)") in format_plan(plan)
 
 
 def _cpu_peak(fn) -> int:
@@ -266,12 +432,18 @@ def test_plan_within_15_percent_of_the_measured_8b_grpo_step():
 
 
 def test_graphs_keep_the_rollout_buffers():
-    """rollout.compile=graphs keeps the KV cache and the graphs' pool between rollouts: static memory."""
-    eager = plan_memory(_llada(rollout__cache="dual"), gpus=1, prompt_length=200)
-    graphs = plan_memory(_llada(rollout__cache="dual", rollout__compile="graphs"), gpus=1, prompt_length=200)
-    kv = eager.get("kv_cache")
-    assert kv > 0 and graphs.get("kv_cache") == kv
-    assert graphs.phase("static") == eager.phase("static") + kv + eager.get("rollout_forward")
+    """rollout.compile=graphs keeps the last decode's KV cache and graph pool between calls: static memory, the
+    larger of the training rollout's (12 rows here, with rollout.batch_size 4) and the evaluation's (64 rows)."""
+    for batch, key in [(4, ""), (64, "eval_")]:
+        eager, graphs = (
+            plan_memory(_eval_recipe(rollout__batch_size=batch, rollout__compile=c), gpus=1, prompt_length=200)
+            for c in ("none", "graphs")
+        )
+        kv = eager.get(f"{key}kv_cache")
+        assert kv > 0 and graphs.get("kv_cache") == kv
+        kept = (f"{key}kv_cache", "eval_forward" if key else "rollout_forward")
+        assert graphs.phase("static") == eager.phase("static") + sum(eager.get(k) for k in kept)
+        assert graphs.phase("rollout") == graphs.phase("eval") == 0
 
 
 def test_a_rollout_that_feeds_several_optimizer_steps_decodes_all_its_prompts_at_once():
