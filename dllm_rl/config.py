@@ -122,7 +122,9 @@ class DataConfig:
     dataset: Optional[str] = None  # any dataset with a prompt column: hub name or local .jsonl/.json/.parquet/.csv
     prompt_column: str = "prompt"  # data.dataset: the column holding prompts (text or chat messages)
     train_size: Count = 20000  # procedural tasks: number of generated training examples
-    eval_size: Count = 200  # held-out examples (disjoint from training by construction)
+    # held-out examples; generated tasks hold out solution grids / instances (tasks.base.held_out), so with
+    # sudoku's unique: false the same puzzle text can still occur in both
+    eval_size: Count = 200
     seed: Seed = 0
     # generated tasks (sudoku, countdown, reasoning_gym/NAME): which held-out set. 0 = the one every recipe shares
     # (its stream seed is fixed, 10**6); k > 0 draws the k-th independent one (stream seed 10**6 * (k + 1)), still

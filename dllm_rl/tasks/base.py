@@ -30,9 +30,20 @@ def user_prompt(content: str, system: str | None = None) -> list[dict]:
 
 def held_out(key: str, fraction: float, salt: str) -> bool:
     """Deterministic split by a content key (e.g. the solution grid): the same key always lands on the same
-    side, so train and held-out are disjoint by construction, not just by index."""
+    side, so train and held-out share no key, by construction, not just by index. What else they share depends on
+    the key: sudoku with unique: false splits by the grid a puzzle was cut from, and the same puzzle text can be
+    cut from a training grid and a held-out one (tasks/sudoku.py)."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def check_eval_fraction(task: str, fraction) -> None:
+    """data.options.eval_fraction: a number strictly between 0 and 1 (at 0 or 1 one side would get nothing)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(
+            f"data.options.eval_fraction: {task} holds out this share of its instances, a number strictly between "
+            f"0 and 1; got {fraction!r}"
+        )
 
 
 def eval_stream_seed(cfg: DataConfig) -> int:

@@ -9,9 +9,10 @@ them, generated lazily as they are drawn (some tasks take tens of milliseconds p
 from a fixed seed (10**6; data.eval_seed k > 0 draws another set: base.eval_stream_seed), so they do not move
 with data.seed. Entry i of a stream is drawn from Random(stream seed + i), so a data.seed whose training entries
 would reach the held-out stream's seeds (data.seed near 1000 * (data.eval_seed + 1), e.g. 999 or 1000 for set 0)
-is refused. Otherwise the two streams are independent draws, not disjoint by construction: a task with a small
-space of questions can repeat a training question in the held-out set. `answer` is None for tasks with several valid
-answers (their scorer checks a proposal).
+is refused, and so is one whose training entries' seeds would pass 2**32 - 1 (some tasks seed numpy with them: entry
+i of pool_matrix calls np.random.seed(stream seed + i)). Otherwise the two streams are independent draws, not
+disjoint by construction: a task with a small space of questions can repeat a training question in the held-out
+set. `answer` is None for tasks with several valid answers (their scorer checks a proposal).
 """
 
 from __future__ import annotations
@@ -73,9 +74,27 @@ def check(name: str, options: dict) -> None:
         )
 
 
+SEED_LIMIT = 2**32 - 1  # the largest seed numpy's np.random.seed takes
+
+
 def stream_seeds(cfg: DataConfig) -> tuple[int, int]:
-    """(training, held-out) stream seeds; refuses a data.seed whose training entries reach the held-out ones."""
+    """(training, held-out) stream seeds; refuses a data.seed whose training entries reach the held-out ones, and
+    streams whose last entry's seed (stream seed + size - 1) passes SEED_LIMIT."""
     train_seed, eval_seed = cfg.seed * 1000 + 1, eval_stream_seed(cfg)
+    if eval_seed + cfg.eval_size - 1 > SEED_LIMIT:
+        raise ConfigError(
+            f"data.eval_size={cfg.eval_size}: reasoning-gym seeds held-out entry i with {eval_seed} + i "
+            f"(data.eval_seed={cfg.eval_seed}), past {SEED_LIMIT} (numpy's largest seed, which some tasks use); "
+            f"use a data.eval_size of at most {SEED_LIMIT - eval_seed + 1} or a lower data.eval_seed"
+        )
+    if train_seed + cfg.train_size - 1 > SEED_LIMIT:
+        largest = (SEED_LIMIT - cfg.train_size) // 1000
+        raise ConfigError(
+            f"data.seed={cfg.seed}: reasoning-gym seeds training entry i with {train_seed} + i, which with "
+            f"data.train_size={cfg.train_size} passes {SEED_LIMIT} (numpy's largest seed, which some tasks use); "
+            f"use a data.seed of at most {largest}"
+            + ("" if largest >= 0 else f" (none fits: lower data.train_size to at most {SEED_LIMIT})")
+        )
     if train_seed < eval_seed + cfg.eval_size and eval_seed < train_seed + cfg.train_size:
         at_most, at_least = (eval_seed - 1 - cfg.train_size) // 1000, -(-(eval_seed + cfg.eval_size - 1) // 1000)
         raise ConfigError(

@@ -5,7 +5,8 @@
 `answer` (`... #### 72`); MATH rows need `problem` and `solution` (the answer is the last \\boxed{} unless an
 `answer` column exists). The held-out set is `data.eval_path` at `data.eval_split` (by default the hub dataset's
 test split); a local `data.path` without `data.eval_path` is one split, so its last `data.eval_size` rows (at most
-half of the file) are held out and training draws from the rows before them.
+half of the file) are held out and training draws from the rows before them. These tasks take no data.options
+(any is refused).
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ def _math_row(row, system):
 
 
 def _load(cfg: DataConfig, default_path: str, name, columns, fn, task: str, eval_default: str | None) -> Task:
+    if cfg.options:
+        raise ConfigError(
+            f"data.options: {task} takes no options (got {sorted(cfg.options)}, which nothing would read); remove "
+            f"data.options (data.path, data.split, data.eval_path and data.eval_split choose the data)"
+        )
     path = cfg.path or default_path
     source = load_split(path, cfg.split, name)
     _require(source, columns, path)

@@ -112,6 +112,20 @@ def test_a_training_seed_that_would_replay_the_held_out_stream_is_refused():
         assert not drawn(task.train, 2000) & drawn(task.eval, 200)
 
 
+def test_a_seed_whose_entries_pass_numpys_seed_range_is_refused_before_anything_is_drawn():
+    # pool_matrix draws entry i after np.random.seed(stream seed + i), which takes at most 2**32 - 1: data.seed
+    # 5,000,000 (training seed 5,000,000,001) loaded and then failed on the first training row
+    cfg = lambda seed, n, **kw: DataConfig(task="reasoning_gym/pool_matrix", seed=seed, train_size=n, eval_size=2, **kw)
+    with pytest.raises(ConfigError, match="data.seed=5000000: .*passes 4294967295.*at most 4294967"):
+        load_task(cfg(5_000_000, 4))
+    with pytest.raises(ConfigError, match="data.seed=4294967: .*at most 4294966"):
+        check_task_name(cfg(4_294_967, 296))
+    with pytest.raises(ConfigError, match="data.eval_size=300000000: .*at most 293967296"):
+        check_task_name(dataclasses.replace(cfg(0, 2, eval_seed=4000), eval_size=300_000_000))
+    task = load_task(cfg(4_294_967, 295))  # its last training entry is seeded with 2**32 - 1 exactly
+    assert task.train[294]["rg_seed"] + 294 == 2**32 - 1 and task.train[294]["prompt"]
+
+
 def test_answer_none_tasks_and_scorers_that_raise_score_instead_of_failing():
     task = load_task(DataConfig(task="reasoning_gym/graph_color", train_size=2, eval_size=1))
     rows = [task.train[0], task.train[1]]

@@ -129,3 +129,85 @@ def test_dataset_errors_name_the_fix(tmp_path):
     bad.write_text('{"q": "x", "a": "y"}\n')
     with pytest.raises(ConfigError, match="lacks column"):
         load_task(DataConfig(task="gsm8k", path=str(bad)))
+
+
+@pytest.mark.parametrize("name", ["sudoku", "countdown"])
+@pytest.mark.parametrize("fraction", [0, 1, -1, "0.1", True])
+def test_eval_fraction_is_a_number_strictly_between_0_and_1(name, fraction):
+    # at 0 or 1 one side draws nothing: sudoku read its stream forever, countdown failed after ~20 s naming the
+    # wrong stream; a string failed with a raw TypeError
+    with pytest.raises(ConfigError, match="data.options.eval_fraction: .* strictly between 0 and 1"):
+        load_task(DataConfig(task=name, train_size=4, eval_size=4, options={"eval_fraction": fraction}))
+
+
+@pytest.mark.parametrize("fraction, side", [(0.001, "held-out"), (0.003, "held-out"), (0.9995, "training")])
+def test_sudoku_refuses_an_eval_fraction_that_leaves_a_side_without_solution_grids(fraction, side):
+    with pytest.raises(ConfigError, match=f"eval_fraction={fraction} leaves no 4x4 solution grid .* {side} side"):
+        load_task(DataConfig(task="sudoku", train_size=4, eval_size=4, options={"eval_fraction": fraction}))
+    task = load_task(DataConfig(task="sudoku", train_size=4, eval_size=4, options={"eval_fraction": 0.99}))
+    assert len({r["answer"] for r in task.train}) <= 3  # 3 of the 288 grids are left for training: it still loads
+
+
+@pytest.mark.parametrize("options", [{"min_empty": "3"}, {"max_empty": None}, {"unique": "false"}])
+def test_sudoku_options_of_the_wrong_type_are_named(options):
+    # a string min_empty raised a raw TypeError; unique: "false" (a string, so true) silently drew unique puzzles
+    with pytest.raises(ConfigError, match="sudoku needs whole numbers 0 <= min_empty <= max_empty"):
+        load_task(DataConfig(task="sudoku", train_size=4, eval_size=4, options=options))
+
+
+def fake_stream(metadata):
+    """A reasoning-gym stream that repeats one entry forever (a stand-in for one whose entries all land on one side)."""
+    return lambda name, **kwargs: ({"metadata": metadata} for _ in iter(int, 1))
+
+
+def test_sudoku_stops_reading_a_stream_that_never_reaches_its_side(monkeypatch):
+    import reasoning_gym
+
+    grid = [[1, 2, 3, 4], [3, 4, 1, 2], [2, 1, 4, 3], [4, 3, 2, 1]]
+    monkeypatch.setattr(reasoning_gym, "create_dataset", fake_stream({"solution": grid, "puzzle": grid}))
+    # this grid is a training grid at the default eval_fraction: the held-out stream would never end
+    with pytest.raises(ConfigError, match=r"sudoku: \d+ draws gave 0 of 4 held-out puzzles"):
+        load_task(DataConfig(task="sudoku", train_size=4, eval_size=4))
+
+
+def test_countdown_names_the_stream_that_ran_out(monkeypatch):
+    import reasoning_gym
+
+    from dllm_rl.tasks.base import held_out
+
+    entry = {"numbers": [2, 2], "target": 4, "expression": "2+2"}
+    monkeypatch.setattr(reasoning_gym, "create_dataset", fake_stream(entry))
+    assert not held_out("[2, 2]->4", 0.1, "countdown") and held_out("[2, 2]->4", 0.9, "countdown")
+    with pytest.raises(ConfigError, match="enough distinct held-out puzzles"):  # one instance, two wanted
+        load_task(DataConfig(task="countdown", train_size=4, eval_size=2))
+    with pytest.raises(ConfigError, match="enough training puzzles .* lower data.options.eval_fraction"):
+        load_task(DataConfig(task="countdown", train_size=4, eval_size=1, options={"eval_fraction": 0.9}))
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        ({"min_numbers": 5, "max_numbers": 3}, "max_numbers must be >= min_numbers"),
+        ({"min_target": 9000, "max_target": 9999}, "Failed to generate valid expression"),  # out of reach of 3x20
+        ({"max_value": "20"}, "TypeError"),
+    ],
+)
+def test_countdown_generator_refusals_are_config_errors(options, problem):
+    with pytest.raises(ConfigError, match=f"data.options for reasoning-gym's 'countdown': .*{problem}"):
+        load_task(DataConfig(task="countdown", train_size=4, eval_size=4, options=options))
+
+
+def test_sudoku_with_unique_false_can_show_a_held_out_puzzle_in_training():
+    """What tasks/sudoku.py and tasks/base.held_out state: the split is by solution grid, so grids and targets are
+    disjoint, but a puzzle with several solutions can be cut from a grid on each side, its text then in both."""
+    opts = {"unique": False, "min_empty": 14, "max_empty": 15}
+    task = load_task(DataConfig(task="sudoku", train_size=200, eval_size=50, seed=1, options=opts))
+    assert not {r["answer"] for r in task.train} & {r["answer"] for r in task.eval}
+    train_prompts = [r["prompt"] for r in task.train]
+    assert any(r["prompt"] in train_prompts for r in task.eval)
+
+
+@pytest.mark.parametrize("task, path", [("gsm8k", "gsm8k_tiny.jsonl"), ("math", "math_tiny.jsonl")])
+def test_gsm8k_and_math_refuse_options_they_would_ignore(task, path):
+    with pytest.raises(ConfigError, match=f"data.options: {task} takes no options"):
+        load_task(DataConfig(task=task, path=str(DATA / path), train_size=2, eval_size=1, options={"name": "socratic"}))
