@@ -21,23 +21,24 @@ def _text(completion) -> str:
 
 
 def closeness(prompts, completions, target, **kwargs):
-    """1 / (1 + |value - target|) for an arithmetic expression; 0 when it does not evaluate (a reward that raises
-    stops the run, so every failure of a model's text is caught here).
+    """1 / (1 + |value - target|) for an arithmetic expression of at most 200 characters; 0 when it is longer or
+    does not evaluate (a reward that raises stops the run, so every failure of a model's text is caught here).
 
-    >>> closeness(["p"] * 4, ["12(18+8)", "9**9**9", "1/0", "()"], target=[16] * 4)
-    [0.0, 0.0, 0.0, 0.0]
+    >>> closeness(["p"] * 6, ["12(18+8)", "9**9**9", "1/0", "()", "-" * 3000 + "1", "-" * 150 + "16"], target=[16] * 6)
+    [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     """
     out = []
     for c, t in zip(completions, target):
         expr = _text(c).strip()
-        if not re.fullmatch(r"[\d+\-*/() ]+", expr) or "**" in expr:  # no powers: 9**9**9 would never finish
+        # no powers (9**9**9 would never finish) and nothing long (Python's parser recurses on nested signs)
+        if len(expr) > 200 or not re.fullmatch(r"[\d+\-*/() ]+", expr) or "**" in expr:
             out.append(0.0)
             continue
         try:
             value = eval(expr, {"__builtins__": {}})  # digits and operators only (checked above)
             out.append(1.0 / (1.0 + abs(float(value) - t)))
-        except (SyntaxError, TypeError, ArithmeticError):  # 12(18+8) calls an int; 1/0; a value too large
-            out.append(0.0)
+        except (SyntaxError, TypeError, ValueError, ArithmeticError, RecursionError, MemoryError):
+            out.append(0.0)  # 12(18+8) calls an int; 1/0; a value too large; a parser that gives up
     return out
 
 

@@ -67,3 +67,16 @@ def test_hybrid_planner():
     rates = dict(re.findall(r"plan=(\w+)\s+held-out solve rate ([\d.]+)", out))
     assert set(rates) == {"none", "content_free", "real", "first_row", "corrupted"}, out  # the added kind ran
     assert float(re.search(r"plan log-prob \(nats\): +(\S+)", out).group(1)) < 0, out  # the planner sampled it
+
+
+def test_reward_plugin_scores_any_text_without_raising():
+    # the plugin's docstring promises that no model text makes it raise (a raising reward stops the run)
+    import doctest
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reward_plugin", ROOT / "examples" / "reward_plugin.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    assert doctest.testmod(plugin).failed == 0
+    texts = ["-" * 3000 + "1", "-" * 10_000 + "1", "(" * 300 + "1" + ")" * 300, "9" * 5000, "-" * 150 + "16"]
+    assert plugin.closeness(["p"] * 5, texts, target=[16] * 5) == [0.0, 0.0, 0.0, 0.0, 1.0]

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from ..rewards.countdown import evaluate_expression
+from ..rewards.countdown import evaluate_expression, extract_expression, parse_expression
 from ..rewards.sudoku import parse_grid, solutions
 
 
@@ -197,18 +197,33 @@ def countdown_correct(row: dict, plan: str) -> bool:
 
 
 def countdown_follows(plan: str, completion: str) -> bool:
-    """The completion's expression performs the plan's operation (either operand order for + and *).
+    """The completion's expression (as the reward reads it: rewards.countdown.extract_expression) performs the plan's
+    operation: the plan's `a op b`, an operation on two numbers, is a subtree of the expression's syntax tree, with
+    the operands in either order for + and *.
 
     >>> countdown_follows("9*2=18", "3+2*9"), countdown_follows("9*2=18", "9+2*3")
     (True, False)
+    >>> countdown_follows("9+2=11", "3*9+2"), countdown_follows("9*2=18", "<answer>\\n9*2+3\\n</answer>")
+    (False, True)
     """
-    m = re.fullmatch(r"\s*(\d+)\s*([-+*/])\s*(\d+)\s*=.*", plan)
-    if not m:
-        return False
-    a, op, b = m.groups()
-    expr = completion.strip().splitlines()[0].replace(" ", "") if completion.strip() else ""
-    pairs = [f"{a}{op}{b}"] + ([f"{b}{op}{a}"] if op in "+*" else [])
-    return any(re.search(rf"(?<!\d){re.escape(p)}(?!\d)", expr) for p in pairs)
+    m = re.fullmatch(r"\s*(.+?)\s*=.*", plan, re.S)
+    step = parse_expression(m.group(1)) if m else None
+    op = step.body if step is not None else None
+    if not isinstance(op, ast.BinOp) or None in (a := _operand(op.left), b := _operand(op.right)):
+        return False  # not one operation on two numbers
+    wanted = {(type(op.op), a, b)} | ({(type(op.op), b, a)} if isinstance(op.op, (ast.Add, ast.Mult)) else set())
+    tree = parse_expression(extract_expression(completion))
+    nodes = ast.walk(tree) if tree is not None else ()
+    return any(isinstance(n, ast.BinOp) and (type(n.op), _operand(n.left), _operand(n.right)) in wanted for n in nodes)
+
+
+def _operand(node) -> tuple | None:
+    """A number operand (an integer under any unary signs) as (signs, value); None for a subexpression."""
+    signs = []
+    while isinstance(node, ast.UnaryOp):  # a loop, not recursion: a completion can nest thousands of signs
+        signs.append(type(node.op).__name__)
+        node = node.operand
+    return (tuple(signs), node.value) if isinstance(node, ast.Constant) else None
 
 
 PLANS = {

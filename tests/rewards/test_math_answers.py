@@ -55,3 +55,41 @@ def test_answers_match_off_the_main_thread():
     worker.start()
     worker.join()
     assert out == {"ok": True}
+
+
+@pytest.mark.parametrize(
+    "a, b, reference",
+    [
+        ("0.5", r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        ("1000", r"\boxed{1,000}", "1000"),
+        ("72", "72.0", "72"),
+        ("<answer>$72</answer>", "72", "72"),
+        (r"\boxed{x = 3}", "3", "3"),
+        ("<answer>50%</answer>", "50", "50"),
+    ],
+)
+def test_majority_keys_merge_answers_the_verifier_takes_for_one(a, b, reference):
+    assert math_reward(["q", "q"], [a, b], answer=[reference] * 2) == [1.0, 1.0]
+    key = answer_key("math")
+    assert key(a) == key(b)
+
+
+def test_majority_keys_part_answers_the_verifier_scores_differently():
+    from dllm_rl.evalstats import vote
+
+    key = answer_key("math")
+    spaced, plain = "<answer>1 000</answer>", "<answer>1000</answer>"
+    assert math_reward(["q", "q"], [spaced, plain], answer=["1000"] * 2) == [0.0, 1.0]
+    assert key(spaced) != key(plain)
+    # a vote of 0.5, 1/2, 3, 3 against 1/2 is a tie between two answers, not a win for 3
+    texts = ["0.5", r"\boxed{\frac{1}{2}}", "3", "3"]
+    scores = math_reward(["q"] * 4, texts, answer=[r"\frac{1}{2}"] * 4)
+    assert scores == [1.0, 1.0, 0.0, 0.0] and vote([key(t) for t in texts], scores) == 0.5
+    # wherever two of these completions share a key, the verifier scores them alike against each reference
+    texts = ["0.5", "1/2", "0.50", "2", "2.0", "\\sqrt{4}", "<answer>x = 2</answer>", "<answer>(1, 2)</answer>", "x+1"]
+    for reference in ["0.5", "2", "(1, 2)", "x+1"]:
+        scores = math_reward(["q"] * len(texts), texts, answer=[reference] * len(texts))
+        by_key = {}
+        for t, s in zip(texts, scores):
+            by_key.setdefault(key(t), set()).add(s)
+        assert all(len(s) == 1 for s in by_key.values()), (reference, by_key)
