@@ -132,11 +132,20 @@ def _number(x: float) -> str:
 
 
 def countdown_oracle(row: dict) -> str:
-    """The first operation of the reference expression, in evaluation order, with its result.
+    """The first operation of the reference expression, in evaluation order, with its result; a number under a
+    unary minus (reasoning-gym writes references such as `-3-4+5`) is an operand with its sign.
 
     >>> countdown_oracle({"answer": "3+9*2"}), countdown_oracle({"answer": "(7-2)*4"})
     ('9*2=18', '7-2=5')
+    >>> countdown_oracle({"answer": "-3-4+5"})
+    '-3-4=-7'
     """
+
+    def signed(node) -> int | None:
+        value = _operand(node)
+        if value is None:
+            return None
+        return value[1] * (-1) ** sum(sign == "USub" for sign in value[0])
 
     def first(node):
         if isinstance(node, ast.BinOp):
@@ -144,12 +153,12 @@ def countdown_oracle(row: dict) -> str:
                 found = first(child)
                 if found is not None:
                     return found
-            if isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant):
+            if signed(node.left) is not None and signed(node.right) is not None:
                 return node
         return None
 
     op = first(ast.parse(row["answer"], mode="eval").body)
-    a, b, sym = op.left.value, op.right.value, _SYMBOL[type(op.op)]
+    a, b, sym = signed(op.left), signed(op.right), _SYMBOL[type(op.op)]
     return f"{a}{sym}{b}={_number(_APPLY[sym](a, b))}"
 
 
