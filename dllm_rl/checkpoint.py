@@ -68,8 +68,10 @@ def save_checkpoint(
     keep: int = 2,
     order_policy=None,
     edit_policy=None,
+    write=(),
 ) -> Path:
-    """Atomically write checkpoint-<step> (all processes must call this; rank 0 writes the model files)."""
+    """Atomically write checkpoint-<step> (all processes must call this; rank 0 writes the model files). write:
+    callables(directory) that add their own files (a trained planner) before the COMPLETE marker."""
     run = Path(run_dir)
     final = run / f"checkpoint-{step}"
     tmp = run / f"checkpoint-{step}.tmp"
@@ -83,6 +85,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         save_model_files(tmp, model, tokenizer, recipe, accelerator, state_dict, order_policy, edit_policy)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        for fn in write:
+            fn(tmp)
         (tmp / COMPLETE).write_text("")
         replace_dir(tmp, final)
         for old in checkpoints(run)[:-keep] if keep > 0 else []:

@@ -844,6 +844,18 @@ def _grpo_rules(r: Recipe):
             f"hybrid.planner.train: true trains the planner on its own sampled plans; set hybrid.plan=real "
             f"(now {h.plan})"
         )
+    if h.planner.train and (h.planner.temperature == 0 or h.planner.top_k == 1):
+        yield (
+            "hybrid.planner.train: true with a greedy planner (hybrid.planner.temperature=0 or top_k=1) gives every "
+            "sample of a group the same plan, so the group-relative advantages cancel on it and it learns nothing; "
+            "sample its plans (e.g. hybrid.planner.temperature=1.0)"
+        )
+    if h.planner.train and h.planner.backend == "vllm":
+        yield (
+            "hybrid.planner.train: true with hybrid.planner.backend=vllm: vLLM samples from the weights it loaded "
+            "while the transformers copy trains, so the plans would come from a stale planner; use "
+            "hybrid.planner.backend=transformers to train it (vLLM is for frozen planners)"
+        )
     if not h.train_executor and not h.planner.train:
         yield "hybrid.train_executor: false leaves nothing to train; set hybrid.planner.train=true"
 

@@ -614,7 +614,13 @@ class GRPOTrainer:
             self.step,
             self.evaluate if before is not None else None,
             postfix=self._postfix,
-            extra_state={"order_policy": self.order_policy, "edit_policy": self.edit_policy},
+            # a trained planner goes in each checkpoint too (checkpoint-N/planner), so `dllm-rl eval` of one plans
+            # with the planner of that step (resume restores it from the accelerator state)
+            extra_state={
+                "order_policy": self.order_policy,
+                "edit_policy": self.edit_policy,
+                "write": (self.planner.save,),
+            },
         )
         after = None
         if before is not None:

@@ -129,6 +129,14 @@ def test_a_planner_with_nothing_to_learn_is_refused(tmp_path):
         GRPOTrainer(recipe(tmp_path, plan="content_free", train_planner=True), reward_funcs=[record_prompts])
     with pytest.raises(ConfigError, match="nothing to train"):
         GRPOTrainer(recipe(tmp_path, train_executor=False), reward_funcs=[record_prompts])
+    greedy = recipe(tmp_path, train_planner=True)
+    greedy.hybrid.planner.temperature = 0.0  # one plan per group: the advantages cancel on it
+    with pytest.raises(ConfigError, match="greedy planner"):
+        GRPOTrainer(greedy, reward_funcs=[record_prompts])
+    stale = recipe(tmp_path, train_planner=True)
+    stale.hybrid.planner.backend = "vllm"
+    with pytest.raises(ConfigError, match="vLLM is for frozen planners"):
+        GRPOTrainer(stale, reward_funcs=[record_prompts])
 
 
 def test_a_jointly_trained_planner_is_saved_inside_the_atomic_final(tmp_path, monkeypatch, capsys):
@@ -136,10 +144,15 @@ def test_a_jointly_trained_planner_is_saved_inside_the_atomic_final(tmp_path, mo
     plans with that planner; a failure while writing them leaves no final/ (the run is then not finished)."""
     import dllm_rl.trainers.planner as planner_module
 
-    trainer = GRPOTrainer(
-        recipe(tmp_path / "ok", train_planner=True, train_executor=False), reward_funcs=[record_prompts]
-    )
+    ok = recipe(tmp_path / "ok", train_planner=True, train_executor=False)
+    ok.train.save_steps = 1
+    trainer = GRPOTrainer(ok, reward_funcs=[record_prompts])
     final = Path(trainer.train()["final"])
+    # each checkpoint holds its step's planner, so evaluating a checkpoint plans with the planner it was trained with
+    first = tmp_path / "ok" / "checkpoint-1"
+    assert (first / "planner" / "config.json").is_file() and (tmp_path / "ok" / "checkpoint-2" / "planner").is_dir()
+    main(["eval", str(first / "recipe.yaml"), "--checkpoint", str(first)])
+    assert f"planner: {first / 'planner'} (trained with this checkpoint)" in capsys.readouterr().out
     assert (final / "planner" / "config.json").is_file() and (final / "reward_curve.png").is_file()
     assert (tmp_path / "ok" / "reward_curve.png").read_bytes() == (final / "reward_curve.png").read_bytes()
     logged = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
