@@ -115,7 +115,6 @@ def estimate(model, batch, noise: Noise, tr, order_policy=None, edit_policy=None
     mask_id, shift = tr.mask_token_id, tr.logits_shift
     events = trace.events.cpu()
     lim = edit_limits(d)
-    T = d.temperature if d.temperature > 0 else 1.0
     checkpointed = torch.is_grad_enabled() and S > 1
     steps = []
     for s in range(S):
@@ -134,7 +133,8 @@ def estimate(model, batch, noise: Noise, tr, order_policy=None, edit_policy=None
         total = torch.zeros(N, device=device)
         # the fills: each committed token under the distribution it was drawn from
         if len(rows):
-            lp = sampling_logprobs(logits[rows.to(device), pos.to(device)], T, d.top_k, d.top_p, mask_id)
+            # greedy fills (temperature 0): the model's own distribution, unfiltered, as the sampler records it
+            lp = sampling_logprobs(logits[rows.to(device), pos.to(device)], d.temperature, d.top_k, d.top_p, mask_id)
             total = total.index_add(0, rows.to(device), lp.gather(-1, tok.to(device)[:, None])[:, 0])
         is_mask = (canvas == mask_id) & valid
         candidates = is_mask & (ops == 0)  # masks kept this step: the ones the order chose from

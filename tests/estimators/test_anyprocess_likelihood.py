@@ -176,10 +176,11 @@ def test_every_trajectory_has_its_probability(tokenizer):
 
 
 def edit_rollout(order: str, order_temperature: float, **settings) -> RolloutConfig:
-    """A 12-slot any-process rollout (remask, insert, delete) at token temperature 0.9 with this order."""
+    """A 12-slot any-process rollout (remask, insert, delete) at token temperature 0.9 (or settings') with this
+    order."""
     return RolloutConfig(
         max_completion_length=12,
-        temperature=0.9,
+        temperature=settings.pop("temperature", 0.9),
         order=order,
         order_temperature=order_temperature,
         edit="any",
@@ -222,10 +223,14 @@ def test_a_random_order_is_scored_as_the_uniform_draw_it_is(model_factory, token
     assert torch.allclose(e.logps * e.mask, want * e.mask, atol=1e-4)
 
 
-@pytest.mark.parametrize("order,order_temperature", [("top_prob", 0.0), ("margin", 0.7), ("policy", 0.5)])
-def test_estimator_equals_the_recorded_logprobs(model_factory, tokenizer, order, order_temperature):
+@pytest.mark.parametrize(
+    "order,order_temperature,temperature",
+    [("top_prob", 0.0, 0.9), ("margin", 0.7, 0.9), ("policy", 0.5, 0.9), ("top_prob", 0.0, 0.0)],
+)
+def test_estimator_equals_the_recorded_logprobs(model_factory, tokenizer, order, order_temperature, temperature):
     """A batch of rows of different prompts and changing lengths (padded views): the estimate of each step is
-    what the sampler recorded for it (fills + order + edits), KEEPs and taken-back fills included."""
+    what the sampler recorded for it (fills + order + edits), KEEPs and taken-back fills included. Greedy tokens
+    (temperature 0) are scored under the model's own distribution, which the top_k set here does not filter."""
     from dllm_rl.policy import OrderHead, OrderHeadConfig
 
     m = model_factory()
@@ -235,7 +240,14 @@ def test_estimator_equals_the_recorded_logprobs(model_factory, tokenizer, order,
     oh = OrderHead(OrderHeadConfig(hidden_size=32, width=16, heads=2))
     torch.nn.init.normal_(oh.out[1].weight)
     cfg = edit_rollout(
-        order, order_temperature, steps=6, top_k=20, edit_initial_length=5, edit_extra_steps=3, edit_max_per_step=3
+        order,
+        order_temperature,
+        steps=6,
+        top_k=20,
+        temperature=temperature,
+        edit_initial_length=5,
+        edit_extra_steps=3,
+        edit_max_per_step=3,
     )
     prompts = ["hi", "a longer prompt here", [{"role": "user", "content": "12_4\n__3_"}], "x"]
     out = generate(m, tokenizer, prompts, cfg, torch.Generator().manual_seed(0), edit_policy=head, order_policy=oh)
