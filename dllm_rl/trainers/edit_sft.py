@@ -5,7 +5,8 @@ operations are known. Here each step draws fresh drafts of the task's target com
 wrong tokens, spurious and missing masks, canvases of the wrong length, with the operations that fix them),
 forwards the model once on each draft, and minimises
     - the model's cross-entropy at the draft's masks that stand for a target token (when
-      edit_policy.train_model; the masked-diffusion loss on canvases of the completion's own length), plus
+      edit_policy.train_model; the masked-diffusion loss on the drafts' canvases, of the completion's own
+      length or not: a mask that stands for a target token is trained wherever it sits), plus
     - the negative log-likelihood of the labelled operations and insert counts under the head, each decision
       scored by policy.edits over its legal set given the labelled decisions before it (the very
       distribution the rollout draws from, so SFT and GRPO train one policy),
