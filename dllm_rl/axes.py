@@ -49,7 +49,7 @@ def hybrid_axes(model, tokenizer, task, recipe: Recipe, samples: int = 8, order_
 
     h = recipe.hybrid
     if planner is None and h.planner.path:
-        planner = load_planner(h.planner, seed=recipe.train.seed)
+        planner = load_planner(h.planner, seed=recipe.train.seed, device=model.device)
     plans = task_plans(task.name)
     kinds = [k for k in KINDS if (k != "real" or planner is not None) and (k != "oracle" or plans.oracle)]
     data = task.eval.select(range(min(recipe.eval.size or len(task.eval), len(task.eval))))

@@ -170,7 +170,7 @@ def cmd_eval(args) -> None:
     if recipe.hybrid.plan != "none" and recipe.hybrid.planner.path:
         from .models.ar import load_planner
 
-        planner = load_planner(recipe.hybrid.planner, seed=recipe.train.seed)
+        planner = load_planner(recipe.hybrid.planner, seed=recipe.train.seed, device=model.device)
     result = evaluate_recipe(
         model, tokenizer, task, recipe, order_policy=order_policy, edit_policy=edit_policy, planner=planner
     )

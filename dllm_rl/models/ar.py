@@ -109,10 +109,13 @@ def load_causal_lm(cfg, seed: int = 0):
     return model, tok
 
 
-def load_planner(cfg, seed: int = 0, trainable: bool = False) -> "ARPlanner":
+def load_planner(cfg, seed: int = 0, trainable: bool = False, device=None) -> "ARPlanner":
     """The planner of a `hybrid.planner` section; `trainable`: LoRA adapters when cfg.lora.r > 0, else all
-    weights train (joint RL); otherwise frozen."""
+    weights train (joint RL); otherwise frozen. device: where it runs (the executor's device; None: where it
+    loaded, the CPU)."""
     model, tok = load_causal_lm(cfg, seed)
+    if device is not None:
+        model.to(device)
     if not trainable:
         model.requires_grad_(False)
     elif cfg.lora.r > 0:

@@ -115,7 +115,7 @@ class GRPOTrainer:
             self.order_policy.train()  # it decodes and is scored as it trains (its attention layer's one path)
         if self.order_policy is not None and not r.order_policy.train_model or not r.hybrid.train_executor:
             run.model.requires_grad_(False)  # no model gradients are computed at all, not just not applied
-        self.planner = planner_phase(r, self.task.name)  # NoPlanner unless hybrid.plan is set
+        self.planner = planner_phase(r, self.task.name, self.acc.device)  # NoPlanner unless hybrid.plan is set
         if r.grpo.disable_dropout and self.planner.planner is not None:
             disable_dropout(self.planner.planner.model)
         # any-process decoding (rollout.edit): the edit head, built and trained like the order head

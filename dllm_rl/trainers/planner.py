@@ -229,11 +229,12 @@ class NoPlanner:
 class PlannerPhase(NoPlanner):
     """The planner in GRPO (module docstring)."""
 
-    def __init__(self, recipe: Recipe, task_name: str):
+    def __init__(self, recipe: Recipe, task_name: str, device=None):
         h = recipe.hybrid
         self.cfg, self.task_name, self.trains = h, task_name, h.planner.train
         needs_planner = h.plan == "real" or (h.plan in ("other_problem", "corrupted") and h.planner.path)
-        self.planner = load_planner(h.planner, seed=recipe.train.seed, trainable=self.trains) if needs_planner else None
+        load = dict(seed=recipe.train.seed, trainable=self.trains, device=device)  # beside the executor
+        self.planner = load_planner(h.planner, **load) if needs_planner else None
 
     def decode(self, model, tokenizer, prompts, rows, cfg, generator, order_policy=None, edit_policy=None):
         """The hybrid rollout: plans (the planner's, for plan=real), placed in the executor's prompts."""
@@ -279,7 +280,7 @@ class PlannerPhase(NoPlanner):
             self.planner.save(Path(directory) / "planner")
 
 
-def planner_phase(recipe: Recipe, task_name: str):
-    """NoPlanner, or the PlannerPhase of a recipe whose hybrid.plan is not none."""
+def planner_phase(recipe: Recipe, task_name: str, device=None):
+    """NoPlanner, or the PlannerPhase of a recipe whose hybrid.plan is not none (its planner on `device`)."""
     plan_kind(recipe.hybrid.plan)  # a bad name lists the valid ones
-    return NoPlanner() if recipe.hybrid.plan == "none" else PlannerPhase(recipe, task_name)
+    return NoPlanner() if recipe.hybrid.plan == "none" else PlannerPhase(recipe, task_name, device)

@@ -195,3 +195,13 @@ def test_disable_dropout_reaches_a_trained_planner(tmp_path, disable):
     _, stats = trainer.planner.loss(batch, trainer.loss_fn, r.grpo)
     sampled = float((batch.plan.logprobs * batch.plan.plan_mask).sum(-1).mean())
     assert (abs(stats["planner/logprob"] - sampled) < 1e-4) == disable, (stats["planner/logprob"], sampled)
+
+
+def test_the_planner_runs_beside_the_executor(tmp_path):
+    """The planner is loaded onto the device it is given (GRPO: the accelerator's, where the executor and the
+    advantages are), not left on the CPU; the meta device stands in for a GPU here."""
+    from dllm_rl.trainers.planner import planner_phase
+
+    phase = planner_phase(recipe(tmp_path, train_planner=True), "sudoku", torch.device("meta"))
+    assert phase.planner.device.type == "meta"
+    assert planner_phase(recipe(tmp_path), "sudoku").planner.device.type == "cpu"
