@@ -1,7 +1,8 @@
 """The three axes of a hybrid AR planner -> diffusion executor, measured on a task's held-out set
 (`dllm-rl eval RECIPE --checkpoint C --hybrid-axes`).
 
-1. Interface-format brittleness: greedy accuracy with no scaffold against a content-free scaffold (the same
+1. Interface-format brittleness: greedy accuracy (the executor decodes greedily; a real plan is the planner's
+   sample at its own hybrid.planner.temperature) with no scaffold against a content-free scaffold (the same
    template, a plan without content): format damage = acc(content_free) - acc(none).
 2. Planner-content trust: accuracy with the planner's real plan, the oracle plan, a plan for another problem
    and a corrupted plan; content gain = acc(real) - acc(content_free) (and oracle - content_free); how often

@@ -254,7 +254,9 @@ class PlanBatch:
     plan_ids: torch.Tensor  # [N, T] right-padded
     plan_mask: torch.Tensor  # [N, T] 1 = sampled token that counts (up to and including the planner's EOS)
     logprobs: torch.Tensor  # [N, T] sampler log-probs (0 where plan_mask is 0)
-    texts: list[str]  # the plans as placed in the executor's prompt
+    # the plans as written, whole; executor_prompts holds them as placed, where one may be cut to fit the
+    # executor's context (rollout.hybrid.fit_plans; plans/cut_fraction counts them)
+    texts: list[str]
     kind: str = "real"  # none | content_free | real | oracle | other_problem | corrupted (rollout.hybrid)
     executor_prompts: list = field(default_factory=list)  # the prompts the executor decoded (plans placed)
 
