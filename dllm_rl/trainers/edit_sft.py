@@ -89,7 +89,8 @@ class EditSFTTrainer:
         self.limits = EditLimits(
             remask=True,
             delete=r.rollout.edit == "any",
-            max_insert=self.head.cfg.max_insert if r.rollout.edit == "any" else 0,
+            # the counts the rollout draws (rollout.edit_max_insert; a loaded head may score more, never fewer)
+            max_insert=min(self.head.cfg.max_insert, r.rollout.edit_max_insert) if r.rollout.edit == "any" else 0,
             max_length=C,
             max_per_step=10**6,  # the labels fix a draft in one step where the head can: no budget
         )

@@ -5,6 +5,7 @@ on drafts whose labels round-trip to the target."""
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,20 @@ def test_edit_sft_shows_the_head_the_states_decoding_shows_it(tmp_path, tokenize
         states = m(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
     valid = batch["valid"][0]
     torch.testing.assert_close(seen[0][0][valid], states[0, P - 1 : P + C - 1][valid], rtol=1e-4, atol=1e-5)
+
+
+def test_edit_sft_labels_only_the_insert_counts_the_rollout_draws(tmp_path):
+    """A head loaded beside the model may score more insert counts than rollout.edit_max_insert lets the rollout
+    draw; edit SFT's labels and legal sets stop at the rollout's limit, so it never trains a count decoding
+    cannot choose."""
+    from dllm_rl.policy.edit_head import EditHeadConfig
+    from dllm_rl.rundir import resolve_model_dir
+    from dllm_rl.trainers.sft import sft_trainer
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir(edit_sft_recipe(tmp_path / "a").model.path), model)
+    EditHead(EditHeadConfig(hidden_size=128, width=16, heads=2, max_insert=3)).save(model)
+    r = edit_sft_recipe(tmp_path / "sft")
+    r.model.path, r.rollout.edit, r.rollout.edit_max_insert = str(model), "any", 1
+    tr = sft_trainer(r)
+    assert tr.head.cfg.max_insert == 3 and tr.limits.max_insert == 1
