@@ -347,11 +347,12 @@ class GRPOTrainer:
             mask = mask * (~truncated(mb.completion_ids, self.tokenizer.eos_token_id)).float()[:, None]
         return mask
 
-    def loss(self, mb, noise, old=None, ref=None, tokens=None):
+    def loss(self, mb, noise, old=None, ref=None, tokens=None, plan_tokens=None):
         """(loss, stats) of the GRPO objective on micro-batch `mb` (advantages set) under `noise`, with the
         policy's estimate under grad; old = None: the policy's own detached estimate (ratio 1, mu = 1).
         tokens: dapo's normaliser (the optimizer step's loss tokens on all processes / (processes x
-        micro-batches)); top_entropy_quantile < 1 masks the policy term to the high-entropy tokens."""
+        micro-batches)); plan_tokens: the same for a trained planner's plan tokens; top_entropy_quantile < 1 masks
+        the policy term to the high-entropy tokens."""
         with self.entropy.recording() if self.entropy is not None else contextlib.nullcontext():
             est = self._estimate(self.model, mb, noise, grad=True)
         mask = self.loss_mask(mb, est.mask)
@@ -372,7 +373,8 @@ class GRPOTrainer:
             token_normalizer=tokens,
         )
         loss, loss_stats = self.loss_fn(inputs, self.recipe.grpo)
-        plan_loss, plan_stats = self.planner.loss(mb, self.loss_fn, self.recipe.grpo)  # (0, {}) without a planner
+        # (0, {}) without a planner
+        plan_loss, plan_stats = self.planner.loss(mb, self.loss_fn, self.recipe.grpo, plan_tokens)
         return loss + plan_loss, {**loss_stats, **stats, **plan_stats}
 
     def _token_normalizer(self, batch, rows, noise) -> float:
@@ -382,6 +384,16 @@ class GRPOTrainer:
         the loss sums: the estimator's own entries where it decides them (Estimator.counted)."""
         mb = batch.select(rows)
         tokens = self.loss_mask(mb, self.estimator.counted(mb, noise.select(rows))).sum().to(self.acc.device)
+        if self.acc.num_processes > 1:
+            tokens = self.acc.reduce(tokens, reduction="sum")
+        return max(float(tokens), 1.0) / (self.acc.num_processes * self.recipe.train.gradient_accumulation_steps)
+
+    def _plan_token_normalizer(self, batch, rows) -> float | None:
+        """dapo's normaliser for a trained planner: this optimizer step's plan tokens on every process, divided as
+        _token_normalizer divides (None without a trained planner)."""
+        if not self.planner.trains:
+            return None
+        tokens = batch.plan.plan_mask[rows.to(batch.plan.plan_mask.device)].sum().float().to(self.acc.device)
         if self.acc.num_processes > 1:
             tokens = self.acc.reduce(tokens, reduction="sum")
         return max(float(tokens), 1.0) / (self.acc.num_processes * self.recipe.train.gradient_accumulation_steps)
@@ -412,7 +424,7 @@ class GRPOTrainer:
         stats = defaultdict(list)
         for it, (noise, old, ref) in enumerate(estimates):
             for k, rows in enumerate(self._optimizer_steps(len(batch))):
-                tokens = self._token_normalizer(batch, rows, noise)
+                tokens = self._token_normalizer(batch, rows, noise), self._plan_token_normalizer(batch, rows)
                 for mb_rows in self._micro_batches_of(rows):
                     self._micro_step(batch, mb_rows, noise, old, ref, tokens, stats, stepped=len(rows) > 0)
                 self.scheduler.step()
@@ -424,7 +436,8 @@ class GRPOTrainer:
 
     def _micro_step(self, batch, rows, noise, old, ref, tokens, stats, stepped: bool = True) -> None:
         """One micro-batch's forward and backward, then, at the optimizer step's last, clipping and the step;
-        `stepped`: the optimizer step has rows (an empty one, left by filter_zero_std, has no grad norm)."""
+        tokens: dapo's normalisers (the model's, the planner's); `stepped`: the optimizer step has rows (an empty
+        one, left by filter_zero_std, has no grad norm)."""
         max_norm = self.recipe.optim.max_grad_norm
         with self.acc.accumulate(self.model):
             loss = None
@@ -434,7 +447,7 @@ class GRPOTrainer:
                     noise.select(rows),
                     None if old is None else old[rows.to(old.device)],
                     None if ref is None else ref[rows.to(ref.device)],
-                    tokens,
+                    *tokens,
                 )
                 self._check_finite(loss, s)
                 self.acc.backward(loss)

@@ -204,6 +204,7 @@ class NoPlanner:
     """No plan: the plain rollout, no planner term in the loss."""
 
     planner = None
+    trains = False
 
     def decode(self, model, tokenizer, prompts, rows, cfg, generator, order_policy=None, edit_policy=None):
         return generate(
@@ -213,7 +214,7 @@ class NoPlanner:
     def param_groups(self) -> list[dict]:
         return []
 
-    def loss(self, mb, loss_fn, grpo_cfg):
+    def loss(self, mb, loss_fn, grpo_cfg, token_normalizer=None):
         return 0.0, {}
 
     def clip(self, max_norm: float) -> dict:
@@ -249,18 +250,27 @@ class PlannerPhase(NoPlanner):
             return []
         return [{"params": [p for p in self.planner.parameters() if p.requires_grad], "lr": self.cfg.planner.lr}]
 
-    def loss(self, mb, loss_fn, grpo_cfg):
+    def loss(self, mb, loss_fn, grpo_cfg, token_normalizer=None):
         """(the planner's policy-gradient loss on micro-batch `mb`, stats): the recipe's loss over the plan
         tokens with each row's group advantage; old log-probs = the sampler's (exact); no KL term. Each row has
         its own sampled plan and the rows come in groups of grpo.num_generations per prompt (whole groups per
-        micro-batch), the groups a group-wise loss such as wd1 weighs within. (0, {}) for a frozen planner."""
+        micro-batch), the groups a group-wise loss such as wd1 weighs within; token_normalizer: dapo's over the
+        optimizer step's plan tokens (GRPOTrainer._plan_token_normalizer). (0, {}) for a frozen planner."""
         if not self.trains:
             return 0.0, {}
         plan = mb.plan
         self.planner.model.train()
         lp = self.planner.logprobs(plan)  # [n, T] with gradient
         G = grpo_cfg.num_generations
-        inputs = LossInputs(lp, plan.logprobs.to(lp.device), None, mb.advantages, plan.plan_mask.float(), G)
+        inputs = LossInputs(
+            lp,
+            plan.logprobs.to(lp.device),
+            None,
+            mb.advantages,
+            plan.plan_mask.float(),
+            G,
+            token_normalizer=token_normalizer,
+        )
         loss, stats = loss_fn(inputs, replace(grpo_cfg, beta=0.0))
         stats = {f"planner/{k}": v for k, v in stats.items()}
         stats["planner/logprob"] = float((lp.detach() * plan.plan_mask).sum(-1).mean())

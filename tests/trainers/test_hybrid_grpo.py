@@ -205,3 +205,24 @@ def test_the_planner_runs_beside_the_executor(tmp_path):
     phase = planner_phase(recipe(tmp_path, train_planner=True), "sudoku", torch.device("meta"))
     assert phase.planner.device.type == "meta"
     assert planner_phase(recipe(tmp_path), "sudoku").planner.device.type == "cpu"
+
+
+def test_dapo_normalises_the_planner_over_the_optimizer_step(tmp_path):
+    """grpo.loss_type=dapo divides by the optimizer step's tokens (TRL), the planner's plan tokens as the
+    executor's: a step of two micro-batches moves the planner exactly as one micro-batch of the same rows
+    (SGD at lr 1, no clipping: the update is the gradient); each micro-batch's own count moved it otherwise."""
+
+    def planner_after_one_step(accumulation: int, out) -> list[torch.Tensor]:
+        r = recipe(out, train_planner=True, train_executor=False)
+        r.grpo.loss_type, r.train.gradient_accumulation_steps = "dapo", accumulation
+        r.optim.name, r.optim.lr, r.optim.weight_decay, r.optim.max_grad_norm = "sgd", 1.0, 0.0, 0.0
+        r.hybrid.planner.lr, r.hybrid.planner.max_new_tokens = 1.0, 16  # plans of different lengths
+        trainer = GRPOTrainer(r, reward_funcs=[record_prompts])
+        trainer.step(0)
+        return [p.detach().clone() for p in trainer.planner.planner.parameters()]
+
+    one, two = planner_after_one_step(1, tmp_path / "one"), planner_after_one_step(2, tmp_path / "two")
+    start = [p.detach() for p in GRPOTrainer(recipe(tmp_path / "s", train_planner=True)).planner.planner.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(one, start))  # it moved
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
