@@ -14,6 +14,7 @@ a reward does not apply (it is then left out of the weighted sum, as in TRL).
 """
 
 import re
+import warnings
 
 
 def _text(completion) -> str:
@@ -35,7 +36,9 @@ def closeness(prompts, completions, target, **kwargs):
             out.append(0.0)
             continue
         try:
-            value = eval(expr, {"__builtins__": {}})  # digits and operators only (checked above)
+            with warnings.catch_warnings():  # 12(18+8): Python warns "'int' object is not callable" as it compiles
+                warnings.simplefilter("ignore", SyntaxWarning)
+                value = eval(expr, {"__builtins__": {}})  # digits and operators only (checked above)
             out.append(1.0 / (1.0 + abs(float(value) - t)))
         except (SyntaxError, TypeError, ValueError, ArithmeticError, RecursionError, MemoryError):
             out.append(0.0)  # 12(18+8) calls an int; 1/0; a value too large; a parser that gives up
