@@ -1,7 +1,8 @@
 """Commit rules: how many masked tokens of the active block each row commits this step.
 
 Commit rules (one function each, one dict entry each) return how many masked tokens of the active block
-each row commits this step; the ordering rule (remask.py) decides which ones.
+each row commits this step; the unmasking order (rollout.order, policy/orders.py) decides which ones, so under
+an order other than top_prob the committed tokens need not be those whose confidence passed a threshold.
 - top_k (LLaDA, arXiv 2502.09992): ceil(masked / steps left), i.e. LLaDA's even split of each block's
   tokens over its steps (the first `remainder` steps take one more).
 - threshold (Fast-dLLM, arXiv 2505.22618): every token whose confidence >= threshold, at least one.
