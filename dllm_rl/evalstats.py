@@ -107,9 +107,11 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def bootstrap_mean(values: Sequence[float], draws: int = 10000, seed: int = 0, alpha: float = 0.05):
-    """Percentile bootstrap interval (lo, hi) of the mean of per-question values."""
+    """Percentile bootstrap interval (lo, hi) of the mean of per-question values; (nan, nan) for no values."""
     rng = random.Random(seed)
     n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(draws))
     return means[int(alpha / 2 * draws)], means[min(draws - 1, int((1 - alpha / 2) * draws))]
 

@@ -97,3 +97,11 @@ def test_majority_is_an_evaluation_mode_of_every_recipe():
     assert plain["maj@4"] == sum(votes) / 6 == voted["accuracy"]  # same samples (same seed), voted
     assert plain["accuracy"] == sum(plain["scores"]) / 24  # without eval.majority: the mean over samples
     assert len(plain["answers"]) == 24 and all(a is None or len(a) == 16 for a in plain["answers"])
+
+
+def test_a_bootstrap_of_no_values_is_nan():
+    import math
+
+    from dllm_rl.evalstats import bootstrap_mean
+
+    assert all(math.isnan(x) for x in bootstrap_mean([]))

@@ -2,7 +2,8 @@
 
 Each round (consensus.steps_per_round optimizer steps): the teacher (consensus.teacher: the current model, or
 the initial one for frozen votes) samples consensus.samples completions for each of consensus.prompts_per_round
-fresh training prompts at consensus.temperature; their answers vote (tasks.answers, evalstats.vote); a prompt
+fresh training prompts at consensus.temperature; their answers vote (tasks.answers; the most frequent readable
+answer wins, a tie going to the answer sampled first, not evalstats.vote's mean over the tied answers); a prompt
 whose winning answer has at least consensus.min_share of the samples (an unreadable sample votes for no answer
 but counts in the share, so a prompt whose samples mostly cannot be read is dropped) is kept, and its targets
 are up to consensus.max_paths *distinct* completions with that answer (consensus.target=greedy instead distils
@@ -106,7 +107,8 @@ class ConsensusTrainer(SFTTrainer):
             greedy = None
             if c.target == "greedy":
                 plain = replace(rec.rollout, temperature=0.0)
-                greedy = generate(teacher, self.tokenizer, [row["prompt"] for row in rows], plain).completions
+                gen = step_generator(rec.train.seed, r, "greedy")  # read only by random orders and rules
+                greedy = generate(teacher, self.tokenizer, [row["prompt"] for row in rows], plain, gen).completions
         scores = self._scores(rows, out.completions, c.samples)
         answers = [self.to_answer(t) for t in out.completions]
         pairs, shares, kept, right, distinct, passk = [], [], 0, 0, [], []

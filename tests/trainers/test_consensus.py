@@ -173,3 +173,16 @@ def test_frozen_votes_do_not_move_with_training(tmp_path):
     for step in range(2):
         live.training_step(step)
     assert live.targets(1)[0] != first  # the current model's votes move as it learns
+
+
+def test_greedy_targets_under_a_random_order_are_seeded_by_the_round(tmp_path):
+    """consensus.target=greedy decodes at temperature 0, but a random unmasking order still draws: its targets
+    come from the round's own generator, not torch's global one, so a resumed run rebuilds the same ones."""
+    r = recipe(tmp_path, target="greedy")
+    r.rollout.order = "random"
+    trainer = ConsensusTrainer(r)
+    torch.manual_seed(1)
+    first, _ = trainer.targets(0)
+    torch.manual_seed(2)
+    again, _ = trainer.targets(0)
+    assert first == again and first != trainer.targets(1)[0]
