@@ -106,6 +106,7 @@ COMBINED = {
     "logging_steps",
     "save_strategy",
     "save_steps",
+    "logging_strategy",
     "save_total_limit",
     "eval_strategy",
     "eval_steps",
@@ -116,7 +117,7 @@ COMBINED = {
 # fields that steer only TRL's / transformers' machinery, which dllm-rl does not use: any value is fine
 # fmt: off
 IGNORED = {
-    "run_name", "project", "logging_dir", "logging_strategy", "logging_first_step", "logging_nan_inf_filter",
+    "run_name", "project", "logging_dir", "logging_first_step", "logging_nan_inf_filter",
     "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm", "use_cpu", "local_rank", "do_train",
     "do_eval", "do_predict", "per_device_eval_batch_size", "eval_accumulation_steps", "eval_delay", "eval_on_start",
     "prediction_loss_only", "dataloader_drop_last", "dataloader_num_workers", "dataloader_pin_memory",
@@ -252,6 +253,11 @@ def _combined(r: Recipe, f: dict, num_rows: int | None, world: int = 1) -> None:
                 f"GRPOConfig.{name}={_value(f[name])!r}: dllm-rl saves and evaluates every N steps "
                 f"or not at all; use 'steps' (with {name.split('_')[0]}_steps) or 'no'"
             )
+    if str(_value(f.get("logging_strategy", "steps"))) != "steps":
+        raise ConfigError(
+            f"GRPOConfig.logging_strategy={_value(f['logging_strategy'])!r}: dllm-rl logs every logging_steps "
+            f"steps (and the last); use 'steps'"
+        )
     if "logging_steps" in f:
         r.train.logging_steps = steps(f["logging_steps"])
     if str(_value(f.get("save_strategy", "steps"))) == "no":

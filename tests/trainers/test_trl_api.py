@@ -122,6 +122,10 @@ def test_grpo_config_fields_without_a_meaning_are_refused_by_name():
     with pytest.raises(ConfigError, match="chat_template_kwargs=.*enable_thinking"):  # would change the prompts
         recipe_from_trl_args(args(chat_template_kwargs={"enable_thinking": False}))
     recipe_from_trl_args(args(run_name="x", push_to_hub=False, disable_tqdm=True))  # machinery only: accepted
+    for strategy in ("no", "epoch"):  # dllm-rl logs every logging_steps: refused, not ignored
+        with pytest.raises(ConfigError, match=f"logging_strategy='{strategy}': dllm-rl logs every logging_steps"):
+            recipe_from_trl_args(args(logging_strategy=strategy))
+    recipe_from_trl_args(args(logging_strategy="steps"))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecates gradient_checkpointing
