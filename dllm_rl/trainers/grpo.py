@@ -512,10 +512,10 @@ class GRPOTrainer:
         committed = float(batch.stats.get("committed_tokens", 0))
         cut = batch.stats.get("plans_cut")  # hybrid rollouts: plans cut to fit the executor's context
         clipped = truncated(batch.completion_ids, self.tokenizer.eos_token_id).float()  # before any filter
-        length = batch.completion_mask.sum(-1).float().mean().item()  # of every completion, as clipped_ratio
-        lengths = length_metrics(
-            gather_rows(self.acc, batch.completion_mask.sum(-1).float()), gather_rows(self.acc, clipped).bool()
-        )
+        own_lengths = batch.completion_mask.sum(-1).float()
+        length = own_lengths.mean().item()  # of every completion, as clipped_ratio
+        all_clipped = gather_rows(self.acc, clipped)  # one gather for clipped_ratio and the terminated lengths
+        lengths = length_metrics(gather_rows(self.acc, own_lengths), all_clipped.bool())
         if r.grpo.filter_zero_std:  # groups whose rewards are all equal carry no signal
             batch = batch.select((~zero_std_groups(rewards, r.grpo.num_generations)).nonzero().squeeze(-1))
         with timer("estimate"):
@@ -537,7 +537,7 @@ class GRPOTrainer:
             ),
             **stats,
             **call_weighted_means(self.acc, self.reward_log.metrics()),
-            "completions/clipped_ratio": gather_rows(self.acc, clipped).mean().item(),  # TRL's: never ended
+            "completions/clipped_ratio": all_clipped.mean().item(),  # TRL's: never ended
             **lengths,
             "learning_rate": self._learning_rate(),
             **({} if cut is None else {"plans/cut_fraction": cut / len(clipped)}),
