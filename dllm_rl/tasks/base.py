@@ -42,7 +42,7 @@ def check_eval_fraction(task: str, fraction) -> None:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ConfigError(
             f"data.options.eval_fraction: {task} holds out this share of its instances, a number strictly between "
-            f"0 and 1; got {fraction!r}"
+            f"0 and 1; got {fraction!r}: set e.g. data.options.eval_fraction=0.2"
         )
 
 

@@ -31,7 +31,10 @@ def _generated(gen_opts: dict, seed: int):
     try:
         yield from reasoning_gym.create_dataset("countdown", size=10**9, seed=seed, **gen_opts)
     except (AssertionError, TypeError, ValueError) as e:  # its config checks; "Failed to generate valid expression"
-        raise ConfigError(f"data.options for reasoning-gym's 'countdown': {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"data.options for reasoning-gym's 'countdown': {type(e).__name__}: {e}; change those options (defaults: "
+            f"{ {k: v for k, v in OPTIONS.items() if k != 'eval_fraction'} })"
+        ) from None
 
 
 def _rows(cfg: DataConfig, opts: dict, want_eval: bool, size: int, seed: int) -> list[dict]:
