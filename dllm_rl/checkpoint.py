@@ -5,11 +5,12 @@ Written into the run directory's layout (rundir.py):
                          recipe.yaml, trainer_state.json, accelerator_state/ (optimizer, scheduler, RNG),
                          order_policy.pt when a learned unmasking order is trained (rollout.order=policy),
                          edit_policy.pt when an edit head is trained (rollout.edit), and COMPLETE, written last
-    final/               model files + recipe.yaml (+ order_policy.pt, edit_policy.pt) only (what
-                         `dllm-rl generate` / `eval` and a later recipe's model.path load; small enough to ship)
-Every directory is written under a temporary name and renamed into place, and an old checkpoint is renamed
-before it is deleted, so a killed run never leaves a half-written or half-deleted checkpoint under a real
-name; resume picks the newest complete checkpoint-<step>.
+    final/               model files + recipe.yaml (+ order_policy.pt, edit_policy.pt, a trained planner/, GRPO's
+                         reward_curve.png) only (what `dllm-rl generate` / `eval` and a later recipe's model.path
+                         load; small enough to ship)
+Every directory is written under a temporary name, flushed to disk (fsync) and renamed into place, and an old
+checkpoint is renamed before it is deleted, so a killed run (or a machine that loses power) never leaves a
+half-written or half-deleted checkpoint under a real name; resume picks the newest complete checkpoint-<step>.
 """
 
 from __future__ import annotations
@@ -24,6 +25,37 @@ from .models.base import unwrap
 from .rundir import COMPLETE, checkpoints
 
 
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under `directory`, and the directories themselves, to disk: a rename is durable before
+    the data it names otherwise, so a crash after it could leave a complete-looking directory of empty files."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(directory) -> None:
+    """Flush a directory's entries (the renames into it) to disk, where the platform can (not on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory `tmp` to `final` by renames only (an older `final` is set aside first)."""
     if final.exists():
@@ -34,6 +66,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def save_model_files(
@@ -87,7 +120,9 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         for fn in write:
             fn(tmp)
-        (tmp / COMPLETE).write_text("")
+        fsync_tree(tmp)  # the files on disk before the marker that vouches for them
+        write_synced(tmp / COMPLETE, "")
+        fsync_dir(tmp)
         replace_dir(tmp, final)
         for old in checkpoints(run)[:-keep] if keep > 0 else []:
             doomed = old.with_name(old.name + ".deleting")  # out of the listing at once, then deleted
@@ -129,6 +164,7 @@ def save_final(
             (tmp / name).write_text(content)
         for fn in write:
             fn(tmp)
+        fsync_tree(tmp)
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final

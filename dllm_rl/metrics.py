@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,16 +18,17 @@ from .algorithms.advantages import nanstd
 TRACKER_IDS = "trackers.json"
 
 
-def tracker_init_kwargs(run_dir, names, history: list[dict]) -> dict:
-    """accelerate's init_kwargs for a run's trackers. A resumed run (history) continues where its checkpoint
-    stopped: TensorBoard purges what the killed run logged after it (as metrics.jsonl drops those lines), and W&B
-    continues the same run (its id is kept in run_dir/trackers.json; a fresh run draws a new one)."""
+def tracker_init_kwargs(run_dir, names, start_step: int) -> dict:
+    """accelerate's init_kwargs for a run's trackers. A run resumed from its checkpoint at `start_step` continues
+    there: TensorBoard purges what the killed run logged after it (steps > start_step, as metrics.jsonl drops those
+    lines), and W&B continues the same run (its id is kept in run_dir/trackers.json). A fresh run (start_step 0)
+    purges every step a run killed before its first checkpoint logged, and draws a new W&B id."""
     kwargs = {}
-    if history and "tensorboard" in names:
-        kwargs["tensorboard"] = {"purge_step": max(h["step"] for h in history) + 1}
+    if "tensorboard" in names:
+        kwargs["tensorboard"] = {"purge_step": start_step + 1 if start_step else 0}
     if "wandb" in names:
         path = Path(run_dir) / TRACKER_IDS
-        ids = json.loads(path.read_text()) if history and path.is_file() else {}
+        ids = json.loads(path.read_text()) if start_step and path.is_file() else {}
         if "wandb" not in ids:
             import secrets
 
@@ -44,17 +46,22 @@ class MetricsLogger:
         history: list[dict] | None = None,
         project: str = "dllm-rl",
         config: dict | None = None,
+        start_step: int = 0,
     ):
+        """`history`: the rows of the checkpoint the run resumed at `start_step` (0: a fresh run)."""
         self.acc = accelerator
         self.path = Path(run_dir) / "metrics.jsonl"
         self.history = list(history or [])
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # rewrite from the resumed history: drop lines a killed run wrote after its last checkpoint
-            self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            # rewrite from the resumed history: drop lines a killed run wrote after its last checkpoint; renamed
+            # into place, so a kill meanwhile leaves the old file, never a truncated one
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            os.replace(tmp, self.path)
         if accelerator.log_with:
             names = {str(getattr(t, "value", t)) for t in accelerator.log_with}
-            kwargs = tracker_init_kwargs(run_dir, names, self.history) if accelerator.is_main_process else {}
+            kwargs = tracker_init_kwargs(run_dir, names, start_step) if accelerator.is_main_process else {}
             try:
                 accelerator.init_trackers(project, config=hparams(config or {}), init_kwargs=kwargs)
             except Exception as e:  # e.g. W&B online without a login: say so now, not as a traceback

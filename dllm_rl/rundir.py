@@ -2,8 +2,12 @@
 
     checkpoint-<step>/   model files, tokenizer, recipe.yaml, trainer_state.json, accelerator_state/, and,
                          written last, COMPLETE: only a directory holding it counts as a checkpoint
-    final/               model files + recipe.yaml (+ order_policy.pt), what `generate` / `eval` load
-                         (resolve_model_dir: a run directory stands for its final/, else its newest checkpoint)
+    final/               model files + recipe.yaml, and what the run trained besides the model: order_policy.pt
+                         (a learned unmasking order), edit_policy.pt (an edit head), planner/ (a trained planner);
+                         for GRPO also reward_curve.png. What `generate` / `eval` load (resolve_model_dir: a run
+                         directory stands for its final/, else its newest checkpoint)
+    metrics.jsonl        the logged rows (trackers.json: the W&B run id a resumed run continues)
+    run.lock             locked (flock) by the process whose run uses the directory, while it runs
     <name>.tmp           a directory being written (renamed into place when complete)
     <name>.old           the previous version of <name> while it is being replaced
     <name>.deleting      a checkpoint being rotated out (renamed first, then deleted)
@@ -24,7 +28,14 @@ from pathlib import Path
 
 from .errors import DllmRlError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, runs are not guarded against each other
+    fcntl = None
+
 COMPLETE = "COMPLETE"
+LOCK = "run.lock"
+_HELD: dict[str, object] = {}  # run directories this process holds: real path -> the open lock file
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # what a writer here leaves half-done (checkpoint.py, trainers/planner.py); anything else in a run directory,
 # a user's "notes.tmp/" or "data.old/", is not ours to remove or rename
@@ -62,6 +73,49 @@ def tidy(run_dir: str | os.PathLike) -> None:
             os.replace(p, live)
         else:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def lock(run_dir: str | os.PathLike) -> str | None:
+    """Hold run_dir's lock (an exclusive flock on run_dir/run.lock, which the system drops when the process ends,
+    kill -9 included); None when held, else who holds it. One process's later run of the same directory takes the
+    lock over from an earlier one (a run that raised, whose traceback may still reference it)."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    unlock(run)
+    if fcntl is None:
+        return None
+    f = open(run / LOCK, "a")  # "a": never truncates nor touches a finished run's file
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _holder(run / LOCK)
+        f.close()
+        return f"process {pid} holds {run / LOCK}" if pid else f"a process holds {run / LOCK}"
+    except OSError:  # a filesystem without flock (some network mounts): unguarded, as on Windows
+        f.close()
+        return None
+    _HELD[os.path.realpath(run)] = f
+    return None
+
+
+def unlock(run_dir: str | os.PathLike) -> None:
+    """Release run_dir's lock if this process holds it."""
+    f = _HELD.pop(os.path.realpath(run_dir), None)
+    if f is not None:
+        f.close()
+
+
+def _holder(path: Path) -> int | None:
+    """The process holding `path`'s flock, from Linux's /proc/locks (None elsewhere or when it is gone)."""
+    try:
+        inode = str(os.stat(path).st_ino)
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == inode:
+                return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _is_hub_id(path: str) -> bool:

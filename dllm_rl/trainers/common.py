@@ -9,9 +9,11 @@ A trainer composes a `Run` (it does not inherit from one):
 
 Resume (train.resume): true continues the newest complete checkpoint of train.output_dir when its recorded
 recipe matches this one (keys that do not change what is trained, such as logging cadence, may differ);
-"force" continues it whatever differs; false starts fresh and refuses a directory that holds a run. A
+"force" continues it whatever differs, the recipe's optim.* settings replacing the checkpoint's (its
+optimizer moments and schedule step are kept); false starts fresh and refuses a directory that holds a run. A
 finished run is never rewritten: asking for it again prints its recorded result (metrics.jsonl, final/ and the
-checkpoints stay as they are; a final/ whose checkpoints were deleted counts as a finished run too).
+checkpoints stay as they are; a final/ whose checkpoints were deleted counts as a finished run too). One run at a
+time uses a run directory: the main process holds its lock (rundir.lock) from the start to final/.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..errors import ConfigError
 from ..metrics import MetricsLogger, window_mean
 from ..models.base import peft_of, traits, unwrap
 from ..models.load import load_model
-from ..rundir import COMPLETE, is_complete, latest_checkpoint, tidy
+from ..rundir import COMPLETE, is_complete, latest_checkpoint, lock, tidy, unlock
 from ..runtime import make_accelerator, make_optimizer, set_threads
 from ..tasks import load_task
 from ..validate import learned_order_problem, validate_recipe
@@ -57,6 +59,13 @@ RESUMABLE_CHANGES = (
 
 # schedulers whose learning rate does not depend on train.max_steps: a resumed run may change it freely
 HORIZON_FREE = ("constant", "constant_with_warmup", "inverse_sqrt")
+
+# the optimizer settings of a parameter group that train.resume=force takes from the recipe, not the checkpoint
+RECIPE_OPTIM_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
+
+# algorithm -> check(recipe, checkpoint step) -> problem or None: what else a trainer refuses to resume, checked
+# with the run directory (before anything in it changes); trainers register theirs (consensus: mid-round)
+RESUME_CHECKS: dict = {}
 
 
 def reference_model(recipe: Recipe, model, mode: str, key: str):
@@ -198,6 +207,7 @@ class Run:
         """Optimizer over `param_groups`, the recipe's scheduler, accelerate's prepare, then resume."""
         r = self.recipe
         optimizer = make_optimizer(param_groups, r.optim)
+        wanted = [{k: g[k] for k in RECIPE_OPTIM_KEYS if k in g} for g in optimizer.param_groups]
         self.scheduler = get_scheduler(
             r.optim.lr_scheduler,
             optimizer,
@@ -207,17 +217,74 @@ class Run:
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         for obj in (self.scheduler, *checkpointed):
             self.acc.register_for_checkpointing(obj)
-        history = self._resume()
+        # what a checkpoint holds besides the model, recorded so a resume that would load it into other objects
+        # stops with their names (accelerate matches custom_checkpoint_<i>.pkl by position only)
+        self._layout = {
+            "checkpointed": [type(obj).__name__ for obj in (self.scheduler, *checkpointed)],
+            "param_groups": len(optimizer.param_groups),
+        }
+        try:
+            history = self._resume()
+            if self._ckpt is not None and r.train.resume == "force" and not self.finished:
+                self._recipe_optim(wanted)
+        except BaseException:
+            self._release()
+            raise
         if self.finished:  # a finished run is read, never rewritten
             self.log = RecordedLog(history)
+            self._release()
         else:
-            self.log = MetricsLogger(self.acc, r.train.output_dir, history, config=recipe_to_dict(r))
+            self.log = MetricsLogger(
+                self.acc, r.train.output_dir, history, config=recipe_to_dict(r), start_step=self.start_step
+            )
+
+    def _recipe_optim(self, wanted: list[dict]) -> None:
+        """train.resume=force: the recipe's optimizer settings (`wanted`: each group's, an order head's own lr
+        included) over the checkpoint's, which load_state restored with the optimizer's moments; the schedule
+        continues at its step from the recipe's base learning rates."""
+        groups, sched = self.optimizer.param_groups, self.scheduler
+        for i, (group, want) in enumerate(zip(groups, wanted)):
+            was = group.get("initial_lr", group["lr"])
+            group.update({k: v for k, v in want.items() if k != "lr"})
+            group["initial_lr"] = want["lr"]
+            if hasattr(sched, "base_lrs"):
+                sched.base_lrs[i] = want["lr"]
+            if not hasattr(sched, "lr_lambdas"):  # not a LambdaLR (reduce_lr_on_plateau): keep its reductions
+                group["lr"] = group["lr"] * want["lr"] / was if was else want["lr"]
+        if hasattr(sched, "lr_lambdas"):  # every other get_scheduler type: lr = base * factor(step)
+            for group, base, factor in zip(groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in groups]
+
+    def _release(self) -> None:
+        """Let another run use the run directory (the main process holds its lock)."""
+        if self.acc.is_main_process:
+            unlock(self.recipe.train.output_dir)
 
     def _check_run_dir(self) -> tuple[Path | None, bool]:
         """(newest complete checkpoint or None, whether final/ holds a run of train.max_steps steps) of the run
         directory, after checking that this recipe may continue what it holds: the same recipe (up to
         RESUMABLE_CHANGES, or train.resume=force), no checkpoint past train.max_steps, and no new train.max_steps
         under a scheduler that decays over it (the resumed run would follow neither schedule)."""
+        r = self.recipe.train
+        # before tidy: a live run's checkpoint-<step>.tmp is not a leftover to remove
+        problem = lock(r.output_dir) if self.acc.is_main_process else None
+        if self.acc.num_processes > 1:  # only the main process knows; every process stops the same way
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise ConfigError(
+                f"train.output_dir {r.output_dir!r} is in use by another run ({problem}): wait for it to finish "
+                f"or stop it, or pick a new train.output_dir"
+            )
+        try:
+            return self._check_locked_run_dir()
+        except BaseException:
+            self._release()
+            raise
+
+    def _check_locked_run_dir(self) -> tuple[Path | None, bool]:
         r = self.recipe.train
         if self.acc.is_main_process:
             tidy(r.output_dir)
@@ -255,6 +322,9 @@ class Run:
                 f"train.output_dir {r.output_dir!r} holds {ckpt.name}, past train.max_steps={r.max_steps}: set "
                 f"train.max_steps >= {step} to continue it, or pick a new train.output_dir"
             )
+        check = RESUME_CHECKS.get(self.recipe.algorithm)
+        if step < r.max_steps and check is not None and (problem := check(self.recipe, step)):
+            raise ConfigError(problem)
         sched = self.recipe.optim.lr_scheduler
         if done != r.max_steps and sched not in HORIZON_FREE and r.resume != "force":
             raise ConfigError(
@@ -276,8 +346,10 @@ class Run:
         final = Path(r.output_dir) / "final"
         if ckpt is None:
             self.start_step, self.finished = r.max_steps, True
+            history = self._recorded_history([])
             self.acc.print(f"{final} is a finished run (the run is complete: nothing to train)")
-            return self._recorded_history([])
+            return history
+        self._check_layout(ckpt)
         state = load_checkpoint(ckpt, self.acc)
         self.start_step = state["step"]
         self.finished = self._final_done
@@ -289,14 +361,41 @@ class Run:
         history = state.get("history", [])
         return self._recorded_history(history) if self.finished else history
 
+    def _check_layout(self, ckpt: Path) -> None:
+        """Refuse a checkpoint whose optimizer groups or checkpointed objects (scheduler, order or edit head,
+        trained planner, synced reference) are not this run's: train.resume=force changed what is trained."""
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        now = self._layout
+        was = {k: state[k] for k in now if k in state}
+        if "checkpointed" not in was:  # a checkpoint from before the names were recorded: their number
+            n = len(list((ckpt / "accelerator_state").glob("custom_checkpoint_*.pkl")))
+            was["checkpointed"] = now["checkpointed"] if n == len(now["checkpointed"]) else f"{n} objects"
+        differ = [k for k in was if was[k] != now[k]]
+        if differ:
+            shown = "; ".join(f"{k}: {was[k]} in {ckpt.name}, {now[k]} in this run" for k in differ)
+            raise ConfigError(
+                f"train.output_dir {self.recipe.train.output_dir!r}: {ckpt.name} holds the state of other objects "
+                f"than this recipe trains ({shown}; an order or edit head, a trained planner or a synced reference "
+                f"was added or removed, or optim.lr_scheduler changed its kind), so even train.resume=force cannot "
+                f"continue it: restore those recipe keys, or pick a new train.output_dir"
+            )
+
     def _recorded_history(self, history: list[dict]) -> list[dict]:
         """A finished run's metrics as metrics.jsonl records them (rows logged after its last checkpoint, such as
-        the final held-out accuracy, included), else `history`."""
+        the final held-out accuracy, included), else `history`; neither: a ConfigError (nothing to report)."""
         path = Path(self.recipe.train.output_dir) / "metrics.jsonl"
         try:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError):
-            return history
+        except (OSError, ValueError) as e:
+            rows, why = [], "is missing" if isinstance(e, FileNotFoundError) else "cannot be read"
+        else:
+            why = "is empty"
+        if not rows and not history:
+            raise ConfigError(
+                f"train.output_dir {self.recipe.train.output_dir!r} holds a finished run whose {path.name} {why}, "
+                f"so its recorded result cannot be reported: restore {path}, or pick a new train.output_dir to "
+                f"train again"
+            )
         return rows if rows[: len(history)] == history else history
 
     def train_to_accuracy(
@@ -329,6 +428,13 @@ class Run:
         -> held-out accuracy (or a dict of held-out metrics; evaluate None: no held-out set) every
         train.eval_steps (and at the last step when eval_at_end); a checkpoint every train.save_steps and at the
         end. `postfix(window) -> dict` is shown on the progress bar."""
+        try:
+            self._loop(name, step_fn, evaluate, postfix, eval_at_end, extra_state)
+        except BaseException:  # a run that stopped does not keep its directory from the next
+            self._release()
+            raise
+
+    def _loop(self, name: str, step_fn, evaluate, postfix, eval_at_end: bool, extra_state) -> None:
         r = self.recipe.train
         # a context manager closes the bar on errors too, so the CLI's error line starts on a line of its own
         with tqdm(total=r.max_steps, initial=self.start_step, disable=not self.acc.is_main_process, desc=name) as bar:
@@ -364,14 +470,17 @@ class Run:
             self.model,
             self.tokenizer,
             self.recipe,
-            {"history": self.log.history, "window": dict(self._window)},
+            {"history": self.log.history, "window": dict(self._window), **self._layout},
             keep=self.recipe.train.save_total_limit,
             **extra,
         )
 
     def finish(self, **extra) -> Path:
-        final = save_final(self.recipe.train.output_dir, self.acc, self.model, self.tokenizer, self.recipe, **extra)
-        self.log.close()
+        try:
+            final = save_final(self.recipe.train.output_dir, self.acc, self.model, self.tokenizer, self.recipe, **extra)
+            self.log.close()
+        finally:
+            self._release()
         return final
 
     def recorded(self, key: str, step: int | None = None):

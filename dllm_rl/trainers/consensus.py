@@ -43,7 +43,25 @@ from ..rewards.plugins import Reward, compute_rewards, resolve_reward
 from ..rollout import encode_prompts, generate
 from ..runtime import EpochSampler, advance_schedule, generation_model, step_generator
 from ..tasks.answers import answer_key
+from .common import RESUME_CHECKS
 from .sft import SFTTrainer
+
+
+def mid_round_problem(recipe: Recipe, step: int) -> str | None:
+    """Why a checkpoint at `step` (before train.max_steps) cannot be continued: mid-way through a round (module
+    docstring), unless train.resume=force. Run checks it with the run directory, before anything in it changes."""
+    c, r = recipe.consensus, recipe.train
+    if step % c.steps_per_round == 0 or r.resume == "force":
+        return None
+    return (
+        f"train.output_dir {r.output_dir!r} holds a checkpoint at step {step}, mid-way through a round of "
+        f"consensus.steps_per_round={c.steps_per_round} steps, whose targets cannot be rebuilt exactly; pick a new "
+        f"train.output_dir, or set train.resume=force to continue with that round's targets voted by the resumed "
+        f"model"
+    )
+
+
+RESUME_CHECKS["consensus"] = mid_round_problem
 
 
 class ConsensusTrainer(SFTTrainer):
@@ -66,16 +84,8 @@ class ConsensusTrainer(SFTTrainer):
         c = recipe.consensus
         # the frozen teacher is the model the run starts from: copied before Run resumes a checkpoint into it
         initial = copy.deepcopy(model) if c.teacher == "initial" and model is not None else None
-        super().__init__(recipe, model, tokenizer, task)
+        super().__init__(recipe, model, tokenizer, task)  # Run refuses a mid-round checkpoint (mid_round_problem)
         r = self.recipe
-        mid_round = self.start_step % c.steps_per_round and self.start_step < r.train.max_steps  # a step to train
-        if mid_round and r.train.resume != "force":
-            raise ConfigError(
-                f"train.output_dir {r.train.output_dir!r} holds a checkpoint at step {self.start_step}, mid-way "
-                f"through a round of consensus.steps_per_round={c.steps_per_round} steps, whose targets cannot be "
-                f"rebuilt exactly; pick a new train.output_dir, or set train.resume=force to continue with that "
-                f"round's targets voted by the resumed model"
-            )
         self.to_answer = answer_key(self.task.name)
         self.verifier = [Reward(self.task.reward, resolve_reward(self.task.reward))]
         self.prompts = EpochSampler(len(self.task.train), r.train.seed + 1, shuffle=r.train.shuffle_dataset)

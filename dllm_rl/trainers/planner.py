@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..models.ar import ARPlanner, load_planner
 from ..rollout import generate
 from ..rollout.hybrid import hybrid_generate, plan_kind
+from ..rundir import tidy
 from ..runtime import set_threads
 from ..tasks import load_task
 from ..tasks.plans import PLANS, task_plans
@@ -141,7 +142,7 @@ class PlannerSFTTrainer:
         or "finished"; refuses what Run refuses: a run directory under train.resume=false, another recipe
         (train.resume=force continues it), a checkpoint past train.max_steps."""
         t = self.recipe.train
-        shutil.rmtree(out / "final.tmp", ignore_errors=True)
+        tidy(out)  # what a killed run left half-done: final.tmp, or final.old when final/ never arrived
         complete = [
             c for c in out.glob("checkpoint-*") if c.name[11:].isdigit() and (c / "trainer_state.json").is_file()
         ]

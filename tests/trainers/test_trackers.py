@@ -162,13 +162,15 @@ def test_a_tracker_that_cannot_start_is_a_config_error():
 
 
 def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_does_not(tmp_path):
-    """W&B gets the same run id when a run resumes (kept in the run directory), a new one when it starts afresh;
-    TensorBoard purges from the step after the resumed history."""
+    """W&B gets the same run id when a run resumes from a checkpoint (kept in the run directory), a new one when it
+    starts afresh; TensorBoard purges from the step after the checkpoint, or everything on a fresh start (a run
+    killed before its first checkpoint logged steps that its restart logs again)."""
     from dllm_rl.metrics import tracker_init_kwargs
 
-    first = tracker_init_kwargs(tmp_path, {"wandb", "tensorboard"}, [])
-    assert "tensorboard" not in first and first["wandb"]["resume"] == "allow" and len(first["wandb"]["id"]) == 8
-    resumed = tracker_init_kwargs(tmp_path, {"wandb", "tensorboard"}, [{"step": 10}, {"step": 20}])
+    first = tracker_init_kwargs(tmp_path, {"wandb", "tensorboard"}, 0)
+    assert first["tensorboard"] == {"purge_step": 0}
+    assert first["wandb"]["resume"] == "allow" and len(first["wandb"]["id"]) == 8
+    resumed = tracker_init_kwargs(tmp_path, {"wandb", "tensorboard"}, 20)
     assert resumed["wandb"]["id"] == first["wandb"]["id"] and resumed["tensorboard"] == {"purge_step": 21}
-    again = tracker_init_kwargs(tmp_path, {"wandb"}, [])  # train.resume=false after the directory was cleared
+    again = tracker_init_kwargs(tmp_path, {"wandb"}, 0)  # train.resume=false after the directory was cleared
     assert again["wandb"]["id"] != first["wandb"]["id"]
