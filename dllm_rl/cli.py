@@ -92,11 +92,15 @@ def cmd_generate(args) -> None:
 
     from .config import RolloutConfig, apply_overrides, load_recipe, recipe_from_dict
     from .models.load import load_model
-    from .policy import edit_head_for, order_head_for
+    from .policy import ORDERS, edit_head_for, order_head_for
+    from .policy.edit_head import FILE as EDIT_FILE
+    from .policy.order_head import FILE as ORDER_FILE
     from .rollout import generate
     from .rundir import resolve_model_dir
     from .validate import check_context, check_hub_model
 
+    if not 0 <= args.seed < 2**63:  # torch.Generator.manual_seed's range (a negative seed wraps to another)
+        raise ConfigError(f"--seed {args.seed}: give a seed from 0 to 2**63 - 1")
     model_dir = resolve_model_dir(args.checkpoint, key="CHECKPOINT")
     if not os.path.isdir(model_dir):
         check_hub_model(model_dir, "CHECKPOINT")
@@ -112,16 +116,40 @@ def cmd_generate(args) -> None:
         recipe = load_recipe(recipe_file, args.overrides)
     else:  # a model without its recipe: the default decoding, with the overrides
         recipe = recipe_from_dict(apply_overrides({"rollout": {}}, list(args.overrides)))
-    if stray := sorted({o.split("=", 1)[0] for o in args.overrides if not o.startswith(("rollout.", "model."))}):
+    keys = [o.split("=", 1)[0].strip() for o in args.overrides]
+    if stray := sorted({k for k in keys if not k.startswith(("rollout.", "model."))}):
         raise ConfigError(
             f"generate reads rollout.* and model.* settings only; {', '.join(stray)} would be ignored: drop them"
+        )
+    # CHECKPOINT is the model: model.path, a fresh LoRA (model.lora.*) and the tiny model's shape (model.tiny.*)
+    # would be ignored; the settings of loading it (model.dtype, model.tokenizer, ...) are honoured
+    if ignored := sorted(
+        {k for k in keys if k.split(".")[:2] in (["model", "path"], ["model", "lora"], ["model", "tiny"])}
+    ):
+        raise ConfigError(
+            f"{', '.join(ignored)} would be ignored: CHECKPOINT ({args.checkpoint}) is the model generate decodes "
+            f"with; drop {', '.join(ignored)} (to decode with another model, give it as CHECKPOINT; a LoRA run's "
+            f"checkpoint loads with its adapter)"
         )
     if empty := [i for i, p in enumerate(args.prompt) if not p.strip()]:
         raise ConfigError(f"--prompt number {empty[0] + 1} is empty; give the text to complete")
     check_context(recipe, model_dir, "CHECKPOINT")
+    cfg: RolloutConfig = recipe.rollout
+    # the learned heads a rollout setting needs, saved beside the model: checked before its weights load
+    if ORDERS[cfg.order].needs_hidden and not os.path.isfile(os.path.join(model_dir, ORDER_FILE)):
+        raise ConfigError(
+            f"rollout.order=policy needs the order policy trained with the model, and CHECKPOINT ({model_dir}) "
+            f"has no {ORDER_FILE}: give a checkpoint written by a GRPO run with rollout.order=policy, or pick "
+            f"another rollout.order"
+        )
+    if cfg.edit != "none" and not os.path.isfile(os.path.join(model_dir, EDIT_FILE)):
+        raise ConfigError(
+            f"rollout.edit={cfg.edit} needs the edit head trained with the model, and CHECKPOINT ({model_dir}) has "
+            f"no {EDIT_FILE}: give a checkpoint written by an edit SFT or GRPO run (recipes/tiny/*-edit-*.yaml), or "
+            f"set rollout.edit=none"
+        )
     model, tokenizer = load_model(recipe.model, path=model_dir)
     prompts = args.prompt if args.raw else [[{"role": "user", "content": p}] for p in args.prompt]
-    cfg: RolloutConfig = recipe.rollout
     out = generate(
         model,
         tokenizer,

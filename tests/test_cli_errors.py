@@ -10,6 +10,7 @@ import pytest
 import dllm_rl.models.load as model_loading
 import dllm_rl.trainers.common as common
 from dllm_rl.cli import main
+from dllm_rl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT = "recipes/tiny/sudoku-sft.yaml"
@@ -187,3 +188,44 @@ def test_traceback_before_or_after_the_command_shows_it_and_still_exits_2(capsys
     assert err.rstrip().splitlines()[-1].startswith("dllm-rl: error: rollout.steps:")
     assert main(["train", SFT, "rollout.steps=abc"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.path=/other", "model.lora.r=8", "model.lora={r: 8}", "model.tiny.hidden_size=64", " model.path = x"],
+)
+def test_generate_refuses_model_settings_that_checkpoint_overrides(capsys, override):
+    line = stops(capsys, "generate", CKPT, "--prompt", "hi", override)
+    key = override.split("=")[0].strip()
+    assert f"{key} would be ignored: CHECKPOINT ({CKPT}) is the model" in line and f"drop {key}" in line
+
+
+def test_generate_honours_the_settings_of_loading_the_checkpoint(capsys, monkeypatch):
+    seen = {}
+
+    def load(cfg, path=None, seed=0):
+        seen.update(cfg=cfg, path=path)
+        raise ConfigError("loaded")
+
+    monkeypatch.setattr(model_loading, "load_model", load)
+    assert "loaded" in stops(capsys, "generate", CKPT, "--prompt", "hi", "model.dtype=bfloat16")
+    assert seen["cfg"].dtype == "bfloat16" and seen["path"].endswith("sudoku-sft/final")
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", str(2**63), "-1"])
+def test_generate_refuses_a_seed_out_of_range(capsys, seed):
+    assert f"--seed {seed}: give a seed from 0 to 2**63 - 1" in stops(
+        capsys, "generate", CKPT, "--prompt", "hi", "--seed", seed
+    )
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("rollout.order=policy", "rollout.order=policy needs the order policy trained with the model"),
+        ("rollout.edit=remask", "rollout.edit=remask needs the edit head trained with the model"),
+    ],
+)
+def test_generate_checks_the_learned_heads_file_before_the_weights_load(capsys, override, words):
+    line = stops(capsys, "generate", CKPT, "--prompt", "hi", override)
+    assert words in line and "CHECKPOINT (checkpoints/tiny/sudoku-sft/final) has no" in line

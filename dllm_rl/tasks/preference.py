@@ -78,11 +78,49 @@ def _text(value) -> str:
     return "".join(str(m.get("content") or "") for m in value) if isinstance(value, list) else str(value)
 
 
+def _as_dataset(data, where: str) -> datasets.Dataset:
+    """A `datasets.Dataset` of the preference data: a Dataset as is; an IterableDataset (streaming, which TRL's
+    DPOTrainer accepts) read into memory, as every row is checked and tokenized before training anyway; a list of
+    row dicts through Dataset.from_list. A DatasetDict and other types are refused with the fix."""
+    if isinstance(data, datasets.Dataset):
+        return data
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        splits = list(data)
+        pick = repr(splits[0]) if splits else "'train'"
+        raise ConfigError(
+            f"{where}: a DatasetDict with splits {splits}, not one split; pass one of them, e.g. "
+            f"train_dataset=ds[{pick}] (load_dataset(name, split='train') returns the split itself)"
+        )
+    if isinstance(data, datasets.IterableDataset):
+        # TRL's DPOTrainer accepts an IterableDataset; here its rows are materialised (they are all tokenized
+        # before training, so an endless stream cannot be used: it never ends)
+        data = list(data)
+        if not data:
+            raise ConfigError(f"{where}: the dataset has no rows")
+        return datasets.Dataset.from_list(data)
+    if isinstance(data, (list, tuple)) and all(isinstance(row, dict) for row in data):
+        if not data:
+            raise ConfigError(f"{where}: the dataset has no rows")
+        try:
+            return datasets.Dataset.from_list(list(data))
+        except Exception as e:  # rows whose columns pyarrow cannot put in one table
+            raise ConfigError(
+                f"{where}: could not make a datasets.Dataset of the {len(data)} rows ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); give every row the same columns with values of "
+                f"one kind (text, or lists of chat messages)"
+            ) from None
+    raise ConfigError(
+        f"{where}: got a {type(data).__module__}.{type(data).__name__}; give a datasets.Dataset (or an "
+        f"IterableDataset, or a list of row dicts) with TRL's prompt/chosen/rejected columns"
+    )
+
+
 def prepare_preferences(dataset: datasets.Dataset, where: str) -> datasets.Dataset:
     """Columns checked, implicit prompts extracted (TRL's extract_prompt), and every row checked for a usable
     preference; `where` names the data in errors."""
     from trl.data_utils import extract_prompt
 
+    dataset = _as_dataset(dataset, where)
     missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise ConfigError(

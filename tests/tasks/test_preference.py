@@ -237,3 +237,44 @@ def test_missing_file_and_unreachable_hub_name_the_key():
         load_preferences("nope.jsonl")
     with pytest.raises(ConfigError, match="dpo.dataset_name: could not load 'no-such-org/no-such-data'"):
         load_preferences("no-such-org/no-such-data")
+
+
+ROWS = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f"}]
+
+
+def test_a_dataset_dict_is_refused_with_the_split_to_pass():
+    data = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS)})
+    with pytest.raises(
+        ConfigError, match=r"a DatasetDict with splits \['train', 'test'\].*train_dataset=ds\['train'\]"
+    ):
+        prepare_preferences(data, "train_dataset")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda rows: datasets.Dataset.from_list(rows).to_iterable_dataset(), list, tuple],
+    ids=["IterableDataset", "list", "tuple"],
+)
+def test_an_iterable_dataset_or_a_list_of_rows_is_used_as_a_dataset(tokenizer, make):
+    want = tokenize_preferences(
+        prepare_preferences(datasets.Dataset.from_list(ROWS), "t"), tokenizer, 32, DPOConfig(), "t"
+    )
+    data = prepare_preferences(make(ROWS), "t")
+    assert isinstance(data, datasets.Dataset) and data.to_list() == ROWS
+    assert tokenize_preferences(data, tokenizer, 32, DPOConfig(), "t") == want
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}, "got a builtins.dict; give a datasets.Dataset"),
+        (["a", "b"], "got a builtins.list; give a datasets.Dataset .*or a list of row dicts"),
+        ("prefs.jsonl", "got a builtins.str; give a datasets.Dataset"),
+        ([], "the dataset has no rows"),
+        (datasets.Dataset.from_list(ROWS).to_iterable_dataset().take(0), "the dataset has no rows"),
+        ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": 1, "chosen": [2], "rejected": "c"}], "could not"),
+    ],
+)
+def test_other_preference_data_is_refused_naming_the_types(data, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare_preferences(data, "train_dataset")
