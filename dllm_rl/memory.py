@@ -111,6 +111,7 @@ before its step.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -645,8 +646,13 @@ def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
 def _views(recipe: Recipe) -> str:
     from .estimators import build_estimator
 
-    e = recipe.estimator
-    k = build_estimator(e, None).views(recipe.rollout.steps)
+    e, r = recipe.estimator, recipe.rollout
+    views = build_estimator(e, None).views
+    try:  # views(steps, completion_length); a custom estimator's may take the steps alone
+        takes_length = len(inspect.signature(views).parameters) >= 2
+    except (TypeError, ValueError):
+        takes_length = False
+    k = views(r.steps, r.max_completion_length) if takes_length else views(r.steps)
     return f"{e.name}: {k} view(s) per estimate" + (", one alive at a time (per-view checkpointing)" if k > 1 else "")
 
 

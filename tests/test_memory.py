@@ -566,3 +566,22 @@ def test_cli_plan_runs():
     assert out.returncode == 0, out.stderr
     assert "ESTIMATE" in out.stdout and "total per GPU" in out.stdout and "verdict:" in out.stdout
     assert "activations" in out.stdout and "AdamW states" in out.stdout
+
+
+def test_ar_order_views_follow_the_completion_length_not_the_steps(monkeypatch):
+    """ar_order scores one view per completion position (per merge_steps positions), whatever rollout.steps: a
+    rollout of 128 steps over 256 positions is 256 forwards per estimate (128 with merge_steps=2); the trajectory
+    estimator's views still follow the steps, and a custom estimator's views(steps) is called with the steps."""
+    from dllm_rl import estimators
+    from dllm_rl.estimators import Estimator
+
+    info = lambda plan: dict(plan.info)["estimator"]
+    plan = plan_memory(_llada(estimator__name="ar_order"), gpus=1, prompt_length=200)
+    assert info(plan).startswith("ar_order: 256 view(s) per estimate")
+    plan = plan_memory(_llada(estimator__name="ar_order", estimator__merge_steps=2), gpus=1, prompt_length=200)
+    assert info(plan).startswith("ar_order: 128 view(s) per estimate")
+    plan = plan_memory(_llada(estimator__name="trajectory"), gpus=1, prompt_length=200)
+    assert info(plan).startswith("trajectory: 128 view(s) per estimate")
+    custom = lambda cfg, tr: Estimator(None, None, views=lambda steps: steps + 1)
+    monkeypatch.setitem(estimators.ESTIMATORS, "one_step", custom)
+    assert info(plan_memory(_llada(), gpus=1, prompt_length=200)).startswith("one_step: 129 view(s) per estimate")

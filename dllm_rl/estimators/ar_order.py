@@ -49,10 +49,11 @@ def build(cfg, tr) -> Estimator:
     """The AR-order estimator; estimator.merge_steps = tokens revealed per view (1 = exact per token)."""
     k = max(1, cfg.merge_steps)
 
-    def views(steps: int) -> int:  # one token per step for a bidirectional model; the block for block-causal
+    def views(steps: int, completion_length: int) -> int:  # as draw builds them: one per k reveal indices, the
+        # completion's positions (bidirectional) or the offsets in a block (block-causal), whatever the steps
         if tr is not None and tr.attention == "block_causal":
-            return -(-tr.block_size // k)
-        return -(-steps // k)
+            return -(-min(tr.block_size, completion_length) // k)
+        return -(-completion_length // k)
 
     return Estimator(
         lambda batch, generator=None: draw(batch, tr, k),

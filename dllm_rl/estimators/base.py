@@ -87,7 +87,9 @@ class Estimator:
         completion_ids, completion_mask; trajectories also read batch.trace).
     estimate(model, batch, noise, **extra) -> Estimate: per-token estimates under that noise, with gradient
         when enabled (extra: order_policy for a learned order).
-    views(steps) -> int: forwards per estimate for a rollout of `steps` denoising steps (the memory planner).
+    views(steps, completion_length) -> int: forwards per estimate for a rollout of `steps` denoising steps of
+        completions of `completion_length` positions (the memory planner); one that takes a single argument
+        (views(steps)) is called with the steps alone.
     check(decoding) -> list of notes: refuse (ConfigError) rollout settings the estimator cannot score, before
         anything is built; the notes are printed.
     counted(batch, noise) -> bool tensor or None: the entries the loss counts when the estimator decides them

@@ -34,6 +34,15 @@ Noise options (estimator section):
   (truncated) ELBO plus half the one-step log-likelihood. full_view=False drops the view and leaves the pair.
 The masked-diffusion SFT loss is this estimator with one sample and t ~ U(t_min, 1] (LLaDA's SFT).
 
+Block-causal models: the views are scored in the two-stream layout (estimators.base), where the masked copy of
+block b (the model's attention blocks, counted from the completion's start) sees the clean blocks before it
+and its own block only. The mask restricted to block b is Bernoulli(t) per position, so everything above holds
+block by block and the expectation is the sum of per-block quantities, not the ELBO of the whole canvas: with
+t ~ U(0, 1), sum_b ELBO(x_b | clean x_<b), each the any-order ELBO of block b's positions given the clean
+blocks before it (<= log p(x_b | x_<b), p the mean over orders of block b, as estimators.block_elbo's p(x));
+with a narrower range, sum_b ELBO_[a,b](x_b | clean x_<b) (the weights above with L = block b's length); the
+full view adds half of one_step's per-block value (estimators.one_step).
+
 Positions: the estimate covers every canvas position; the GRPO trainer sums it up to and including the first
 EOS (batch.completion_mask, d1's convention; the tokens after it are context, masked or visible per view),
 which is those positions' share of the canvas ELBO, not the ELBO of the shorter sequence.

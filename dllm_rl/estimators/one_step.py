@@ -10,6 +10,12 @@ tests/estimators/test_bounds_exact.py): the likelihood of a different sampler, a
 sequences and below it for others. With p_mask_prompt > 0 its expectation is the average of that quantity
 over prompt masks (each prompt token masked independently), d1's regulariser.
 
+Block-causal models: the view is scored in the two-stream layout (estimators.base), where the masked copy of
+block b (the model's attention blocks, counted from the completion's start) sees the clean blocks before it,
+so with p_mask_prompt = 0 the value is sum_b sum_{k in b} log p(y_k | prompt, clean y_<b, every position of
+block b masked): per block, the mean-field likelihood given the clean blocks before it (the sampler that
+commits each block whole in one step, rollout.block_length = the attention block), not the above.
+
 Positions: every completion position gets its term; the GRPO trainer sums them up to and including the first
 EOS (batch.completion_mask, d1's convention).
 """

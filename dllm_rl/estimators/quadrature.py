@@ -30,6 +30,12 @@ and n-point Gauss-Legendre integrates polynomials of degree <= 2n - 1 exactly. H
 Variance: no 1/t tail. The largest weight is w_1 / t_1 (2.46 for n = 3), where the Monte Carlo ELBO with
 t ~ U(0, 1) weighs a lone masked token by 1/t, whose second moment diverges logarithmically as t -> 0.
 
+Block-causal models: the views are scored in the two-stream layout (estimators.base), where the masked copy of
+block b (the model's attention blocks, counted from the completion's start) sees the clean blocks before it
+and its own block only, so f(t) = sum_b f_b(t), f_b the f above for block b's L_b positions given the clean
+blocks before it (degree <= L_b - 1), and E[Q] = sum_b sum_i w_i f_b(t_i): it equals sum_b ELBO(y_b | clean
+y_<b) (estimators.elbo) exactly when the block length (not L) is <= 2n, with the bias above per block otherwise.
+
 Masks cover every completion position (as the `elbo` estimator's); the trainer sums the positions its
 completion mask counts. The prompt stays clean.
 

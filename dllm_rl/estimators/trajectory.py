@@ -26,8 +26,10 @@ as the policy instead of a separate head). With rollout.order=policy the scores 
 head's (policy.OrderHead, DCoLT's separate module), recomputed block by block from each view's hidden
 states and statistics, and the order term's gradient reaches the head only. A step's order log-prob is
 shared equally among the tokens it committed (the per-token sum is exact). For left_to_right the sampled
-order's scores do not depend on the model. Model-scored and learned sampled orders need merge_steps=1 and
-a bidirectional model (the packed block-causal views score several steps of different blocks at once).
+order's scores do not depend on the model. Model-scored, learned and left_to_right sampled orders need
+merge_steps=1 and a bidirectional model (their order term is computed view by view, one step per view, and
+the packed block-causal views score several steps of different blocks at once); a sampled random order's
+term is the constant above, read from the trace's events, so it holds for merged and packed views too.
 tests/estimators/test_trajectory_exact.py enumerates every trajectory of a tiny sampler (EOS anywhere, with
 and without stop_at_eos, greedy, Plackett-Luce and random orders): these probabilities sum to 1 and match
 the sampler's frequencies (commit rule top_k). Not exact: rollout.top_k / top_p (the trace does not record
@@ -129,9 +131,11 @@ def check(d: Decoding, merge_steps: int, tr) -> list[str]:
                 "its scores depend on tokens drawn at positions that were not committed; use "
                 "rollout.order=top_prob (or margin, entropy), or rollout.order_temperature=0"
             )
-        if merge_steps > 1 or block_causal:
+        # a uniform order's term is a constant read from the trace's events (_uniform_order_logprob), which holds
+        # for merged and packed views; the others are scored view by view, one step per view
+        if rule.replay != "uniform" and (merge_steps > 1 or block_causal):
             raise ConfigError(
-                "estimator.name=trajectory with a sampled order (rollout.order_temperature > 0) "
+                f"estimator.name=trajectory with a sampled rollout.order={d.order} (rollout.order_temperature > 0) "
                 "scores each step's order from the state before it: set estimator.merge_steps=1, "
                 "and use a bidirectional model (block-causal packing scores several steps at once)"
             )

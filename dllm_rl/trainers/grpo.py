@@ -404,11 +404,13 @@ class GRPOTrainer:
             return
         e = self.recipe.estimator
         shown = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if isinstance(v, float))
+        # only the Monte Carlo ELBO has unbounded weights (1/t); block_elbo's n_b * s / m and quadrature's
+        # w_i / t_i are bounded, and neither reads the timestep range this way
         hint = (
             f" The {e.name} estimator weights masked tokens by 1/t (1/(1-t) too when coupled), which can overflow "
             f"the KL term near t=0 or 1: set estimator.t_min=1e-3 (now {e.t_min}) and, if coupled, "
             f"estimator.t_max=0.999 (now {e.t_max}), or lower grpo.beta / optim.lr."
-            if e.name in ("elbo", "block_elbo")
+            if e.name == "elbo"
             else " Lower optim.lr or grpo.beta, or check the rewards."
         )
         raise DllmRlError(
@@ -473,12 +475,17 @@ class GRPOTrainer:
             stats[k].append(v)
 
     def estimator_std(self, batch, g: torch.Generator, draws: int = 4) -> float:
-        """Std of the sequence log-likelihood estimate across fresh noise draws (mean over sequences)."""
+        """Std of the sequence log-likelihood estimate across fresh noise draws (mean over sequences): the
+        per-token estimates summed over the entries they count, times the completion length for an estimator at
+        the per-token scale (block_elbo: Estimator.per_token_mean), as DPO's sequence scores."""
         mb = batch.select(self._micro_batches(len(batch))[0]).to(self.acc.device)
         seq = []
         for _ in range(draws):
             est = self._estimate(self.model, mb, self.estimator.draw(mb, g), grad=False)
-            seq.append((est.logps * (mb.completion_mask if est.mask is None else est.mask)).sum(-1))
+            value = (est.logps * (mb.completion_mask if est.mask is None else est.mask)).sum(-1)
+            if self.estimator.per_token_mean:
+                value = value * mb.completion_mask.sum(-1).clamp(min=1).to(value.device)
+            seq.append(value)
         return torch.stack(seq).std(0).mean().item()
 
     # -------------------------------------------------------------------------------------------- loop

@@ -183,3 +183,20 @@ def test_another_order_is_flagged_off_policy(tokenizer, order, order_temperature
     batch = generate(model, tokenizer, [[5, 7, 4]], cfg, torch.Generator().manual_seed(0))
     notes = ar_order(model).check(batch.trace.decoding)
     assert len(notes) == 1 and "off-policy" in notes[0] and f"rollout.order={order}" in notes[0]
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_views_count_the_forwards_draw_builds_whatever_the_steps(tokenizer, attention, k):
+    """Estimator.views (what the memory planner reports) is the number of views draw builds: one per k reveal
+    indices of the completion (bidirectional) or of a block (block-causal), not one per k rollout steps, even
+    when the rollout took fewer steps than the completion has positions."""
+    model = build(tokenizer, attention)
+    Lc = 10
+    comps = torch.randint(3, VOCAB, (len(PROMPTS), Lc), generator=torch.Generator().manual_seed(3)).tolist()
+    batch = padded_batch(PROMPTS, comps, [Lc] * len(PROMPTS))
+    est = ar_order(model, k)
+    built = est.draw(batch).num_views
+    assert built == -(-(Lc if attention == "bidirectional" else 4) // k)
+    for steps in (2, 5, Lc):
+        assert est.views(steps, Lc) == built, steps

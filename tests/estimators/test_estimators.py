@@ -868,3 +868,43 @@ def test_gradients_flow(tokenizer, name):
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert grads["lm_head.weight"].abs().sum() > 0 and grads["layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_trajectory_replays_a_sampled_random_order_in_packed_and_merged_views(tokenizer, attention):
+    """rollout.order=random sampled at order_temperature > 0 draws every order of a step's positions alike, so
+    its order term is a constant read from the trace: the estimator accepts it on a block-causal model (packed
+    views) and with merge_steps > 1. With merge_steps=1 the estimate is the sampler's recorded log-prob of each
+    commit plus log(1/n) for a commit drawn from n masked positions of its block (4, 3, 2, 1 here); merged views
+    carry the same order term."""
+    model = build(tokenizer, attention=attention, block_size=4)
+    Lc, Lb = 12, 4
+    rollout = RolloutConfig(
+        max_completion_length=Lc,
+        steps=12,
+        block_length=Lb,
+        temperature=0.8,
+        order="random",
+        order_temperature=0.5,
+        stop_at_eos=False,
+    )
+    batch = rollout_batch(model, tokenizer, rollout)
+    trace = batch.trace
+    assert (trace.commit_step >= 0).all() and (trace.num_steps == 12).all()  # one commit per step, every block
+    with torch.no_grad():
+        est = trajectory(model).estimate(model, batch, trajectory_views(model, batch)).logps
+    ev = trace.events
+    commits = ev[:, 4] == COMMIT
+    at = ev[commits, 0] * Lc + ev[commits, 2]
+    sampler = torch.zeros(len(PROMPTS) * Lc).index_add_(0, at, trace.event_logprob[commits]).view(-1, Lc)
+    order = -(Lb - trace.commit_step % Lb).double().log()  # the block's 4th, 3rd, ... masked position drawn
+    assert torch.allclose(est.double(), sampler.double() + order, atol=1e-5, rtol=0)
+    fixed = decoded(batch, order="left_to_right", order_temperature=0.0)  # the same views without an order term
+    with torch.no_grad():
+        merged = trajectory(model, 2).estimate(model, batch, trajectory_views(model, batch, merge=2)).logps
+        merged_tokens = trajectory(model, 2).estimate(model, fixed, trajectory_views(model, fixed, merge=2)).logps
+    assert torch.allclose(
+        (merged - merged_tokens).sum(-1).double(),
+        torch.full((len(PROMPTS),), -3 * math.log(24.0), dtype=torch.float64),
+        atol=1e-5,
+    )
