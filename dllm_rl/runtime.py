@@ -225,6 +225,32 @@ def prepare_frozen(accelerator, module: torch.nn.Module):
     return engine
 
 
+class WholeState:
+    """A module as accelerate checkpoints it (register_for_checkpointing): its whole tensors. Under ZeRO-3 a
+    module prepared by `prepare_frozen` keeps empty placeholders, so its own state_dict saves nothing and loading
+    it restores nothing; this one gathers the parameters to save them, and writes them back through the same
+    gather (every rank loads the same file: rank 0's values are kept). accelerate calls both on every rank."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def _gathered(self, **kw):
+        params = [p for p in self.module.parameters() if hasattr(p, "ds_id")]
+        if not params:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, **kw)
+
+    def state_dict(self) -> dict:
+        with self._gathered():
+            return {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._gathered(modifier_rank=0):
+            self.module.load_state_dict(state)
+
+
 def gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of `tensor`, concatenated in rank order (the tensor itself with one process)."""
     if accelerator.num_processes == 1:

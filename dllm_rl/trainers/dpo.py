@@ -55,6 +55,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from transformers import TrainerState
 
 from ..algorithms.dpo import PreferenceInputs, check, dpo_loss, preference_metrics
@@ -72,6 +73,7 @@ from ..rollout import generate
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
     EpochSampler,
+    WholeState,
     advance_schedule,
     generation_model,
     prepare_frozen,
@@ -123,16 +125,15 @@ def concat_noise(parts: list[Noise], P: int) -> Noise:
 
 def weights_identity(model, cfg, passed: bool) -> str:
     """What identifies the starting weights (hence the reference's): for a model passed in Python, or the tiny
-    model built from the recipe, a checksum of its parameters; for a local directory (a LoRA checkpoint's base
+    model built from the recipe, a hash of its parameters' bytes; for a local directory (a LoRA checkpoint's base
     too) the names, sizes and modification times of its files; for a hub id the commit transformers loaded."""
     from ..rundir import resolve_model_dir
 
     h = hashlib.sha256()
     if passed or cfg.path is None:
-        for name, p in sorted(model.state_dict().items()):  # float64 sums without a float64 copy of the tensor
-            t = p.detach() if p.is_floating_point() else p.detach().double()  # integer buffers are small
-            total, norm = t.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(t, dtype=torch.float64).item()
-            h.update(f"{name}:{tuple(t.shape)}:{total:.12e}:{norm:.12e}".encode())
+        for name, p in sorted(model.state_dict().items()):  # the bytes: sums and norms miss permuted entries
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
     directory = Path(resolve_model_dir(cfg.path))
     dirs = [directory] if directory.is_dir() else []
@@ -216,7 +217,7 @@ class DPOTrainer:
             params.append({"params": list(self.order_policy.parameters()), "lr": r.order_policy.lr})
             checkpointed = (self.order_policy,)
         if self.ref_sync is not None:  # a reference that moves is state
-            checkpointed += tuple(m for m in (self.ref, self.ref_order_policy) if m is not None)
+            checkpointed += tuple(WholeState(m) for m in (self.ref, self.ref_order_policy) if m is not None)
         run.prepare(params, r.train.max_steps, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         if self.ref is not None:
@@ -536,11 +537,16 @@ class DPOTrainer:
         when its fingerprint matches, else computed (every process scores a share) and written there."""
         path = Path(self.recipe.train.output_dir) / CACHE_FILE
         fingerprint = self._fingerprint()
-        if path.is_file():
-            cached = torch.load(path)
-            if cached.get("fingerprint") == fingerprint:
-                self.acc.print(f"reference estimates of {len(self.pairs)} pairs read from {path}")
-                return cached
+        cached = torch.load(path) if path.is_file() else {}
+        valid = [cached.get("fingerprint") == fingerprint]
+        # the main process decides for all: a rank reading its own (unshared) output_dir must not skip the
+        # computation the others then wait on in gather_object
+        broadcast_object_list(valid, from_process=0)
+        if valid[0]:
+            if not cached:
+                raise DllmRlError(f"{path} is missing on process {self.acc.process_index}: share train.output_dir")
+            self.acc.print(f"reference estimates of {len(self.pairs)} pairs read from {path}")
+            return cached
         n, world, rank = len(self.pairs), self.acc.num_processes, self.acc.process_index
         mine = list(range(rank, n, world)) or [n - 1]  # a rank without a pair of its own repeats the last one
         mine += mine[-1:] * (-(-n // world) - len(mine))  # equal counts on every rank (ZeRO-3 forwards together)

@@ -39,6 +39,7 @@ from ..rewards.plugins import RewardLog, build_rewards, check_reward_weights, co
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
     EpochSampler,
+    WholeState,
     advance_schedule,
     gather_rows,
     generation_model,
@@ -130,7 +131,8 @@ class GRPOTrainer:
         params += self.planner.param_groups()
         heads = tuple(h for h in (self.order_policy, self.edit_policy) if h is not None)
         checkpointed = heads + self.planner.checkpointed()
-        checkpointed += (self.ref,) if self.ref_sync is not None else ()  # a reference that moves is state
+        # a reference that moves is state (whole tensors: ZeRO-3 shards it below)
+        checkpointed += (WholeState(self.ref),) if self.ref_sync is not None else ()
         run.prepare(params, r.train.max_steps * r.grpo.num_iterations * self.geometry.chunks, checkpointed)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log
         if self.ref is not None:

@@ -372,3 +372,32 @@ def test_lora_grpo_zero2_matches_one_process(tmp_path):
     assert sorted(got) == sorted(want) and max(want[n].abs().max() for n in want if "lora_B" in n) > 2e-3
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4, msg=name)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_grpo_zero3_checkpoints_the_whole_moving_reference(tmp_path):
+    """grpo.sync_ref_model under ZeRO-3: the reference is sharded like the policy (runtime.prepare_frozen), so
+    its own state_dict holds each rank's empty placeholders; the checkpoint holds its whole tensors (gathered by
+    runtime.WholeState), moved from the start by the sync, which a resumed run loads back."""
+    base = json.loads(json.dumps(GRPO))
+    base["grpo"] |= {"reference": "frozen_copy", "sync_ref_model": True}
+    base["grpo"] |= {"ref_model_mixup_alpha": 0.5, "ref_model_sync_steps": 1}
+    recipe = write_recipe(
+        tmp_path,
+        base,
+        "grpo",
+        batch_size=PER_RANK // 2,
+        deepspeed=ZERO[3],
+        save_steps=2,
+        output_dir=str(tmp_path / "d"),
+    )
+    launch("torchrun", ["-m", "dllm_rl", "train", str(recipe)], tmp_path)
+    states = [
+        torch.load(p, weights_only=False) for p in (tmp_path / "d").glob("checkpoint-2/**/custom_checkpoint_*.pkl")
+    ]
+    ref = next(s for s in states if isinstance(s, dict) and any(k.endswith("embed_tokens.weight") for k in s))
+    start = load_file(START)
+    assert {k: tuple(v.shape) for k, v in ref.items() if k in start} == {k: tuple(v.shape) for k, v in start.items()}
+    moved = max((ref[k].float() - start[k].float()).abs().max().item() for k in start)
+    assert moved > 0  # the synced reference, not the start

@@ -109,6 +109,20 @@ def test_the_reference_cache_follows_the_weights(tokenizer, tmp_path, capsys):
     assert not torch.allclose(other.ref_cache["chosen"], first.ref_cache["chosen"])
 
 
+def test_the_weights_identity_sees_permuted_weights(tokenizer):
+    """The identity of a model passed in Python hashes its parameters' bytes: rows of a tensor swapped (the same
+    sums and norms) are another model, whose cached reference estimates would be stale."""
+    from dllm_rl.trainers.dpo import weights_identity
+
+    model = make_model(tokenizer, hidden=32, seed=0)
+    first = weights_identity(model, None, passed=True)
+    assert weights_identity(model, None, passed=True) == first
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb.flip(0))
+    assert weights_identity(model, None, passed=True) != first
+
+
 @pytest.mark.parametrize("name", ["one_step", "elbo", "block_elbo", "quadrature"])
 def test_every_estimator_scores_pairs_and_starts_from_a_zero_score(tokenizer, tmp_path, name):
     """Each estimator that draws its noise from shapes (prompt masks included: one_step) runs a DPO step; at the
@@ -627,3 +641,4 @@ def test_a_step_without_a_usable_pair_changes_nothing_but_the_schedule(tmp_path)
     out = tr.step(0)
     assert out["skipped"] == 1.0 and all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
     assert tr.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 3 / 4)
+
