@@ -253,7 +253,9 @@ class DPOConfig:
     max_length: Optional[Count] = 1024  # prompt + completion tokens; longer pairs are truncated (truncation_mode)
     max_prompt_length: Optional[Count] = None  # prompts keep their last max_prompt_length tokens
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"  # keep_end: cut the prompt's start instead
-    pairs: Literal["offline", "on_policy"] = "offline"  # offline: dataset_name; on_policy: best vs worst of G samples
+    # offline: dataset_name; on_policy: best vs worst of G samples; branch: the greedy decode against its nearest
+    # branch with another reward (rollout.branch: one decision changed, then greedy again; step-level pairs)
+    pairs: Literal["offline", "on_policy", "branch"] = "offline"
     dataset_name: Optional[str] = None  # offline: hub name or local .json/.jsonl/.parquet (prompt/chosen/rejected)
     dataset_train_split: str = "train"
     # on_policy: completions sampled per prompt (G)
@@ -264,6 +266,12 @@ class DPOConfig:
     # on_policy: up to this many disjoint pairs per prompt: candidates ranked by reward, the i-th best against the
     # i-th worst while the first scores higher (1: the best against the worst)
     pairs_per_prompt: Count = 1
+    # branch: each decision of the greedy decode is tried with its next branch_alternatives most likely tokens, the
+    # nearest first (smallest drop in log-prob), at most branch_rounds of them per prompt; the first that scores
+    # above the greedy decode is the chosen, else (branch_anchors) the nearest that scores below is the rejected
+    branch_alternatives: Count = 2
+    branch_rounds: Count = 4
+    branch_anchors: bool = True
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = "auto"  # auto: adapter_disabled under LoRA
     # TRL's (TR-DPO, arXiv 2404.09656): ref <- alpha * policy + (1 - alpha) * ref every ref_model_sync_steps
     # optimizer steps; the reference order head too (rollout.order=policy)
@@ -765,6 +773,19 @@ def _rules(r: Recipe, trainer: Optional[str]):
             f"(dpo.num_generations) make at most {r.dpo.num_generations // 2} disjoint pairs; lower it or raise "
             f"dpo.num_generations"
         )
+    if trainer == "dpo" and r.dpo.pairs == "branch":
+        if ro.order == "random" or ro.order_temperature > 0:
+            yield (
+                "dpo.pairs=branch changes decisions of the greedy decode, which needs a state-only unmasking order: "
+                "set rollout.order_temperature=0 and an order other than random"
+            )
+        if ro.self_correction or ro.repetition_penalty != 1:
+            yield (
+                "dpo.pairs=branch replays greedy decodes exactly: set rollout.self_correction=false and "
+                "rollout.repetition_penalty=1"
+            )
+        if ro.edit != "none":
+            yield "dpo.pairs=branch branches fixed-length decodes: set rollout.edit=none"
     if trainer == "dpo" and r.dpo.greedy_candidate:
         if r.dpo.pairs != "on_policy":
             yield "dpo.greedy_candidate: true decodes candidates of on-policy pairs; set dpo.pairs=on_policy"

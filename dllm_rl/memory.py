@@ -597,6 +597,8 @@ def rollout_rows(recipe: Recipe, gpus: int) -> int:
 
         return geometry(recipe, gpus).prompts_per_rollout * recipe.grpo.num_generations
     if a == "dpo":  # offline pairs: nothing is decoded while training
+        if recipe.dpo.pairs == "branch":  # the greedy decodes, then one branch per prompt a round (rollout.branch)
+            return recipe.train.batch_size
         return 0 if recipe.dpo.pairs == "offline" else recipe.train.batch_size * recipe.dpo.num_generations
     if a == "consensus":  # every process samples all of a round's prompts (trainers.consensus.targets)
         return recipe.consensus.prompts_per_round * recipe.consensus.samples

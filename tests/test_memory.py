@@ -585,3 +585,14 @@ def test_ar_order_views_follow_the_completion_length_not_the_steps(monkeypatch):
     custom = lambda cfg, tr: Estimator(None, None, views=lambda steps: steps + 1)
     monkeypatch.setitem(estimators.ESTIMATORS, "one_step", custom)
     assert info(plan_memory(_llada(), gpus=1, prompt_length=200)).startswith("one_step: 129 view(s) per estimate")
+
+
+def test_dpo_decodes_as_many_rows_as_its_pairs_need():
+    """The rows one generate call decodes while DPO trains: none for offline pairs, G per prompt on-policy, one per
+    prompt for branch pairs (the greedy decodes, then one branch per prompt a round)."""
+    from dllm_rl.config import load_recipe
+    from dllm_rl.memory import rollout_rows
+
+    path = str(Path(__file__).resolve().parents[1] / "recipes/tiny/countdown-dpo.yaml")
+    assert rollout_rows(load_recipe(path, []), 1) == 32 * 8
+    assert rollout_rows(load_recipe(path, ["dpo.pairs=branch"]), 1) == 32

@@ -24,7 +24,7 @@ from ..batches import COMMIT, FILL, REMASK, RolloutBatch, StepStats
 from ..config import RolloutConfig
 from ..counter_rng import ORDER_STREAM, TOKEN_STREAM, row_seeds, uniform
 from ..kernels import choose_tokens  # fused Triton on CUDA, kernels.sampling.choose_tokens elsewhere
-from ..kernels.sampling import repetition_context
+from ..kernels.sampling import repetition_context, sampling_logprobs
 from ..models.base import ModelTraits, traits, unwrap
 from ..models.masks import block_ids, mask_from_block_ids, padding_positions
 from ..policy.orders import ORDERS, OrderInputs
@@ -65,6 +65,7 @@ def generate_host_loop(
     generator: torch.Generator | None = None,
     order_policy: OrderPolicy | None = None,
     record_states: bool = False,
+    forced: torch.Tensor | None = None,
 ) -> RolloutBatch:
     """`rollout.generate` as the host-driven loop (the same arguments and, up to float rounding, the same result).
 
@@ -77,7 +78,17 @@ def generate_host_loop(
             draw from torch's global generator).
         order_policy: the learned unmasking policy (policy.OrderHead) for rules that need one (rollout.order=policy).
         record_states: also return every intermediate completion canvas (stats["states"]; for tests).
+        forced: [F, 4] long (row, step, position, token): decisions imposed on the rollout. A row's step that has
+            forced entries commits exactly those tokens at those (masked) completion positions instead of what
+            the commit and order rules choose; its other steps decode as usual. The trace records them as the
+            step's commits, with the sampler's log-prob of each forced token. Branch search (rollout.branch:
+            a greedy decode's prefix, one decision changed, then greedy again) is what it is for; it needs a
+            state-only order (order_temperature 0) and no self-correction or repetition penalty.
     """
+    if forced is not None and (cfg.order_temperature > 0 or cfg.self_correction or cfg.repetition_penalty != 1):
+        raise ValueError(
+            "forced decisions need rollout.order_temperature=0, self_correction=false and repetition_penalty=1"
+        )
     tr = traits(model, tokenizer)
     ids = decode_ids(tokenizer, prompts, tr)
     check_config(cfg, tr, model, max(len(p) for p in ids), order_policy is not None)
@@ -115,6 +126,7 @@ def generate_host_loop(
                 states if record_states else None,
                 order_policy,
                 stats,
+                forced,
             )
             if cfg.stop_at_eos and tokenizer.eos_token_id is not None:
                 _stop_finished_rows(c, bs + Lb, tokenizer.eos_token_id, rec, states if record_states else None)
@@ -151,7 +163,7 @@ def _forward(model, c: _Canvas, rows, plan, cache, lo: int, hi: int, want_hidden
 
 
 def _decode_block(
-    model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, seeds, cache, rec, states, order_policy, stats
+    model, c: _Canvas, cfg, tr, bs, be, prev_bs, steps_per_block, seeds, cache, rec, states, order_policy, stats, forced
 ):
     shift = tr.logits_shift
     offsets = torch.arange(bs - c.P, be - c.P, device=c.x.device)[None, :]  # [1, Lb] completion offsets
@@ -201,13 +213,15 @@ def _decode_block(
         else:
             chosen, valid = topk_positions(scores, m, k)
         sel = torch.zeros_like(m).scatter_(1, chosen, valid)  # [n, Lb] positions committed now
-
-        blk = c.x[r_idx, bs:be]
-        new_blk = torch.where(sel, st.token, blk)
         # commits are recorded in draw order (row by row): a sampled order's Plackett-Luce log-prob depends on
         # it, and the trajectory estimator reads it back from the trace
         rr = torch.arange(len(r_idx), device=chosen.device)[:, None].expand_as(chosen)[valid]
         cc = chosen[valid]
+        if forced is not None:
+            rr, cc = _force(forced, c, cfg, tr, r_idx, step, bs, be, logits, m, sel, st, rr, cc)
+
+        blk = c.x[r_idx, bs:be]
+        new_blk = torch.where(sel, st.token, blk)
         rec.add(r_idx[rr], step[rr], offsets[0, cc], st.token[rr, cc], COMMIT, st.logprob[rr, cc])
         if cfg.self_correction:
             committed_before = ~m & (blk != tr.mask_token_id)
@@ -223,6 +237,31 @@ def _decode_block(
         if states is not None:
             for r in r_idx.tolist():
                 states[r].append(c.x[r, c.P :].cpu().clone())
+
+
+def _force(forced, c: _Canvas, cfg, tr, r_idx, step, bs, be, logits, m, sel, st, rr, cc):
+    """Impose the forced decisions of this step (generate_host_loop's `forced`) on `sel` and `st` in place; returns
+    the (row, column) pairs to record, the rules' choices for the other rows, then the forced ones."""
+    local = torch.full((c.N,), -1, dtype=torch.long, device=c.x.device)
+    local[r_idx] = torch.arange(len(r_idx), device=c.x.device)
+    f = forced.to(c.x.device)
+    lr = local[f[:, 0]]
+    col = f[:, 2] - (bs - c.P)
+    hit = (lr >= 0) & (step[lr.clamp(min=0)] == f[:, 1])  # this step's forced decisions of the rows decoded now
+    f_row, f_col, tok = lr[hit], col[hit], f[hit, 3]
+    if not len(f_row):
+        return rr, cc
+    if ((f_col < 0) | (f_col >= be - bs)).any() or not m[f_row, f_col.clamp(0, be - bs - 1)].all():
+        raise ValueError("a forced decision names a position outside the active block or one already committed")
+    rows = torch.zeros(len(r_idx), dtype=torch.bool, device=c.x.device)
+    rows[f_row] = True
+    sel[rows] = False
+    sel[f_row, f_col] = True
+    lp = sampling_logprobs(logits[f_row, f_col], cfg.temperature, cfg.top_k, cfg.top_p, tr.mask_token_id, cfg.min_p)
+    st.token[f_row, f_col] = tok
+    st.logprob[f_row, f_col] = lp.gather(-1, tok[:, None]).squeeze(-1)
+    keep = ~rows[rr]
+    return torch.cat([rr[keep], f_row]), torch.cat([cc[keep], f_col])
 
 
 def _stop_finished_rows(c: _Canvas, be: int, eos_id: int, rec: TraceRecorder, states) -> None:

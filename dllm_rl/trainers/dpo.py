@@ -70,6 +70,7 @@ from ..models.load import adapter_base_path, recipe_tokenizer
 from ..policy import ORDERS, order_head_for
 from ..rewards.plugins import build_rewards, compute_rewards, verifier_scores
 from ..rollout import generate
+from ..rollout.branch import nearest_branches
 from ..rollout.engine import check_config, decoding
 from ..runtime import (
     EpochSampler,
@@ -263,12 +264,17 @@ class DPOTrainer:
         """The cross-section rules of a DPO recipe that need the model or the processes, before anything is
         trained."""
         r, d = self.recipe, self.d
-        if d.pairs == "on_policy":
+        if d.pairs != "offline":
             if self.acc.num_processes > 1:
                 raise ConfigError(
-                    "dpo.pairs=on_policy keeps a different number of pairs on each process, which would then run "
+                    f"dpo.pairs={d.pairs} keeps a different number of pairs on each process, which would then run "
                     "different numbers of forwards (a hang); run one process or use dpo.pairs=offline"
                 )
+        if d.pairs == "branch" and self.traits.attention != "bidirectional":
+            raise ConfigError(
+                "dpo.pairs=branch reads each greedy decision's state with one full forward, which needs a "
+                "bidirectional model; this one is block-causal: use dpo.pairs=on_policy"
+            )
         learned = ORDERS[r.rollout.order].needs_hidden
         if learned:  # offline pairs with estimator.name=trajectory were refused above
             check_learned_order(r, self.estimator, self.acc)
@@ -414,6 +420,68 @@ class DPOTrainer:
         if d.pairs_per_prompt > 1:
             stats["pairs/per_prompt"] = len(keys) / len(examples)
         return pairs, keys, None, stats
+
+    def branch_pairs(self, step: int):
+        """Step-level pairs around the greedy decode (rollout.branch): per prompt, the greedy decode against its
+        nearest branch (one decision changed to a next most likely token, then greedy again) that scores above it
+        (the branch chosen), or else, with dpo.branch_anchors, the nearest that scores below it (the greedy decode
+        chosen). The pair shares the decisions before the changed one, whose terms cancel from its trajectory
+        score. Both are recorded as the sampler's trajectories (its decoding settings), as with_greedy does."""
+        r, d = self.recipe, self.d
+        examples = [self.task.train[i] for i in self.sampler.indices(step, r.train.batch_size)]
+        prompts = [ex["prompt"] for ex in examples]
+        columns = {k: [ex[k] for ex in examples] for k in examples[0]}
+        state = TrainerState(global_step=step, max_steps=r.train.max_steps)
+        verified = {}
+
+        def score(rows: list[int], batch) -> torch.Tensor:
+            ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+            cols = {k: [v[i] for i in rows] for k, v in columns.items()}
+            p = [prompts[i] for i in rows]
+            rewards, per_fn = compute_rewards(self.rewards, p, batch.completions, ids, cols, state)
+            if "greedy" not in verified:  # the first call scores the greedy decodes
+                verified["greedy"] = verifier_scores(
+                    self.task.reward, self.rewards, per_fn, p, batch.completions, ids, cols
+                )
+            return rewards
+
+        with torch.no_grad(), generation_model(self.acc, self.model) as model:
+            found = nearest_branches(
+                model,
+                self.tokenizer,
+                prompts,
+                r.rollout,
+                score,
+                d.branch_alternatives,
+                d.branch_rounds,
+                self.order_policy,
+            )
+        up = found.branch_reward > found.greedy_reward
+        use = up | ((found.branch_reward < found.greedy_reward) & d.branch_anchors)
+        slots = use.nonzero().squeeze(-1).tolist()
+        keys = [f"branch:{step}:{b}" for b in slots]
+        sampler = decoding(r.rollout)
+        stats = {
+            "reward": found.greedy_reward.mean().item(),  # the greedy decode's, on the training prompts
+            "accuracy": verified["greedy"].nanmean().item(),
+            "pairs/usable_fraction": len(slots) / len(prompts),
+            "pairs/improving_fraction": up.float().mean().item(),
+            "pairs/branch_gap": found.gap[use].mean().item() if slots else 0.0,
+            "pairs/branches_decoded": found.decoded / len(prompts),
+            "committed": float(found.greedy.completion_mask.sum()),
+        }
+        if not slots:
+            return None, keys, None, stats
+        greedy = found.greedy.select(torch.tensor(slots))
+        branch = found.branches.select(found.branch_index[slots])
+        for b in (greedy, branch):
+            b.trace = replace(b.trace, decoding=sampler)
+        first = up[slots]  # the branch is the chosen where it scores higher
+        chosen = RolloutBatch.concat([(branch if f else greedy).select(torch.tensor([i])) for i, f in enumerate(first)])
+        rejected = RolloutBatch.concat(
+            [(greedy if f else branch).select(torch.tensor([i])) for i, f in enumerate(first)]
+        )
+        return RolloutBatch.concat([chosen, rejected]), keys, None, stats
 
     def with_greedy(self, model, prompts: list[str], step: int) -> RolloutBatch:
         """[B * G] candidates, G per prompt in order: the greedy decode (temperature 0, the rest of `rollout`: the
@@ -578,9 +646,8 @@ class DPOTrainer:
     def step(self, step: int) -> dict:
         timer = PhaseTimer()
         with timer("rollout"):
-            batch, keys, cached, stats = (
-                self.offline_pairs(step) if self.d.pairs == "offline" else self.on_policy_pairs(step)
-            )
+            mine = {"offline": self.offline_pairs, "on_policy": self.on_policy_pairs, "branch": self.branch_pairs}
+            batch, keys, cached, stats = mine[self.d.pairs](step)
         committed = stats.pop("committed", 0.0)
         n = len(keys)
         if n == 0:  # no usable pair: nothing to learn, but the learning-rate schedule keeps its pace with the steps

@@ -357,6 +357,29 @@ def test_cli_dispatches_algorithm_dpo_and_refuses_bad_settings(tmp_path, capsys)
         DPOTrainer(recipe(tmp_path / "w", dpo__pairs="on_policy", dpo__num_generations=5, dpo__pairs_per_prompt=3))
 
 
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"rollout__order_temperature": 0.5}, "needs a state-only unmasking order"),
+        ({"rollout__order": "random"}, "needs a state-only unmasking order"),
+        ({"rollout__self_correction": True}, "replays greedy decodes exactly"),
+    ],
+)
+def test_branch_pairs_refuse_decodings_they_cannot_branch(tmp_path, over, match):
+    """dpo.pairs=branch changes decisions of a deterministic greedy decode: a sampled or random order and
+    self-correction are refused before a model is built, naming the setting."""
+    with pytest.raises(ConfigError, match=match):
+        DPOTrainer(recipe(tmp_path, dpo__pairs="branch", dpo__dataset_name=None, **over))
+
+
+def test_branch_pairs_refuse_a_block_causal_model(tokenizer, tmp_path):
+    r = recipe(tmp_path, dpo__pairs="branch", dpo__dataset_name=None, estimator__name="trajectory")
+    r = replace(r, model=replace(r.model, path=None))
+    model = make_model(tokenizer, attention="block_causal", block_size=4).train()
+    with pytest.raises(ConfigError, match="needs a bidirectional model"):
+        DPOTrainer(r, model=model, tokenizer=tokenizer)
+
+
 def countdown_on_policy(out, **over):
     """On-policy pairs from the shipped Countdown model, 4 samples per prompt at temperature 1, scored by the
     trajectory estimator (the rollout's probability under the state-only top_prob order)."""
@@ -642,3 +665,33 @@ def test_a_step_without_a_usable_pair_changes_nothing_but_the_schedule(tmp_path)
     assert out["skipped"] == 1.0 and all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
     assert tr.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 3 / 4)
 
+
+def test_branch_pairs_share_the_greedy_prefix_and_differ_from_one_decision(tmp_path):
+    """dpo.pairs=branch: each pair is a prompt's greedy decode and its nearest branch with another reward, the
+    higher-scoring one chosen. The two share every decision before the changed one, which the trajectory
+    estimator scores identically in both (so they cancel from the pair's score); the changed decision is at the
+    same step and position with another token; both are scored as the temperature-1 sampler's trajectories."""
+    tr = DPOTrainer(countdown_on_policy(tmp_path, dpo__pairs="branch", train__batch_size=6, dpo__branch_rounds=3))
+    batch, keys, _, stats = tr.branch_pairs(0)
+    n = len(keys)
+    assert n > 0 and stats["pairs/usable_fraction"] == n / 6 and 0 <= stats["accuracy"] <= 1
+    assert batch.trace.decoding.temperature == 1.0
+    from dllm_rl.rewards.countdown import countdown_reward
+
+    rows = [tr.task.train[i] for i in tr.sampler.indices(0, 6)]
+    rows = [rows[int(k.split(":")[2])] for k in keys]
+    score = lambda part: countdown_reward(
+        None, part, [r["numbers"] for r in rows], [r["target"] for r in rows]
+    )  # the task's verifier, the recipe's reward
+    assert all(c > r for c, r in zip(score(batch.completions[:n]), score(batch.completions[n:])))
+    est = tr.estimator.estimate(tr.model, batch, tr.draw_noise(batch, tr.noise_keys(keys, "policy")))
+    ev, cs = batch.trace.events, batch.trace.commit_step
+    for i in range(n):
+        a = ev[(ev[:, 0] == i) & (ev[:, 4] == 0)][:, 1:4].tolist()
+        b = ev[(ev[:, 0] == n + i) & (ev[:, 4] == 0)][:, 1:4].tolist()
+        s = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)  # one commit per step: index = step
+        assert a[:s] == b[:s] and a[s][:2] == b[s][:2] and a[s][2] != b[s][2]
+        before = cs[i] < s
+        assert torch.equal(before, cs[n + i] < s) and before.sum() == s
+        torch.testing.assert_close(est.logps[i][before], est.logps[n + i][before])
+    assert math.isfinite(tr.step(0)["loss"])
