@@ -7,6 +7,7 @@ scratch (the built-in tiny MDM); dtype, gradient checkpointing, LoRA through pef
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,12 @@ from .tokenizer import build_char_tokenizer
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what a LoRA adapter on a tiny model built from scratch records as its base (adapter_config.json's
+# base_model_name_or_path), followed by the seed of the base's initialisation: there are no base weights on disk
+# to name, and the seed with the checkpoint's recipe.yaml (model.tiny) and tokenizer rebuilds the same base
+TINY_BASE = "dllm_rl:tiny-mdm:seed="
+# peft's save looks the base up for a changed vocabulary, which TINY_BASE is not, and warns on every save
+warnings.filterwarnings("ignore", r"Could not find a config file in dllm_rl:tiny-mdm:seed=", UserWarning)
 
 
 def build_tiny(cfg: ModelConfig, tokenizer, seed: int = 0) -> TinyMDM:
@@ -45,7 +52,9 @@ def build_tiny(cfg: ModelConfig, tokenizer, seed: int = 0) -> TinyMDM:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return TinyMDM(config)
+        model = TinyMDM(config)
+    model.name_or_path = f"{TINY_BASE}{seed}"  # peft records it as a LoRA adapter's base (_adapter_base reads it)
+    return model
 
 
 def load_tokenizer(path: str | None, trust_remote_code: bool = False, key: str = "model.path"):
@@ -74,7 +83,7 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
     `seed` draws the initialisation of a model built from scratch."""
     path = path or cfg.path
     if path is None:
-        tokenizer = load_tokenizer(cfg.tokenizer, key="model.tokenizer")
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code, key="model.tokenizer")
         model = build_tiny(cfg, tokenizer, seed)
     else:
         model_dir = resolve_model_dir(path)
@@ -85,7 +94,8 @@ def load_model(cfg: ModelConfig, path: str | None = None, seed: int = 0):
         tokenizer = _tokenizer_of(cfg, model_dir)
         kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
         if cfg.load_in_4bit:
-            kwargs["quantization_config"] = _four_bit()
+            _four_bit()
+            kwargs["quantization_config"] = four_bit_config(cfg.dtype)
         try:
             model = model_class(model_dir, cfg.trust_remote_code).from_pretrained(model_dir, **kwargs)
         except (OSError, ValueError) as e:
@@ -180,19 +190,65 @@ def adapter_base_path(adapter_dir) -> str:
     return json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def _adapter_base(cfg: ModelConfig, adapter_dir: str) -> ModelConfig:
-    """The model section of the base a LoRA checkpoint names in adapter_config.json."""
-    return ModelConfig(**{**cfg.__dict__, "path": adapter_base_path(adapter_dir), "lora": type(cfg.lora)()})
+def _adapter_base(cfg: ModelConfig, adapter_dir: str) -> tuple[ModelConfig, int]:
+    """(the model section of the base a LoRA checkpoint names in adapter_config.json, the seed that builds it).
+    A base built from scratch (TINY_BASE) is rebuilt from the seed recorded there, the checkpoint's recipe.yaml
+    (model.tiny) and its tokenizer; a checkpoint that names no base is refused, not put on a random model."""
+    base = adapter_base_path(adapter_dir)
+    if isinstance(base, str) and base.startswith(TINY_BASE):
+        return _tiny_adapter_base(cfg, adapter_dir, base)
+    if not base:
+        raise DllmRlError(
+            f"LoRA checkpoint {adapter_dir} names no base model (adapter_config.json base_model_name_or_path is "
+            f"{base!r}), so the weights it adapts are unknown and a fresh model would make its outputs garbage; set "
+            f"that field to the base model's directory, or retrain the adapter with model.path set to a saved base"
+        )
+    try:
+        resolve_model_dir(base)
+    except DllmRlError as e:
+        if Path(base).expanduser().exists():
+            raise DllmRlError(
+                f"LoRA checkpoint {adapter_dir} names base {base!r} (adapter_config.json base_model_name_or_path): {e}"
+            ) from None
+        raise DllmRlError(
+            f"LoRA checkpoint {adapter_dir} names base {base!r} (adapter_config.json base_model_name_or_path), "
+            f"which does not exist; restore it or edit that field"
+        ) from None
+    return ModelConfig(**{**cfg.__dict__, "path": base, "lora": type(cfg.lora)()}), 0
+
+
+def _tiny_adapter_base(cfg: ModelConfig, adapter_dir: str, base: str) -> tuple[ModelConfig, int]:
+    from ..config import load_recipe
+    from ..errors import ConfigError
+
+    fix = f"restore {adapter_dir}'s recipe.yaml (a run writes it next to the adapter), or retrain with model.path set"
+    try:
+        seed = int(base[len(TINY_BASE) :])
+        saved = load_recipe(Path(adapter_dir, "recipe.yaml")).model
+    except (ValueError, ConfigError) as e:
+        raise DllmRlError(
+            f"LoRA checkpoint {adapter_dir} adapts the tiny model built from scratch ({base!r} in adapter_config.json "
+            f"base_model_name_or_path), which is rebuilt from that seed and the checkpoint's recipe.yaml, and they "
+            f"cannot be read ({str(e).splitlines()[0][:200]}); {fix}"
+        ) from None
+    if saved.path is not None:
+        raise DllmRlError(
+            f"LoRA checkpoint {adapter_dir}: adapter_config.json names the tiny model built from scratch as its base, "
+            f"but its recipe.yaml loads model.path {saved.path!r}; {fix}"
+        )
+    tokenizer = str(adapter_dir) if any(Path(adapter_dir).glob("tokenizer*")) else saved.tokenizer
+    lora = type(cfg.lora)()
+    return ModelConfig(**{**cfg.__dict__, "path": None, "tokenizer": tokenizer, "tiny": saved.tiny, "lora": lora}), seed
 
 
 def recipe_tokenizer(cfg: ModelConfig):
     """The tokenizer load_model gives for this model section, without building the model, so that data can be
     checked against it first."""
     if cfg.path is None:
-        return load_tokenizer(cfg.tokenizer, key="model.tokenizer")
+        return load_tokenizer(cfg.tokenizer, cfg.trust_remote_code, key="model.tokenizer")
     model_dir = resolve_model_dir(cfg.path)
     if Path(model_dir).is_dir() and Path(model_dir, "adapter_config.json").is_file():
-        return recipe_tokenizer(_adapter_base(cfg, model_dir))
+        return recipe_tokenizer(_adapter_base(cfg, model_dir)[0])
     return _tokenizer_of(cfg, model_dir)
 
 
@@ -200,22 +256,31 @@ def _load_adapter(cfg: ModelConfig, adapter_dir: str):
     """A LoRA checkpoint: the base model named in adapter_config.json plus the trained adapter."""
     from peft import PeftModel
 
-    base, tokenizer = load_model(_adapter_base(cfg, adapter_dir))
+    base_cfg, seed = _adapter_base(cfg, adapter_dir)
+    base, tokenizer = load_model(base_cfg, seed=seed)
     if isinstance(base, (HFDiffusionLM, DiffusionGemmaLM)):  # peft wraps the transformers model, the protocol peft
         return type(base)(PeftModel.from_pretrained(base.model, adapter_dir, is_trainable=True)), tokenizer
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True), tokenizer
 
 
-def _four_bit():
+def _four_bit() -> None:
+    """model.load_in_4bit's requirement: bitsandbytes' 4-bit weights need a CUDA GPU."""
     if not torch.cuda.is_available():
         raise DllmRlError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set model.load_in_4bit=false")
+
+
+def four_bit_config(dtype: str):
+    """bitsandbytes' NF4 settings (double quantization) for model.dtype `dtype`: the matmuls compute in the recipe's
+    dtype when it is bfloat16 or float16, and in bfloat16 for float32 (float32 matmuls over weights stored in 4 bits
+    would cost time and memory for precision the weights do not have)."""
     from transformers import BitsAndBytesConfig
 
+    compute = DTYPES[dtype] if dtype in ("bfloat16", "float16") else torch.bfloat16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute,
     )
 
 
