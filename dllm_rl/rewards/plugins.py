@@ -9,10 +9,10 @@ The call and the handling of what comes back follow TRL 1.16's `GRPOTrainer._cal
 `_generate_and_score_completions` (trl/trainer/grpo_trainer.py):
 - keywords: prompts, completions (chat messages when the prompts are conversational), completion_ids, every
   other dataset column (repeated per generation), trainer_state, log_extra and log_metric;
-- a function returns one value per completion as a list, tuple, numpy array or torch tensor of floats, ints,
-  bools or None; None (and NaN, which TRL cannot tell from None) means "not applicable": the function
-  contributes nothing to that completion's weighted sum (TRL's nansum). Here, unlike TRL, +-inf and strings
-  stop training with an error naming the reward and the prompt;
+- a function returns one value per completion as a list, tuple, numpy array, torch tensor or any other iterable
+  (a range, a generator) of floats, ints, bools or None; None (and NaN, which TRL cannot tell from None) means
+  "not applicable": the function contributes nothing to that completion's weighted sum (TRL's nansum). Here,
+  unlike TRL, +-inf and strings stop training with an error naming the reward and the prompt;
 - a completion for which *every* function returns None is unscorable: its reward is NaN (with a warning, as
   TRL logs one), so the advantages leave it out of its group's mean and std and give it advantage 0
   (algorithms.advantages);
@@ -21,7 +21,9 @@ The call and the handling of what comes back follow TRL 1.16's `GRPOTrainer._cal
 - `log_metric(name, value)` values are averaged over every call of a rollout (on every process: sum and
   count are reduced together) and then over the logging window, NaN skipped (`RewardLog`); `log_extra(column,
   values)` columns join the completions table.
-Two rewards with the same name are refused: TRL would merge them into one metric key and one table column.
+Two rewards with the same name (one function partially applied twice, one built-in with two sets of kwargs) are
+kept apart: the later ones are renamed NAME_2, NAME_3, ... (TRL merges them into one metric key and one table
+column, which loses one of them). Their weights stay with them by position.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import math
 import numbers
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -136,7 +138,8 @@ def build_rewards(
     """The rewards of a run: the recipe's `specs`, or, when `funcs` is given, those instead (TRL's
     `reward_funcs`: one callable, a list of them or of reward names, or {name: callable}); `weights` are
     TRL's `reward_weights`, one per reward (the recipe's rewards too, whose own `weight`s must then stay 1).
-    Two rewards with one name are refused."""
+    A reward whose name an earlier one already has is renamed NAME_2, NAME_3, ... (the first free suffix) for its
+    metrics (rewards/NAME_2/mean) and completions-table column; each keeps its own weight, by position."""
     if funcs is None or (isinstance(funcs, (list, tuple, dict)) and not funcs):
         check_reward_weights(specs, weights)
         weights = [s.weight for s in specs] if weights is None else weights
@@ -159,15 +162,27 @@ def build_rewards(
             )
         weights = list(weights) if weights is not None else [1.0] * len(items)
         rewards = [Reward(name or callable_name(fn), fn, w) for (name, fn), w in zip(items, weights)]
-    seen = defaultdict(int)
+    return distinct_names(rewards)
+
+
+def distinct_names(rewards: list[Reward]) -> list[Reward]:
+    """`rewards`, in order, each named apart: a name already used by an earlier reward gets the first suffix
+    _2, _3, ... that no reward of the list has (TRL would merge both into one metric and one table column).
+
+    >>> [r.name for r in distinct_names([Reward("f", len), Reward("f", len), Reward("f_2", len)])]
+    ['f', 'f_3', 'f_2']
+    """
+    taken = {rw.name for rw in rewards}
+    seen: set[str] = set()
     for rw in rewards:
-        seen[rw.name] += 1
-    if dup := [n for n, c in seen.items() if c > 1]:
-        raise ConfigError(
-            f"two rewards are named {dup[0]!r}: their metrics (rewards/{dup[0]}/mean) and completions-table columns "
-            f"would merge into one; give one of them another name (set its __name__, or pass reward_funcs as a "
-            f"dict {{name: function}})"
-        )
+        if rw.name in seen:
+            k = 2
+            while f"{rw.name}_{k}" in taken:
+                k += 1
+            log.info("two rewards are named %r: the later one is logged as %r", rw.name, f"{rw.name}_{k}")
+            rw.name = f"{rw.name}_{k}"
+            taken.add(rw.name)
+        seen.add(rw.name)
     return rewards
 
 
@@ -203,6 +218,22 @@ class RewardLog:
 def as_completions(prompts: list, texts: list[str]) -> list:
     """TRL's completion format: chat messages when the prompt is conversational, else plain text."""
     return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+
+
+def completion_id_lists(completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[list[int]]:
+    """TRL's `completion_ids` keyword: per completion, its token ids where the mask is set (up to and including
+    the first EOS)."""
+    return [row[m.bool()].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]
+
+
+def _extras(trainer_state=None, log_extra=None, log_metric=None) -> dict:
+    """The keywords TRL passes to every reward call besides the data: trainer_state and the two log hooks (a
+    missing hook records nothing)."""
+    return {
+        "trainer_state": trainer_state,
+        "log_extra": log_extra or (lambda *a, **k: None),
+        "log_metric": log_metric or (lambda *a, **k: None),
+    }
 
 
 def _invoke(reward: Reward, prompts, completions, completion_ids, columns, extras):
@@ -258,19 +289,21 @@ def _run(coroutine):
 def reward_values(reward: Reward, out, prompts) -> list[float]:
     """A reward function's return value as floats, NaN for None, in the forms TRL accepts: a list or tuple,
     a numpy array or a torch tensor, of floats, ints, bools, numpy or 0-d torch scalars, or None (TRL converts
-    them with torch.tensor(..., dtype=float32), grpo_trainer.py `_calculate_rewards`); a generator or other
-    iterator (`map(...)`) is read once into a list, as TRL's list comprehension over it does. TRL also lets +-inf
-    through, which would turn every advantage of the group into NaN; here that is an error."""
-    n = len(prompts)
-    if isinstance(out, Iterator):
-        out = list(out)
+    them with torch.tensor(..., dtype=float32), grpo_trainer.py `_calculate_rewards`); any other iterable (a
+    range, a deque, a generator or `map(...)`) is read once into a list, as TRL's list comprehension over it does
+    (a str or a dict, whose items are not scores, is an error). TRL also lets +-inf through, which would turn
+    every advantage of the group into NaN; here that is an error."""
+    n, kind = len(prompts), type(out).__name__
     if torch.is_tensor(out) or (hasattr(out, "tolist") and hasattr(out, "dtype")):  # torch / numpy arrays
         out = out.tolist() if not torch.is_tensor(out) else out.detach().cpu().tolist()
+    elif isinstance(out, Iterable) and not isinstance(out, (list, tuple, str, bytes, Mapping)):
+        out = list(out)
     if not isinstance(out, (list, tuple)) or len(out) != n:
-        got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (list, tuple)) else repr(out)[:80]
+        got = f"{kind} of length {len(out)}" if isinstance(out, (list, tuple)) else repr(out)[:80]
         raise DllmRlError(
             f"reward {reward.name!r} returned {got} (first prompt: {str(prompts[0])[:120]!r}); it must return "
-            f"{n} values, one per completion (a list, numpy array or tensor of floats; None = not applicable)"
+            f"{n} values, one per completion (a list or other iterable, numpy array or tensor of floats; None = "
+            f"not applicable)"
         )
     values = []
     for i, v in enumerate(out):
@@ -302,15 +335,20 @@ def compute_rewards(
 ):
     """(weighted rewards [N], per-function values [F, N]) with NaN where a function returned None; a completion
     every function skipped gets a NaN reward (unscorable, as in TRL: it is left out of its group's baseline and
-    gets advantage 0), with a warning naming its row."""
+    gets advantage 0), with a warning naming its row. When a function raises, the coroutines of the async
+    functions called before it are closed (never run) and the error propagates."""
     completions = as_completions(prompts, texts)
     columns = {k: v for k, v in columns.items() if k not in SKIP_COLUMNS}
-    extras = {
-        "trainer_state": trainer_state,
-        "log_extra": log_extra or (lambda *a, **k: None),
-        "log_metric": log_metric or (lambda *a, **k: None),
-    }
-    outs = {i: _invoke(r, prompts, completions, completion_ids, columns, extras) for i, r in enumerate(rewards)}
+    extras = _extras(trainer_state, log_extra, log_metric)
+    outs = {}
+    try:
+        for i, r in enumerate(rewards):
+            outs[i] = _invoke(r, prompts, completions, completion_ids, columns, extras)
+    except BaseException:
+        for o in outs.values():
+            if inspect.iscoroutine(o):
+                o.close()  # else Python warns that it was never awaited
+        raise
     pending = {i: (rewards[i], o) for i, o in outs.items() if inspect.isawaitable(o)}
     if pending:
         outs.update(_run(_await_all(pending, prompts)))
@@ -337,10 +375,19 @@ def compute_rewards(
 
 
 def verifier_scores(
-    name: str | None, rewards: list[Reward], per_fn: torch.Tensor, prompts, texts, completion_ids, columns
+    name: str | None,
+    rewards: list[Reward],
+    per_fn: torch.Tensor,
+    prompts,
+    texts,
+    completion_ids,
+    columns,
+    trainer_state=None,
 ) -> torch.Tensor:
     """The task verifier `name`'s scores [N] (NaN where it does not apply, or everywhere when the task has no
-    verifier): its row of `per_fn` when it is among the rewards, else called."""
+    verifier): its row of `per_fn` when a reward of the run has its name, else the verifier called with the
+    keywords compute_rewards passes (completion_ids, the columns, trainer_state, and log_extra / log_metric
+    hooks that record nothing: the verifier is not one of the run's rewards)."""
     if name is None:
         return torch.full((len(texts),), math.nan)
     names = [rw.name for rw in rewards]
@@ -348,7 +395,7 @@ def verifier_scores(
         return per_fn[names.index(name)]
     verifier = Reward(name, resolve_reward(name))
     columns = {k: v for k, v in columns.items() if k not in SKIP_COLUMNS}
-    out = _invoke(verifier, prompts, as_completions(prompts, texts), completion_ids, columns, {})
+    out = _invoke(verifier, prompts, as_completions(prompts, texts), completion_ids, columns, _extras(trainer_state))
     if inspect.isawaitable(out):
         out = _run(_await_all({0: (verifier, out)}, prompts))[0]
     return torch.tensor(reward_values(verifier, out, prompts), dtype=torch.float32)

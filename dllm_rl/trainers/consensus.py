@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from ..evalstats import distinct_answers, pass_at_k, vote
 from ..models.base import unwrap
 from ..models.load import load_model
-from ..rewards.plugins import Reward, compute_rewards, resolve_reward
+from ..rewards.plugins import Reward, completion_id_lists, compute_rewards, resolve_reward
 from ..rollout import encode_prompts, generate
 from ..runtime import EpochSampler, advance_schedule, generation_model, step_generator
 from ..tasks.answers import answer_key
@@ -99,11 +99,13 @@ class ConsensusTrainer(SFTTrainer):
         self.round = None
         self.pairs = []  # never the task's reference completions: targets come from the votes only
 
-    def _scores(self, rows, texts, copies: int) -> list[float]:
-        """The verifier's scores of `texts` (copies consecutive ones per row): monitoring only."""
+    def _scores(self, rows, out, copies: int) -> list[float]:
+        """The verifier's scores of the generated completions `out` (copies consecutive ones per row), called with
+        their texts and token ids (TRL's completion_ids): monitoring only."""
         columns = {k: [row[k] for row in rows for _ in range(copies)] for k in rows[0]}
         prompts = [row["prompt"] for row in rows for _ in range(copies)]
-        return compute_rewards(self.verifier, prompts, texts, None, columns)[0].tolist()
+        ids = completion_id_lists(out.completion_ids, out.completion_mask)
+        return compute_rewards(self.verifier, prompts, out.completions, ids, columns)[0].tolist()
 
     def targets(self, r: int) -> tuple[list, dict]:
         """(pairs, vote statistics) of round r."""
@@ -114,15 +116,16 @@ class ConsensusTrainer(SFTTrainer):
             teacher = self.teacher if self.teacher is not None else model
             sampling = replace(rec.rollout, temperature=c.temperature)
             out = generate(teacher, self.tokenizer, prompts, sampling, step_generator(rec.train.seed, r, "rollout"))
-            greedy = None
+            greedy = greedy_out = None
             if c.target == "greedy":
                 plain = replace(rec.rollout, temperature=0.0)
                 gen = step_generator(rec.train.seed, r, "greedy")  # read only by random orders and rules
-                greedy = generate(teacher, self.tokenizer, [row["prompt"] for row in rows], plain, gen).completions
-        scores = self._scores(rows, out.completions, c.samples)
+                greedy_out = generate(teacher, self.tokenizer, [row["prompt"] for row in rows], plain, gen)
+                greedy = greedy_out.completions
+        scores = self._scores(rows, out, c.samples)
         answers = [self.to_answer(t) for t in out.completions]
         pairs, shares, kept, right, distinct, passk = [], [], 0, 0, [], []
-        greedy_right = self._scores(rows, greedy, 1) if greedy is not None else None
+        greedy_right = self._scores(rows, greedy_out, 1) if greedy is not None else None
         for q, row in enumerate(rows):
             sl = slice(q * c.samples, (q + 1) * c.samples)
             a, s, texts = answers[sl], scores[sl], out.completions[sl]

@@ -398,7 +398,9 @@ class DPOTrainer:
         ids = [row[m.bool()].tolist() for row, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
         state = TrainerState(global_step=step, max_steps=r.train.max_steps)
         rewards, per_fn = compute_rewards(self.rewards, prompts, batch.completions, ids, columns, state)
-        correct = verifier_scores(self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns)
+        correct = verifier_scores(
+            self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns, trainer_state=state
+        )
         R = rewards.view(-1, G)  # [B, G]
         # rank i pairs the i-th best with the i-th worst (stable sorts: among equal rewards the first candidate)
         k = d.pairs_per_prompt
@@ -441,7 +443,7 @@ class DPOTrainer:
             rewards, per_fn = compute_rewards(self.rewards, p, batch.completions, ids, cols, state)
             if "greedy" not in verified:  # the first call scores the greedy decodes
                 verified["greedy"] = verifier_scores(
-                    self.task.reward, self.rewards, per_fn, p, batch.completions, ids, cols
+                    self.task.reward, self.rewards, per_fn, p, batch.completions, ids, cols, trainer_state=state
                 )
             return rewards
 

@@ -257,7 +257,9 @@ class GRPOTrainer:
             log_extra=self.reward_log.log_extra,
             log_metric=self.reward_log.log_metric,
         )
-        correct = verifier_scores(self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns)
+        correct = verifier_scores(
+            self.task.reward, self.rewards, per_fn, prompts, batch.completions, ids, columns, trainer_state=state
+        )
         return rewards, per_fn, correct
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:

@@ -208,6 +208,21 @@ class ReferenceSync:
         return True
 
 
+def gather_extra_columns(extra: dict[str, list], n: int, gather) -> dict[str, list]:
+    """Every process's log_extra columns, as TRL 1.16 gathers them (grpo_trainer.py,
+    `_generate_and_score_completions`): `gather` (a list -> every process's lists concatenated in rank order)
+    first collects the union of the column names, then each column in sorted order, a process that did not log
+    one giving `n` (its completions) Nones; so every process makes the same gather calls in the same order, even
+    when a reward logged a column on some processes only.
+
+    >>> other = iter([["b"], [None], [2]])  # what a second process adds to each gather call: it logged b only
+    >>> gather_extra_columns({"a": [1]}, 1, lambda xs: [*xs, *next(other)])
+    {'a': [1, None], 'b': [None, 2]}
+    """
+    names = sorted(set(gather(list(extra))))
+    return {k: gather(list(extra.get(k, [None] * n))) for k in names}
+
+
 class CompletionsTable:
     """The latest rollout's rows (every process's, gathered), written at each log."""
 
@@ -221,7 +236,8 @@ class CompletionsTable:
 
     def record_rollout(self, acc, step, prompts, texts, rewards, per_fn, advantages, extra: dict) -> None:
         """One rollout's rows from every process (collective: every rank calls it): rewards are the Reward
-        objects and per_fn [F, n] their values on this rank, advantages [world * n] already global."""
+        objects and per_fn [F, n] their values on this rank, advantages [world * n] already global, extra the
+        log_extra columns of this rank (gather_extra_columns: a column some ranks did not log is None there)."""
         from accelerate.utils import gather_object
 
         from ..rewards.plugins import as_completions
@@ -235,7 +251,7 @@ class CompletionsTable:
             gather(as_completions(prompts, texts)),
             per_reward,
             advantages.tolist(),
-            {k: gather(v) for k, v in extra.items()},
+            gather_extra_columns(extra, len(prompts), gather),
         )
 
     def table(self) -> tuple[list[str], list[list]]:

@@ -23,7 +23,6 @@ from trl.trainer.utils import nanstd as trl_nanstd
 
 from dllm_rl.algorithms import ADVANTAGES, scale, zero_std_groups
 from dllm_rl.config import RewardSpec
-from dllm_rl.errors import ConfigError
 from dllm_rl.metrics import call_weighted_means, window_mean
 from dllm_rl.rewards.plugins import Reward, RewardLog, build_rewards, compute_rewards
 
@@ -177,15 +176,16 @@ def test_a_single_callable_works_and_is_named_as_trl_names_it():
         assert rw.fn is fn and rw.name == get_callable_name(fn)
 
 
-def test_two_rewards_with_one_name_are_refused():
+def test_two_rewards_with_one_name_are_accepted_as_trl_accepts_them_and_logged_apart():
+    """TRL accepts two rewards of one name (and merges their metrics); here the later one is renamed NAME_2."""
+
     def other(prompts, completions, **kw):
         return [0.0] * len(completions)
 
     other.__name__ = "exact"
-    with pytest.raises(ConfigError, match="two rewards are named 'exact'.*would merge"):
-        build_rewards([], [exact, other])
-    with pytest.raises(ConfigError, match="two rewards are named 'sudoku'"):
-        build_rewards([RewardSpec("sudoku"), RewardSpec("sudoku", weight=2.0)])
+    assert [r.name for r in build_rewards([], [exact, other])] == ["exact", "exact_2"]
+    rewards = build_rewards([RewardSpec("sudoku"), RewardSpec("sudoku", weight=2.0)])
+    assert [(r.name, r.weight) for r in rewards] == [("sudoku", 1.0), ("sudoku_2", 2.0)]
     assert [r.name for r in build_rewards([], {"a": exact, "b": other})] == ["a", "b"]
 
 
