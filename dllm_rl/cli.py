@@ -203,13 +203,16 @@ def cmd_eval(args) -> None:
         model, tokenizer, task, recipe, order_policy=order_policy, edit_policy=edit_policy, planner=planner
     )
     for prompt, completion, value in result["examples"]:
-        print(f"[{value:.0f}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> {completion!r}")
+        print(f"[{value:g}] {str(prompt[-1]['content'] if isinstance(prompt, list) else prompt)!r} -> {completion!r}")
     n = recipe.eval.num_samples
     how = passk = ""
     if n > 1:  # result["n"] counts samples; the accuracy is their mean, or the majority vote of each example's n
         how = f" (maj@{n})" if recipe.eval.majority else f" (the mean of {n} samples each)"
         passk = f"; pass@{n} {result[f'pass@{n}']:.4f}, maj@{n} {result[f'maj@{n}']:.4f}"
-    print(f"accuracy {result['accuracy']:.4f} over {result['n'] // n} held-out {task.name} examples{how}{passk}")
+    # the accuracy counts solved samples (score >= 1.0): the mean score is shown where partial credit makes it differ
+    partial = result["mean_score"] != sum(s >= 1.0 for s in result["scores"]) / result["n"]
+    mean = f"; mean score {result['mean_score']:.4f} (partial credit counted)" if partial else ""
+    print(f"accuracy {result['accuracy']:.4f} over {result['n'] // n} held-out {task.name} examples{how}{passk}{mean}")
 
 
 def cmd_plan(args) -> None:

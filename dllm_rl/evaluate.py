@@ -1,5 +1,6 @@
 """Held-out accuracy: decode the task's held-out prompts with the rollout engine and score them with the
-task's verifier (a reward function; 1.0 = solved).
+task's verifier (a reward function; a score of 1.0 = solved). The accuracy is the share of solved samples; a
+verifier with partial credit (code: the share of tests passed) also gets its mean score, `mean_score`.
 
 With several samples per prompt (eval.num_samples = n > 1) it also reports pass@n and majority-vote
 accuracy maj@n (evalstats: the samples' answers vote, tasks.answers normalises them); eval.majority makes
@@ -46,18 +47,27 @@ def evaluate(
     edit_policy=None,
     trainer_state=None,
 ) -> dict:
-    """Mean verifier score over `dataset` (rows with `prompt` + reward columns), num_samples per prompt.
-    reward_name: the verifier's name, or a list of Rewards whose weighted sum scores instead (a task without
-    a verifier). order_policy: the learned order head, for rollout.order=policy. hybrid / planner: decode with
-    plans (rollout.hybrid) when hybrid.plan is not none. majority: accuracy = maj@num_samples. edit_policy: the
-    edit head, for rollout.edit (any-process decoding; not with plans). trainer_state: what the rewards get as
-    `trainer_state` (TRL passes its state in evaluation too; None outside training)."""
-    verifier = reward_name if isinstance(reward_name, list) else [Reward(reward_name, resolve_reward(reward_name))]
+    """Held-out accuracy over `dataset` (rows with `prompt` + reward columns), num_samples per prompt: the share
+    of samples the verifier solves (score >= 1.0), and `mean_score`, the mean score (higher where the verifier
+    gives partial credit). reward_name: the verifier's name, or a list of Rewards whose weighted sum scores instead
+    (a task without a verifier: nothing counts as solved, so accuracy and maj@n then average the weighted reward,
+    the held-out reward GRPO reports). An empty `dataset` is refused (ConfigError). order_policy: the learned
+    order head, for rollout.order=policy. hybrid / planner: decode with plans (rollout.hybrid) when hybrid.plan is
+    not none. majority: accuracy = maj@num_samples. edit_policy: the edit head, for rollout.edit (any-process
+    decoding; not with plans). trainer_state: what the rewards get as `trainer_state` (TRL passes its state in
+    evaluation too; None outside training)."""
+    verified = not isinstance(reward_name, list)  # scored by a verifier, whose 1.0 = solved
+    verifier = [Reward(reward_name, resolve_reward(reward_name))] if verified else reward_name
     batch_size = batch_size or rollout.batch_size
     to_answer = answer_key(task_name or (reward_name if isinstance(reward_name, str) else ""))
     g = torch.Generator().manual_seed(seed)
     scores, answers, examples, forwards, completions, plans, row_forwards = [], [], [], 0, [], [], []
     rows = dataset.to_list()
+    if not rows:
+        raise ConfigError(
+            "the held-out set is empty: there is nothing to decode and score; give it examples (data.eval_size, "
+            "eval.size, or a non-empty data.eval_path / data.eval_split), or leave evaluation out"
+        )
     planned = hybrid is not None and hybrid.plan != "none"
     if planned:
         rows = with_other_problems(rows)
@@ -86,11 +96,14 @@ def evaluate(
         plans += out.plan.texts if planned else [""] * len(prompts)
         shown = out.plan.executor_prompts if planned else prompts
         examples += list(zip(shown, out.completions, values.tolist()))[: max(0, 4 - len(examples))]
+    # what a sample counts for: solved or not (a verifier's score >= 1.0), or its weighted reward without a verifier
+    credit = [float(s >= 1.0) for s in scores] if verified else scores
     result = {
-        "accuracy": sum(scores) / max(len(scores), 1),
+        "accuracy": sum(credit) / len(credit),
+        "mean_score": sum(scores) / len(scores),  # the accuracy unless a verifier gives partial credit
         "n": len(scores),
         "examples": examples,
-        "scores": scores,  # per sample, num_samples consecutive ones per prompt
+        "scores": scores,  # each sample's score, num_samples consecutive ones per prompt
         "answers": answers,  # normalised final answers (tasks.answers), None when unreadable
         "completions": completions,
         "plans": plans,  # the plan placed in each sample's prompt ("" without one)
@@ -106,7 +119,7 @@ def evaluate(
         result[f"pass@{num_samples}"] = (per_prompt >= 1.0).any(-1).float().mean().item()
         votes = [
             maj_at_k(a, s, num_samples)
-            for a, s in zip(per_question(answers, num_samples), per_question(scores, num_samples))
+            for a, s in zip(per_question(answers, num_samples), per_question(credit, num_samples))
         ]
         result[f"maj@{num_samples}"] = sum(votes) / len(votes)
         if majority:

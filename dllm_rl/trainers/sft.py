@@ -24,6 +24,7 @@ from ..config import Recipe
 from ..errors import ConfigError, DllmRlError, lookup
 from ..estimators import draw_elbo, score
 from ..evaluate import evaluate_recipe
+from ..models.base import unwrap
 from ..rollout import encode_prompts
 from ..rollout.hybrid import scaffold_dataset
 from ..runtime import EpochSampler, generation_model, processes_with_non_finite, step_generator
@@ -33,8 +34,13 @@ from ..validate import validate_recipe
 from .common import Run, loss_postfix
 
 
-def tokenize_pairs(dataset, tokenizer, length: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids + EOS padding to `length`) for each row with prompt/completion."""
+def tokenize_pairs(
+    dataset, tokenizer, length: int, max_pos: int | None = None, rendered: str = ""
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + EOS padding to `length`) for each row with prompt/completion. max_pos: the
+    model's context (max_position_embeddings): a row is its prompt + a canvas of `length` tokens, and one past the
+    context is refused (a rotary model would not raise: it would silently train past its context). `rendered`:
+    how the prompts were rendered (hybrid.sft_plans), said in that error."""
     prompts = encode_prompts(tokenizer, dataset["prompt"])
     pairs = []
     for p, text in zip(prompts, dataset["completion"]):
@@ -45,6 +51,18 @@ def tokenize_pairs(dataset, tokenizer, length: int) -> list[tuple[list[int], lis
                 f"rollout.max_completion_length is {length}; raise it"
             )
         pairs.append((p, c + [tokenizer.eos_token_id] * (length - len(c))))
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]), default=None)
+    if max_pos and longest is not None and len(prompts[longest]) + length > max_pos:
+        P, shown = len(prompts[longest]), dataset[longest]["prompt"]
+        if isinstance(shown, list) and shown and isinstance(shown[-1], dict):  # chat messages: the last one
+            shown = shown[-1].get("content", shown)
+        raise ConfigError(
+            f"training row {longest} has the longest prompt{rendered}, {P} tokens ({str(shown)[:60]!r}): with "
+            f"rollout.max_completion_length {length} that is {P + length} positions, past the model's context of "
+            f"{max_pos} (max_position_embeddings). Shorten the training prompts to at most {max_pos - length} "
+            f"tokens, lower rollout.max_completion_length (not below the longest completion), or use a model with "
+            f"a longer context"
+        )
     return pairs
 
 
@@ -134,10 +152,12 @@ class SFTTrainer:
         check_eval_decoding(r, run)
         self.pairs = []
         if self.uses_completions:
-            train = self.task.train
+            train, rendered = self.task.train, ""
             if r.hybrid.sft_plans:  # prefix robustness: prompts rendered with these plan kinds in turn, same targets
                 train = scaffold_dataset(train, r.hybrid, self.task.name, r.train.seed)
-            self.pairs = tokenize_pairs(train, self.tokenizer, r.rollout.max_completion_length)
+                rendered = f" with its plan placed (hybrid.sft_plans {r.hybrid.sft_plans}, hybrid.template)"
+            max_pos = getattr(unwrap(run.model).config, "max_position_embeddings", None)
+            self.pairs = tokenize_pairs(train, self.tokenizer, r.rollout.max_completion_length, max_pos, rendered)
         self.sampler = EpochSampler(len(self.pairs), r.train.seed, shuffle=r.train.shuffle_dataset)
         run.prepare([p for p in run.model.parameters() if p.requires_grad], r.train.max_steps)
         self.model, self.optimizer, self.scheduler, self.log = run.model, run.optimizer, run.scheduler, run.log

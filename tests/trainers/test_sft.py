@@ -274,3 +274,31 @@ def test_eval_reports_pass_at_n_over_prompts():
     assert _eval_line()[1] is None  # one sample: no pass@n
     acc, passn, line = _eval_line("eval.num_samples=4", "eval.temperature=1.0", "eval.majority=true")
     assert "over 16 held-out" in line and "(maj@4)" in line and f"maj@4 {acc:.4f}" in line, line
+
+
+def test_a_training_prompt_past_the_model_context_is_refused_before_training(tmp_path):
+    """Training rows are prompt + a canvas of rollout.max_completion_length; one past max_position_embeddings is
+    refused naming the row and the fix (the tiny model is rotary and would not raise: training would silently run
+    past its context). A data.dataset without a held-out set is decoded never, so nothing else checks it."""
+    r, path = dataset_recipe(tmp_path)  # context 64, canvas 8
+    rows = [{"prompt": "add 1 2", "completion": "3"}, {"prompt": "add " + "1 " * 30 + "2", "completion": "3"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ConfigError, match=r"training row 1 has the longest prompt, \d+ tokens .*past the model's "):
+        SFTTrainer(r)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert len(SFTTrainer(r).pairs) == 1  # a prompt that fits trains
+
+
+def test_training_prompts_with_sft_plans_are_checked_against_the_context(tmp_path):
+    """hybrid.sft_plans lengthens the training prompts (the held-out prompts, checked by check_eval_decoding, have
+    no plan): a template that pushes them past the context is refused, naming the plans."""
+    spec = json.loads(json.dumps(TINY))  # sudoku: 21 prompt tokens + 20 completion tokens in a context of 64
+    spec["hybrid"] = {"template": "{plan}\n{question}", "sft_plans": ["none", "content_free"]}
+    spec["train"].update({"output_dir": str(tmp_path / "run"), "num_threads": 1})
+    spec["data"].update({"train_size": 8})
+    assert len(SFTTrainer(recipe_from_dict(spec)).pairs) == 8  # the plans fit
+    spec["hybrid"]["template"] = "A plan to follow, then the puzzle.\n{plan}\n{question}"
+    spec["train"]["output_dir"] = str(tmp_path / "long")
+    with pytest.raises(ConfigError, match=r"training row 1 has the longest prompt with its plan placed \(hybrid.sft"):
+        SFTTrainer(recipe_from_dict(spec))
