@@ -88,7 +88,7 @@ def load_code(cfg: DataConfig) -> Task:
     opts = {**OPTIONS, **cfg.options}
     source = load_split(cfg.path, cfg.split)
     if cfg.eval_path:
-        held = load_split(cfg.eval_path, cfg.eval_split)
+        held = load_split(cfg.eval_path, cfg.eval_split, split_key="eval_split")
         held = held.select(range(min(cfg.eval_size, len(held))))
         train = source.select(range(min(cfg.train_size, len(source))))
     else:

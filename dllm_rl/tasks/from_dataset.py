@@ -59,6 +59,6 @@ def load(cfg: DataConfig) -> Task:
     train = load_split(cfg.dataset, cfg.split, **cfg.options)
     held_out = None
     if cfg.eval_path:
-        held_out = load_split(cfg.eval_path, cfg.eval_split, **cfg.options)
+        held_out = load_split(cfg.eval_path, cfg.eval_split, split_key="eval_split", **cfg.options)
         held_out = held_out.select(range(min(cfg.eval_size, len(held_out))))
     return dataset_task(train, held_out, cfg.prompt_column, cfg.dataset, cfg.system_prompt)

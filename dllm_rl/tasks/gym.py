@@ -12,7 +12,9 @@ would reach the held-out stream's seeds (data.seed near 1000 * (data.eval_seed +
 is refused, and so is one whose training entries' seeds would pass 2**32 - 1 (some tasks seed numpy with them: entry
 i of pool_matrix calls np.random.seed(stream seed + i)). Otherwise the two streams are independent draws, not
 disjoint by construction: a task with a small space of questions can repeat a training question in the held-out
-set. `answer` is None for tasks with several valid answers (their scorer checks a proposal).
+set. `answer` is None for tasks with several valid answers (their scorer checks a proposal). The SFT target
+(`completion`) is the answer inside `<answer>...</answer>` when the system prompt asks for that tag, else the bare
+answer.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ def load(cfg: DataConfig, name: str) -> Task:
     check(name, cfg.options)
     options = json.dumps(cfg.options, sort_keys=True)
     system = SYSTEM_PROMPTS["default"] if cfg.system_prompt is None else cfg.system_prompt
+    asks = "<answer>" in (system or "")
+    tagged = lambda answer: f"<answer>{answer}</answer>" if answer else ""
 
     def rows(seed: int, size: int):
         try:
@@ -131,7 +135,8 @@ def load(cfg: DataConfig, name: str) -> Task:
             entry = gym_entry(name, options, seed, size, i)
             return {
                 "prompt": user_prompt(entry["question"], system or None),
-                "completion": entry["answer"] or "",
+                # the SFT target in the format the prompt asks for (rewards/gym.py scores a missing tag as no answer)
+                "completion": tagged(entry["answer"]) if asks else entry["answer"] or "",
                 "answer": entry["answer"],
                 "rg_task": name,
                 "rg_options": options,

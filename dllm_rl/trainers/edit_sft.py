@@ -12,8 +12,9 @@ forwards the model once on each draft, and minimises
       distribution the rollout draws from, so SFT and GRPO train one policy),
 each averaged over its positions (AP-MDM weights its terms 1:1). With edit_policy.train_model the head reads
 the model's hidden states with gradient (AP-MDM's joint training); without, the model is frozen. As in SFT
-(trainers/sft.py), a data.dataset needs a completion column, and without a held-out set or a verifier the run
-has no held-out evaluations.
+(trainers/sft.py), a data.dataset needs a completion column, a training row whose prompt plus the canvas
+(rollout.max_completion_length) passes the model's context (max_position_embeddings) is refused before training,
+and without a held-out set or a verifier the run has no held-out evaluations.
 
     dllm-rl sft recipes/tiny/countdown-edit-sft.yaml
 """
@@ -29,15 +30,15 @@ from ..config import Recipe
 from ..errors import ConfigError, DllmRlError
 from ..estimators import token_logprobs
 from ..evaluate import evaluate_recipe
+from ..models.base import unwrap
 from ..models.masks import padding_positions
 from ..policy import edit_head_for
 from ..policy.edit_head import features
 from ..policy.edits import EditLimits, EditState, decision_logprobs, legal_sets
-from ..rollout import encode_prompts
 from ..runtime import EpochSampler, generation_model, processes_with_non_finite, step_generator
 from ..tasks.edit_drafts import IGNORE, DraftRates, corrupt
 from .common import Run
-from .sft import check_eval_decoding, supervised_task, train_unscored, unscored
+from .sft import check_eval_decoding, supervised_task, tokenize_pairs, train_unscored, unscored
 
 
 class EditSFTTrainer:
@@ -63,14 +64,13 @@ class EditSFTTrainer:
         check_eval_decoding(r, run)
         C = r.rollout.max_completion_length
         eos = self.tokenizer.eos_token_id
-        prompts = encode_prompts(self.tokenizer, self.task.train["prompt"])
+        # sft's tokenize_pairs refuses a completion past the canvas and a prompt + canvas past the model's context
+        # (max_position_embeddings); the targets are its completions without the EOS padding (a draft's length is
+        # its own)
+        max_pos = getattr(unwrap(run.model).config, "max_position_embeddings", None)
+        padded = tokenize_pairs(self.task.train, self.tokenizer, C, max_pos)
         targets = [self.tokenizer(t, add_special_tokens=False).input_ids + [eos] for t in self.task.train["completion"]]
-        if max(map(len, targets)) > C:
-            raise ConfigError(
-                f"a target completion has {max(map(len, targets))} tokens (with EOS); raise "
-                f"rollout.max_completion_length (now {C}), the most a canvas can hold"
-            )
-        self.pairs = list(zip(prompts, targets))
+        self.pairs = [(p, y) for (p, _), y in zip(padded, targets)]
         vocab = r.sft.edit_vocab
         self.vocab = (
             self.tokenizer(vocab, add_special_tokens=False).input_ids

@@ -156,3 +156,49 @@ def test_every_reasoning_gym_task_builds_and_scores_its_oracle():
         scores = gym_scores(task, rows, [r["answer"] or "" for r in rows])
         if rows[0]["answer"] is not None and name != "game_of_life_halting":
             assert scores == [1.0, 1.0], name
+
+
+@pytest.mark.parametrize("name", ["chain_sum", "countdown"])
+def test_a_completion_without_an_answer_tag_is_scored_as_reasoning_gyms_own_eval_scores_it(name):
+    # reasoning-gym's eval scores score_answer(extract_answer(response), entry): None when there is no tag, which is
+    # 0 (countdown: its 0.01 floor), never the whole text (its default scorer gives text containing the answer credit)
+    from reasoning_gym.utils import extract_answer
+
+    from dllm_rl.rewards.gym import gym_dataset, gym_entry
+
+    task = load_task(DataConfig(task=f"reasoning_gym/{name}", train_size=2, eval_size=1, seed=1))
+    rows = [task.train[0], task.train[1]]
+    oracle = [r["answer"] or "" for r in rows] if name == "chain_sum" else ["1 + 2", "3"]
+    untagged = [oracle[0], f"so the answer is {oracle[1]}"]
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    got = compute_rewards(
+        [Reward(task.reward, REWARDS[task.reward])], [r["prompt"] for r in rows], untagged, [[]] * 2, columns
+    )[0].tolist()
+    r = rows[0]
+    ds, entry = (
+        gym_dataset(name, r["rg_options"], r["rg_seed"], r["rg_size"]),
+        gym_entry(name, r["rg_options"], r["rg_seed"], r["rg_size"], r["rg_index"]),
+    )
+    assert extract_answer(untagged[0]) is None
+    floor = ds.score_answer(None, entry)
+    assert floor == (0.0 if name == "chain_sum" else 0.01) and got == pytest.approx([floor] * 2)
+    if name == "chain_sum":  # the same answers inside the tag are right
+        assert gym_scores(task, rows, oracle) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("system", [None, ""])
+def test_sft_targets_take_the_format_the_prompt_asks_for_and_score_full(system):
+    """With reasoning-gym's default system prompt (it asks for <answer> tags) the SFT target is the answer in the
+    tag, which the reward scores 1; with the system prompt dropped it is the bare answer, and the reward, whose
+    prompt then does not ask for the tag, scores the whole text."""
+    task = load_task(
+        DataConfig(task="reasoning_gym/chain_sum", train_size=2, eval_size=1, seed=1, system_prompt=system)
+    )
+    rows = [task.train[0], task.train[1]]
+    want = [f"<answer>{r['answer']}</answer>" if system is None else r["answer"] for r in rows]
+    assert [r["completion"] for r in rows] == want
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    got = compute_rewards(
+        [Reward(task.reward, REWARDS[task.reward])], [r["prompt"] for r in rows], want, [[]] * 2, columns
+    )[0].tolist()
+    assert got == [1.0, 1.0]

@@ -1,5 +1,6 @@
 """Tasks: generated puzzles with disjoint held-out splits, dataset adapters on local files, verifiers."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,38 @@ def test_sudoku_with_unique_false_can_show_a_held_out_puzzle_in_training():
 def test_gsm8k_and_math_refuse_options_they_would_ignore(task, path):
     with pytest.raises(ConfigError, match=f"data.options: {task} takes no options"):
         load_task(DataConfig(task=task, path=str(DATA / path), train_size=2, eval_size=1, options={"name": "socratic"}))
+
+
+def test_a_local_file_refuses_a_split_or_config_name_it_would_ignore(tmp_path):
+    path, held = str(DATA / "gsm8k_tiny.jsonl"), str(DATA / "math_tiny.jsonl")
+    with pytest.raises(ConfigError, match=r"data.split='test', but .* is a local file, which is one split.*drop"):
+        load_task(DataConfig(task="gsm8k", path=path, split="test", train_size=2, eval_size=1))
+    with pytest.raises(ConfigError, match=r"data.eval_split='validation', but .* local file.*drop data.eval_split"):
+        load_task(DataConfig(task="math", path=held, eval_path=held, eval_split="validation", train_size=1))
+    with pytest.raises(ConfigError, match=r"data.eval_split='validation', but the local data.path .* no split is"):
+        load_task(DataConfig(task="gsm8k", path=path, eval_split="validation", train_size=2, eval_size=1))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "2+2?"}\n')
+    with pytest.raises(ConfigError, match=r"data.options.name='main', but .* no config name.*drop data.options.name"):
+        load_task(DataConfig(dataset=str(rows), options={"name": "main"}))
+    # the defaults (split train, eval_split test) are what every local-file recipe passes: still accepted
+    assert load_task(DataConfig(task="gsm8k", path=path, eval_path=path, train_size=3, eval_size=3)).eval
+    assert len(load_task(DataConfig(dataset=str(rows), eval_path=str(rows))).eval) == 1
+
+
+@pytest.mark.parametrize("task", ["math", "gsm8k"])
+def test_rows_with_an_empty_reference_answer_are_dropped_with_a_note(tmp_path, capsys, task):
+    if task == "math":
+        good = [{"problem": f"p{i}", "solution": f"so \\boxed{{{i}}}"} for i in range(4)]
+        bad = [{"problem": "q", "solution": "no box here"}, {"problem": "r", "solution": "\\boxed{}", "answer": " "}]
+    else:
+        good = [{"question": f"q{i}", "answer": f"work #### {i}"} for i in range(4)]
+        bad = [{"question": "x", "answer": "work ####"}, {"question": "y", "answer": "#### "}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good[0], bad[0], *good[1:3], bad[1], good[3]]))
+    loaded = load_task(DataConfig(task=task, path=str(path), train_size=10, eval_size=2))
+    assert loaded.train["answer"] == ["0", "1"] and loaded.eval["answer"] == ["2", "3"]
+    assert "dropped 2 of 6 rows" in capsys.readouterr().out
+    # an explicit held-out file is filtered too; a file without such rows prints nothing
+    loaded = load_task(DataConfig(task=task, path=str(path), eval_path=str(path), train_size=10, eval_size=10))
+    assert len(loaded.train) == len(loaded.eval) == 4 and capsys.readouterr().out.count("dropped 2 of 6") == 2
