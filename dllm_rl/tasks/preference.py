@@ -48,9 +48,15 @@ class PreferencePair:
 
 
 def load_preferences(name: str, split: str = "train") -> datasets.Dataset:
-    """A preference dataset by hub name (and split) or local .json / .jsonl / .parquet file."""
+    """A preference dataset by hub name (and split) or local .json / .jsonl / .parquet file (one split, read whole:
+    a dpo.dataset_train_split other than "train" would be ignored there and is refused)."""
     ext = os.path.splitext(name)[1].lower()
     if ext in _LOCAL:
+        if split != "train":
+            raise ConfigError(
+                f"dpo.dataset_train_split={split!r}, but dpo.dataset_name {name!r} is a local file, which is one split "
+                f"(read whole): drop dpo.dataset_train_split (or name a hub dataset that has that split)"
+            )
         if not os.path.isfile(name):
             raise ConfigError(f"dpo.dataset_name: file {name!r} does not exist; give a local .jsonl or a hub dataset")
         try:

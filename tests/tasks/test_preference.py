@@ -239,6 +239,14 @@ def test_missing_file_and_unreachable_hub_name_the_key():
         load_preferences("no-such-org/no-such-data")
 
 
+def test_a_local_file_refuses_a_split_it_would_ignore(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert len(load_preferences(str(path))) == 1
+    with pytest.raises(ConfigError, match="dpo.dataset_train_split='test', but .* is a local file"):
+        load_preferences(str(path), "test")
+
+
 ROWS = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f"}]
 
 
