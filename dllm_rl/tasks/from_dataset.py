@@ -18,7 +18,7 @@ import datasets
 from ..config import DataConfig
 from ..errors import ConfigError
 from .base import Task
-from .math_data import load_split
+from .math_data import SPLIT_DEFAULTS, load_split
 
 
 def prepare(ds, prompt_column: str = "prompt", where: str = "train_dataset", system: str | None = None):
@@ -56,6 +56,12 @@ def dataset_task(train, eval=None, prompt_column: str = "prompt", name: str = "d
 
 
 def load(cfg: DataConfig) -> Task:
+    if not cfg.eval_path and cfg.eval_split != SPLIT_DEFAULTS["eval_split"]:
+        raise ConfigError(
+            f"data.eval_split={cfg.eval_split!r} names the held-out split of data.eval_path, which is not set, so no "
+            f"held-out set would be read: set data.eval_path (data.dataset's name for another split of it), or drop "
+            f"data.eval_split"
+        )
     train = load_split(cfg.dataset, cfg.split, **cfg.options)
     held_out = None
     if cfg.eval_path:

@@ -229,6 +229,8 @@ def test_a_local_file_refuses_a_split_or_config_name_it_would_ignore(tmp_path):
     # the defaults (split train, eval_split test) are what every local-file recipe passes: still accepted
     assert load_task(DataConfig(task="gsm8k", path=path, eval_path=path, train_size=3, eval_size=3)).eval
     assert len(load_task(DataConfig(dataset=str(rows), eval_path=str(rows))).eval) == 1
+    with pytest.raises(ConfigError, match=r"data.eval_split='validation' names the held-out split of data.eval_path"):
+        load_task(DataConfig(dataset=str(rows), eval_split="validation"))  # no eval_path: nothing would read it
 
 
 @pytest.mark.parametrize("task", ["math", "gsm8k"])
