@@ -479,11 +479,9 @@ class DPOTrainer:
         for b in (greedy, branch):
             b.trace = replace(b.trace, decoding=sampler)
         first = up[slots]  # the branch is the chosen where it scores higher
-        chosen = RolloutBatch.concat([(branch if f else greedy).select(torch.tensor([i])) for i, f in enumerate(first)])
-        rejected = RolloutBatch.concat(
-            [(greedy if f else branch).select(torch.tensor([i])) for i, f in enumerate(first)]
-        )
-        return RolloutBatch.concat([chosen, rejected]), keys, None, stats
+        i, n = torch.arange(len(slots)), len(slots)  # rows of [branches; greedy decodes]
+        chosen, rejected = torch.where(first, i, n + i), torch.where(first, n + i, i)
+        return RolloutBatch.concat([branch, greedy]).select(torch.cat([chosen, rejected])), keys, None, stats
 
     def with_greedy(self, model, prompts: list[str], step: int) -> RolloutBatch:
         """[B * G] candidates, G per prompt in order: the greedy decode (temperature 0, the rest of `rollout`: the

@@ -250,20 +250,13 @@ def test_edit_sft_refuses_a_training_prompt_past_the_model_context(tmp_path):
     """As in SFT (sft.tokenize_pairs): a training row is prompt + a canvas of rollout.max_completion_length, and one
     past max_position_embeddings is refused naming the row and the fix, before training (the tiny model is rotary
     and would otherwise train past its context without an error)."""
-    import json
-
-    from test_sft import dataset_recipe
+    from test_sft import dataset_recipe, refuses_a_prompt_past_the_context
 
     from dllm_rl.trainers.sft import sft_trainer
 
     r, path = dataset_recipe(tmp_path)  # the tiny model built from scratch: context 64, canvas 8
     r.sft.objective, r.rollout.edit, r.rewards = "edit", "remask", []
-    rows = [{"prompt": "add 1 2", "completion": "3"}, {"prompt": "add " + "1 " * 30 + "2", "completion": "3"}]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(ConfigError, match=r"training row 1 has the longest prompt, \d+ tokens .*past the model's "):
-        sft_trainer(r)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    path.write_text(json.dumps(rows[0]) + "\n")
+    refuses_a_prompt_past_the_context(sft_trainer, r, path, tmp_path / "run")
     tr = sft_trainer(r)  # a prompt that fits trains; its target is the completion + EOS, unpadded
     assert len(tr.pairs) == 1 and tr.pairs[0][1] == tr.tokenizer("3", add_special_tokens=False).input_ids + [
         tr.tokenizer.eos_token_id

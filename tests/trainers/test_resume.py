@@ -29,13 +29,18 @@ TINY = {
 }
 
 
-def write_recipe(tmp_path, run_dir, name="r.yaml", **sections) -> Path:
+def tiny(run_dir, **sections) -> dict:
+    """TINY writing into `run_dir`, each section updated with `sections`' values."""
     data = json.loads(json.dumps(TINY))
     data["train"]["output_dir"] = str(run_dir)
     for section, values in sections.items():
         data[section].update(values)
+    return data
+
+
+def write_recipe(tmp_path, run_dir, name="r.yaml", **sections) -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(tiny(run_dir, **sections)))
     return path
 
 

@@ -281,13 +281,19 @@ def test_a_training_prompt_past_the_model_context_is_refused_before_training(tmp
     refused naming the row and the fix (the tiny model is rotary and would not raise: training would silently run
     past its context). A data.dataset without a held-out set is decoded never, so nothing else checks it."""
     r, path = dataset_recipe(tmp_path)  # context 64, canvas 8
+    refuses_a_prompt_past_the_context(SFTTrainer, r, path, tmp_path / "run")
+    assert len(SFTTrainer(r).pairs) == 1  # a prompt that fits trains
+
+
+def refuses_a_prompt_past_the_context(make, r, path, run_dir) -> None:
+    """Write two rows to `path`, the second past the tiny model's 64 positions: `make(r)` refuses it naming row 1
+    before the run logs anything; then leave the first row alone in `path`."""
     rows = [{"prompt": "add 1 2", "completion": "3"}, {"prompt": "add " + "1 " * 30 + "2", "completion": "3"}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(ConfigError, match=r"training row 1 has the longest prompt, \d+ tokens .*past the model's "):
-        SFTTrainer(r)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+        make(r)
+    assert not (run_dir / "metrics.jsonl").exists()
     path.write_text(json.dumps(rows[0]) + "\n")
-    assert len(SFTTrainer(r).pairs) == 1  # a prompt that fits trains
 
 
 def test_training_prompts_with_sft_plans_are_checked_against_the_context(tmp_path):

@@ -16,35 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from test_resume import TINY, tiny
+from test_resume import write_recipe as resume_recipe
 
 from dllm_rl.cli import main
 from dllm_rl.config import recipe_from_dict, save_recipe
 from dllm_rl.errors import ConfigError
 from dllm_rl.rundir import COMPLETE, LOCK
 
-TINY = {
-    "algorithm": "sft",
-    "model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}},
-    "data": {"task": "sudoku", "train_size": 64, "eval_size": 4},
-    "rollout": {"max_completion_length": 20, "steps": 10},
-    "optim": {"lr": 3e-3, "lr_scheduler": "constant"},
-    "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "eval_steps": 0, "save_steps": 1, "num_threads": 1},
-}
-
-
-def tiny(run_dir, **sections) -> dict:
-    data = json.loads(json.dumps(TINY))
-    data["train"]["output_dir"] = str(run_dir)
-    for section, values in sections.items():
-        data[section].update(values)
-    return data
-
 
 def write_recipe(tmp_path, run_dir, **sections) -> str:
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny(run_dir, **sections)))
-    return str(path)
+    return str(resume_recipe(tmp_path, run_dir, **sections))
 
 
 def rows(run_dir: Path) -> list[dict]:
