@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..models.ar import ARPlanner, load_planner
 from ..rollout import generate
 from ..rollout.hybrid import hybrid_generate, plan_kind
-from ..rundir import tidy
+from ..rundir import lock, tidy, unlock
 from ..runtime import set_threads
 from ..tasks import load_task
 from ..tasks.plans import PLANS, task_plans
@@ -50,8 +50,34 @@ class PlannerSFTTrainer:
                 f"algorithm=planner_sft needs oracle plans, which data.task={self.task.name} has none of "
                 f"(tasks.plans.PLANS: {sorted(PLANS)})"
             )
-        self.ckpt = self._check_run_dir(Path(r.train.output_dir))  # what the run directory allows, before a model
-        self.planner = load_planner(r.hybrid.planner, seed=r.train.seed, trainable=True)
+        self._lock(Path(r.train.output_dir))  # one run per directory, as Run (trainers/common.py) holds it
+        try:
+            self.ckpt = self._check_run_dir(Path(r.train.output_dir))  # what the directory allows, before a model
+            self.planner = load_planner(r.hybrid.planner, seed=r.train.seed, trainable=True)
+        except BaseException:
+            self._release()
+            raise
+
+    def _lock(self, out: Path) -> None:
+        """Hold the run directory's lock (rundir.lock) on the main process, or refuse a directory another run is
+        using, before anything in it changes; every process stops the same way."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        problem = lock(out) if state.is_main_process else None
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise ConfigError(
+                f"train.output_dir {str(out)!r} is in use by another run ({problem}): wait for it to finish or stop "
+                f"it, or pick a new train.output_dir"
+            )
+
+    def _release(self) -> None:
+        """Let another run use the run directory."""
+        unlock(self.recipe.train.output_dir)  # a no-op where this process holds no lock
 
     def dataset(self, rows):
         import datasets
@@ -77,6 +103,12 @@ class PlannerSFTTrainer:
         return right / max(len(rows), 1)
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self._release()
+
+    def _train(self) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         r, t, o = self.recipe, self.recipe.train, self.recipe.optim

@@ -6,6 +6,7 @@ consensus resume and a killed planner run leave the directory as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -232,33 +233,76 @@ def test_a_checkpoint_is_on_disk_before_it_is_marked_and_renamed(tmp_path, monke
 # ------------------------------------------------------------------------------------------- one run at a time
 
 
-def test_a_directory_in_use_by_another_run_is_refused_untouched(tmp_path):
-    from dllm_rl.trainers.sft import SFTTrainer
-
-    run = tmp_path / "run"
-    (run / "checkpoint-5.tmp").mkdir(parents=True)  # the other run's checkpoint being written
-    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+@contextlib.contextmanager
+def held(lock_file: Path):
+    """Another process holding lock_file's flock while the block runs; yields its pid."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True);"
             " time.sleep(60)",
-            str(run / LOCK),
+            str(lock_file),
         ],
         stdout=subprocess.PIPE,
     )
     try:
         holder.stdout.readline()
-        with pytest.raises(ConfigError, match=rf"in use by another run \(process {holder.pid} holds .*run.lock\)"):
-            SFTTrainer(recipe_from_dict(tiny(run)))
-        assert (run / "checkpoint-5.tmp").is_dir() and (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
+
+
+def is_free(run: Path) -> bool:
+    with open(run / LOCK) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def test_a_directory_in_use_by_another_run_is_refused_untouched(tmp_path):
+    from dllm_rl.trainers.sft import SFTTrainer
+
+    run = tmp_path / "run"
+    (run / "checkpoint-5.tmp").mkdir(parents=True)  # the other run's checkpoint being written
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with held(run / LOCK) as pid:
+        with pytest.raises(ConfigError, match=rf"in use by another run \(process {pid} holds .*run.lock\)"):
+            SFTTrainer(recipe_from_dict(tiny(run)))
+        assert (run / "checkpoint-5.tmp").is_dir() and (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
     SFTTrainer(recipe_from_dict(tiny(run))).train()  # the holder is gone: the directory is free
-    with open(run / LOCK) as f:  # and a finished run holds it no longer
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert is_free(run)  # and a finished run holds it no longer
+
+
+def test_the_planner_trainer_holds_its_directory_too(tmp_path):
+    """The planner's SFT (TRL's trainer) takes the same lock: a directory in use is refused before tidy removes
+    the live run's half-written final; its own run holds the lock while it trains and frees it at the end."""
+    from accelerate.state import AcceleratorState
+
+    from dllm_rl.trainers.planner import PlannerSFTTrainer
+
+    run = tmp_path / "run"
+    (run / "final.tmp").mkdir(parents=True)  # the other run's final/ being written
+    data = {
+        "algorithm": "planner_sft",
+        "data": TINY["data"],
+        "hybrid": {"planner": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}}},
+        "train": {"max_steps": 2, "batch_size": 8, "save_steps": 0, "num_threads": 1, "output_dir": str(run)},
+    }
+    try:
+        with held(run / LOCK) as pid:
+            with pytest.raises(ConfigError, match=rf"in use by another run \(process {pid} holds .*run.lock\)"):
+                PlannerSFTTrainer(recipe_from_dict(data))
+            assert (run / "final.tmp").is_dir()
+        trainer = PlannerSFTTrainer(recipe_from_dict(data))
+        assert not is_free(run)  # held from the check of the directory on
+        trainer.train()
+        assert (run / "final").is_dir() and is_free(run)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # TRL's trainer set the process-wide state
 
 
 def test_a_run_that_raised_frees_its_directory(tmp_path):
@@ -271,8 +315,7 @@ def test_a_run_that_raised_frees_its_directory(tmp_path):
 
     with pytest.raises(RuntimeError):
         trainer.run.loop("sft", broken, None, lambda w: {})
-    with open(tmp_path / "run" / LOCK) as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert is_free(tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------------------- trainers
