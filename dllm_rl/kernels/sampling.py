@@ -59,7 +59,8 @@ def filter_logits(z: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0)
     if top_p < 1.0:
         sorted_z, order = z.sort(dim=-1, descending=True)  # [n, V]
         probs = sorted_z.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        # keep the smallest prefix with mass >= top_p: drop a token once the mass before it reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p
         z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     if min_p > 0:  # transformers' MinPLogitsWarper: p >= min_p * p_max (it keeps at least one token)
         probs = z.softmax(-1)
@@ -124,7 +125,7 @@ def choose_tokens(
         token = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
         logprob = slogp.gather(-1, token[:, None]).squeeze(-1)
     else:
-        token = top.indices[:, 0]
+        token = logits.argmax(-1)  # the first maximum, as the Triton kernel (topk leaves the order of ties open)
         logprob = logp.gather(-1, token[:, None]).squeeze(-1)
     p_top = logp.gather(-1, top.indices).exp()  # [n, 2]
     return TokenChoice(

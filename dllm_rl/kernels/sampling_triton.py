@@ -25,8 +25,8 @@ Design (two kernels, about 1 + 1/S passes over the logits):
   programs fill an H100 from n = 16 rows up. Memory: 7 x [n, S] partials + 6 x [n] outputs.
 
 Departures from the reference, all at rounding level: fp32 sums are blocked rather than sequential, so a
-uniform within ~1e-6 of a CDF boundary can pick the neighbouring token; ties for the maximum logit resolve to
-the lowest index (torch.topk leaves the order of ties unspecified). The entropy is the true entropy of the
+uniform within ~1e-6 of a CDF boundary can pick the neighbouring token. Ties for the maximum logit resolve to
+the lowest index, as in the reference (argmax). The entropy is the true entropy of the
 [MASK]-free distribution, as the reference's.
 
 Top-k / top-p filtering is not fused: with top_k > 0 (and < V) or top_p < 1 this falls back to the torch

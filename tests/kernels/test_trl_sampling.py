@@ -44,6 +44,34 @@ def test_top_k_top_p_and_min_p_together_filter_in_transformers_order():
         torch.testing.assert_close(sampling_logprobs(logits, 0.7, k, p, min_p=m), warped.log_softmax(-1))
 
 
+@pytest.mark.parametrize(
+    "probs,top_p",
+    [
+        ([0.5, 0.25, 0.125, 0.0625, 0.0625], 0.5),
+        ([0.5, 0.25, 0.125, 0.0625, 0.0625], 0.75),
+        ([0.5, 0.25, 0.125, 0.0625, 0.0625], 0.875),
+        ([0.25, 0.75, 0.0, 0.0], 0.75),
+    ],
+)
+def test_top_p_on_an_exact_boundary_keeps_what_transformers_keeps(probs, top_p):
+    """A prefix whose mass is exactly top_p is the nucleus: the next token is dropped, as transformers'
+    TopPLogitsWarper drops it (binary fractions, so the sums are exact; no tie straddles the boundary, where the
+    two break ties differently)."""
+    logits = torch.tensor([probs]).log().clamp(min=-30.0)
+    kept = torch.isfinite(sampling_logprobs(logits, 1.0, top_p=top_p))
+    assert kept.tolist() == torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone())).tolist()
+
+
+def test_greedy_ties_go_to_the_first_maximum():
+    """Exact ties for the largest logit (common in bf16) resolve to the lowest index, as the Triton kernel
+    resolves them, so a greedy decode does not depend on which path ran."""
+    logits = torch.full((3, 50), -1.0)
+    logits[0, [3, 40]] = 2.0
+    logits[1, [5, 6, 7]] = 1.0
+    logits[2, [0, 49]] = 0.5
+    assert choose_tokens(logits, torch.full((3,), 0.5), 0.0).token.tolist() == [3, 5, 0]
+
+
 def test_repetition_penalty_matches_transformers_processor():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(5, V, generator=g) * 2
