@@ -3,17 +3,19 @@
 Run as a script (`python -I _code_harness.py SPEC.json`), never imported by the reward: it uses the standard
 library only, because `-I` puts neither this directory nor the current one on `sys.path`. In order it
 
-1. reads the JSON spec the parent wrote, then deletes it (the program under test cannot read the expected
-   outputs or the result nonce from disk);
-2. lowers its own resource limits (address space, CPU seconds, file size, no core dumps) so that everything it
-   runs afterwards inherits them;
-3. installs an audit hook that refuses sockets (other than AF_UNIX pairs), name resolution, process
-   creation and sending signals;
+1. reads the JSON spec the parent wrote, then deletes it (the program under test cannot read the result nonce
+   from disk; the expected outputs of call-based and stdin/stdout tests are not in it: the parent compares);
+2. lowers its own resource limits (address space, CPU seconds, file size, no core dumps), each capped at the
+   hard limit in force, so that everything it runs afterwards inherits them;
+3. binds its result writer, hides itself from `sys.modules["__main__"]`, replaces
+   `_posixsubprocess.fork_exec` and installs an audit hook that refuses sockets (other than AF_UNIX pairs),
+   name resolution, process creation (a fresh import of `_posixsubprocess` too) and sending signals;
 4. loads the solution as the module `solution` (or runs it as `__main__` per stdin/stdout case), runs each
    test under a per-test alarm (a program run as `__main__` together with the joins of the non-daemon threads
-   it started, as an interpreter waits for them at exit), and appends one `[nonce, index, passed]` JSON line
-   per finished test to the results file (an unlinked file inherited as a descriptor). A test with no line
-   (the process died, was killed, closed the file) counts as failed in the parent.
+   it started, as an interpreter waits for them at exit), and appends one `[nonce, index, verdict]` JSON line
+   per finished test to the results file (an unlinked file inherited as a write-only descriptor): `true` or
+   `false`, a call's result as `[value]`, or the digests of a stdout. A test with no line (the process died,
+   was killed, closed the file) counts as failed in the parent.
 
 See `dllm_rl.rewards.code` for what this does and does not guarantee.
 """
@@ -23,8 +25,10 @@ from __future__ import annotations
 import ast
 import builtins
 import gc
+import hashlib
 import json
 import math
+import operator
 import os
 import resource
 import signal
@@ -33,6 +37,11 @@ import sys
 import threading
 import time
 import types
+
+# The harness's own functions resolve builtins (exec, compile, callable, ...) through this private copy, bound
+# when each function is defined: a program that replaces `builtins.exec` or `builtins.bool` changes what it
+# sees, not what the harness runs. The program itself gets the real `builtins` module (`_program_globals`).
+__builtins__ = dict(vars(builtins))
 
 _MB = 1 << 20
 _SPAWN_EVENTS = (
@@ -62,7 +71,10 @@ class _TestTimeout(BaseException):
     """Raised by SIGALRM; a BaseException so that `except Exception` in the program does not swallow it."""
 
 
-def _set_limits(spec: dict) -> None:
+def _set_limits(spec: dict) -> int:
+    """Lower the limits, each capped at the current hard limit (a limit above it cannot be set without
+    privileges: `prlimit --fsize=...` or a container's limits may be lower than ours); a limit that still
+    cannot be set is left as it is. Returns the file size limit in force (bytes; -1: none)."""
     cpu = int(math.ceil(spec["cpu_seconds"]))
     limits = [
         (resource.RLIMIT_CPU, cpu, cpu + 1),
@@ -72,13 +84,37 @@ def _set_limits(spec: dict) -> None:
     if spec["memory_mb"]:
         limits.append((resource.RLIMIT_AS, spec["memory_mb"] * _MB, spec["memory_mb"] * _MB))
     for which, soft, hard in limits:
-        resource.setrlimit(which, (soft, hard))
+        try:
+            current = resource.getrlimit(which)[1]
+            if current != resource.RLIM_INFINITY:
+                soft, hard = min(soft, current), min(hard, current)
+            resource.setrlimit(which, (soft, hard))
+        except (ValueError, OSError) as e:
+            sys.stderr.write(f"dllm_rl code sandbox: could not set resource limit {which}: {e}\n")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead of killing us
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+
+
+def _refuse_spawn(*args, **kwargs):
+    raise PermissionError("_posixsubprocess.fork_exec is disabled in the dllm_rl code sandbox")
+
+
+def _disable_fork_exec() -> None:
+    """`_posixsubprocess.fork_exec` (what `subprocess` calls) raises no audit event: replace it in the one
+    module instance `import` hands out, and let the audit hook refuse a fresh import of the module. `import
+    subprocess` still works; starting a process is refused (by the `subprocess.Popen` event already)."""
+    try:
+        import _posixsubprocess
+    except ImportError:  # not POSIX
+        return
+    _posixsubprocess.fork_exec = _refuse_spawn
 
 
 def _audit(event: str, args) -> None:
     if event.startswith(_SPAWN_EVENTS) or event in _NET_EVENTS:
         raise PermissionError(f"{event} is disabled in the dllm_rl code sandbox")
+    if event == "import" and args[0] == "_posixsubprocess":  # a re-import after `del sys.modules[...]`
+        raise PermissionError("importing _posixsubprocess anew is disabled in the dllm_rl code sandbox")
     if event == "socket.__new__" and args[1] != socket.AF_UNIX:  # AF_UNIX pairs: asyncio's self-pipe
         raise PermissionError("network sockets are disabled in the dllm_rl code sandbox")
 
@@ -87,16 +123,44 @@ def _alarm(signum, frame):
     raise _TestTimeout()
 
 
-class _Runner:
-    def __init__(self, spec: dict, results_fd: int):
-        self.spec, self.fd, self.nonce = spec, results_fd, spec["nonce"]
-        self.timeout = float(spec["timeout"])
+def _make_reporter(fd: int, nonce: str, budget: int):
+    """`report(index, verdict)`, bound before the program runs: it writes `[nonce, index, verdict]` lines with
+    the `os.write` and the built-in types captured here, so a program that replaces `os.write`, `json.dumps`,
+    `bool` or anything else reachable by name cannot change what is written. `verdict` is True (passed), a
+    JSON text (a result the parent judges) or anything else (failed). `budget`: the bytes the results file may
+    take (the file size limit applies to it too; -1: no limit); a result that does not fit is reported as a
+    failure."""
+    write, exact_str, length, error = os.write, str, len, OSError
+    used = [0]
 
-    def report(self, index: int, passed: bool) -> None:
+    def report(index: int, verdict) -> None:
+        if verdict is True:
+            text = "true"
+        elif type(verdict) is exact_str and "\n" not in verdict:
+            text = verdict
+        else:
+            text = "false"
+        line = f'["{nonce}",{index},{text}]\n'.encode()
+        if budget >= 0 and used[0] + length(line) > budget:
+            line = f'["{nonce}",{index},false]\n'.encode()
         try:
-            os.write(self.fd, (json.dumps([self.nonce, index, bool(passed)]) + "\n").encode())
-        except OSError:  # the program closed or broke our file: the parent counts the missing tests as failed
+            used[0] += write(fd, line)
+        except error:  # the program closed or broke our file: the parent counts the missing tests as failed
             pass
+
+    return report
+
+
+def _program_globals(name: str) -> dict:
+    """A fresh namespace for the program (its globals) that sees the real `builtins` module."""
+    return {"__name__": name, "__builtins__": builtins}
+
+
+class _Runner:
+    def __init__(self, spec: dict, report):
+        self.spec, self.report = spec, report
+        self.timeout = float(spec["timeout"])
+        self.report_cap = int(spec.get("report_cap", _MB))
 
     def guarded(self, fn, exit_ok: bool = False) -> bool:
         """True when `fn()` returns within the per-test timeout, or, for a whole program (`exit_ok`: the
@@ -108,7 +172,7 @@ class _Runner:
                 fn()
                 return True
             except SystemExit as e:
-                return exit_ok and e.code in (None, 0)
+                return exit_ok and (e.code is None or (type(e.code) is int and e.code == 0))
             except BaseException:  # noqa: BLE001 - any failure of the program is a failed test, timeouts too
                 return False
             finally:
@@ -121,45 +185,44 @@ class _Runner:
         A top-level `exit()` just stops the module early: the tests still run against what it defined."""
         module = types.ModuleType("solution")
         module.__file__ = os.path.abspath("solution.py")
+        module.__builtins__ = builtins
         sys.modules["solution"] = module
         ok = self.guarded(lambda: exec(compiled, module.__dict__), exit_ok=True)
         return module if ok else None
 
 
-def _same(a, b) -> bool:
-    """Equality that treats tuples as lists (JSON round trips) and compares floats with a small tolerance."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        try:
-            return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-        except (TypeError, ValueError):
-            return False
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a == b
+def _plain_default(value):
+    """`json.dumps`'s fallback for a call result: numpy arrays and scalars as plain data; anything else fails."""
+    if hasattr(type(value), "tolist"):
+        return value.tolist()
+    if hasattr(type(value), "__index__"):
+        return operator.index(value)
+    raise TypeError(f"a result of type {type(value).__name__} is not plain data")
 
 
-def _output_matches(got: str, expected: str) -> bool:
-    """Lines compared with surrounding whitespace and blank trailing lines ignored, else token by token."""
+def _digests(text: str) -> str:
+    """The JSON pair the parent compares a stdout with: the sha256 of its stripped lines (blank ones around
+    it dropped) and of its whitespace-separated tokens (`dllm_rl.rewards.code._stdout_digests` computes the
+    expected side, which the child never sees)."""
 
-    def lines(s):
-        return [ln.strip() for ln in s.strip().splitlines()]
+    def digest(parts):
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
-    return lines(got) == lines(expected) or got.split() == expected.split()
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    return f'["{digest(lines)}","{digest(text.split())}"]'
 
 
 def _run_asserts(run: _Runner, compiled, cases: list[str]) -> None:
-    module = run.load_solution(compiled)
+    tests = []  # compiled before the solution runs
     for i, snippet in enumerate(cases):
-        ok = False
-        if module is not None:
-            try:
-                code = compile(snippet, f"<test {i}>", "exec")
-                ok = run.guarded(lambda code=code: exec(code, module.__dict__))
-            except SyntaxError:
-                ok = False
-        run.report(i, ok)
+        try:
+            tests.append(compile(snippet, f"<test {i}>", "exec"))
+        except (SyntaxError, ValueError):
+            tests.append(None)
+    module = run.load_solution(compiled)
+    for i, code in enumerate(tests):
+        ok = module is not None and code is not None
+        run.report(i, ok and run.guarded(lambda code=code: exec(code, module.__dict__)))
 
 
 def _call_with_optional_argument(fn, arg) -> None:
@@ -220,20 +283,25 @@ def _run_module(run: _Runner, compiled, spec: dict) -> None:
     With `spec["as_main"]` (the parent found no test in it) the whole file is the one test: it runs as
     `__main__`, so its `if __name__ == "__main__":` block runs, and passes if it finishes (or exits with
     status 0) within the per-test timeout, its non-daemon threads included."""
+    # the test file is parsed and compiled before the solution runs (it could replace `ast.parse`)
+    statements = [
+        (isinstance(stmt, ast.Assert), compile(ast.Module(body=[stmt], type_ignores=[]), "<tests>", "exec"))
+        for stmt in ast.parse(spec["test_code"]).body
+    ]
+    whole = compile(spec["test_code"], "<tests>", "exec")
     module = run.load_solution(compiled)
-    namespace = {"__name__": "dllm_rl_tests"}
+    namespace = _program_globals("dllm_rl_tests")
     if module is not None:  # tests that use the solution's names without importing them (MBPP style)
         namespace.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
     if spec.get("as_main"):
         namespace["__name__"] = "__main__"
-        program = lambda: exec(compile(spec["test_code"], "<tests>", "exec"), namespace)
+        program = lambda: exec(whole, namespace)
         run.report(0, module is not None and run.guarded(_joining_threads(program, run.timeout), exit_ok=True))
         return
     index = 0
-    for stmt in ast.parse(spec["test_code"]).body:
-        code = compile(ast.Module(body=[stmt], type_ignores=[]), "<tests>", "exec")
+    for is_assert, code in statements:
         ok = run.guarded(lambda code=code: exec(code, namespace))
-        if isinstance(stmt, ast.Assert):
+        if is_assert:
             run.report(index, ok and module is not None)
             index += 1
     for name in spec["test_functions"]:
@@ -251,7 +319,8 @@ def _run_module(run: _Runner, compiled, spec: dict) -> None:
 
 
 def _run_call(run: _Runner, compiled, fn_name: str, cases: list) -> None:
-    """APPS/TACO call-based tests: `fn(*args)` must equal the expected value (or its one-element list)."""
+    """APPS/TACO call-based tests: reports `fn(*args)` as JSON text (plain data only: an object of the program's
+    own class is no result, so its `__eq__` never runs); the parent compares it with the expected value."""
     module = run.load_solution(compiled)
     fn = getattr(module, fn_name, None) if module is not None else None
     if fn is None and module is not None and isinstance(getattr(module, "Solution", None), type):
@@ -259,14 +328,14 @@ def _run_call(run: _Runner, compiled, fn_name: str, cases: list) -> None:
             fn = getattr(module.Solution(), fn_name, None)  # LeetCode style
         except Exception:  # noqa: BLE001
             fn = None
-    for i, (args, expected) in enumerate(cases):
+    for i, args in enumerate(cases):  # the child never sees the expected values: the parent compares
+        result = []
 
-        def check(args=args, expected=expected):  # compared under the alarm too: __eq__ is the program's code
-            got = fn(*args)
-            if not (_same(got, expected) or _same([got], expected)):
-                raise AssertionError
+        def call(args=args, result=result):  # under the alarm: the conversion may run the program's code too
+            result.append(json.dumps(fn(*args), default=_plain_default, allow_nan=True))
 
-        run.report(i, fn is not None and run.guarded(check))
+        ok = fn is not None and run.guarded(call) and len(result[0]) <= run.report_cap
+        run.report(i, f"[{result[0]}]" if ok else False)
 
 
 def _point(fd: int, path: str, flags: int) -> None:
@@ -311,8 +380,8 @@ def _run_stdio(run: _Runner, compiled, cases: list, scratch: str) -> None:
     program and these joins together, and a thread still running when it expires fails the case (it cannot
     be stopped, so it may go on running and writing during the later cases)."""
     in_path, out_path = os.path.join(scratch, "stdin.txt"), os.path.join(scratch, "stdout.txt")
-    for i, (stdin, expected) in enumerate(cases):
-        ok, got = False, ""
+    for i, stdin in enumerate(cases):  # the parent compares the stdout (digests of it) with the expected one
+        verdict = False
         gc.collect()  # a previous run's `open(0)` left in a reference cycle must not close the fd mid-run
         try:
             with open(in_path, "w", encoding="utf-8") as f:
@@ -321,14 +390,17 @@ def _run_stdio(run: _Runner, compiled, cases: list, scratch: str) -> None:
             _point(1, out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)
             sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
-            program = lambda: exec(compiled, {"__name__": "__main__", "__builtins__": builtins})
+            main_module = types.ModuleType("__main__")  # the program's `__main__`, not the harness
+            main_module.__builtins__ = builtins
+            sys.modules["__main__"] = main_module
+            program = lambda: exec(compiled, main_module.__dict__)
             ok = run.guarded(_joining_threads(program, run.timeout), exit_ok=True)
             sys.stdout.flush()
             with open(out_path, encoding="utf-8", errors="replace") as f:
-                got = f.read()
+                verdict = _digests(f.read()) if ok else False
         except BaseException:  # noqa: BLE001 - the program broke our plumbing (closed files, filled the disk)
-            ok = False
-        run.report(i, ok and _output_matches(got, expected))
+            verdict = False
+        run.report(i, verdict)
 
 
 def main(spec_path: str) -> None:
@@ -340,13 +412,19 @@ def main(spec_path: str) -> None:
     sys.path.insert(0, os.getcwd())  # `-I` leaves the working directory off sys.path; tests import `solution`
     with open("solution.py", "w", encoding="utf-8") as f:
         f.write(spec["code"])
-    _set_limits(spec)
+    fsize = _set_limits(spec)
     signal.signal(signal.SIGALRM, _alarm)
-    run = _Runner(spec, results_fd)
+    budget = fsize - 64 * (spec["n"] + 16) if fsize != resource.RLIM_INFINITY else -1
+    run = _Runner(spec, _make_reporter(results_fd, spec["nonce"], max(budget, 0) if budget != -1 else -1))
     try:
         compiled = compile(spec["code"], os.path.abspath("solution.py"), "exec")
     except (SyntaxError, ValueError):
         return  # nothing reported: every test fails
+    # the program must not reach the harness as `__main__` (to replace its functions); `harness` keeps it alive
+    harness = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    sys.modules["__main__"].__builtins__ = builtins
+    _disable_fork_exec()
     sys.addaudithook(_audit)
     kind = spec["kind"]
     if kind == "asserts":
@@ -357,6 +435,7 @@ def main(spec_path: str) -> None:
         _run_call(run, compiled, spec["fn_name"], spec["cases"])
     else:
         _run_stdio(run, compiled, spec["cases"], scratch)
+    del harness
 
 
 if __name__ == "__main__":

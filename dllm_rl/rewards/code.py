@@ -27,9 +27,12 @@ Test columns (the first one present and not None in a row is used; a row with no
   f`) and its names are also visible directly.
 
 Any of these may also be a JSON string. Stdin/stdout outputs match when their stripped lines are equal or
-their whitespace-separated tokens are. A test passes when it returns; an `exit()` inside a test (the solution's function
-calling it) fails it, while a whole program (a stdin/stdout case, a test file run as `__main__`, the solution's
-own top level) may exit with status 0.
+their whitespace-separated tokens are. A call-based result must be plain data (what `json.dumps` writes:
+numbers, strings, bools, None, lists, tuples, dicts; numpy arrays and scalars are converted), compared as
+JSON (tuples as lists, dict keys as strings, floats within 1e-6); anything else fails the test. A test
+passes when it returns; an `exit()` inside a test (the solution's function calling it) fails it, while a whole
+program (a stdin/stdout case, a test file run as `__main__`, the solution's own top level) may exit with
+status 0.
 
 What the sandbox guarantees (each run):
 
@@ -38,7 +41,9 @@ What the sandbox guarantees (each run):
 - `python -I` (no PYTHON* variables, no user site, no script dir on `sys.path`) with a clean environment:
   only PATH, HOME, TMPDIR, locale, one-thread BLAS settings, and proxy variables pointing at 127.0.0.1:9;
 - resource limits the child sets on itself before running any of the program: RLIMIT_AS (`memory_mb`,
-  default 1024), RLIMIT_CPU (the wall budget), RLIMIT_FSIZE (`fsize_mb`, default 16), RLIMIT_CORE 0;
+  default 1024), RLIMIT_CPU (the wall budget), RLIMIT_FSIZE (`fsize_mb`, default 16), RLIMIT_CORE 0, each
+  capped at the hard limit already in force (one that still cannot be set is left as it is, noted on the
+  child's stderr). A run whose harness fails before reporting any result warns once (with its stderr);
 - a per-test alarm (`timeout` seconds, default 3) and a wall-clock budget for the whole run
   (`timeout * n_tests + 2` s, at most `max_total`, default 60 s) after which the parent kills the child's
   whole process group with SIGKILL; tests without a result count as failed;
@@ -47,15 +52,27 @@ What the sandbox guarantees (each run):
   started dies with it. `sandbox_info()` says which. Without namespaces, network is refused only by the
   Python-level audit hook below and the dead proxy variables;
 - a Python audit hook (PEP 578) that refuses sockets other than AF_UNIX, DNS lookups, subprocesses,
-  `fork`/`exec`/`system` and `os.kill`. The spec file holding the tests and expected outputs is deleted before
-  the program starts; results travel through an unlinked file inherited as a descriptor, one line per test
-  carrying a nonce the program is not given, and only the first line per test counts.
+  `fork`/`exec`/`system` and `os.kill`; `_posixsubprocess.fork_exec`, which raises no audit event, is
+  replaced by a refusing function before the program runs, and importing a fresh copy of that module is
+  refused (`import subprocess` still works);
+- verdicts the program cannot rewrite by name: the harness is not `sys.modules["__main__"]`, resolves its
+  builtins through a private copy, compiles the tests before the solution runs, and writes results with an
+  `os.write` bound before the program loads, to an unlinked file inherited as a write-only descriptor, one
+  line per test carrying a nonce the program is not given (only the first line per test counts). The
+  expected outputs of stdin/stdout and call-based tests never reach the child: it reports digests of each
+  stdout, or each call's result as JSON, and the parent compares them. The spec file holding the tests is
+  deleted before the program starts.
 
 What it does NOT guarantee: it is not a security boundary against a determined attacker. The program runs as
 your user, with your filesystem (no mount namespace or chroot: it can read and write whatever you can; as
 root, everything), and audit hooks are documented as bypassable (ctypes, C extensions, introspection of the
-harness's frames or `/proc/self/fd`, which also reveal the nonce and the expected outputs). Run as root, the
-program can raise its own limits back (the parent's wall-clock kill still holds). Without namespaces, raw
+harness's frames or of `gc`'s objects, which reach the harness's functions and the nonce; as root,
+reopening the results file through `/proc/self/fd`). Tests that the child judges itself (assert strings,
+`test` files, unittest classes, HumanEval's `check`) run the program's own code when they compare: an object
+whose `__eq__` always returns True passes `assert f(x) == y`, and a solution that patches what the tests
+call (`unittest.TestCase.assertEqual`, the functions `check` uses) passes them; only call-based and
+stdin/stdout tests are compared outside the program's reach. Run as root, the program can raise its own
+limits back (the parent's wall-clock kill still holds). Without namespaces, raw
 syscalls reach the network, and a process the program manages to start outlives the run if it leaves the
 process group (`setsid`). RLIMIT_AS caps address space, so resident memory too, but libraries that reserve
 large ranges (torch, JAX) may fail to import under the default: raise `memory_mb` for those. For code from
@@ -66,7 +83,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -75,6 +94,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,8 +104,15 @@ from ._text import completion_text
 
 HARNESS = str(Path(__file__).with_name("_code_harness.py"))
 TEST_COLUMNS = ("verification_info", "test_cases", "input_output", "test_list", "tests", "test")
-_PY_TAGS = ("python", "python3", "py", "")
-_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_PY_TAGS = ("python", "python3", "py")
+# a fence opens a line (after spaces or tabs: a block inside a list item) and closes at a line holding the same
+# fence (or at the end of a truncated completion); a backtick fence's info string has no backtick (CommonMark),
+# so an inline ```x``` is no fence
+_FENCE = re.compile(
+    r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<tag>[\w+#.-]*)[^\n`]*\n(?P<body>.*?)"
+    r"(?:^[ \t]*(?P=fence)[`~]*[ \t]*$|\Z)",
+    re.S | re.M,
+)
 _PROXY_VARS = (
     "http_proxy",
     "https_proxy",
@@ -99,8 +126,10 @@ _PROXY_VARS = (
 
 
 def extract_code(text: str) -> str:
-    """The last ```python (or untagged) fenced block, an unclosed final fence included; the whole text when it
-    has no fence at all; '' when it only has blocks in other languages.
+    """The last fenced block tagged python (`python`, `python3`, `py`), else the last untagged one (so an
+    untagged output block after the code does not replace it); an unclosed final fence counts (a truncated
+    completion). Fences open a line, possibly indented (the block is dedented), with ``` or ~~~. The whole
+    text when it has no fence at all; '' when it only has blocks in other languages.
 
     >>> extract_code("Here:\\n```python\\ndef f():\\n    return 1\\n```\\nDone.")
     'def f():\\n    return 1\\n'
@@ -110,12 +139,14 @@ def extract_code(text: str) -> str:
     'x = 2'
     >>> extract_code("```cpp\\nint main() {}\\n```")
     ''
+    >>> extract_code("```python\\nprint(9)\\n```\\nOutput:\\n```\\n9\\n```")
+    'print(9)\\n'
     """
-    blocks = _FENCE.findall(text)
+    blocks = [(m["tag"].lower(), m["body"]) for m in _FENCE.finditer(text)]
     if not blocks:
         return "" if "```" in text else text
-    python = [body for tag, body in blocks if tag.lower() in _PY_TAGS]
-    return python[-1] if python else ""
+    python = [body for tag, body in blocks if tag in _PY_TAGS] or [body for tag, body in blocks if not tag]
+    return textwrap.dedent(python[-1]) if python else ""
 
 
 def _text(value) -> str:
@@ -137,9 +168,9 @@ def _io_cases(inputs, outputs, fn_name: str | None) -> dict:
 _WARNED: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
+def _warn_once(message: str, key: str | None = None) -> None:
+    if (key or message) not in _WARNED:
+        _WARNED.add(key or message)
         warnings.warn(message, stacklevel=3)
 
 
@@ -363,13 +394,19 @@ def run_tests(
     nonce = secrets.token_hex(16)
     prefix = _namespace_prefix() if namespaces else ()
     timed_out = False
-    # results go to an anonymous (already unlinked) file whose descriptor the child inherits: no path to it
-    with tempfile.TemporaryFile() as results:
+    # results go to an unlinked file: the child inherits a write-only descriptor (it cannot read back the lines,
+    # nonce included, already written), the parent reads through its own
+    results_path = os.path.join(meta, "results")
+    write_fd = os.open(results_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+    read_fd = os.open(results_path, os.O_RDONLY)
+    os.fchmod(write_fd, 0o200)  # no reopening it for reading through /proc/self/fd (unless root)
+    os.unlink(results_path)
+    with open(read_fd, "rb") as results:
         full = {
-            **spec,
+            **_child_spec(spec),
             "code": code,
             "nonce": nonce,
-            "results_fd": results.fileno(),
+            "results_fd": write_fd,
             "timeout": timeout,
             "cpu_seconds": wall,
             "memory_mb": memory_mb,
@@ -389,15 +426,83 @@ def run_tests(
                     stdout=subprocess.DEVNULL,
                     stderr=err,
                     start_new_session=True,
-                    pass_fds=(results.fileno(),),
+                    pass_fds=(write_fd,),
                 )
+                os.close(write_fd)
+                write_fd = -1
                 timed_out, returncode = _wait_and_kill(proc, wall)
-            results.seek(0)
-            passed = _read_results(results.read().decode("utf-8", "replace"), nonce, n)
+            verdicts = _read_results(results.read().decode("utf-8", "replace"), nonce, n)
+            passed = _judge(spec, verdicts)
             stderr = Path(meta, "stderr.txt").read_text(encoding="utf-8", errors="replace")[-2000:]
         finally:
+            if write_fd >= 0:
+                os.close(write_fd)
             _remove_tree(root)
+    if not timed_out and returncode and all(v is None for v in verdicts) and "_code_harness" in stderr:
+        _warn_once(
+            f"code reward: the sandbox harness failed before reporting any result (exit status {returncode}), "
+            f"so every completion may score 0; its stderr ends with:\n{stderr[-1000:]}",
+            key="harness-failure",
+        )
     return SandboxResult(passed, timed_out, returncode, stderr, work)
+
+
+def _child_spec(spec: dict) -> dict:
+    """The spec without the expected outputs, which the parent keeps and compares (`_judge`): the program
+    cannot read them, nor change the comparison. `report_cap`: the longest result text the child sends (at
+    least 1 MiB, so that it says nothing about the expected outputs of ordinary tests)."""
+    if spec["kind"] == "call":
+        longest = max((len(json.dumps(expected)) for _, expected in spec["cases"]), default=0)
+        cap = 1 << max(20, (4 * longest).bit_length())
+        return {**spec, "cases": [args for args, _ in spec["cases"]], "report_cap": cap}
+    if spec["kind"] == "stdio":
+        return {**spec, "cases": [stdin for stdin, _ in spec["cases"]]}
+    return spec
+
+
+def _same(a, b) -> bool:
+    """Equality of JSON data that treats tuples as lists and compares floats with a small tolerance."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _stdout_digests(text: str) -> list[str]:
+    """What the harness reports for a stdout (`_code_harness._digests`): the sha256 of its stripped lines
+    (blank ones around it dropped) and of its whitespace-separated tokens. Outputs match when either agrees."""
+
+    def digest(parts):
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    return [digest([ln.strip() for ln in text.strip().splitlines()]), digest(text.split())]
+
+
+def _judge(spec: dict, verdicts: list) -> list[bool]:
+    """Per test, whether it passed: the child's verdict for tests it judges (asserts, test files), the parent's
+    comparison of what the child reports (a call's result as plain data, digests of a stdout) otherwise."""
+    kind, passed = spec["kind"], []
+    for verdict, case in zip(verdicts, spec.get("cases") or [None] * len(verdicts)):
+        try:
+            if kind == "call":
+                ok = isinstance(verdict, list) and len(verdict) == 1
+                ok = ok and (_same(verdict[0], case[1]) or _same(verdict, case[1]))
+            elif kind == "stdio":
+                expected = _stdout_digests(case[1])
+                ok = isinstance(verdict, list) and len(verdict) == 2
+                ok = ok and (verdict[0] == expected[0] or verdict[1] == expected[1])
+            else:
+                ok = verdict is True
+        except RecursionError:  # a result nested too deeply
+            ok = False
+        passed.append(bool(ok))
+    return passed
 
 
 def _wait_and_kill(proc: subprocess.Popen, wall: float) -> tuple[bool, int]:
@@ -416,17 +521,18 @@ def _wait_and_kill(proc: subprocess.Popen, wall: float) -> tuple[bool, int]:
     return timed_out, returncode
 
 
-def _read_results(text: str, nonce: str, n: int) -> list[bool]:
-    """Per test, the first result line carrying the nonce; a test without one failed."""
-    passed: list[bool | None] = [None] * n
+def _read_results(text: str, nonce: str, n: int) -> list:
+    """Per test, the verdict of the first result line carrying the nonce (None: no line, the test failed; a
+    line whose verdict is null counts as a failure too)."""
+    verdicts: list = [None] * n
     for line in text.splitlines():
         try:
-            tag, index, ok = json.loads(line)
-        except (ValueError, TypeError):
+            tag, index, verdict = json.loads(line)
+        except (ValueError, TypeError, RecursionError):
             continue
-        if tag == nonce and isinstance(index, int) and 0 <= index < n and passed[index] is None:
-            passed[index] = ok is True
-    return [p is True for p in passed]
+        if tag == nonce and type(index) is int and 0 <= index < n and verdicts[index] is None:
+            verdicts[index] = verdict
+    return verdicts
 
 
 def default_workers() -> int:
