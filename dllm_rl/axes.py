@@ -45,7 +45,8 @@ def _mean(xs) -> float:
 
 def hybrid_axes(model, tokenizer, task, recipe: Recipe, samples: int = 8, order_policy=None, planner=None) -> dict:
     """The three axes (module docstring) as plain data: {"greedy": {kind: row}, "differences": [...],
-    "diversity": {kind: row}, "n": questions, "samples": k, "planner_accuracy": float | None}."""
+    "diversity": {kind: row}, "n": questions, "samples": k, "task": name}; the planner's own accuracy, when
+    there is a planner, is greedy["real"]["plan_accuracy"]."""
     from .models.ar import load_planner
 
     h = recipe.hybrid

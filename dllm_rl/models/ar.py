@@ -94,6 +94,8 @@ def load_causal_lm(cfg, seed: int = 0):
         model, tok = build_tiny_planner(cfg, seed=seed)
     else:
         directory, gguf = resolve_path(cfg.path)
+        if Path(directory).is_dir():  # absolute: a LoRA planner records it as its base, to reload from any cwd
+            directory = str(Path(directory).resolve())
         kwargs = {"gguf_file": gguf} if gguf else {}
         try:
             tok = AutoTokenizer.from_pretrained(directory, **kwargs)

@@ -9,9 +9,11 @@
 - `PlannerPhase`: the planner inside GRPO (trainers/grpo.py): it writes the plans of the hybrid rollout
   (rollout/hybrid.py) and, when hybrid.planner.train, adds its policy-gradient term: the plan's exact token
   log-probs (a teacher-forced forward of the planner, models.ar) with the same group advantage as the
-  executor's completion, so (plan, completion) is trained as one trajectory whose log-probability is the
-  sum of both. The planner has its own parameter group (learning rate, LoRA) and is never the executor's
-  reference. `NoPlanner` stands in when the recipe has no plan (plain rollouts, no extra term).
+  executor's completion, so (plan, completion) is trained as one trajectory. The two terms are added, each
+  normalised over its own tokens as grpo.loss_type normalises (per sequence or per batch of plan tokens), so
+  they are weighted as two losses rather than as the gradient of the summed log-probability. The planner has
+  its own parameter group (learning rate, LoRA) and is never the executor's reference. `NoPlanner` stands
+  in when the recipe has no plan (plain rollouts, no extra term).
 """
 
 from __future__ import annotations

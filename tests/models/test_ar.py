@@ -145,3 +145,26 @@ def test_a_missing_planner_path_names_the_planners_key():
         resolve_path("./no/such/planner")
     with pytest.raises(DllmRlError, match="no GGUF file"):
         resolve_path("./no/such/planner.gguf")
+
+
+def test_a_lora_planner_reloads_from_another_working_directory(tmp_path, monkeypatch):
+    """A LoRA planner saves its adapter only, naming its base in adapter_config.json: a base given as a relative
+    hybrid.planner.path is recorded absolute, so final/planner loads from any working directory."""
+    import dataclasses
+    import json
+
+    from dllm_rl.config import LoraConfig
+
+    base = tiny_planner()
+    base.save(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    cfg = dataclasses.replace(base.cfg, path="base", lora=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trained = load_planner(cfg, trainable=True)
+    trained.save(tmp_path / "adapted")
+    recorded = json.loads((tmp_path / "adapted" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((tmp_path / "base").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    reloaded = load_planner(dataclasses.replace(base.cfg, path=str(tmp_path / "adapted")))
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(reloaded.model(input_ids=ids).logits, trained.model(input_ids=ids).logits)
