@@ -76,17 +76,27 @@ def plans_from_texts(texts: list[str], kind: str) -> PlanBatch:
     return PlanBatch(empty, empty, empty, empty, torch.zeros(n, 0), list(texts), kind)
 
 
-def _other(ctx: PlanContext) -> tuple[list[dict], list]:
-    """Rows and prompts of another problem for each row."""
-    if all("other" in r for r in ctx.rows):
-        others = [r["other"] for r in ctx.rows]
-        return others, [o["prompt"] for o in others]
-    keys = list(dict.fromkeys(repr(p) for p in ctx.prompts))  # distinct prompts, in order
+def with_next_problems(rows: list[dict]) -> list[dict]:
+    """Each row with `other`: the row of the next distinct prompt of the list (cyclically; a prompt repeated
+    stands for its first row), the problem whose plan an other_problem plan is. GRPO attaches it over the
+    global batch before each process takes its share, so that processes plan as one process would."""
+    prompts = [repr(r["prompt"]) for r in rows]
+    keys = list(dict.fromkeys(prompts))  # distinct prompts, in order
     if len(keys) < 2:
         raise ConfigError("hybrid.plan=other_problem needs at least two distinct prompts in a batch")
-    first = {k: i for i, k in reversed(list(enumerate(repr(p) for p in ctx.prompts)))}
-    nxt = [first[keys[(keys.index(repr(p)) + 1) % len(keys)]] for p in ctx.prompts]
-    return [ctx.rows[j] for j in nxt], [ctx.prompts[j] for j in nxt]
+    first = {k: i for i, k in reversed(list(enumerate(prompts)))}
+    after = {k: rows[first[keys[(i + 1) % len(keys)]]] for i, k in enumerate(keys)}
+    return [{**r, "other": after[p]} for r, p in zip(rows, prompts)]
+
+
+def _other(ctx: PlanContext) -> tuple[list[dict], list]:
+    """Rows and prompts of another problem for each row: the rows' own `other`, else the next distinct prompt
+    of the batch (with_next_problems)."""
+    if all("other" in r for r in ctx.rows):
+        others = [r["other"] for r in ctx.rows]
+    else:
+        others = [r["other"] for r in with_next_problems([{**r, "prompt": p} for r, p in zip(ctx.rows, ctx.prompts)])]
+    return others, [o["prompt"] for o in others]
 
 
 def _content_free(ctx: PlanContext) -> PlanBatch:

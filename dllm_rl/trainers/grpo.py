@@ -37,6 +37,7 @@ from ..models.base import peft_of
 from ..policy import ORDERS, edit_head_for, order_head_for
 from ..rewards.plugins import RewardLog, build_rewards, check_reward_weights, compute_rewards, verifier_scores
 from ..rollout.engine import check_config, decoding
+from ..rollout.hybrid import with_next_problems
 from ..runtime import (
     EpochSampler,
     WholeState,
@@ -494,12 +495,21 @@ class GRPOTrainer:
 
     # -------------------------------------------------------------------------------------------- loop
 
+    def examples(self, step: int) -> list[dict]:
+        """This process's share of the step's training prompts. Under hybrid.plan=other_problem each carries its
+        other problem, chosen over the global batch (with_next_problems): a process's share alone would pair
+        its last prompt with its own first, not with the next process's, as one process would."""
+        B, rank, world = self.geometry.prompts_per_rollout, self.acc.process_index, self.acc.num_processes
+        if self.recipe.hybrid.plan != "other_problem" or world == 1:
+            return [self.task.train[i] for i in self.sampler.indices(step, B, rank, world)]
+        everyone = with_next_problems([self.task.train[i] for i in self.sampler.indices(step, B * world)])
+        return everyone[rank * B : (rank + 1) * B]
+
     def step(self, step: int) -> dict:
         self.steps_done = step + 1  # what an evaluation after this step tells the rewards (trainer_state)
         r, timer = self.recipe, PhaseTimer()
-        rank, world = self.acc.process_index, self.acc.num_processes
-        indices = self.sampler.indices(step, self.geometry.prompts_per_rollout, rank, world)
-        examples = [self.task.train[i] for i in indices]
+        rank = self.acc.process_index
+        examples = self.examples(step)
         g = step_generator(r.train.seed, step, "noise")  # the same on every rank: noise is drawn globally
         with timer("rollout"):
             batch, prompts = self.rollout(examples, step)  # RolloutBatch of B*G completions

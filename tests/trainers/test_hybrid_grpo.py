@@ -226,3 +226,25 @@ def test_dapo_normalises_the_planner_over_the_optimizer_step(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(one, start))  # it moved
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_other_problem_plans_pair_prompts_over_the_global_batch(tmp_path):
+    """Under hybrid.plan=other_problem each prompt's other problem is the next distinct prompt of the *global*
+    batch: on two processes the last prompt of rank 0 is paired with rank 1's first (not with its own first), and
+    the shares together carry exactly the pairing one process with the global batch makes."""
+    from types import SimpleNamespace
+
+    from dllm_rl.rollout.hybrid import with_next_problems
+
+    trainer = GRPOTrainer(recipe(tmp_path / "run", plan="other_problem"))
+    B = trainer.geometry.prompts_per_rollout
+    shares = []
+    for rank in range(2):
+        trainer.acc = SimpleNamespace(process_index=rank, num_processes=2)  # only what examples() reads
+        shares.append(trainer.examples(3))
+    everyone = [trainer.task.train[i] for i in trainer.sampler.indices(3, 2 * B)]
+    assert [ex["prompt"] for ex in shares[0] + shares[1]] == [ex["prompt"] for ex in everyone]
+    assert len({repr(ex["prompt"]) for ex in everyone}) == 2 * B  # distinct: the next prompt is the next row
+    assert shares[0][-1]["other"]["prompt"] == shares[1][0]["prompt"]
+    assert shares[1][-1]["other"]["prompt"] == shares[0][0]["prompt"]
+    assert [ex["other"] for ex in shares[0] + shares[1]] == [ex["other"] for ex in with_next_problems(everyone)]
