@@ -18,8 +18,9 @@ Algorithms: sft, grpo, dpo and consensus (SFT whose targets are voted by decodes
 
 Notation: P params (P_t trainable), N GPUs (processes), n completions per micro-batch
 (= train.batch_size * num_generations / gradient_accumulation_steps, whole groups; DPO: 2 rows per pair, chosen
-and rejected, = 2 * train.batch_size / gradient_accumulation_steps; SFT and consensus: train.batch_size /
-gradient_accumulation_steps sequences), L tokens per scored
+and rejected, = 2 * ceil(train.batch_size * k / gradient_accumulation_steps) for up to k pairs a prompt, k =
+dpo.pairs_per_prompt on-policy, else 1 (trainers.dpo._chunks splits the step's pairs into that many parts); SFT
+and consensus: train.batch_size / gradient_accumulation_steps sequences), L tokens per scored
 sequence (prompt + completion; prompt + 2 * completion for block-causal models, the two-stream layout),
 Lc completion length, V vocab, D hidden, Dq = heads * head_dim, Dkv = kv_heads * head_dim, F MLP width,
 H heads, l layers, a activation bytes (2 under bf16/fp16 weights, autocast or a DeepSpeed half engine, else
@@ -32,6 +33,16 @@ Static (held for the whole run):
                    a DeepSpeed half engine casts the module to bf16/fp16.
     LoRA P_t     = sum over targeted linears of r (fan_in + fan_out)
                    ("all-linear" = every linear but the output head, peft's rule)
+    frozen model = P_t = 0 (no gradients, optimizer states or step temporaries for the model; LoRA adapters
+                   still count in the weights) when the trainer calls model.requires_grad_(False): GRPO with
+                   a learned order head (rollout.order=policy) and order_policy.train_model=false, with
+                   rollout.edit != none and edit_policy.train_model=false, or with hybrid.train_executor=false
+                   (then the AR planner trains: not counted); DPO with an order head and
+                   order_policy.train_model=false
+    heads        = the order / edit head's parameters, built in fp32 (policy.OrderHead, EditHead; instantiated
+                   on the meta device from order_policy / edit_policy): weights + gradients + optimizer states
+                   at 4 B each, as plain torch steps them (+ DPO's frozen copy of the order head, its
+                   reference); their optimizer step's temporaries are not counted (one head-sized tensor)
     gradients    = P_t t; / N under ZeRO-2/3; 0 on the GPU with offload_optimizer
     optimizer    = P_t s t, s the states per trained parameter (runtime.make_optimizer: AdamW m, v: s = 2; SGD:
                    s = 1 with optim.momentum > 0 (its momentum buffer), else 0), in the parameter dtype (plain
@@ -39,8 +50,12 @@ Static (held for the whole run):
                    bf16/fp16 engine (Rajbhandari et al. arXiv 1910.02054), with ZeRO-1/2 in any dtype (its
                    optimizer clones the partition to fp32) and with ZeRO-3 on non-fp32 parameters; / N under
                    ZeRO-1/2/3; 0 on the GPU with offload_optimizer
-    reference    = 0 when grpo.beta = 0 or reference none; 0 for LoRA with the adapter disabled (the base is
-                   the reference); else a frozen copy of the base weights at w, placed like the policy
+    reference    = 0 when grpo.beta = 0 or reference none; 0 for GRPO whose order / edit head trains alone
+                   (order_policy / edit_policy.train_model=false: the KL is 0, trainers.grpo._reference) and
+                   for DPO's same_model (order head alone: the model is its own reference); 0 for LoRA with
+                   the adapter disabled (the base is the reference); else a frozen copy of the base weights
+                   at w, with LoRA also its adapters at t (trainers.common.reference_model deep-copies peft's
+                   base model, which holds the injected lora_A / lora_B), placed like the policy
                    (runtime.prepare_frozen): / N under ZeRO-3, 0 on the GPU with param offload. DPO always
                    has one (dpo.reference), whose estimates are computed without gradient before the update
                    (so their activations never coexist with the policy's). Consensus with
@@ -66,7 +81,12 @@ is one view's forward + backward whatever the view count):
     tail = n L (4 + a) D (final norm) + n Lc D a (head input); LoRA: n L 4 D (both frozen)
     without gradient checkpointing: n L (l per_layer + lora) + tail
     with model.gradient_checkpointing: n L (l a D + per_layer + lora / l) + tail (one layer recomputed)
+    frozen model (see above): autograd saves nothing of the model; one layer's forward transient
+                   n L a (3F + 2D + 2Dq + 2Dkv) (as decoding's) instead
     block-causal: + n L^2 a (the [n, 1, L, L] mask as an additive bias, built once per forward)
+    head input   = views n Lc D 4 with an order / edit head, frozen model or not: the head runs outside the
+                   views' checkpoints and its LayerNorm saves the fp32 copy of each view's hidden states
+                   until the backward (estimators.trajectory._policy_scores)
     logits       = n Lc V (a + 8): the model-dtype logits plus two fp32 [n, Lc, V] tensors alive at the
                    peak (forward: upcast copy and log-softmax; backward: saved log-softmax and its gradient;
                    estimators.base.token_logprobs). Fused (the default when the estimators take that path:
@@ -437,9 +457,14 @@ def activation_bytes(
     lora: LoraConfig,
     t: int,
     autocast: bool = False,
+    frozen: bool = False,
 ) -> float:
-    """Saved activations of one estimator view's forward (see the module docstring)."""
+    """Saved activations of one estimator view's forward (see the module docstring); frozen: the model trains
+    nothing (requires_grad_(False)), so it saves none and one layer's forward transient is counted instead."""
     D = s.hidden
+    mask = n * L * L * a if s.block_causal else 0  # the additive mask, built once per forward (models.layers)
+    if frozen:
+        return n * L * a * (3 * s.ffn + 2 * D + 2 * s.q_dim + 2 * s.kv_dim) + mask
     if targets:  # LoRA: frozen linears and norms save none of their inputs (no weight gradient to form)
         per_layer = 2 * 4 * D + a * (2 * s.q_dim + 2 * s.kv_dim) + 4 * s.heads + 3 * a * s.ffn
     else:
@@ -456,7 +481,6 @@ def activation_bytes(
         extra += (2 * D + s.ffn) * a * s.layers  # lora_A saves the layer inputs themselves: 2 norm outputs, product
     head_input = 0 if targets else n * Lc * D * a  # a frozen head saves no input
     tail = n * L * (4 + (0 if targets else a)) * D + head_input
-    mask = n * L * L * a if s.block_causal else 0  # the additive mask, built once per forward (models.layers)
     if checkpointing:
         return n * L * (s.layers * a * D + per_layer + extra / s.layers) + tail + mask
     return n * L * (s.layers * per_layer + extra) + tail + mask
@@ -481,9 +505,10 @@ def _base_bytes(s: ModelShape, recipe: Recipe, w: int) -> float:
     return s.params * w
 
 
-def _weights(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, trainable: int, lora: bool) -> float:
+def _weights(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, adapter: int) -> float:
+    """Adds the policy's weights (adapter: its LoRA parameters, 0 without LoRA); returns the base's bytes."""
     base = _base_bytes(s, recipe, p.weight)
-    full = base + (trainable * p.trainable if lora else 0)
+    full = base + adapter * p.trainable
     plan.full_weights = full
     shard = 0 if z.offload_param else (full / plan.gpus if z.stage == 3 else full)
     plan.add(
@@ -495,22 +520,32 @@ def _weights(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, z: Zero, t
     return base
 
 
-def _reference(plan: Plan, s: ModelShape, recipe: Recipe, lora: bool, base: float, z: Zero, trainable: int) -> None:
-    g = recipe.grpo
+def _reference(plan: Plan, s: ModelShape, recipe: Recipe, p: Precision, base: float, z: Zero, adapter: int) -> None:
+    """The reference model (see the module docstring); adapter: the policy's LoRA parameters (0 without LoRA)."""
+    g, r = recipe.grpo, recipe.rollout
     mode = recipe.dpo.reference if recipe.algorithm == "dpo" else g.reference  # DPO always has a reference
+    head_alone = (r.order == "policy" and not recipe.order_policy.train_model) or (
+        r.edit != "none" and not recipe.edit_policy.train_model
+    )  # trainers.grpo._reference: the model cannot move from its reference
     if recipe.algorithm == "consensus":
         if recipe.consensus.teacher == "current":
             plan.add("reference", "consensus teacher (the current model: no copy)", 0, "static")
         else:  # trainers.consensus: the starting model loaded again and moved with .to (never DeepSpeed's)
-            teacher = _base_bytes(s, recipe, DTYPE_BYTES[recipe.model.dtype]) + (trainable * 4 if lora else 0)
+            teacher = _base_bytes(s, recipe, DTYPE_BYTES[recipe.model.dtype]) + adapter * 4
             plan.add("reference", "consensus teacher (initial model, whole)", teacher, "static")
     elif recipe.algorithm == "sft" or (recipe.algorithm == "grpo" and (g.beta == 0 or g.reference == "none")):
         plan.add("reference", "reference model (none: beta = 0)", 0, "static")
-    elif lora and mode in ("auto", "adapter_disabled"):
+    elif recipe.algorithm == "grpo" and head_alone:
+        plan.add("reference", "reference model (none: only the head trains)", 0, "static")
+    elif recipe.algorithm == "dpo" and _order_head(recipe) and not recipe.order_policy.train_model:
+        plan.add("reference", "reference model (same_model: only the head trains)", 0, "static")
+    elif adapter and mode in ("auto", "adapter_disabled"):
         plan.add("reference", "reference model (adapter disabled: no copy)", 0, "static")
-    else:
-        shard = 0 if z.offload_param else (base / plan.gpus if z.stage == 3 else base)
-        plan.add("reference", "reference model (frozen copy of the base)", shard, "static")
+    else:  # trainers.common.reference_model: a deep copy of peft's base model, its LoRA layers included
+        copy = base + adapter * p.trainable
+        shard = 0 if z.offload_param else (copy / plan.gpus if z.stage == 3 else copy)
+        what = "base + LoRA adapters" if adapter else "base"
+        plan.add("reference", f"reference model (frozen copy of the {what})", shard, "static")
 
 
 def _optimizer(plan: Plan, recipe: Recipe, p: Precision, z: Zero, trainable: int) -> None:
@@ -543,20 +578,88 @@ def _optimizer(plan: Plan, recipe: Recipe, p: Precision, z: Zero, trainable: int
 
 
 def micro_batch(recipe: Recipe) -> int:
-    """Rows per forward/backward on one process (runtime.micro_batch_size; consensus trains as SFT does)."""
+    """Rows per forward/backward on one process (runtime.micro_batch_size; consensus trains as SFT does; DPO:
+    trainers.dpo._chunks splits the step's pairs, up to train.batch_size x dpo.pairs_per_prompt on-policy, into
+    train.gradient_accumulation_steps parts, the first the largest, of 2 rows a pair)."""
     if recipe.algorithm == "consensus":
         return len(micro_batch_rows(recipe.train.batch_size, 1, recipe.train.gradient_accumulation_steps)[0])
+    if recipe.algorithm == "dpo":
+        k = recipe.dpo.pairs_per_prompt if recipe.dpo.pairs == "on_policy" else 1
+        return 2 * -(-recipe.train.batch_size * k // recipe.train.gradient_accumulation_steps)
     return micro_batch_size(recipe)
 
 
-def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused) -> None:
+def _order_head(recipe: Recipe) -> bool:
+    """Whether the trainer builds a learned order head (policy.order_head_for: orders that read hidden states)."""
+    from .policy.orders import ORDERS
+
+    return recipe.algorithm in ("grpo", "dpo") and ORDERS[recipe.rollout.order].needs_hidden
+
+
+def _edit_head(recipe: Recipe) -> bool:
+    """Whether the trainer builds an edit head (GRPO with rollout.edit != none)."""
+    return recipe.algorithm == "grpo" and recipe.rollout.edit != "none"
+
+
+def model_frozen(recipe: Recipe) -> bool:
+    """Whether the trainer freezes the model (model.requires_grad_(False): trainers.grpo, trainers.dpo): an order
+    head that trains alone (order_policy.train_model=false), GRPO's edit head alike, or GRPO with
+    hybrid.train_executor=false (the planner trains)."""
+    if _order_head(recipe) and not recipe.order_policy.train_model:
+        return True
+    if recipe.algorithm != "grpo":
+        return False
+    return (_edit_head(recipe) and not recipe.edit_policy.train_model) or not recipe.hybrid.train_executor
+
+
+def head_params(recipe: Recipe, hidden: int) -> list[tuple[str, int]]:
+    """(name, parameter count) of the order / edit heads the trainer builds and trains, counted on meta-device
+    instances built from the recipe's order_policy / edit_policy sections (as a fresh head is)."""
+    import torch
+
+    heads = []
+    with torch.device("meta"):
+        if _order_head(recipe):
+            from .policy.order_head import OrderHead, OrderHeadConfig
+
+            o = recipe.order_policy
+            head = OrderHead(OrderHeadConfig(hidden_size=hidden, width=o.width, heads=o.heads, base=o.base))
+            heads.append(("order head", sum(p.numel() for p in head.parameters())))
+        if _edit_head(recipe):
+            from .policy.edit_head import EditHead, EditHeadConfig
+
+            e, r = recipe.edit_policy, recipe.rollout
+            cfg = EditHeadConfig(hidden, e.width, e.heads, r.edit_max_insert if r.edit == "any" else 0, e.init_bias)
+            heads.append(("edit head", sum(p.numel() for p in EditHead(cfg).parameters())))
+    return heads
+
+
+def _heads(plan: Plan, recipe: Recipe, heads: list[tuple[str, int]]) -> None:
+    states = optimizer_states(recipe.optim)
+    for name, count in heads:
+        copies = 1 if recipe.algorithm == "dpo" and name == "order head" else 0  # DPO's reference head
+        plan.add(
+            "heads",
+            f"{name} (fp32: weights, gradients, {states} state(s)" + (", reference copy)" if copies else ")"),
+            count * 4 * (2 + states + copies),
+            "static",
+        )
+
+
+def _update(plan: Plan, s, recipe, p, z, targets, lora_cfg, prompt_len, fused, frozen=False, heads=()) -> None:
     n, Lc = micro_batch(recipe), recipe.rollout.max_completion_length
     L = prompt_len + (2 * Lc if s.block_causal else Lc)
     gc = recipe.model.gradient_checkpointing
     args = (s, n, L, Lc, p.act)
-    act = activation_bytes(*args, gc, targets, lora_cfg, p.trainable, p.autocast)
-    other = activation_bytes(*args, not gc, targets, lora_cfg, p.trainable, p.autocast)
-    plan.add("activations", f"activations (one view; checkpointing {'on' if gc else 'off'})", act, "update")
+    act = activation_bytes(*args, gc, targets, lora_cfg, p.trainable, p.autocast, frozen)
+    other = activation_bytes(*args, not gc, targets, lora_cfg, p.trainable, p.autocast, frozen)
+    what = "frozen model: forward transient" if frozen else f"checkpointing {'on' if gc else 'off'}"
+    plan.add("activations", f"activations (one view; {what})", act, "update")
+    if heads:  # each view's hidden states, saved in fp32 by the head's LayerNorm until the backward
+        views = view_count(recipe)
+        plan.add(
+            "head_input", f"head input ({views} views x fp32 hidden states)", views * n * Lc * s.hidden * 4, "update"
+        )
     plan.add(
         "logits",
         "log-probs" + (" (fused linear cross-entropy)" if fused else ": logits + fp32 log-softmax"),
@@ -645,7 +748,8 @@ def _rollout(plan: Plan, s, recipe, p, z, prompt_len) -> None:
     )
 
 
-def _views(recipe: Recipe) -> str:
+def view_count(recipe: Recipe) -> int:
+    """Views (forwards) per estimate of the recipe's estimator."""
     from .estimators import build_estimator
 
     e, r = recipe.estimator, recipe.rollout
@@ -654,8 +758,14 @@ def _views(recipe: Recipe) -> str:
         takes_length = len(inspect.signature(views).parameters) >= 2
     except (TypeError, ValueError):
         takes_length = False
-    k = views(r.steps, r.max_completion_length) if takes_length else views(r.steps)
-    return f"{e.name}: {k} view(s) per estimate" + (", one alive at a time (per-view checkpointing)" if k > 1 else "")
+    return views(r.steps, r.max_completion_length) if takes_length else views(r.steps)
+
+
+def _views(recipe: Recipe) -> str:
+    k = view_count(recipe)
+    return f"{recipe.estimator.name}: {k} view(s) per estimate" + (
+        ", one alive at a time (per-view checkpointing)" if k > 1 else ""
+    )
 
 
 def estimators_fuse(recipe: Recipe, s: ModelShape, targets: list[Linear]) -> bool:
@@ -696,7 +806,10 @@ def plan_memory(
     lora = bool(targets)
     z = read_zero(recipe)
     p = precision(recipe, z, lora)
-    trainable = sum(lora_cfg.r * (t.fan_in + t.fan_out) for t in targets) if lora else s.params
+    adapter = sum(lora_cfg.r * (t.fan_in + t.fan_out) for t in targets) if lora else 0
+    frozen = model_frozen(recipe)
+    trainable = 0 if frozen else (adapter if lora else s.params)
+    heads = head_params(recipe, s.hidden)
     Lc = recipe.rollout.max_completion_length
     guessed = prompt_length is None
     if guessed:
@@ -712,21 +825,25 @@ def plan_memory(
         ("model", shape_text),
         (
             "training",
-            (f"LoRA r={lora_cfg.r} on {len(targets)} linears" if lora else "all weights")
+            ("model frozen (requires_grad_(False))" if frozen else "")
+            + (f"LoRA r={lora_cfg.r} on {len(targets)} linears" if lora and not frozen else "")
+            + ("all weights" if not lora and not frozen else "")
             + f": {trainable / 1e6:.1f} M trainable; dtype {recipe.model.dtype}"
-            + (", 4-bit NF4 linears" if recipe.model.load_in_4bit else ""),
+            + (", 4-bit NF4 linears" if recipe.model.load_in_4bit else "")
+            + "".join(f"; {name} {count / 1e6:.3f} M (fp32)" for name, count in heads),
         ),
         ("engine", f"{z.note}; {gpus} GPU(s)"),
         ("estimator", _views(recipe)),
     ]
     if recipe.model.load_in_4bit and not lora:
         plan.notes.append("model.load_in_4bit without LoRA: quantized weights cannot train; set model.lora.r")
-    base = _weights(plan, s, recipe, p, z, trainable, lora)
-    _reference(plan, s, recipe, lora, base, z, trainable)
+    base = _weights(plan, s, recipe, p, z, adapter)
+    _reference(plan, s, recipe, p, base, z, adapter)
     _optimizer(plan, recipe, p, z, trainable)
+    _heads(plan, recipe, heads)
     if fused_logprobs is None:
         fused_logprobs = estimators_fuse(recipe, s, targets)
-    _update(plan, s, recipe, p, z, targets, lora_cfg, prompt_length, fused_logprobs)
+    _update(plan, s, recipe, p, z, targets, lora_cfg, prompt_length, fused_logprobs, frozen, heads)
     _rollout(plan, s, recipe, p, z, prompt_length)
     if guessed:
         plan.notes.append(

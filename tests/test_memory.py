@@ -596,3 +596,183 @@ def test_dpo_decodes_as_many_rows_as_its_pairs_need():
     path = str(Path(__file__).resolve().parents[1] / "recipes/tiny/countdown-dpo.yaml")
     assert rollout_rows(load_recipe(path, []), 1) == 32 * 8
     assert rollout_rows(load_recipe(path, ["dpo.pairs=branch"]), 1) == 32
+
+
+# ----------------------------------------------------------------- frozen models, DPO micro-batches, LoRA copies
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _head_recipe(algorithm="grpo", **over):
+    data = {
+        "algorithm": algorithm,
+        "model": {"tiny": TINY},
+        "rollout": {"max_completion_length": 60, "steps": 30, "order": "policy", "order_temperature": 0.1},
+        "estimator": {"name": "trajectory"},
+        "train": {"batch_size": 2},
+        **({"grpo": {"num_generations": 8, "beta": 0.04}} if algorithm == "grpo" else {}),
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        data.setdefault(section, {})[name] = value
+    return recipe_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "over,head",
+    [
+        ({"order_policy__train_model": False}, "order"),
+        ({"rollout__order": "top_prob", "rollout__edit": "remask", "edit_policy__train_model": False}, "edit"),
+        ({"rollout__order": "top_prob", "hybrid__train_executor": False}, None),
+    ],
+    ids=["order_head", "edit_head", "hybrid_executor"],
+)
+def test_a_frozen_model_plans_no_model_gradients_states_or_saved_activations(over, head):
+    """GRPO freezes the model (requires_grad_(False)) when only a head (or the hybrid planner) trains: the plan
+    has the model's weights but no gradients, optimizer states or saved activations; the head's weights, gradients
+    and AdamW states are the real head's; the reference is what GRPOTrainer._reference builds (none when the
+    head trains alone: the KL is 0; a frozen copy for a frozen executor)."""
+    from dllm_rl.policy.edit_head import edit_head_for
+    from dllm_rl.policy.order_head import order_head_for
+    from dllm_rl.trainers.grpo import GRPOTrainer
+
+    recipe = _head_recipe(**over)
+    plan = plan_memory(recipe, gpus=1, prompt_length=40, fused_logprobs=False)
+    trained = plan_memory(_head_recipe(), gpus=1, prompt_length=40, fused_logprobs=False)
+    model, _ = load_model(recipe.model)
+    r = recipe
+    heads = [
+        order_head_for(r.rollout.order, model, None, r.order_policy, 0),
+        edit_head_for(r.rollout, model, None, r.edit_policy, 0),
+    ]
+    heads = [h for h in heads if h is not None]
+    assert len(heads) == (head is not None)
+    model.requires_grad_(False)  # as the trainer does
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert not trainable
+    assert plan.get("weights") == _nbytes(model.parameters())
+    assert plan.get("gradients") == plan.get("optimizer") == plan.get("step") == 0
+    params = [p for h in heads for p in h.parameters()]
+    if params:
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        states = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
+        assert plan.get("heads") == _nbytes(params) + _nbytes(p.grad for p in params) + _nbytes(states)
+    else:
+        assert plan.get("heads") == 0
+    ref, _ = GRPOTrainer._reference(SimpleNamespace(recipe=recipe), model)
+    assert plan.get("reference") == (0 if ref is None else _nbytes(ref.parameters()))
+    assert (ref is None) == (head is not None)
+    # the model saves nothing for backward: only one layer's forward transient is planned
+    n, L, s = micro_batch(recipe), 40 + 60, TINY
+    D, F = s["hidden_size"], s["intermediate_size"]
+    assert plan.get("activations") == n * L * 4 * (3 * F + 2 * D + 2 * D + 2 * D)
+    assert plan.get("activations") < trained.get("activations") / 5
+
+
+def test_a_frozen_model_saves_no_activations_for_backward(one_thread):
+    """What the frozen plan leans on: with requires_grad_(False) the model's forward saves no tensor for a
+    backward (only the head's input would be), while a trained one saves about what the plan says."""
+    recipe = _recipe()
+    model, tok = load_model(recipe.model)
+    model.train()
+    tr = traits(model, tok)
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    n, P, Lc = 4, 40, 60
+    batch = SimpleNamespace(
+        prompt_ids=torch.randint(4, V, (n, P), generator=g),
+        prompt_mask=torch.ones(n, P, dtype=torch.long),
+        completion_ids=torch.randint(4, V, (n, Lc), generator=g),
+        completion_mask=torch.ones(n, Lc, dtype=torch.long),
+    )
+    est = ESTIMATORS["one_step"](recipe_from_dict({}).estimator, tr)
+    noise = est.draw(batch, g)
+
+    def saved() -> int:
+        seen = {}
+
+        def pack(t):
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            est.estimate(model, batch, noise)
+        return sum(seen.values())
+
+    assert saved() > 0
+    model.requires_grad_(False)
+    assert saved() == 0
+
+
+@pytest.mark.parametrize("k,accumulation", [(1, 1), (2, 1), (3, 1), (3, 4), (2, 8)])
+def test_dpo_micro_batch_counts_pairs_per_prompt(k, accumulation):
+    """On-policy DPO mines up to train.batch_size x dpo.pairs_per_prompt pairs a step and trainers.dpo._chunks
+    splits them into train.gradient_accumulation_steps parts of 2 rows a pair: the plan's micro-batch is the
+    largest part the trainer forms."""
+    from dllm_rl.memory import micro_batch as planned_rows
+    from dllm_rl.trainers.dpo import DPOTrainer
+
+    recipe = load_recipe(
+        ROOT / "recipes/tiny/sudoku-dpo.yaml",
+        [
+            "dpo.pairs=on_policy",
+            "dpo.num_generations=8",
+            f"dpo.pairs_per_prompt={k}",
+            f"train.gradient_accumulation_steps={accumulation}",
+        ],
+    )
+    B = recipe.train.batch_size
+    pairs = B * k  # every prompt yields its k pairs (the most the step can hold)
+    trainer = SimpleNamespace(recipe=recipe)
+    real = max(len(DPOTrainer._rows(chunk, pairs)) for chunk in DPOTrainer._chunks(trainer, pairs))
+    assert planned_rows(recipe) == real == 2 * -(-B * k // accumulation)
+    plan = plan_memory(recipe, gpus=1, prompt_length=64)
+    assert f"micro-batch {real} completions" in dict(plan.info)["update"]
+    # branch pairs: at most one a prompt
+    branch = load_recipe(ROOT / "recipes/tiny/sudoku-dpo.yaml", ["dpo.pairs=branch"])
+    chunks = DPOTrainer._chunks(SimpleNamespace(recipe=branch), branch.train.batch_size)
+    assert planned_rows(branch) == 2 * max(len(c) for c in chunks)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_lora_frozen_copy_reference_holds_the_adapters(algorithm, dtype):
+    """reference=frozen_copy on a LoRA policy deep-copies peft's base model, whose linears still hold the injected
+    fp32 lora_A / lora_B: the plan's reference is the copy's bytes, counted on the copy the trainer builds."""
+    from dllm_rl.trainers.common import reference_model
+
+    key = f"{algorithm}.reference"
+    data = {
+        "algorithm": algorithm,
+        "model": {"tiny": TINY, "dtype": dtype, "lora": {"r": 8}},
+        "rollout": {"max_completion_length": 60},
+        "train": {"batch_size": 2},
+        algorithm: {"reference": "frozen_copy", **({"beta": 0.04} if algorithm == "grpo" else {})},
+    }
+    if algorithm == "dpo":
+        data["dpo"].update({"pairs": "on_policy", "num_generations": 4})
+        data["estimator"] = {"name": "trajectory"}
+    recipe = recipe_from_dict(data)
+    plan = plan_memory(recipe, gpus=1, prompt_length=40)
+    model, _ = load_model(recipe.model)
+    ref, mode = reference_model(recipe, model, "frozen_copy", key)
+    assert mode == "frozen_copy"
+    assert any("lora_" in name for name, _ in ref.named_parameters())
+    assert plan.get("reference") == _nbytes(ref.parameters()) == plan.get("weights")
+
+
+def test_dpo_with_a_frozen_model_is_its_own_reference():
+    """DPO with an order head that trains alone (order_policy.train_model=false) freezes the model and scores the
+    reference with the same model (ref_mode same_model): no copy, no model gradients; the head and its reference
+    copy (trainers.dpo: ref_order_policy) are planned."""
+    over = {"dpo__pairs": "on_policy", "dpo__num_generations": 4}
+    frozen = plan_memory(_head_recipe("dpo", order_policy__train_model=False, **over), gpus=1, prompt_length=40)
+    trained = plan_memory(_head_recipe("dpo", **over), gpus=1, prompt_length=40)
+    assert frozen.get("reference") == frozen.get("gradients") == frozen.get("optimizer") == 0
+    assert trained.get("reference") == trained.get("weights") > 0 and trained.get("gradients") > 0
+    assert frozen.get("heads") == trained.get("heads") > 0
