@@ -860,6 +860,18 @@ def _grpo_rules(r: Recipe):
             "any-process likelihood is per step and a batch's step count varies, so no constant exists: use "
             "grpo.loss_type=dapo or grpo"
         )
+    if g.top_entropy_quantile < 1 and r.rollout.edit != "none":
+        yield (
+            f"grpo.top_entropy_quantile: {g.top_entropy_quantile} masks per-token losses by each position's entropy; "
+            "with rollout.edit the any-process loss is per decoding step, not per position: set it to 1 or "
+            "rollout.edit=none"
+        )
+    if r.rollout.edit != "none" and r.rollout.edit_temperature == 0:
+        yield (
+            "rollout.edit_temperature: 0 takes the edit head's argmax, whose log-prob has no gradient, so GRPO "
+            "would never train the edit head; sample the edits (e.g. rollout.edit_temperature=1.0) and evaluate "
+            "the argmax with eval.edit_temperature=0"
+        )
     if h.planner.train and h.plan != "real":
         yield (
             f"hybrid.planner.train: true trains the planner on its own sampled plans; set hybrid.plan=real "

@@ -259,6 +259,8 @@ def test_empty_binary_and_non_mapping_files(tmp_path, content, words):
         (["model.load_in_4bit=true"], "model.load_in_4bit: 4-bit weights cannot be trained"),  # no LoRA
         (["estimator.name=quadrature", "estimator.t_min=0.1"], "integrates the masking ratio over"),
         (["rollout.edit=remask", "grpo.loss_type=dr_grpo"], "grpo.loss_type=dr_grpo divides by a constant"),
+        (["rollout.edit=remask", "grpo.top_entropy_quantile=0.2"], "grpo.top_entropy_quantile: 0.2 masks per-tok"),
+        (["rollout.edit=remask", "rollout.edit_temperature=0"], "rollout.edit_temperature: 0 takes the edit head"),
         (["sft.t_min=0.01"], "sft.t_min"),  # GRPO never reads it
         (["optim.momentum=0.9"], "optim.momentum"),  # adamw never reads it
         (["optim.name=sgd", "optim.betas=[0.8, 0.9]"], "optim.betas"),
