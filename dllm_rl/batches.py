@@ -132,16 +132,19 @@ class Trace:
             events=torch.cat(events),
             event_logprob=torch.cat([t.event_logprob for t in parts]),
             **{
-                k: torch.cat(
-                    [
-                        torch.nn.functional.pad(getattr(t, k), (0, S + (k == "lengths") - getattr(t, k).shape[1]))
-                        for t in parts
-                    ]
-                )
+                k: torch.cat([_pad_steps(getattr(t, k), S + (k == "lengths"), k == "lengths") for t in parts])
                 for k in Trace.EDIT_FIELDS
                 if getattr(parts[0], k) is not None
             },
         )
+
+
+def _pad_steps(x: torch.Tensor, width: int, hold: bool) -> torch.Tensor:
+    """x [N, s] padded on the right to `width` step columns: with zeros, or (hold) with each row's last value, as
+    the completion length stays after a row's last step."""
+    if not hold:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    return torch.cat([x, x[:, -1:].expand(-1, width - x.shape[1])], 1)
 
 
 def edit_canvas(canvas: torch.Tensor, events: torch.Tensor, mask_token_id: int) -> torch.Tensor:

@@ -18,7 +18,11 @@ Exact (tests/estimators/test_anyprocess_likelihood.py enumerates a tiny case) wh
 not depend on tokens drawn at positions that were not committed: commit=top_k with an order of the state
 (top_prob, margin, entropy, left_to_right, random, policy), as for the fill-only trajectory estimator. For
 rollout.order=random, whose keys are uniform noise, each step's order term is the uniform draw order's constant,
-with or without order_temperature.
+with or without order_temperature. Views are full forwards of each pre-step canvas: a rollout decoded with an
+approximate KV cache (rollout.cache=prefix or dual, Fast-dLLM's) drew from slightly different logits, and its
+recorded log-probs differ from these by that approximation (rollout.cache=none decodes exactly what is
+scored). In GRPO the reference model's edit terms are scored with the current edit head (there is no reference
+head), so the KL term does not hold the edit head near its start.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ forwards the model once on each draft, and minimises
       edit_policy.train_model; the masked-diffusion loss on the drafts' canvases, of the completion's own
       length or not: a mask that stands for a target token is trained wherever it sits), plus
     - the negative log-likelihood of the labelled operations and insert counts under the head, each decision
-      scored by policy.edits over its legal set given the labelled decisions before it (the very
-      distribution the rollout draws from, so SFT and GRPO train one policy),
+      scored by policy.edits over its legal set given the labelled decisions before it (the distribution
+      the rollout draws from, so SFT and GRPO train one policy, except that SFT lifts the per-step edit budget,
+      rollout.edit_max_per_step: the labels fix a draft in one step where the head can),
 each averaged over its positions (AP-MDM weights its terms 1:1). With edit_policy.train_model the head reads
 the model's hidden states with gradient (AP-MDM's joint training); without, the model is frozen. As in SFT
 (trainers/sft.py), a data.dataset needs a completion column, a training row whose prompt plus the canvas

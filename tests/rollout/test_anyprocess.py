@@ -217,3 +217,23 @@ def test_errors_name_the_fix(model_factory, tokenizer):
         run(m, tokenizer, replace(cfg, edit_initial_length=9), edit_policy=head(m))
     with pytest.raises(ConfigError, match="rollout.edit_max_insert"):
         run(m, tokenizer, replace(cfg, edit_max_insert=3), edit_policy=head(m, K=2))
+
+
+def test_concatenated_traces_hold_each_rows_final_length(model_factory, tokenizer):
+    """Rollouts of different step counts concatenate (RolloutBatch.concat) with the shorter's step columns padded:
+    a row's completion length stays what its last step left, as within one rollout (finish_edits), not 0."""
+    from dllm_rl.batches import RolloutBatch
+
+    m = model_factory()
+    h = head(m, keep_bias=0.5, std=1.0)
+    cfg = RolloutConfig(max_completion_length=12, steps=6, temperature=1.0, order="top_prob", **EDITING)
+    short = run(m, tokenizer, cfg, prompts=[PROMPTS[3]], seed=5, edit_policy=h)
+    long = run(m, tokenizer, replace(cfg, steps=12), prompts=[PROMPTS[0], PROMPTS[1]], seed=5, edit_policy=h)
+    S_short, S_long = short.trace.lengths.shape[1], long.trace.lengths.shape[1]
+    assert S_short < S_long
+    both = RolloutBatch.concat([short, long]).trace
+    assert both.lengths.shape == (3, S_long)
+    assert torch.equal(both.lengths[0, :S_short], short.trace.lengths[0])
+    assert (both.lengths[0, S_short:] == short.trace.lengths[0, -1]).all()
+    assert torch.equal(both.lengths[1:], long.trace.lengths)
+    assert both.lengths.min() >= 1
