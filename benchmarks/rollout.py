@@ -166,6 +166,8 @@ def main():
     names = ["reference (LLaDA generate)"] + [n for n in MODES if args.device == "cuda" or n not in CUDA_ONLY]
     if args.modes != "all":
         names = [n for n in names if any(m in n for m in args.modes.split(","))]
+        if not names or names[0] != "reference (LLaDA generate)":  # the speedups are ratios against it
+            p.error(f"--modes {args.modes!r} must include 'reference' (the baseline every speedup is measured against)")
     rows = []
     for name in names:  # a fresh process per mode: peak memory is the mode's own
         cmd = [sys.executable, __file__, *sys.argv[1:], "--one", name]

@@ -107,3 +107,11 @@ def test_heldout_sets_scores_each_set_and_the_paired_gain():
     assert a_all == pytest.approx((a1 + a2) / 2, abs=1e-3) and b_all == pytest.approx((b1 + b2) / 2, abs=1e-3)
     gain, se = rows[1][4].rstrip(")").split(" (")
     assert float(gain) == pytest.approx(100 * (b_all - a_all), abs=0.11) and float(se) >= 0
+
+
+def test_rollout_modes_without_the_reference_are_refused():
+    """Every speedup in benchmarks/rollout.py is a ratio against the reference sampler measured in the same run:
+    a --modes list that leaves it out is refused before anything runs (it was silently the first mode)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "rollout.py"), "--modes", "exact block"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "must include 'reference'" in proc.stderr
