@@ -43,8 +43,9 @@ def micro_batch_rows(n: int, group: int, accumulation: int) -> list[torch.Tensor
 
 def micro_batch_size(recipe: Recipe) -> int:
     """Rows per forward/backward on one process: train.batch_size / gradient_accumulation_steps sequences for
-    SFT, times grpo.num_generations completions (whole groups) for GRPO, times 2 (chosen and rejected) for DPO."""
-    group = {"sft": 1, "grpo": recipe.grpo.num_generations, "dpo": 2}[recipe.algorithm]
+    SFT (and consensus, which trains as SFT does), times grpo.num_generations completions (whole groups) for GRPO,
+    times 2 (chosen and rejected) for DPO."""
+    group = {"grpo": recipe.grpo.num_generations, "dpo": 2}.get(recipe.algorithm, 1)
     return len(micro_batch_rows(recipe.train.batch_size * group, group, recipe.train.gradient_accumulation_steps)[0])
 
 

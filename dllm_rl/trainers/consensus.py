@@ -64,6 +64,18 @@ def mid_round_problem(recipe: Recipe, step: int) -> str | None:
 RESUME_CHECKS["consensus"] = mid_round_problem
 
 
+class RoundSampler:
+    """A round's sampler over its own targets, indexed by the step within the round: the SFT step asks with the
+    global step, which would start each round part-way through a shuffled pass (some targets never drawn, others
+    twice)."""
+
+    def __init__(self, sampler: EpochSampler, first_step: int):
+        self.sampler, self.first_step = sampler, first_step
+
+    def indices(self, step: int, batch: int, rank: int = 0, world: int = 1) -> list[int]:
+        return self.sampler.indices(step - self.first_step, batch, rank, world)
+
+
 class ConsensusTrainer(SFTTrainer):
     """`ConsensusTrainer(recipe).train()`: SFT whose pairs are rebuilt each round from the teacher's votes.
 
@@ -174,7 +186,8 @@ class ConsensusTrainer(SFTTrainer):
             self.round = r
             self.pairs = self._tokenized(pairs)
             shuffle = self.recipe.train.shuffle_dataset
-            self.sampler = EpochSampler(max(len(self.pairs), 1), self.recipe.train.seed + r, shuffle=shuffle)
+            sampler = EpochSampler(max(len(self.pairs), 1), self.recipe.train.seed + r, shuffle=shuffle)
+            self.sampler = RoundSampler(sampler, r * self.recipe.consensus.steps_per_round)
         if not self.pairs:  # no prompt passed the vote this round: nothing to distil (no update), the schedule goes on
             advance_schedule(self.scheduler)
             lr = self.scheduler.get_last_lr()[0]

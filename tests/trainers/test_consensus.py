@@ -114,6 +114,18 @@ def test_consensus_samples_in_order_without_shuffle_dataset(tmp_path):
     assert trainer.sampler.indices(0, 4) == [0, 1, 2, 3] and trainer.sampler.indices(1, 4) == [4, 5, 0, 1]
 
 
+def test_each_round_draws_its_targets_from_the_start_of_a_pass(tmp_path):
+    """A later round's targets are drawn from the start of a shuffled pass over them, indexed by the step within
+    the round: 8 draws over 6 targets see every target, the first 6 draws each once. (Indexed by the global
+    step, round 1 began part-way through a pass: a target was never drawn while others were drawn twice.)"""
+    trainer = ConsensusTrainer(recipe(tmp_path))  # 2 steps a round of 4 rows: 8 draws a round
+    trainer.targets = lambda r: ([("a prompt", str(i)) for i in range(6)], {})  # six targets, no decoding
+    for r in (1, 2, 3):
+        trainer.training_step(2 * r)
+        drawn = trainer.sampler.indices(2 * r, 4) + trainer.sampler.indices(2 * r + 1, 4)
+        assert sorted(drawn[:6]) == list(range(6)), (r, drawn)
+
+
 def without_timing(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k != "steps_per_s"} for row in rows]
@@ -186,3 +198,12 @@ def test_greedy_targets_under_a_random_order_are_seeded_by_the_round(tmp_path):
     torch.manual_seed(2)
     again, _ = trainer.targets(0)
     assert first == again and first != trainer.targets(1)[0]
+
+
+def test_consensus_under_deepspeed_has_sfts_micro_batch():
+    """make_accelerator asks micro_batch_size for DeepSpeed's batch settings: consensus trains sequences as SFT
+    does (it raised KeyError: 'consensus', so consensus could not start under train.deepspeed)."""
+    from dllm_rl.runtime import micro_batch_size
+
+    r = recipe("unused", train={"batch_size": 8, "gradient_accumulation_steps": 2})
+    assert micro_batch_size(r) == 4
