@@ -41,6 +41,7 @@ from ..kernels.sampling import without_mask_token
 from ..models.base import unwrap
 from ..rundir import resolve_model_dir
 from .edits import NUM_OPS
+from .order_head import refuse_other_shape
 
 FILE = "edit_policy.pt"  # beside the model files in a checkpoint / final directory
 NUM_FEATURES = 5  # mask, committed, p(current token), top-1 probability, entropy
@@ -130,7 +131,10 @@ def edit_head_for(rollout, model, model_path: str | None, cfg=None, seed: int = 
     if model_path and Path(model_path).is_dir():
         model_path = resolve_model_dir(model_path)
     if cfg is None or (model_path and (Path(model_path) / FILE).is_file()):
-        return EditHead.load(model_path or ".").to(device).train()
+        head = EditHead.load(model_path or ".").to(device).train()
+        if cfg is not None:
+            refuse_other_shape(cfg, head.cfg, ("width", "heads", "init_bias"), Path(model_path) / FILE, "edit_policy")
+        return head
     head_cfg = EditHeadConfig(
         hidden_size=base.config.hidden_size,
         width=cfg.width,

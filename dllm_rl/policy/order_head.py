@@ -103,6 +103,20 @@ class OrderHead(nn.Module):
         return f"OrderHead({json.dumps(asdict(self.cfg))})"
 
 
+def refuse_other_shape(cfg, saved, keys: tuple[str, ...], path: Path, section: str) -> None:
+    """A saved head is continued as it is: refuse a recipe that sets one of its shape keys (`section`.key, set to
+    other than its default) to another value than the head at `path` has, which would be silently ignored."""
+    default = type(cfg)()
+    other = [k for k in keys if getattr(cfg, k) != getattr(default, k) and getattr(cfg, k) != getattr(saved, k)]
+    if other:
+        asked = ", ".join(f"{section}.{k}={getattr(cfg, k)!r}" for k in other)
+        has = ", ".join(f"{k}={getattr(saved, k)!r}" for k in other)
+        raise ConfigError(
+            f"{asked}: model.path holds a trained head ({path}: {has}), which is continued as it is; drop "
+            f"{'those keys' if len(other) > 1 else 'the key'}, or start from a model directory without {path.name}"
+        )
+
+
 def order_head_for(order: str, model, model_path: str | None, cfg=None, seed: int = 0) -> OrderHead | None:
     """The learned order head a rollout with rule `order` needs (None for rules without one): the head saved
     beside the model at `model_path` when there is one (evaluation; continuing a run's final/), else, when
@@ -115,7 +129,10 @@ def order_head_for(order: str, model, model_path: str | None, cfg=None, seed: in
     if model_path and Path(model_path).is_dir():
         model_path = resolve_model_dir(model_path)
     if cfg is None or (model_path and (Path(model_path) / FILE).is_file()):
-        return OrderHead.load(model_path).to(device)
+        head = OrderHead.load(model_path).to(device)
+        if cfg is not None:
+            refuse_other_shape(cfg, head.cfg, ("width", "heads", "base"), Path(model_path) / FILE, "order_policy")
+        return head
     head_cfg = OrderHeadConfig(hidden_size=base.config.hidden_size, width=cfg.width, heads=cfg.heads, base=cfg.base)
     with torch.random.fork_rng(devices=[]):  # the same initial head for the same seed
         torch.manual_seed(seed)
