@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import types
 import typing
@@ -77,6 +78,12 @@ SFT_LIKE = ("sft", "planner_sft", "consensus")  # trainers of supervised targets
 NOT_SFT = Check(ignored_by=SFT_LIKE)  # a section the SFT-like trainers do not read
 NOT_SFT_DPO = Check(ignored_by=SFT_LIKE + ("dpo",))  # ... nor the DPO trainer
 NOT_DPO_READERS = Check(ignored_by=SFT_LIKE + ("grpo",))  # read by the DPO trainer only
+NOT_RL = ("grpo", "dpo")  # the RL trainers: no supervised targets
+GRPO_ONLY = Check(ignored_by=("sft", "dpo", "consensus", "planner_sft"), why="read by GRPO only")
+# planner_sft trains hybrid.planner with TRL's SFTTrainer: the executor's sections are not read
+SFT_ONLY = Check(ignored_by=("grpo", "dpo", "consensus"), why="read by algorithm sft only")
+PLANNER_GREEDY = Check(ignored_by=("planner_sft",), why="planner_sft scores the planner's greedy plans")
+PLANNER_SFT = Check(ignored_by=("planner_sft",), why="planner_sft trains hybrid.planner with TRL's SFTTrainer")
 
 # ----------------------------------------------------------------------------------------------- sections
 
@@ -145,8 +152,16 @@ class RolloutConfig:
     max_completion_length: Count = 32  # the canvas length (LLaDA's gen_length)
     steps: Count = 32  # denoising steps over the whole canvas (split evenly over blocks)
     block_length: Optional[Count] = None  # semi-autoregressive block length; empty = one block
-    # 0 = greedy. SFT does not read it: it evaluates at eval.temperature
-    temperature: Annotated[float, Check(ge=0, ignored_by=("sft",), why="SFT decodes at eval.temperature")] = 0.0
+    # 0 = greedy. SFT does not read it: it evaluates at eval.temperature; consensus samples at consensus.temperature
+    temperature: Annotated[
+        float,
+        Check(ge=0),
+        Check(ignored_by=("sft",), why="SFT decodes at eval.temperature"),
+        Check(
+            ignored_by=("consensus",),
+            why="consensus votes at consensus.temperature (greedy targets at 0) and evaluates at eval.temperature",
+        ),
+    ] = 0.0
     top_k: Annotated[int, Check(ge=0, why="0 = no top-k cut")] = 0
     top_p: Annotated[float, Check(gt=0, le=1, why="1 = no nucleus cut")] = 1.0
     min_p: Unit = 0.0  # TRL's min_p (0 = off): keep tokens with p >= min_p * p_max (after temperature)
@@ -187,17 +202,18 @@ class RolloutConfig:
 
 @dataclass
 class SFTConfig:
-    t_min: Annotated[float, Check(ge=0, lt=1, ignored_by=("grpo",))] = (
-        1e-3  # masking ratio t ~ U(t_min, 1]; prompt clean
-    )
+    # masking ratio t ~ U(t_min, 1]; prompt clean. Read by masked-diffusion SFT and consensus (its SFT step)
+    t_min: Annotated[float, Check(ge=0, lt=1), Check(ignored_by=NOT_RL, why="read by SFT and consensus only")] = 1e-3
     # mdm: masked-diffusion SFT; edit: the edit head of rollout.edit (and the model) on corrupted drafts
-    # (trainers/edit_sft.py; tasks/edit_drafts.py), each rate below the most a draft gets (0 in half of them)
-    objective: Literal["mdm", "edit"] = "mdm"
-    edit_substitute: Unit = 0.2  # shown tokens replaced by wrong ones (to remask)
-    edit_missing: Unit = 0.3  # hidden target tokens without a mask (to insert)
-    edit_spurious: Unit = 0.3  # extra masks and wrong tokens (to delete)
-    edit_wrong_length: Unit = 0.3  # share of drafts that are all masks of a random length (rollout.edit=any)
-    edit_vocab: Optional[str] = None  # the text wrong tokens are drawn from; empty = the targets' tokens
+    # (trainers/edit_sft.py; tasks/edit_drafts.py), each rate below the most a draft gets (0 in half of them).
+    # Read by algorithm sft only (consensus trains masked-diffusion SFT whatever it says)
+    objective: Annotated[Literal["mdm", "edit"], SFT_ONLY] = "mdm"
+    edit_substitute: Annotated[Unit, SFT_ONLY] = 0.2  # shown tokens replaced by wrong ones (to remask)
+    edit_missing: Annotated[Unit, SFT_ONLY] = 0.3  # hidden target tokens without a mask (to insert)
+    edit_spurious: Annotated[Unit, SFT_ONLY] = 0.3  # extra masks and wrong tokens (to delete)
+    # share of drafts that are all masks of a random length (rollout.edit=any)
+    edit_wrong_length: Annotated[Unit, SFT_ONLY] = 0.3
+    edit_vocab: Annotated[Optional[str], SFT_ONLY] = None  # the text wrong tokens are drawn from; empty = the targets'
 
 
 @dataclass
@@ -322,13 +338,15 @@ class PlannerConfig:
     backend: Literal["transformers", "vllm"] = "transformers"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     system_prompt: Optional[str] = None  # prepended to the task's prompt for the planner
-    temperature: NonNegative = 1.0  # the planner's own sampling settings (0 = greedy)
-    top_k: Annotated[int, Check(ge=0, why="0 = off")] = 0
-    top_p: Annotated[float, Check(gt=0, le=1)] = 1.0
+    # the planner's own sampling settings (0 = greedy); planner_sft scores greedy plans and samples none
+    temperature: Annotated[NonNegative, PLANNER_GREEDY] = 1.0
+    top_k: Annotated[int, Check(ge=0, why="0 = off"), PLANNER_GREEDY] = 0
+    top_p: Annotated[float, Check(gt=0, le=1), PLANNER_GREEDY] = 1.0
     max_new_tokens: Count = 32  # the plan's token budget
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of a fresh tiny planner (planner_sft)
-    train: bool = False  # GRPO: the planner's log-probs join the objective with the same group advantage
-    lr: LearningRate = 1e-4  # its own learning rate (same scheduler as the executor)
+    train: Annotated[bool, GRPO_ONLY] = False  # GRPO: the planner's log-probs join the objective with the same group
+    # advantage. Its own learning rate in GRPO (same scheduler as the executor); planner_sft trains at optim.lr
+    lr: Annotated[LearningRate, GRPO_ONLY] = 1e-4
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: train adapters only
 
 
@@ -336,12 +354,20 @@ class PlannerConfig:
 class HybridConfig:
     """AR planner -> diffusion executor (rollout.hybrid): a plan placed in the executor's prompt."""
 
-    plan: str = "none"  # none | content_free | real | oracle | other_problem | corrupted (rollout.hybrid.PLAN_KINDS)
-    template: str = "Plan: {plan}\n{question}"  # the executor's user turn with a plan; {plan} and {question}
-    content_free: Optional[str] = None  # the content-free plan; empty = the task's (tasks.plans)
+    # none | content_free | real | oracle | other_problem | corrupted (rollout.hybrid.PLAN_KINDS)
+    plan: Annotated[str, PLANNER_SFT] = "none"
+    # the executor's user turn with a plan; {plan} and {question}
+    template: Annotated[str, PLANNER_SFT] = "Plan: {plan}\n{question}"
+    content_free: Annotated[Optional[str], PLANNER_SFT] = (
+        None  # the content-free plan; empty = the task's (tasks.plans)
+    )
     planner: PlannerConfig = field(default_factory=PlannerConfig)
-    train_executor: bool = True  # false: GRPO trains the planner only (the executor's weights stay as loaded)
-    sft_plans: list[str] = field(default_factory=list)  # SFT: render training prompts with these kinds in turn
+    # false: GRPO trains the planner only (the executor's weights stay as loaded)
+    train_executor: Annotated[bool, GRPO_ONLY] = True
+    # SFT: render training prompts with these kinds in turn
+    sft_plans: Annotated[
+        list[str], Check(ignored_by=("grpo", "dpo", "consensus", "planner_sft"), why="read by SFT only")
+    ] = field(default_factory=list)
 
 
 @dataclass
@@ -379,14 +405,17 @@ class RewardSpec:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"  # sgd: steps proportional to the gradient (runtime.make_optimizer)
+    # sgd: steps proportional to the gradient (runtime.make_optimizer); planner_sft trains with TRL's AdamW
+    name: Annotated[
+        Literal["adamw", "sgd"], Check(ignored_by=("planner_sft",), why="TRL's SFTTrainer trains with AdamW")
+    ] = "adamw"
     lr: Annotated[float, Check(ge=0, le=1, why="a learning rate; 0 freezes the model's weights")] = 1e-4
     weight_decay: NonNegative = 0.0
     betas: Annotated[list[Annotated[float, Check(ge=0, lt=1)]], Check(length=2)] = field(
         default_factory=lambda: [0.9, 0.999]
     )  # adamw only
     eps: Positive = 1e-8  # adamw only
-    momentum: Annotated[float, Check(ge=0, lt=1)] = 0.0  # sgd only
+    momentum: Annotated[float, Check(ge=0, lt=1), Check(ignored_by=("planner_sft",), why="sgd only")] = 0.0  # sgd
     max_grad_norm: Annotated[float, Check(ge=0, why="0 = no clipping")] = 1.0
     lr_scheduler: str = "constant_with_warmup"  # a transformers.get_scheduler name (validate.SCHEDULERS)
     warmup_steps: Annotated[int, Check(ge=0)] = 0
@@ -400,21 +429,23 @@ class TrainConfig:
     gradient_accumulation_steps: Count = 1  # split each step's batch into this many micro-batches (memory)
     output_dir: str = "outputs/run"
     save_steps: Cadence = 50  # a checkpoint every N steps (and at the last)
-    eval_steps: Cadence = 50
+    eval_steps: Annotated[Cadence, Check(ignored_by=("planner_sft",), why="it scores its plans once, at the end")] = 50
     logging_steps: Count = 10
     # true: continue the newest checkpoint in output_dir when its recipe matches this one (trainers.common);
     # "force": continue it whatever differs; false: refuse a directory that already holds a run
     resume: Union[bool, Literal["force"]] = True
     save_total_limit: Annotated[int, Check(ge=0, why="0 = keep all")] = 2  # checkpoints kept (oldest deleted)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb (+ completions table)
-    log_completions: bool = False  # TRL's: print a sample of the completions table and save it as parquet
-    num_completions_to_print: Optional[Count] = None  # rows of that sample; empty = all
-    shuffle_dataset: bool = True  # TRL's: a seeded permutation of the training rows per epoch; false = in order
+    # TRL's: print a sample of the completions table and save it as parquet
+    log_completions: Annotated[bool, PLANNER_SFT] = False
+    num_completions_to_print: Annotated[Optional[Count], PLANNER_SFT] = None  # rows of that sample; empty = all
+    # TRL's: a seeded permutation of the training rows per epoch; false = in order
+    shuffle_dataset: Annotated[bool, PLANNER_SFT] = True
     # TRL's spelling of the batch: completions per process per micro-batch (forward/backward). When set,
     # batch_size = per_device_train_batch_size * gradient_accumulation_steps / grpo.num_generations prompts
     per_device_train_batch_size: Optional[Count] = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (recipes/deepspeed/zero2.json)
+    mixed_precision: Annotated[Literal["no", "bf16", "fp16"], PLANNER_SFT] = "no"
+    deepspeed: Annotated[Optional[str], PLANNER_SFT] = None  # path to a DeepSpeed JSON (recipes/deepspeed/zero2.json)
     num_threads: Annotated[int, Check(ge=0)] = 0  # torch CPU threads; 0 = torch's default
 
 
@@ -431,10 +462,11 @@ class EvalConfig:
 @dataclass
 class Recipe:
     algorithm: Literal["sft", "grpo", "dpo", "planner_sft", "consensus"] = "sft"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # planner_sft reads none of model, rollout, sft and eval: it trains hybrid.planner and scores its greedy plans
+    model: Annotated[ModelConfig, PLANNER_SFT] = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: Annotated[RolloutConfig, PLANNER_SFT] = field(default_factory=RolloutConfig)
+    sft: Annotated[SFTConfig, PLANNER_SFT] = field(default_factory=SFTConfig)
     grpo: Annotated[GRPOConfig, NOT_SFT_DPO] = field(default_factory=GRPOConfig)
     dpo: Annotated[DPOConfig, NOT_DPO_READERS] = field(default_factory=DPOConfig)
     estimator: Annotated[EstimatorConfig, NOT_SFT] = field(default_factory=EstimatorConfig)
@@ -451,7 +483,7 @@ class Recipe:
     rewards: Annotated[list[RewardSpec], NOT_SFT] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: Annotated[EvalConfig, PLANNER_SFT] = field(default_factory=EvalConfig)
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -479,8 +511,9 @@ def _sample(tp) -> str:
     return {bool: "true", int: "1", float: "0.5", str: "text"}.get(tp, "...")
 
 
-def _convert(value: Any, tp, key: str):
-    """Convert a YAML value to type `tp`, or raise ConfigError naming `key`."""
+def _convert(value: Any, tp, key: str, fit: Optional[list] = None):
+    """Convert a YAML value to type `tp`, or raise ConfigError naming `key`. fit: a list of the length the field
+    requires (its default), the example a message gives when a single value is written for the list."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -489,7 +522,7 @@ def _convert(value: Any, tp, key: str):
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, arg, key)
+                return _convert(value, arg, key, fit)
             except ConfigError as e:
                 errors.append(str(e))
         if len(errors) == 1:
@@ -509,7 +542,9 @@ def _convert(value: Any, tp, key: str):
     if origin is list:
         if not isinstance(value, (list, tuple)):
             example = _sample(tp)
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):  # the value given, in a list
+            if fit is not None:  # a list of fixed length: the default shows it
+                example = "[" + ", ".join(str(v) for v in fit) + "]"
+            elif isinstance(value, (str, int, float)) and not isinstance(value, bool):  # the value given, in a list
                 item = field_checks(typing.get_args(tp)[0])[0]
                 first = dataclasses.fields(item)[0].name if dataclasses.is_dataclass(item) else None
                 example = f"[{{{first}: {value}}}]" if first else f"[{value}]"
@@ -560,7 +595,8 @@ def _from_dict(cls, data: Any, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    extras = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
@@ -568,8 +604,17 @@ def _from_dict(cls, data: Any, prefix: str = ""):
             raise ConfigError(
                 f"unknown key {dotted!r}{did_you_mean(key, fields)}; valid keys in {where}: {', '.join(sorted(fields))}"
             )
-        kwargs[key] = _convert(value, hints[key], dotted)
+        kwargs[key] = _convert(value, hints[key], dotted, _fixed_length_default(fields[key], extras[key]))
     return cls(**kwargs)
+
+
+def _fixed_length_default(f: dataclasses.Field, tp) -> Optional[list]:
+    """The default of a list field whose Check fixes its length (optim.betas), else None."""
+    lengths = [c.length for c in field_checks(tp)[1] if c.length is not None]
+    if not lengths or f.default_factory is dataclasses.MISSING:
+        return None
+    default = f.default_factory()
+    return default if isinstance(default, list) and len(default) == lengths[0] else None
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -611,15 +656,21 @@ def _problems(value, tp, key: str, default, trainer: Optional[str]):
     tp, checks = field_checks(tp)
     if value is None:
         return
+    if (wrong := _wrong_type(value, tp, key)) is not None:  # a recipe built or changed in Python skipped _convert
+        yield wrong
+        return
     for c in checks:
         if trainer in c.ignored_by and value != default:
             why = f" ({c.why})" if c.why else ""
             where, shown = key, value
-            if dataclasses.is_dataclass(value):  # name the first key of the section that was set
-                name = next(
-                    f.name for f in dataclasses.fields(value) if getattr(value, f.name) != getattr(default, f.name)
-                )
-                where, shown, why = f"{key}.{name}", getattr(value, name), f" (nor anything in {key}){why}"
+            if dataclasses.is_dataclass(value):  # name the first key of the section that was set (a leaf)
+                where, shown = key, value
+                while dataclasses.is_dataclass(shown) and dataclasses.is_dataclass(default):
+                    name = next(
+                        f.name for f in dataclasses.fields(shown) if getattr(shown, f.name) != getattr(default, f.name)
+                    )
+                    where, shown, default = f"{where}.{name}", getattr(shown, name), getattr(default, name)
+                why = f" (nor anything in {key}){why}"
             yield (
                 f"{where}: set to {_show(shown)}, but algorithm {trainer} never reads it{why}; remove it from the "
                 f"recipe (or train with an algorithm that reads it)"
@@ -654,14 +705,14 @@ def _problems(value, tp, key: str, default, trainer: Optional[str]):
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         for c in checks:
             if not c.in_range(value):
-                why = f": {c.why}" if c.why else ""
+                why = f": {c.why}" if c.why and not c.ignored_by else ""  # an ignored_by's why is not a range's
                 yield (
                     f"{key}: {_show(value)} is out of range (it must be {c.range_text()}{why}); set {key} to a value "
                     f"{c.range_text()}{_example(key, default, c)}"
                 )
                 return
     if isinstance(value, str) and value == "":
-        named = [c.why for c in checks if c.why]
+        named = [c.why for c in checks if c.why and not c.ignored_by]
         if named:
             fix = f"set {key} to {named[0]}"
         elif default:
@@ -669,6 +720,45 @@ def _problems(value, tp, key: str, default, trainer: Optional[str]):
         else:
             fix = f"give {key} a value or leave it out"
         yield f"{key}: the empty string is not a value here; {fix}"
+
+
+def _type_ok(value, tp) -> bool:
+    """Whether `value` is of the recipe type `tp` as _convert would have made it (basic types, Literal choices)."""
+    tp = field_checks(tp)[0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(value is None if a is type(None) else _type_ok(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is list or tp is list:
+        return isinstance(value, (list, tuple))
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, tp)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _wrong_type(value, tp, key: str) -> Optional[str]:
+    """The message for a value of the wrong type or outside a Literal's choices (a recipe built in Python), or None."""
+    if _type_ok(value, tp):
+        return None
+    bare = field_checks(tp)[0]
+    if typing.get_origin(bare) is Literal:
+        choices = typing.get_args(bare)
+        return (
+            f"{key}: {_show(value)} is not one of {list(choices)}{did_you_mean(value, choices)}; "
+            f"e.g. {key}={_sample(bare)}"
+        )
+    return f"{key}: expected {_type_name(bare)}, got {type(value).__name__} {_show(value)}; e.g. {key}={_sample(bare)}"
 
 
 DATASET_KEYS = ("path", "split", "eval_path", "eval_split")  # the data.* keys of the dataset tasks
@@ -765,6 +855,7 @@ def _rules(r: Recipe, trainer: Optional[str]):
         return
     if trainer == "grpo":
         yield from _grpo_rules(r)
+    yield from _unread_rules(r, trainer)
     if trainer == "dpo" and r.dpo.pairs_per_prompt > 1 and r.dpo.pairs != "on_policy":
         yield "dpo.pairs_per_prompt > 1 mines pairs from on-policy samples; set dpo.pairs=on_policy (or drop the key)"
     if trainer == "dpo" and r.dpo.pairs_per_prompt > r.dpo.num_generations // 2:
@@ -825,6 +916,78 @@ def _rules(r: Recipe, trainer: Optional[str]):
         for name in ("betas", "eps"):
             if getattr(o, name) != getattr(d, name):
                 yield f"optim.{name}: {getattr(o, name)!r} is read by optim.name=adamw only; remove it for sgd"
+
+
+PLANNER_KINDS = ("real", "other_problem", "corrupted")  # plan kinds that sample hybrid.planner when it is given
+# the keys of each dpo.pairs mode that the other modes never read (rollout.temperature: offline pairs are not sampled,
+# and the held-out evaluation decodes at eval.temperature)
+DPO_PAIR_KEYS = {
+    "dataset_name": ("offline",),
+    "dataset_train_split": ("offline",),
+    "num_generations": ("on_policy",),
+    "branch_alternatives": ("branch",),
+    "branch_rounds": ("branch",),
+    "branch_anchors": ("branch",),
+}
+
+
+def _unread_rules(r: Recipe, trainer: str):
+    """What `trainer` would silently ignore, where whether it reads a key depends on other keys (dpo.pairs,
+    sft.objective, hybrid.sft_plans). hybrid.planner is kept for SFT, DPO and consensus although their training may
+    not load it: the recipe written beside the checkpoint is what `dllm-rl eval` (hybrid.plan=real, --hybrid-axes)
+    plans with."""
+    h, s, d = r.hybrid, r.sft, r.dpo
+    if trainer in ("sft", "dpo", "consensus"):  # evaluate_recipe without a planner: real plans cannot be drawn
+        if h.plan == "real":
+            yield (
+                f"hybrid.plan=real: algorithm {trainer} evaluates without a planner (only GRPO loads "
+                f"hybrid.planner for training), so its held-out evaluation cannot draw real plans; set hybrid.plan to "
+                f"none, content_free, oracle, other_problem or corrupted, and evaluate with real plans afterwards "
+                f"(dllm-rl eval CHECKPOINT hybrid.plan=real hybrid.planner.path=...)"
+            )
+    if trainer == "sft" and s.objective == "mdm" and "real" in h.sft_plans and not h.planner.path:
+        yield (
+            "hybrid.sft_plans: 'real' renders prompts with the planner's plans, and no planner is set; set "
+            "hybrid.planner.path (e.g. checkpoints/tiny/sudoku-planner) or drop 'real'"
+        )
+    if trainer == "sft" and s.objective == "mdm":
+        default = SFTConfig()
+        for name in ("edit_substitute", "edit_missing", "edit_spurious", "edit_wrong_length", "edit_vocab"):
+            if getattr(s, name) != getattr(default, name):
+                yield (
+                    f"sft.{name}: set to {_show(getattr(s, name))}, but sft.objective=mdm never reads it (it "
+                    f"corrupts the drafts of sft.objective=edit); remove it or set sft.objective=edit"
+                )
+    if trainer == "sft" and s.objective == "edit":
+        if s.t_min != SFTConfig.t_min:
+            yield (
+                f"sft.t_min: set to {s.t_min}, but sft.objective=edit never reads it (it trains on corrupted "
+                f"drafts, not on masking ratios); remove it or set sft.objective=mdm"
+            )
+        if h.sft_plans:
+            yield (
+                "hybrid.sft_plans: sft.objective=edit trains on the task's prompts as they are and never reads it; "
+                "remove it or set sft.objective=mdm"
+            )
+    if trainer == "dpo":
+        default = DPOConfig()
+        for name, modes in DPO_PAIR_KEYS.items():
+            if d.pairs not in modes and getattr(d, name) != getattr(default, name):
+                yield (
+                    f"dpo.{name}: set to {_show(getattr(d, name))}, but dpo.pairs={d.pairs} never reads it (read "
+                    f"by dpo.pairs={' or '.join(modes)}); remove it or set dpo.pairs={modes[0]}"
+                )
+        if d.pairs == "offline" and r.rewards:
+            yield (
+                "rewards: set, but dpo.pairs=offline never reads them (its pairs come from dpo.dataset_name, and the "
+                "held-out evaluation scores with the task's verifier); remove them or set dpo.pairs=on_policy"
+            )
+        if d.pairs == "offline" and r.rollout.temperature != RolloutConfig.temperature:
+            yield (
+                f"rollout.temperature: set to {r.rollout.temperature}, but dpo.pairs=offline samples nothing (the "
+                f"held-out evaluation decodes at eval.temperature); remove it, or set eval.temperature, or "
+                f"dpo.pairs=on_policy"
+            )
 
 
 def _list_item(tp):
@@ -939,7 +1102,9 @@ def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:
     Per key (`Check.ignored_by` at the field): the SFT trainer reads neither the grpo, estimator and order_policy
     sections nor `rewards` nor rollout.temperature (it evaluates at eval.temperature with the task's verifier);
     the GRPO trainer does not read sft.t_min; optim.momentum is read by sgd only and optim.betas / optim.eps by
-    adamw only. Each is rejected when set to a non-default value for a trainer that does not read it.
+    adamw only; planner_sft (TRL's SFTTrainer on hybrid.planner) reads none of model, rollout, sft and eval, nor
+    optim.name=sgd; what a dpo.pairs mode or an sft.objective never reads is refused by `_unread_rules`. Each is
+    rejected when set to a non-default value for a trainer that does not read it.
     Kept on purpose although not read: model.tiny when model.path is set and the other model.lora keys when
     model.lora.r=0, so that one override (model.path=..., model.lora.r=0) switches a recipe's mode. Names
     looked up in registries (tasks, estimators, losses, orders, rewards, schedulers) are checked by
@@ -969,6 +1134,11 @@ def resolve_batch_size(recipe: Recipe, batch_size_given: bool = False) -> None:
         G, group, unit, each = recipe.dpo.num_generations, "dpo.num_generations", "prompts", "samples"
     else:
         G, group, unit, each = recipe.grpo.num_generations, "grpo.num_generations", "prompts", "completions"
+    # the keys the arithmetic reads, checked first: a bad one is named as itself (not as the train.batch_size it
+    # would make) and never divides by zero
+    for dotted in ("train.per_device_train_batch_size", "train.gradient_accumulation_steps", group):
+        for problem in _key_problems(recipe, dotted) if dotted else ():
+            raise ConfigError(problem)
     if per_device % G:
         raise ConfigError(
             f"train.per_device_train_batch_size ({per_device} {each} per micro-batch) must be a multiple of "
@@ -984,6 +1154,16 @@ def resolve_batch_size(recipe: Recipe, batch_size_given: bool = False) -> None:
             f"{size} {unit}; give only one of them"
         )
     t.batch_size = size
+
+
+def _key_problems(recipe: Recipe, dotted: str):
+    """_problems of one dotted key of `recipe` (its field's Checks and type), without a trainer."""
+    *sections, name = dotted.split(".")
+    value, cls = recipe, Recipe
+    for part in sections:
+        value, cls = getattr(value, part), field_checks(typing.get_type_hints(cls, include_extras=True)[part])[0]
+    hint = typing.get_type_hints(cls, include_extras=True)[name]
+    return _problems(getattr(value, name), hint, dotted, getattr(cls(), name), None)
 
 
 class RecipeLoader(yaml.SafeLoader):

@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 
-from .config import LoraConfig, Recipe, resolve_batch_size
+from .config import LoraConfig, Recipe, _key_problems, resolve_batch_size
 from .errors import ConfigError
 
 
@@ -199,13 +199,40 @@ def recipe_from_trl_args(args, recipe: Recipe | None = None, num_rows: int | Non
         )
     for name, (dotted, convert) in TRL_FIELDS.items():
         if name in fields:
-            _set(r, dotted, convert(fields[name]))
+            _set(r, dotted, _converted(name, dotted, convert, fields[name]))
     _combined(r, fields, num_rows, max(1, int(getattr(args, "world_size", 1) or 1)))
     if recipe is None:  # what GRPOConfig cannot say: decode as d1 does (2 tokens per step, blocks of 32)
         Lc = r.rollout.max_completion_length
         r.rollout.block_length = 32 if Lc > 32 and Lc % 32 == 0 else None
         r.rollout.steps = max(Lc // 2, Lc // (r.rollout.block_length or Lc))
     return r
+
+
+def _converted(name: str, dotted: str, convert, value):
+    """TRL field `name`'s value converted for recipe key `dotted`, refused (naming the TRL field) when it cannot be
+    converted (None where dllm-rl needs a value) or its recipe key's type or Check refuses it."""
+    try:
+        out = convert(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"GRPOConfig.{name}={value!r}: dllm-rl needs a value here ({dotted}); set it (e.g. "
+            f"{name}={_field_default(dotted)!r}) or leave it out"
+        ) from None
+    for problem in _key_problems_of(dotted, out):
+        raise ConfigError(f"GRPOConfig.{name}={value!r} (dllm-rl's {problem})")
+    return out
+
+
+def _field_default(dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(Recipe(), section), key)
+
+
+def _key_problems_of(dotted: str, value):
+    """What the recipe's checks say of `value` at `dotted` (its type, Literal choices and Check)."""
+    r = Recipe(algorithm="grpo")
+    _set(r, dotted, value)
+    return _key_problems(r, dotted)
 
 
 def _same(a, b) -> bool:

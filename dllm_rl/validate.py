@@ -30,6 +30,8 @@ from typing import Optional
 from .config import Recipe, tiny_model_problems, validate
 from .errors import ConfigError, DllmRlError, did_you_mean, lookup
 
+# first components of paths that runs write (train.output_dir), which also have the shape of a hub id (owner/name)
+RUN_DIRS = ("outputs", "output", "checkpoints", "runs", "models")
 REWARD_GROUP = "dllm_rl.rewards"  # entry-point group of installed reward plugins (rewards.plugins)
 
 
@@ -355,16 +357,26 @@ def check_hub_model(repo: str, key: str) -> None:
             f"{key}: {repo!r} is neither an existing path nor a hub model id (owner/name); check the path"
         ) from None
     where = f"download it where there is a network (`hf download {repo}`) and give its directory"
+    first, local = repo.split("/")[0], ""
+    if Path(first).is_dir() or first in RUN_DIRS:  # the shape of a hub id, but most likely a run not yet made
+        local = (
+            f"no such local directory (a run writes it: run the recipe that produces it, with "
+            f"train.output_dir={repo}, or fix the path); as a hub id, "
+        )
+    head = f"{key}: {repo!r}: {local}it" if local else f"{key}: {repo!r}"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise ConfigError(f"{key}: {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {where}")
+        raise ConfigError(f"{head} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {where}")
     try:
         HfApi().model_info(repo, timeout=10)
     except RepositoryNotFoundError:
-        raise ConfigError(f"{key}: the hub has no model {repo!r} (or it is private: log in); check the id") from None
+        raise ConfigError(
+            f"{key}: {repo!r}: {local}the hub has no such model (or it is private: log in); check the id"
+            if local
+            else f"{key}: the hub has no model {repo!r} (or it is private: log in); check the id"
+        ) from None
     except Exception as e:  # no network, a proxy, a time-out
         raise ConfigError(
-            f"{key}: {repo!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"({type(e).__name__}); {where}"
+            f"{head} is not in the local Hugging Face cache and the hub cannot be reached ({type(e).__name__}); {where}"
         ) from None
 
 
@@ -399,7 +411,8 @@ def validate_recipe(
     settings, train.output_dir, the DPO pairs file, the DeepSpeed JSON) is not checked."""
     trainer = (trainer or recipe.algorithm) if training else None
     validate(recipe, trainer)  # the field checks again: a recipe built or changed in Python did not pass load
-    if check_model:  # the tiny model built from model.tiny, not a model handed to the trainer
+    # the tiny model built from model.tiny, not a model handed to the trainer (planner_sft builds hybrid.planner's)
+    if check_model and recipe.algorithm != "planner_sft":
         for problem in tiny_model_problems(recipe):
             raise ConfigError(problem)
     from .tasks import check_task_name

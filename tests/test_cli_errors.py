@@ -15,6 +15,8 @@ from dllm_rl.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 SFT = "recipes/tiny/sudoku-sft.yaml"
 CKPT = "checkpoints/tiny/sudoku-sft"
+# sudoku-dpo.yaml's pairs made offline, without the rewards and sampling temperature offline pairs never read
+OFFLINE = ["dpo.pairs=offline", "rewards=[]", "rollout.temperature=0"]
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +50,7 @@ def stops(capsys, *argv) -> str:
         (["generate", "nobody/no-such-model", "--prompt", "hi"], "not in the local Hugging Face cache"),
         (["train", SFT, "model.path=GSAI-ML/LLaDA-8B-Instruct"], "model.path: 'GSAI-ML/LLaDA-8B-Instruct' is not in"),
         (["train", SFT, "train.output_dir=README.md"], "train.output_dir: 'README.md' is a file"),
-        (["train", "recipes/tiny/sudoku-planner-sft.yaml", "hybrid.plan=reall"], "unknown hybrid.plan 'reall'"),
+        (["train", SFT, "hybrid.plan=reall"], "unknown hybrid.plan 'reall'"),
         (["train", SFT, "=3"], "is not of the form section.key=value"),
         (["train", SFT, "rollout..steps=3"], "is not of the form section.key=value"),
         (
@@ -72,7 +74,7 @@ def stops(capsys, *argv) -> str:
             "are not all options of this dataset's loader",
         ),
         (
-            ["train", "recipes/tiny/sudoku-dpo.yaml", "dpo.pairs=offline", "dpo.dataset_name=no/such.jsonl"],
+            ["train", "recipes/tiny/sudoku-dpo.yaml", *OFFLINE, "dpo.dataset_name=no/such.jsonl"],
             "dpo.dataset_name: 'no/such.jsonl' does not exist",
         ),
         (
@@ -99,7 +101,7 @@ def test_a_malformed_data_file_is_named_not_a_traceback(capsys, tmp_path):
         capsys,
         "train",
         "recipes/tiny/sudoku-dpo.yaml",
-        "dpo.pairs=offline",
+        *OFFLINE,
         f"dpo.dataset_name={bad}",
         "estimator.name=elbo",
     )
@@ -111,7 +113,7 @@ def test_offline_dpo_with_a_replaying_estimator_stops_before_any_model(capsys):
         capsys,
         "train",
         "recipes/tiny/sudoku-dpo.yaml",
-        "dpo.pairs=offline",
+        *OFFLINE,
         "dpo.dataset_name=tests/data/sudoku_preferences.jsonl",
         "estimator.name=trajectory",
     )

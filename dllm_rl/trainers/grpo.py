@@ -161,6 +161,11 @@ class GRPOTrainer:
             raise ConfigError(_NO_REWARD)
         if not reward_funcs and r.rewards:  # the recipe's rewards and their weights (build_rewards checks again)
             check_reward_weights(r.rewards, r.grpo.reward_weights)
+        elif not reward_funcs and r.grpo.reward_weights is not None and len(r.grpo.reward_weights) != 1:
+            raise ConfigError(  # no rewards listed: the task's own verifier is the one reward
+                f"grpo.reward_weights has {len(r.grpo.reward_weights)} weights, but rewards is empty, so the run is "
+                f"scored by the task's own verifier alone (one reward); give one weight, or list the rewards it weighs"
+            )
 
     def _check(self, model) -> None:
         """The cross-section rules of a GRPO recipe, before anything is trained."""

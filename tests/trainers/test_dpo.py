@@ -354,7 +354,15 @@ def test_cli_dispatches_algorithm_dpo_and_refuses_bad_settings(tmp_path, capsys)
     with pytest.raises(ConfigError, match="dpo.pairs_per_prompt > 1 mines pairs from on-policy samples"):
         DPOTrainer(recipe(tmp_path / "z", dpo__pairs_per_prompt=2))
     with pytest.raises(ConfigError, match="make at most 2 disjoint pairs"):
-        DPOTrainer(recipe(tmp_path / "w", dpo__pairs="on_policy", dpo__num_generations=5, dpo__pairs_per_prompt=3))
+        DPOTrainer(
+            recipe(
+                tmp_path / "w",
+                dpo__pairs="on_policy",
+                dpo__dataset_name=None,
+                dpo__num_generations=5,
+                dpo__pairs_per_prompt=3,
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -395,6 +403,8 @@ def countdown_on_policy(out, **over):
         "rollout__max_completion_length": 12,
         "rollout__steps": 12,
     }
+    if over.get("dpo__pairs") == "branch":  # branch pairs decode greedily and branch: no samples per prompt
+        del settings["dpo__num_generations"]
     return recipe(out, **{**settings, **over})
 
 
