@@ -1105,8 +1105,10 @@ def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:
     adamw only; planner_sft (TRL's SFTTrainer on hybrid.planner) reads none of model, rollout, sft and eval, nor
     optim.name=sgd; what a dpo.pairs mode or an sft.objective never reads is refused by `_unread_rules`. Each is
     rejected when set to a non-default value for a trainer that does not read it.
-    Kept on purpose although not read: model.tiny when model.path is set and the other model.lora keys when
-    model.lora.r=0, so that one override (model.path=..., model.lora.r=0) switches a recipe's mode. Names
+    Kept on purpose although not read: model.tiny when model.path is set, the other model.lora keys when
+    model.lora.r=0, and order_policy's keys (but train_model=false, which would train nothing) when rollout.order
+    builds no learned head, so that one override (model.path=..., model.lora.r=0, rollout.order=top_prob)
+    switches a recipe's mode. Names
     looked up in registries (tasks, estimators, losses, orders, rewards, schedulers) are checked by
     `dllm_rl.validate.validate_recipe`, above this floor.
     """
