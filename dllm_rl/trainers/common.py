@@ -187,6 +187,21 @@ class RecordedLog:
         pass
 
 
+def hold_run_dir(output_dir, is_main: bool, num_processes: int) -> None:
+    """Take train.output_dir's lock (rundir.lock) on the main process, or refuse a directory another run is using,
+    before anything in it changes; only the main process knows, and every process stops the same way."""
+    problem = lock(output_dir) if is_main else None
+    if num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise ConfigError(
+            f"train.output_dir {str(output_dir)!r} is in use by another run ({problem}): wait for it to finish or "
+            f"stop it, or pick a new train.output_dir"
+        )
+
+
 class Run:
     """One training run: accelerator, task, model, optimizer, scheduler, resume state, metrics log."""
 
@@ -266,18 +281,8 @@ class Run:
         directory, after checking that this recipe may continue what it holds: the same recipe (up to
         RESUMABLE_CHANGES, or train.resume=force), no checkpoint past train.max_steps, and no new train.max_steps
         under a scheduler that decays over it (the resumed run would follow neither schedule)."""
-        r = self.recipe.train
         # before tidy: a live run's checkpoint-<step>.tmp is not a leftover to remove
-        problem = lock(r.output_dir) if self.acc.is_main_process else None
-        if self.acc.num_processes > 1:  # only the main process knows; every process stops the same way
-            from accelerate.utils import broadcast_object_list
-
-            problem = broadcast_object_list([problem])[0]
-        if problem:
-            raise ConfigError(
-                f"train.output_dir {r.output_dir!r} is in use by another run ({problem}): wait for it to finish "
-                f"or stop it, or pick a new train.output_dir"
-            )
+        hold_run_dir(self.recipe.train.output_dir, self.acc.is_main_process, self.acc.num_processes)
         try:
             return self._check_locked_run_dir()
         except BaseException:

@@ -32,11 +32,11 @@ from ..errors import ConfigError
 from ..models.ar import ARPlanner, load_planner
 from ..rollout import generate
 from ..rollout.hybrid import hybrid_generate, plan_kind
-from ..rundir import lock, tidy, unlock
+from ..rundir import tidy, unlock
 from ..runtime import set_threads
 from ..tasks import load_task
 from ..tasks.plans import PLANS, task_plans
-from .common import HORIZON_FREE, saved_recipe
+from .common import HORIZON_FREE, hold_run_dir, saved_recipe
 
 
 class PlannerSFTTrainer:
@@ -61,21 +61,11 @@ class PlannerSFTTrainer:
             raise
 
     def _lock(self, out: Path) -> None:
-        """Hold the run directory's lock (rundir.lock) on the main process, or refuse a directory another run is
-        using, before anything in it changes; every process stops the same way."""
+        """Hold the run directory's lock on the main process (trainers.common.hold_run_dir)."""
         from accelerate import PartialState
 
         state = PartialState()
-        problem = lock(out) if state.is_main_process else None
-        if state.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            problem = broadcast_object_list([problem])[0]
-        if problem:
-            raise ConfigError(
-                f"train.output_dir {str(out)!r} is in use by another run ({problem}): wait for it to finish or stop "
-                f"it, or pick a new train.output_dir"
-            )
+        hold_run_dir(out, state.is_main_process, state.num_processes)
 
     def _release(self) -> None:
         """Let another run use the run directory."""
