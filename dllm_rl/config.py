@@ -303,15 +303,20 @@ class DPOConfig:
 
 @dataclass
 class EstimatorConfig:
+    """The likelihood estimator GRPO and DPO score completions with. Each key is read by the estimators its comment
+    names (ESTIMATOR_KEYS, which refuses a key set for another estimator, as that one would ignore it)."""
+
     name: str = "one_step"  # one_step | elbo | block_elbo | trajectory | quadrature | ar_order (estimators.ESTIMATORS)
-    p_mask_prompt: Unit = 0.15  # one_step, block_elbo: prompt tokens masked at this rate; the others keep it clean
-    num_samples: Count = 1  # Monte Carlo timesteps n_t (elbo) / Gauss-Legendre nodes (quadrature) / masked views
+    # one_step, block_elbo: prompt tokens masked at this rate; the others keep the prompt clean (0 says so: accepted)
+    p_mask_prompt: Unit = 0.15
+    # one_step: masked views; elbo: Monte Carlo timesteps n_t; block_elbo: views; quadrature: Gauss-Legendre nodes
+    num_samples: Count = 1
     masks_per_timestep: Count = 1  # elbo: n_m masks per timestep (VRPO's optimal allocation is 1); quadrature: per node
-    t_min: Unit = 0.0  # masking-ratio range (elbo; block_elbo: fraction of the chosen block)
-    t_max: Unit = 1.0
+    t_min: Unit = 0.0  # elbo, block_elbo: masking-ratio range (block_elbo: fraction of the chosen block)
+    t_max: Unit = 1.0  # elbo, block_elbo (quadrature integrates over [0, 1])
     stratified: bool = False  # elbo: stratified timesteps t_k = t_min + (t_max - t_min)(k + u) / n_t
     coupled: bool = False  # elbo: DiffuCoder's complementary mask pairs
-    full_view: bool = True  # elbo + coupled: also average in the fully masked view (DiffuCoder)
+    full_view: bool = True  # elbo, with coupled only: also average in the fully masked view (DiffuCoder)
     eubo_beta: Positive = 1.0  # block_elbo: beta of SPG's upper bound (1.5 math, 2.0 countdown, 1.0 sudoku)
     block_length: Optional[Count] = None  # block_elbo: SPG's block length; empty = the rollout's (else one block)
     # trajectory: consecutive commit steps scored by one forward (TraceRL's shrink); ar_order: tokens per view
@@ -929,14 +934,31 @@ DPO_PAIR_KEYS = {
     "branch_rounds": ("branch",),
     "branch_anchors": ("branch",),
 }
+# the estimator.* keys and the estimators that read them (estimators/*.py: build, draw, views; the memory planner and
+# the trainers read an estimator's keys only through those); GRPO and DPO refuse a key set for an estimator not
+# named here, which would ignore it. A name registered at run time (examples/custom_estimator.py) is not judged.
+# estimator.full_view is read by elbo with estimator.coupled only, kept otherwise (coupled=false switches it off)
+ESTIMATOR_KEYS = {
+    "p_mask_prompt": ("one_step", "block_elbo"),  # the others keep the prompt clean: 0 says so and is accepted
+    "num_samples": ("one_step", "elbo", "block_elbo", "quadrature"),
+    "masks_per_timestep": ("elbo", "quadrature"),
+    "t_min": ("elbo", "block_elbo"),  # quadrature: refused in _rules with its own reason
+    "t_max": ("elbo", "block_elbo"),
+    "stratified": ("elbo",),
+    "coupled": ("elbo",),
+    "full_view": ("elbo",),
+    "eubo_beta": ("block_elbo",),
+    "block_length": ("block_elbo",),
+    "merge_steps": ("trajectory", "ar_order"),
+}
 
 
 def _unread_rules(r: Recipe, trainer: str):
     """What `trainer` would silently ignore, where whether it reads a key depends on other keys (dpo.pairs,
-    sft.objective, hybrid.sft_plans). hybrid.planner is kept for SFT, DPO and consensus although their training may
-    not load it: the recipe written beside the checkpoint is what `dllm-rl eval` (hybrid.plan=real, --hybrid-axes)
-    plans with."""
-    h, s, d = r.hybrid, r.sft, r.dpo
+    sft.objective, hybrid.sft_plans, estimator.name). hybrid.planner is kept for SFT, DPO and consensus although their
+    training may not load it: the recipe written beside the checkpoint is what `dllm-rl eval` (hybrid.plan=real,
+    --hybrid-axes) plans with."""
+    h, s, d, e = r.hybrid, r.sft, r.dpo, r.estimator
     if trainer in ("sft", "dpo", "consensus"):  # evaluate_recipe without a planner: real plans cannot be drawn
         if h.plan == "real":
             yield (
@@ -987,6 +1009,19 @@ def _unread_rules(r: Recipe, trainer: str):
                 f"rollout.temperature: set to {r.rollout.temperature}, but dpo.pairs=offline samples nothing (the "
                 f"held-out evaluation decodes at eval.temperature); remove it, or set eval.temperature, or "
                 f"dpo.pairs=on_policy"
+            )
+    builtin = {name for names in ESTIMATOR_KEYS.values() for name in names}
+    if trainer in ("grpo", "dpo") and e.name in builtin:  # the trainers that read the estimator section
+        default = EstimatorConfig()
+        for key, names in ESTIMATOR_KEYS.items():
+            value = getattr(e, key)
+            if e.name in names or value == getattr(default, key) or (key == "p_mask_prompt" and value == 0):
+                continue
+            shown = str(value).lower() if isinstance(value, bool) else _show(value)
+            readers = " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))  # "a, b or c"
+            yield (
+                f"estimator.{key}: set to {shown}, but estimator.name={e.name} never reads it (read by "
+                f"estimator.name={readers}); remove it or pick one of those estimators"
             )
 
 
@@ -1103,12 +1138,12 @@ def validate(recipe: Recipe, trainer: Optional[str] = None) -> Recipe:
     sections nor `rewards` nor rollout.temperature (it evaluates at eval.temperature with the task's verifier);
     the GRPO trainer does not read sft.t_min; optim.momentum is read by sgd only and optim.betas / optim.eps by
     adamw only; planner_sft (TRL's SFTTrainer on hybrid.planner) reads none of model, rollout, sft and eval, nor
-    optim.name=sgd; what a dpo.pairs mode or an sft.objective never reads is refused by `_unread_rules`. Each is
-    rejected when set to a non-default value for a trainer that does not read it.
+    optim.name=sgd; what a dpo.pairs mode, an sft.objective or an estimator.name (ESTIMATOR_KEYS) never reads is
+    refused by `_unread_rules`. Each is rejected when set to a non-default value for a trainer that does not read it.
     Kept on purpose although not read: model.tiny when model.path is set, the other model.lora keys when
-    model.lora.r=0, and order_policy's keys (but train_model=false, which would train nothing) when rollout.order
-    builds no learned head, so that one override (model.path=..., model.lora.r=0, rollout.order=top_prob)
-    switches a recipe's mode. Names
+    model.lora.r=0, estimator.full_view when estimator.coupled=false, and order_policy's keys (but
+    train_model=false, which would train nothing) when rollout.order builds no learned head, so that one override
+    (model.path=..., model.lora.r=0, estimator.coupled=false, rollout.order=top_prob) switches a recipe's mode. Names
     looked up in registries (tasks, estimators, losses, orders, rewards, schedulers) are checked by
     `dllm_rl.validate.validate_recipe`, above this floor.
     """

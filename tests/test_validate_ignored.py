@@ -14,6 +14,7 @@ from dllm_rl.validate import check_hub_model, validate_recipe
 TINY = "recipes/tiny/"
 GRPO, SFT, DPO = TINY + "sudoku-diffu-grpo.yaml", TINY + "sudoku-sft.yaml", TINY + "sudoku-dpo.yaml"
 PLANNER, CONSENSUS = TINY + "sudoku-planner-sft.yaml", TINY + "sudoku-consensus.yaml"
+TOKENS = TINY + "sudoku-tokens-grpo.yaml"  # GRPO with the trajectory estimator and a state-only order: any estimator
 # sudoku-dpo.yaml with offline pairs: only what offline pairs read
 OFFLINE = ["dpo.pairs=offline", "dpo.dataset_name=tests/data/sudoku_preferences.jsonl", "estimator.name=elbo"]
 OFFLINE += ["rewards=[]", "rollout.temperature=0"]
@@ -88,7 +89,16 @@ BAD = [
     (DPO, [*OFFLINE, "dpo.branch_rounds=2"], r"^dpo.branch_rounds: .* dpo.pairs=offline never reads it"),
     (DPO, ["dpo.dataset_name=tests/data/sudoku_preferences.jsonl"], r"^dpo.dataset_name: .* dpo.pairs=on_policy"),
     (DPO, [*BRANCH, "dpo.num_generations=4"], r"^dpo.num_generations: .* dpo.pairs=branch never reads it"),
-    # 9: the fix a message gives is one that works, and a range message gives a range's reason
+    # 9: what each estimator never reads (ESTIMATOR_KEYS), for GRPO and DPO alike
+    (GRPO, ["estimator.name=one_step", "estimator.coupled=true"], r"^estimator.coupled: .* estimator.name=one_step"),
+    (GRPO, ["estimator.num_samples=4"], r"^estimator.num_samples: set to 4, but estimator.name=trajectory never"),
+    (GRPO, ["estimator.name=elbo", "estimator.eubo_beta=2"], r"^estimator.eubo_beta: .* estimator.name=elbo never"),
+    (GRPO, ["estimator.name=block_elbo", "estimator.merge_steps=2"], r"^estimator.merge_steps: .*=block_elbo never"),
+    (GRPO, ["estimator.name=ar_order", "estimator.t_max=0.9"], r"^estimator.t_max: .* estimator.name=ar_order never"),
+    (DPO, ["estimator.num_samples=3"], r"^estimator.num_samples: set to 3, but estimator.name=trajectory never"),
+    (DPO, [*OFFLINE, "estimator.p_mask_prompt=0.3"], r"^estimator.p_mask_prompt: .* estimator.name=elbo never"),
+    (DPO, [*OFFLINE, "estimator.name=quadrature", "estimator.stratified=true"], r"^estimator.stratified: .*quadrature"),
+    # 10: the fix a message gives is one that works, and a range message gives a range's reason
     (GRPO, ["optim.betas=0.9"], r"^optim.betas: expected a list, .* e.g. optim.betas=\[0.9, 0.999\]$"),
 ]
 
@@ -123,6 +133,14 @@ GOOD = [
     # 8: each pair mode with its own keys
     (DPO, [*OFFLINE, "dpo.dataset_train_split=train", "rollout.steps=10", "eval.temperature=0.5", "rollout.top_k=3"]),
     (DPO, [*BRANCH, "dpo.branch_rounds=2", "dpo.branch_alternatives=3", "dpo.branch_anchors=false"]),
+    # each estimator with the keys it reads; p_mask_prompt=0 states what the estimators that keep the prompt clean do
+    (TOKENS, ["estimator.name=elbo", "estimator.coupled=true", "estimator.full_view=false", "estimator.t_min=0.2"]),
+    (TOKENS, ["estimator.name=elbo", "estimator.p_mask_prompt=0", "estimator.num_samples=2"]),
+    (TOKENS, ["estimator.name=one_step", "estimator.p_mask_prompt=0.3", "estimator.num_samples=2"]),
+    (TOKENS, ["estimator.name=block_elbo", "estimator.eubo_beta=2", "estimator.block_length=5", "estimator.t_max=0.9"]),
+    (TOKENS, ["estimator.merge_steps=2", "estimator.p_mask_prompt=0"]),
+    (TOKENS, ["estimator.name=ar_order", "estimator.merge_steps=2"]),
+    (DPO, [*OFFLINE, "estimator.name=quadrature", "estimator.num_samples=3", "estimator.masks_per_timestep=2"]),
     # GRPO reads the planner's and the sampling keys
     (GRPO, ["rollout.temperature=0.7", *REAL, "hybrid.planner.train=true", "hybrid.planner.lr=0.001"]),
     (GRPO, ["grpo.num_generations=4", "train.per_device_train_batch_size=64"]),
@@ -201,3 +219,90 @@ def test_a_run_directory_not_yet_written_is_called_one(monkeypatch):
     with pytest.raises(ConfigError) as e:
         check_hub_model("nobody-here/no-such-model", "model.path")
     assert "no such local directory" not in str(e.value)
+
+
+# a non-default value of each estimator key, valid under Recipe()'s rollout (32 positions)
+ESTIMATOR_VALUES = {
+    "p_mask_prompt": 0.3,
+    "num_samples": 2,
+    "masks_per_timestep": 2,
+    "t_min": 0.1,
+    "t_max": 0.9,
+    "stratified": True,
+    "coupled": True,
+    "full_view": False,
+    "eubo_beta": 2.0,
+    "block_length": 8,
+    "merge_steps": 2,
+}
+
+
+def test_every_estimator_key_is_accepted_by_the_estimators_that_read_it_and_refused_by_the_others():
+    """The table ESTIMATOR_KEYS (key -> the estimators that read it) covers every estimator key; GRPO and DPO accept
+    a key set for each estimator it names and refuse it, naming the key and the fix, for every other one."""
+    import dataclasses
+
+    from dllm_rl.config import ESTIMATOR_KEYS, EstimatorConfig
+    from dllm_rl.estimators import ESTIMATORS
+
+    keys = {f.name for f in dataclasses.fields(EstimatorConfig)} - {"name"}
+    assert set(ESTIMATOR_KEYS) == keys == set(ESTIMATOR_VALUES)
+    for key, names in ESTIMATOR_KEYS.items():
+        assert names and set(names) <= set(ESTIMATORS), key
+        for name in ESTIMATORS:
+            for trainer in ("grpo", "dpo"):
+                recipe = Recipe(algorithm=trainer)
+                recipe.estimator = EstimatorConfig(name=name, **{key: ESTIMATOR_VALUES[key]})
+                if name in names:
+                    validate(recipe, trainer)
+                    continue
+                with pytest.raises(ConfigError) as e:
+                    validate(recipe, trainer)
+                if name == "quadrature" and key in ("t_min", "t_max"):  # the older rule, with its own reason
+                    assert "integrates the masking ratio over [0, 1]" in str(e.value)
+                    continue
+                assert str(e.value).startswith(
+                    f"estimator.{key}: set to {str(ESTIMATOR_VALUES[key]).lower()}, but estimator.name={name} never "
+                    f"reads it (read by estimator.name="
+                ), str(e.value)
+                assert str(e.value).endswith("); remove it or pick one of those estimators"), str(e.value)
+                assert all(n in str(e.value) for n in names)
+
+
+def test_an_estimator_key_message_names_the_key_the_readers_and_the_fix():
+    message = refused(GRPO, ["estimator.name=one_step", "estimator.coupled=true"])
+    assert message == (
+        "estimator.coupled: set to true, but estimator.name=one_step never reads it (read by estimator.name=elbo); "
+        "remove it or pick one of those estimators"
+    )
+    message = refused(GRPO, ["estimator.num_samples=4"])
+    assert message == (
+        "estimator.num_samples: set to 4, but estimator.name=trajectory never reads it (read by estimator.name="
+        "one_step, elbo, block_elbo or quadrature); remove it or pick one of those estimators"
+    )
+
+
+def test_estimator_keys_are_judged_for_the_trainers_that_read_the_section_only(monkeypatch):
+    """Evaluation and loading alone do not judge the trainer; SFT and consensus refuse the whole section (NOT_SFT);
+    a name registered at run time (examples/custom_estimator.py) may read any key."""
+    from dllm_rl.estimators import ESTIMATORS
+
+    over = ["estimator.name=one_step", "estimator.merge_steps=4"]
+    validate_recipe(load_recipe(TOKENS, over), check_data=False, training=False)  # dllm-rl eval / plan
+    with pytest.raises(ConfigError, match=r"^estimator.merge_steps: .* algorithm sft never reads it"):
+        validate_recipe(load_recipe(SFT, over), check_data=False)
+    with pytest.raises(ConfigError, match=r"^estimator.merge_steps: .* algorithm consensus never reads it"):
+        validate_recipe(load_recipe(CONSENSUS, over), check_data=False)
+    monkeypatch.setitem(ESTIMATORS, "uniform_count", ESTIMATORS["elbo"])
+    validate_recipe(load_recipe(TOKENS, ["estimator.name=uniform_count", "estimator.num_samples=2"]), check_data=False)
+
+
+def test_an_unread_estimator_key_stops_the_cli_with_exit_code_2_before_any_model(capsys, monkeypatch, tmp_path):
+    import dllm_rl.trainers.common as common
+
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("a model was built"))
+    out = f"train.output_dir={tmp_path / 'out'}"
+    for recipe, over in ((GRPO, "estimator.num_samples=4"), (DPO, "estimator.coupled=true")):
+        capsys.readouterr()
+        assert main(["train", recipe, over, out]) == 2
+        assert f"{over.split('=')[0]}: set to " in capsys.readouterr().err
