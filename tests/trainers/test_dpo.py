@@ -708,3 +708,32 @@ def test_branch_pairs_share_the_greedy_prefix_and_differ_from_one_decision(tmp_p
         assert torch.equal(before, cs[n + i] < s) and before.sum() == s
         torch.testing.assert_close(est.logps[i][before], est.logps[n + i][before])
     assert math.isfinite(tr.step(0)["loss"])
+
+
+def test_countdown_order_dpo_start_loses_accuracy_to_parallel_commits_that_some_order_keeps():
+    """recipes/tiny/countdown-order-dpo.yaml rests on measured facts about its start, checkpoints/tiny/countdown-sft:
+    one token per forward it solves 0.445 of the held-out puzzles greedily, two per forward in the top_prob order
+    0.275, while greedy tokens under 8 random orders solve 0.73 of them (pass@8): the headroom the order head is
+    trained into. Its untrained head decodes exactly like top_prob, so its "before" is the same 0.275, and its
+    training rollouts vary the order only (greedy tokens). A changed checkpoint, task option or sampler breaks it."""
+    from dllm_rl.config import load_recipe
+    from dllm_rl.evaluate import evaluate_recipe
+    from dllm_rl.models.load import load_model
+    from dllm_rl.policy import order_head_for
+    from dllm_rl.tasks import load_task
+
+    r = load_recipe(ROOT / "recipes" / "tiny" / "countdown-order-dpo.yaml")
+    assert r.rollout.steps * 2 == r.rollout.max_completion_length and r.rollout.temperature == 0
+    assert r.rollout.order == "policy" and r.eval.order_temperature == 0 and not r.order_policy.train_model
+    model, tok = load_model(replace(r.model, path=str(ROOT / r.model.path)), seed=0)
+    task = load_task(r.data)
+    head = order_head_for(r.rollout.order, model, None, r.order_policy, seed=r.train.seed)
+    top_prob = replace(r, rollout=replace(r.rollout, order="top_prob"))
+    fast = evaluate_recipe(model, tok, task, top_prob)
+    assert evaluate_recipe(model, tok, task, r, order_policy=head.eval())["scores"] == fast["scores"]
+    fast = fast["accuracy"]
+    slow = evaluate_recipe(model, tok, task, replace(top_prob, rollout=replace(r.rollout, order="top_prob", steps=12)))
+    orders = evaluate_recipe(
+        model, tok, task, replace(r, rollout=replace(r.rollout, order="random"), eval=replace(r.eval, num_samples=8))
+    )
+    assert slow["accuracy"] >= 0.4 and fast <= 0.32 and orders["pass@8"] - fast >= 0.35, (slow, fast, orders)
