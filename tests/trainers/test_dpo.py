@@ -732,7 +732,7 @@ def test_countdown_order_dpo_start_loses_accuracy_to_parallel_commits_that_some_
     fast = evaluate_recipe(model, tok, task, top_prob)
     assert evaluate_recipe(model, tok, task, r, order_policy=head.eval())["scores"] == fast["scores"]
     fast = fast["accuracy"]
-    slow = evaluate_recipe(model, tok, task, replace(top_prob, rollout=replace(r.rollout, order="top_prob", steps=12)))
+    slow = evaluate_recipe(model, tok, task, replace(top_prob, rollout=replace(top_prob.rollout, steps=12)))
     orders = evaluate_recipe(
         model, tok, task, replace(r, rollout=replace(r.rollout, order="random"), eval=replace(r.eval, num_samples=8))
     )
